@@ -1,0 +1,290 @@
+/* peer.h: the public C API of peer, an exact implementation of the PEER layer
+ * (Parameter Efficient Expert Retrieval, He 2024): product-key retrieval over
+ * N = n*n single-neuron experts.  The layer's contract (math, names, tie rule,
+ * file format) is docs/PEER.md; this header follows it.
+ *
+ * Conventions:
+ *  - every fallible call returns peer_status (0 = success); the message of the
+ *    last failure on the calling thread is peer_last_error();
+ *  - the library never exits, aborts or prints;
+ *  - arrays are row-major; the caller owns every pointer it passes in and every
+ *    buffer it passes out, unless a comment says otherwise;
+ *  - a layer is not safe to use from two threads at once (it reuses internal
+ *    scratch memory); use one layer per thread or serialise calls.
+ * This header has no CUDA types; see peer_cuda.h for device pointers. */
+#ifndef PEER_H
+#define PEER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PEER_VERSION_MAJOR 0
+#define PEER_VERSION_MINOR 1
+#define PEER_VERSION_PATCH 0
+#define PEER_VERSION_NUMBER \
+  (PEER_VERSION_MAJOR * 10000 + PEER_VERSION_MINOR * 100 + PEER_VERSION_PATCH)
+/* Version of the weight-file layout written in "peer.format". */
+#define PEER_FORMAT_VERSION 1
+
+/* Run-time version: PEER_VERSION_NUMBER of the library actually linked. */
+int peer_version_number(void);
+const char *peer_version_string(void);
+
+/* ------------------------------------------------------------------ status */
+
+/* Values are pinned; new ones are appended only. */
+typedef enum peer_status {
+  PEER_OK = 0,
+  PEER_ERR_INVALID_ARGUMENT = 1, /* NULL pointer, negative count, bad name */
+  PEER_ERR_CONFIG = 2,           /* impossible or unknown configuration */
+  PEER_ERR_OUT_OF_MEMORY = 3,
+  PEER_ERR_IO = 4,               /* open/read/write/rename failed */
+  PEER_ERR_FORMAT = 5,           /* malformed or inconsistent file */
+  PEER_ERR_NONFINITE = 6,        /* NaN or infinity where a score needs a number */
+  PEER_ERR_SHAPE = 7,            /* tensor shape or dtype disagrees */
+  PEER_ERR_UNSUPPORTED = 8,      /* valid request this build cannot do */
+  PEER_ERR_NO_DEVICE = 9,        /* CUDA backend asked for, no usable device */
+  PEER_ERR_CUDA = 10,            /* a CUDA runtime or library call failed */
+  PEER_ERR_STATE = 11            /* call out of order (e.g. backward before forward) */
+} peer_status;
+
+/* Short constant name of a status ("invalid argument", ...). */
+const char *peer_status_string(peer_status status);
+/* Message of the last failure on the calling thread ("" if none).  Valid until
+ * the next failing call on this thread. */
+const char *peer_last_error(void);
+
+/* ------------------------------------------------------------------ config */
+
+typedef enum peer_activation {
+  PEER_ACT_RELU = 0,
+  PEER_ACT_GELU = 1,      /* exact, 0.5 x (1 + erf(x / sqrt 2)) */
+  PEER_ACT_GELU_TANH = 2, /* tanh approximation */
+  PEER_ACT_SILU = 3,
+  PEER_ACT_IDENTITY = 4
+} peer_activation;
+
+typedef enum peer_gate {
+  PEER_GATE_SOFTMAX = 0, /* softmax over the k kept scores of one head */
+  PEER_GATE_SIGMOID = 1, /* each score alone */
+  PEER_GATE_RELU = 2     /* each score alone ("non-competing") */
+} peer_gate;
+
+typedef enum peer_query_norm {
+  PEER_NORM_NONE = 0,
+  PEER_NORM_BATCHNORM = 1
+} peer_query_norm;
+
+typedef enum peer_dtype {
+  PEER_F32 = 0,
+  PEER_BF16 = 1,
+  PEER_I64 = 2
+} peer_dtype;
+
+/* Every option of the layer, named as in PEER.md. */
+typedef struct peer_config {
+  int64_t d_model;      /* d */
+  int64_t n_heads;      /* H */
+  int64_t d_key;        /* query width per head, even */
+  int64_t n_subkeys;    /* n; N = n*n experts */
+  int64_t top_k;        /* k */
+  int64_t subkey_top_k; /* k', k <= k' <= n; 0 means "same as top_k" */
+  int shared_keys;      /* 1: one set of sub-keys for all heads */
+  peer_activation activation;
+  peer_gate gate;
+  peer_query_norm query_norm;
+  int query_bias;
+  peer_dtype weight_dtype; /* PEER_F32 or PEER_BF16 (expert tables only) */
+} peer_config;
+
+/* Defaults: d_model 512, n_heads 8, d_key 256, n_subkeys 1024, top_k 16,
+ * subkey_top_k 0 (= top_k), shared_keys 0, gelu, softmax, no norm, no bias,
+ * f32. */
+void peer_config_default(peer_config *cfg);
+/* Apply "key=value,key=value" (PEER.md names) on top of *cfg.  Unknown keys,
+ * malformed numbers and bad enum values fail naming the key; *cfg is left
+ * unchanged on failure.  Values are not cross-checked: call
+ * peer_config_validate. */
+peer_status peer_config_parse(peer_config *cfg, const char *text);
+/* Check ranges and relations; the error message names the offending field. */
+peer_status peer_config_validate(const peer_config *cfg);
+/* k' actually used (subkey_top_k, or top_k when 0). */
+int64_t peer_config_subkey_top_k(const peer_config *cfg);
+/* N = n_subkeys^2. */
+int64_t peer_config_n_experts(const peer_config *cfg);
+/* Write "d_model=512,n_heads=8,..." (every field) into buf; returns the
+ * length it needs (without the NUL), like snprintf. */
+int peer_config_format(const peer_config *cfg, char *buf, size_t size);
+/* Names of the enums as used in config strings and files. */
+const char *peer_activation_name(peer_activation a);
+const char *peer_gate_name(peer_gate g);
+const char *peer_query_norm_name(peer_query_norm q);
+const char *peer_dtype_name(peer_dtype t); /* "F32", "BF16", "I64" */
+size_t peer_dtype_size(peer_dtype t);
+
+/* ------------------------------------------------------------------- layer */
+
+typedef enum peer_backend {
+  PEER_BACKEND_CPU = 0,
+  PEER_BACKEND_CUDA = 1
+} peer_backend;
+
+typedef struct peer_options {
+  peer_backend backend; /* default CPU */
+  int n_threads;        /* CPU threads; 0 = OpenMP's default */
+  int device;           /* CUDA device ordinal */
+} peer_options;
+
+void peer_options_default(peer_options *opt);
+
+typedef struct peer_layer peer_layer;
+
+/* Create a layer with zeroed parameters (call peer_layer_init or fill them
+ * through peer_layer_param).  opt may be NULL (defaults).  On success *out is
+ * a new layer the caller frees with peer_layer_free. */
+peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
+                              const peer_options *opt);
+/* Free a layer and everything it owns; NULL is accepted. */
+void peer_layer_free(peer_layer *layer);
+/* The layer's configuration (owned by the layer). */
+const peer_config *peer_layer_config(const peer_layer *layer);
+/* Change the CPU thread count (0 = OpenMP default).  Results are bitwise
+ * identical for every thread count. */
+peer_status peer_layer_set_threads(peer_layer *layer, int n_threads);
+
+/* Seeded, deterministic initialisation (the same bits for a seed whatever the
+ * thread count).  Distributions, all uniform U(-a, a):
+ *   query.weight   a = 1/sqrt(d_model)        query.bias  0
+ *   keys           a = 1/sqrt(d_key/2)
+ *   experts.down   a = 1/sqrt(d_model)
+ *   experts.up     a = 1/sqrt(n_heads*top_k)
+ *   query.norm.*   weight 1, bias 0, running_mean 0, running_var 1 */
+peer_status peer_layer_init(peer_layer *layer, uint64_t seed);
+
+/* A view of one tensor.  For parameters `data` points into the layer's own
+ * memory (host memory on the CPU backend, device memory on CUDA); a host
+ * framework may read and write it in place for the layer's lifetime. */
+typedef struct peer_tensor {
+  const char *name; /* PEER.md name, e.g. "experts.down" */
+  peer_dtype dtype;
+  int ndim;
+  int64_t shape[4];
+  void *data;
+  size_t nbytes;
+} peer_tensor;
+
+/* Number of parameter tensors this layer has (depends on bias/norm). */
+int peer_layer_n_params(const peer_layer *layer);
+/* i-th parameter, 0 <= i < peer_layer_n_params. */
+peer_status peer_layer_param(peer_layer *layer, int i, peer_tensor *out);
+/* Parameter by PEER.md name; PEER_ERR_INVALID_ARGUMENT if the layer has none
+ * of that name. */
+peer_status peer_layer_param_by_name(peer_layer *layer, const char *name,
+                                     peer_tensor *out);
+/* Total parameter count and parameters touched per token (query, keys and the
+ * H*k expert rows). */
+int64_t peer_layer_n_parameters(const peer_layer *layer);
+int64_t peer_layer_n_active_parameters(const peer_layer *layer);
+
+/* ------------------------------------------------------------- workspace */
+
+/* Scratch memory.  By default a layer allocates and keeps scratch for the
+ * largest batch it has seen (allocation only when T grows, so a steady loop
+ * allocates nothing).  A caller that wants to own it queries the size for its
+ * largest batch and registers a buffer; the layer then never allocates in
+ * forward or retrieval for T up to that size.  The buffer must stay valid
+ * until it is replaced (NULL, 0 returns to internal scratch) or the layer is
+ * freed.  It must be 64-byte aligned. */
+peer_status peer_layer_workspace_size(const peer_layer *layer, int64_t n_tokens,
+                                      size_t *bytes);
+peer_status peer_layer_set_workspace(peer_layer *layer, void *buffer,
+                                     size_t bytes);
+
+/* ----------------------------------------------------------------- forward */
+
+/* y = PEER(x) for T tokens.  x [T, d_model] f32 in; y [T, d_model] f32 out.
+ * Optional outputs (NULL to skip): indices [T, H, k] expert ids, gates
+ * [T, H, k], each head's experts by descending score, ties to the smaller id.
+ * T = 0 is a no-op.  Batch norm uses running statistics (inference).
+ * Non-finite values: NaN/inf in x, or in a weight that makes a sub-key or
+ * candidate score non-finite, returns PEER_ERR_NONFINITE (naming the token),
+ * and no id is ever out of range.  NaN/inf in the expert tables themselves
+ * reaches no score: it propagates into y as NaN/inf. */
+peer_status peer_forward(peer_layer *layer, int64_t n_tokens, const float *x,
+                         float *y, int64_t *indices, float *gates);
+
+/* Retrieval only: indices [T, H, k], and optionally scores [T, H, k] (the
+ * kept s1[a] + s2[b]) and gates [T, H, k].  No expert table is read. */
+peer_status peer_retrieve(peer_layer *layer, int64_t n_tokens, const float *x,
+                          int64_t *indices, float *scores, float *gates);
+
+/* The same result by brute force: every one of the N sums s1[a] + s2[b] is
+ * scored and the best k kept (O(N) per token and head; for checks and
+ * benchmarks).  Same outputs as peer_retrieve. */
+peer_status peer_retrieve_brute(peer_layer *layer, int64_t n_tokens,
+                                const float *x, int64_t *indices, float *scores,
+                                float *gates);
+
+/* ------------------------------------------------------------ weight files */
+
+/* Save every parameter and the config as safetensors (PEER.md).  Atomic: the
+ * file is written beside `path` under a temporary name, synced, then renamed,
+ * so an interrupted save leaves any previous file intact. */
+peer_status peer_layer_save(const peer_layer *layer, const char *path);
+/* Load a layer saved by peer_layer_save (or any file following PEER.md).
+ * Every length is checked against the file size before use; tensors are read
+ * straight into the layer's memory (the file is never held twice).  opt may be
+ * NULL.  On success *out is a new layer. */
+peer_status peer_layer_load(peer_layer **out, const char *path,
+                            const peer_options *opt);
+
+/* Generic safetensors access, used for activation files (x, y, indices, ...).
+ * A reader maps nothing: it validates the header and reads tensors on request. */
+typedef struct peer_safetensors peer_safetensors;
+
+/* Open and validate a file (header, offsets, sizes).  *out is freed with
+ * peer_safetensors_close. */
+peer_status peer_safetensors_open(peer_safetensors **out, const char *path);
+void peer_safetensors_close(peer_safetensors *file);
+/* Number of tensors and their descriptions (data = NULL).  Strings are owned
+ * by the file object. */
+int peer_safetensors_count(const peer_safetensors *file);
+peer_status peer_safetensors_info(const peer_safetensors *file, int i,
+                                  peer_tensor *out);
+/* Look up a tensor by name: PEER_ERR_FORMAT naming it when absent. */
+peer_status peer_safetensors_find(const peer_safetensors *file,
+                                  const char *name, peer_tensor *out);
+/* Read a tensor's bytes into dst (dst_bytes must equal its size). */
+peer_status peer_safetensors_read(const peer_safetensors *file,
+                                  const char *name, void *dst,
+                                  size_t dst_bytes);
+/* Metadata value for key, or NULL.  Owned by the file object. */
+const char *peer_safetensors_metadata(const peer_safetensors *file,
+                                      const char *key);
+/* Write tensors (name, dtype, shape, data) and optional metadata pairs
+ * (meta[2i] = key, meta[2i+1] = value) atomically to path. */
+peer_status peer_safetensors_write(const char *path, const peer_tensor *tensors,
+                                   int n_tensors, const char *const *meta,
+                                   int n_meta_pairs);
+
+/* ----------------------------------------------------------------- metrics */
+
+/* Expert usage and unevenness (PEER.md "Metrics") from accumulated gate mass
+ * z [n_experts] (z_i >= 0): usage = fraction with z_i > 0; unevenness =
+ * log N + sum p_i log p_i.  Returns PEER_ERR_INVALID_ARGUMENT if z has a
+ * negative or non-finite entry or sums to 0. */
+peer_status peer_usage_metrics(const double *z, int64_t n_experts,
+                               double *usage, double *unevenness);
+/* Add the gates of a retrieval (indices/gates [T, H, k]) into z [N]. */
+peer_status peer_usage_accumulate(double *z, int64_t n_experts,
+                                  const int64_t *indices, const float *gates,
+                                  int64_t n_entries);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PEER_H */

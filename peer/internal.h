@@ -1,0 +1,91 @@
+/* internal.h: what the library's own files share and users never see: the
+ * layer object, the backend table, error reporting and aligned allocation. */
+#ifndef PEER_INTERNAL_H
+#define PEER_INTERNAL_H
+
+#include "peer.h"
+
+#include <stdbool.h>
+
+#if defined(__GNUC__)
+#define PEER_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define PEER_PRINTF(a, b)
+#endif
+
+/* Record the message for peer_last_error() and return status. */
+peer_status peer_fail(peer_status status, const char *fmt, ...) PEER_PRINTF(2, 3);
+/* Clear the calling thread's last error. */
+void peer_clear_error(void);
+
+/* 64-byte aligned allocation; large blocks come from mmap with transparent
+ * huge pages asked for (random expert-row gathers miss the TLB otherwise).
+ * Memory is zeroed.  Returns NULL on failure. */
+void *peer_alloc(size_t bytes);
+void peer_free(void *ptr, size_t bytes);
+
+/* Overflow-checked size arithmetic: false if a*b (or a+b) overflows. */
+bool peer_mul_size(size_t a, size_t b, size_t *out);
+bool peer_add_size(size_t a, size_t b, size_t *out);
+
+/* Indices of the parameter slots; a layer fills only those it has. */
+enum peer_param_slot {
+  PEER_P_QUERY_WEIGHT = 0,
+  PEER_P_QUERY_BIAS,
+  PEER_P_NORM_WEIGHT,
+  PEER_P_NORM_BIAS,
+  PEER_P_NORM_MEAN,
+  PEER_P_NORM_VAR,
+  PEER_P_KEYS,
+  PEER_P_EXPERTS_DOWN,
+  PEER_P_EXPERTS_UP,
+  PEER_P_COUNT
+};
+
+/* Sizes derived from the config, computed once at creation. */
+typedef struct peer_dims {
+  int64_t d, H, dk, half, n, N, k, kp, G, dq; /* dq = H*d_key, G = key groups */
+} peer_dims;
+
+struct peer_backend_i;
+
+struct peer_layer {
+  peer_config cfg;
+  peer_options opt;
+  peer_dims dims;
+  /* slot -> tensor; data == NULL for slots this config lacks */
+  peer_tensor slot[PEER_P_COUNT];
+  int n_params;
+  int param_slot[PEER_P_COUNT]; /* i-th present parameter -> slot */
+  const struct peer_backend_i *backend;
+  /* scratch (see peer_layer_set_workspace) */
+  void *ws;
+  size_t ws_bytes;
+  bool ws_owned;
+};
+
+/* What a backend provides; the core reaches it only through this table. */
+typedef struct peer_backend_i {
+  const char *name;
+  /* allocate / free one parameter's storage (zeroed) */
+  void *(*alloc)(size_t bytes);
+  void (*free)(void *ptr, size_t bytes);
+  /* scratch bytes needed for T tokens */
+  size_t (*workspace_size)(const peer_layer *layer, int64_t n_tokens);
+  /* ws has at least workspace_size(T) bytes */
+  peer_status (*forward)(peer_layer *layer, int64_t n_tokens, const float *x,
+                         float *y, int64_t *indices, float *gates, void *ws);
+  peer_status (*retrieve)(peer_layer *layer, int64_t n_tokens, const float *x,
+                          int64_t *indices, float *scores, float *gates,
+                          bool brute, void *ws);
+} peer_backend_i;
+
+extern const peer_backend_i peer_backend_cpu;
+
+/* Scratch for T tokens: the registered buffer or the grown internal one. */
+peer_status peer_layer_scratch(peer_layer *layer, int64_t n_tokens, void **ws);
+
+/* Parse a decimal int64 in [lo, hi] (whole string); false otherwise. */
+bool peer_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out);
+
+#endif

@@ -1,0 +1,344 @@
+/* layer.c: the layer object: creation from a config, parameter storage and
+ * access by name, seeded initialisation, scratch memory, and the public entry
+ * points that check arguments and hand the work to the layer's backend. */
+#include "internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+bool peer_mul_size(size_t a, size_t b, size_t *out) {
+  return !__builtin_mul_overflow(a, b, out);
+}
+bool peer_add_size(size_t a, size_t b, size_t *out) {
+  return !__builtin_add_overflow(a, b, out);
+}
+
+/* Blocks at least this large come from mmap so they can use huge pages. */
+#define MMAP_MIN ((size_t)1 << 21)
+
+void *peer_alloc(size_t bytes) {
+  if (bytes == 0) bytes = 64;
+  if (bytes >= MMAP_MIN) {
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    return p;
+  }
+  size_t rounded = (bytes + 63) & ~(size_t)63;
+  void *p = aligned_alloc(64, rounded);
+  if (p) memset(p, 0, rounded);
+  return p;
+}
+
+void peer_free(void *ptr, size_t bytes) {
+  if (!ptr) return;
+  if (bytes == 0) bytes = 64;
+  if (bytes >= MMAP_MIN) munmap(ptr, bytes);
+  else free(ptr);
+}
+
+static peer_dims dims_of(const peer_config *c) {
+  peer_dims d;
+  d.d = c->d_model;
+  d.H = c->n_heads;
+  d.dk = c->d_key;
+  d.half = c->d_key / 2;
+  d.n = c->n_subkeys;
+  d.N = c->n_subkeys * c->n_subkeys;
+  d.k = c->top_k;
+  d.kp = peer_config_subkey_top_k(c);
+  d.G = c->shared_keys ? 1 : c->n_heads;
+  d.dq = c->n_heads * c->d_key;
+  return d;
+}
+
+static void set_slot(peer_layer *L, int slot, const char *name, peer_dtype dt, int ndim,
+                     const int64_t *shape) {
+  peer_tensor *t = &L->slot[slot];
+  t->name = name;
+  t->dtype = dt;
+  t->ndim = ndim;
+  size_t count = 1;
+  for (int i = 0; i < ndim; i++) {
+    t->shape[i] = shape[i];
+    count *= (size_t)shape[i]; /* bounded by peer_config_validate */
+  }
+  t->nbytes = count * peer_dtype_size(dt);
+  L->param_slot[L->n_params++] = slot;
+}
+
+/* Which parameters the config has, with their names and shapes. */
+static void describe_params(peer_layer *L) {
+  const peer_dims *D = &L->dims;
+  int64_t s[4];
+  s[0] = D->dq, s[1] = D->d;
+  set_slot(L, PEER_P_QUERY_WEIGHT, "query.weight", PEER_F32, 2, s);
+  s[0] = D->dq;
+  if (L->cfg.query_bias) set_slot(L, PEER_P_QUERY_BIAS, "query.bias", PEER_F32, 1, s);
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) {
+    set_slot(L, PEER_P_NORM_WEIGHT, "query.norm.weight", PEER_F32, 1, s);
+    set_slot(L, PEER_P_NORM_BIAS, "query.norm.bias", PEER_F32, 1, s);
+    set_slot(L, PEER_P_NORM_MEAN, "query.norm.running_mean", PEER_F32, 1, s);
+    set_slot(L, PEER_P_NORM_VAR, "query.norm.running_var", PEER_F32, 1, s);
+  }
+  s[0] = D->G, s[1] = 2, s[2] = D->n, s[3] = D->half;
+  set_slot(L, PEER_P_KEYS, "keys", PEER_F32, 4, s);
+  s[0] = D->N, s[1] = D->d;
+  set_slot(L, PEER_P_EXPERTS_DOWN, "experts.down", L->cfg.weight_dtype, 2, s);
+  set_slot(L, PEER_P_EXPERTS_UP, "experts.up", L->cfg.weight_dtype, 2, s);
+}
+
+peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
+                              const peer_options *opt) {
+  if (!out || !cfg) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_create: NULL argument");
+  *out = NULL;
+  peer_status st = peer_config_validate(cfg);
+  if (st) return st;
+  peer_options o;
+  peer_options_default(&o);
+  if (opt) o = *opt;
+  if (o.n_threads < 0)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "n_threads: %d is negative", o.n_threads);
+  const peer_backend_i *be = NULL;
+  if (o.backend == PEER_BACKEND_CPU) be = &peer_backend_cpu;
+  else if (o.backend == PEER_BACKEND_CUDA)
+    return peer_fail(PEER_ERR_UNSUPPORTED, "backend: this build has no CUDA backend");
+  else return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backend: unknown value %d", (int)o.backend);
+
+  peer_layer *L = calloc(1, sizeof *L);
+  if (!L) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "layer_create: out of memory");
+  L->cfg = *cfg;
+  L->cfg.subkey_top_k = peer_config_subkey_top_k(cfg);
+  L->opt = o;
+  L->dims = dims_of(cfg);
+  L->backend = be;
+  describe_params(L);
+  for (int i = 0; i < L->n_params; i++) {
+    peer_tensor *t = &L->slot[L->param_slot[i]];
+    t->data = be->alloc(t->nbytes);
+    if (!t->data) {
+      peer_layer_free(L);
+      return peer_fail(PEER_ERR_OUT_OF_MEMORY, "layer_create: cannot allocate %s (%zu bytes)",
+                       t->name, t->nbytes);
+    }
+  }
+  if (L->slot[PEER_P_NORM_VAR].data) {
+    float *var = L->slot[PEER_P_NORM_VAR].data, *w = L->slot[PEER_P_NORM_WEIGHT].data;
+    for (int64_t i = 0; i < L->dims.dq; i++) var[i] = w[i] = 1.0f;
+  }
+  *out = L;
+  return PEER_OK;
+}
+
+void peer_layer_free(peer_layer *L) {
+  if (!L) return;
+  for (int i = 0; i < PEER_P_COUNT; i++)
+    if (L->slot[i].data) L->backend->free(L->slot[i].data, L->slot[i].nbytes);
+  if (L->ws_owned) peer_free(L->ws, L->ws_bytes);
+  free(L);
+}
+
+const peer_config *peer_layer_config(const peer_layer *L) { return L ? &L->cfg : NULL; }
+
+peer_status peer_layer_set_threads(peer_layer *L, int n_threads) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "set_threads: NULL layer");
+  if (n_threads < 0)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "n_threads: %d is negative", n_threads);
+  L->opt.n_threads = n_threads;
+  return PEER_OK;
+}
+
+int peer_layer_n_params(const peer_layer *L) { return L ? L->n_params : 0; }
+
+peer_status peer_layer_param(peer_layer *L, int i, peer_tensor *out) {
+  if (!L || !out) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_param: NULL argument");
+  if (i < 0 || i >= L->n_params)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_param: index %d not in [0, %d)", i,
+                     L->n_params);
+  *out = L->slot[L->param_slot[i]];
+  return PEER_OK;
+}
+
+peer_status peer_layer_param_by_name(peer_layer *L, const char *name, peer_tensor *out) {
+  if (!L || !name || !out)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_param_by_name: NULL argument");
+  for (int i = 0; i < L->n_params; i++) {
+    const peer_tensor *t = &L->slot[L->param_slot[i]];
+    if (strcmp(t->name, name) == 0) {
+      *out = *t;
+      return PEER_OK;
+    }
+  }
+  return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer has no parameter named '%s'", name);
+}
+
+int64_t peer_layer_n_parameters(const peer_layer *L) {
+  int64_t total = 0;
+  for (int i = 0; L && i < L->n_params; i++) {
+    const peer_tensor *t = &L->slot[L->param_slot[i]];
+    total += (int64_t)(t->nbytes / peer_dtype_size(t->dtype));
+  }
+  return total;
+}
+
+int64_t peer_layer_n_active_parameters(const peer_layer *L) {
+  if (!L) return 0;
+  const peer_dims *D = &L->dims;
+  int64_t dense = peer_layer_n_parameters(L) - 2 * D->N * D->d;
+  return dense + 2 * D->H * D->k * D->d;
+}
+
+/* ------------------------------------------------------------------ init */
+
+/* Counter-based generator: element i of parameter p is a pure function of
+ * (seed, p, i), so initialisation is parallel and thread-count independent. */
+static inline uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+static inline float uniform_pm(uint64_t seed, uint64_t stream, uint64_t i, float a) {
+  uint64_t r = mix64(mix64(seed ^ (stream << 56)) + i);
+  float u = (float)(r >> 40) * (1.0f / 16777216.0f); /* [0, 1) in 24 bits */
+  return (2.0f * u - 1.0f) * a;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even; finite inputs */
+  return (uint16_t)(u >> 16);
+}
+
+static void fill_uniform(peer_tensor *t, uint64_t seed, uint64_t stream, float a) {
+  int64_t count = (int64_t)(t->nbytes / peer_dtype_size(t->dtype));
+  if (t->dtype == PEER_BF16) {
+    uint16_t *p = t->data;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; i++) p[i] = f32_to_bf16(uniform_pm(seed, stream, (uint64_t)i, a));
+  } else {
+    float *p = t->data;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; i++) p[i] = uniform_pm(seed, stream, (uint64_t)i, a);
+  }
+}
+
+static void fill_const(peer_tensor *t, float v) {
+  float *p = t->data;
+  for (int64_t i = 0; i < t->shape[0]; i++) p[i] = v;
+}
+
+peer_status peer_layer_init(peer_layer *L, uint64_t seed) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_init: NULL layer");
+  if (L->opt.backend != PEER_BACKEND_CPU)
+    return peer_fail(PEER_ERR_UNSUPPORTED, "layer_init: only host parameters can be initialised here");
+  const peer_dims *D = &L->dims;
+  fill_uniform(&L->slot[PEER_P_QUERY_WEIGHT], seed, 1, 1.0f / sqrtf((float)D->d));
+  fill_uniform(&L->slot[PEER_P_KEYS], seed, 2, 1.0f / sqrtf((float)D->half));
+  fill_uniform(&L->slot[PEER_P_EXPERTS_DOWN], seed, 3, 1.0f / sqrtf((float)D->d));
+  fill_uniform(&L->slot[PEER_P_EXPERTS_UP], seed, 4, 1.0f / sqrtf((float)(D->H * D->k)));
+  if (L->slot[PEER_P_QUERY_BIAS].data) fill_const(&L->slot[PEER_P_QUERY_BIAS], 0.0f);
+  if (L->slot[PEER_P_NORM_WEIGHT].data) {
+    fill_const(&L->slot[PEER_P_NORM_WEIGHT], 1.0f);
+    fill_const(&L->slot[PEER_P_NORM_BIAS], 0.0f);
+    fill_const(&L->slot[PEER_P_NORM_MEAN], 0.0f);
+    fill_const(&L->slot[PEER_P_NORM_VAR], 1.0f);
+  }
+  return PEER_OK;
+}
+
+/* ------------------------------------------------------------- workspace */
+
+peer_status peer_layer_workspace_size(const peer_layer *L, int64_t n_tokens, size_t *bytes) {
+  if (!L || !bytes) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "workspace_size: NULL argument");
+  if (n_tokens < 0)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "n_tokens: %lld is negative", (long long)n_tokens);
+  *bytes = L->backend->workspace_size(L, n_tokens);
+  return PEER_OK;
+}
+
+peer_status peer_layer_set_workspace(peer_layer *L, void *buffer, size_t bytes) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "set_workspace: NULL layer");
+  if (buffer && ((uintptr_t)buffer % 64))
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "set_workspace: buffer is not 64-byte aligned");
+  if (L->ws_owned) peer_free(L->ws, L->ws_bytes);
+  L->ws = buffer;
+  L->ws_bytes = buffer ? bytes : 0;
+  L->ws_owned = false;
+  return PEER_OK;
+}
+
+peer_status peer_layer_scratch(peer_layer *L, int64_t n_tokens, void **ws) {
+  size_t need = L->backend->workspace_size(L, n_tokens);
+  if (need <= L->ws_bytes && L->ws) {
+    *ws = L->ws;
+    return PEER_OK;
+  }
+  if (L->ws && !L->ws_owned)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "workspace: %lld tokens need %zu bytes, the registered buffer has %zu",
+                     (long long)n_tokens, need, L->ws_bytes);
+  peer_free(L->ws, L->ws_bytes);
+  L->ws = peer_alloc(need);
+  L->ws_bytes = L->ws ? need : 0;
+  L->ws_owned = true;
+  if (!L->ws)
+    return peer_fail(PEER_ERR_OUT_OF_MEMORY, "workspace: cannot allocate %zu bytes", need);
+  *ws = L->ws;
+  return PEER_OK;
+}
+
+/* -------------------------------------------------------------- forward */
+
+static peer_status check_batch(const peer_layer *L, int64_t n_tokens, const void *x,
+                               const char *what) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer", what);
+  if (n_tokens < 0)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: n_tokens %lld is negative", what,
+                     (long long)n_tokens);
+  if (n_tokens > 0 && !x) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: x is NULL", what);
+  if (n_tokens > ((int64_t)1 << 40) / L->dims.d)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: n_tokens %lld too large", what,
+                     (long long)n_tokens);
+  return PEER_OK;
+}
+
+peer_status peer_forward(peer_layer *L, int64_t n_tokens, const float *x, float *y,
+                         int64_t *indices, float *gates) {
+  peer_status st = check_batch(L, n_tokens, x, "forward");
+  if (st) return st;
+  if (n_tokens > 0 && !y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "forward: y is NULL");
+  if (n_tokens == 0) return PEER_OK;
+  void *ws;
+  if ((st = peer_layer_scratch(L, n_tokens, &ws))) return st;
+  return L->backend->forward(L, n_tokens, x, y, indices, gates, ws);
+}
+
+static peer_status retrieve(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
+                            float *scores, float *gates, bool brute) {
+  const char *what = brute ? "retrieve_brute" : "retrieve";
+  peer_status st = check_batch(L, n_tokens, x, what);
+  if (st) return st;
+  if (n_tokens > 0 && !indices)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: indices is NULL", what);
+  if (n_tokens == 0) return PEER_OK;
+  void *ws;
+  if ((st = peer_layer_scratch(L, n_tokens, &ws))) return st;
+  return L->backend->retrieve(L, n_tokens, x, indices, scores, gates, brute, ws);
+}
+
+peer_status peer_retrieve(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
+                          float *scores, float *gates) {
+  return retrieve(L, n_tokens, x, indices, scores, gates, false);
+}
+
+peer_status peer_retrieve_brute(peer_layer *L, int64_t n_tokens, const float *x,
+                                int64_t *indices, float *scores, float *gates) {
+  return retrieve(L, n_tokens, x, indices, scores, gates, true);
+}
