@@ -121,9 +121,10 @@ peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
     peer_tensor *t = &L->slot[L->param_slot[i]];
     t->data = be->alloc(t->nbytes);
     if (!t->data) {
+      peer_fail(PEER_ERR_OUT_OF_MEMORY, "layer_create: cannot allocate %s (%zu bytes)", t->name,
+                t->nbytes);
       peer_layer_free(L);
-      return peer_fail(PEER_ERR_OUT_OF_MEMORY, "layer_create: cannot allocate %s (%zu bytes)",
-                       t->name, t->nbytes);
+      return PEER_ERR_OUT_OF_MEMORY;
     }
   }
   if (L->slot[PEER_P_NORM_VAR].data) {

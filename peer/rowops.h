@@ -1,0 +1,120 @@
+/* rowops.h: the per-row logic every backend shares: the order of results (the
+ * tie rule), top-k' selection over one half's sub-key scores, the exact merge
+ * of two top-k' lists into a head's top-k, gate and activation math.  These
+ * compile as C and as CUDA (__host__ __device__), so the CPU tests exercise
+ * the code the GPU runs. */
+#ifndef PEER_ROWOPS_H
+#define PEER_ROWOPS_H
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define PEER_HD __host__ __device__ __forceinline__ static
+#else
+#define PEER_HD static inline
+#endif
+
+/* PEER.md's order: higher score first; equal scores go to the smaller id. */
+PEER_HD int peer_beats(float sa, int64_t ia, float sb, int64_t ib) {
+  return sa > sb || (sa == sb && ia < ib);
+}
+
+/* Insert (s, id) into the sorted list (sc, ids) of *count entries and room
+ * for cap; the worst entry falls off when full.  The caller has checked that
+ * the newcomer beats the current worst when the list is full. */
+PEER_HD void peer_list_insert(float *sc, int64_t *ids, int cap, int *count, float s,
+                              int64_t id) {
+  int pos = *count < cap ? *count : cap - 1;
+  while (pos > 0 && peer_beats(s, id, sc[pos - 1], ids[pos - 1])) {
+    sc[pos] = sc[pos - 1];
+    ids[pos] = ids[pos - 1];
+    pos--;
+  }
+  sc[pos] = s;
+  ids[pos] = id;
+  if (*count < cap) (*count)++;
+}
+
+/* Top-kp of n scores (indices 0..n-1), sorted by the tie rule, without
+ * sorting all n: a sorted list of kp that only a better score enters.
+ * Returns 0 if every score is finite, 1 otherwise (the list still holds valid
+ * indices in [0, n)). */
+PEER_HD int peer_topk_scan(const float *s, int n, int kp, float *out_s, int64_t *out_id) {
+  int count = 0, bad = 0;
+  for (int i = 0; i < n; i++) {
+    float v = s[i];
+    bad |= !isfinite(v);
+    /* Indices rise, so a tie with the worst entry never enters. */
+    if (count < kp || v > out_s[kp - 1]) peer_list_insert(out_s, out_id, kp, &count, v, i);
+  }
+  return bad;
+}
+
+/* A head's top-k from the Cartesian product of the two halves' top-kp lists
+ * (each sorted by the tie rule).  Exact: in a sorted row i the candidates
+ * (i, j) come in the tie rule's order as j grows, and (i, 0) beats every
+ * (i', j) for i' > i, so scans stop early.  Expert id = a*n + b.  Returns 1 if
+ * a candidate sum is non-finite (overflow), else 0. */
+PEER_HD int peer_merge_candidates(const float *s1, const int64_t *a1, const float *s2,
+                                  const int64_t *a2, int kp, int k, int64_t n, float *out_s,
+                                  int64_t *out_id) {
+  int count = 0, bad = 0;
+  for (int i = 0; i < kp; i++) {
+    for (int j = 0; j < kp; j++) {
+      float c = s1[i] + s2[j];
+      int64_t id = a1[i] * n + a2[j];
+      if (count == k && !peer_beats(c, id, out_s[k - 1], out_id[k - 1])) {
+        if (j == 0) return bad; /* nothing in rows i.. can enter */
+        break;
+      }
+      bad |= !isfinite(c);
+      peer_list_insert(out_s, out_id, k, &count, c, id);
+    }
+  }
+  return bad;
+}
+
+/* Gate values for one head's k kept scores z (sorted, z[0] the largest).
+ * gate: 0 softmax, 1 sigmoid, 2 relu (peer_gate's values). */
+PEER_HD void peer_gates(int gate, const float *z, int k, float *g) {
+  if (gate == 0) {
+    float sum = 0.0f;
+    for (int j = 0; j < k; j++) {
+      g[j] = expf(z[j] - z[0]);
+      sum += g[j];
+    }
+    float inv = 1.0f / sum;
+    for (int j = 0; j < k; j++) g[j] *= inv;
+  } else if (gate == 1) {
+    for (int j = 0; j < k; j++) g[j] = 1.0f / (1.0f + expf(-z[j]));
+  } else {
+    for (int j = 0; j < k; j++) g[j] = z[j] > 0.0f ? z[j] : 0.0f;
+  }
+}
+
+/* Expert activation (peer_activation's values). */
+PEER_HD float peer_activate(int act, float x) {
+  switch (act) {
+  case 0: return x > 0.0f ? x : 0.0f;
+  case 1: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+  case 2: {
+    float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(inner));
+  }
+  case 3: return x / (1.0f + expf(-x));
+  default: return x;
+  }
+}
+
+/* bf16 storage to f32: the upper half of an f32. */
+PEER_HD float peer_bf16_to_f32(uint16_t h) {
+  union {
+    uint32_t u;
+    float f;
+  } v;
+  v.u = (uint32_t)h << 16;
+  return v.f;
+}
+
+#endif
