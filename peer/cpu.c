@@ -16,23 +16,26 @@
 /* Vector width follows the target: 16 lanes with AVX-512, else 8 (AVX2). */
 #ifdef __AVX512F__
 #define VW 16
-#define NR 4
 #else
 #define VW 8
-#define NR 3
 #endif
-/* Register tile of the matrix product: MR rows of A by NR rows of B. */
-#define MR 4
+/* Register tile: MRK rows of B (broadcast) by NVT vectors of tokens; 12
+ * accumulators plus NVT + 1 operands fit the 16 AVX2 registers. */
+#define MRK 6
+#define NVT 2
+
+/* Tokens per block: the matrix products vectorise over a block's tokens, and
+ * S for one block is TB x 2n floats per thread. */
+#define TB 32
+#define NVMAX (TB / VW)
+/* Query columns per projection task. */
+#define QCOLS 256
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
 typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-
-/* Tokens per retrieval block: S for one block is TB x 2n floats per thread. */
-#define TB 32
-/* Query columns per projection task. */
-#define QCOLS 256
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 static inline vf loadv(const float *p) { return *(const vfu *)p; }
 
@@ -53,52 +56,51 @@ static inline float hsum(vf acc) {
   return s[0];
 }
 
-/* Lane sum, then the scalar tail: the single definition of a dot product's
- * rounding that every path uses. */
-static inline float finish_dot(vf acc, const float *a, const float *b, int64_t k0, int64_t K) {
-  float s = hsum(acc);
-  for (int64_t k = k0; k < K; k++) s += a[k] * b[k];
-  return s;
+/* One register tile of the product below: rows j0..j0+mr of B against nv
+ * vectors of packed tokens.  Inlined with constant mr, nv so that the
+ * accumulators live in registers. */
+static inline __attribute__((always_inline)) void gemm_tile(int mr, int nv, int64_t M,
+                                                            int64_t K, const float *pack,
+                                                            const float *B, int64_t ldb,
+                                                            float *C, int64_t ldc) {
+  vf acc[MRK][NVT];
+  for (int r = 0; r < mr; r++)
+    for (int v = 0; v < nv; v++) acc[r][v] = (vf){0};
+  for (int64_t k = 0; k < K; k++) {
+    vf a[NVT];
+    for (int v = 0; v < nv; v++) a[v] = loadv(pack + k * TB + v * VW);
+    for (int r = 0; r < mr; r++) {
+      vf b = B[r * ldb + k] - (vf){0};
+      for (int v = 0; v < nv; v++) acc[r][v] += a[v] * b;
+    }
+  }
+  for (int r = 0; r < mr; r++)
+    for (int v = 0; v < nv; v++)
+      for (int l = 0; l < VW && v * VW + l < M; l++) C[(v * VW + l) * ldc + r] = acc[r][v][l];
 }
 
-/* C[i, j] = A[i, :] . B[j, :] for i < M, j < N (K-long rows).  Full MR x NR
- * tiles keep their accumulators in registers; edges use the same per-element
- * arithmetic, so blocking never changes a result's bits. */
+/* C[i, j] = sum over k of A[i, k] * B[j, k], for i < M <= TB and j < N.
+ * Every element is one chain of multiply-adds in k order from 0 (contracted
+ * to FMA like all of the library's code), whatever the tile that computes it,
+ * so blocking and batch position never change a result's bits.  The block's
+ * rows of A are first packed transposed into `pack` (K x TB floats) so the
+ * tile vectorises over tokens and broadcasts B. */
 static void gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                    const float *B, int64_t ldb, float *C, int64_t ldc) {
-  const int64_t KV = K - K % VW;
-  for (int64_t j0 = 0; j0 < N; j0 += NR) {
-    int64_t nj = N - j0 < NR ? N - j0 : NR;
-    for (int64_t i0 = 0; i0 < M; i0 += MR) {
-      int64_t ni = M - i0 < MR ? M - i0 : MR;
-      if (ni == MR && nj == NR) {
-        const float *a[MR], *b[NR];
-        for (int r = 0; r < MR; r++) a[r] = A + (i0 + r) * lda;
-        for (int c = 0; c < NR; c++) b[c] = B + (j0 + c) * ldb;
-        vf acc[MR][NR];
-        for (int r = 0; r < MR; r++)
-          for (int c = 0; c < NR; c++) acc[r][c] = (vf){0};
-        for (int64_t k = 0; k < KV; k += VW) {
-          vf xa[MR];
-          for (int r = 0; r < MR; r++) xa[r] = loadv(a[r] + k);
-          for (int c = 0; c < NR; c++) {
-            vf w = loadv(b[c] + k);
-            for (int r = 0; r < MR; r++) acc[r][c] += xa[r] * w;
-          }
-        }
-        for (int r = 0; r < MR; r++)
-          for (int c = 0; c < NR; c++)
-            C[(i0 + r) * ldc + j0 + c] = finish_dot(acc[r][c], a[r], b[c], KV, K);
-        continue;
-      }
-      for (int64_t i = i0; i < i0 + ni; i++) {
-        for (int64_t j = j0; j < j0 + nj; j++) {
-          const float *a = A + i * lda, *b = B + j * ldb;
-          vf acc = {0};
-          for (int64_t k = 0; k < KV; k += VW) acc += loadv(a + k) * loadv(b + k);
-          C[i * ldc + j] = finish_dot(acc, a, b, KV, K);
-        }
-      }
+                    const float *B, int64_t ldb, float *C, int64_t ldc, float *pack) {
+  int nv = (int)((M + VW - 1) / VW);
+  for (int64_t k = 0; k < K; k++)
+    for (int64_t i = 0; i < nv * VW; i++) pack[k * TB + i] = i < M ? A[i * lda + k] : 0.0f;
+  for (int64_t j = 0; j < N; j += MRK) {
+    int mr = N - j < MRK ? (int)(N - j) : MRK;
+    const float *Bj = B + j * ldb;
+    /* the tile's rows of B stay in L1 while every token group passes */
+    for (int v0 = 0; v0 < nv; v0 += NVT) {
+      const float *P = pack + v0 * VW;
+      float *Cv = C + (int64_t)v0 * VW * ldc + j;
+      int64_t Mv = M - (int64_t)v0 * VW;
+      if (mr == MRK && nv - v0 >= NVT) gemm_tile(MRK, NVT, Mv, K, P, Bj, ldb, Cv, ldc);
+      else if (nv - v0 >= NVT) gemm_tile(mr, NVT, Mv, K, P, Bj, ldb, Cv, ldc);
+      else gemm_tile(mr, 1, Mv, K, P, Bj, ldb, Cv, ldc);
     }
   }
 }
@@ -113,9 +115,14 @@ static size_t round64(size_t b) { return (b + 63) & ~(size_t)63; }
 
 /* Per-thread scratch: S for one token block (both halves) and the two
  * halves' top-k' lists. */
+static size_t pack_bytes(const peer_dims *D) {
+  int64_t K = D->d > D->half ? D->d : D->half;
+  return round64((size_t)K * TB * sizeof(float));
+}
+
 static size_t thread_scratch_bytes(const peer_dims *D) {
   return round64((size_t)TB * 2 * (size_t)D->n * sizeof(float)) +
-         2 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t)));
+         2 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t))) + pack_bytes(D);
 }
 
 typedef struct cpu_ws {
@@ -157,9 +164,17 @@ static size_t cpu_workspace_size(const peer_layer *L, int64_t T) {
   return cpu_layout(L, T, NULL, NULL);
 }
 
+/* The calling thread's packing buffer: the tail of its scratch. */
+static float *thread_pack(const cpu_ws *w, const peer_dims *D) {
+  char *mine = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
+  return (float *)(mine + w->per_thread_bytes - pack_bytes(D));
+}
+
 /* ------------------------------------------------------------ phase 1 */
 
-static void project_queries(const peer_layer *L, int64_t T, const float *x, float *q, int P) {
+static void project_queries(const peer_layer *L, int64_t T, const float *x, const cpu_ws *w,
+                            int P) {
+  float *q = w->q;
   const peer_dims *D = &L->dims;
   const float *W = L->slot[PEER_P_QUERY_WEIGHT].data;
   const float *bias = L->slot[PEER_P_QUERY_BIAS].data;
@@ -173,7 +188,8 @@ static void project_queries(const peer_layer *L, int64_t T, const float *x, floa
       int64_t nt = T - t0 < TB ? T - t0 : TB;
       int64_t nc = D->dq - c0 < QCOLS ? D->dq - c0 : QCOLS;
       float *out = q + t0 * D->dq + c0;
-      gemm_nt(nt, nc, D->d, x + t0 * D->d, D->d, W + c0 * D->d, D->d, out, D->dq);
+      gemm_nt(nt, nc, D->d, x + t0 * D->d, D->d, W + c0 * D->d, D->d, out, D->dq,
+              thread_pack(w, D));
       for (int64_t t = 0; t < nt; t++) {
         float *row = out + t * D->dq;
         if (bias)
@@ -194,6 +210,46 @@ typedef struct retrieve_out {
   int64_t *ids;
   float *scores, *gates;
 } retrieve_out;
+
+static inline bool any_lane(vi m) {
+  uint64_t w[VW / 2], acc = 0;
+  memcpy(w, &m, sizeof w);
+  for (int i = 0; i < VW / 2; i++) acc |= w[i];
+  return acc != 0;
+}
+
+/* peer_topk_scan's result, faster: a vector compare against the current
+ * worst skips the chunks that hold no newcomer (nearly all of them). */
+static int topk_scan_fast(const float *s, int n, int kp, float *out_s, int64_t *out_id) {
+  int count = 0, i = 0, bad = 0;
+  for (; i < n && count < kp; i++) {
+    bad |= !isfinite(s[i]);
+    peer_list_insert(out_s, out_id, kp, &count, s[i], i);
+  }
+  float worst = out_s[kp - 1];
+  vf thr = worst - (vf){0};
+  vi badv = {0};
+  for (; i + VW <= n; i += VW) {
+    vf v = loadv(s + i);
+    badv |= (v - v) != 0; /* NaN and infinity give NaN */
+    if (!any_lane(v > thr)) continue;
+    for (int l = 0; l < VW; l++) {
+      if (s[i + l] > worst) {
+        peer_list_insert(out_s, out_id, kp, &count, s[i + l], i + l);
+        worst = out_s[kp - 1];
+      }
+    }
+    thr = worst - (vf){0};
+  }
+  for (; i < n; i++) {
+    bad |= !isfinite(s[i]);
+    if (s[i] > worst) {
+      peer_list_insert(out_s, out_id, kp, &count, s[i], i);
+      worst = out_s[kp - 1];
+    }
+  }
+  return bad | any_lane(badv);
+}
 
 /* Smallest failing token, for a deterministic message. */
 static void note_bad(int64_t *bad_token, int *bad_head, int64_t t, int h) {
@@ -242,7 +298,7 @@ static peer_status retrieve_all(const peer_layer *L, int64_t T, const float *q, 
       for (int p = 0; p < 2; p++) {
         const float *C = keys + ((g * 2 + p) * n) * half;
         const float *A = q + t0 * D->dq + h * D->dk + p * half;
-        gemm_nt(nt, n, half, A, D->dq, C, half, S + p * n, 2 * n);
+        gemm_nt(nt, n, half, A, D->dq, C, half, S + p * n, 2 * n, thread_pack(w, D));
       }
       for (int64_t t = 0; t < nt; t++) {
         const float *row1 = S + t * 2 * n, *row2 = row1 + n;
@@ -251,8 +307,8 @@ static peer_status retrieve_all(const peer_layer *L, int64_t T, const float *q, 
         if (brute) {
           bad = brute_head(row1, row2, n, k, out.scores + o, out.ids + o);
         } else {
-          bad = peer_topk_scan(row1, (int)n, kp, s1, a1);
-          bad |= peer_topk_scan(row2, (int)n, kp, s2, a2);
+          bad = topk_scan_fast(row1, (int)n, kp, s1, a1);
+          bad |= topk_scan_fast(row2, (int)n, kp, s2, a2);
           bad |= peer_merge_candidates(s1, a1, s2, a2, kp, k, n, out.scores + o, out.ids + o);
         }
         if (bad) note_bad(&bad_token, &bad_head, t0 + t, (int)h);
@@ -286,13 +342,17 @@ static peer_status queries_and_retrieval(const peer_layer *L, int64_t T, const f
   int64_t bad = first_nonfinite_row(x, T, L->dims.d, P);
   if (bad < T)
     return peer_fail(PEER_ERR_NONFINITE, "token %lld: x holds NaN or infinity", (long long)bad);
-  project_queries(L, T, x, w->q, P);
+  project_queries(L, T, x, w, P);
   return retrieve_all(L, T, w->q, brute, out, w, P);
 }
 
 /* ------------------------------------------------------------ phase 3 */
 
-/* Lines of the next expert's rows are fetched while this one is computed. */
+/* Expert rows are fetched this many entries ahead of their use, so several
+ * random rows are in flight at once (the gather is latency-bound). */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 4
+#endif
 static inline void prefetch_row(const char *p, size_t bytes) {
   for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 0);
 }
@@ -301,7 +361,9 @@ static inline float dot_row_f32(const float *u, const float *x, int64_t d) {
   const int64_t dv = d - d % VW;
   vf acc = {0};
   for (int64_t i = 0; i < dv; i += VW) acc += loadv(u + i) * loadv(x + i);
-  return finish_dot(acc, u, x, dv, d);
+  float s = hsum(acc);
+  for (int64_t i = dv; i < d; i++) s += u[i] * x[i];
+  return s;
 }
 
 static inline void axpy_row_f32(float a, const float *v, float *y, int64_t d) {
@@ -340,12 +402,14 @@ static void apply_experts(const peer_layer *L, int64_t T, const float *x, float 
     const int64_t *id = ids + t * hk;
     const float *g = gates + t * hk;
     memset(yt, 0, (size_t)d * sizeof(float));
-    prefetch_row(down + (size_t)id[0] * row_bytes, row_bytes);
-    prefetch_row(up + (size_t)id[0] * row_bytes, row_bytes);
+    for (int64_t e = 0; e < PREFETCH_AHEAD && e < hk; e++) {
+      prefetch_row(down + (size_t)id[e] * row_bytes, row_bytes);
+      prefetch_row(up + (size_t)id[e] * row_bytes, row_bytes);
+    }
     for (int64_t e = 0; e < hk; e++) {
-      if (e + 1 < hk) {
-        prefetch_row(down + (size_t)id[e + 1] * row_bytes, row_bytes);
-        prefetch_row(up + (size_t)id[e + 1] * row_bytes, row_bytes);
+      if (e + PREFETCH_AHEAD < hk) {
+        prefetch_row(down + (size_t)id[e + PREFETCH_AHEAD] * row_bytes, row_bytes);
+        prefetch_row(up + (size_t)id[e + PREFETCH_AHEAD] * row_bytes, row_bytes);
       }
       const char *u = down + (size_t)id[e] * row_bytes, *v = up + (size_t)id[e] * row_bytes;
       if (bf16) {
