@@ -181,9 +181,11 @@ static void project_queries(const peer_layer *L, int64_t T, const float *x, cons
   const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
   const float *mean = L->slot[PEER_P_NORM_MEAN].data, *var = L->slot[PEER_P_NORM_VAR].data;
   int64_t n_tb = (T + TB - 1) / TB, n_cb = (D->dq + QCOLS - 1) / QCOLS;
+  /* Column blocks outermost: a thread's consecutive tasks share a block of
+   * Wq, which stays in cache across token blocks. */
 #pragma omp parallel for collapse(2) schedule(static) num_threads(P)
-  for (int64_t tb = 0; tb < n_tb; tb++) {
-    for (int64_t cb = 0; cb < n_cb; cb++) {
+  for (int64_t cb = 0; cb < n_cb; cb++) {
+    for (int64_t tb = 0; tb < n_tb; tb++) {
       int64_t t0 = tb * TB, c0 = cb * QCOLS;
       int64_t nt = T - t0 < TB ? T - t0 : TB;
       int64_t nc = D->dq - c0 < QCOLS ? D->dq - c0 : QCOLS;
@@ -283,9 +285,11 @@ static peer_status retrieve_all(const peer_layer *L, int64_t T, const float *q, 
   int64_t n_tb = (T + TB - 1) / TB;
   int64_t bad_token = T;
   int bad_head = 0;
+  /* Heads outermost: a thread's consecutive tasks share one head's sub-keys,
+   * which stay in cache across token blocks. */
 #pragma omp parallel for collapse(2) schedule(static) num_threads(P)
-  for (int64_t tb = 0; tb < n_tb; tb++) {
-    for (int64_t h = 0; h < H; h++) {
+  for (int64_t h = 0; h < H; h++) {
+    for (int64_t tb = 0; tb < n_tb; tb++) {
       char *scratch = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
       float *S = (float *)scratch; /* [nt, 2, n] */
       char *lists = scratch + round64((size_t)TB * 2 * (size_t)n * sizeof(float));
