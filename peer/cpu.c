@@ -7,54 +7,10 @@
  * Every output element is computed by the same sequence of operations
  * whatever the blocking or thread count, so results are bitwise identical
  * for any number of threads. */
-#include "internal.h"
+#include "cpu.h"
 #include "rowops.h"
 
 #include <omp.h>
-#include <string.h>
-
-/* Vector width follows the target: 16 lanes with AVX-512, else 8 (AVX2). */
-#ifdef __AVX512F__
-#define VW 16
-#else
-#define VW 8
-#endif
-/* Register tile: MRK rows of B (broadcast) by NVT vectors of tokens; 12
- * accumulators plus NVT + 1 operands fit the 16 AVX2 registers. */
-#define MRK 6
-#define NVT 2
-
-/* Tokens per block: the matrix products vectorise over a block's tokens, and
- * S for one block is TB x 2n floats per thread. */
-#define TB 32
-#define NVMAX (TB / VW)
-/* Query columns per projection task. */
-#define QCOLS 256
-
-typedef float vf __attribute__((vector_size(VW * 4)));
-typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
-typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-
-static inline vf loadv(const float *p) { return *(const vfu *)p; }
-
-static inline vf loadv_bf16(const uint16_t *p) {
-  vh h = *(const vh *)p;
-  vu w = __builtin_convertvector(h, vu) << 16;
-  vf f;
-  memcpy(&f, &w, sizeof f);
-  return f;
-}
-
-/* Sum of the lanes in one fixed order (pairwise halving). */
-static inline float hsum(vf acc) {
-  float s[VW];
-  for (int i = 0; i < VW; i++) s[i] = acc[i];
-  for (int w = VW / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; i++) s[i] += s[i + w];
-  return s[0];
-}
 
 /* One register tile of the product below: rows j0..j0+mr of B against nv
  * vectors of packed tokens.  Inlined with constant mr, nv so that the
@@ -85,7 +41,7 @@ static inline __attribute__((always_inline)) void gemm_tile(int mr, int nv, int6
  * so blocking and batch position never change a result's bits.  The block's
  * rows of A are first packed transposed into `pack` (K x TB floats) so the
  * tile vectorises over tokens and broadcasts B. */
-static void gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
                     const float *B, int64_t ldb, float *C, int64_t ldc, float *pack) {
   int nv = (int)((M + VW - 1) / VW);
   for (int64_t k = 0; k < K; k++)
@@ -107,11 +63,10 @@ static void gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda
 
 /* ------------------------------------------------------------- workspace */
 
-static int n_threads_of(const peer_layer *L) {
+int peer_cpu_threads(const peer_layer *L) {
   return L->opt.n_threads > 0 ? L->opt.n_threads : omp_get_max_threads();
 }
 
-static size_t round64(size_t b) { return (b + 63) & ~(size_t)63; }
 
 /* Per-thread scratch: S for one token block (both halves) and the two
  * halves' top-k' lists. */
@@ -125,14 +80,6 @@ static size_t thread_scratch_bytes(const peer_dims *D) {
          2 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t))) + pack_bytes(D);
 }
 
-typedef struct cpu_ws {
-  float *q;        /* [T, dq] */
-  int64_t *ids;    /* [T, H, k] */
-  float *scores;   /* [T, H, k] */
-  float *gates;    /* [T, H, k] */
-  char *per_thread;
-  size_t per_thread_bytes;
-} cpu_ws;
 
 static size_t cpu_layout(const peer_layer *L, int64_t T, char *base, cpu_ws *w) {
   const peer_dims *D = &L->dims;
@@ -148,7 +95,7 @@ static size_t cpu_layout(const peer_layer *L, int64_t T, char *base, cpu_ws *w) 
   off += round64(thk * sizeof(float));
   size_t pt_off = off;
   size_t pt = thread_scratch_bytes(D);
-  off += pt * (size_t)n_threads_of(L);
+  off += pt * (size_t)peer_cpu_threads(L);
   if (w) {
     w->q = (float *)(base + q_off);
     w->ids = (int64_t *)(base + ids_off);
@@ -165,21 +112,22 @@ static size_t cpu_workspace_size(const peer_layer *L, int64_t T) {
 }
 
 /* The calling thread's packing buffer: the tail of its scratch. */
-static float *thread_pack(const cpu_ws *w, const peer_dims *D) {
+void peer_cpu_layout(const peer_layer *L, int64_t T, void *base, cpu_ws *w) {
+  cpu_layout(L, T, base, w);
+}
+
+float *peer_cpu_thread_pack(const cpu_ws *w, const peer_dims *D) {
   char *mine = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
   return (float *)(mine + w->per_thread_bytes - pack_bytes(D));
 }
 
 /* ------------------------------------------------------------ phase 1 */
 
-static void project_queries(const peer_layer *L, int64_t T, const float *x, const cpu_ws *w,
-                            int P) {
-  float *q = w->q;
+void peer_cpu_project(const peer_layer *L, int64_t T, const float *x, float *q,
+                      const cpu_ws *w, int P) {
   const peer_dims *D = &L->dims;
   const float *W = L->slot[PEER_P_QUERY_WEIGHT].data;
   const float *bias = L->slot[PEER_P_QUERY_BIAS].data;
-  const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
-  const float *mean = L->slot[PEER_P_NORM_MEAN].data, *var = L->slot[PEER_P_NORM_VAR].data;
   int64_t n_tb = (T + TB - 1) / TB, n_cb = (D->dq + QCOLS - 1) / QCOLS;
   /* Column blocks outermost: a thread's consecutive tasks share a block of
    * Wq, which stays in cache across token blocks. */
@@ -190,28 +138,28 @@ static void project_queries(const peer_layer *L, int64_t T, const float *x, cons
       int64_t nt = T - t0 < TB ? T - t0 : TB;
       int64_t nc = D->dq - c0 < QCOLS ? D->dq - c0 : QCOLS;
       float *out = q + t0 * D->dq + c0;
-      gemm_nt(nt, nc, D->d, x + t0 * D->d, D->d, W + c0 * D->d, D->d, out, D->dq,
-              thread_pack(w, D));
-      for (int64_t t = 0; t < nt; t++) {
-        float *row = out + t * D->dq;
-        if (bias)
-          for (int64_t c = 0; c < nc; c++) row[c] += bias[c0 + c];
-        if (nw)
-          for (int64_t c = 0; c < nc; c++) {
-            int64_t f = c0 + c;
-            row[c] = (row[c] - mean[f]) / sqrtf(var[f] + 1e-5f) * nw[f] + nb[f];
-          }
-      }
+      peer_cpu_gemm_nt(nt, nc, D->d, x + t0 * D->d, D->d, W + c0 * D->d, D->d, out, D->dq,
+                       peer_cpu_thread_pack(w, D));
+      if (bias)
+        for (int64_t t = 0; t < nt; t++)
+          for (int64_t c = 0; c < nc; c++) out[t * D->dq + c] += bias[c0 + c];
     }
   }
 }
 
+/* Inference batch norm: the running statistics. */
+static void normalize_running(const peer_layer *L, int64_t T, float *q, int P) {
+  const int64_t dq = L->dims.dq;
+  const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
+  const float *mean = L->slot[PEER_P_NORM_MEAN].data, *var = L->slot[PEER_P_NORM_VAR].data;
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t f = 0; f < dq; f++)
+      q[t * dq + f] = (q[t * dq + f] - mean[f]) / sqrtf(var[f] + 1e-5f) * nw[f] + nb[f];
+}
+
 /* ------------------------------------------------------------ phase 2 */
 
-typedef struct retrieve_out {
-  int64_t *ids;
-  float *scores, *gates;
-} retrieve_out;
 
 static inline bool any_lane(vi m) {
   uint64_t w[VW / 2], acc = 0;
@@ -276,8 +224,8 @@ static int brute_head(const float *s1, const float *s2, int64_t n, int k, float 
   return bad;
 }
 
-static peer_status retrieve_all(const peer_layer *L, int64_t T, const float *q, bool brute,
-                                retrieve_out out, const cpu_ws *w, int P) {
+peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q, bool brute,
+                                  retrieve_out out, const cpu_ws *w, int P) {
   const peer_dims *D = &L->dims;
   const float *keys = L->slot[PEER_P_KEYS].data;
   const int64_t n = D->n, half = D->half, H = D->H;
@@ -302,7 +250,7 @@ static peer_status retrieve_all(const peer_layer *L, int64_t T, const float *q, 
       for (int p = 0; p < 2; p++) {
         const float *C = keys + ((g * 2 + p) * n) * half;
         const float *A = q + t0 * D->dq + h * D->dk + p * half;
-        gemm_nt(nt, n, half, A, D->dq, C, half, S + p * n, 2 * n, thread_pack(w, D));
+        peer_cpu_gemm_nt(nt, n, half, A, D->dq, C, half, S + p * n, 2 * n, peer_cpu_thread_pack(w, D));
       }
       for (int64_t t = 0; t < nt; t++) {
         const float *row1 = S + t * 2 * n, *row2 = row1 + n;
@@ -329,7 +277,7 @@ static peer_status retrieve_all(const peer_layer *L, int64_t T, const float *q, 
 }
 
 /* Smallest token whose x row holds NaN or infinity, or T. */
-static int64_t first_nonfinite_row(const float *x, int64_t T, int64_t d, int P) {
+int64_t peer_cpu_first_nonfinite_row(const float *x, int64_t T, int64_t d, int P) {
   int64_t first = T;
 #pragma omp parallel for reduction(min : first) schedule(static) num_threads(P)
   for (int64_t t = 0; t < T; t++) {
@@ -343,11 +291,12 @@ static int64_t first_nonfinite_row(const float *x, int64_t T, int64_t d, int P) 
 static peer_status queries_and_retrieval(const peer_layer *L, int64_t T, const float *x,
                                          bool brute, retrieve_out out, const cpu_ws *w,
                                          int P) {
-  int64_t bad = first_nonfinite_row(x, T, L->dims.d, P);
+  int64_t bad = peer_cpu_first_nonfinite_row(x, T, L->dims.d, P);
   if (bad < T)
     return peer_fail(PEER_ERR_NONFINITE, "token %lld: x holds NaN or infinity", (long long)bad);
-  project_queries(L, T, x, w, P);
-  return retrieve_all(L, T, w->q, brute, out, w, P);
+  peer_cpu_project(L, T, x, w->q, w, P);
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) normalize_running(L, T, w->q, P);
+  return peer_cpu_retrieve_all(L, T, w->q, brute, out, w, P);
 }
 
 /* ------------------------------------------------------------ phase 3 */
@@ -361,38 +310,8 @@ static inline void prefetch_row(const char *p, size_t bytes) {
   for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 0);
 }
 
-static inline float dot_row_f32(const float *u, const float *x, int64_t d) {
-  const int64_t dv = d - d % VW;
-  vf acc = {0};
-  for (int64_t i = 0; i < dv; i += VW) acc += loadv(u + i) * loadv(x + i);
-  float s = hsum(acc);
-  for (int64_t i = dv; i < d; i++) s += u[i] * x[i];
-  return s;
-}
-
-static inline void axpy_row_f32(float a, const float *v, float *y, int64_t d) {
-  const int64_t dv = d - d % VW;
-  for (int64_t i = 0; i < dv; i += VW) *(vfu *)(y + i) = loadv(y + i) + a * loadv(v + i);
-  for (int64_t i = dv; i < d; i++) y[i] += a * v[i];
-}
-
-static inline float dot_row_bf16(const uint16_t *u, const float *x, int64_t d) {
-  const int64_t dv = d - d % VW;
-  vf acc = {0};
-  for (int64_t i = 0; i < dv; i += VW) acc += loadv_bf16(u + i) * loadv(x + i);
-  float s = hsum(acc);
-  for (int64_t i = dv; i < d; i++) s += peer_bf16_to_f32(u[i]) * x[i];
-  return s;
-}
-
-static inline void axpy_row_bf16(float a, const uint16_t *v, float *y, int64_t d) {
-  const int64_t dv = d - d % VW;
-  for (int64_t i = 0; i < dv; i += VW) *(vfu *)(y + i) = loadv(y + i) + a * loadv_bf16(v + i);
-  for (int64_t i = dv; i < d; i++) y[i] += a * peer_bf16_to_f32(v[i]);
-}
-
-static void apply_experts(const peer_layer *L, int64_t T, const float *x, float *y,
-                          const int64_t *ids, const float *gates, int P) {
+void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, float *y,
+                            const int64_t *ids, const float *gates, float *z, int P) {
   const peer_dims *D = &L->dims;
   const int64_t d = D->d, hk = D->H * D->k;
   const int act = (int)L->cfg.activation;
@@ -416,13 +335,12 @@ static void apply_experts(const peer_layer *L, int64_t T, const float *x, float 
         prefetch_row(up + (size_t)id[e + PREFETCH_AHEAD] * row_bytes, row_bytes);
       }
       const char *u = down + (size_t)id[e] * row_bytes, *v = up + (size_t)id[e] * row_bytes;
-      if (bf16) {
-        float a = g[e] * peer_activate(act, dot_row_bf16((const uint16_t *)u, xt, d));
-        axpy_row_bf16(a, (const uint16_t *)v, yt, d);
-      } else {
-        float a = g[e] * peer_activate(act, dot_row_f32((const float *)u, xt, d));
-        axpy_row_f32(a, (const float *)v, yt, d);
-      }
+      float dot = bf16 ? dot_row_bf16((const uint16_t *)u, xt, d)
+                       : dot_row_f32((const float *)u, xt, d);
+      if (z) z[t * hk + e] = dot;
+      float a = g[e] * peer_activate(act, dot);
+      if (bf16) axpy_row_bf16(a, (const uint16_t *)v, yt, d);
+      else axpy_row_f32(a, (const float *)v, yt, d);
     }
   }
 }
@@ -434,18 +352,18 @@ static peer_status cpu_retrieve(peer_layer *L, int64_t T, const float *x, int64_
   cpu_ws w;
   cpu_layout(L, T, ws, &w);
   retrieve_out out = {indices, scores ? scores : w.scores, gates};
-  return queries_and_retrieval(L, T, x, brute, out, &w, n_threads_of(L));
+  return queries_and_retrieval(L, T, x, brute, out, &w, peer_cpu_threads(L));
 }
 
 static peer_status cpu_forward(peer_layer *L, int64_t T, const float *x, float *y,
                                int64_t *indices, float *gates, void *ws) {
   cpu_ws w;
   cpu_layout(L, T, ws, &w);
-  int P = n_threads_of(L);
+  int P = peer_cpu_threads(L);
   retrieve_out out = {indices ? indices : w.ids, w.scores, gates ? gates : w.gates};
   peer_status st = queries_and_retrieval(L, T, x, false, out, &w, P);
   if (st) return st;
-  apply_experts(L, T, x, y, out.ids, out.gates, P);
+  peer_cpu_apply_experts(L, T, x, y, out.ids, out.gates, NULL, P);
   return PEER_OK;
 }
 

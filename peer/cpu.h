@@ -1,0 +1,123 @@
+/* cpu.h: what the CPU backend's files share: the vector types and row
+ * helpers (GCC vector extensions, 8 lanes on AVX2, 16 on AVX-512), the
+ * blocked matrix product, and the forward phases that training reuses. */
+#ifndef PEER_CPU_H
+#define PEER_CPU_H
+
+#include "internal.h"
+#include "rowops.h"
+
+#include <string.h>
+
+/* Vector width follows the target: 16 lanes with AVX-512, else 8 (AVX2). */
+#ifdef __AVX512F__
+#define VW 16
+#else
+#define VW 8
+#endif
+/* Register tile: MRK rows of B (broadcast) by NVT vectors of tokens; 12
+ * accumulators plus NVT + 1 operands fit the 16 AVX2 registers. */
+#define MRK 6
+#define NVT 2
+
+/* Tokens per block: the matrix products vectorise over a block's tokens, and
+ * S for one block is TB x 2n floats per thread. */
+#define TB 32
+#define NVMAX (TB / VW)
+/* Query columns per projection task. */
+#define QCOLS 256
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf loadv(const float *p) { return *(const vfu *)p; }
+
+static inline vf loadv_bf16(const uint16_t *p) {
+  vh h = *(const vh *)p;
+  vu w = __builtin_convertvector(h, vu) << 16;
+  vf f;
+  memcpy(&f, &w, sizeof f);
+  return f;
+}
+
+/* Sum of the lanes in one fixed order (pairwise halving). */
+static inline float hsum(vf acc) {
+  float s[VW];
+  for (int i = 0; i < VW; i++) s[i] = acc[i];
+  for (int w = VW / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; i++) s[i] += s[i + w];
+  return s[0];
+}
+
+static inline float dot_row_f32(const float *u, const float *x, int64_t d) {
+  const int64_t dv = d - d % VW;
+  vf acc = {0};
+  for (int64_t i = 0; i < dv; i += VW) acc += loadv(u + i) * loadv(x + i);
+  float s = hsum(acc);
+  for (int64_t i = dv; i < d; i++) s += u[i] * x[i];
+  return s;
+}
+
+static inline void axpy_row_f32(float a, const float *v, float *y, int64_t d) {
+  const int64_t dv = d - d % VW;
+  for (int64_t i = 0; i < dv; i += VW) *(vfu *)(y + i) = loadv(y + i) + a * loadv(v + i);
+  for (int64_t i = dv; i < d; i++) y[i] += a * v[i];
+}
+
+static inline float dot_row_bf16(const uint16_t *u, const float *x, int64_t d) {
+  const int64_t dv = d - d % VW;
+  vf acc = {0};
+  for (int64_t i = 0; i < dv; i += VW) acc += loadv_bf16(u + i) * loadv(x + i);
+  float s = hsum(acc);
+  for (int64_t i = dv; i < d; i++) s += peer_bf16_to_f32(u[i]) * x[i];
+  return s;
+}
+
+static inline void axpy_row_bf16(float a, const uint16_t *v, float *y, int64_t d) {
+  const int64_t dv = d - d % VW;
+  for (int64_t i = 0; i < dv; i += VW) *(vfu *)(y + i) = loadv(y + i) + a * loadv_bf16(v + i);
+  for (int64_t i = dv; i < d; i++) y[i] += a * peer_bf16_to_f32(v[i]);
+}
+
+static inline size_t round64(size_t b) { return (b + 63) & ~(size_t)63; }
+
+/* C[i, j] = sum over k of A[i, k] * B[j, k] for i < M <= TB, j < N; see cpu.c. */
+void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                      const float *B, int64_t ldb, float *C, int64_t ldc, float *pack);
+
+/* Threads a call uses. */
+int peer_cpu_threads(const peer_layer *layer);
+
+/* The forward's scratch (layer workspace), carved up. */
+typedef struct cpu_ws {
+  float *q;      /* [T, dq] */
+  int64_t *ids;  /* [T, H, k] */
+  float *scores; /* [T, H, k] */
+  float *gates;  /* [T, H, k] */
+  char *per_thread;
+  size_t per_thread_bytes;
+} cpu_ws;
+
+void peer_cpu_layout(const peer_layer *layer, int64_t T, void *base, cpu_ws *w);
+/* The calling thread's packing buffer (K x TB floats, K up to max(d, d_key)). */
+float *peer_cpu_thread_pack(const cpu_ws *w, const peer_dims *D);
+
+/* Phases of the forward (cpu.c). */
+int64_t peer_cpu_first_nonfinite_row(const float *x, int64_t T, int64_t d, int P);
+/* q = X Wq^T (+ bias), no norm. */
+void peer_cpu_project(const peer_layer *layer, int64_t T, const float *x, float *q,
+                      const cpu_ws *w, int P);
+typedef struct retrieve_out {
+  int64_t *ids;
+  float *scores, *gates;
+} retrieve_out;
+peer_status peer_cpu_retrieve_all(const peer_layer *layer, int64_t T, const float *q, bool brute,
+                                  retrieve_out out, const cpu_ws *w, int P);
+/* y = sum of gated experts; z (optional, [T, H, k]) receives u_i . x. */
+void peer_cpu_apply_experts(const peer_layer *layer, int64_t T, const float *x, float *y,
+                            const int64_t *ids, const float *gates, float *z, int P);
+
+#endif
