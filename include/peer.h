@@ -229,6 +229,61 @@ peer_status peer_retrieve_brute(peer_layer *layer, int64_t n_tokens,
                                 const float *x, int64_t *indices, float *scores,
                                 float *gates);
 
+/* ---------------------------------------------------------------- training */
+
+/* What a training forward keeps for backward: per token the kept ids, scores,
+ * gates and expert pre-activations (H*k each), the normalised query (H*d_key)
+ * and the batch-norm statistics; never anything of size N.  x itself is not
+ * copied: the caller keeps x alive and unchanged until backward. */
+typedef struct peer_context peer_context;
+
+/* Bytes a context for up to max_tokens tokens holds (for planning memory). */
+peer_status peer_context_size(const peer_layer *layer, int64_t max_tokens, size_t *bytes);
+/* Create a context for batches of up to max_tokens tokens of this layer's
+ * shape; freed with peer_context_free (NULL accepted). */
+peer_status peer_context_create(peer_context **out, const peer_layer *layer,
+                                int64_t max_tokens);
+void peer_context_free(peer_context *ctx);
+
+/* Running statistics update: running = (1 - m) * running + m * batch, with the
+ * unbiased batch variance (PyTorch's convention).  Default m = 0.1. */
+peer_status peer_layer_set_norm_momentum(peer_layer *layer, float momentum);
+
+/* Forward in training mode: as peer_forward, but batch norm uses the batch's
+ * statistics (biased variance, eps 1e-5) and updates the running statistics,
+ * and ctx records what peer_backward needs.  Batch norm needs T >= 2. */
+peer_status peer_forward_train(peer_layer *layer, peer_context *ctx, int64_t n_tokens,
+                               const float *x, float *y);
+
+/* Gradients.  Dense ones are caller-owned buffers shaped like their
+ * parameters (NULL skips one), and are overwritten.  Expert gradients are
+ * sparse: backward lists the distinct expert ids the batch used, ascending,
+ * in expert_rows[0 .. n_expert_rows) and their f32 gradient rows in
+ * experts_down / experts_up ([expert_capacity, d_model]); expert_capacity
+ * (the room in expert_rows) must be at least T*H*k, the most a batch can
+ * touch.  With experts_dense = 1 instead, experts_down / experts_up are
+ * [N, d_model] f32 buffers that the gradient rows are added into (+=), and
+ * expert_rows still lists the rows.  All three NULL skips expert gradients. */
+typedef struct peer_grads {
+  float *query_weight; /* [H*d_key, d] */
+  float *query_bias;   /* [H*d_key] */
+  float *norm_weight;  /* [H*d_key] */
+  float *norm_bias;    /* [H*d_key] */
+  float *keys;         /* [G, 2, n, d_key/2] */
+  int experts_dense;
+  int64_t expert_capacity;
+  int64_t *expert_rows;
+  float *experts_down;
+  float *experts_up;
+  int64_t n_expert_rows; /* set by backward */
+} peer_grads;
+
+/* Backward of the last peer_forward_train on ctx: dy [T, d] in, dx [T, d]
+ * out (NULL skips it), and grads.  The top-k choice is constant (as
+ * torch.topk).  Deterministic: the same bits whatever the thread count. */
+peer_status peer_backward(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
+                          peer_grads *grads);
+
 /* ------------------------------------------------------------ weight files */
 
 /* Save every parameter and the config as safetensors (PEER.md).  Atomic: the

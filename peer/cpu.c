@@ -374,4 +374,7 @@ const peer_backend_i peer_backend_cpu = {
     .workspace_size = cpu_workspace_size,
     .forward = cpu_forward,
     .retrieve = cpu_retrieve,
+    .context_bytes = peer_cpu_context_bytes,
+    .forward_train = peer_cpu_forward_train,
+    .backward = peer_cpu_backward,
 };

@@ -58,6 +58,7 @@ struct peer_layer {
   int n_params;
   int param_slot[PEER_P_COUNT]; /* i-th present parameter -> slot */
   const struct peer_backend_i *backend;
+  float norm_momentum;
   /* scratch (see peer_layer_set_workspace) */
   void *ws;
   size_t ws_bytes;
@@ -78,9 +79,30 @@ typedef struct peer_backend_i {
   peer_status (*retrieve)(peer_layer *layer, int64_t n_tokens, const float *x,
                           int64_t *indices, float *scores, float *gates,
                           bool brute, void *ws);
+  /* training: context memory for T tokens, and the two passes */
+  size_t (*context_bytes)(const peer_layer *layer, int64_t n_tokens);
+  peer_status (*forward_train)(peer_layer *layer, peer_context *ctx, int64_t n_tokens,
+                               const float *x, float *y, void *ws);
+  peer_status (*backward)(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
+                          peer_grads *grads);
 } peer_backend_i;
 
+/* A training context: the generic part; `mem` is laid out by the backend. */
+struct peer_context {
+  const peer_layer *layer;
+  int64_t max_tokens;
+  int64_t n_tokens;   /* of the last forward_train */
+  const float *x;     /* the caller's input of the last forward_train */
+  bool ready;         /* a forward_train succeeded since the last backward */
+  int n_threads;      /* per-thread scratch was sized for this many */
+  void *mem;
+  size_t bytes;
+};
+
 extern const peer_backend_i peer_backend_cpu;
+
+/* Threads a new context is sized for (per-thread scratch). */
+int peer_context_threads(const peer_layer *layer);
 
 /* Scratch for T tokens: the registered buffer or the grown internal one. */
 peer_status peer_layer_scratch(peer_layer *layer, int64_t n_tokens, void **ws);

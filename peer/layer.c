@@ -116,6 +116,7 @@ peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
   L->opt = o;
   L->dims = dims_of(cfg);
   L->backend = be;
+  L->norm_momentum = 0.1f;
   describe_params(L);
   for (int i = 0; i < L->n_params; i++) {
     peer_tensor *t = &L->slot[L->param_slot[i]];

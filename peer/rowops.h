@@ -107,6 +107,40 @@ PEER_HD float peer_activate(int act, float x) {
   }
 }
 
+/* d act(x) / dx for peer_activate. */
+PEER_HD float peer_activate_grad(int act, float x) {
+  switch (act) {
+  case 0: return x > 0.0f ? 1.0f : 0.0f;
+  case 1:
+    return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) +
+           x * 0.3989422804014327f * expf(-0.5f * x * x);
+  case 2: {
+    const float c = 0.7978845608028654f;
+    float t = tanhf(c * (x + 0.044715f * x * x * x));
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * x * x);
+  }
+  case 3: {
+    float s = 1.0f / (1.0f + expf(-x));
+    return s * (1.0f + x * (1.0f - s));
+  }
+  default: return 1.0f;
+  }
+}
+
+/* Backward of peer_gates: dz from the gates g (as computed from z) and dg. */
+PEER_HD void peer_gates_grad(int gate, const float *z, const float *g, const float *dg, int k,
+                             float *dz) {
+  if (gate == 0) {
+    float dot = 0.0f;
+    for (int j = 0; j < k; j++) dot += g[j] * dg[j];
+    for (int j = 0; j < k; j++) dz[j] = g[j] * (dg[j] - dot);
+  } else if (gate == 1) {
+    for (int j = 0; j < k; j++) dz[j] = dg[j] * g[j] * (1.0f - g[j]);
+  } else {
+    for (int j = 0; j < k; j++) dz[j] = z[j] > 0.0f ? dg[j] : 0.0f;
+  }
+}
+
 /* bf16 storage to f32: the upper half of an f32. */
 PEER_HD float peer_bf16_to_f32(uint16_t h) {
   union {

@@ -1,0 +1,372 @@
+/* cpu_train.c: training on the CPU: the training forward (batch-norm batch
+ * statistics, recording what backward needs) and the backward pass.
+ *
+ * Determinism: every sum over tokens or entries runs in a fixed order.  Sums
+ * that scatter into shared rows (sub-key and expert gradients) first sort the
+ * contributions by row with a stable radix sort, then each row adds its
+ * contributions in entry order; rows are independent, so threads never share
+ * an accumulator and the bits do not depend on the thread count. */
+#include "cpu.h"
+
+#include <omp.h>
+
+/* Everything a context holds, carved out of ctx->mem. */
+typedef struct ctx_mem {
+  float *q;      /* [T, dq] queries as used for retrieval (after norm) */
+  float *qhat;   /* [T, dq] normalised, before the affine (batch norm only) */
+  float *mean;   /* [dq] batch mean */
+  float *invstd; /* [dq] 1 / sqrt(batch var + eps) */
+  int64_t *ids;  /* [T, H, k] */
+  float *scores, *gates, *z;   /* [T, H, k]; z = u_i . x */
+  float *dq;                   /* [T, dq] */
+  float *cdown, *cup, *ds;     /* [T, H, k] per-entry coefficients */
+  float *dqT, *xT, *WqT, *tmp; /* transposes and a [T, d] temporary */
+  uint32_t *key, *val, *key2, *val2; /* radix sort, 2*T*H*k + 1 each */
+  char *per_thread;
+  size_t per_thread_bytes;
+} ctx_mem;
+
+static size_t ctx_layout(const peer_layer *L, int64_t T, int P, char *base, ctx_mem *m) {
+  const peer_dims *D = &L->dims;
+  const size_t t = (size_t)T, dq = (size_t)D->dq, d = (size_t)D->d;
+  const size_t hk = t * (size_t)(D->H * D->k);
+  size_t kmax = t > dq ? t : dq;
+  if (d > kmax) kmax = d;
+  struct {
+    void **ptr;
+    size_t bytes;
+  } parts[] = {
+      {(void **)&m->q, t * dq * 4},      {(void **)&m->qhat, t * dq * 4},
+      {(void **)&m->mean, dq * 4},       {(void **)&m->invstd, dq * 4},
+      {(void **)&m->ids, hk * 8},        {(void **)&m->scores, hk * 4},
+      {(void **)&m->gates, hk * 4},      {(void **)&m->z, hk * 4},
+      {(void **)&m->dq, t * dq * 4},     {(void **)&m->cdown, hk * 4},
+      {(void **)&m->cup, hk * 4},        {(void **)&m->ds, hk * 4},
+      {(void **)&m->dqT, dq * t * 4},    {(void **)&m->xT, d * t * 4},
+      {(void **)&m->WqT, d * dq * 4},    {(void **)&m->tmp, t * d * 4},
+      {(void **)&m->key, (2 * hk + 1) * 4},  {(void **)&m->val, (2 * hk + 1) * 4},
+      {(void **)&m->key2, (2 * hk + 1) * 4}, {(void **)&m->val2, (2 * hk + 1) * 4},
+  };
+  size_t off = 0;
+  for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+    if (base) *parts[i].ptr = base + off;
+    off += round64(parts[i].bytes);
+  }
+  m->per_thread_bytes = round64(kmax * TB * sizeof(float));
+  if (base) m->per_thread = base + off;
+  off += m->per_thread_bytes * (size_t)P;
+  return off;
+}
+
+size_t peer_cpu_context_bytes(const peer_layer *L, int64_t T) {
+  ctx_mem m;
+  return ctx_layout(L, T, peer_context_threads(L), NULL, &m);
+}
+
+static int threads_for(const peer_layer *L, const peer_context *c) {
+  int P = peer_cpu_threads(L);
+  return P < c->n_threads ? P : c->n_threads;
+}
+
+static float *pack_of(const ctx_mem *m) {
+  return (float *)(m->per_thread + (size_t)omp_get_thread_num() * m->per_thread_bytes);
+}
+
+/* ------------------------------------------------------------ forward */
+
+/* Batch statistics (two passes, token order), q normalised in place. */
+static void batch_norm_train(const peer_layer *L, int64_t T, ctx_mem *m, int P) {
+  const int64_t dq = L->dims.dq;
+  const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t f = 0; f < dq; f++) {
+    float sum = 0.0f;
+    for (int64_t t = 0; t < T; t++) sum += m->q[t * dq + f];
+    float mean = sum / (float)T, ss = 0.0f;
+    for (int64_t t = 0; t < T; t++) {
+      float c = m->q[t * dq + f] - mean;
+      ss += c * c;
+    }
+    float invstd = 1.0f / sqrtf(ss / (float)T + 1e-5f);
+    m->mean[f] = mean;
+    m->invstd[f] = invstd;
+    for (int64_t t = 0; t < T; t++) {
+      float h = (m->q[t * dq + f] - mean) * invstd;
+      m->qhat[t * dq + f] = h;
+      m->q[t * dq + f] = h * nw[f] + nb[f];
+    }
+  }
+}
+
+/* After a successful batch: running = (1 - m) running + m batch, with the
+ * unbiased variance recovered from invstd. */
+static void update_running(peer_layer *L, int64_t T, const ctx_mem *m) {
+  float *rm = L->slot[PEER_P_NORM_MEAN].data, *rv = L->slot[PEER_P_NORM_VAR].data;
+  const float mo = L->norm_momentum;
+  for (int64_t f = 0; f < L->dims.dq; f++) {
+    float var = 1.0f / (m->invstd[f] * m->invstd[f]) - 1e-5f;
+    float unbiased = var * (float)T / (float)(T - 1);
+    rm[f] = (1.0f - mo) * rm[f] + mo * m->mean[f];
+    rv[f] = (1.0f - mo) * rv[f] + mo * unbiased;
+  }
+}
+
+peer_status peer_cpu_forward_train(peer_layer *L, peer_context *c, int64_t T, const float *x,
+                                   float *y, void *ws) {
+  int P = threads_for(L, c);
+  cpu_ws w;
+  peer_cpu_layout(L, T, ws, &w);
+  ctx_mem m;
+  ctx_layout(L, c->max_tokens, c->n_threads, c->mem, &m);
+  int64_t bad = peer_cpu_first_nonfinite_row(x, T, L->dims.d, P);
+  if (bad < T)
+    return peer_fail(PEER_ERR_NONFINITE, "token %lld: x holds NaN or infinity", (long long)bad);
+  peer_cpu_project(L, T, x, m.q, &w, P);
+  bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
+  if (bn) batch_norm_train(L, T, &m, P);
+  retrieve_out out = {m.ids, m.scores, m.gates};
+  peer_status st = peer_cpu_retrieve_all(L, T, m.q, false, out, &w, P);
+  if (st) return st;
+  if (bn) update_running(L, T, &m);
+  peer_cpu_apply_experts(L, T, x, y, m.ids, m.gates, m.z, P);
+  return PEER_OK;
+}
+
+/* ------------------------------------------------------------ backward */
+
+/* Stable LSD radix sort of (key, val) pairs by key, 8 bits a pass, only as
+ * many passes as max_key needs.  Result in (key, val); (key2, val2) scratch. */
+static void radix_sort(uint32_t *key, uint32_t *val, uint32_t *key2, uint32_t *val2, size_t n,
+                       uint32_t max_key) {
+  for (int shift = 0; shift < 32 && (max_key >> shift) != 0; shift += 8) {
+    size_t count[257] = {0};
+    for (size_t i = 0; i < n; i++) count[((key[i] >> shift) & 255u) + 1]++;
+    for (int b = 0; b < 256; b++) count[b + 1] += count[b];
+    for (size_t i = 0; i < n; i++) {
+      size_t dst = count[(key[i] >> shift) & 255u]++;
+      key2[dst] = key[i];
+      val2[dst] = val[i];
+    }
+    uint32_t *t = key;
+    key = key2, key2 = t;
+    t = val, val = val2, val2 = t;
+    /* copy back after an odd pass so the caller's arrays hold the result */
+    if (((shift / 8) & 1) == 0 && (max_key >> (shift + 8)) == 0) {
+      memcpy(key2, key, n * sizeof *key);
+      memcpy(val2, val, n * sizeof *val);
+    }
+  }
+}
+
+/* Starts of the runs of equal keys in a sorted array; returns their count.
+ * starts[count] = n. */
+static size_t run_starts(const uint32_t *key, size_t n, uint32_t *starts) {
+  size_t r = 0;
+  for (size_t i = 0; i < n; i++)
+    if (i == 0 || key[i] != key[i - 1]) starts[r++] = (uint32_t)i;
+  starts[r] = (uint32_t)n;
+  return r;
+}
+
+static void transpose(const float *src, int64_t rows, int64_t cols, float *dst, int P) {
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t c = 0; c < cols; c++)
+    for (int64_t r = 0; r < rows; r++) dst[c * rows + r] = src[r * cols + c];
+}
+
+/* Per entry: the expert's share of dx and the coefficients of its gradient
+ * rows; per head: the gate backward into the kept scores (m->ds). */
+static void experts_backward(const peer_layer *L, int64_t T, const float *dy, float *dx,
+                             ctx_mem *m, int P) {
+  const peer_dims *D = &L->dims;
+  const int64_t d = D->d, hk = D->H * D->k, k = D->k;
+  const int act = (int)L->cfg.activation, gate = (int)L->cfg.gate;
+  const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
+  const void *down = L->slot[PEER_P_EXPERTS_DOWN].data, *up = L->slot[PEER_P_EXPERTS_UP].data;
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t t = 0; t < T; t++) {
+    const float *dyt = dy + t * d;
+    float *dxt = dx ? dx + t * d : NULL;
+    if (dxt) memset(dxt, 0, (size_t)d * sizeof(float));
+    for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
+      int64_t id = m->ids[e];
+      float vd = bf16 ? dot_row_bf16((const uint16_t *)up + id * d, dyt, d)
+                      : dot_row_f32((const float *)up + id * d, dyt, d);
+      float z = m->z[e], g = m->gates[e], a = peer_activate(act, z);
+      m->ds[e] = a * vd; /* d loss / d gate, turned into d score below */
+      m->cup[e] = g * a;
+      m->cdown[e] = g * vd * peer_activate_grad(act, z);
+      if (dxt) {
+        if (bf16) axpy_row_bf16(m->cdown[e], (const uint16_t *)down + id * d, dxt, d);
+        else axpy_row_f32(m->cdown[e], (const float *)down + id * d, dxt, d);
+      }
+    }
+    for (int64_t h = 0; h < D->H; h++) {
+      int64_t o = t * hk + h * k;
+      peer_gates_grad(gate, m->scores + o, m->gates + o, m->ds + o, (int)k, m->ds + o);
+    }
+  }
+}
+
+/* d loss / d q: each kept score s1[a] + s2[b] sends ds * C1[a] and ds * C2[b]. */
+static void query_grad(const peer_layer *L, int64_t T, ctx_mem *m, int P) {
+  const peer_dims *D = &L->dims;
+  const float *keys = L->slot[PEER_P_KEYS].data;
+  const int64_t k = D->k, half = D->half, n = D->n;
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t t = 0; t < T; t++) {
+    for (int64_t h = 0; h < D->H; h++) {
+      int64_t g = L->cfg.shared_keys ? 0 : h;
+      float *dq1 = m->dq + t * D->dq + h * D->dk, *dq2 = dq1 + half;
+      memset(dq1, 0, (size_t)D->dk * sizeof(float));
+      for (int64_t j = 0; j < k; j++) {
+        int64_t e = (t * D->H + h) * k + j, a = m->ids[e] / n, b = m->ids[e] % n;
+        axpy_row_f32(m->ds[e], keys + ((g * 2 + 0) * n + a) * half, dq1, half);
+        axpy_row_f32(m->ds[e], keys + ((g * 2 + 1) * n + b) * half, dq2, half);
+      }
+    }
+  }
+}
+
+/* Sub-key gradients: row (g, p, a) gets ds * q_half of every entry that kept it. */
+static void keys_grad(const peer_layer *L, int64_t T, ctx_mem *m, float *gk, int P) {
+  const peer_dims *D = &L->dims;
+  const int64_t n = D->n, half = D->half, H = D->H, k = D->k;
+  const size_t ne = (size_t)(T * H * k);
+  memset(gk, 0, (size_t)(D->G * 2 * n * half) * sizeof(float));
+  for (size_t e = 0; e < ne; e++) {
+    int64_t h = (int64_t)(e / (size_t)k) % H, g = L->cfg.shared_keys ? 0 : h;
+    int64_t a = m->ids[e] / n, b = m->ids[e] % n;
+    m->key[2 * e] = (uint32_t)((g * 2 + 0) * n + a);
+    m->key[2 * e + 1] = (uint32_t)((g * 2 + 1) * n + b);
+    m->val[2 * e] = (uint32_t)(2 * e);
+    m->val[2 * e + 1] = (uint32_t)(2 * e + 1);
+  }
+  radix_sort(m->key, m->val, m->key2, m->val2, 2 * ne, (uint32_t)(D->G * 2 * n - 1));
+  uint32_t *starts = m->key2; /* free again after the sort */
+  size_t runs = run_starts(m->key, 2 * ne, starts);
+#pragma omp parallel for schedule(dynamic, 64) num_threads(P)
+  for (size_t r = 0; r < runs; r++) {
+    float *row = gk + (size_t)m->key[starts[r]] * (size_t)half;
+    for (uint32_t i = starts[r]; i < starts[r + 1]; i++) {
+      size_t e = m->val[i] / 2, p = m->val[i] % 2;
+      size_t t = e / (size_t)(H * k), h = (e / (size_t)k) % (size_t)H;
+      axpy_row_f32(m->ds[e], m->q + t * (size_t)D->dq + h * (size_t)D->dk + p * (size_t)half, row,
+                   half);
+    }
+  }
+}
+
+/* Through batch norm (batch statistics): dq becomes d loss / d (Wq x + b). */
+static void norm_backward(const peer_layer *L, int64_t T, ctx_mem *m, peer_grads *gr, int P) {
+  const int64_t dq = L->dims.dq;
+  const float *nw = L->slot[PEER_P_NORM_WEIGHT].data;
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t f = 0; f < dq; f++) {
+    float dw = 0.0f, db = 0.0f, s1 = 0.0f, s2 = 0.0f;
+    for (int64_t t = 0; t < T; t++) {
+      float g = m->dq[t * dq + f], h = m->qhat[t * dq + f];
+      dw += g * h;
+      db += g;
+      s1 += g * nw[f];
+      s2 += g * nw[f] * h;
+    }
+    if (gr->norm_weight) gr->norm_weight[f] = dw;
+    if (gr->norm_bias) gr->norm_bias[f] = db;
+    float scale = m->invstd[f] / (float)T;
+    for (int64_t t = 0; t < T; t++) {
+      float g = m->dq[t * dq + f] * nw[f];
+      m->dq[t * dq + f] = scale * ((float)T * g - s1 - m->qhat[t * dq + f] * s2);
+    }
+  }
+}
+
+/* Query projection: dWq = dq^T X, db = column sums, dx += dq Wq. */
+static void projection_backward(const peer_layer *L, int64_t T, const float *x, float *dx,
+                                ctx_mem *m, peer_grads *gr, int P) {
+  const peer_dims *D = &L->dims;
+  const int64_t dq = D->dq, d = D->d;
+  if (gr->query_bias) {
+#pragma omp parallel for schedule(static) num_threads(P)
+    for (int64_t f = 0; f < dq; f++) {
+      float s = 0.0f;
+      for (int64_t t = 0; t < T; t++) s += m->dq[t * dq + f];
+      gr->query_bias[f] = s;
+    }
+  }
+  if (gr->query_weight) {
+    transpose(m->dq, T, dq, m->dqT, P);
+    transpose(x, T, d, m->xT, P);
+#pragma omp parallel for schedule(static) num_threads(P)
+    for (int64_t j0 = 0; j0 < dq; j0 += TB) {
+      int64_t nj = dq - j0 < TB ? dq - j0 : TB;
+      peer_cpu_gemm_nt(nj, d, T, m->dqT + j0 * T, T, m->xT, T, gr->query_weight + j0 * d, d,
+                       pack_of(m));
+    }
+  }
+  if (dx) {
+    transpose(L->slot[PEER_P_QUERY_WEIGHT].data, dq, d, m->WqT, P);
+#pragma omp parallel for schedule(static) num_threads(P)
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+      int64_t nt = T - t0 < TB ? T - t0 : TB;
+      peer_cpu_gemm_nt(nt, d, dq, m->dq + t0 * dq, dq, m->WqT, dq, m->tmp + t0 * d, d,
+                       pack_of(m));
+      for (int64_t t = t0; t < t0 + nt; t++)
+        for (int64_t i = 0; i < d; i++) dx[t * d + i] += m->tmp[t * d + i];
+    }
+  }
+}
+
+/* Expert rows: each distinct id sums its entries' c_down x and c_up dy. */
+static void expert_grads(const peer_layer *L, int64_t T, const float *x, const float *dy,
+                         ctx_mem *m, peer_grads *gr, int P) {
+  const peer_dims *D = &L->dims;
+  const int64_t d = D->d, hk = D->H * D->k;
+  const size_t ne = (size_t)(T * hk);
+  for (size_t e = 0; e < ne; e++) {
+    m->key[e] = (uint32_t)m->ids[e];
+    m->val[e] = (uint32_t)e;
+  }
+  radix_sort(m->key, m->val, m->key2, m->val2, ne, (uint32_t)(D->N - 1));
+  uint32_t *starts = m->key2;
+  size_t runs = run_starts(m->key, ne, starts);
+  gr->n_expert_rows = (int64_t)runs;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(P)
+  for (size_t r = 0; r < runs; r++) {
+    int64_t id = m->key[starts[r]];
+    gr->expert_rows[r] = id;
+    float *gd = gr->experts_down + (gr->experts_dense ? (size_t)id : r) * (size_t)d;
+    float *gu = gr->experts_up + (gr->experts_dense ? (size_t)id : r) * (size_t)d;
+    float *acc_d = pack_of(m), *acc_u = acc_d + d; /* kmax * TB >= 2d floats */
+    float *sd = gr->experts_dense ? acc_d : gd, *su = gr->experts_dense ? acc_u : gu;
+    memset(sd, 0, (size_t)d * sizeof(float));
+    memset(su, 0, (size_t)d * sizeof(float));
+    for (uint32_t i = starts[r]; i < starts[r + 1]; i++) {
+      size_t e = m->val[i], t = e / (size_t)hk;
+      axpy_row_f32(m->cdown[e], x + t * (size_t)d, sd, d);
+      axpy_row_f32(m->cup[e], dy + t * (size_t)d, su, d);
+    }
+    if (gr->experts_dense)
+      for (int64_t i = 0; i < d; i++) gd[i] += sd[i], gu[i] += su[i];
+  }
+}
+
+peer_status peer_cpu_backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
+                              peer_grads *gr) {
+  const int64_t T = c->n_tokens;
+  const float *x = c->x;
+  int P = threads_for(L, c);
+  ctx_mem m;
+  ctx_layout(L, c->max_tokens, c->n_threads, c->mem, &m);
+  int64_t bad = peer_cpu_first_nonfinite_row(dy, T, L->dims.d, P);
+  if (bad < T)
+    return peer_fail(PEER_ERR_NONFINITE, "token %lld: dy holds NaN or infinity", (long long)bad);
+  experts_backward(L, T, dy, dx, &m, P);
+  if (gr->experts_down) expert_grads(L, T, x, dy, &m, gr, P);
+  query_grad(L, T, &m, P);
+  if (gr->keys) keys_grad(L, T, &m, gr->keys, P);
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) norm_backward(L, T, &m, gr, P);
+  projection_backward(L, T, x, dx, &m, gr, P);
+  c->ready = false;
+  return PEER_OK;
+}

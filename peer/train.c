@@ -1,0 +1,125 @@
+/* train.c: the training entry points: contexts, training forward, backward.
+ * Arguments are checked here; the math is the backend's. */
+#include "internal.h"
+
+#include <omp.h>
+#include <stdlib.h>
+
+/* T*H*k entries are indexed with 32 bits in the backward's sorts. */
+#define MAX_ENTRIES ((int64_t)1 << 31)
+
+int peer_context_threads(const peer_layer *L) {
+  int P = omp_get_max_threads();
+  return L->opt.n_threads > P ? L->opt.n_threads : P;
+}
+
+static peer_status check_tokens(const peer_layer *L, int64_t T, const char *what) {
+  if (T < 1)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: max_tokens %lld must be at least 1", what,
+                     (long long)T);
+  if (T > MAX_ENTRIES / (L->dims.H * L->dims.k) || T > ((int64_t)1 << 40) / L->dims.d)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: max_tokens %lld too large", what,
+                     (long long)T);
+  return PEER_OK;
+}
+
+peer_status peer_context_size(const peer_layer *L, int64_t T, size_t *bytes) {
+  if (!L || !bytes) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "context_size: NULL argument");
+  peer_status st = check_tokens(L, T, "context_size");
+  if (st) return st;
+  *bytes = L->backend->context_bytes(L, T);
+  return PEER_OK;
+}
+
+peer_status peer_context_create(peer_context **out, const peer_layer *L, int64_t T) {
+  if (!out || !L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "context_create: NULL argument");
+  *out = NULL;
+  peer_status st = check_tokens(L, T, "context_create");
+  if (st) return st;
+  peer_context *c = calloc(1, sizeof *c);
+  if (!c) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "context_create: out of memory");
+  c->layer = L;
+  c->max_tokens = T;
+  c->n_threads = peer_context_threads(L);
+  c->bytes = L->backend->context_bytes(L, T);
+  c->mem = peer_alloc(c->bytes);
+  if (!c->mem) {
+    size_t bytes = c->bytes;
+    free(c);
+    return peer_fail(PEER_ERR_OUT_OF_MEMORY, "context_create: cannot allocate %zu bytes", bytes);
+  }
+  *out = c;
+  return PEER_OK;
+}
+
+void peer_context_free(peer_context *c) {
+  if (!c) return;
+  peer_free(c->mem, c->bytes);
+  free(c);
+}
+
+peer_status peer_layer_set_norm_momentum(peer_layer *L, float m) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "set_norm_momentum: NULL layer");
+  if (!(m >= 0.0f && m <= 1.0f))
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "norm momentum %g is not in [0, 1]", (double)m);
+  L->norm_momentum = m;
+  return PEER_OK;
+}
+
+static peer_status check_context(const peer_layer *L, const peer_context *c, const char *what) {
+  if (!L || !c) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer or context", what);
+  if (c->layer != L)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: context was created for another layer",
+                     what);
+  return PEER_OK;
+}
+
+peer_status peer_forward_train(peer_layer *L, peer_context *c, int64_t T, const float *x,
+                               float *y) {
+  peer_status st = check_context(L, c, "forward_train");
+  if (st) return st;
+  c->ready = false;
+  if (T < 0 || T > c->max_tokens)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "forward_train: n_tokens %lld not in [0, %lld] (the context's size)",
+                     (long long)T, (long long)c->max_tokens);
+  if (T > 0 && (!x || !y))
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "forward_train: x or y is NULL");
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM && T == 1)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "forward_train: batch norm needs at least 2 tokens for batch statistics");
+  void *ws = NULL;
+  if (T > 0 && (st = peer_layer_scratch(L, T, &ws))) return st;
+  if (T > 0 && (st = L->backend->forward_train(L, c, T, x, y, ws))) return st;
+  c->n_tokens = T;
+  c->x = x;
+  c->ready = true;
+  return PEER_OK;
+}
+
+peer_status peer_backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
+                          peer_grads *g) {
+  peer_status st = check_context(L, c, "backward");
+  if (st) return st;
+  if (!c->ready)
+    return peer_fail(PEER_ERR_STATE, "backward: no successful forward_train on this context");
+  if (!g) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: grads is NULL");
+  int64_t T = c->n_tokens;
+  if (T > 0 && !dy) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: dy is NULL");
+  if (g->experts_down || g->experts_up || g->expert_rows) {
+    if (!g->experts_down || !g->experts_up || !g->expert_rows)
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                       "backward: expert_rows, experts_down and experts_up go together");
+    if (g->expert_capacity < T * L->dims.H * L->dims.k)
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                       "backward: expert_capacity %lld < T*H*k = %lld",
+                       (long long)g->expert_capacity, (long long)(T * L->dims.H * L->dims.k));
+  }
+  if (!L->slot[PEER_P_QUERY_BIAS].data && g->query_bias)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: the layer has no query bias");
+  if (!L->slot[PEER_P_NORM_WEIGHT].data && (g->norm_weight || g->norm_bias))
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: the layer has no query norm");
+  g->n_expert_rows = 0;
+  if (T == 0) return PEER_OK;
+  return L->backend->backward(L, c, dy, dx, g);
+}
