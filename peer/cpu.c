@@ -301,15 +301,6 @@ static peer_status queries_and_retrieval(const peer_layer *L, int64_t T, const f
 
 /* ------------------------------------------------------------ phase 3 */
 
-/* Expert rows are fetched this many entries ahead of their use, so several
- * random rows are in flight at once (the gather is latency-bound). */
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 4
-#endif
-static inline void prefetch_row(const char *p, size_t bytes) {
-  for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 0);
-}
-
 void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, float *y,
                             const int64_t *ids, const float *gates, float *z, int P) {
   const peer_dims *D = &L->dims;
@@ -325,15 +316,10 @@ void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, floa
     const int64_t *id = ids + t * hk;
     const float *g = gates + t * hk;
     memset(yt, 0, (size_t)d * sizeof(float));
-    for (int64_t e = 0; e < PREFETCH_AHEAD && e < hk; e++) {
-      prefetch_row(down + (size_t)id[e] * row_bytes, row_bytes);
-      prefetch_row(up + (size_t)id[e] * row_bytes, row_bytes);
-    }
+    for (int64_t e = 0; e < PREFETCH_AHEAD && e < hk; e++)
+      prefetch_expert(down, up, id[e], row_bytes);
     for (int64_t e = 0; e < hk; e++) {
-      if (e + PREFETCH_AHEAD < hk) {
-        prefetch_row(down + (size_t)id[e + PREFETCH_AHEAD] * row_bytes, row_bytes);
-        prefetch_row(up + (size_t)id[e + PREFETCH_AHEAD] * row_bytes, row_bytes);
-      }
+      if (e + PREFETCH_AHEAD < hk) prefetch_expert(down, up, id[e + PREFETCH_AHEAD], row_bytes);
       const char *u = down + (size_t)id[e] * row_bytes, *v = up + (size_t)id[e] * row_bytes;
       float dot = bf16 ? dot_row_bf16((const uint16_t *)u, xt, d)
                        : dot_row_f32((const float *)u, xt, d);

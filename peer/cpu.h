@@ -89,6 +89,20 @@ static inline void axpy_row_bf16(float a, const uint16_t *v, float *y, int64_t d
   for (int64_t i = dv; i < d; i++) y[i] += a * peer_bf16_to_f32(v[i]);
 }
 
+/* Expert rows are fetched this many entries ahead of their use, so several
+ * random rows are in flight at once (the gather is latency-bound). */
+#define PREFETCH_AHEAD 4
+
+static inline void prefetch_expert(const void *down, const void *up, int64_t id,
+                                   size_t row_bytes) {
+  const char *u = (const char *)down + (size_t)id * row_bytes;
+  const char *v = (const char *)up + (size_t)id * row_bytes;
+  for (size_t o = 0; o < row_bytes; o += 64) {
+    __builtin_prefetch(u + o, 0, 0);
+    __builtin_prefetch(v + o, 0, 0);
+  }
+}
+
 static inline size_t round64(size_t b) { return (b + 63) & ~(size_t)63; }
 
 /* C[i, j] = sum over k of A[i, k] * B[j, k] for i < M <= TB, j < N; see cpu.c. */

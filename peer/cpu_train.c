@@ -183,12 +183,17 @@ static void experts_backward(const peer_layer *L, int64_t T, const float *dy, fl
   const int act = (int)L->cfg.activation, gate = (int)L->cfg.gate;
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const void *down = L->slot[PEER_P_EXPERTS_DOWN].data, *up = L->slot[PEER_P_EXPERTS_UP].data;
+  const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4), ne = (size_t)(T * hk);
 #pragma omp parallel for schedule(static) num_threads(P)
   for (int64_t t = 0; t < T; t++) {
     const float *dyt = dy + t * d;
     float *dxt = dx ? dx + t * d : NULL;
     if (dxt) memset(dxt, 0, (size_t)d * sizeof(float));
+    for (int64_t e = t * hk; e < t * hk + PREFETCH_AHEAD && e < (t + 1) * hk; e++)
+      prefetch_expert(down, up, m->ids[e], row_bytes);
     for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
+      if ((size_t)(e + PREFETCH_AHEAD) < ne && e + PREFETCH_AHEAD < (t + 1) * hk)
+        prefetch_expert(down, up, m->ids[e + PREFETCH_AHEAD], row_bytes);
       int64_t id = m->ids[e];
       float vd = bf16 ? dot_row_bf16((const uint16_t *)up + id * d, dyt, d)
                       : dot_row_f32((const float *)up + id * d, dyt, d);
