@@ -155,6 +155,8 @@ const peer_config *peer_layer_config(const peer_layer *layer);
 /* Change the CPU thread count (0 = OpenMP default).  Results are bitwise
  * identical for every thread count. */
 peer_status peer_layer_set_threads(peer_layer *layer, int n_threads);
+/* Threads the layer's CPU calls use (n_threads, or OpenMP's default for 0). */
+int peer_layer_threads(const peer_layer *layer);
 
 /* Seeded, deterministic initialisation (the same bits for a seed whatever the
  * thread count).  Distributions, all uniform U(-a, a):

@@ -63,9 +63,7 @@ void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t l
 
 /* ------------------------------------------------------------- workspace */
 
-int peer_cpu_threads(const peer_layer *L) {
-  return L->opt.n_threads > 0 ? L->opt.n_threads : omp_get_max_threads();
-}
+int peer_cpu_threads(const peer_layer *L) { return peer_layer_threads(L); }
 
 
 /* Per-thread scratch: S for one token block (both halves) and the two

@@ -4,6 +4,7 @@
 #include "internal.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -154,6 +155,11 @@ peer_status peer_layer_set_threads(peer_layer *L, int n_threads) {
   return PEER_OK;
 }
 
+int peer_layer_threads(const peer_layer *L) {
+  if (!L) return 0;
+  return L->opt.n_threads > 0 ? L->opt.n_threads : omp_get_max_threads();
+}
+
 int peer_layer_n_params(const peer_layer *L) { return L ? L->n_params : 0; }
 
 peer_status peer_layer_param(peer_layer *L, int i, peer_tensor *out) {
@@ -218,15 +224,15 @@ static inline uint16_t f32_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
-static void fill_uniform(peer_tensor *t, uint64_t seed, uint64_t stream, float a) {
+static void fill_uniform(peer_tensor *t, uint64_t seed, uint64_t stream, float a, int P) {
   int64_t count = (int64_t)(t->nbytes / peer_dtype_size(t->dtype));
   if (t->dtype == PEER_BF16) {
     uint16_t *p = t->data;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(P)
     for (int64_t i = 0; i < count; i++) p[i] = f32_to_bf16(uniform_pm(seed, stream, (uint64_t)i, a));
   } else {
     float *p = t->data;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(P)
     for (int64_t i = 0; i < count; i++) p[i] = uniform_pm(seed, stream, (uint64_t)i, a);
   }
 }
@@ -241,10 +247,11 @@ peer_status peer_layer_init(peer_layer *L, uint64_t seed) {
   if (L->opt.backend != PEER_BACKEND_CPU)
     return peer_fail(PEER_ERR_UNSUPPORTED, "layer_init: only host parameters can be initialised here");
   const peer_dims *D = &L->dims;
-  fill_uniform(&L->slot[PEER_P_QUERY_WEIGHT], seed, 1, 1.0f / sqrtf((float)D->d));
-  fill_uniform(&L->slot[PEER_P_KEYS], seed, 2, 1.0f / sqrtf((float)D->half));
-  fill_uniform(&L->slot[PEER_P_EXPERTS_DOWN], seed, 3, 1.0f / sqrtf((float)D->d));
-  fill_uniform(&L->slot[PEER_P_EXPERTS_UP], seed, 4, 1.0f / sqrtf((float)(D->H * D->k)));
+  int P = peer_layer_threads(L);
+  fill_uniform(&L->slot[PEER_P_QUERY_WEIGHT], seed, 1, 1.0f / sqrtf((float)D->d), P);
+  fill_uniform(&L->slot[PEER_P_KEYS], seed, 2, 1.0f / sqrtf((float)D->half), P);
+  fill_uniform(&L->slot[PEER_P_EXPERTS_DOWN], seed, 3, 1.0f / sqrtf((float)D->d), P);
+  fill_uniform(&L->slot[PEER_P_EXPERTS_UP], seed, 4, 1.0f / sqrtf((float)(D->H * D->k)), P);
   if (L->slot[PEER_P_QUERY_BIAS].data) fill_const(&L->slot[PEER_P_QUERY_BIAS], 0.0f);
   if (L->slot[PEER_P_NORM_WEIGHT].data) {
     fill_const(&L->slot[PEER_P_NORM_WEIGHT], 1.0f);

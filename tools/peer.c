@@ -1,0 +1,921 @@
+/* peer.c: the `peer` command-line tool.  It creates and inspects PEER weight
+ * files, runs a layer over activation files, checks product-key retrieval
+ * against brute force, and runs the demo that tools/run shows (a
+ * million-expert layer timed on this machine).  It uses only the public API
+ * in peer.h; every error is one line on stderr, "peer: <cmd>: <problem>",
+ * with exit status 2 for a usage error and 1 for any other failure. */
+#include "peer.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+enum { EXIT_USAGE = 2 };
+
+/* Name of the command being run, for error messages. */
+static const char *g_cmd = "peer";
+
+static void print_error(const char *fmt, va_list ap) {
+  fprintf(stderr, "peer: %s: ", g_cmd);
+  vfprintf(stderr, fmt, ap);
+  fputc('\n', stderr);
+}
+
+/* Report a failure (exit status 1) and return that status. */
+static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int fail(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  print_error(fmt, ap);
+  va_end(ap);
+  return EXIT_FAILURE;
+}
+
+/* Report a usage error (exit status 2) and return that status. */
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  print_error(fmt, ap);
+  va_end(ap);
+  return EXIT_USAGE;
+}
+
+/* Report a library failure: what the tool was doing, then the library's own
+ * message (or the status name when it left none). */
+static int lib_fail(peer_status st, const char *what) {
+  const char *msg = peer_last_error();
+  if (!msg || !*msg) msg = peer_status_string(st);
+  return fail("%s: %s", what, msg);
+}
+
+/* ----------------------------------------------------------- option parsing */
+
+typedef struct cli_opt {
+  const char *name;  /* long name without "--" */
+  bool takes_value;  /* "--name VALUE" or "--name=VALUE" */
+  const char *value; /* last value given; "" for a flag that was given */
+} cli_opt;
+
+enum { PARSE_OK = 0, PARSE_HELP = -1 };
+
+/* Parse argv (the words after the command) against opts.  Words that are not
+ * options are positional; "--" ends the options.  Returns PARSE_OK, PARSE_HELP
+ * for -h/--help, or EXIT_USAGE after reporting the problem. */
+static int parse_options(int argc, char **argv, cli_opt *opts, int n_opts, const char **pos,
+                         int max_pos, int *n_pos) {
+  *n_pos = 0;
+  bool options_done = false;
+  for (int i = 0; i < argc; i++) {
+    const char *arg = argv[i];
+    bool is_option = !options_done && arg[0] == '-' && arg[1] != '\0';
+    if (!is_option) {
+      if (*n_pos >= max_pos)
+        return max_pos == 0 ? usage_error("unexpected argument '%s'", arg)
+                            : usage_error("unexpected extra argument '%s'", arg);
+      pos[(*n_pos)++] = arg;
+      continue;
+    }
+    if (strcmp(arg, "--") == 0) {
+      options_done = true;
+      continue;
+    }
+    if (strcmp(arg, "-h") == 0 || strcmp(arg, "--help") == 0) return PARSE_HELP;
+    if (arg[1] != '-') return usage_error("unknown option '%s'", arg);
+    const char *name = arg + 2;
+    const char *eq = strchr(name, '=');
+    size_t len = eq ? (size_t)(eq - name) : strlen(name);
+    cli_opt *o = NULL;
+    for (int j = 0; j < n_opts; j++)
+      if (strlen(opts[j].name) == len && strncmp(opts[j].name, name, len) == 0) o = &opts[j];
+    if (!o) return usage_error("unknown option '--%.*s'", (int)len, name);
+    if (!o->takes_value) {
+      if (eq) return usage_error("option '--%s' takes no value", o->name);
+      o->value = "";
+    } else if (eq) {
+      o->value = eq + 1;
+    } else {
+      if (i + 1 >= argc) return usage_error("option '--%s' needs a value", o->name);
+      o->value = argv[++i];
+    }
+  }
+  return PARSE_OK;
+}
+
+/* Parse a whole-string decimal integer in [lo, hi] given for option `name`. */
+static int parse_int(const char *name, const char *s, int64_t lo, int64_t hi, int64_t *out) {
+  char *end = NULL;
+  errno = 0;
+  long long v = strtoll(s, &end, 10);
+  if (!*s || *end != '\0' || s[0] == ' ' || s[0] == '\t')
+    return usage_error("--%s: '%s' is not an integer", name, s);
+  if (errno == ERANGE || v < lo || v > hi)
+    return usage_error("--%s: %s is not in [%lld, %lld]", name, s, (long long)lo, (long long)hi);
+  *out = (int64_t)v;
+  return 0;
+}
+
+/* Parse a seed: a decimal integer in [0, 2^64). */
+static int parse_seed(const char *s, uint64_t *out) {
+  char *end = NULL;
+  errno = 0;
+  if (!*s || s[0] < '0' || s[0] > '9')
+    return usage_error("--seed: '%s' is not a non-negative integer", s);
+  unsigned long long v = strtoull(s, &end, 10);
+  if (*end != '\0') return usage_error("--seed: '%s' is not a non-negative integer", s);
+  if (errno == ERANGE) return usage_error("--seed: %s does not fit in 64 bits", s);
+  *out = (uint64_t)v;
+  return 0;
+}
+
+/* --threads N: 0 (the default) lets OpenMP choose. */
+static int parse_threads(const char *s, int *out) {
+  if (!s) {
+    *out = 0;
+    return 0;
+  }
+  int64_t v;
+  int rc = parse_int("threads", s, 0, 4096, &v);
+  if (rc) return rc;
+  *out = (int)v;
+  return 0;
+}
+
+/* Threads a layer created with n_threads uses, for reports. */
+static int threads_used(int n_threads) {
+  if (n_threads > 0) return n_threads;
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+/* ----------------------------------------------------------------- helpers */
+
+static double now_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int compare_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static double median(double *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, compare_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* "4.00 GiB" and friends. */
+static const char *format_bytes(double bytes, char *buf, size_t size) {
+  static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024.0 && u < 4)
+    bytes /= 1024.0, u++;
+  if (u == 0)
+    snprintf(buf, size, "%.0f B", bytes);
+  else
+    snprintf(buf, size, "%.2f %s", bytes, units[u]);
+  return buf;
+}
+
+/* "[1048576, 512]" */
+static const char *format_shape(const peer_tensor *t, char *buf, size_t size) {
+  size_t used = (size_t)snprintf(buf, size, "[");
+  for (int i = 0; i < t->ndim && used < size; i++)
+    used +=
+        (size_t)snprintf(buf + used, size - used, "%s%lld", i ? ", " : "", (long long)t->shape[i]);
+  if (used < size) snprintf(buf + used, size - used, "]");
+  return buf;
+}
+
+/* Seeded standard-normal samples (splitmix64 + Box-Muller): the same x for a
+ * seed on every machine and thread count. */
+static uint64_t splitmix64(uint64_t *state) {
+  uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+static void fill_gaussian(float *x, size_t count, uint64_t seed) {
+  uint64_t state = seed;
+  const double two_pi = 6.283185307179586;
+  for (size_t i = 0; i < count; i += 2) {
+    double u1 = ((double)(splitmix64(&state) >> 11) + 1.0) * 0x1.0p-53; /* (0, 1] */
+    double u2 = (double)(splitmix64(&state) >> 11) * 0x1.0p-53;         /* [0, 1) */
+    double r = sqrt(-2.0 * log(u1));
+    x[i] = (float)(r * cos(two_pi * u2));
+    if (i + 1 < count) x[i + 1] = (float)(r * sin(two_pi * u2));
+  }
+}
+
+/* calloc of count*size bytes with an overflow check; never NULL for count 0. */
+static void *alloc_array(size_t count, size_t size) {
+  size_t bytes;
+  if (__builtin_mul_overflow(count, size, &bytes)) return NULL;
+  return malloc(bytes ? bytes : 1);
+}
+
+static int create_layer(const peer_config *cfg, int n_threads, peer_layer **out) {
+  peer_options opt;
+  peer_options_default(&opt);
+  opt.n_threads = n_threads;
+  peer_status st = peer_layer_create(out, cfg, &opt);
+  return st ? lib_fail(st, "cannot create layer") : 0;
+}
+
+static int load_layer(const char *path, int n_threads, peer_layer **out) {
+  peer_options opt;
+  peer_options_default(&opt);
+  opt.n_threads = n_threads;
+  peer_status st = peer_layer_load(out, path, &opt);
+  if (!st) return 0;
+  return lib_fail(st, "cannot load weights");
+}
+
+/* Multiply-adds and expert bytes of one token's forward (PEER.md "Cost per
+ * token"). */
+typedef struct token_cost {
+  int64_t query, subkeys, experts, total;
+  int64_t rows;         /* rows of u and of v read */
+  int64_t expert_bytes; /* bytes of those rows */
+} token_cost;
+
+static token_cost cost_per_token(const peer_config *c) {
+  token_cost t;
+  t.query = c->d_model * c->n_heads * c->d_key;
+  t.subkeys = c->n_heads * c->n_subkeys * c->d_key;
+  t.experts = 2 * c->n_heads * c->top_k * c->d_model;
+  t.total = t.query + t.subkeys + t.experts;
+  t.rows = c->n_heads * c->top_k;
+  t.expert_bytes = t.experts * (int64_t)peer_dtype_size(c->weight_dtype);
+  return t;
+}
+
+static void print_cost(const peer_config *c, const char *indent) {
+  token_cost t = cost_per_token(c);
+  int64_t kp = peer_config_subkey_top_k(c);
+  char b[32];
+  printf("%squery:          %lld multiply-adds (d*H*d_key)\n", indent, (long long)t.query);
+  printf("%ssub-key scores: %lld multiply-adds (H*n*d_key)\n", indent, (long long)t.subkeys);
+  printf("%sselection:      %lld selections of %lld out of %lld, %lld of %lld out of %lld\n",
+         indent, (long long)(2 * c->n_heads), (long long)kp, (long long)c->n_subkeys,
+         (long long)c->n_heads, (long long)c->top_k, (long long)(kp * kp));
+  printf("%sexperts:        %lld multiply-adds (2*H*k*d), %lld rows of u and of v = %s\n", indent,
+         (long long)t.experts, (long long)t.rows,
+         format_bytes((double)t.expert_bytes, b, sizeof b));
+  printf("%stotal:          %lld multiply-adds, %s of random expert-row reads\n", indent,
+         (long long)t.total, format_bytes((double)t.expert_bytes, b, sizeof b));
+}
+
+/* -------------------------------------------------------------------- init */
+
+static const char usage_init[] =
+    "usage: peer init [--config K=V,...] [--seed S] --out W.safetensors [--threads N]\n"
+    "\n"
+    "Create a layer from the default config with the given changes, initialise\n"
+    "it from the seed (same bits for every thread count) and save it.\n"
+    "\n"
+    "  --config K=V,...  config changes, PEER.md names (d_model, n_heads, d_key,\n"
+    "                    n_subkeys, top_k, subkey_top_k, shared_keys, activation,\n"
+    "                    gate, query_norm, query_bias, weight_dtype)\n"
+    "  --seed S          initialisation seed (default 0)\n"
+    "  --out PATH        weight file to write (safetensors)\n"
+    "  --threads N       CPU threads (default: OpenMP's choice)\n"
+    "\n"
+    "example: peer init --config n_subkeys=256,d_model=256 --seed 1 --out w.safetensors\n";
+
+static int cmd_init(int argc, char **argv) {
+  cli_opt opts[] = {
+      {"config", true, NULL}, {"seed", true, NULL}, {"out", true, NULL}, {"threads", true, NULL}};
+  int n_pos, rc = parse_options(argc, argv, opts, 4, NULL, 0, &n_pos);
+  if (rc == PARSE_HELP) return fputs(usage_init, stdout), 0;
+  if (rc) return rc;
+  const char *config_text = opts[0].value, *out_path = opts[2].value;
+  uint64_t seed = 0;
+  int n_threads;
+  if (!out_path) return usage_error("--out is required");
+  if (opts[1].value && (rc = parse_seed(opts[1].value, &seed))) return rc;
+  if ((rc = parse_threads(opts[3].value, &n_threads))) return rc;
+
+  peer_config cfg;
+  peer_config_default(&cfg);
+  peer_status st;
+  if (config_text && (st = peer_config_parse(&cfg, config_text)))
+    return usage_error("--config: %s", peer_last_error());
+  if ((st = peer_config_validate(&cfg))) return usage_error("--config: %s", peer_last_error());
+
+  peer_layer *layer = NULL;
+  if ((rc = create_layer(&cfg, n_threads, &layer))) return rc;
+  double t0 = now_seconds();
+  if ((st = peer_layer_init(layer, seed))) {
+    rc = lib_fail(st, "cannot initialise layer");
+    goto done;
+  }
+  double t1 = now_seconds();
+  if ((st = peer_layer_save(layer, out_path))) {
+    rc = lib_fail(st, "cannot save");
+    goto done;
+  }
+  double t2 = now_seconds();
+  char text[512];
+  peer_config_format(&cfg, text, sizeof text);
+  printf("config: %s\n", text);
+  printf("wrote %s: %lld experts, %lld parameters (init %.2f s, save %.2f s)\n", out_path,
+         (long long)peer_config_n_experts(&cfg), (long long)peer_layer_n_parameters(layer), t1 - t0,
+         t2 - t1);
+done:
+  peer_layer_free(layer);
+  return rc;
+}
+
+/* -------------------------------------------------------------------- info */
+
+static const char usage_info[] =
+    "usage: peer info W.safetensors\n"
+    "\n"
+    "Print a weight file's config, expert count, total and active parameters,\n"
+    "its tensors (name, dtype, shape, bytes) and the forward cost per token.\n"
+    "Only the header is read; tensors are checked against the config.\n";
+
+/* Config names as stored under "peer.<name>" in a weight file's metadata. */
+static const char *const config_keys[] = {"d_model", "n_heads",      "d_key",       "n_subkeys",
+                                          "top_k",   "subkey_top_k", "shared_keys", "activation",
+                                          "gate",    "query_norm",   "query_bias",  "weight_dtype"};
+enum { N_CONFIG_KEYS = sizeof config_keys / sizeof config_keys[0] };
+
+/* Rebuild the config from a file's metadata. */
+static int config_from_metadata(const peer_safetensors *f, peer_config *cfg) {
+  const char *format = peer_safetensors_metadata(f, "peer.format");
+  if (!format) return fail("not a peer weight file: metadata has no peer.format");
+  if (strcmp(format, "1") != 0)
+    return fail("peer.format '%s' is not supported (this build reads %d)", format,
+                PEER_FORMAT_VERSION);
+  peer_config_default(cfg);
+  for (int i = 0; i < N_CONFIG_KEYS; i++) {
+    char key[64], item[256];
+    snprintf(key, sizeof key, "peer.%s", config_keys[i]);
+    const char *value = peer_safetensors_metadata(f, key);
+    if (!value) return fail("metadata has no %s", key);
+    if (strchr(value, ',') || strlen(value) > 200)
+      return fail("metadata %s: '%.40s' is not a valid value", key, value);
+    snprintf(item, sizeof item, "%s=%s", config_keys[i], value);
+    if (peer_config_parse(cfg, item)) return fail("metadata: %s", peer_last_error());
+  }
+  if (peer_config_validate(cfg)) return fail("metadata: %s", peer_last_error());
+  return 0;
+}
+
+/* Every parameter the config implies must be in the file with its shape and
+ * dtype. */
+static int check_tensors(peer_layer *layer, const peer_safetensors *f) {
+  for (int i = 0; i < peer_layer_n_params(layer); i++) {
+    peer_tensor want, have;
+    if (peer_layer_param(layer, i, &want)) return fail("%s", peer_last_error());
+    if (peer_safetensors_find(f, want.name, &have))
+      return fail("file lacks tensor '%s' that the config needs", want.name);
+    bool same = have.dtype == want.dtype && have.ndim == want.ndim;
+    for (int j = 0; same && j < want.ndim; j++)
+      same = have.shape[j] == want.shape[j];
+    if (!same) {
+      char a[96], b[96];
+      return fail("tensor '%s' is %s %s, the config needs %s %s", want.name,
+                  peer_dtype_name(have.dtype), format_shape(&have, a, sizeof a),
+                  peer_dtype_name(want.dtype), format_shape(&want, b, sizeof b));
+    }
+  }
+  return 0;
+}
+
+static void print_config(const peer_config *c) {
+  printf("config:\n");
+  printf("  d_model       %lld\n", (long long)c->d_model);
+  printf("  n_heads       %lld\n", (long long)c->n_heads);
+  printf("  d_key         %lld\n", (long long)c->d_key);
+  printf("  n_subkeys     %lld\n", (long long)c->n_subkeys);
+  printf("  top_k         %lld\n", (long long)c->top_k);
+  printf("  subkey_top_k  %lld\n", (long long)peer_config_subkey_top_k(c));
+  printf("  shared_keys   %d\n", c->shared_keys);
+  printf("  activation    %s\n", peer_activation_name(c->activation));
+  printf("  gate          %s\n", peer_gate_name(c->gate));
+  printf("  query_norm    %s\n", peer_query_norm_name(c->query_norm));
+  printf("  query_bias    %d\n", c->query_bias);
+  printf("  weight_dtype  %s\n", c->weight_dtype == PEER_BF16 ? "bf16" : "f32");
+}
+
+static int cmd_info(int argc, char **argv) {
+  const char *pos[1] = {NULL};
+  int n_pos, rc = parse_options(argc, argv, NULL, 0, pos, 1, &n_pos);
+  if (rc == PARSE_HELP) return fputs(usage_info, stdout), 0;
+  if (rc) return rc;
+  if (n_pos != 1) return usage_error("expected one weight file (see 'peer info --help')");
+  const char *path = pos[0];
+
+  peer_safetensors *f = NULL;
+  peer_layer *layer = NULL;
+  peer_status st = peer_safetensors_open(&f, path);
+  if (st) return lib_fail(st, "cannot open");
+  peer_config cfg;
+  if ((rc = config_from_metadata(f, &cfg))) goto done;
+  /* The layer is only described, never touched: its large tables are mapped
+   * lazily, so this costs no physical memory. */
+  if ((rc = create_layer(&cfg, 0, &layer))) goto done;
+  if ((rc = check_tensors(layer, f))) goto done;
+
+  char b[32];
+  printf("file: %s\n", path);
+  print_config(&cfg);
+  printf("experts N:               %lld (n_subkeys^2)\n", (long long)peer_config_n_experts(&cfg));
+  printf("parameters:              %lld\n", (long long)peer_layer_n_parameters(layer));
+  printf("active parameters/token: %lld\n", (long long)peer_layer_n_active_parameters(layer));
+  printf("tensors:\n");
+  double total = 0;
+  for (int i = 0; i < peer_safetensors_count(f); i++) {
+    peer_tensor t;
+    if ((st = peer_safetensors_info(f, i, &t))) {
+      rc = lib_fail(st, "cannot describe tensor");
+      goto done;
+    }
+    char shape[96];
+    printf("  %-24s %-4s %-18s %14zu bytes\n", t.name, peer_dtype_name(t.dtype),
+           format_shape(&t, shape, sizeof shape), t.nbytes);
+    total += (double)t.nbytes;
+  }
+  printf("  total: %.0f bytes (%s)\n", total, format_bytes(total, b, sizeof b));
+  printf("forward cost per token:\n");
+  print_cost(&cfg, "  ");
+done:
+  peer_layer_free(layer);
+  peer_safetensors_close(f);
+  return rc;
+}
+
+/* ----------------------------------------------------------------- forward */
+
+static const char usage_forward[] =
+    "usage: peer forward --weights W.safetensors --input X.safetensors\n"
+    "                    --output Y.safetensors [--indices] [--threads N]\n"
+    "\n"
+    "Run the layer on tensor x [T, d_model] F32 of the input file and write\n"
+    "y [T, d_model] F32; with --indices also indices [T, H, k] I64 and\n"
+    "gates [T, H, k] F32 (each head's experts by descending score).\n"
+    "\n"
+    "example: peer forward --weights w.safetensors --input x.safetensors --output y.safetensors\n";
+
+/* Read tensor x [T, d] F32 from path into a new buffer. */
+static int read_input(const char *path, int64_t d, float **x_out, int64_t *t_out) {
+  peer_safetensors *f = NULL;
+  peer_status st = peer_safetensors_open(&f, path);
+  if (st) return lib_fail(st, "cannot open input");
+  int rc = 0;
+  peer_tensor t;
+  char shape[96];
+  if (peer_safetensors_find(f, "x", &t)) {
+    rc = fail("input '%s' has no tensor 'x'", path);
+  } else if (t.dtype != PEER_F32) {
+    rc = fail("input x is %s; it must be F32", peer_dtype_name(t.dtype));
+  } else if (t.ndim != 2) {
+    rc = fail("input x has shape %s; it must be [T, d_model] (2 dimensions)",
+              format_shape(&t, shape, sizeof shape));
+  } else if (t.shape[1] != d) {
+    rc = fail("input x has shape %s; its width %lld is not the layer's d_model %lld",
+              format_shape(&t, shape, sizeof shape), (long long)t.shape[1], (long long)d);
+  } else {
+    float *x = alloc_array(t.nbytes, 1);
+    if (!x) {
+      rc = fail("cannot allocate %zu bytes for x", t.nbytes);
+    } else if ((st = peer_safetensors_read(f, "x", x, t.nbytes))) {
+      free(x);
+      rc = lib_fail(st, "cannot read input x");
+    } else {
+      *x_out = x;
+      *t_out = t.shape[0];
+    }
+  }
+  peer_safetensors_close(f);
+  return rc;
+}
+
+static int cmd_forward(int argc, char **argv) {
+  cli_opt opts[] = {{"weights", true, NULL},
+                    {"input", true, NULL},
+                    {"output", true, NULL},
+                    {"indices", false, NULL},
+                    {"threads", true, NULL}};
+  int n_pos, rc = parse_options(argc, argv, opts, 5, NULL, 0, &n_pos);
+  if (rc == PARSE_HELP) return fputs(usage_forward, stdout), 0;
+  if (rc) return rc;
+  const char *w_path = opts[0].value, *x_path = opts[1].value, *y_path = opts[2].value;
+  bool want_indices = opts[3].value != NULL;
+  int n_threads;
+  if (!w_path) return usage_error("--weights is required");
+  if (!x_path) return usage_error("--input is required");
+  if (!y_path) return usage_error("--output is required");
+  if ((rc = parse_threads(opts[4].value, &n_threads))) return rc;
+
+  peer_layer *layer = NULL;
+  float *x = NULL, *y = NULL, *gates = NULL;
+  int64_t *indices = NULL;
+  int64_t T = 0;
+  if ((rc = load_layer(w_path, n_threads, &layer))) return rc;
+  const peer_config *cfg = peer_layer_config(layer);
+  const int64_t d = cfg->d_model, H = cfg->n_heads, k = cfg->top_k;
+  if ((rc = read_input(x_path, d, &x, &T))) goto done;
+
+  y = alloc_array((size_t)(T * d), sizeof *y);
+  if (want_indices) {
+    indices = alloc_array((size_t)(T * H * k), sizeof *indices);
+    gates = alloc_array((size_t)(T * H * k), sizeof *gates);
+  }
+  if (!y || (want_indices && (!indices || !gates))) {
+    rc = fail("cannot allocate outputs for %lld tokens", (long long)T);
+    goto done;
+  }
+  double t0 = now_seconds();
+  peer_status st = peer_forward(layer, T, x, y, indices, gates);
+  double t1 = now_seconds();
+  if (st) {
+    rc = lib_fail(st, "forward failed");
+    goto done;
+  }
+  peer_tensor out[3] = {
+      {"y", PEER_F32, 2, {T, d, 0, 0}, y, (size_t)(T * d) * sizeof *y},
+      {"indices", PEER_I64, 3, {T, H, k, 0}, indices, (size_t)(T * H * k) * sizeof *indices},
+      {"gates", PEER_F32, 3, {T, H, k, 0}, gates, (size_t)(T * H * k) * sizeof *gates}};
+  if ((st = peer_safetensors_write(y_path, out, want_indices ? 3 : 1, NULL, 0))) {
+    rc = lib_fail(st, "cannot write output");
+    goto done;
+  }
+  printf("wrote %s: y [%lld, %lld]%s; %lld tokens in %.3f ms, threads: %d\n", y_path, (long long)T,
+         (long long)d, want_indices ? ", indices and gates" : "", (long long)T, 1e3 * (t1 - t0),
+         threads_used(n_threads));
+done:
+  free(x);
+  free(y);
+  free(indices);
+  free(gates);
+  peer_layer_free(layer);
+  return rc;
+}
+
+/* ------------------------------------------------- product key vs brute force */
+
+/* Agreement of two retrievals over T tokens of one layer. */
+typedef struct agreement {
+  int64_t lists;     /* (token, head) lists compared */
+  int64_t identical; /* lists with the same ids in the same order */
+  double max_score_diff;
+} agreement;
+
+static agreement compare_retrievals(int64_t lists, int64_t k, const int64_t *ia, const float *sa,
+                                    const int64_t *ib, const float *sb) {
+  agreement a = {lists, 0, 0.0};
+  for (int64_t l = 0; l < lists; l++) {
+    bool same = true;
+    for (int64_t j = 0; j < k; j++) {
+      int64_t e = l * k + j;
+      if (ia[e] != ib[e]) same = false;
+      double diff = fabs((double)sa[e] - (double)sb[e]);
+      if (!(diff <= a.max_score_diff)) a.max_score_diff = diff; /* NaN sticks */
+    }
+    a.identical += same;
+  }
+  return a;
+}
+
+/* Buffers for retrieval of T tokens: ids and scores [T, H, k]. */
+typedef struct retrieval_buf {
+  int64_t *ids;
+  float *scores;
+} retrieval_buf;
+
+static bool retrieval_alloc(retrieval_buf *r, int64_t entries) {
+  r->ids = alloc_array((size_t)entries, sizeof *r->ids);
+  r->scores = alloc_array((size_t)entries, sizeof *r->scores);
+  return r->ids && r->scores;
+}
+
+static void retrieval_free(retrieval_buf *r) {
+  free(r->ids);
+  free(r->scores);
+}
+
+static const char usage_check[] =
+    "usage: peer check W.safetensors [--tokens T] [--seed S] [--threads N]\n"
+    "\n"
+    "Retrieve experts for T random Gaussian tokens (seeded) with product keys\n"
+    "and with brute force over all N experts, and compare: the fraction of\n"
+    "(token, head) lists with identical ids, the largest score difference and\n"
+    "both times.  Exits 1 unless every list is identical.\n"
+    "\n"
+    "  --tokens T   tokens to check (default 64)\n"
+    "  --seed S     seed of the random tokens (default 1)\n"
+    "  --threads N  CPU threads (default: OpenMP's choice)\n";
+
+static int cmd_check(int argc, char **argv) {
+  cli_opt opts[] = {{"tokens", true, NULL}, {"seed", true, NULL}, {"threads", true, NULL}};
+  const char *pos[1] = {NULL};
+  int n_pos, rc = parse_options(argc, argv, opts, 3, pos, 1, &n_pos);
+  if (rc == PARSE_HELP) return fputs(usage_check, stdout), 0;
+  if (rc) return rc;
+  if (n_pos != 1) return usage_error("expected one weight file (see 'peer check --help')");
+  int64_t T = 64;
+  uint64_t seed = 1;
+  int n_threads;
+  if (opts[0].value && (rc = parse_int("tokens", opts[0].value, 1, 1 << 20, &T))) return rc;
+  if (opts[1].value && (rc = parse_seed(opts[1].value, &seed))) return rc;
+  if ((rc = parse_threads(opts[2].value, &n_threads))) return rc;
+
+  peer_layer *layer = NULL;
+  if ((rc = load_layer(pos[0], n_threads, &layer))) return rc;
+  const peer_config *cfg = peer_layer_config(layer);
+  const int64_t d = cfg->d_model, H = cfg->n_heads, k = cfg->top_k;
+  float *x = alloc_array((size_t)(T * d), sizeof *x);
+  retrieval_buf pk = {0}, bf = {0};
+  if (!x || !retrieval_alloc(&pk, T * H * k) || !retrieval_alloc(&bf, T * H * k)) {
+    rc = fail("cannot allocate buffers for %lld tokens", (long long)T);
+    goto done;
+  }
+  fill_gaussian(x, (size_t)(T * d), seed);
+
+  peer_status st;
+  double times[3];
+  for (int r = 0; r < 4; r++) { /* a warm-up, then three timed runs */
+    double t0 = now_seconds();
+    if ((st = peer_retrieve(layer, T, x, pk.ids, pk.scores, NULL))) {
+      rc = lib_fail(st, "product-key retrieval failed");
+      goto done;
+    }
+    if (r) times[r - 1] = now_seconds() - t0;
+  }
+  double t_pk = median(times, 3);
+  double t0 = now_seconds();
+  if ((st = peer_retrieve_brute(layer, T, x, bf.ids, bf.scores, NULL))) {
+    rc = lib_fail(st, "brute-force retrieval failed");
+    goto done;
+  }
+  double t_bf = now_seconds() - t0;
+
+  agreement a = compare_retrievals(T * H, k, pk.ids, pk.scores, bf.ids, bf.scores);
+  printf("check: %lld tokens x %lld heads, k = %lld, N = %lld experts, threads: %d, seed %llu\n",
+         (long long)T, (long long)H, (long long)k, (long long)peer_config_n_experts(cfg),
+         threads_used(n_threads), (unsigned long long)seed);
+  printf("identical id lists:      %lld / %lld (%.2f%%)\n", (long long)a.identical,
+         (long long)a.lists, 100.0 * (double)a.identical / (double)a.lists);
+  printf("max |score difference|:  %.3g\n", a.max_score_diff);
+  printf("product-key retrieval:   %.3f ms (%.2f us/token, median of 3)\n", 1e3 * t_pk,
+         1e6 * t_pk / (double)T);
+  printf("brute-force retrieval:   %.3f ms (%.2f us/token)\n", 1e3 * t_bf, 1e6 * t_bf / (double)T);
+  printf("product-key speed-up:    %.1fx\n", t_bf / t_pk);
+  if (a.identical != a.lists)
+    rc = fail("%lld of %lld (token, head) lists differ from brute force",
+              (long long)(a.lists - a.identical), (long long)a.lists);
+done:
+  free(x);
+  retrieval_free(&pk);
+  retrieval_free(&bf);
+  peer_layer_free(layer);
+  return rc;
+}
+
+/* -------------------------------------------------------------------- demo */
+
+static const char usage_demo[] =
+    "usage: peer demo [--n-subkeys n] [--tokens T] [--threads N] [--dtype f32|bf16]\n"
+    "                 [--check-tokens C] [--repeats R] [--seed S]\n"
+    "\n"
+    "Build a layer in memory (default: d_model 512, 8 heads, d_key 256,\n"
+    "n_subkeys 1024 = 1,048,576 experts, top_k 16), run a random batch through\n"
+    "it and time the forward and the retrieval; then retrieve C tokens by brute\n"
+    "force and check that product keys find the same experts (exit 1 if not).\n"
+    "\n"
+    "  --n-subkeys n     sub-keys per half, N = n^2 experts (default 1024)\n"
+    "  --tokens T        batch size (default 512)\n"
+    "  --dtype f32|bf16  storage of the expert tables (default f32)\n"
+    "  --check-tokens C  tokens checked against brute force (default 32)\n"
+    "  --repeats R       timed runs; the median is reported (default 10)\n"
+    "  --seed S          seed of the weights and tokens (default 1)\n"
+    "  --threads N       CPU threads (default: OpenMP's choice)\n";
+
+/* Median seconds of `repeats` calls after one warm-up; -1 after a failure
+ * (reported). */
+typedef enum { RUN_FORWARD, RUN_RETRIEVE } run_kind;
+
+static double time_runs(peer_layer *layer, run_kind kind, int64_t T, const float *x, float *y,
+                        int64_t *ids, float *scores, int repeats) {
+  double times[64];
+  for (int r = 0; r <= repeats; r++) {
+    double t0 = now_seconds();
+    peer_status st = kind == RUN_FORWARD ? peer_forward(layer, T, x, y, NULL, NULL)
+                                         : peer_retrieve(layer, T, x, ids, scores, NULL);
+    double t = now_seconds() - t0;
+    if (st) {
+      lib_fail(st, kind == RUN_FORWARD ? "forward failed" : "retrieval failed");
+      return -1.0;
+    }
+    if (r) times[r - 1] = t;
+  }
+  return median(times, repeats);
+}
+
+static int cmd_demo(int argc, char **argv) {
+  cli_opt opts[] = {{"n-subkeys", true, NULL},    {"tokens", true, NULL},
+                    {"threads", true, NULL},      {"dtype", true, NULL},
+                    {"check-tokens", true, NULL}, {"repeats", true, NULL},
+                    {"seed", true, NULL}};
+  int n_pos, rc = parse_options(argc, argv, opts, 7, NULL, 0, &n_pos);
+  if (rc == PARSE_HELP) return fputs(usage_demo, stdout), 0;
+  if (rc) return rc;
+  int64_t n = 1024, T = 512, C = 32, repeats = 10;
+  uint64_t seed = 1;
+  int n_threads;
+  peer_config cfg;
+  peer_config_default(&cfg);
+  if (opts[0].value && (rc = parse_int("n-subkeys", opts[0].value, 1, 65536, &n))) return rc;
+  if (opts[1].value && (rc = parse_int("tokens", opts[1].value, 1, 1 << 20, &T))) return rc;
+  if ((rc = parse_threads(opts[2].value, &n_threads))) return rc;
+  if (opts[3].value) {
+    if (strcmp(opts[3].value, "f32") == 0)
+      cfg.weight_dtype = PEER_F32;
+    else if (strcmp(opts[3].value, "bf16") == 0)
+      cfg.weight_dtype = PEER_BF16;
+    else
+      return usage_error("--dtype: '%s' is not f32 or bf16", opts[3].value);
+  }
+  if (opts[4].value && (rc = parse_int("check-tokens", opts[4].value, 1, 1 << 20, &C))) return rc;
+  if (opts[5].value && (rc = parse_int("repeats", opts[5].value, 1, 64, &repeats))) return rc;
+  if (opts[6].value && (rc = parse_seed(opts[6].value, &seed))) return rc;
+  if (C > T)
+    return usage_error("--check-tokens %lld exceeds --tokens %lld", (long long)C, (long long)T);
+  cfg.n_subkeys = n;
+  if (peer_config_validate(&cfg))
+    return usage_error("--n-subkeys %lld: %s", (long long)n, peer_last_error());
+
+  const int64_t d = cfg.d_model, H = cfg.n_heads, k = cfg.top_k;
+  const int64_t N = peer_config_n_experts(&cfg);
+  const int threads = threads_used(n_threads);
+  char text[512], b1[32], b2[32];
+  peer_config_format(&cfg, text, sizeof text);
+  printf("== peer %s demo: PEER layer with %lld experts\n", peer_version_string(), (long long)N);
+  printf("config: %s\n", text);
+
+  peer_layer *layer = NULL;
+  float *x = NULL, *y = NULL;
+  retrieval_buf pk = {0}, pkc = {0}, bf = {0};
+  double t0 = now_seconds();
+  if ((rc = create_layer(&cfg, n_threads, &layer))) return rc;
+  peer_status st = peer_layer_init(layer, seed);
+  double t_init = now_seconds() - t0;
+  if (st) {
+    rc = lib_fail(st, "cannot initialise layer");
+    goto done;
+  }
+  double table_bytes = 2.0 * (double)N * (double)d * (double)peer_dtype_size(cfg.weight_dtype);
+  printf("parameters: %lld total, %lld active per token\n",
+         (long long)peer_layer_n_parameters(layer),
+         (long long)peer_layer_n_active_parameters(layer));
+  printf("init: %.2f s (expert tables %s, threads: %d)\n", t_init,
+         format_bytes(table_bytes, b1, sizeof b1), threads);
+
+  x = alloc_array((size_t)(T * d), sizeof *x);
+  y = alloc_array((size_t)(T * d), sizeof *y);
+  if (!x || !y || !retrieval_alloc(&pk, T * H * k) || !retrieval_alloc(&pkc, C * H * k) ||
+      !retrieval_alloc(&bf, C * H * k)) {
+    rc = fail("cannot allocate buffers for %lld tokens", (long long)T);
+    goto done;
+  }
+  fill_gaussian(x, (size_t)(T * d), seed ^ 0x5eedull);
+
+  token_cost cost = cost_per_token(&cfg);
+  printf("cost per token: %.2f M multiply-adds, %s of random expert-row reads\n",
+         1e-6 * (double)cost.total, format_bytes((double)cost.expert_bytes, b1, sizeof b1));
+
+  double t_fwd = time_runs(layer, RUN_FORWARD, T, x, y, NULL, NULL, (int)repeats);
+  if (t_fwd < 0) {
+    rc = EXIT_FAILURE;
+    goto done;
+  }
+  printf("forward:   batch of %lld tokens: %.3f ms/batch, %.0f tokens/s "
+         "(median of %lld, threads: %d; %.2f GB/s of expert rows over the whole forward)\n",
+         (long long)T, 1e3 * t_fwd, (double)T / t_fwd, (long long)repeats, threads,
+         1e-9 * (double)T * (double)cost.expert_bytes / t_fwd);
+
+  double t_ret = time_runs(layer, RUN_RETRIEVE, T, x, NULL, pk.ids, pk.scores, (int)repeats);
+  if (t_ret < 0) {
+    rc = EXIT_FAILURE;
+    goto done;
+  }
+  printf("retrieval: batch of %lld tokens: %.3f ms/batch, %.0f tokens/s (median of %lld)\n",
+         (long long)T, 1e3 * t_ret, (double)T / t_ret, (long long)repeats);
+
+  /* Brute force on the first C tokens, against product keys on the same ones. */
+  double t_pkc = time_runs(layer, RUN_RETRIEVE, C, x, NULL, pkc.ids, pkc.scores, (int)repeats);
+  if (t_pkc < 0) {
+    rc = EXIT_FAILURE;
+    goto done;
+  }
+  t0 = now_seconds();
+  if ((st = peer_retrieve_brute(layer, C, x, bf.ids, bf.scores, NULL))) {
+    rc = lib_fail(st, "brute-force retrieval failed");
+    goto done;
+  }
+  double t_bf = now_seconds() - t0;
+  printf("brute force: %lld tokens: %.3f ms/token (all %lld experts scored per head); "
+         "product keys: %.3f ms/token; speed-up %.0fx\n",
+         (long long)C, 1e3 * t_bf / (double)C, (long long)N, 1e3 * t_pkc / (double)C, t_bf / t_pkc);
+
+  agreement a = compare_retrievals(C * H, k, pkc.ids, pkc.scores, bf.ids, bf.scores);
+  /* The C-token retrieval must also agree with the same tokens in the batch. */
+  int64_t batch_mismatch = 0;
+  for (int64_t e = 0; e < C * H * k; e++)
+    batch_mismatch += pk.ids[e] != pkc.ids[e];
+  printf("agreement: %lld / %lld (token, head) id lists identical to brute force (%.2f%%), "
+         "max |score difference| %.3g\n",
+         (long long)a.identical, (long long)a.lists, 100.0 * (double)a.identical / (double)a.lists,
+         a.max_score_diff);
+
+  printf("summary: %lld experts (%s of expert tables), %lld of them used per token; "
+         "%.0f tokens/s forward, %.0f tokens/s retrieval, threads: %d; product keys "
+         "%.0fx faster than brute force and %s\n",
+         (long long)N, format_bytes(table_bytes, b2, sizeof b2), (long long)(H * k),
+         (double)T / t_fwd, (double)T / t_ret, threads, t_bf / t_pkc,
+         a.identical == a.lists ? "exact on every checked token" : "NOT EXACT");
+  if (a.identical != a.lists)
+    rc = fail("%lld of %lld (token, head) lists differ from brute force",
+              (long long)(a.lists - a.identical), (long long)a.lists);
+  else if (batch_mismatch)
+    rc = fail("retrieval of %lld tokens alone differs from the same tokens in a batch of %lld",
+              (long long)C, (long long)T);
+done:
+  free(x);
+  free(y);
+  retrieval_free(&pk);
+  retrieval_free(&pkc);
+  retrieval_free(&bf);
+  peer_layer_free(layer);
+  return rc;
+}
+
+/* -------------------------------------------------------------------- main */
+
+typedef struct command {
+  const char *name;
+  int (*run)(int argc, char **argv);
+  const char *summary;
+} command;
+
+static const command commands[] = {
+    {"init", cmd_init, "create a layer, initialise it from a seed, save it"},
+    {"info", cmd_info, "show a weight file's config, parameters, tensors, cost per token"},
+    {"forward", cmd_forward, "run a layer on x from a file, write y (and indices, gates)"},
+    {"check", cmd_check, "compare product-key retrieval with brute force"},
+    {"demo", cmd_demo, "time a million-expert layer and check it against brute force"},
+};
+enum { N_COMMANDS = sizeof commands / sizeof commands[0] };
+
+static void print_usage(void) {
+  printf("peer %s: PEER layer (product-key retrieval over a million experts)\n\n",
+         peer_version_string());
+  printf("usage: peer COMMAND [options]    (peer COMMAND --help for its options)\n\n");
+  printf("commands:\n");
+  for (int i = 0; i < N_COMMANDS; i++)
+    printf("  %-8s %s\n", commands[i].name, commands[i].summary);
+  printf("\noptions:\n  -h, --help     this text\n  --version      the library version\n");
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) {
+    fprintf(stderr, "peer: missing command (try 'peer --help')\n");
+    return EXIT_USAGE;
+  }
+  const char *name = argv[1];
+  if (strcmp(name, "-h") == 0 || strcmp(name, "--help") == 0 || strcmp(name, "help") == 0) {
+    print_usage();
+    return 0;
+  }
+  if (strcmp(name, "--version") == 0 || strcmp(name, "version") == 0) {
+    printf("peer %s\n", peer_version_string());
+    return 0;
+  }
+  for (int i = 0; i < N_COMMANDS; i++) {
+    if (strcmp(name, commands[i].name) == 0) {
+      g_cmd = name;
+      return commands[i].run(argc - 2, argv + 2);
+    }
+  }
+  fprintf(stderr, "peer: %s: unknown command (try 'peer --help')\n", name);
+  return EXIT_USAGE;
+}
