@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""tables.py: markdown tables from the JSON of bench_forward and bench_retrieval.
+
+Usage:
+  build/bin/bench_forward --benchmark_out=forward.json --benchmark_out_format=json
+  build/bin/bench_retrieval --benchmark_out=retrieval.json --benchmark_out_format=json
+  python3 bench/tables.py forward.json retrieval.json
+
+With --benchmark_repetitions the median aggregate of each benchmark is used;
+without, the (lower) median of its plain runs by real time.  Python standard library only.
+"""
+import argparse
+import json
+import sys
+
+
+def parse_name(run_name):
+    """'retrieve/pk/n:1024/H:8/...' -> ('retrieve', ['pk'], {'n': '1024', ...})."""
+    parts = run_name.split("/")
+    words, fields = [], {}
+    for part in parts[1:]:
+        if ":" in part:
+            key, value = part.split(":", 1)
+            fields[key] = value
+        elif part != "real_time":
+            words.append(part)
+    return parts[0], words, fields
+
+
+def load(paths):
+    """run_name -> dict of the values of its median run (counters included),
+    plus "cv" (coefficient of variation of the real time) with repetitions."""
+    runs = {}
+    medians = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for b in data.get("benchmarks", []):
+            name = b.get("run_name", b["name"])
+            if b.get("error_occurred"):
+                medians[name] = {"error": b.get("error_message", "error")}
+            elif b.get("run_type") == "aggregate":
+                if b.get("aggregate_name") == "median":
+                    medians.setdefault(name, {}).update(b)
+                elif b.get("aggregate_name") == "cv":
+                    medians.setdefault(name, {})["cv"] = b["real_time"]
+            else:
+                runs.setdefault(name, []).append(b)
+    for name, entries in runs.items():
+        if name not in medians:
+            entries.sort(key=lambda e: e["real_time"])
+            medians[name] = entries[(len(entries) - 1) // 2]  # lower median
+    return medians
+
+
+def fmt(x):
+    """Three significant digits with a k / M / G suffix."""
+    if x is None:
+        return "-"
+    for scale, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= scale:
+            return f"{x / scale:#.3g}".rstrip(".") + suffix
+    return f"{x:#.3g}".rstrip(".")
+
+
+def retrieval_tables(results, out):
+    cases = {}
+    for name, r in results.items():
+        kind, words, f = parse_name(name)
+        if kind != "retrieve" or not words:
+            continue
+        key = (int(f["n"]), int(f["H"]), int(f["d_key"]), int(f["k"]), int(f["threads"]))
+        cases.setdefault(key, {})[words[0]] = r
+    if not cases:
+        return
+    out.write("### Retrieval: product keys vs brute force (tokens/s, d_model = 64)\n\n")
+    out.write("| N | n | H | d_key | k | threads | product keys | brute force | ratio |\n")
+    out.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    # k = 16 single-thread sweep first, then the k and thread variants.
+    order = sorted(cases, key=lambda c: (c[3] != 16 or c[4] != 1, c[4], c[3], c[1], c[2], c[0]))
+    for key in order:
+        n, H, dk, k, threads = key
+        pk = cases[key].get("pk", {}).get("tokens/s")
+        br = cases[key].get("brute", {}).get("tokens/s")
+        ratio = f"{pk / br:#.3g}".rstrip(".") + "x" if pk and br else "-"
+        out.write(f"| {n * n:,} | {n} | {H} | {dk} | {k} | {threads} | {fmt(pk)} | {fmt(br)} | {ratio} |\n")
+    out.write("\n")
+
+
+def forward_tables(results, out):
+    rows = []
+    for name, r in results.items():
+        kind, words, f = parse_name(name)
+        if kind != "forward" or len(words) < 2:
+            continue
+        rows.append(((words[0] != "ref", words[0], words[1] != "f32", words[1], int(f["threads"]), -int(f["batch"])), r))
+    if not rows:
+        return
+    out.write("### Forward (reference: d=512, H=8, k=16, d_key=256, n=1024; small: d=256, n=256)\n\n")
+    out.write("| config | dtype | threads | batch | ms / call (cv) | tokens/s | floor tokens/s | floor frac"
+              " | expert GB/s | GMAC/s |\n")
+    out.write("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    for (_, cfg, _, dtype, threads, neg_batch), r in sorted(rows, key=lambda x: x[0]):
+        if "error" in r:
+            out.write(f"| {cfg} | {dtype} | {threads} | {-neg_batch} | error: {r['error']} |||||\n")
+            continue
+        tps = r.get("tokens/s")
+        frac = r.get("floor_frac")
+        floor = tps / frac if tps and frac else None
+        ms = r["real_time"] * {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[r.get("time_unit", "ns")]
+        cv = f" ({100 * r['cv']:.0f}%)" if "cv" in r else ""
+        out.write(f"| {cfg} | {dtype} | {threads} | {-neg_batch} | {ms:.3g}{cv} | {fmt(tps)} | {fmt(floor)}"
+                  f" | {frac:.2f} | {r.get('expert_B/s', 0) / 1e9:.2f} | {r.get('MAC/s', 0) / 1e9:.1f} |\n")
+    out.write("\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+", help="--benchmark_out files (json format)")
+    args = ap.parse_args()
+    results = load(args.json)
+    forward_tables(results, sys.stdout)
+    retrieval_tables(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
