@@ -27,7 +27,7 @@ static inline __attribute__((always_inline)) void gemm_tile(int mr, int nv, int6
     for (int v = 0; v < nv; v++) a[v] = loadv(pack + k * TB + v * VW);
     for (int r = 0; r < mr; r++) {
       vf b = B[r * ldb + k] - (vf){0};
-      for (int v = 0; v < nv; v++) acc[r][v] += a[v] * b;
+      for (int v = 0; v < nv; v++) acc[r][v] = vfma(a[v], b, acc[r][v]);
     }
   }
   for (int r = 0; r < mr; r++)
@@ -66,8 +66,9 @@ void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t l
 int peer_cpu_threads(const peer_layer *L) { return peer_layer_threads(L); }
 
 
-/* Per-thread scratch: S for one token block (both halves) and the two
- * halves' top-k' lists. */
+/* Per-thread scratch: S for one token block (both halves), the two halves'
+ * top-k' lists (the third list's floats hold candidates' rounding errors),
+ * and the packing buffer. */
 static size_t pack_bytes(const peer_dims *D) {
   int64_t K = D->d > D->half ? D->d : D->half;
   return round64((size_t)K * TB * sizeof(float));
@@ -75,7 +76,7 @@ static size_t pack_bytes(const peer_dims *D) {
 
 static size_t thread_scratch_bytes(const peer_dims *D) {
   return round64((size_t)TB * 2 * (size_t)D->n * sizeof(float)) +
-         2 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t))) + pack_bytes(D);
+         3 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t))) + pack_bytes(D);
 }
 
 
@@ -208,15 +209,18 @@ static void note_bad(int64_t *bad_token, int *bad_head, int64_t t, int h) {
   }
 }
 
-/* Exhaustive scan of all n*n sums, in id order (so ties keep the smaller id). */
+/* Exhaustive scan of all n*n sums in id order, in the candidate order of
+ * peer_pair_beats (exact sums; ties keep the smaller, earlier id). */
 static int brute_head(const float *s1, const float *s2, int64_t n, int k, float *out_s,
-                      int64_t *out_id) {
+                      float *lo, int64_t *out_id) {
   int count = 0, bad = 0;
   for (int64_t a = 0; a < n; a++) {
     for (int64_t b = 0; b < n; b++) {
-      float c = s1[a] + s2[b];
-      bad |= !isfinite(c);
-      if (count < k || c > out_s[k - 1]) peer_list_insert(out_s, out_id, k, &count, c, a * n + b);
+      float c, l;
+      peer_two_sum(s1[a], s2[b], &c, &l);
+      bad |= !isfinite(c) || !isfinite(l);
+      if (count < k || c > out_s[k - 1] || (c == out_s[k - 1] && l > lo[k - 1]))
+        peer_pair_insert(out_s, lo, out_id, k, &count, c, l, a * n + b);
     }
   }
   return bad;
@@ -242,6 +246,7 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
       size_t list_bytes = round64((size_t)kp * (sizeof(float) + sizeof(int64_t)));
       int64_t *a1 = (int64_t *)lists, *a2 = (int64_t *)(lists + list_bytes);
       float *s1 = (float *)(a1 + kp), *s2 = (float *)(a2 + kp);
+      float *lo = (float *)(lists + 2 * list_bytes);
 
       int64_t t0 = tb * TB, nt = T - t0 < TB ? T - t0 : TB;
       int64_t g = L->cfg.shared_keys ? 0 : h;
@@ -255,11 +260,12 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
         size_t o = (size_t)((t0 + t) * H + h) * (size_t)k;
         int bad;
         if (brute) {
-          bad = brute_head(row1, row2, n, k, out.scores + o, out.ids + o);
+          bad = brute_head(row1, row2, n, k, out.scores + o, lo, out.ids + o);
         } else {
           bad = topk_scan_fast(row1, (int)n, kp, s1, a1);
           bad |= topk_scan_fast(row2, (int)n, kp, s2, a2);
-          bad |= peer_merge_candidates(s1, a1, s2, a2, kp, k, n, out.scores + o, out.ids + o);
+          bad |= peer_merge_candidates(s1, a1, s2, a2, kp, k, n, out.scores + o, lo,
+                                       out.ids + o);
         }
         if (bad) note_bad(&bad_token, &bad_head, t0 + t, (int)h);
         if (out.gates) peer_gates((int)L->cfg.gate, out.scores + o, k, out.gates + o);

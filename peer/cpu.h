@@ -8,6 +8,9 @@
 #include "rowops.h"
 
 #include <string.h>
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 /* Vector width follows the target: 16 lanes with AVX-512, else 8 (AVX2). */
 #ifdef __AVX512F__
@@ -41,6 +44,19 @@ typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 static inline vf loadv(const float *p) { return *(const vfu *)p; }
+
+/* a * b + c, fused wherever the target has FMA.  Spelled out because the
+ * compiler's contraction of `c += a * b` differs between inlined variants of
+ * one loop, and the matrix product's bits must not depend on the variant. */
+static inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
 
 static inline vf loadv_bf16(const uint16_t *p) {
   vh h = *(const vh *)p;

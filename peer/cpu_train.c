@@ -372,6 +372,5 @@ peer_status peer_cpu_backward(peer_layer *L, peer_context *c, const float *dy, f
   if (gr->keys) keys_grad(L, T, &m, gr->keys, P);
   if (L->cfg.query_norm == PEER_NORM_BATCHNORM) norm_backward(L, T, &m, gr, P);
   projection_backward(L, T, x, dx, &m, gr, P);
-  c->ready = false;
   return PEER_OK;
 }

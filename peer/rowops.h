@@ -51,25 +51,62 @@ PEER_HD int peer_topk_scan(const float *s, int n, int kp, float *out_s, int64_t 
   return bad;
 }
 
+/* The exact sum of two floats as hi + lo (Knuth's TwoSum): hi = fl(a + b),
+ * lo the rounding error, so (hi, lo) compared in order is the exact sum
+ * compared.  No multiplications, so FMA contraction cannot change it. */
+PEER_HD void peer_two_sum(float a, float b, float *hi, float *lo) {
+  float s = a + b;
+  float bb = s - a;
+  *hi = s;
+  *lo = (a - (s - bb)) + (b - bb);
+}
+
+/* The candidate order: the exact sum s1[a] + s2[b] (hi, then lo), higher
+ * first; exactly equal sums go to the smaller id. */
+PEER_HD int peer_pair_beats(float ha, float la, int64_t ia, float hb, float lb, int64_t ib) {
+  return ha > hb || (ha == hb && (la > lb || (la == lb && ia < ib)));
+}
+
+/* peer_list_insert for candidates carrying the rounding error lo. */
+PEER_HD void peer_pair_insert(float *sc, float *lo, int64_t *ids, int cap, int *count, float s,
+                              float l, int64_t id) {
+  int pos = *count < cap ? *count : cap - 1;
+  while (pos > 0 && peer_pair_beats(s, l, id, sc[pos - 1], lo[pos - 1], ids[pos - 1])) {
+    sc[pos] = sc[pos - 1];
+    lo[pos] = lo[pos - 1];
+    ids[pos] = ids[pos - 1];
+    pos--;
+  }
+  sc[pos] = s;
+  lo[pos] = l;
+  ids[pos] = id;
+  if (*count < cap) (*count)++;
+}
+
 /* A head's top-k from the Cartesian product of the two halves' top-kp lists
- * (each sorted by the tie rule).  Exact: in a sorted row i the candidates
- * (i, j) come in the tie rule's order as j grows, and (i, 0) beats every
- * (i', j) for i' > i, so scans stop early.  Expert id = a*n + b.  Returns 1 if
- * a candidate sum is non-finite (overflow), else 0. */
+ * (each sorted by the tie rule).  Candidates are ordered by their exact sums
+ * (see peer_pair_beats), which makes the product exact: rounding s1 + s2 to
+ * a float can tie two sums whose exact values differ, and a float tie would
+ * let an expert outside A1 x A2 win on its id.  In a sorted row i the
+ * candidates (i, j) come in order as j grows, and (i, 0) beats every (i', j)
+ * for i' > i, so scans stop early.  Expert id = a*n + b; out_s gets the
+ * float sums, lo (k floats) their rounding errors.  Returns 1 if a candidate
+ * sum is non-finite (overflow), else 0. */
 PEER_HD int peer_merge_candidates(const float *s1, const int64_t *a1, const float *s2,
                                   const int64_t *a2, int kp, int k, int64_t n, float *out_s,
-                                  int64_t *out_id) {
+                                  float *lo, int64_t *out_id) {
   int count = 0, bad = 0;
   for (int i = 0; i < kp; i++) {
     for (int j = 0; j < kp; j++) {
-      float c = s1[i] + s2[j];
+      float c, l;
+      peer_two_sum(s1[i], s2[j], &c, &l);
       int64_t id = a1[i] * n + a2[j];
-      if (count == k && !peer_beats(c, id, out_s[k - 1], out_id[k - 1])) {
+      if (count == k && !peer_pair_beats(c, l, id, out_s[k - 1], lo[k - 1], out_id[k - 1])) {
         if (j == 0) return bad; /* nothing in rows i.. can enter */
         break;
       }
-      bad |= !isfinite(c);
-      peer_list_insert(out_s, out_id, k, &count, c, id);
+      bad |= !isfinite(c) || !isfinite(l);
+      peer_pair_insert(out_s, lo, out_id, k, &count, c, l, id);
     }
   }
   return bad;
@@ -96,7 +133,7 @@ PEER_HD void peer_gates(int gate, const float *z, int k, float *g) {
 /* Expert activation (peer_activation's values). */
 PEER_HD float peer_activate(int act, float x) {
   switch (act) {
-  case 0: return x > 0.0f ? x : 0.0f;
+  case 0: return x < 0.0f ? 0.0f : x; /* NaN passes through */
   case 1: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
   case 2: {
     float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);

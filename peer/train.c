@@ -4,6 +4,7 @@
 
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* T*H*k entries are indexed with 32 bits in the backward's sorts. */
 #define MAX_ENTRIES ((int64_t)1 << 31)
@@ -97,6 +98,15 @@ peer_status peer_forward_train(peer_layer *L, peer_context *c, int64_t T, const 
   return PEER_OK;
 }
 
+/* An empty batch has zero gradients; dense ones are still overwritten. */
+static void zero_dense_grads(const peer_layer *L, peer_grads *g) {
+  float *bufs[] = {g->query_weight, g->query_bias, g->norm_weight, g->norm_bias, g->keys};
+  int slots[] = {PEER_P_QUERY_WEIGHT, PEER_P_QUERY_BIAS, PEER_P_NORM_WEIGHT, PEER_P_NORM_BIAS,
+                 PEER_P_KEYS};
+  for (int i = 0; i < 5; i++)
+    if (bufs[i]) memset(bufs[i], 0, L->slot[slots[i]].nbytes);
+}
+
 peer_status peer_backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
                           peer_grads *g) {
   peer_status st = check_context(L, c, "backward");
@@ -120,6 +130,8 @@ peer_status peer_backward(peer_layer *L, peer_context *c, const float *dy, float
   if (!L->slot[PEER_P_NORM_WEIGHT].data && (g->norm_weight || g->norm_bias))
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: the layer has no query norm");
   g->n_expert_rows = 0;
-  if (T == 0) return PEER_OK;
-  return L->backend->backward(L, c, dy, dx, g);
+  if (T == 0) zero_dense_grads(L, g);
+  else if ((st = L->backend->backward(L, c, dy, dx, g))) return st;
+  c->ready = false; /* one backward per training forward; a failed one may be retried */
+  return PEER_OK;
 }
