@@ -1,4 +1,5 @@
-// bench_forward.cc: throughput of peer_forward on the CPU backend, measured
+// bench_forward.cc: throughput of peer_forward, and of a training step
+// (peer_forward_train + peer_backward), on the CPU backend, measured
 // against the floor this machine allows (docs/PEER.md "Cost per token" divided
 // by the ceilings in DESIGN.md "Performance method").
 //
@@ -170,6 +171,83 @@ void forward(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t bat
   state.SetLabel(label);
 }
 
+// Per-token work of a training step: the forward, then the backward's
+// products (dWq and dx through Wq: 2*d*H*d_key), the expert rows (v.dy,
+// dx += c u, du, dv: 4*H*k*d) and the sub-key terms (about 4*H*k*d_key/2);
+// bytes: the expert rows read twice and the sparse gradient rows written once.
+Cost train_cost_of(const peer_config &c) {
+  double d = double(c.d_model), H = double(c.n_heads), k = double(c.top_k);
+  double dk = double(c.d_key);
+  Cost cost = cost_of(c);
+  cost.macs += 2.0 * d * H * dk + 4.0 * H * k * d + 2.0 * H * k * dk;
+  cost.expert_bytes = 2.0 * cost.expert_bytes + 2.0 * H * k * d * 4.0;
+  return cost;
+}
+
+void train_step(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t batch,
+                int threads) {
+  std::string error;
+  peer_layer *layer = layer_cache().get(shape, dtype, &error);
+  if (!layer) {
+    state.SkipWithError(error.c_str());
+    return;
+  }
+  if (peer_layer_set_threads(layer, threads) != PEER_OK) {
+    state.SkipWithError(peer_last_error());
+    return;
+  }
+  const peer_config &cfg = *peer_layer_config(layer);
+  const int64_t d = cfg.d_model, hk = cfg.n_heads * cfg.top_k;
+  const int64_t dq = cfg.n_heads * cfg.d_key, G = cfg.shared_keys ? 1 : cfg.n_heads;
+  const int64_t n_batches = std::max(kMinBatchesInPool, kMinPoolTokens / batch);
+  const std::vector<float> pool = random_tokens(n_batches * batch, d, 1234);
+  const std::vector<float> dy = random_tokens(batch, d, 99);
+  std::vector<float> y(size_t(batch * d)), dx(size_t(batch * d));
+  std::vector<float> g_wq(size_t(dq * d)), g_keys(size_t(G * cfg.n_subkeys * cfg.d_key));
+  std::vector<float> g_down(size_t(batch * hk * d)), g_up(size_t(batch * hk * d));
+  std::vector<int64_t> rows(size_t(batch * hk));
+  peer_grads g = {};
+  g.query_weight = g_wq.data();
+  g.keys = g_keys.data();
+  g.expert_capacity = batch * hk;
+  g.expert_rows = rows.data();
+  g.experts_down = g_down.data();
+  g.experts_up = g_up.data();
+  peer_context *ctx = nullptr;
+  size_t ctx_bytes = 0;
+  if (peer_context_create(&ctx, layer, batch) != PEER_OK ||
+      peer_context_size(layer, batch, &ctx_bytes) != PEER_OK) {
+    state.SkipWithError(peer_last_error());
+    return;
+  }
+  int64_t next = 0;
+  for (auto _ : state) {
+    const float *x = pool.data() + size_t((next % n_batches) * batch * d);
+    if (peer_forward_train(layer, ctx, batch, x, y.data()) != PEER_OK ||
+        peer_backward(layer, ctx, dy.data(), dx.data(), &g) != PEER_OK) {
+      state.SkipWithError(peer_last_error());
+      break;
+    }
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+    ++next;
+  }
+  peer_context_free(ctx);
+
+  const Cost cost = train_cost_of(cfg);
+  const double tokens = double(state.iterations()) * double(batch);
+  using benchmark::Counter;
+  state.counters["tokens/s"] = Counter(tokens, Counter::kIsRate);
+  state.counters["MAC/s"] = Counter(tokens * cost.macs, Counter::kIsRate);
+  state.counters["floor_frac"] = Counter(tokens * cost.floor_seconds(threads), Counter::kIsRate);
+  // Training context per token (what forward_train keeps for backward, plus
+  // the backward's scratch), not counting the sparse gradient rows.
+  state.counters["ctx_KiB/token"] = double(ctx_bytes) / 1024.0 / double(batch);
+  char label[96];
+  std::snprintf(label, sizeof label, "floor %.1f us/token", 1e6 * cost.floor_seconds(threads));
+  state.SetLabel(label);
+}
+
 void register_all() {
   const Shape shapes[] = {kReference, kSmall};
   const peer_dtype dtypes[] = {PEER_F32, PEER_BF16};
@@ -187,6 +265,16 @@ void register_all() {
               ->Unit(benchmark::kMillisecond)
               ->MinTime(shape.n_subkeys >= 1024 ? 1.0 : 0.5);
         }
+  for (peer_dtype dtype : dtypes)
+    for (int threads : thread_counts) {
+      std::string name = std::string("train_step/ref/") + (dtype == PEER_F32 ? "f32" : "bf16") +
+                         "/batch:512/threads:" + std::to_string(threads);
+      benchmark::RegisterBenchmark(name.c_str(), train_step, kReference, dtype, int64_t(512),
+                                   threads)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(1.0);
+    }
 }
 
 } // namespace
