@@ -167,35 +167,57 @@ static inline bool any_lane(vi m) {
   return acc != 0;
 }
 
-/* peer_topk_scan's result, faster: a vector compare against the current
- * worst skips the chunks that hold no newcomer (nearly all of them). */
+/* Vectors per group in the threshold pass of topk_scan_fast, and the largest
+ * k' it handles (beyond, the plain scan). */
+#define SCAN_GROUP 16
+#define SCAN_KP_MAX 256
+
+/* peer_topk_scan's result, faster.  A first pass takes lane-wise maxima over
+ * groups of SCAN_GROUP vectors: each lane of a group is the maximum of its
+ * own SCAN_GROUP scores, so these maxima summarise disjoint sets.  If tau is
+ * the kp-th largest of them, kp disjoint sets hold a score >= tau, so every
+ * member of the top-kp is >= tau.  The second pass inserts, in index order
+ * and by the tie rule, only the scores >= tau: usually little more than kp.
+ * Returns 1 if a score is non-finite, as peer_topk_scan. */
 static int topk_scan_fast(const float *s, int n, int kp, float *out_s, int64_t *out_id) {
-  int count = 0, i = 0, bad = 0;
-  for (; i < n && count < kp; i++) {
-    bad |= !isfinite(s[i]);
-    peer_list_insert(out_s, out_id, kp, &count, s[i], i);
-  }
-  float worst = out_s[kp - 1];
-  vf thr = worst - (vf){0};
+  const int group = VW * SCAN_GROUP, n_groups = n / group;
+  if (n_groups * VW < kp || kp > SCAN_KP_MAX) return peer_topk_scan(s, n, kp, out_s, out_id);
   vi badv = {0};
-  for (; i + VW <= n; i += VW) {
-    vf v = loadv(s + i);
-    badv |= (v - v) != 0; /* NaN and infinity give NaN */
-    if (!any_lane(v > thr)) continue;
+  /* kp largest group maxima, descending (values only; ties are harmless) */
+  float best[SCAN_KP_MAX];
+  for (int i = 0; i < kp; i++) best[i] = -INFINITY;
+  for (int gi = 0; gi < n_groups; gi++) {
+    const float *p = s + gi * group;
+    vf m = loadv(p);
+    for (int r = 0; r < SCAN_GROUP; r++) {
+      vf v = loadv(p + r * VW);
+      badv |= (v - v) != 0; /* NaN and infinity give NaN */
+      vi gt = v > m;
+      m = (vf)((gt & (vi)v) | (~gt & (vi)m));
+    }
     for (int l = 0; l < VW; l++) {
-      if (s[i + l] > worst) {
-        peer_list_insert(out_s, out_id, kp, &count, s[i + l], i + l);
-        worst = out_s[kp - 1];
-      }
+      float v = m[l];
+      if (!(v > best[kp - 1])) continue;
+      int pos = kp - 1;
+      while (pos > 0 && v > best[pos - 1]) best[pos] = best[pos - 1], pos--;
+      best[pos] = v;
     }
-    thr = worst - (vf){0};
   }
-  for (; i < n; i++) {
-    bad |= !isfinite(s[i]);
-    if (s[i] > worst) {
-      peer_list_insert(out_s, out_id, kp, &count, s[i], i);
-      worst = out_s[kp - 1];
+  const float tau = best[kp - 1];
+  const vf tauv = tau - (vf){0};
+  int count = 0, bad = 0;
+  for (int i = 0; i < n_groups * group; i += VW) {
+    if (!any_lane(loadv(s + i) >= tauv)) continue;
+    for (int l = 0; l < VW; l++) {
+      float v = s[i + l];
+      if (v >= tau && (count < kp || v > out_s[kp - 1]))
+        peer_list_insert(out_s, out_id, kp, &count, v, i + l);
     }
+  }
+  for (int i = n_groups * group; i < n; i++) {
+    bad |= !isfinite(s[i]);
+    if (s[i] >= tau && (count < kp || s[i] > out_s[kp - 1]))
+      peer_list_insert(out_s, out_id, kp, &count, s[i], i);
   }
   return bad | any_lane(badv);
 }
