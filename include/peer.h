@@ -286,6 +286,122 @@ typedef struct peer_grads {
 peer_status peer_backward(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
                           peer_grads *grads);
 
+/* ---------------------------------------------- optimizers and checkpoints */
+
+/* An optimizer updates one layer's parameters in place from the gradients of
+ * peer_backward, and a checkpoint saves and restores the layer together with
+ * the optimizer's state and step.
+ *
+ * Dense parameters (query.weight, query.bias, query.norm.weight/bias, keys)
+ * take plain SGD (with optional momentum) or Adam; the batch-norm running
+ * statistics are not parameters and are left alone.  Expert rows are sparse
+ * and "lazy": a step touches only the rows listed in the gradients, at their
+ * own learning rate (PKM and Memory Layers train the value tables with a
+ * separate, fixed rate):
+ *  - sparse SGD: row -= expert_lr * grad_row (no momentum, no state);
+ *  - sparse Adam (torch.optim.SparseAdam's rule): the moments m and v of a
+ *    listed row are updated and the row moved; rows not listed keep their
+ *    values and moments bit for bit.  Bias correction uses the optimizer's
+ *    global step, as SparseAdam does, not a per-row count.
+ * bf16 expert tables are updated in f32 and rounded back to bf16 (to nearest
+ * even): an update smaller than half a bf16 ulp of the weight is lost.  There
+ * is no f32 master copy.  Optimizer state is always f32.
+ *
+ * Memory: Adam keeps m and v for every dense parameter and, with expert_kind
+ * Adam, for both expert tables: 4 * N * d_model floats (2 tables x 2
+ * moments; 8 GiB at N = 2^20, d_model = 512), twice the f32 tables.  It is
+ * allocated zeroed and mapped lazily, so memory is taken as steps touch rows
+ * (in pages, huge pages where the system gives them); a long run touches all
+ * of it.  Sparse SGD keeps no state.
+ *
+ * Only CPU-backend layers (host parameters) are supported here. */
+
+typedef enum peer_optim_kind {
+  PEER_OPTIM_SGD = 0,
+  PEER_OPTIM_ADAM = 1
+} peer_optim_kind;
+
+typedef struct peer_optim_config {
+  peer_optim_kind kind; /* rule for the dense parameters */
+  float lr;             /* learning rate of the dense parameters, >= 0 */
+  float momentum;       /* SGD, dense only: buf = momentum*buf + g; p -= lr*buf; in [0, 1) */
+  float beta1, beta2;   /* Adam, in [0, 1) */
+  float eps;            /* Adam, > 0 */
+  /* Decoupled weight decay (AdamW; SGDW for SGD): p -= lr*weight_decay*p
+   * before the update, on the dense parameters only (never on expert rows,
+   * whose lazy updates would decay only the rows a batch happens to use).
+   * >= 0. */
+  float weight_decay;
+  float expert_lr;             /* learning rate of the expert rows; 0 = same as lr */
+  peer_optim_kind expert_kind; /* rule for the expert rows (sparse SGD or Adam) */
+} peer_optim_config;
+
+/* Adam for both, lr 1e-3, momentum 0, betas 0.9 / 0.999, eps 1e-8, weight
+ * decay 0, expert_lr 0 (= lr). */
+peer_optim_config peer_optim_config_default(void);
+/* Check ranges; the error message names the offending field.  Fields a kind
+ * does not use (momentum for Adam; betas and eps when nothing is Adam) are
+ * not checked. */
+peer_status peer_optim_config_validate(const peer_optim_config *cfg);
+
+typedef struct peer_optimizer peer_optimizer;
+
+/* Create an optimizer for `layer` (which must outlive it) with zeroed state
+ * and step 0.  On success *out is freed with peer_optimizer_free. */
+peer_status peer_optimizer_create(peer_optimizer **out, peer_layer *layer,
+                                  const peer_optim_config *cfg);
+/* Free an optimizer and its state; NULL is accepted. */
+void peer_optimizer_free(peer_optimizer *opt);
+/* The optimizer's configuration (owned by the optimizer). */
+const peer_optim_config *peer_optimizer_config(const peer_optimizer *opt);
+/* Change the learning rates (for schedules); expert_lr 0 = same as lr. */
+peer_status peer_optimizer_set_lr(peer_optimizer *opt, float lr, float expert_lr);
+
+/* One update of the layer's parameters from grads (as filled by
+ * peer_backward; not modified).  A NULL dense gradient leaves its parameter
+ * and state alone.  Expert rows: the rows expert_rows[0 .. n_expert_rows)
+ * (strictly ascending, in [0, N), as backward lists them) are updated, their
+ * gradient rows read from experts_down / experts_up at the row's position in
+ * the list (experts_dense = 0) or at the row's id (experts_dense = 1; the
+ * buffers are not cleared).  Nothing is changed, and PEER_ERR_NONFINITE names
+ * the tensor, if a gradient that would be used holds a NaN or infinity.  The
+ * step count grows by one on success.  Results are the same bits for every
+ * thread count. */
+peer_status peer_optimizer_step(peer_optimizer *opt, const peer_grads *grads);
+/* Steps taken (restored by peer_checkpoint_load). */
+int64_t peer_optimizer_step_count(const peer_optimizer *opt);
+
+/* State tensors, named as in a checkpoint: "optim.<parameter>.m" and ".v"
+ * (Adam), "optim.<parameter>.momentum" (SGD with momentum), e.g.
+ * "optim.experts.down.m" [N, d_model] F32.  `data` points into the
+ * optimizer's own memory for its lifetime. */
+int peer_optimizer_n_states(const peer_optimizer *opt);
+peer_status peer_optimizer_state(peer_optimizer *opt, int i, peer_tensor *out);
+/* PEER_ERR_INVALID_ARGUMENT if the optimizer keeps no state of that name. */
+peer_status peer_optimizer_state_by_name(peer_optimizer *opt, const char *name,
+                                         peer_tensor *out);
+
+/* Save a checkpoint: one safetensors file with every parameter under its
+ * PEER.md name, the weight-file metadata (config, "peer.format"), and, when
+ * opt is not NULL (it must belong to layer), its state tensors (written
+ * straight from memory, no copy), "peer.step" and its hyperparameters
+ * ("peer.optim.kind", "peer.optim.lr", ...).  Atomic as peer_layer_save: a
+ * failure or crash midway leaves any previous file at path intact.  Without
+ * an optimizer the file is a plain weight file. */
+peer_status peer_checkpoint_save(const peer_layer *layer, const peer_optimizer *opt,
+                                 const char *path);
+/* Load a checkpoint into an existing layer and, when opt is not NULL (it
+ * must belong to layer), its optimizer, restoring the step.  Refused with
+ * PEER_ERR_FORMAT, naming the key and both values, when the file's layer
+ * config differs from the layer's ("peer.n_subkeys: checkpoint 8, layer 16")
+ * or its optimizer kinds differ from opt's; a state tensor opt needs that the
+ * file lacks (or has with another shape) is refused too.  The optimizer keeps
+ * its own learning rates and other hyperparameters (a resumed run may change
+ * them).  With opt NULL, state tensors in the file are ignored.  Everything
+ * is checked before anything is read: only an I/O error midway can leave the
+ * layer partly loaded. */
+peer_status peer_checkpoint_load(peer_layer *layer, peer_optimizer *opt, const char *path);
+
 /* ------------------------------------------------------------ weight files */
 
 /* Save every parameter and the config as safetensors (PEER.md).  Atomic: the

@@ -58,6 +58,7 @@ struct peer_layer {
   int n_params;
   int param_slot[PEER_P_COUNT]; /* i-th present parameter -> slot */
   const struct peer_backend_i *backend;
+  void *backend_data; /* the backend's own per-layer state (NULL for CPU) */
   float norm_momentum;
   /* scratch (see peer_layer_set_workspace) */
   void *ws;
@@ -85,6 +86,14 @@ typedef struct peer_backend_i {
                                const float *x, float *y, void *ws);
   peer_status (*backward)(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
                           peer_grads *grads);
+  /* Optional (NULL for CPU): set up backend_data before the parameters are
+   * allocated (failing with a status, e.g. no device), and tear it down after
+   * they are freed. */
+  peer_status (*open)(peer_layer *layer);
+  void (*close)(peer_layer *layer);
+  /* Optional: copy host bytes into parameter storage that is not host memory.
+   * NULL means parameters are host memory, written in place. */
+  peer_status (*upload)(peer_layer *layer, void *dst, const void *src, size_t bytes);
 } peer_backend_i;
 
 /* A training context: the generic part; `mem` is laid out by the backend. */
@@ -100,12 +109,34 @@ struct peer_context {
 };
 
 extern const peer_backend_i peer_backend_cpu;
+#ifdef PEER_USE_CUDA
+extern const peer_backend_i peer_backend_cuda;
+#endif
 
 /* Threads a new context is sized for (per-thread scratch). */
 int peer_context_threads(const peer_layer *layer);
 
 /* Scratch for T tokens: the registered buffer or the grown internal one. */
 peer_status peer_layer_scratch(peer_layer *layer, int64_t n_tokens, void **ws);
+
+/* Weight-file metadata keys (PEER.md "Weight file"). */
+#define PEER_META_PREFIX "peer."
+#define PEER_META_FORMAT PEER_META_PREFIX "format"
+/* Most config fields peer_config_format lists, and its longest text. */
+#define PEER_CONFIG_FIELDS_MAX 32
+#define PEER_CONFIG_TEXT_MAX 1024
+
+/* A config as metadata pairs: pair[0..1] = "peer.format", version, then
+ * "peer.<field>", value for every field of peer_config_format, in its order. */
+typedef struct peer_layer_meta {
+  int n_pairs;
+  const char *pair[2 * (PEER_CONFIG_FIELDS_MAX + 1)];
+  char text[PEER_CONFIG_TEXT_MAX];
+  char key[PEER_CONFIG_FIELDS_MAX][64];
+  char format[16];
+} peer_layer_meta;
+
+peer_status peer_layer_meta_of(const peer_config *cfg, peer_layer_meta *out);
 
 /* Parse a decimal int64 in [lo, hi] (whole string); false otherwise. */
 bool peer_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out);

@@ -2,6 +2,7 @@
  * access by name, seeded initialisation, scratch memory, and the public entry
  * points that check arguments and hand the work to the layer's backend. */
 #include "internal.h"
+#include "rowops.h"
 
 #include <math.h>
 #include <omp.h>
@@ -93,6 +94,8 @@ static void describe_params(peer_layer *L) {
   set_slot(L, PEER_P_EXPERTS_UP, "experts.up", L->cfg.weight_dtype, 2, s);
 }
 
+static peer_status init_const(peer_layer *L, int slot, float v);
+
 peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
                               const peer_options *opt) {
   if (!out || !cfg) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_create: NULL argument");
@@ -106,9 +109,13 @@ peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "n_threads: %d is negative", o.n_threads);
   const peer_backend_i *be = NULL;
   if (o.backend == PEER_BACKEND_CPU) be = &peer_backend_cpu;
-  else if (o.backend == PEER_BACKEND_CUDA)
+  else if (o.backend == PEER_BACKEND_CUDA) {
+#ifdef PEER_USE_CUDA
+    be = &peer_backend_cuda;
+#else
     return peer_fail(PEER_ERR_UNSUPPORTED, "backend: this build has no CUDA backend");
-  else return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backend: unknown value %d", (int)o.backend);
+#endif
+  } else return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backend: unknown value %d", (int)o.backend);
 
   peer_layer *L = calloc(1, sizeof *L);
   if (!L) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "layer_create: out of memory");
@@ -119,6 +126,10 @@ peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
   L->backend = be;
   L->norm_momentum = 0.1f;
   describe_params(L);
+  if (be->open && (st = be->open(L))) {
+    free(L);
+    return st;
+  }
   for (int i = 0; i < L->n_params; i++) {
     peer_tensor *t = &L->slot[L->param_slot[i]];
     t->data = be->alloc(t->nbytes);
@@ -129,9 +140,10 @@ peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
       return PEER_ERR_OUT_OF_MEMORY;
     }
   }
-  if (L->slot[PEER_P_NORM_VAR].data) {
-    float *var = L->slot[PEER_P_NORM_VAR].data, *w = L->slot[PEER_P_NORM_WEIGHT].data;
-    for (int64_t i = 0; i < L->dims.dq; i++) var[i] = w[i] = 1.0f;
+  if (L->slot[PEER_P_NORM_VAR].data && ((st = init_const(L, PEER_P_NORM_VAR, 1.0f)) ||
+                                         (st = init_const(L, PEER_P_NORM_WEIGHT, 1.0f)))) {
+    peer_layer_free(L);
+    return st;
   }
   *out = L;
   return PEER_OK;
@@ -141,6 +153,7 @@ void peer_layer_free(peer_layer *L) {
   if (!L) return;
   for (int i = 0; i < PEER_P_COUNT; i++)
     if (L->slot[i].data) L->backend->free(L->slot[i].data, L->slot[i].nbytes);
+  if (L->backend->close) L->backend->close(L);
   if (L->ws_owned) peer_free(L->ws, L->ws_bytes);
   free(L);
 }
@@ -217,48 +230,76 @@ static inline float uniform_pm(uint64_t seed, uint64_t stream, uint64_t i, float
   return (2.0f * u - 1.0f) * a;
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even; finite inputs */
-  return (uint16_t)(u >> 16);
-}
 
-static void fill_uniform(peer_tensor *t, uint64_t seed, uint64_t stream, float a, int P) {
+static void fill_uniform(const peer_tensor *t, void *dst, uint64_t seed, uint64_t stream,
+                         float a, int P) {
   int64_t count = (int64_t)(t->nbytes / peer_dtype_size(t->dtype));
   if (t->dtype == PEER_BF16) {
-    uint16_t *p = t->data;
+    uint16_t *p = dst;
 #pragma omp parallel for schedule(static) num_threads(P)
-    for (int64_t i = 0; i < count; i++) p[i] = f32_to_bf16(uniform_pm(seed, stream, (uint64_t)i, a));
+    for (int64_t i = 0; i < count; i++) p[i] = peer_f32_to_bf16(uniform_pm(seed, stream, (uint64_t)i, a));
   } else {
-    float *p = t->data;
+    float *p = dst;
 #pragma omp parallel for schedule(static) num_threads(P)
     for (int64_t i = 0; i < count; i++) p[i] = uniform_pm(seed, stream, (uint64_t)i, a);
   }
 }
 
-static void fill_const(peer_tensor *t, float v) {
-  float *p = t->data;
+static void fill_const(const peer_tensor *t, void *dst, float v) {
+  float *p = dst;
   for (int64_t i = 0; i < t->shape[0]; i++) p[i] = v;
+}
+
+/* A backend whose parameters are not host memory (upload != NULL) is filled
+ * through a host staging copy, one tensor at a time. */
+static void *param_begin(const peer_layer *L, const peer_tensor *t) {
+  return L->backend->upload ? peer_alloc(t->nbytes) : t->data;
+}
+
+static peer_status param_end(peer_layer *L, const peer_tensor *t, void *host) {
+  if (!L->backend->upload) return PEER_OK;
+  peer_status st = L->backend->upload(L, t->data, host, t->nbytes);
+  peer_free(host, t->nbytes);
+  return st;
+}
+
+static peer_status init_uniform(peer_layer *L, int slot, uint64_t seed, uint64_t stream, float a,
+                                int P) {
+  const peer_tensor *t = &L->slot[slot];
+  void *host = param_begin(L, t);
+  if (!host)
+    return peer_fail(PEER_ERR_OUT_OF_MEMORY, "layer_init: cannot stage %s (%zu bytes)", t->name,
+                     t->nbytes);
+  fill_uniform(t, host, seed, stream, a, P);
+  return param_end(L, t, host);
+}
+
+static peer_status init_const(peer_layer *L, int slot, float v) {
+  const peer_tensor *t = &L->slot[slot];
+  void *host = param_begin(L, t);
+  if (!host)
+    return peer_fail(PEER_ERR_OUT_OF_MEMORY, "layer_init: cannot stage %s (%zu bytes)", t->name,
+                     t->nbytes);
+  fill_const(t, host, v);
+  return param_end(L, t, host);
 }
 
 peer_status peer_layer_init(peer_layer *L, uint64_t seed) {
   if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_init: NULL layer");
-  if (L->opt.backend != PEER_BACKEND_CPU)
-    return peer_fail(PEER_ERR_UNSUPPORTED, "layer_init: only host parameters can be initialised here");
   const peer_dims *D = &L->dims;
   int P = peer_layer_threads(L);
-  fill_uniform(&L->slot[PEER_P_QUERY_WEIGHT], seed, 1, 1.0f / sqrtf((float)D->d), P);
-  fill_uniform(&L->slot[PEER_P_KEYS], seed, 2, 1.0f / sqrtf((float)D->half), P);
-  fill_uniform(&L->slot[PEER_P_EXPERTS_DOWN], seed, 3, 1.0f / sqrtf((float)D->d), P);
-  fill_uniform(&L->slot[PEER_P_EXPERTS_UP], seed, 4, 1.0f / sqrtf((float)(D->H * D->k)), P);
-  if (L->slot[PEER_P_QUERY_BIAS].data) fill_const(&L->slot[PEER_P_QUERY_BIAS], 0.0f);
-  if (L->slot[PEER_P_NORM_WEIGHT].data) {
-    fill_const(&L->slot[PEER_P_NORM_WEIGHT], 1.0f);
-    fill_const(&L->slot[PEER_P_NORM_BIAS], 0.0f);
-    fill_const(&L->slot[PEER_P_NORM_MEAN], 0.0f);
-    fill_const(&L->slot[PEER_P_NORM_VAR], 1.0f);
-  }
+  peer_status st;
+  if ((st = init_uniform(L, PEER_P_QUERY_WEIGHT, seed, 1, 1.0f / sqrtf((float)D->d), P)) ||
+      (st = init_uniform(L, PEER_P_KEYS, seed, 2, 1.0f / sqrtf((float)D->half), P)) ||
+      (st = init_uniform(L, PEER_P_EXPERTS_DOWN, seed, 3, 1.0f / sqrtf((float)D->d), P)) ||
+      (st = init_uniform(L, PEER_P_EXPERTS_UP, seed, 4, 1.0f / sqrtf((float)(D->H * D->k)), P)))
+    return st;
+  if (L->slot[PEER_P_QUERY_BIAS].data && (st = init_const(L, PEER_P_QUERY_BIAS, 0.0f))) return st;
+  if (L->slot[PEER_P_NORM_WEIGHT].data &&
+      ((st = init_const(L, PEER_P_NORM_WEIGHT, 1.0f)) ||
+       (st = init_const(L, PEER_P_NORM_BIAS, 0.0f)) ||
+       (st = init_const(L, PEER_P_NORM_MEAN, 0.0f)) || (st = init_const(L, PEER_P_NORM_VAR, 1.0f))))
+    return st;
   return PEER_OK;
 }
 

@@ -188,4 +188,17 @@ PEER_HD float peer_bf16_to_f32(uint16_t h) {
   return v.f;
 }
 
+/* f32 to bf16 storage, rounding to nearest even; NaN stays a (quiet) NaN. */
+PEER_HD uint16_t peer_f32_to_bf16(float f) {
+  union {
+    float f;
+    uint32_t u;
+  } v;
+  v.f = f;
+  uint32_t u = v.u;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
 #endif

@@ -9,13 +9,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define META_PREFIX "peer."
-#define FORMAT_KEY META_PREFIX "format"
-/* The config as text: big enough for every field at its widest. */
-#define CONFIG_TEXT_MAX 1024
+#define META_PREFIX PEER_META_PREFIX
+#define FORMAT_KEY PEER_META_FORMAT
 /* peer_config_format lists every field; the metadata keys follow it, so a
  * new field needs no change here. */
-#define MAX_FIELDS 32
+#define CONFIG_TEXT_MAX PEER_CONFIG_TEXT_MAX
+#define MAX_FIELDS PEER_CONFIG_FIELDS_MAX
 
 typedef struct config_fields {
   char text[CONFIG_TEXT_MAX]; /* "key\0value\0key\0value..." after splitting */
@@ -43,6 +42,23 @@ static peer_status config_fields_of(const peer_config *cfg, config_fields *out) 
   return PEER_OK;
 }
 
+peer_status peer_layer_meta_of(const peer_config *cfg, peer_layer_meta *out) {
+  config_fields fields;
+  peer_status st = config_fields_of(cfg, &fields);
+  if (st) return st;
+  memcpy(out->text, fields.text, sizeof out->text);
+  snprintf(out->format, sizeof out->format, "%d", PEER_FORMAT_VERSION);
+  out->pair[0] = FORMAT_KEY;
+  out->pair[1] = out->format;
+  for (int i = 0; i < fields.n; i++) {
+    snprintf(out->key[i], sizeof out->key[i], META_PREFIX "%.58s", fields.key[i]);
+    out->pair[2 * i + 2] = out->key[i];
+    out->pair[2 * i + 3] = out->text + (fields.value[i] - fields.text);
+  }
+  out->n_pairs = fields.n + 1;
+  return PEER_OK;
+}
+
 static peer_status check_host_backend(const peer_options *opt, const char *what) {
   if (opt && opt->backend != PEER_BACKEND_CPU)
     return peer_fail(PEER_ERR_UNSUPPORTED,
@@ -54,24 +70,12 @@ peer_status peer_layer_save(const peer_layer *L, const char *path) {
   if (!L || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_save: NULL argument");
   peer_status st = check_host_backend(&L->opt, path);
   if (st) return st;
-  config_fields fields;
-  if ((st = config_fields_of(&L->cfg, &fields))) return st;
-
-  char names[MAX_FIELDS][64];
-  const char *meta[2 * (MAX_FIELDS + 1)];
-  char format[16];
-  snprintf(format, sizeof format, "%d", PEER_FORMAT_VERSION);
-  meta[0] = FORMAT_KEY;
-  meta[1] = format;
-  for (int i = 0; i < fields.n; i++) {
-    snprintf(names[i], sizeof names[i], META_PREFIX "%s", fields.key[i]);
-    meta[2 * i + 2] = names[i];
-    meta[2 * i + 3] = fields.value[i];
-  }
+  peer_layer_meta lm;
+  if ((st = peer_layer_meta_of(&L->cfg, &lm))) return st;
   peer_tensor tensors[PEER_P_COUNT];
   for (int i = 0; i < L->n_params; i++)
     tensors[i] = L->slot[L->param_slot[i]];
-  return peer_safetensors_write(path, tensors, L->n_params, meta, fields.n + 1);
+  return peer_safetensors_write(path, tensors, L->n_params, lm.pair, lm.n_pairs);
 }
 
 /* Rebuild the config from "peer.<name>" metadata: every field is required
@@ -145,6 +149,7 @@ static peer_status fill_params(peer_layer *L, const peer_safetensors *f, const c
     peer_tensor t;
     peer_status st = peer_safetensors_info(f, i, &t);
     if (st) return st;
+    if (strncmp(t.name, "optim.", 6) == 0) continue; /* a checkpoint's optimizer state */
     if (!is_param(L, t.name))
       return peer_fail(PEER_ERR_FORMAT,
                        "%s: tensor '%s' is extra: a layer with this config (query_bias=%d, "

@@ -1,0 +1,30 @@
+/* common.cuh: what the .cu files share: the library's internal header seen
+ * from C++, and turning a failed launch into a peer status. */
+#ifndef PEER_KERNELS_COMMON_CUH
+#define PEER_KERNELS_COMMON_CUH
+
+extern "C" {
+#include "internal.h"
+}
+#include "rowops.h"
+
+#include <cuda_runtime.h>
+
+#define PEER_FULL_MASK 0xffffffffu
+
+/* Grids stride over their work, so a launch never asks for more blocks than
+ * this (the work per block then loops). */
+#define PEER_K_MAX_BLOCKS ((int64_t)1 << 20)
+
+static inline unsigned peer_k_blocks(int64_t work, int64_t per_block) {
+  int64_t b = (work + per_block - 1) / per_block;
+  return (unsigned)(b < PEER_K_MAX_BLOCKS ? b : PEER_K_MAX_BLOCKS);
+}
+
+static inline peer_status peer_k_launched(const char *what) {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return PEER_OK;
+  return peer_fail(PEER_ERR_CUDA, "%s: kernel launch failed: %s", what, cudaGetErrorString(e));
+}
+
+#endif

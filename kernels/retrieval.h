@@ -1,0 +1,53 @@
+/* retrieval.h: launchers of the retrieval kernels (retrieval.cu): query bias
+ * and running batch norm, per-half top-k' of the sub-key scores, and the
+ * exact candidate merge with gates.  The matrix products around them are
+ * cuBLAS calls made by the backend (peer/cuda_backend.c).  Every launcher
+ * queues work on `stream`, returns PEER_ERR_CUDA with the runtime's message if
+ * the launch fails, and never synchronises. */
+#ifndef PEER_KERNELS_RETRIEVAL_H
+#define PEER_KERNELS_RETRIEVAL_H
+
+#include "peer.h"
+
+#include <cuda_runtime_api.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Dynamic shared memory one kernel may ask for without opting in. */
+#define PEER_K_SMEM_MAX ((size_t)48 * 1024)
+
+/* Shared memory of one warp of the top-k' kernel, and of one thread of the
+ * merge kernel; the backend refuses configs where these exceed
+ * PEER_K_SMEM_MAX. */
+size_t peer_k_topk_warp_smem(int64_t n, int64_t kp);
+size_t peer_k_merge_thread_smem(int64_t k);
+
+/* q [T, dq] in place: q += bias (if bias), then, if mean, the running batch
+ * norm (q - mean) / sqrt(var + 1e-5) * weight + norm_bias. */
+peer_status peer_k_bias_norm(float *q, int64_t T, int64_t dq, const float *bias,
+                             const float *norm_weight, const float *norm_bias,
+                             const float *mean, const float *var, cudaStream_t stream);
+
+/* Rows r in [0, rows) of S [rows, n] (row r = (t*H + h)*2 + half): the kp
+ * best (score, index) by the tie rule, sorted, into out_s / out_id
+ * [rows, kp].  A row holding a non-finite score lowers *bad to (t*H + h). */
+peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t kp,
+                               float *out_s, int64_t *out_id, unsigned long long *bad,
+                               cudaStream_t stream);
+
+/* Per (t, h) in [0, TH): the k best of the kp x kp candidates from the two
+ * halves' lists (lists [TH, 2, kp]), expert id a*n + b, sorted by the tie
+ * rule, into scores / ids [TH, k]; gates [TH, k] by peer_gates.  A non-finite
+ * candidate lowers *bad to (t*H + h). */
+peer_status peer_k_merge(const float *list_s, const int64_t *list_id, int64_t TH, int64_t kp,
+                         int64_t k, int64_t n, int gate, float *scores, int64_t *ids,
+                         float *gates, unsigned long long *bad, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

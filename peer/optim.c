@@ -1,0 +1,638 @@
+/* optim.c: training a layer's parameters in place: SGD and Adam(W) for the
+ * dense parameters, lazy sparse SGD and Adam for the expert rows a batch
+ * used (only those rows and their moments are touched), and checkpoints that
+ * hold the weights, the optimizer's state and its step in one safetensors
+ * file, written atomically and loaded only into a layer of the same config.
+ * The update rules and their choices are documented in peer.h. */
+#include "internal.h"
+#include "rowops.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define STATE_PREFIX "optim."
+#define META_PREFIX PEER_META_PREFIX
+#define STEP_KEY META_PREFIX "step"
+#define KIND_KEY META_PREFIX "optim.kind"
+#define EXPERT_KIND_KEY META_PREFIX "optim.expert_kind"
+/* Element loops shorter than this run on one thread. */
+#define PAR_MIN 32768
+/* Config text and its fields (peer_config_format lists every field). */
+#define MAX_FIELDS PEER_CONFIG_FIELDS_MAX
+/* State tensors: at most two per trainable parameter. */
+#define MAX_STATES (2 * PEER_P_COUNT)
+/* Hyperparameters written to a checkpoint's metadata (besides the kinds). */
+#define N_HYPER 7
+
+/* The parameters an optimizer trains: dense ones with their gradient field,
+ * then the two expert tables. */
+static const int dense_slots[] = {PEER_P_QUERY_WEIGHT, PEER_P_QUERY_BIAS, PEER_P_NORM_WEIGHT,
+                                  PEER_P_NORM_BIAS, PEER_P_KEYS};
+#define N_DENSE ((int)(sizeof dense_slots / sizeof dense_slots[0]))
+static const int expert_slots[] = {PEER_P_EXPERTS_DOWN, PEER_P_EXPERTS_UP};
+
+static const char *grad_name(int slot) {
+  switch (slot) {
+  case PEER_P_QUERY_WEIGHT:
+    return "query_weight";
+  case PEER_P_QUERY_BIAS:
+    return "query_bias";
+  case PEER_P_NORM_WEIGHT:
+    return "norm_weight";
+  case PEER_P_NORM_BIAS:
+    return "norm_bias";
+  case PEER_P_KEYS:
+    return "keys";
+  case PEER_P_EXPERTS_DOWN:
+    return "experts_down";
+  default:
+    return "experts_up";
+  }
+}
+
+static const float *dense_grad(const peer_grads *g, int slot) {
+  switch (slot) {
+  case PEER_P_QUERY_WEIGHT:
+    return g->query_weight;
+  case PEER_P_QUERY_BIAS:
+    return g->query_bias;
+  case PEER_P_NORM_WEIGHT:
+    return g->norm_weight;
+  case PEER_P_NORM_BIAS:
+    return g->norm_bias;
+  default:
+    return g->keys;
+  }
+}
+
+struct peer_optimizer {
+  peer_layer *layer;
+  peer_optim_config cfg;
+  int64_t step;
+  int n_states;
+  peer_tensor state[MAX_STATES];
+  char state_name[MAX_STATES][48];
+  /* by layer slot: Adam's m and v, or SGD's momentum buffer in m; NULL when
+   * the slot keeps no state */
+  float *m[PEER_P_COUNT], *v[PEER_P_COUNT];
+};
+
+/* ------------------------------------------------------------------ config */
+
+peer_optim_config peer_optim_config_default(void) {
+  peer_optim_config c;
+  memset(&c, 0, sizeof c);
+  c.kind = PEER_OPTIM_ADAM;
+  c.lr = 1e-3f;
+  c.momentum = 0.0f;
+  c.beta1 = 0.9f;
+  c.beta2 = 0.999f;
+  c.eps = 1e-8f;
+  c.weight_decay = 0.0f;
+  c.expert_lr = 0.0f;
+  c.expert_kind = PEER_OPTIM_ADAM;
+  return c;
+}
+
+static const char *kind_name(peer_optim_kind k) {
+  return k == PEER_OPTIM_SGD ? "sgd" : k == PEER_OPTIM_ADAM ? "adam" : "?";
+}
+
+static peer_status check_range(const char *field, float v, float lo, bool lo_open, float hi,
+                               bool hi_open, const char *range) {
+  bool ok = isfinite(v) && (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+  if (!ok)
+    return peer_fail(PEER_ERR_CONFIG, "optimizer %s: %g is not in %s", field, (double)v, range);
+  return PEER_OK;
+}
+
+peer_status peer_optim_config_validate(const peer_optim_config *c) {
+  if (!c) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optim_config_validate: NULL config");
+  if (c->kind != PEER_OPTIM_SGD && c->kind != PEER_OPTIM_ADAM)
+    return peer_fail(PEER_ERR_CONFIG, "optimizer kind: value %d is not SGD (0) or Adam (1)",
+                     (int)c->kind);
+  if (c->expert_kind != PEER_OPTIM_SGD && c->expert_kind != PEER_OPTIM_ADAM)
+    return peer_fail(PEER_ERR_CONFIG, "optimizer expert_kind: value %d is not SGD (0) or Adam (1)",
+                     (int)c->expert_kind);
+  peer_status st;
+  if ((st = check_range("lr", c->lr, 0.0f, false, INFINITY, true, "[0, inf)")) ||
+      (st = check_range("expert_lr", c->expert_lr, 0.0f, false, INFINITY, true, "[0, inf)")) ||
+      (st = check_range("weight_decay", c->weight_decay, 0.0f, false, INFINITY, true, "[0, inf)")))
+    return st;
+  if (c->kind == PEER_OPTIM_SGD &&
+      (st = check_range("momentum", c->momentum, 0.0f, false, 1.0f, true, "[0, 1)")))
+    return st;
+  if (c->kind == PEER_OPTIM_ADAM || c->expert_kind == PEER_OPTIM_ADAM) {
+    if ((st = check_range("beta1", c->beta1, 0.0f, false, 1.0f, true, "[0, 1)")) ||
+        (st = check_range("beta2", c->beta2, 0.0f, false, 1.0f, true, "[0, 1)")) ||
+        (st = check_range("eps", c->eps, 0.0f, true, INFINITY, true, "(0, inf)")))
+      return st;
+  }
+  return PEER_OK;
+}
+
+/* ------------------------------------------------------------ the object */
+
+static peer_status check_host_layer(const peer_layer *L, const char *what) {
+  if (L->opt.backend != PEER_BACKEND_CPU)
+    return peer_fail(PEER_ERR_UNSUPPORTED,
+                     "%s: only CPU-backend layers (host parameters) are supported", what);
+  return PEER_OK;
+}
+
+/* Add state tensor "optim.<param>.<suffix>" shaped like the parameter, f32. */
+static peer_status add_state(peer_optimizer *o, int slot, const char *suffix, float **out) {
+  const peer_tensor *p = &o->layer->slot[slot];
+  int i = o->n_states;
+  peer_tensor *t = &o->state[i];
+  snprintf(o->state_name[i], sizeof o->state_name[i], STATE_PREFIX "%s.%s", p->name, suffix);
+  t->name = o->state_name[i];
+  t->dtype = PEER_F32;
+  t->ndim = p->ndim;
+  memcpy(t->shape, p->shape, sizeof t->shape);
+  t->nbytes = p->nbytes / peer_dtype_size(p->dtype) * sizeof(float);
+  t->data = peer_alloc(t->nbytes);
+  if (!t->data)
+    return peer_fail(PEER_ERR_OUT_OF_MEMORY, "optimizer_create: cannot allocate %s (%zu bytes)",
+                     t->name, t->nbytes);
+  o->n_states++;
+  *out = t->data;
+  return PEER_OK;
+}
+
+/* The state one slot keeps under rule `kind` (momentum applies to SGD on
+ * dense parameters only). */
+static peer_status add_slot_state(peer_optimizer *o, int slot, peer_optim_kind kind,
+                                  bool momentum) {
+  if (!o->layer->slot[slot].data) return PEER_OK;
+  if (kind == PEER_OPTIM_ADAM) {
+    peer_status st = add_state(o, slot, "m", &o->m[slot]);
+    return st ? st : add_state(o, slot, "v", &o->v[slot]);
+  }
+  return momentum ? add_state(o, slot, "momentum", &o->m[slot]) : PEER_OK;
+}
+
+peer_status peer_optimizer_create(peer_optimizer **out, peer_layer *L,
+                                  const peer_optim_config *cfg) {
+  if (!out || !L || !cfg)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_create: NULL argument");
+  *out = NULL;
+  peer_status st = peer_optim_config_validate(cfg);
+  if (st || (st = check_host_layer(L, "optimizer_create"))) return st;
+  peer_optimizer *o = calloc(1, sizeof *o);
+  if (!o) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "optimizer_create: out of memory");
+  o->layer = L;
+  o->cfg = *cfg;
+  for (int i = 0; i < N_DENSE && !st; i++)
+    st = add_slot_state(o, dense_slots[i], cfg->kind, cfg->momentum > 0.0f);
+  for (int i = 0; i < 2 && !st; i++)
+    st = add_slot_state(o, expert_slots[i], cfg->expert_kind, false);
+  if (st) {
+    peer_optimizer_free(o);
+    return st;
+  }
+  *out = o;
+  return PEER_OK;
+}
+
+void peer_optimizer_free(peer_optimizer *o) {
+  if (!o) return;
+  for (int i = 0; i < o->n_states; i++)
+    peer_free(o->state[i].data, o->state[i].nbytes);
+  free(o);
+}
+
+const peer_optim_config *peer_optimizer_config(const peer_optimizer *o) {
+  return o ? &o->cfg : NULL;
+}
+
+peer_status peer_optimizer_set_lr(peer_optimizer *o, float lr, float expert_lr) {
+  if (!o) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_set_lr: NULL optimizer");
+  peer_optim_config c = o->cfg;
+  c.lr = lr;
+  c.expert_lr = expert_lr;
+  peer_status st = peer_optim_config_validate(&c);
+  if (st) return st;
+  o->cfg = c;
+  return PEER_OK;
+}
+
+int64_t peer_optimizer_step_count(const peer_optimizer *o) { return o ? o->step : 0; }
+
+int peer_optimizer_n_states(const peer_optimizer *o) { return o ? o->n_states : 0; }
+
+peer_status peer_optimizer_state(peer_optimizer *o, int i, peer_tensor *out) {
+  if (!o || !out) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_state: NULL argument");
+  if (i < 0 || i >= o->n_states)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_state: index %d not in [0, %d)", i,
+                     o->n_states);
+  *out = o->state[i];
+  return PEER_OK;
+}
+
+static const peer_tensor *find_state(const peer_optimizer *o, const char *name) {
+  for (int i = 0; i < o->n_states; i++)
+    if (strcmp(o->state[i].name, name) == 0) return &o->state[i];
+  return NULL;
+}
+
+peer_status peer_optimizer_state_by_name(peer_optimizer *o, const char *name, peer_tensor *out) {
+  if (!o || !name || !out)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_state_by_name: NULL argument");
+  const peer_tensor *t = find_state(o, name);
+  if (!t) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer keeps no state named '%s'", name);
+  *out = *t;
+  return PEER_OK;
+}
+
+/* -------------------------------------------------------------- the rules */
+
+/* Per-step coefficients of one rule. */
+typedef struct rule {
+  peer_optim_kind kind;
+  float lr, keep;             /* keep = 1 - lr*weight_decay */
+  float momentum;             /* SGD */
+  float b1, b2, eps;          /* Adam */
+  float step_size, rsqrt_bc2; /* lr / (1 - b1^t), 1 / sqrt(1 - b2^t) */
+} rule;
+
+static rule make_rule(const peer_optim_config *c, peer_optim_kind kind, float lr, float decay,
+                      int64_t t) {
+  rule r = {.kind = kind,
+            .lr = lr,
+            .keep = 1.0f - lr * decay,
+            .momentum = c->momentum,
+            .b1 = c->beta1,
+            .b2 = c->beta2,
+            .eps = c->eps};
+  if (kind == PEER_OPTIM_ADAM) {
+    double bc1 = 1.0 - pow((double)c->beta1, (double)t);
+    double bc2 = 1.0 - pow((double)c->beta2, (double)t);
+    r.step_size = (float)((double)lr / bc1);
+    r.rsqrt_bc2 = (float)(1.0 / sqrt(bc2));
+  }
+  return r;
+}
+
+/* The new value of one weight p with gradient g; m and v are its state
+ * (Adam: both; SGD: m is the momentum buffer or NULL). */
+static inline float update(const rule *r, float p, float g, float *m, float *v) {
+  if (r->kind == PEER_OPTIM_ADAM) {
+    float mi = r->b1 * *m + (1.0f - r->b1) * g;
+    float vi = r->b2 * *v + (1.0f - r->b2) * (g * g);
+    *m = mi;
+    *v = vi;
+    return p * r->keep - r->step_size * mi / (sqrtf(vi) * r->rsqrt_bc2 + r->eps);
+  }
+  if (m) {
+    *m = r->momentum * *m + g;
+    g = *m;
+  }
+  return p * r->keep - r->lr * g;
+}
+
+/* Apply the rule to n weights starting at element `at` of parameter t. */
+static inline void update_span(const rule *r, const peer_tensor *t, size_t at, const float *g,
+                               float *m, float *v, size_t n) {
+  if (t->dtype == PEER_BF16) {
+    uint16_t *p = (uint16_t *)t->data + at;
+    for (size_t i = 0; i < n; i++)
+      p[i] = peer_f32_to_bf16(update(r, peer_bf16_to_f32(p[i]), g[i], m ? m + i : NULL, v ? v + i : NULL));
+  } else {
+    float *p = (float *)t->data + at;
+    for (size_t i = 0; i < n; i++)
+      p[i] = update(r, p[i], g[i], m ? m + i : NULL, v ? v + i : NULL);
+  }
+}
+
+static void step_dense(peer_optimizer *o, int slot, const float *g, const rule *r, int P) {
+  const peer_tensor *t = &o->layer->slot[slot];
+  float *m = o->m[slot], *v = o->v[slot];
+  const size_t count = t->nbytes / sizeof(float), chunk = 4096;
+  const int64_t n_chunks = (int64_t)((count + chunk - 1) / chunk);
+#pragma omp parallel for schedule(static) num_threads(P) if (count > PAR_MIN)
+  for (int64_t c = 0; c < n_chunks; c++) {
+    size_t at = (size_t)c * chunk, n = count - at < chunk ? count - at : chunk;
+    update_span(r, t, at, g + at, m ? m + at : NULL, v ? v + at : NULL, n);
+  }
+}
+
+/* Lazy update of the listed rows of one expert table. */
+static void step_experts(peer_optimizer *o, int slot, const peer_grads *gr, const float *g,
+                         const rule *r, int P) {
+  const peer_tensor *t = &o->layer->slot[slot];
+  const size_t d = (size_t)o->layer->dims.d;
+  float *m = o->m[slot], *v = o->v[slot];
+  const int64_t R = gr->n_expert_rows;
+#pragma omp parallel for schedule(static) num_threads(P) if (R * (int64_t)d > PAR_MIN)
+  for (int64_t j = 0; j < R; j++) {
+    size_t row = (size_t)gr->expert_rows[j], at = row * d;
+    const float *grow = g + (gr->experts_dense ? row : (size_t)j) * d;
+    update_span(r, t, at, grow, m ? m + at : NULL, v ? v + at : NULL, d);
+  }
+}
+
+/* ------------------------------------------------------------- the step */
+
+/* Index of the first non-finite value among n, or -1. */
+static int64_t first_nonfinite(const float *x, int64_t n, int P) {
+  int64_t bad = n;
+#pragma omp parallel for schedule(static) num_threads(P) reduction(min : bad) if (n > PAR_MIN)
+  for (int64_t i = 0; i < n; i++)
+    if (!isfinite(x[i]) && i < bad) bad = i;
+  return bad < n ? bad : -1;
+}
+
+static peer_status check_dense_grads(const peer_optimizer *o, const peer_grads *g, int P) {
+  const peer_layer *L = o->layer;
+  for (int i = 0; i < N_DENSE; i++) {
+    int slot = dense_slots[i];
+    const float *gs = dense_grad(g, slot);
+    if (!gs) continue;
+    const peer_tensor *t = &L->slot[slot];
+    if (!t->data)
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                       "optimizer_step: grads.%s is given but the layer has no such parameter",
+                       grad_name(slot));
+    int64_t bad = first_nonfinite(gs, (int64_t)(t->nbytes / sizeof(float)), P);
+    if (bad >= 0)
+      return peer_fail(PEER_ERR_NONFINITE,
+                       "optimizer_step: grads.%s[%lld] is %g; nothing was updated", grad_name(slot),
+                       (long long)bad, (double)gs[bad]);
+  }
+  return PEER_OK;
+}
+
+static peer_status check_expert_grads(const peer_optimizer *o, const peer_grads *g, int P) {
+  const peer_dims *D = &o->layer->dims;
+  if (!g->experts_down || !g->experts_up || !g->expert_rows)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "optimizer_step: expert_rows, experts_down and experts_up go together");
+  const int64_t R = g->n_expert_rows;
+  const int64_t most = g->experts_dense ? D->N : g->expert_capacity;
+  if (R < 0 || R > most || R > D->N)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "optimizer_step: n_expert_rows %lld not in [0, %lld] (%s)", (long long)R,
+                     (long long)(most < D->N ? most : D->N),
+                     g->experts_dense ? "N" : "expert_capacity, N");
+  for (int64_t j = 0; j < R; j++) {
+    int64_t r = g->expert_rows[j];
+    if (r < 0 || r >= D->N || (j > 0 && r <= g->expert_rows[j - 1]))
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                       "optimizer_step: expert_rows[%lld] = %lld: rows must be strictly "
+                       "ascending in [0, %lld)",
+                       (long long)j, (long long)r, (long long)D->N);
+  }
+  const float *tables[2] = {g->experts_down, g->experts_up};
+  for (int s = 0; s < 2; s++) {
+    int64_t bad_j = -1, bad_i = 0;
+#pragma omp parallel for schedule(static) num_threads(P) if (R * D->d > PAR_MIN)
+    for (int64_t j = 0; j < R; j++) {
+      const float *row = tables[s] + (g->experts_dense ? g->expert_rows[j] : j) * D->d;
+      for (int64_t i = 0; i < D->d; i++)
+        if (!isfinite(row[i])) {
+#pragma omp critical(peer_optim_nonfinite)
+          if (bad_j < 0 || j < bad_j) bad_j = j, bad_i = i;
+          break;
+        }
+    }
+    if (bad_j >= 0)
+      return peer_fail(PEER_ERR_NONFINITE,
+                       "optimizer_step: grads.%s of expert %lld, element %lld, is not finite; "
+                       "nothing was updated",
+                       grad_name(expert_slots[s]), (long long)g->expert_rows[bad_j],
+                       (long long)bad_i);
+  }
+  return PEER_OK;
+}
+
+peer_status peer_optimizer_step(peer_optimizer *o, const peer_grads *g) {
+  if (!o || !g) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_step: NULL argument");
+  const int P = peer_layer_threads(o->layer);
+  const bool experts = g->experts_down || g->experts_up || g->expert_rows;
+  peer_status st = check_dense_grads(o, g, P);
+  if (st || (experts && (st = check_expert_grads(o, g, P)))) return st;
+
+  const int64_t t = o->step + 1;
+  const peer_optim_config *c = &o->cfg;
+  rule dense = make_rule(c, c->kind, c->lr, c->weight_decay, t);
+  for (int i = 0; i < N_DENSE; i++) {
+    const float *gs = dense_grad(g, dense_slots[i]);
+    if (gs) step_dense(o, dense_slots[i], gs, &dense, P);
+  }
+  if (experts) {
+    rule rows = make_rule(c, c->expert_kind, c->expert_lr > 0.0f ? c->expert_lr : c->lr, 0.0f, t);
+    step_experts(o, PEER_P_EXPERTS_DOWN, g, g->experts_down, &rows, P);
+    step_experts(o, PEER_P_EXPERTS_UP, g, g->experts_up, &rows, P);
+  }
+  o->step = t;
+  return PEER_OK;
+}
+
+/* ---------------------------------------------------------- checkpoints */
+
+static peer_status check_pair(const peer_layer *L, const peer_optimizer *o, const char *what) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer", what);
+  if (o && o->layer != L)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the optimizer belongs to another layer", what);
+  return check_host_layer(L, what);
+}
+
+peer_status peer_checkpoint_save(const peer_layer *L, const peer_optimizer *o, const char *path) {
+  peer_status st = check_pair(L, o, "checkpoint_save");
+  if (st) return st;
+  if (!path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "checkpoint_save: NULL path");
+  peer_layer_meta lm;
+  if ((st = peer_layer_meta_of(&L->cfg, &lm))) return st;
+
+  /* the layer's pairs, the hyperparameters, the two kinds and the step */
+  const char *meta[2 * (MAX_FIELDS + 1 + N_HYPER + 3)];
+  memcpy(meta, lm.pair, sizeof(char *) * 2 * (size_t)lm.n_pairs);
+  int n_meta = lm.n_pairs;
+  char values[N_HYPER + 1][32];
+  if (o) {
+    const peer_optim_config *c = &o->cfg;
+    const struct {
+      const char *key;
+      float v;
+    } hyper[] = {{META_PREFIX "optim.lr", c->lr},
+                 {META_PREFIX "optim.momentum", c->momentum},
+                 {META_PREFIX "optim.beta1", c->beta1},
+                 {META_PREFIX "optim.beta2", c->beta2},
+                 {META_PREFIX "optim.eps", c->eps},
+                 {META_PREFIX "optim.weight_decay", c->weight_decay},
+                 {META_PREFIX "optim.expert_lr", c->expert_lr}};
+    const int n_hyper = (int)(sizeof hyper / sizeof hyper[0]);
+    _Static_assert(sizeof hyper / sizeof hyper[0] == N_HYPER, "N_HYPER counts hyper[]");
+    for (int i = 0; i < n_hyper; i++) {
+      snprintf(values[i], sizeof values[i], "%.9g", (double)hyper[i].v);
+      meta[2 * n_meta] = hyper[i].key;
+      meta[2 * n_meta++ + 1] = values[i];
+    }
+    snprintf(values[n_hyper], sizeof values[0], "%lld", (long long)o->step);
+    const char *tail[] = {KIND_KEY, kind_name(c->kind), EXPERT_KIND_KEY, kind_name(c->expert_kind),
+                          STEP_KEY, values[n_hyper]};
+    memcpy(meta + 2 * n_meta, tail, sizeof tail);
+    n_meta += 3;
+  }
+
+  peer_tensor tensors[PEER_P_COUNT + MAX_STATES];
+  int n = 0;
+  for (int i = 0; i < L->n_params; i++)
+    tensors[n++] = L->slot[L->param_slot[i]];
+  for (int i = 0; o && i < o->n_states; i++)
+    tensors[n++] = o->state[i];
+  return peer_safetensors_write(path, tensors, n, meta, n_meta);
+}
+
+/* The file's layer config must be the layer's, field by field.  A value
+ * spelt differently but meaning the same ("BF16" for "bf16") passes. */
+static peer_status check_same_config(const peer_safetensors *f, const char *path,
+                                     const peer_layer *L) {
+  peer_layer_meta lm;
+  peer_status st = peer_layer_meta_of(&L->cfg, &lm);
+  if (st) return st;
+  char want_text[PEER_CONFIG_TEXT_MAX], have_text[PEER_CONFIG_TEXT_MAX];
+  peer_config_format(&L->cfg, want_text, sizeof want_text);
+  for (int i = 0; i < lm.n_pairs; i++) {
+    const char *key = lm.pair[2 * i], *want = lm.pair[2 * i + 1];
+    const char *have = peer_safetensors_metadata(f, key);
+    if (!have)
+      return peer_fail(PEER_ERR_FORMAT, "%s: metadata '%s' is missing (not a peer checkpoint?)",
+                       path, key);
+    if (strcmp(have, want) == 0) continue;
+    if (i > 0) {
+      peer_config c = L->cfg;
+      char item[256];
+      int len = snprintf(item, sizeof item, "%s=%s", key + strlen(META_PREFIX), have);
+      if (!strchr(have, ',') && len > 0 && (size_t)len < sizeof item &&
+          peer_config_parse(&c, item) == PEER_OK) {
+        peer_config_format(&c, have_text, sizeof have_text);
+        if (strcmp(have_text, want_text) == 0) continue;
+      }
+    }
+    return peer_fail(PEER_ERR_FORMAT,
+                     "%s: the checkpoint was saved with %s = '%.40s', this layer has '%s'", path,
+                     key, have, want);
+  }
+  return PEER_OK;
+}
+
+/* The optimizer's kinds and the step, from metadata. */
+static peer_status check_optim_meta(const peer_safetensors *f, const char *path,
+                                    const peer_optimizer *o, int64_t *step) {
+  const char *s = peer_safetensors_metadata(f, STEP_KEY);
+  if (!s)
+    return peer_fail(PEER_ERR_FORMAT,
+                     "%s: metadata '%s' is missing: the file holds no optimizer state (load it "
+                     "with a NULL optimizer)",
+                     path, STEP_KEY);
+  if (!peer_parse_i64(s, 0, INT64_MAX - 1, step))
+    return peer_fail(PEER_ERR_FORMAT, "%s: metadata '%s' = '%.40s' is not a step count", path,
+                     STEP_KEY, s);
+  const char *keys[2] = {KIND_KEY, EXPERT_KIND_KEY};
+  const char *want[2] = {kind_name(o->cfg.kind), kind_name(o->cfg.expert_kind)};
+  for (int i = 0; i < 2; i++) {
+    const char *have = peer_safetensors_metadata(f, keys[i]);
+    if (!have) return peer_fail(PEER_ERR_FORMAT, "%s: metadata '%s' is missing", path, keys[i]);
+    if (strcmp(have, want[i]) != 0)
+      return peer_fail(PEER_ERR_FORMAT,
+                       "%s: the checkpoint was saved with %s = '%.40s', this optimizer has '%s'",
+                       path, keys[i], have, want[i]);
+  }
+  return PEER_OK;
+}
+
+static bool same_layout(const peer_tensor *a, const peer_tensor *b) {
+  if (a->dtype != b->dtype || a->ndim != b->ndim) return false;
+  for (int i = 0; i < a->ndim; i++)
+    if (a->shape[i] != b->shape[i]) return false;
+  return true;
+}
+
+static void format_layout(char *buf, size_t size, const peer_tensor *t) {
+  size_t used = (size_t)snprintf(buf, size, "%s [", peer_dtype_name(t->dtype));
+  for (int i = 0; i < t->ndim && used < size; i++)
+    used +=
+        (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
+  if (used < size) snprintf(buf + used, size - used, "]");
+}
+
+/* The file has `want` with its exact dtype and shape. */
+static peer_status check_tensor(const peer_safetensors *f, const char *path,
+                                const peer_tensor *want) {
+  peer_tensor have;
+  if (peer_safetensors_find(f, want->name, &have))
+    return peer_fail(PEER_ERR_FORMAT, "%s: tensor '%s' is missing", path, want->name);
+  if (!same_layout(want, &have)) {
+    char ws[96], hs[96];
+    format_layout(ws, sizeof ws, want);
+    format_layout(hs, sizeof hs, &have);
+    return peer_fail(
+        PEER_ERR_SHAPE, "%s: tensor '%s' is %s, this %s needs %s", path, want->name, hs,
+        strncmp(want->name, STATE_PREFIX, strlen(STATE_PREFIX)) ? "layer" : "optimizer", ws);
+  }
+  return PEER_OK;
+}
+
+/* Every tensor of the file is a parameter of L, or state of o (state is
+ * skipped when o is NULL). */
+static peer_status check_no_extra(const peer_safetensors *f, const char *path, const peer_layer *L,
+                                  const peer_optimizer *o) {
+  for (int i = 0; i < peer_safetensors_count(f); i++) {
+    peer_tensor t;
+    peer_status st = peer_safetensors_info(f, i, &t);
+    if (st) return st;
+    bool known = false;
+    for (int j = 0; j < L->n_params && !known; j++)
+      known = strcmp(L->slot[L->param_slot[j]].name, t.name) == 0;
+    if (known) continue;
+    if (strncmp(t.name, STATE_PREFIX, strlen(STATE_PREFIX)) == 0) {
+      if (!o || find_state(o, t.name)) continue;
+      return peer_fail(PEER_ERR_FORMAT,
+                       "%s: tensor '%s' is state this optimizer (%s, momentum %g) does not keep",
+                       path, t.name, kind_name(o->cfg.kind), (double)o->cfg.momentum);
+    }
+    return peer_fail(PEER_ERR_FORMAT,
+                     "%s: tensor '%s' is neither a parameter of this layer nor "
+                     "optimizer state",
+                     path, t.name);
+  }
+  return PEER_OK;
+}
+
+static peer_status load_checked(peer_layer *L, peer_optimizer *o, const peer_safetensors *f,
+                                const char *path) {
+  peer_status st = check_same_config(f, path, L);
+  int64_t step = 0;
+  if (st || (o && (st = check_optim_meta(f, path, o, &step))) ||
+      (st = check_no_extra(f, path, L, o)))
+    return st;
+  for (int i = 0; i < L->n_params; i++)
+    if ((st = check_tensor(f, path, &L->slot[L->param_slot[i]]))) return st;
+  for (int i = 0; o && i < o->n_states; i++)
+    if ((st = check_tensor(f, path, &o->state[i]))) return st;
+  /* Everything matches: only now does the layer change. */
+  for (int i = 0; i < L->n_params; i++) {
+    const peer_tensor *t = &L->slot[L->param_slot[i]];
+    if ((st = peer_safetensors_read(f, t->name, t->data, t->nbytes))) return st;
+  }
+  for (int i = 0; o && i < o->n_states; i++)
+    if ((st = peer_safetensors_read(f, o->state[i].name, o->state[i].data, o->state[i].nbytes)))
+      return st;
+  if (o) o->step = step;
+  return PEER_OK;
+}
+
+peer_status peer_checkpoint_load(peer_layer *L, peer_optimizer *o, const char *path) {
+  peer_status st = check_pair(L, o, "checkpoint_load");
+  if (st) return st;
+  if (!path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "checkpoint_load: NULL path");
+  peer_safetensors *f = NULL;
+  if ((st = peer_safetensors_open(&f, path))) return st;
+  st = load_checked(L, o, f, path);
+  peer_safetensors_close(f);
+  return st;
+}
