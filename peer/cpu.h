@@ -17,14 +17,8 @@
 #define VW 16
 #else
 #define VW 8
-/* Training (cpu_train.c). */
-size_t peer_cpu_context_bytes(const peer_layer *layer, int64_t T);
-peer_status peer_cpu_forward_train(peer_layer *layer, peer_context *ctx, int64_t T,
-                                   const float *x, float *y, void *ws);
-peer_status peer_cpu_backward(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
-                              peer_grads *grads);
-
 #endif
+
 /* Register tile: MRK rows of B (broadcast) by NVT vectors of tokens; 12
  * accumulators plus NVT + 1 operands fit the 16 AVX2 registers. */
 #define MRK 6

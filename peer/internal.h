@@ -138,6 +138,10 @@ typedef struct peer_layer_meta {
 
 peer_status peer_layer_meta_of(const peer_config *cfg, peer_layer_meta *out);
 
+/* "F32 [4, 2, 8, 4]" into buf; equal dtype and shape. */
+void peer_tensor_format_layout(char *buf, size_t size, const peer_tensor *t);
+bool peer_tensor_same_layout(const peer_tensor *a, const peer_tensor *b);
+
 /* Parse a decimal int64 in [lo, hi] (whole string); false otherwise. */
 bool peer_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out);
 

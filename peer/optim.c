@@ -545,31 +545,16 @@ static peer_status check_optim_meta(const peer_safetensors *f, const char *path,
   return PEER_OK;
 }
 
-static bool same_layout(const peer_tensor *a, const peer_tensor *b) {
-  if (a->dtype != b->dtype || a->ndim != b->ndim) return false;
-  for (int i = 0; i < a->ndim; i++)
-    if (a->shape[i] != b->shape[i]) return false;
-  return true;
-}
-
-static void format_layout(char *buf, size_t size, const peer_tensor *t) {
-  size_t used = (size_t)snprintf(buf, size, "%s [", peer_dtype_name(t->dtype));
-  for (int i = 0; i < t->ndim && used < size; i++)
-    used +=
-        (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-  if (used < size) snprintf(buf + used, size - used, "]");
-}
-
 /* The file has `want` with its exact dtype and shape. */
 static peer_status check_tensor(const peer_safetensors *f, const char *path,
                                 const peer_tensor *want) {
   peer_tensor have;
   if (peer_safetensors_find(f, want->name, &have))
     return peer_fail(PEER_ERR_FORMAT, "%s: tensor '%s' is missing", path, want->name);
-  if (!same_layout(want, &have)) {
+  if (!peer_tensor_same_layout(want, &have)) {
     char ws[96], hs[96];
-    format_layout(ws, sizeof ws, want);
-    format_layout(hs, sizeof hs, &have);
+    peer_tensor_format_layout(ws, sizeof ws, want);
+    peer_tensor_format_layout(hs, sizeof hs, &have);
     return peer_fail(
         PEER_ERR_SHAPE, "%s: tensor '%s' is %s, this %s needs %s", path, want->name, hs,
         strncmp(want->name, STATE_PREFIX, strlen(STATE_PREFIX)) ? "layer" : "optimizer", ws);

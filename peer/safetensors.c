@@ -83,6 +83,18 @@ static void format_shape(char *buf, size_t size, int ndim, const int64_t *shape)
   if (used < size) snprintf(buf + used, size - used, "]");
 }
 
+void peer_tensor_format_layout(char *buf, size_t size, const peer_tensor *t) {
+  int used = snprintf(buf, size, "%s ", peer_dtype_name(t->dtype));
+  if (used > 0 && (size_t)used < size) format_shape(buf + used, size - (size_t)used, t->ndim, t->shape);
+}
+
+bool peer_tensor_same_layout(const peer_tensor *a, const peer_tensor *b) {
+  if (a->dtype != b->dtype || a->ndim != b->ndim) return false;
+  for (int i = 0; i < a->ndim; i++)
+    if (a->shape[i] != b->shape[i]) return false;
+  return true;
+}
+
 static bool parse_dtype(const char *s, peer_dtype *out) {
   const peer_dtype all[] = {PEER_F32, PEER_BF16, PEER_I64};
   for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)

@@ -121,21 +121,6 @@ static peer_status config_from_metadata(const peer_safetensors *f, const char *p
   return PEER_OK;
 }
 
-static void format_shape(char *buf, size_t size, const peer_tensor *t) {
-  size_t used = (size_t)snprintf(buf, size, "%s [", peer_dtype_name(t->dtype));
-  for (int i = 0; i < t->ndim && used < size; i++)
-    used +=
-        (size_t)snprintf(buf + used, size - used, i ? ", %lld" : "%lld", (long long)t->shape[i]);
-  if (used < size) snprintf(buf + used, size - used, "]");
-}
-
-static bool same_layout(const peer_tensor *a, const peer_tensor *b) {
-  if (a->dtype != b->dtype || a->ndim != b->ndim) return false;
-  for (int i = 0; i < a->ndim; i++)
-    if (a->shape[i] != b->shape[i]) return false;
-  return true;
-}
-
 static bool is_param(const peer_layer *L, const char *name) {
   for (int i = 0; i < L->n_params; i++)
     if (strcmp(L->slot[L->param_slot[i]].name, name) == 0) return true;
@@ -161,10 +146,10 @@ static peer_status fill_params(peer_layer *L, const peer_safetensors *f, const c
     peer_tensor have;
     if (peer_safetensors_find(f, want->name, &have))
       return peer_fail(PEER_ERR_FORMAT, "%s: tensor '%s' is missing", path, want->name);
-    if (!same_layout(want, &have)) {
+    if (!peer_tensor_same_layout(want, &have)) {
       char ws[96], hs[96];
-      format_shape(ws, sizeof ws, want);
-      format_shape(hs, sizeof hs, &have);
+      peer_tensor_format_layout(ws, sizeof ws, want);
+      peer_tensor_format_layout(hs, sizeof hs, &have);
       return peer_fail(PEER_ERR_SHAPE, "%s: tensor '%s' is %s, the config needs %s", path,
                        want->name, hs, ws);
     }
