@@ -10,8 +10,8 @@
 #include "peer.h"
 
 #include <math.h>
-#include <stdio.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -268,12 +268,16 @@ static inline void ref_gates(int gate, const double *z, int64_t k, double *g) {
 /* Step 8's activation.  act: peer_activation's values. */
 static inline double ref_act(int act, double v) {
   switch (act) {
-  case PEER_ACT_RELU: return v > 0.0 ? v : (v != v ? v : 0.0);
-  case PEER_ACT_GELU: return 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
+  case PEER_ACT_RELU:
+    return v > 0.0 ? v : (v != v ? v : 0.0);
+  case PEER_ACT_GELU:
+    return 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
   case PEER_ACT_GELU_TANH:
     return 0.5 * v * (1.0 + tanh(sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
-  case PEER_ACT_SILU: return v / (1.0 + exp(-v));
-  default: return v;
+  case PEER_ACT_SILU:
+    return v / (1.0 + exp(-v));
+  default:
+    return v;
   }
 }
 
@@ -323,8 +327,8 @@ static inline double ref_score_of(const ref_layer *R, const ref_token *o, int64_
 
 /* Steps 7-9 for given kept ids (head h's at ids + h * stride, k of them, best
  * first): gates of their exact scores, then o->y and o->mass. */
-static inline void ref_experts(const ref_layer *R, ref_token *o, const float *x,
-                               const int64_t *ids, int64_t stride) {
+static inline void ref_experts(const ref_layer *R, ref_token *o, const float *x, const int64_t *ids,
+                               int64_t stride) {
   double *z = malloc((size_t)R->k * sizeof(double)), *g = malloc((size_t)R->k * sizeof(double));
   for (int64_t i = 0; i < R->d; i++) o->y[i] = o->mass[i] = 0.0;
   for (int64_t h = 0; h < R->H; h++) {

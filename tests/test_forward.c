@@ -15,15 +15,14 @@ typedef struct fcase {
   int64_t T;
 } fcase;
 
-#define FCASE_FMT                                                                            \
-  "d=%lld H=%lld dk=%lld n=%lld k=%lld kp=%lld shared=%d act=%s gate=%s norm=%s bias=%d "    \
+#define FCASE_FMT                                                                                  \
+  "d=%lld H=%lld dk=%lld n=%lld k=%lld kp=%lld shared=%d act=%s gate=%s norm=%s bias=%d "          \
   "dtype=%s T=%lld seed=%llu"
-#define FCASE_ARGS(c, seed)                                                                  \
-  (long long)(c)->d, (long long)(c)->H, (long long)(c)->dk, (long long)(c)->n,               \
-      (long long)(c)->k, (long long)(c)->kp, (c)->shared,                                    \
-      peer_activation_name((peer_activation)(c)->act), peer_gate_name((peer_gate)(c)->gate), \
-      peer_query_norm_name((peer_query_norm)(c)->norm), (c)->bias,                           \
-      (c)->bf16 ? "bf16" : "f32", (long long)(c)->T, (unsigned long long)(seed)
+#define FCASE_ARGS(c, seed)                                                                        \
+  (long long)(c)->d, (long long)(c)->H, (long long)(c)->dk, (long long)(c)->n, (long long)(c)->k,  \
+      (long long)(c)->kp, (c)->shared, peer_activation_name((peer_activation)(c)->act),            \
+      peer_gate_name((peer_gate)(c)->gate), peer_query_norm_name((peer_query_norm)(c)->norm),      \
+      (c)->bias, (c)->bf16 ? "bf16" : "f32", (long long)(c)->T, (unsigned long long)(seed)
 
 static peer_layer *make_layer(const fcase *c) {
   peer_config cfg;
@@ -56,7 +55,8 @@ static double worst_ratio;
 static int64_t check_forward(peer_layer *L, const fcase *c, const float *x, uint64_t seed) {
   const int64_t T = c->T, d = c->d, hk = c->H * c->k;
   float *y = malloc((size_t)(T * d) * sizeof(float));
-  float *g = malloc((size_t)(T * hk) * sizeof(float)), *g2 = malloc((size_t)(T * hk) * sizeof(float));
+  float *g = malloc((size_t)(T * hk) * sizeof(float)),
+        *g2 = malloc((size_t)(T * hk) * sizeof(float));
   float *sc = malloc((size_t)(T * hk) * sizeof(float));
   int64_t *ids = malloc((size_t)(T * hk) * sizeof(int64_t));
   int64_t *ids2 = malloc((size_t)(T * hk) * sizeof(int64_t));
@@ -80,8 +80,8 @@ static int64_t check_forward(peer_layer *L, const fcase *c, const float *x, uint
     int all_heads = 1;
     for (int64_t h = 0; h < c->H; h++) {
       int ok_ids = 0;
-      int bad = ref_check_head(&R, &o, h, ids + (t * c->H + h) * c->k,
-                               sc + (t * c->H + h) * c->k, 1e-5, &ok_ids, msg, sizeof msg);
+      int bad = ref_check_head(&R, &o, h, ids + (t * c->H + h) * c->k, sc + (t * c->H + h) * c->k,
+                               1e-5, &ok_ids, msg, sizeof msg);
       cr_assert(!bad, FCASE_FMT " token %lld: %s", FCASE_ARGS(c, seed), (long long)t, msg);
       all_heads &= ok_ids;
     }
@@ -203,7 +203,8 @@ Test(forward, heads_picking_the_same_experts_count_each_time) {
   int64_t hk = c.H * c.k;
   int64_t *ids = malloc((size_t)(c.T * hk) * sizeof(int64_t));
   float *g = malloc((size_t)(c.T * hk) * sizeof(float));
-  float *y = malloc((size_t)(c.T * c.d) * sizeof(float)), *y1 = malloc((size_t)(c.T * c.d) * sizeof(float));
+  float *y = malloc((size_t)(c.T * c.d) * sizeof(float)),
+        *y1 = malloc((size_t)(c.T * c.d) * sizeof(float));
   cr_assert_eq(peer_forward(L, c.T, x, y, ids, g), PEER_OK, "%s", peer_last_error());
   cr_assert_eq(peer_forward(L1, c.T, x, y1, NULL, NULL), PEER_OK, "%s", peer_last_error());
   for (int64_t t = 0; t < c.T; t++)
@@ -288,7 +289,8 @@ Test(forward, optional_outputs_do_not_change_y) {
   ref_fill_layer(L, &rng);
   float *x = ref_random_x(&rng, c.T, c.d);
   int64_t hk = c.H * c.k;
-  float *y = malloc((size_t)(c.T * c.d) * sizeof(float)), *y2 = malloc((size_t)(c.T * c.d) * sizeof(float));
+  float *y = malloc((size_t)(c.T * c.d) * sizeof(float)),
+        *y2 = malloc((size_t)(c.T * c.d) * sizeof(float));
   int64_t *ids = malloc((size_t)(c.T * hk) * sizeof(int64_t));
   float *g = malloc((size_t)(c.T * hk) * sizeof(float));
   cr_assert_eq(peer_forward(L, c.T, x, y, ids, g), PEER_OK);
@@ -400,10 +402,14 @@ Test(forward, nonfinite_weights_reaching_scores_are_an_error) {
     int64_t count;
     float value;
   } pokes[] = {
-      {"query.weight", dq * c.d, NAN},  {"query.weight", dq * c.d, INFINITY},
-      {"keys", nkeys, NAN},             {"keys", nkeys, -INFINITY},
-      {"query.bias", dq, NAN},          {"query.norm.weight", dq, INFINITY},
-      {"query.norm.bias", dq, NAN},     {"query.norm.running_mean", dq, -INFINITY},
+      {"query.weight", dq * c.d, NAN},
+      {"query.weight", dq * c.d, INFINITY},
+      {"keys", nkeys, NAN},
+      {"keys", nkeys, -INFINITY},
+      {"query.bias", dq, NAN},
+      {"query.norm.weight", dq, INFINITY},
+      {"query.norm.bias", dq, NAN},
+      {"query.norm.running_mean", dq, -INFINITY},
       {"query.norm.running_var", dq, NAN},
   };
   float *x = ref_random_x(&rng, c.T, c.d);
@@ -499,12 +505,13 @@ Test(forward, nonfinite_experts_propagate_into_y) {
             float v = y[tk * c.d + i];
             /* down: every element of the row; up: only column col */
             int expect_nan = uses && (table == 0 || i == col);
-            cr_assert(expect_nan ? isnan(v) : isfinite(v),
-                      "seed=%llu act=%s table=%s bf16=%d: token %lld (uses expert %lld: %d) y[%lld] "
-                      "= %g",
-                      (unsigned long long)seed, peer_activation_name((peer_activation)act),
-                      table ? "up" : "down", bf16, (long long)tk, (long long)victim, uses,
-                      (long long)i, (double)v);
+            cr_assert(
+                expect_nan ? isnan(v) : isfinite(v),
+                "seed=%llu act=%s table=%s bf16=%d: token %lld (uses expert %lld: %d) y[%lld] "
+                "= %g",
+                (unsigned long long)seed, peer_activation_name((peer_activation)act),
+                table ? "up" : "down", bf16, (long long)tk, (long long)victim, uses, (long long)i,
+                (double)v);
           }
         }
         free(ids);
@@ -527,7 +534,8 @@ Test(forward, caller_workspace) {
   ref_fill_layer(L, &rng);
   const int64_t T2 = 3 * c.T + 5;
   float *x = ref_random_x(&rng, T2, c.d);
-  float *y = malloc((size_t)(T2 * c.d) * sizeof(float)), *yw = malloc((size_t)(T2 * c.d) * sizeof(float));
+  float *y = malloc((size_t)(T2 * c.d) * sizeof(float)),
+        *yw = malloc((size_t)(T2 * c.d) * sizeof(float));
   size_t bytes = 0, bytes2 = 0, bytes0 = 1;
   cr_assert_eq(peer_layer_workspace_size(L, c.T, &bytes), PEER_OK);
   cr_assert_eq(peer_layer_workspace_size(L, T2, &bytes2), PEER_OK);

@@ -31,16 +31,15 @@ static peer_layer *make_layer(const rcase *c, peer_gate gate, peer_dtype dtype) 
   peer_layer *L = NULL;
   peer_status st = peer_layer_create(&L, &cfg, NULL);
   cr_assert_eq(st, PEER_OK, "create d=%lld H=%lld dk=%lld n=%lld k=%lld kp=%lld: %s",
-               (long long)c->d, (long long)c->H, (long long)c->dk, (long long)c->n,
-               (long long)c->k, (long long)c->kp, peer_last_error());
+               (long long)c->d, (long long)c->H, (long long)c->dk, (long long)c->n, (long long)c->k,
+               (long long)c->kp, peer_last_error());
   return L;
 }
 
 #define CASE_FMT "d=%lld H=%lld dk=%lld n=%lld k=%lld kp=%lld shared=%d T=%lld seed=%llu"
-#define CASE_ARGS(c, seed)                                                                   \
-  (long long)(c)->d, (long long)(c)->H, (long long)(c)->dk, (long long)(c)->n,               \
-      (long long)(c)->k, (long long)(c)->kp, (c)->shared, (long long)(c)->T,                 \
-      (unsigned long long)(seed)
+#define CASE_ARGS(c, seed)                                                                         \
+  (long long)(c)->d, (long long)(c)->H, (long long)(c)->dk, (long long)(c)->n, (long long)(c)->k,  \
+      (long long)(c)->kp, (c)->shared, (long long)(c)->T, (unsigned long long)(seed)
 
 typedef struct result {
   int64_t *ids;
@@ -84,8 +83,8 @@ static int64_t check_order(const result *r, const rcase *c, const char *what, ui
 
 /* The tie rule on exactly equal sums: where the reference's exact scores of
  * two adjacent kept experts are equal, the smaller id comes first. */
-static void check_exact_ties(const ref_layer *R, const ref_token *o, int64_t h,
-                             const int64_t *ids, const rcase *c, uint64_t seed, int64_t t) {
+static void check_exact_ties(const ref_layer *R, const ref_token *o, int64_t h, const int64_t *ids,
+                             const rcase *c, uint64_t seed, int64_t t) {
   for (int64_t j = 0; j + 1 < c->k; j++) {
     double a = ref_score_of(R, o, h, ids[j]), b = ref_score_of(R, o, h, ids[j + 1]);
     cr_assert(a != b || ids[j] < ids[j + 1],
@@ -97,8 +96,7 @@ static void check_exact_ties(const ref_layer *R, const ref_token *o, int64_t h,
 }
 
 /* Gates must be the layer's gate function of the returned scores. */
-static void check_gates(const result *r, int64_t T, int64_t H, int64_t k, int gate,
-                        uint64_t seed) {
+static void check_gates(const result *r, int64_t T, int64_t H, int64_t k, int gate, uint64_t seed) {
   double *z = malloc((size_t)k * sizeof(double)), *g = malloc((size_t)k * sizeof(double));
   for (int64_t e = 0; e < T * H; e++) {
     for (int64_t j = 0; j < k; j++) z[j] = (double)r->sc[e * k + j];
@@ -193,15 +191,15 @@ Test(retrieval, small_sizes_match_brute_force_and_reference) {
   ref_rng rng = {seed};
   /* d, H, dk, n, k, kp, shared, T */
   const rcase cases[] = {
-      {5, 1, 2, 1, 1, 1, 0, 3},      {4, 3, 4, 1, 1, 1, 1, 2},      /* N = 1 */
-      {6, 2, 2, 2, 1, 1, 0, 9},      {6, 2, 2, 2, 1, 2, 1, 9},      /* N = 4 */
-      {6, 3, 6, 2, 2, 2, 0, 5},      {3, 1, 4, 2, 2, 2, 1, 4},      /* k = n = 2 */
-      {8, 1, 2, 7, 1, 1, 0, 17},     {8, 4, 8, 7, 3, 5, 0, 11},     /* N = 49 */
-      {9, 5, 10, 7, 7, 7, 1, 7},     {16, 2, 16, 7, 5, 7, 0, 13},   /* k = n = 7 */
+      {5, 1, 2, 1, 1, 1, 0, 3},       {4, 3, 4, 1, 1, 1, 1, 2},       /* N = 1 */
+      {6, 2, 2, 2, 1, 1, 0, 9},       {6, 2, 2, 2, 1, 2, 1, 9},       /* N = 4 */
+      {6, 3, 6, 2, 2, 2, 0, 5},       {3, 1, 4, 2, 2, 2, 1, 4},       /* k = n = 2 */
+      {8, 1, 2, 7, 1, 1, 0, 17},      {8, 4, 8, 7, 3, 5, 0, 11},      /* N = 49 */
+      {9, 5, 10, 7, 7, 7, 1, 7},      {16, 2, 16, 7, 5, 7, 0, 13},    /* k = n = 7 */
       {16, 8, 32, 32, 16, 16, 0, 19}, {16, 8, 32, 32, 16, 16, 1, 19}, /* N = 1024 */
-      {20, 3, 64, 32, 8, 20, 0, 33}, {12, 6, 2, 32, 1, 1, 1, 40},
-      {33, 2, 256, 32, 4, 32, 0, 9}, {7, 7, 12, 32, 32, 32, 0, 6}, /* k = n = 32 */
-      {40, 1, 128, 32, 1, 3, 1, 65}, {17, 4, 256, 32, 2, 2, 1, 31},
+      {20, 3, 64, 32, 8, 20, 0, 33},  {12, 6, 2, 32, 1, 1, 1, 40},
+      {33, 2, 256, 32, 4, 32, 0, 9},  {7, 7, 12, 32, 32, 32, 0, 6}, /* k = n = 32 */
+      {40, 1, 128, 32, 1, 3, 1, 65},  {17, 4, 256, 32, 2, 2, 1, 31},
   };
   const int64_t rounds = ref_quick() ? 1 : 3;
   int64_t checked = 0, total = 0;
@@ -290,7 +288,7 @@ Test(retrieval, duplicated_subkey_rows_follow_the_tie_rule) {
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
   const rcase cases[] = {
-      {8, 2, 4, 8, 3, 3, 0, 25},   {8, 3, 6, 8, 5, 8, 1, 25},  {12, 4, 16, 16, 7, 9, 0, 30},
+      {8, 2, 4, 8, 3, 3, 0, 25},     {8, 3, 6, 8, 5, 8, 1, 25}, {12, 4, 16, 16, 7, 9, 0, 30},
       {10, 1, 8, 16, 16, 16, 0, 20}, {6, 2, 2, 5, 1, 1, 1, 30}, {16, 5, 32, 32, 13, 13, 0, 20},
   };
   int64_t ties = 0, checked = 0, total = 0;
@@ -337,9 +335,9 @@ Test(retrieval, quantised_values_tie_exactly) {
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
   const rcase cases[] = {
-      {4, 2, 2, 8, 4, 4, 0, 40},    {6, 3, 4, 16, 8, 12, 0, 40}, {8, 4, 8, 32, 16, 16, 1, 40},
-      {5, 1, 2, 7, 7, 7, 0, 40},    {3, 2, 6, 32, 1, 1, 0, 40},  {8, 8, 16, 32, 9, 20, 1, 40},
-      {4, 1, 2, 3, 2, 3, 0, 40},    {6, 6, 4, 12, 12, 12, 1, 40},
+      {4, 2, 2, 8, 4, 4, 0, 40}, {6, 3, 4, 16, 8, 12, 0, 40},  {8, 4, 8, 32, 16, 16, 1, 40},
+      {5, 1, 2, 7, 7, 7, 0, 40}, {3, 2, 6, 32, 1, 1, 0, 40},   {8, 8, 16, 32, 9, 20, 1, 40},
+      {4, 1, 2, 3, 2, 3, 0, 40}, {6, 6, 4, 12, 12, 12, 1, 40},
   };
   int64_t ties = 0;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -363,13 +361,12 @@ Test(retrieval, quantised_values_tie_exactly) {
       for (int64_t h = 0; h < c->H; h++)
         for (int64_t j = 0; j < c->k; j++) {
           int64_t e = (t * c->H + h) * c->k + j;
-          cr_assert(r.ids[e] == o.ids[h * (c->k + 1) + j] &&
-                        (double)r.sc[e] == o.sc[h * (c->k + 1) + j],
-                    CASE_FMT " token %lld head %lld pos %lld: id %lld score %.9g, reference id "
-                             "%lld score %.9g",
-                    CASE_ARGS(c, seed), (long long)t, (long long)h, (long long)j,
-                    (long long)r.ids[e], (double)r.sc[e], (long long)o.ids[h * (c->k + 1) + j],
-                    o.sc[h * (c->k + 1) + j]);
+          cr_assert(
+              r.ids[e] == o.ids[h * (c->k + 1) + j] && (double)r.sc[e] == o.sc[h * (c->k + 1) + j],
+              CASE_FMT " token %lld head %lld pos %lld: id %lld score %.9g, reference id "
+                       "%lld score %.9g",
+              CASE_ARGS(c, seed), (long long)t, (long long)h, (long long)j, (long long)r.ids[e],
+              (double)r.sc[e], (long long)o.ids[h * (c->k + 1) + j], o.sc[h * (c->k + 1) + j]);
         }
     }
     ref_token_free(&o);
