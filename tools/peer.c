@@ -226,7 +226,7 @@ static void fill_gaussian(float *x, size_t count, uint64_t seed) {
 static void *alloc_array(size_t count, size_t size) {
   size_t bytes;
   if (__builtin_mul_overflow(count, size, &bytes)) return NULL;
-  return malloc(bytes ? bytes : 1);
+  return calloc(bytes ? bytes : 1, 1); /* zeroed: 'grad' adds expert rows into it */
 }
 
 static int create_layer(const peer_config *cfg, int n_threads, peer_layer **out) {
