@@ -9,9 +9,12 @@
  * calls here on the hot path.
  *
  * Available only in builds configured with PEER_CUDA (they define
- * PEER_USE_CUDA).  Training (peer_forward_train, peer_backward) and
- * peer_retrieve_brute are not implemented on the CUDA backend yet: they return
- * PEER_ERR_UNSUPPORTED.
+ * PEER_USE_CUDA).  Training works through peer.h's host-pointer calls
+ * (peer_context_create puts the context in device memory; peer_forward_train
+ * and peer_backward copy x, dy in and y, dx and every gradient back to the
+ * caller's host buffers, then synchronise); device-pointer training calls
+ * are not provided yet.  peer_retrieve_brute returns PEER_ERR_UNSUPPORTED on
+ * the CUDA backend.
  *
  * Each call makes the layer's device current on the calling thread
  * (cudaSetDevice).  Like every peer_layer call, calls on one layer must not

@@ -8,7 +8,11 @@
  *            registers, then writes y once.
  * Every y element is one fixed sequence of operations, so results are the
  * same bits on every run; nothing is atomic and no gathered row is ever
- * written to memory. */
+ * written to memory.
+ * The backward is the same kernel with the tables swapped (BWD): phase 1
+ * dots v_i with dy and writes the entry's coefficients (ds, cup, cdown), one
+ * thread per head then runs the gate backward, and phase 2 sums
+ * cdown[e] * u_i into dx in entry order. */
 #include "common.cuh"
 #include "experts.h"
 #include "retrieval.h"
@@ -77,28 +81,25 @@ template <int VEC> static __device__ inline void store_y(float *y, int64_t c, co
   }
 }
 
-template <bool BF16, int VEC>
-__global__ void __launch_bounds__(EXPERT_THREADS)
-    experts_kernel(const float *__restrict__ x, float *__restrict__ y,
-                   const void *__restrict__ down, const void *__restrict__ up,
-                   const int64_t *__restrict__ ids, const float *__restrict__ gates, int64_t T,
-                   int64_t d, int hk, int act) {
+template <bool BF16, int VEC, bool BWD>
+__global__ void __launch_bounds__(EXPERT_THREADS) experts_kernel(const peer_k_expert_args a) {
   typedef cub::WarpReduce<float> WarpReduce;
   __shared__ typename WarpReduce::TempStorage reduce_tmp[EXPERT_WARPS];
   extern __shared__ int64_t expert_smem[]; /* row ids [hk], then coef [hk] */
+  const int hk = a.hk;
   int64_t *row_id = expert_smem;
   float *coef = (float *)(expert_smem + hk);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t chunks = d / VEC;
+  const int64_t d = a.d, chunks = d / VEC;
   const size_t row_bytes = (size_t)d * (BF16 ? 2 : 4);
 
-  for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
-    const float *xt = x + t * d;
+  for (int64_t t = blockIdx.x; t < a.T; t += gridDim.x) {
+    const float *xt = a.in + t * d;
     /* phase 1: coefficients (the loop bound is warp-uniform, as WarpReduce
      * needs every lane) */
     for (int e = warp; e < hk; e += EXPERT_WARPS) {
-      int64_t id = ids[t * hk + e];
-      const char *u = (const char *)down + (size_t)id * row_bytes;
+      const int64_t te = t * hk + e, id = a.ids[te];
+      const char *u = (const char *)a.first + (size_t)id * row_bytes;
       float part = 0.0f;
       for (int64_t c = lane; c < chunks; c += 32) {
         float uv[VEC], xv[VEC];
@@ -111,55 +112,91 @@ __global__ void __launch_bounds__(EXPERT_THREADS)
       __syncwarp(); /* CUB: before the warp's temp storage is reused */
       if (lane == 0) {
         row_id[e] = id;
-        coef[e] = gates[t * hk + e] * peer_activate(act, dot);
+        if (BWD) {
+          /* dot = v_i . dy; z = u_i . x from the training forward */
+          const float z = a.z[te], g = a.gates[te], act = peer_activate(a.act, z);
+          a.ds[te] = act * dot; /* d loss / d gate; the gate backward follows */
+          a.cup[te] = g * act;
+          coef[e] = a.cdown[te] = g * dot * peer_activate_grad(a.act, z);
+        } else {
+          if (a.z) a.z[te] = dot;
+          coef[e] = a.gates[te] * peer_activate(a.act, dot);
+        }
       }
     }
-    __syncthreads(); /* coef and row_id complete */
-    /* phase 2: y columns, each thread its own */
-    for (int64_t c = threadIdx.x; c < chunks; c += EXPERT_THREADS) {
-      float acc[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
-      /* several rows in flight; 4 at VEC 8 makes ptxas spill */
-#pragma unroll(VEC >= 8 ? 2 : 4)
-      for (int e = 0; e < hk; e++) {
-        float vv[VEC];
-        row_chunk<BF16, VEC>::load((const char *)up + (size_t)row_id[e] * row_bytes, c, vv);
-        const float a = coef[e];
-#pragma unroll
-        for (int i = 0; i < VEC; i++) acc[i] += a * vv[i];
+    __syncthreads(); /* coef, row_id (and in backward the token's ds) complete */
+    if (BWD) {
+      /* d gate -> d score, one thread per head, in place (peer_gates_grad
+       * reads each dg before writing that dz) */
+      for (int h = threadIdx.x; h < hk / a.k; h += EXPERT_THREADS) {
+        const int64_t o = t * hk + (int64_t)h * a.k;
+        peer_gates_grad(a.gate, a.scores + o, a.gates + o, a.ds + o, a.k, a.ds + o);
       }
-      store_y<VEC>(y + t * d, c, acc);
     }
+    /* phase 2: output columns, each thread its own (block-uniform skip when
+     * the backward has no dx) */
+    if (a.out)
+      for (int64_t c = threadIdx.x; c < chunks; c += EXPERT_THREADS) {
+        float acc[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; i++) acc[i] = 0.0f;
+        /* several rows in flight; 4 at VEC 8 makes ptxas spill, and so does
+         * 4 in the f32 backward on sm_90 */
+#pragma unroll(VEC >= 8 || BWD ? 2 : 4)
+        for (int e = 0; e < hk; e++) {
+          float vv[VEC];
+          row_chunk<BF16, VEC>::load((const char *)a.second + (size_t)row_id[e] * row_bytes, c,
+                                     vv);
+          const float w = coef[e];
+#pragma unroll
+          for (int i = 0; i < VEC; i++) acc[i] += w * vv[i];
+        }
+        store_y<VEC>(a.out + t * d, c, acc);
+      }
     __syncthreads(); /* the next token's phase 1 overwrites coef and row_id */
   }
 }
 
-template <bool BF16, int VEC>
-static void launch(const float *x, float *y, const void *down, const void *up,
-                   const int64_t *ids, const float *gates, int64_t T, int64_t d, int64_t hk,
-                   int act, cudaStream_t stream) {
-  experts_kernel<BF16, VEC><<<peer_k_blocks(T, 1), EXPERT_THREADS, peer_k_experts_smem(hk),
-                              stream>>>(x, y, down, up, ids, gates, T, d, (int)hk, act);
+template <bool BWD>
+static peer_status launch_all(peer_k_expert_args a, int bf16, cudaStream_t stream,
+                              const char *what) {
+  if (a.T == 0) return PEER_OK;
+  if (peer_k_experts_smem(a.hk) > PEER_K_SMEM_MAX)
+    return peer_fail(PEER_ERR_UNSUPPORTED, "%s: H*k = %d entries per token is too many", what,
+                     a.hk);
+  const unsigned grid = peer_k_blocks(a.T, 1);
+  const size_t smem = peer_k_experts_smem(a.hk);
+  /* 16-byte loads need rows (d) and the caller's in, out on 16-byte
+   * boundaries; the tables come from cudaMalloc (256-byte aligned). */
+  bool aligned = ((uintptr_t)a.in % 16 == 0) && ((uintptr_t)a.out % 16 == 0);
+  if (bf16) {
+    /* The backward at bf16 VEC 8 spills 16-24 bytes whatever the unroll
+     * (ptxas, CUDA 13.0): it takes the scalar loads instead. */
+    if constexpr (!BWD) {
+      if (aligned && a.d % 8 == 0) {
+        experts_kernel<true, 8, false><<<grid, EXPERT_THREADS, smem, stream>>>(a);
+        return peer_k_launched(what);
+      }
+    }
+    experts_kernel<true, 1, BWD><<<grid, EXPERT_THREADS, smem, stream>>>(a);
+  } else {
+    if (aligned && a.d % 4 == 0) experts_kernel<false, 4, BWD><<<grid, EXPERT_THREADS, smem, stream>>>(a);
+    else experts_kernel<false, 1, BWD><<<grid, EXPERT_THREADS, smem, stream>>>(a);
+  }
+  return peer_k_launched(what);
 }
 
 extern "C" peer_status peer_k_experts(const float *x, float *y, const void *down,
                                       const void *up, int bf16, const int64_t *ids,
-                                      const float *gates, int64_t T, int64_t d, int64_t hk,
-                                      int act, cudaStream_t stream) {
-  if (T == 0) return PEER_OK;
-  if (peer_k_experts_smem(hk) > PEER_K_SMEM_MAX)
-    return peer_fail(PEER_ERR_UNSUPPORTED, "experts: H*k = %lld entries per token is too many",
-                     (long long)hk);
-  /* 16-byte loads need rows (d) and the caller's x, y on 16-byte boundaries;
-   * the tables come from cudaMalloc (256-byte aligned). */
-  bool aligned = ((uintptr_t)x % 16 == 0) && ((uintptr_t)y % 16 == 0);
-  if (bf16) {
-    if (aligned && d % 8 == 0) launch<true, 8>(x, y, down, up, ids, gates, T, d, hk, act, stream);
-    else launch<true, 1>(x, y, down, up, ids, gates, T, d, hk, act, stream);
-  } else {
-    if (aligned && d % 4 == 0) launch<false, 4>(x, y, down, up, ids, gates, T, d, hk, act, stream);
-    else launch<false, 1>(x, y, down, up, ids, gates, T, d, hk, act, stream);
-  }
-  return peer_k_launched("experts");
+                                      const float *gates, float *z, int64_t T, int64_t d,
+                                      int64_t hk, int act, cudaStream_t stream) {
+  peer_k_expert_args a = {};
+  a.in = x, a.out = y, a.first = down, a.second = up, a.ids = ids, a.gates = gates, a.z = z;
+  a.T = T, a.d = d, a.hk = (int)hk, a.k = 1, a.act = act;
+  return launch_all<false>(a, bf16, stream, "experts");
+}
+
+extern "C" peer_status peer_k_experts_backward(const peer_k_expert_args *args, int bf16,
+                                               cudaStream_t stream) {
+  return launch_all<true>(*args, bf16, stream, "experts_backward");
 }

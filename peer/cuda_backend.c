@@ -7,13 +7,22 @@
  *   top-k' per (t, h, half)          peer_k_subkey_topk
  *   candidate top-k, gates           peer_k_merge
  *   experts                          peer_k_experts
- * all queued on one stream.  Training is not implemented on this backend:
- * its entries say so with PEER_ERR_UNSUPPORTED. */
+ * all queued on one stream.  Training (train_forward, train_backward) keeps
+ * its state in the context's device memory: the forward normalises with
+ * batch statistics (peer_k_batch_norm_train) and keeps z; the backward is
+ *   per-token expert backward, gate backward   peer_k_experts_backward
+ *   sorted expert rows                         radix sort + peer_k_expert_grads
+ *   dq through the kept scores                 peer_k_query_grad
+ *   sorted sub-key rows                        radix sort + peer_k_keys_grad
+ *   batch norm, query bias                     peer_k_norm_backward, column sums
+ *   dWq = dq^T X, dx += dq Wq                  cuBLAS SGEMM
+ * with no float atomics: reruns give the same bits. */
 #include "internal.h"
 #include "peer_cuda.h"
 
 #include "experts.h"
 #include "retrieval.h"
+#include "train.h"
 
 #include <cublas_v2.h>
 #include <stdlib.h>
@@ -112,24 +121,36 @@ static peer_status device_scratch(peer_layer *L, int64_t T, dev_ws *w) {
 
 /* ------------------------------------------------------------ the passes */
 
-static peer_status run_retrieval(peer_layer *L, int64_t T, const float *d_x, int64_t *ids,
-                                 float *scores, float *gates, cudaStream_t stream,
-                                 const dev_ws *w) {
+/* Row-major Q [T, dq] = X [T, d] Wq^T (column-major Q' = Wq'^T X'), then
+ * the query bias when the layer has one and, if `running`, the batch norm
+ * with running statistics (one pass; training normalises separately). */
+static peer_status project_query(peer_layer *L, int64_t T, const float *d_x, float *q,
+                                 bool running, cudaStream_t stream) {
   cuda_state *st = state_of(L);
   const peer_dims *D = &L->dims;
   const float one = 1.0f, zero = 0.0f;
   cublasStatus_t bs = cublasSetStream(st->blas, stream);
   if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: cublasSetStream");
-  /* Row-major Q [T, dq] = X [T, d] Wq^T is column-major Q' = Wq'^T X'. */
   bs = cublasSgemm(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->dq, (int)T, (int)D->d, &one,
-                   L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, d_x, (int)D->d, &zero, w->q,
+                   L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, d_x, (int)D->d, &zero, q,
                    (int)D->dq);
   if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: query projection");
-  peer_status s = peer_k_bias_norm(w->q, T, D->dq, L->slot[PEER_P_QUERY_BIAS].data,
-                                   L->slot[PEER_P_NORM_WEIGHT].data,
-                                   L->slot[PEER_P_NORM_BIAS].data, L->slot[PEER_P_NORM_MEAN].data,
-                                   L->slot[PEER_P_NORM_VAR].data, stream);
-  if (s) return s;
+  const bool norm = running && L->slot[PEER_P_NORM_MEAN].data;
+  return peer_k_bias_norm(q, T, D->dq, L->slot[PEER_P_QUERY_BIAS].data,
+                          norm ? L->slot[PEER_P_NORM_WEIGHT].data : NULL,
+                          norm ? L->slot[PEER_P_NORM_BIAS].data : NULL,
+                          norm ? L->slot[PEER_P_NORM_MEAN].data : NULL,
+                          norm ? L->slot[PEER_P_NORM_VAR].data : NULL, stream);
+}
+
+/* From the final queries q [T, dq] to ids, scores and gates [T, H, k]. */
+static peer_status search(peer_layer *L, int64_t T, const float *q, int64_t *ids,
+                          float *scores, float *gates, cudaStream_t stream, const dev_ws *w) {
+  cuda_state *st = state_of(L);
+  const peer_dims *D = &L->dims;
+  const float one = 1.0f, zero = 0.0f;
+  cublasStatus_t bs;
+  peer_status s;
   /* Per half p, one batch entry per head h:
    *   S[((t*H + h)*2 + p)*n + a] = sum_j q[t*dq + h*dk + p*half + j] * C_g,p[a, j]
    * with C_g,p = keys + ((g*2 + p)*n)*half and g = h, or 0 with shared keys. */
@@ -138,7 +159,7 @@ static peer_status run_retrieval(peer_layer *L, int64_t T, const float *d_x, int
   for (int p = 0; p < 2; p++) {
     bs = cublasSgemmStridedBatched(
         st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->n, (int)T, (int)D->half, &one,
-        keys + p * D->n * D->half, (int)D->half, key_stride, w->q + p * D->half, (int)D->dq,
+        keys + p * D->n * D->half, (int)D->half, key_stride, q + p * D->half, (int)D->dq,
         (long long)D->dk, &zero, w->S + p * D->n, (int)(2 * D->H * D->n), 2 * D->n, (int)D->H);
     if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: sub-key scores");
   }
@@ -147,6 +168,14 @@ static peer_status run_retrieval(peer_layer *L, int64_t T, const float *d_x, int
     return s;
   return peer_k_merge(w->list_s, w->list_id, T * D->H, D->kp, D->k, D->n, (int)L->cfg.gate,
                       scores, ids, gates, st->d_bad, stream);
+}
+
+static peer_status run_retrieval(peer_layer *L, int64_t T, const float *d_x, int64_t *ids,
+                                 float *scores, float *gates, cudaStream_t stream,
+                                 const dev_ws *w) {
+  peer_status s = project_query(L, T, d_x, w->q, true, stream);
+  if (s) return s;
+  return search(L, T, w->q, ids, scores, gates, stream, w);
 }
 
 static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
@@ -160,7 +189,7 @@ static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float
   const peer_dims *D = &L->dims;
   return peer_k_experts(d_x, d_y, L->slot[PEER_P_EXPERTS_DOWN].data,
                         L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16, ids,
-                        gates, T, D->d, D->H * D->k, (int)L->cfg.activation, stream);
+                        gates, NULL, T, D->d, D->H * D->k, (int)L->cfg.activation, stream);
 }
 
 static peer_status check_stream(peer_layer *L, cudaStream_t stream) {
@@ -429,23 +458,311 @@ static size_t cuda_host_workspace(const peer_layer *L, int64_t T) {
   return 0; /* device scratch is peer_cuda_workspace_size's */
 }
 
+/* A training context's device memory (ctx->mem, from cudaMalloc), carved
+ * for the context's max_tokens T; E = T*H*k entries. */
+typedef struct train_mem {
+  float *x, *y, *dy, *dx;        /* [T, d]: the host path's device copies; x kept */
+  float *q, *qhat, *dq;          /* [T, dq]: final queries, normalised (batch norm), grad */
+  float *mean, *invstd;          /* [dq] batch statistics */
+  int64_t *ids;                  /* [E] */
+  float *scores, *gates, *z;     /* [E]; z = u_i . x */
+  float *ds, *cup, *cdown;       /* [E] per-entry coefficients */
+  uint32_t *key, *val, *key2, *val2, *starts; /* sorts: 2E (+1) each */
+  uint32_t *runs;                /* distinct rows of the last sort */
+  unsigned long long *bad_row;   /* first non-finite row of x or dy */
+  float *g_wq, *g_bq, *g_nw, *g_nb, *g_keys; /* dense gradients */
+  int64_t *g_rows;               /* [E] expert ids, ascending */
+  float *g_down, *g_up;          /* [E, d] expert gradient rows */
+  void *temp;                    /* CUB scratch */
+  size_t temp_bytes;
+} train_mem;
+
+static size_t train_layout(const peer_layer *L, int64_t T, size_t temp_bytes, char *base,
+                           train_mem *m) {
+  const peer_dims *D = &L->dims;
+  const size_t t = (size_t)T, d = (size_t)D->d, dq = (size_t)D->dq;
+  const size_t e = t * (size_t)(D->H * D->k), keys = (size_t)(D->G * 2 * D->n * D->half);
+  struct {
+    void **ptr;
+    size_t bytes;
+  } parts[] = {
+      {(void **)&m->x, t * d * 4},          {(void **)&m->y, t * d * 4},
+      {(void **)&m->dy, t * d * 4},         {(void **)&m->dx, t * d * 4},
+      {(void **)&m->q, t * dq * 4},         {(void **)&m->qhat, t * dq * 4},
+      {(void **)&m->dq, t * dq * 4},        {(void **)&m->mean, dq * 4},
+      {(void **)&m->invstd, dq * 4},        {(void **)&m->ids, e * 8},
+      {(void **)&m->scores, e * 4},         {(void **)&m->gates, e * 4},
+      {(void **)&m->z, e * 4},              {(void **)&m->ds, e * 4},
+      {(void **)&m->cup, e * 4},            {(void **)&m->cdown, e * 4},
+      {(void **)&m->key, 2 * e * 4},        {(void **)&m->val, 2 * e * 4},
+      {(void **)&m->key2, 2 * e * 4},       {(void **)&m->val2, 2 * e * 4},
+      {(void **)&m->starts, (2 * e + 1) * 4},
+      {(void **)&m->runs, 4},               {(void **)&m->bad_row, 8},
+      {(void **)&m->g_wq, dq * d * 4},      {(void **)&m->g_bq, dq * 4},
+      {(void **)&m->g_nw, dq * 4},          {(void **)&m->g_nb, dq * 4},
+      {(void **)&m->g_keys, keys * 4},      {(void **)&m->g_rows, e * 8},
+      {(void **)&m->g_down, e * d * 4},     {(void **)&m->g_up, e * d * 4},
+      {(void **)&m->temp, temp_bytes},
+  };
+  size_t off = 0;
+  for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
+    if (base) *parts[i].ptr = base + off;
+    off += round256(parts[i].bytes);
+  }
+  m->temp_bytes = temp_bytes;
+  return off;
+}
+
+/* CUB's scratch for sorting 2E pairs (the sub-key sort, the larger). */
+static peer_status sort_temp(const peer_layer *L, int64_t T, size_t *bytes) {
+  return peer_k_sort_temp_bytes(2 * T * L->dims.H * L->dims.k, bytes);
+}
+
 static size_t cuda_context_bytes(const peer_layer *L, int64_t T) {
-  (void)L, (void)T;
-  return 64;
+  size_t temp = 0;
+  if (sort_temp(L, T, &temp)) peer_clear_error(); /* reported again when training runs */
+  train_mem m;
+  return train_layout(L, T, temp, NULL, &m);
+}
+
+static void *cuda_context_alloc(const peer_layer *L, size_t bytes) {
+  if (cudaSetDevice(state_of(L)->device) != cudaSuccess) {
+    cudaGetLastError();
+    return NULL;
+  }
+  void *p = NULL;
+  if (cudaMalloc(&p, bytes ? bytes : 256) != cudaSuccess) {
+    cudaGetLastError();
+    return NULL;
+  }
+  return p;
+}
+
+static void cuda_context_free(void *mem, size_t bytes) {
+  (void)bytes;
+  if (mem) cudaFree(mem);
+}
+
+/* The context's layout; fails if CUB now wants more scratch than it has. */
+static peer_status context_mem(const peer_layer *L, const peer_context *c, train_mem *m) {
+  size_t temp = 0;
+  peer_status s = sort_temp(L, c->max_tokens, &temp);
+  if (s) return s;
+  if (train_layout(L, c->max_tokens, temp, NULL, m) > c->bytes)
+    return peer_fail(PEER_ERR_CUDA, "cuda training: CUB asks for more scratch than the "
+                                    "context was given");
+  train_layout(L, c->max_tokens, temp, c->mem, m);
+  return PEER_OK;
+}
+
+/* Wait for the stream; then the first non-finite row of `what`, if any. */
+static peer_status check_rows(cudaStream_t stream, const train_mem *m, const char *what) {
+  cudaError_t e = cudaStreamSynchronize(stream);
+  if (e != cudaSuccess) return cuda_fail(e, "cuda training: stream");
+  unsigned long long row = NO_BAD;
+  if ((e = cudaMemcpy(&row, m->bad_row, sizeof row, cudaMemcpyDeviceToHost)) != cudaSuccess)
+    return cuda_fail(e, "cuda training: reading the non-finite record");
+  if (row == NO_BAD) return PEER_OK;
+  return peer_fail(PEER_ERR_NONFINITE, "token %llu: %s holds NaN or infinity", row, what);
+}
+
+static peer_status find_nonfinite(const peer_layer *L, int64_t T, const float *a,
+                                  const train_mem *m, cudaStream_t stream) {
+  cudaError_t e = cudaMemsetAsync(m->bad_row, 0xff, sizeof *m->bad_row, stream);
+  if (e != cudaSuccess) return cuda_fail(e, "cuda training: cudaMemsetAsync");
+  return peer_k_first_nonfinite_row(a, T, L->dims.d, m->bad_row, stream);
+}
+
+/* The training forward on device pointers: queries with batch statistics
+ * (kept in m), retrieval into m's ids / scores / gates, experts keeping z. */
+static peer_status train_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
+                                 const train_mem *m, cudaStream_t stream) {
+  const peer_dims *D = &L->dims;
+  dev_ws w;
+  peer_status s = device_scratch(L, T, &w);
+  if (s || (s = project_query(L, T, d_x, m->q, false, stream))) return s;
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM &&
+      (s = peer_k_batch_norm_train(m->q, m->qhat, m->mean, m->invstd, T, D->dq,
+                                   L->slot[PEER_P_NORM_WEIGHT].data,
+                                   L->slot[PEER_P_NORM_BIAS].data, stream)))
+    return s;
+  if ((s = search(L, T, m->q, m->ids, m->scores, m->gates, stream, &w))) return s;
+  return peer_k_experts(d_x, d_y, L->slot[PEER_P_EXPERTS_DOWN].data,
+                        L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16,
+                        m->ids, m->gates, m->z, T, D->d, D->H * D->k, (int)L->cfg.activation,
+                        stream);
 }
 
 static peer_status cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
-                                      const float *x, float *y, void *ws) {
-  (void)L, (void)ctx, (void)T, (void)x, (void)y, (void)ws;
-  return peer_fail(PEER_ERR_UNSUPPORTED,
-                   "forward_train: training is not implemented on the CUDA backend yet");
+                                      const float *x, float *y, void *host_ws) {
+  (void)host_ws;
+  const peer_dims *D = &L->dims;
+  peer_status s = enter(L, T, x, "forward_train");
+  if (s) return s;
+  if (2 * T * D->H * D->k > (int64_t)0x7fffffff)
+    return peer_fail(PEER_ERR_UNSUPPORTED,
+                     "forward_train: the CUDA backend sorts at most 2^31 - 1 = 2*T*H*k pairs");
+  train_mem m;
+  if ((s = context_mem(L, ctx, &m))) return s;
+  cudaStream_t stream = state_of(L)->own;
+  size_t xb = (size_t)T * (size_t)D->d * 4;
+  if ((s = copy(m.x, x, xb, cudaMemcpyHostToDevice, stream)) ||
+      (s = find_nonfinite(L, T, m.x, &m, stream)) ||
+      (s = train_forward(L, T, m.x, m.y, &m, stream)) ||
+      (s = copy(y, m.y, xb, cudaMemcpyDeviceToHost, stream))) {
+    cudaStreamSynchronize(stream);
+    return s;
+  }
+  if ((s = check_rows(stream, &m, "x"))) {
+    /* the scores of that row are non-finite too: not a second error */
+    cudaMemset(state_of(L)->d_bad, 0xff, sizeof(unsigned long long));
+    return s;
+  }
+  if ((s = check_stream(L, stream))) return s;
+  /* the running statistics change only after a successful batch (as on the CPU) */
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) {
+    if ((s = peer_k_running_update(L->slot[PEER_P_NORM_MEAN].data, L->slot[PEER_P_NORM_VAR].data,
+                                   m.mean, m.invstd, T, D->dq, L->norm_momentum, stream))) {
+      cudaStreamSynchronize(stream);
+      return s;
+    }
+    cudaError_t e = cudaStreamSynchronize(stream);
+    if (e != cudaSuccess) return cuda_fail(e, "forward_train: running statistics");
+  }
+  return PEER_OK;
+}
+
+/* Everything of the backward but the expert rows' copy-back, on device
+ * pointers in m: dx (if want_dx) in m->dx, dense grads in m->g_*, expert rows
+ * (if want_experts) in m->g_rows / g_down / g_up with their count in
+ * m->runs. */
+static peer_status train_backward(peer_layer *L, int64_t T, const train_mem *m, bool want_dx,
+                                  const peer_grads *g, bool want_experts, cudaStream_t stream) {
+  cuda_state *st = state_of(L);
+  const peer_dims *D = &L->dims;
+  const int64_t hk = D->H * D->k, E = T * hk;
+  const bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
+  peer_k_expert_args a = {0};
+  a.in = m->dy, a.out = want_dx ? m->dx : NULL;
+  a.first = L->slot[PEER_P_EXPERTS_UP].data, a.second = L->slot[PEER_P_EXPERTS_DOWN].data;
+  a.ids = m->ids, a.gates = m->gates, a.z = m->z, a.scores = m->scores;
+  a.ds = m->ds, a.cup = m->cup, a.cdown = m->cdown;
+  a.T = T, a.d = D->d, a.hk = (int)hk, a.k = (int)D->k, a.act = (int)L->cfg.activation,
+  a.gate = (int)L->cfg.gate;
+  peer_status s = peer_k_experts_backward(&a, L->cfg.weight_dtype == PEER_BF16, stream);
+  if (s) return s;
+  if (want_experts &&
+      ((s = peer_k_expert_sort_keys(m->ids, E, m->key, m->val, stream)) ||
+       (s = peer_k_sorted_runs(m->key, m->val, m->key2, m->val2, m->starts, m->runs, E,
+                               (uint32_t)(D->N - 1), m->temp, m->temp_bytes, stream)) ||
+       (s = peer_k_expert_grads(m->key2, m->val2, m->starts, m->runs, E, m->cdown, m->cup, m->x,
+                                m->dy, D->d, hk, 0, m->g_down, m->g_up, m->g_rows, stream))))
+    return s;
+  const float *keys = L->slot[PEER_P_KEYS].data;
+  if ((s = peer_k_query_grad(m->ids, m->ds, keys, T, D->H, D->k, D->n, D->dk,
+                             L->cfg.shared_keys ? 1 : 0, m->dq, stream)))
+    return s;
+  if (g->keys) {
+    cudaError_t e = cudaMemsetAsync(m->g_keys, 0,
+                                    (size_t)(D->G * 2 * D->n * D->half) * sizeof(float), stream);
+    if (e != cudaSuccess) return cuda_fail(e, "backward: cudaMemsetAsync");
+    if ((s = peer_k_subkey_sort_keys(m->ids, T, D->H, D->k, D->n, L->cfg.shared_keys ? 1 : 0,
+                                     m->key, m->val, stream)) ||
+        (s = peer_k_sorted_runs(m->key, m->val, m->key2, m->val2, m->starts, m->runs,
+                                2 * E, (uint32_t)(D->G * 2 * D->n - 1), m->temp,
+                                m->temp_bytes, stream)) ||
+        (s = peer_k_keys_grad(m->key2, m->val2, m->starts, m->runs, 2 * E, m->ds, m->q, D->H,
+                              D->k, D->dk, m->g_keys, stream)))
+      return s;
+  }
+  if (bn && (s = peer_k_norm_backward(m->dq, m->qhat, m->invstd,
+                                      L->slot[PEER_P_NORM_WEIGHT].data, T, D->dq,
+                                      g->norm_weight ? m->g_nw : NULL,
+                                      g->norm_bias ? m->g_nb : NULL, stream)))
+    return s;
+  if (g->query_bias && (s = peer_k_column_sums(m->dq, T, D->dq, m->g_bq, stream))) return s;
+  const float one = 1.0f, zero = 0.0f;
+  cublasStatus_t bs = cublasSetStream(st->blas, stream);
+  if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "backward: cublasSetStream");
+  /* dWq [dq, d] row-major = dq^T X: column-major dWq' [d, dq] = X' dq'^T */
+  if (g->query_weight &&
+      (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)D->d, (int)D->dq, (int)T, &one,
+                        m->x, (int)D->d, m->dq, (int)D->dq, &zero, m->g_wq, (int)D->d)) !=
+          CUBLAS_STATUS_SUCCESS)
+    return blas_fail(bs, "backward: query weight gradient");
+  /* dx [T, d] += dq Wq: column-major dx' [d, T] += Wq' dq' */
+  if (want_dx &&
+      (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)D->d, (int)T, (int)D->dq, &one,
+                        L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, m->dq, (int)D->dq, &one,
+                        m->dx, (int)D->d)) != CUBLAS_STATUS_SUCCESS)
+    return blas_fail(bs, "backward: dx through the query projection");
+  return PEER_OK;
+}
+
+/* Expert rows to the caller's host buffers (after the stream is idle). */
+static peer_status copy_expert_rows(const peer_layer *L, const train_mem *m, peer_grads *g) {
+  const size_t d = (size_t)L->dims.d;
+  uint32_t runs = 0;
+  cudaError_t e = cudaMemcpy(&runs, m->runs, sizeof runs, cudaMemcpyDeviceToHost);
+  if (e != cudaSuccess) return cuda_fail(e, "backward: reading the expert row count");
+  size_t rb = (size_t)runs * d * sizeof(float);
+  if ((e = cudaMemcpy(g->expert_rows, m->g_rows, (size_t)runs * 8, cudaMemcpyDeviceToHost)) !=
+      cudaSuccess)
+    return cuda_fail(e, "backward: copying expert rows");
+  if (!g->experts_dense) {
+    if ((e = cudaMemcpy(g->experts_down, m->g_down, rb, cudaMemcpyDeviceToHost)) != cudaSuccess ||
+        (e = cudaMemcpy(g->experts_up, m->g_up, rb, cudaMemcpyDeviceToHost)) != cudaSuccess)
+      return cuda_fail(e, "backward: copying expert gradients");
+  } else if (runs > 0) {
+    float *tmp = malloc(2 * rb);
+    if (!tmp) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "backward: out of memory");
+    if ((e = cudaMemcpy(tmp, m->g_down, rb, cudaMemcpyDeviceToHost)) != cudaSuccess ||
+        (e = cudaMemcpy(tmp + runs * d, m->g_up, rb, cudaMemcpyDeviceToHost)) != cudaSuccess) {
+      free(tmp);
+      return cuda_fail(e, "backward: copying expert gradients");
+    }
+    for (size_t r = 0; r < runs; r++) {
+      float *gd = g->experts_down + (size_t)g->expert_rows[r] * d;
+      float *gu = g->experts_up + (size_t)g->expert_rows[r] * d;
+      for (size_t i = 0; i < d; i++) gd[i] += tmp[r * d + i], gu[i] += tmp[(runs + r) * d + i];
+    }
+    free(tmp);
+  }
+  g->n_expert_rows = (int64_t)runs;
+  return PEER_OK;
 }
 
 static peer_status cuda_backward(peer_layer *L, peer_context *ctx, const float *dy, float *dx,
-                                 peer_grads *grads) {
-  (void)L, (void)ctx, (void)dy, (void)dx, (void)grads;
-  return peer_fail(PEER_ERR_UNSUPPORTED,
-                   "backward: training is not implemented on the CUDA backend yet");
+                                 peer_grads *g) {
+  const peer_dims *D = &L->dims;
+  const int64_t T = ctx->n_tokens;
+  peer_status s = enter(L, T, dy, "backward");
+  if (s) return s;
+  train_mem m;
+  if ((s = context_mem(L, ctx, &m))) return s;
+  cudaStream_t stream = state_of(L)->own;
+  const size_t xb = (size_t)T * (size_t)D->d * 4, fb = (size_t)D->dq * 4;
+  if ((s = copy(m.dy, dy, xb, cudaMemcpyHostToDevice, stream)) ||
+      (s = find_nonfinite(L, T, m.dy, &m, stream))) {
+    cudaStreamSynchronize(stream);
+    return s;
+  }
+  if ((s = check_rows(stream, &m, "dy"))) return s;
+  const bool experts = g->experts_down != NULL;
+  if ((s = train_backward(L, T, &m, dx != NULL, g, experts, stream)) ||
+      (s = copy(dx, m.dx, xb, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(g->query_weight, m.g_wq, fb * (size_t)D->d, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(g->query_bias, m.g_bq, fb, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(g->norm_weight, m.g_nw, fb, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(g->norm_bias, m.g_nb, fb, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(g->keys, m.g_keys, L->slot[PEER_P_KEYS].nbytes, cudaMemcpyDeviceToHost,
+                stream))) {
+    cudaStreamSynchronize(stream);
+    return s;
+  }
+  cudaError_t e = cudaStreamSynchronize(stream);
+  if (e != cudaSuccess) return cuda_fail(e, "backward: stream");
+  return experts ? copy_expert_rows(L, &m, g) : PEER_OK;
 }
 
 const peer_backend_i peer_backend_cuda = {
@@ -461,4 +778,6 @@ const peer_backend_i peer_backend_cuda = {
     .open = cuda_open,
     .close = cuda_close,
     .upload = cuda_upload,
+    .context_alloc = cuda_context_alloc,
+    .context_free = cuda_context_free,
 };

@@ -94,6 +94,11 @@ typedef struct peer_backend_i {
   /* Optional: copy host bytes into parameter storage that is not host memory.
    * NULL means parameters are host memory, written in place. */
   peer_status (*upload)(peer_layer *layer, void *dst, const void *src, size_t bytes);
+  /* Optional (NULL: host memory from peer_alloc / peer_free): a training
+   * context's memory, e.g. on the device.  context_free must not need the
+   * layer: a context may be freed after its layer. */
+  void *(*context_alloc)(const peer_layer *layer, size_t bytes);
+  void (*context_free)(void *mem, size_t bytes);
 } peer_backend_i;
 
 /* A training context: the generic part; `mem` is laid out by the backend. */
@@ -106,6 +111,7 @@ struct peer_context {
   int n_threads;      /* per-thread scratch was sized for this many */
   void *mem;
   size_t bytes;
+  void (*mem_free)(void *mem, size_t bytes); /* how mem goes back */
 };
 
 extern const peer_backend_i peer_backend_cpu;

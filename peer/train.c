@@ -43,7 +43,9 @@ peer_status peer_context_create(peer_context **out, const peer_layer *L, int64_t
   c->max_tokens = T;
   c->n_threads = peer_context_threads(L);
   c->bytes = L->backend->context_bytes(L, T);
-  c->mem = peer_alloc(c->bytes);
+  const peer_backend_i *B = L->backend;
+  c->mem = B->context_alloc ? B->context_alloc(L, c->bytes) : peer_alloc(c->bytes);
+  c->mem_free = B->context_free ? B->context_free : peer_free;
   if (!c->mem) {
     size_t bytes = c->bytes;
     free(c);
@@ -55,7 +57,7 @@ peer_status peer_context_create(peer_context **out, const peer_layer *L, int64_t
 
 void peer_context_free(peer_context *c) {
   if (!c) return;
-  peer_free(c->mem, c->bytes);
+  c->mem_free(c->mem, c->bytes);
   free(c);
 }
 
