@@ -991,6 +991,301 @@ done:
   return rc;
 }
 
+/* ----------------------------------------------------------------- convert */
+
+static const char usage_convert[] =
+    "usage: peer convert --from peer-pytorch IN.safetensors --out W.safetensors\n"
+    "                    [--gate softmax|relu] [--top-k K] [--subkey-top-k K2]\n"
+    "                    [--activation A]\n"
+    "       peer convert --to peer-pytorch W.safetensors --out OUT.safetensors\n"
+    "\n"
+    "Convert between a peer weight file and the state dict of one PEER layer of\n"
+    "lucidrains' PEER-pytorch (0.2.x) saved as safetensors: to_queries.0.weight\n"
+    "[2*H*dk, d] F32, keys [H, n, 2, dk] F32, weight_down_embed.weight and\n"
+    "weight_up_embed.weight [n*n, d] (F32 or BF16).  Query rows and key axes are\n"
+    "reordered (docs/PEER.md, \"Related layouts\"); expert tables are copied as\n"
+    "they are.  H, n, dk and d come from the shapes (d_key = 2*dk).\n"
+    "\n"
+    "A PEER-pytorch file does not record the settings that are not shapes:\n"
+    "  --gate softmax|relu  softmax: non_competing_scores=False (default);\n"
+    "                       relu: non_competing_scores=True, PEER-pytorch's own\n"
+    "                       default, which keeps one expert per head\n"
+    "  --top-k K            experts kept per head: num_experts_per_head with\n"
+    "                       softmax (default 16); must be 1 with relu\n"
+    "  --subkey-top-k K2    candidates per half: product_key_topk (default\n"
+    "                       num_experts_per_head: K with softmax, 16 with relu)\n"
+    "  --activation A       gelu (nn.GELU, default), gelu_tanh, relu, silu, identity\n"
+    "\n"
+    "--to peer-pytorch refuses layers PEER-pytorch cannot express (query bias,\n"
+    "batch norm, shared keys, sigmoid gates, relu gates with top_k > 1) and\n"
+    "prints the PEER(...) arguments that load the file.\n";
+
+static const char *const pt_queries = "to_queries.0.weight", *const pt_keys = "keys",
+                         *const pt_down = "weight_down_embed.weight",
+                         *const pt_up = "weight_up_embed.weight";
+
+/* Query rows: peer's row h*2dk + p*dk + j is PEER-pytorch's p*H*dk + h*dk + j
+ * (half index outermost there); rows of width d. */
+static void reorder_query_rows(const float *src, float *dst, int64_t H, int64_t dk, int64_t d,
+                               bool to_pytorch) {
+  for (int64_t h = 0; h < H; h++)
+    for (int64_t p = 0; p < 2; p++)
+      for (int64_t j = 0; j < dk; j++) {
+        int64_t ours = h * 2 * dk + p * dk + j, theirs = p * H * dk + h * dk + j;
+        int64_t from = to_pytorch ? ours : theirs, to = to_pytorch ? theirs : ours;
+        memcpy(dst + to * d, src + from * d, (size_t)d * sizeof *dst);
+      }
+}
+
+/* Keys: peer's [H, 2, n, dk] against PEER-pytorch's [H, n, 2, dk]. */
+static void reorder_keys(const float *src, float *dst, int64_t H, int64_t n, int64_t dk,
+                         bool to_pytorch) {
+  for (int64_t h = 0; h < H; h++)
+    for (int64_t p = 0; p < 2; p++)
+      for (int64_t a = 0; a < n; a++) {
+        int64_t ours = (h * 2 + p) * n + a, theirs = (h * n + a) * 2 + p;
+        int64_t from = to_pytorch ? ours : theirs, to = to_pytorch ? theirs : ours;
+        memcpy(dst + to * dk, src + from * dk, (size_t)dk * sizeof *dst);
+      }
+}
+
+/* Find a PEER-pytorch tensor and check its rank and dtype. */
+static int pt_tensor(const peer_safetensors *f, const char *name, int ndim, peer_tensor *t) {
+  if (peer_safetensors_find(f, name, t)) return fail("input has no tensor '%s'", name);
+  char shape[96];
+  if (t->ndim != ndim)
+    return fail("tensor '%s' has shape %s; PEER-pytorch's has %d dimensions", name,
+                format_shape(t, shape, sizeof shape), ndim);
+  bool embed = name == pt_down || name == pt_up;
+  if (t->dtype != PEER_F32 && !(embed && t->dtype == PEER_BF16))
+    return fail("tensor '%s' is %s; it must be F32%s", name, peer_dtype_name(t->dtype),
+                embed ? " or BF16" : "");
+  return 0;
+}
+
+/* Check the PEER-pytorch tensor set of f and derive the config from its
+ * shapes and the options. */
+static int pt_config(const peer_safetensors *f, peer_config *cfg) {
+  static const char *const expected =
+      "to_queries.0.weight, keys, weight_down_embed.weight, weight_up_embed.weight";
+  if (peer_safetensors_metadata(f, "peer.format"))
+    return fail("input is already a peer weight file (it has peer.format metadata)");
+  for (int i = 0; i < peer_safetensors_count(f); i++) {
+    peer_tensor t;
+    peer_safetensors_info(f, i, &t);
+    if (strcmp(t.name, pt_queries) && strcmp(t.name, pt_keys) && strcmp(t.name, pt_down) &&
+        strcmp(t.name, pt_up))
+      return fail("unknown tensor '%s'%s (a PEER-pytorch PEER layer has exactly %s)", t.name,
+                  strcmp(t.name, "norm.gamma") ? "" : " from pre_rmsnorm=True, which peer lacks",
+                  expected);
+  }
+  peer_tensor q, keys, down, up;
+  int rc;
+  if ((rc = pt_tensor(f, pt_queries, 2, &q)) || (rc = pt_tensor(f, pt_keys, 4, &keys)) ||
+      (rc = pt_tensor(f, pt_down, 2, &down)) || (rc = pt_tensor(f, pt_up, 2, &up)))
+    return rc;
+  char s1[96], s2[96];
+  const int64_t H = keys.shape[0], n = keys.shape[1], dk = keys.shape[3], d = q.shape[1];
+  int64_t N;
+  if (keys.shape[2] != 2)
+    return fail("keys has shape %s; PEER-pytorch's is [heads, n, 2, dim_key]",
+                format_shape(&keys, s1, sizeof s1));
+  if (q.shape[0] != 2 * H * dk)
+    return fail("%s has shape %s but keys %s needs [%lld, d] (2 * heads * dim_key rows)",
+                pt_queries, format_shape(&q, s1, sizeof s1), format_shape(&keys, s2, sizeof s2),
+                (long long)(2 * H * dk));
+  if (__builtin_mul_overflow(n, n, &N)) return fail("keys: n = %lld is too large", (long long)n);
+  for (int i = 0; i < 2; i++) {
+    const peer_tensor *e = i ? &up : &down;
+    int64_t HN;
+    if (H > 1 && !__builtin_mul_overflow(H, N, &HN) && e->shape[0] == HN)
+      return fail("%s has %lld = heads * n^2 rows: separate_embed_per_head=True is not supported",
+                  e->name, (long long)e->shape[0]);
+    if (e->shape[0] != N || e->shape[1] != d)
+      return fail("%s has shape %s; keys and %s need [%lld, %lld] (n^2 experts of width d)",
+                  e->name, format_shape(e, s1, sizeof s1), pt_queries, (long long)N, (long long)d);
+  }
+  if (down.dtype != up.dtype)
+    return fail("the expert tables differ in dtype (%s and %s)", peer_dtype_name(down.dtype),
+                peer_dtype_name(up.dtype));
+  cfg->d_model = d;
+  cfg->n_heads = H;
+  cfg->d_key = 2 * dk;
+  cfg->n_subkeys = n;
+  cfg->shared_keys = 0;
+  cfg->query_norm = PEER_NORM_NONE;
+  cfg->query_bias = 0;
+  cfg->weight_dtype = down.dtype;
+  if (peer_config_validate(cfg)) return fail("resulting config: %s", peer_last_error());
+  return 0;
+}
+
+/* Read PEER-pytorch tensor `name` (checked by pt_config) into a new buffer. */
+static int pt_read(const peer_safetensors *f, const char *name, float **out) {
+  peer_tensor t;
+  peer_safetensors_find(f, name, &t);
+  *out = alloc_array(t.nbytes, 1);
+  if (!*out) return fail("cannot allocate %zu bytes for %s", t.nbytes, name);
+  peer_status st = peer_safetensors_read(f, name, *out, t.nbytes);
+  return st ? lib_fail(st, "cannot read input") : 0;
+}
+
+static int convert_from_pytorch(const char *in, const char *out, peer_config *cfg) {
+  peer_safetensors *f = NULL;
+  peer_layer *layer = NULL;
+  float *q = NULL, *keys = NULL;
+  peer_status st = peer_safetensors_open(&f, in);
+  if (st) return lib_fail(st, "cannot open input");
+  int rc = pt_config(f, cfg);
+  if (rc || (rc = create_layer(cfg, 0, &layer))) goto done;
+  if ((rc = pt_read(f, pt_queries, &q)) || (rc = pt_read(f, pt_keys, &keys))) goto done;
+  peer_tensor pq, pk, pd, pu;
+  peer_layer_param_by_name(layer, "query.weight", &pq);
+  peer_layer_param_by_name(layer, "keys", &pk);
+  peer_layer_param_by_name(layer, "experts.down", &pd);
+  peer_layer_param_by_name(layer, "experts.up", &pu);
+  reorder_query_rows(q, pq.data, cfg->n_heads, cfg->d_key / 2, cfg->d_model, false);
+  reorder_keys(keys, pk.data, cfg->n_heads, cfg->n_subkeys, cfg->d_key / 2, false);
+  if ((st = peer_safetensors_read(f, pt_down, pd.data, pd.nbytes)) ||
+      (st = peer_safetensors_read(f, pt_up, pu.data, pu.nbytes))) {
+    rc = lib_fail(st, "cannot read input");
+    goto done;
+  }
+  if ((st = peer_layer_save(layer, out))) {
+    rc = lib_fail(st, "cannot save");
+    goto done;
+  }
+  char text[512];
+  peer_config_format(cfg, text, sizeof text);
+  printf("wrote %s from PEER-pytorch %s\nconfig: %s\n", out, in, text);
+done:
+  free(q), free(keys);
+  peer_layer_free(layer);
+  peer_safetensors_close(f);
+  return rc;
+}
+
+/* The PEER(...) arguments of PEER-pytorch that compute c, or fail naming what
+ * it cannot express. */
+static int pt_arguments(const peer_config *c, char *buf, size_t size) {
+  static const char *const acts[] = {"nn.ReLU", "nn.GELU", "partial(nn.GELU, approximate='tanh')",
+                                     "nn.SiLU", "nn.Identity"};
+  if (c->query_bias) return fail("query_bias=1: PEER-pytorch's query projection has no bias");
+  if (c->query_norm != PEER_NORM_NONE)
+    return fail("query_norm=%s: PEER-pytorch has no query batch norm",
+                peer_query_norm_name(c->query_norm));
+  if (c->shared_keys) return fail("shared_keys=1: PEER-pytorch has its own sub-keys per head");
+  if (c->gate == PEER_GATE_SIGMOID) return fail("gate=sigmoid: PEER-pytorch has no sigmoid gates");
+  if (c->gate == PEER_GATE_RELU && c->top_k != 1)
+    return fail("gate=relu with top_k=%lld: PEER-pytorch's non-competing scores keep one expert "
+                "per head (top_k=1)",
+                (long long)c->top_k);
+  int64_t kp = peer_config_subkey_top_k(c);
+  int64_t per_head = c->gate == PEER_GATE_RELU ? kp : c->top_k;
+  snprintf(buf, size,
+           "PEER(dim=%lld, heads=%lld, num_experts=%lld, num_experts_per_head=%lld, dim_key=%lld, "
+           "product_key_topk=%lld, non_competing_scores=%s, activation=%s)",
+           (long long)c->d_model, (long long)c->n_heads, (long long)peer_config_n_experts(c),
+           (long long)per_head, (long long)(c->d_key / 2), (long long)kp,
+           c->gate == PEER_GATE_RELU ? "True" : "False", acts[c->activation]);
+  return 0;
+}
+
+static int convert_to_pytorch(const char *in, const char *out) {
+  peer_layer *layer = NULL;
+  float *q = NULL, *keys = NULL;
+  int rc = load_layer(in, 0, &layer);
+  if (rc) return rc;
+  const peer_config *c = peer_layer_config(layer);
+  const int64_t H = c->n_heads, dk = c->d_key / 2, d = c->d_model, n = c->n_subkeys;
+  char args[512];
+  if ((rc = pt_arguments(c, args, sizeof args))) goto done;
+  peer_tensor pq, pk, pd, pu;
+  peer_layer_param_by_name(layer, "query.weight", &pq);
+  peer_layer_param_by_name(layer, "keys", &pk);
+  peer_layer_param_by_name(layer, "experts.down", &pd);
+  peer_layer_param_by_name(layer, "experts.up", &pu);
+  q = alloc_array(pq.nbytes, 1);
+  keys = alloc_array(pk.nbytes, 1);
+  if (!q || !keys) {
+    rc = fail("cannot allocate %zu bytes for the reordered query and keys", pq.nbytes + pk.nbytes);
+    goto done;
+  }
+  reorder_query_rows(pq.data, q, H, dk, d, true);
+  reorder_keys(pk.data, keys, H, n, dk, true);
+  /* The expert tables are written straight from the layer's memory. */
+  peer_tensor t[4] = {
+      {pt_queries, PEER_F32, 2, {2 * H * dk, d, 0, 0}, q, pq.nbytes},
+      {pt_keys, PEER_F32, 4, {H, n, 2, dk}, keys, pk.nbytes},
+      {pt_down, pd.dtype, 2, {pd.shape[0], d, 0, 0}, pd.data, pd.nbytes},
+      {pt_up, pu.dtype, 2, {pu.shape[0], d, 0, 0}, pu.data, pu.nbytes}};
+  static const char *const meta[] = {"format", "pt"};
+  peer_status st = peer_safetensors_write(out, t, 4, meta, 1);
+  if (st) {
+    rc = lib_fail(st, "cannot write output");
+    goto done;
+  }
+  printf("wrote %s (PEER-pytorch state dict)\nload it into: %s\n", out, args);
+done:
+  free(q), free(keys);
+  peer_layer_free(layer);
+  return rc;
+}
+
+static int cmd_convert(int argc, char **argv) {
+  cli_opt opts[] = {{"from", true, NULL},         {"to", true, NULL},   {"out", true, NULL},
+                    {"gate", true, NULL},         {"top-k", true, NULL},
+                    {"subkey-top-k", true, NULL}, {"activation", true, NULL}};
+  const char *pos[1] = {NULL};
+  int n_pos, rc = parse_options(argc, argv, opts, 7, pos, 1, &n_pos);
+  if (rc == PARSE_HELP) return fputs(usage_convert, stdout), 0;
+  if (rc) return rc;
+  const char *from = opts[0].value, *to = opts[1].value, *out = opts[2].value;
+  const char *layout = from ? from : to;
+  if (!from == !to) return usage_error("give one of --from peer-pytorch and --to peer-pytorch");
+  if (strcmp(layout, "peer-pytorch") != 0)
+    return usage_error("--%s: unknown layout '%s' (known: peer-pytorch)", from ? "from" : "to",
+                       layout);
+  if (n_pos != 1) return usage_error("expected one input file (see 'peer convert --help')");
+  if (!out) return usage_error("--out is required");
+  if (to) {
+    for (int i = 3; i < 7; i++)
+      if (opts[i].value)
+        return usage_error("--%s applies to --from only (the weight file has the config)",
+                           opts[i].name);
+    return convert_to_pytorch(pos[0], out);
+  }
+
+  peer_config cfg;
+  peer_config_default(&cfg);
+  cfg.gate = PEER_GATE_SOFTMAX;
+  if (opts[3].value) {
+    if (!strcmp(opts[3].value, "relu"))
+      cfg.gate = PEER_GATE_RELU;
+    else if (strcmp(opts[3].value, "softmax"))
+      return usage_error("--gate: '%s' is not softmax or relu", opts[3].value);
+  }
+  bool relu = cfg.gate == PEER_GATE_RELU;
+  int64_t k = relu ? 1 : 16, kp = 16;
+  if (opts[4].value && (rc = parse_int("top-k", opts[4].value, 1, 1 << 20, &k))) return rc;
+  if (relu && k != 1)
+    return usage_error("--top-k %lld: with --gate relu PEER-pytorch keeps one expert per head",
+                       (long long)k);
+  if (!relu) kp = k;
+  if (opts[5].value && (rc = parse_int("subkey-top-k", opts[5].value, 1, 1 << 20, &kp)))
+    return rc;
+  cfg.top_k = k;
+  cfg.subkey_top_k = kp == k ? 0 : kp;
+  if (opts[6].value) {
+    char item[96];
+    snprintf(item, sizeof item, "activation=%.60s", opts[6].value);
+    if (strchr(opts[6].value, ',') || peer_config_parse(&cfg, item))
+      return usage_error("--activation: '%s' is not relu, gelu, gelu_tanh, silu or identity",
+                         opts[6].value);
+  }
+  return convert_from_pytorch(pos[0], out, &cfg);
+}
+
 /* -------------------------------------------------------------------- main */
 
 typedef struct command {
@@ -1006,6 +1301,7 @@ static const command commands[] = {
     {"grad", cmd_grad, "training forward + backward on x and dy, write dx and every gradient"},
     {"check", cmd_check, "compare product-key retrieval with brute force"},
     {"demo", cmd_demo, "time a million-expert layer and check it against brute force"},
+    {"convert", cmd_convert, "convert weights from or to lucidrains' PEER-pytorch layout"},
 };
 enum { N_COMMANDS = sizeof commands / sizeof commands[0] };
 
