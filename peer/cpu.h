@@ -101,7 +101,7 @@ static inline void axpy_row_bf16(float a, const uint16_t *v, float *y, int64_t d
 
 /* Expert rows are fetched this many entries ahead of their use, so several
  * random rows are in flight at once (the gather is latency-bound). */
-#define PREFETCH_AHEAD 4
+#define PREFETCH_AHEAD 8
 
 static inline void prefetch_expert(const void *down, const void *up, int64_t id,
                                    size_t row_bytes) {
