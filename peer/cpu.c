@@ -30,9 +30,17 @@ static inline __attribute__((always_inline)) void gemm_tile(int mr, int nv, int6
       for (int v = 0; v < nv; v++) acc[r][v] = vfma(a[v], b, acc[r][v]);
     }
   }
-  for (int r = 0; r < mr; r++)
-    for (int v = 0; v < nv; v++)
-      for (int l = 0; l < VW && v * VW + l < M; l++) C[(v * VW + l) * ldc + r] = acc[r][v][l];
+  /* Scatter to C[token][row]; full vectors without per-lane bound checks. */
+  for (int v = 0; v < nv; v++) {
+    float *Cv = C + (int64_t)v * VW * ldc;
+    if (M - (int64_t)v * VW >= VW) {
+      for (int l = 0; l < VW; l++)
+        for (int r = 0; r < mr; r++) Cv[l * ldc + r] = acc[r][v][l];
+    } else {
+      for (int l = 0; l < M - v * VW; l++)
+        for (int r = 0; r < mr; r++) Cv[l * ldc + r] = acc[r][v][l];
+    }
+  }
 }
 
 /* C[i, j] = sum over k of A[i, k] * B[j, k], for i < M <= TB and j < N.
