@@ -4,8 +4,10 @@
 // by the ceilings in DESIGN.md "Performance method").
 //
 // Configs: the reference layer (d=512, H=8, d_key=256, n=1024 -> 1M experts,
-// k=16) and a small one (d=256, n=256 -> 64K experts) for quick comparison;
-// f32 and bf16 expert tables; batch 512 and 1; 1 and 2 threads.  Each layer is
+// k=16), a small one (d=256, n=256 -> 64K experts), and the two steps between
+// them (n512: d=512, N=256K; d256: d=256, N=1M), so N and d vary apart;
+// f32 and bf16 expert tables; batch 512 and 1; 1 and 2 threads; for both the
+// forward and the training step.  Each layer is
 // created and initialised once (a 1M-expert f32 layer is 4 GiB and takes
 // seconds to fill) and kept for the whole run; inputs rotate over a pool of
 // distinct random tokens so that neither x nor the expert rows it selects stay
@@ -45,6 +47,10 @@ struct Shape {
 
 constexpr Shape kReference = {"ref", 512, 1024};
 constexpr Shape kSmall = {"small", 256, 256};
+// The sweep over N (n = 512 at the reference width) and d (d = 256 at the
+// reference N).
+constexpr Shape kMidN = {"n512", 512, 512};
+constexpr Shape kNarrow = {"d256", 256, 1024};
 
 peer_config make_config(const Shape &shape, peer_dtype dtype) {
   peer_config cfg;
@@ -248,33 +254,31 @@ void train_step(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t 
   state.SetLabel(label);
 }
 
+using Runner = void (*)(benchmark::State &, Shape, peer_dtype, int64_t, int);
+
 void register_all() {
-  const Shape shapes[] = {kReference, kSmall};
+  const Shape shapes[] = {kReference, kSmall, kMidN, kNarrow};
   const peer_dtype dtypes[] = {PEER_F32, PEER_BF16};
   const int64_t batches[] = {512, 1};
   const int thread_counts[] = {1, 2};
-  for (const Shape &shape : shapes)
-    for (peer_dtype dtype : dtypes)
-      for (int64_t batch : batches)
-        for (int threads : thread_counts) {
-          std::string name =
-              std::string("forward/") + shape.name + "/" + (dtype == PEER_F32 ? "f32" : "bf16") +
-              "/batch:" + std::to_string(batch) + "/threads:" + std::to_string(threads);
-          benchmark::RegisterBenchmark(name.c_str(), forward, shape, dtype, batch, threads)
-              ->UseRealTime()
-              ->Unit(benchmark::kMillisecond)
-              ->MinTime(shape.n_subkeys >= 1024 ? 1.0 : 0.5);
-        }
-  for (peer_dtype dtype : dtypes)
-    for (int threads : thread_counts) {
-      std::string name = std::string("train_step/ref/") + (dtype == PEER_F32 ? "f32" : "bf16") +
-                         "/batch:512/threads:" + std::to_string(threads);
-      benchmark::RegisterBenchmark(name.c_str(), train_step, kReference, dtype, int64_t(512),
-                                   threads)
-          ->UseRealTime()
-          ->Unit(benchmark::kMillisecond)
-          ->MinTime(1.0);
-    }
+  const struct {
+    const char *name;
+    Runner run;
+  } kinds[] = {{"forward", forward}, {"train_step", train_step}};
+  for (const auto &kind : kinds)
+    for (const Shape &shape : shapes)
+      for (peer_dtype dtype : dtypes)
+        for (int64_t batch : batches)
+          for (int threads : thread_counts) {
+            std::string name = std::string(kind.name) + "/" + shape.name + "/" +
+                               (dtype == PEER_F32 ? "f32" : "bf16") +
+                               "/batch:" + std::to_string(batch) +
+                               "/threads:" + std::to_string(threads);
+            benchmark::RegisterBenchmark(name.c_str(), kind.run, shape, dtype, batch, threads)
+                ->UseRealTime()
+                ->Unit(benchmark::kMillisecond)
+                ->MinTime(shape.n_subkeys >= 1024 && shape.d_model >= 512 ? 1.0 : 0.5);
+          }
 }
 
 } // namespace

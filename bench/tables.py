@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""tables.py: markdown tables from the JSON of bench_forward and bench_retrieval.
+"""tables.py: markdown tables from the JSON of bench_forward, bench_pieces and bench_retrieval.
 
 Usage:
   build/bin/bench_forward --benchmark_out=forward.json --benchmark_out_format=json
@@ -87,19 +87,24 @@ def retrieval_tables(results, out):
     out.write("\n")
 
 
-def forward_tables(results, out):
+SHAPES = "ref: d=512, n=1024 (N=1M); small: d=256, n=256; n512: d=512, n=512; d256: d=256, n=1024; all H=8, k=16, d_key=256"
+
+
+def step_tables(results, out, kind, title):
+    """Forward or training-step rows of bench_forward."""
     rows = []
     for name, r in results.items():
-        kind, words, f = parse_name(name)
-        if kind != "forward" or len(words) < 2:
+        k, words, f = parse_name(name)
+        if k != kind or len(words) < 2:
             continue
         rows.append(((words[0] != "ref", words[0], words[1] != "f32", words[1], int(f["threads"]), -int(f["batch"])), r))
     if not rows:
         return
-    out.write("### Forward (reference: d=512, H=8, k=16, d_key=256, n=1024; small: d=256, n=256)\n\n")
+    train = kind == "train_step"
+    out.write(f"### {title} ({SHAPES})\n\n")
     out.write("| config | dtype | threads | batch | ms / call (cv) | tokens/s | floor tokens/s | floor frac"
-              " | expert GB/s | GMAC/s |\n")
-    out.write("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+              + (" | context KiB/token |\n" if train else " | expert GB/s | GMAC/s |\n"))
+    out.write("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|\n" if train else "---:|---:|\n"))
     for (_, cfg, _, dtype, threads, neg_batch), r in sorted(rows, key=lambda x: x[0]):
         if "error" in r:
             out.write(f"| {cfg} | {dtype} | {threads} | {-neg_batch} | error: {r['error']} |||||\n")
@@ -109,8 +114,30 @@ def forward_tables(results, out):
         floor = tps / frac if tps and frac else None
         ms = r["real_time"] * {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[r.get("time_unit", "ns")]
         cv = f" ({100 * r['cv']:.0f}%)" if "cv" in r else ""
+        tail = (f" | {r.get('ctx_KiB/token', 0):.1f} |" if train else
+                f" | {r.get('expert_B/s', 0) / 1e9:.2f} | {r.get('MAC/s', 0) / 1e9:.1f} |")
         out.write(f"| {cfg} | {dtype} | {threads} | {-neg_batch} | {ms:.3g}{cv} | {fmt(tps)} | {fmt(floor)}"
-                  f" | {frac:.2f} | {r.get('expert_B/s', 0) / 1e9:.2f} | {r.get('MAC/s', 0) / 1e9:.1f} |\n")
+                  f" | {frac:.2f}{tail}\n")
+    out.write("\n")
+
+
+def pieces_tables(results, out):
+    """bench_pieces: us/token of each piece of retrieval, per n."""
+    cases = {}
+    for name, r in results.items():
+        kind, words, f = parse_name(name)
+        if kind != "pieces" or not words:
+            continue
+        cases.setdefault(int(f["n"]), {})[words[0]] = r.get("us/token")
+    if not cases:
+        return
+    names = ["query_projection", "subkey_scores", "half_topk", "candidate_topk"]
+    out.write("### Pieces of retrieval (us/token, 1 thread, batch 512, d=512, H=8, d_key=256, k=k'=16)\n\n")
+    out.write("| N | n | " + " | ".join(names) + " | total |\n|---:|---:|" + "---:|" * (len(names) + 1) + "\n")
+    for n in sorted(cases):
+        v = [cases[n].get(p) for p in names]
+        total = sum(x for x in v if x)
+        out.write(f"| {n * n:,} | {n} | " + " | ".join(f"{x:.1f}" if x else "-" for x in v) + f" | {total:.1f} |\n")
     out.write("\n")
 
 
@@ -119,7 +146,9 @@ def main():
     ap.add_argument("json", nargs="+", help="--benchmark_out files (json format)")
     args = ap.parse_args()
     results = load(args.json)
-    forward_tables(results, sys.stdout)
+    step_tables(results, sys.stdout, "forward", "Forward")
+    step_tables(results, sys.stdout, "train_step", "Training step (forward_train + backward)")
+    pieces_tables(results, sys.stdout)
     retrieval_tables(results, sys.stdout)
 
 

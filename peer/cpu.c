@@ -168,6 +168,24 @@ static void normalize_running(const peer_layer *L, int64_t T, float *q, int P) {
 /* ------------------------------------------------------------ phase 2 */
 
 
+static inline vf vmax(vf a, vf b) {
+  vi gt = a > b;
+  return (vf)((gt & (vi)a) | (~gt & (vi)b));
+}
+
+/* Bit l set when lane l of m is set. */
+static inline unsigned lane_mask(vi m) {
+#if defined(__AVX512F__)
+  return (unsigned)_mm512_movepi32_mask((__m512i)m);
+#elif defined(__AVX__)
+  return (unsigned)_mm256_movemask_ps((__m256)m);
+#else
+  unsigned bits = 0;
+  for (int l = 0; l < VW; l++) bits |= (m[l] != 0) << l;
+  return bits;
+#endif
+}
+
 static inline bool any_lane(vi m) {
   uint64_t w[VW / 2], acc = 0;
   memcpy(w, &m, sizeof w);
@@ -180,16 +198,17 @@ static inline bool any_lane(vi m) {
 #define SCAN_GROUP 16
 #define SCAN_KP_MAX 256
 
-/* peer_topk_scan's result, faster.  A first pass takes lane-wise maxima over
+/* peer_topk_scan's result, faster (declared in cpu.h).  A first pass takes lane-wise maxima over
  * groups of SCAN_GROUP vectors: each lane of a group is the maximum of its
  * own SCAN_GROUP scores, so these maxima summarise disjoint sets.  If tau is
  * the kp-th largest of them, kp disjoint sets hold a score >= tau, so every
  * member of the top-kp is >= tau.  The second pass inserts, in index order
  * and by the tie rule, only the scores >= tau: usually little more than kp.
  * Returns 1 if a score is non-finite, as peer_topk_scan. */
-static int topk_scan_fast(const float *s, int n, int kp, float *out_s, int64_t *out_id) {
+int peer_cpu_topk_scan(const float *s, int n, int kp, float *out_s, int64_t *out_id) {
   const int group = VW * SCAN_GROUP, n_groups = n / group;
-  if (n_groups * VW < kp || kp > SCAN_KP_MAX) return peer_topk_scan(s, n, kp, out_s, out_id);
+  if (n_groups < 1 || n_groups * VW < kp || kp > SCAN_KP_MAX)
+    return peer_topk_scan(s, n, kp, out_s, out_id);
   vi badv = {0};
   /* kp largest group maxima, descending (values only; ties are harmless) */
   float best[SCAN_KP_MAX];
@@ -200,8 +219,7 @@ static int topk_scan_fast(const float *s, int n, int kp, float *out_s, int64_t *
     for (int r = 0; r < SCAN_GROUP; r++) {
       vf v = loadv(p + r * VW);
       badv |= (v - v) != 0; /* NaN and infinity give NaN */
-      vi gt = v > m;
-      m = (vf)((gt & (vi)v) | (~gt & (vi)m));
+      m = vmax(v, m);
     }
     for (int l = 0; l < VW; l++) {
       float v = m[l];
@@ -215,11 +233,11 @@ static int topk_scan_fast(const float *s, int n, int kp, float *out_s, int64_t *
   const vf tauv = tau - (vf){0};
   int count = 0, bad = 0;
   for (int i = 0; i < n_groups * group; i += VW) {
-    if (!any_lane(loadv(s + i) >= tauv)) continue;
-    for (int l = 0; l < VW; l++) {
+    /* visit only the lanes >= tau, in index order */
+    for (unsigned m = lane_mask(loadv(s + i) >= tauv); m; m &= m - 1) {
+      int l = __builtin_ctz(m);
       float v = s[i + l];
-      if (v >= tau && (count < kp || v > out_s[kp - 1]))
-        peer_list_insert(out_s, out_id, kp, &count, v, i + l);
+      if (count < kp || v > out_s[kp - 1]) peer_list_insert(out_s, out_id, kp, &count, v, i + l);
     }
   }
   for (int i = n_groups * group; i < n; i++) {
@@ -292,8 +310,8 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
         if (brute) {
           bad = brute_head(row1, row2, n, k, out.scores + o, lo, out.ids + o);
         } else {
-          bad = topk_scan_fast(row1, (int)n, kp, s1, a1);
-          bad |= topk_scan_fast(row2, (int)n, kp, s2, a2);
+          bad = peer_cpu_topk_scan(row1, (int)n, kp, s1, a1);
+          bad |= peer_cpu_topk_scan(row2, (int)n, kp, s2, a2);
           bad |= peer_merge_candidates(s1, a1, s2, a2, kp, k, n, out.scores + o, lo,
                                        out.ids + o);
         }

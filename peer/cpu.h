@@ -8,7 +8,7 @@
 #include "rowops.h"
 
 #include <string.h>
-#if defined(__AVX512F__) || defined(__FMA__)
+#if defined(__AVX512F__) || defined(__FMA__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -135,6 +135,10 @@ typedef struct cpu_ws {
 void peer_cpu_layout(const peer_layer *layer, int64_t T, void *base, cpu_ws *w);
 /* The calling thread's packing buffer (K x TB floats, K up to max(d, d_key)). */
 float *peer_cpu_thread_pack(const cpu_ws *w, const peer_dims *D);
+
+/* Top-k' of n scores: peer_topk_scan's result with a vectorised threshold
+ * pass (cpu.c); 1 if a score is non-finite. */
+int peer_cpu_topk_scan(const float *s, int n, int kp, float *out_s, int64_t *out_id);
 
 /* Phases of the forward (cpu.c). */
 int64_t peer_cpu_first_nonfinite_row(const float *x, int64_t T, int64_t d, int P);

@@ -1,0 +1,164 @@
+// bench_pieces.cc: the pieces of retrieval timed apart, so a user sees where
+// the time goes: the query projection (X Wq^T), the sub-key scores
+// (Q_half C^T for every head and half), the half top-k' selections and the
+// candidate top-k merges.  Each piece runs the CPU backend's own kernels
+// (peer/cpu.h) on one thread over a batch of 512 tokens; the selections run
+// on scores the real product computed.  Counter: us/token of the piece.
+//
+// N = 256^2, 512^2, 1024^2 and 2048^2 at H = 8, d_key = 256, k = k' = 16,
+// d_model = 512 (the reference config at n = 1024).
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+extern "C" {
+#include "cpu.h"
+}
+
+namespace {
+
+constexpr int64_t kTokens = 512;
+
+struct Setup {
+  peer_layer *layer = nullptr;
+  std::vector<float> x;
+  void *ws = nullptr;
+  size_t ws_bytes = 0;
+  cpu_ws w{};
+  std::vector<float> q, scores; // q [T, dq]; scores [T, H, 2, n]
+};
+
+// Layer (query weight and keys filled; expert tables untouched), input,
+// workspace, and the queries and sub-key scores the later pieces start from.
+bool make_setup(int64_t n, Setup *s, std::string *error) {
+  peer_config cfg;
+  peer_config_default(&cfg);
+  cfg.n_subkeys = n;
+  peer_options opt;
+  peer_options_default(&opt);
+  opt.n_threads = 1;
+  if (peer_layer_create(&s->layer, &cfg, &opt) != PEER_OK) {
+    *error = peer_last_error();
+    return false;
+  }
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-0.06f, 0.06f);
+  for (const char *name : {"query.weight", "keys"}) {
+    peer_tensor t;
+    peer_layer_param_by_name(s->layer, name, &t);
+    float *p = static_cast<float *>(t.data);
+    for (size_t i = 0; i < t.nbytes / sizeof(float); i++)
+      p[i] = u(rng);
+  }
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  s->x.resize(size_t(kTokens * cfg.d_model));
+  for (float &v : s->x)
+    v = normal(rng);
+  peer_layer_workspace_size(s->layer, kTokens, &s->ws_bytes);
+  s->ws = std::aligned_alloc(64, (s->ws_bytes + 63) / 64 * 64);
+  peer_cpu_layout(s->layer, kTokens, s->ws, &s->w);
+  const peer_dims &D = s->layer->dims;
+  s->q.resize(size_t(kTokens * D.dq));
+  peer_cpu_project(s->layer, kTokens, s->x.data(), s->q.data(), &s->w, 1);
+  s->scores.resize(size_t(kTokens * D.H * 2 * D.n));
+  const float *keys = static_cast<const float *>(s->layer->slot[PEER_P_KEYS].data);
+  for (int64_t t0 = 0; t0 < kTokens; t0 += TB)
+    for (int64_t h = 0; h < D.H; h++)
+      for (int p = 0; p < 2; p++)
+        peer_cpu_gemm_nt(TB, D.n, D.half, s->q.data() + t0 * D.dq + h * D.dk + p * D.half, D.dq,
+                         keys + ((h * 2 + p) * D.n) * D.half, D.half,
+                         s->scores.data() + ((t0 * D.H + h) * 2 + p) * D.n, D.H * 2 * D.n,
+                         peer_cpu_thread_pack(&s->w, &D));
+  return true;
+}
+
+void free_setup(Setup *s) {
+  std::free(s->ws);
+  peer_layer_free(s->layer);
+}
+
+enum Piece { kProjection, kScores, kHalfTopk, kMerge };
+
+void piece(benchmark::State &state, int64_t n, Piece which) {
+  Setup s;
+  std::string error;
+  if (!make_setup(n, &s, &error)) {
+    state.SkipWithError(error.c_str());
+    return;
+  }
+  const peer_dims &D = s.layer->dims;
+  const float *keys = static_cast<const float *>(s.layer->slot[PEER_P_KEYS].data);
+  const int kp = int(D.kp), k = int(D.k);
+  std::vector<float> s1(kp), s2(kp), out_s(k), lo(k);
+  std::vector<int64_t> a1(kp), a2(kp), out_id(k);
+  // Lists for the merge: each (token, head)'s two halves, selected once.
+  std::vector<float> blk(size_t(TB * 2 * D.n)); // one block's S, laid out as retrieval's
+  std::vector<float> ls(size_t(kTokens * D.H * 2 * kp));
+  std::vector<int64_t> li(ls.size());
+  for (int64_t r = 0; r < kTokens * D.H * 2; r++)
+    peer_cpu_topk_scan(s.scores.data() + r * D.n, int(D.n), kp, ls.data() + r * kp,
+                       li.data() + r * kp);
+  for (auto _ : state) {
+    switch (which) {
+    case kProjection:
+      peer_cpu_project(s.layer, kTokens, s.x.data(), s.q.data(), &s.w, 1);
+      break;
+    case kScores:
+      for (int64_t h = 0; h < D.H; h++)
+        for (int64_t t0 = 0; t0 < kTokens; t0 += TB)
+          for (int p = 0; p < 2; p++)
+            peer_cpu_gemm_nt(TB, D.n, D.half, s.q.data() + t0 * D.dq + h * D.dk + p * D.half,
+                             D.dq, keys + ((h * 2 + p) * D.n) * D.half, D.half,
+                             blk.data() + p * D.n, 2 * D.n, peer_cpu_thread_pack(&s.w, &D));
+      break;
+    case kHalfTopk:
+      for (int64_t r = 0; r < kTokens * D.H; r++) {
+        peer_cpu_topk_scan(s.scores.data() + (2 * r) * D.n, int(D.n), kp, s1.data(), a1.data());
+        peer_cpu_topk_scan(s.scores.data() + (2 * r + 1) * D.n, int(D.n), kp, s2.data(),
+                           a2.data());
+      }
+      break;
+    case kMerge:
+      for (int64_t r = 0; r < kTokens * D.H; r++)
+        peer_merge_candidates(ls.data() + 2 * r * kp, li.data() + 2 * r * kp,
+                              ls.data() + (2 * r + 1) * kp, li.data() + (2 * r + 1) * kp, kp, k,
+                              D.n, out_s.data(), lo.data(), out_id.data());
+      break;
+    }
+    benchmark::DoNotOptimize(blk.data());
+    benchmark::DoNotOptimize(out_id.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["us/token"] = benchmark::Counter(
+      double(state.iterations()) * double(kTokens) * 1e-6,
+      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  free_setup(&s);
+}
+
+void register_all() {
+  const char *names[] = {"query_projection", "subkey_scores", "half_topk", "candidate_topk"};
+  for (int64_t n : {256, 512, 1024, 2048})
+    for (int p = 0; p < 4; p++) {
+      std::string name = std::string("pieces/") + names[p] + "/n:" + std::to_string(n) +
+                         "/H:8/d_key:256/k:16/batch:512/threads:1";
+      benchmark::RegisterBenchmark(name.c_str(), piece, n, Piece(p))
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(0.3);
+    }
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
