@@ -62,14 +62,15 @@ bool make_setup(int64_t n, Setup *s, std::string *error) {
   s->ws = std::aligned_alloc(64, (s->ws_bytes + 63) / 64 * 64);
   peer_cpu_layout(s->layer, kTokens, s->ws, &s->w);
   const peer_dims &D = s->layer->dims;
-  s->q.resize(size_t(kTokens * D.dq));
-  peer_cpu_project(s->layer, kTokens, s->x.data(), s->q.data(), &s->w, 1);
+  const int64_t ldq = peer_cpu_q_stride(&D);
+  s->q.resize(size_t(kTokens * ldq));
+  peer_cpu_project(s->layer, kTokens, s->x.data(), s->q.data(), ldq, &s->w, 1);
   s->scores.resize(size_t(kTokens * D.H * 2 * D.n));
   const float *keys = static_cast<const float *>(s->layer->slot[PEER_P_KEYS].data);
   for (int64_t t0 = 0; t0 < kTokens; t0 += TB)
     for (int64_t h = 0; h < D.H; h++)
       for (int p = 0; p < 2; p++)
-        peer_cpu_gemm_nt(TB, D.n, D.half, s->q.data() + t0 * D.dq + h * D.dk + p * D.half, D.dq,
+        peer_cpu_gemm_nt(TB, D.n, D.half, s->q.data() + t0 * ldq + h * D.dk + p * D.half, ldq,
                          keys + ((h * 2 + p) * D.n) * D.half, D.half,
                          s->scores.data() + ((t0 * D.H + h) * 2 + p) * D.n, D.H * 2 * D.n,
                          peer_cpu_thread_pack(&s->w, &D));
@@ -96,24 +97,25 @@ void piece(benchmark::State &state, int64_t n, Piece which) {
   std::vector<float> s1(kp), s2(kp), out_s(k), lo(k);
   std::vector<int64_t> a1(kp), a2(kp), out_id(k);
   // Lists for the merge: each (token, head)'s two halves, selected once.
-  std::vector<float> blk(size_t(TB * 2 * D.n)); // one block's S, laid out as retrieval's
-  std::vector<float> ls(size_t(kTokens * D.H * 2 * kp));
-  std::vector<int64_t> li(ls.size());
+  const int64_t ldq = peer_cpu_q_stride(&D), ls = peer_cpu_s_stride(D.n);
+  std::vector<float> blk(size_t(TB * ls)); // one block's S, laid out as retrieval's
+  std::vector<float> lsc(size_t(kTokens * D.H * 2 * kp));
+  std::vector<int64_t> li(lsc.size());
   for (int64_t r = 0; r < kTokens * D.H * 2; r++)
-    peer_cpu_topk_scan(s.scores.data() + r * D.n, int(D.n), kp, ls.data() + r * kp,
+    peer_cpu_topk_scan(s.scores.data() + r * D.n, int(D.n), kp, lsc.data() + r * kp,
                        li.data() + r * kp);
   for (auto _ : state) {
     switch (which) {
     case kProjection:
-      peer_cpu_project(s.layer, kTokens, s.x.data(), s.q.data(), &s.w, 1);
+      peer_cpu_project(s.layer, kTokens, s.x.data(), s.q.data(), ldq, &s.w, 1);
       break;
     case kScores:
       for (int64_t h = 0; h < D.H; h++)
         for (int64_t t0 = 0; t0 < kTokens; t0 += TB)
           for (int p = 0; p < 2; p++)
-            peer_cpu_gemm_nt(TB, D.n, D.half, s.q.data() + t0 * D.dq + h * D.dk + p * D.half,
-                             D.dq, keys + ((h * 2 + p) * D.n) * D.half, D.half,
-                             blk.data() + p * D.n, 2 * D.n, peer_cpu_thread_pack(&s.w, &D));
+            peer_cpu_gemm_nt(TB, D.n, D.half, s.q.data() + t0 * ldq + h * D.dk + p * D.half, ldq,
+                             keys + ((h * 2 + p) * D.n) * D.half, D.half, blk.data() + p * D.n, ls,
+                             peer_cpu_thread_pack(&s.w, &D));
       break;
     case kHalfTopk:
       for (int64_t r = 0; r < kTokens * D.H; r++) {
@@ -124,8 +126,8 @@ void piece(benchmark::State &state, int64_t n, Piece which) {
       break;
     case kMerge:
       for (int64_t r = 0; r < kTokens * D.H; r++)
-        peer_merge_candidates(ls.data() + 2 * r * kp, li.data() + 2 * r * kp,
-                              ls.data() + (2 * r + 1) * kp, li.data() + (2 * r + 1) * kp, kp, k,
+        peer_merge_candidates(lsc.data() + 2 * r * kp, li.data() + 2 * r * kp,
+                              lsc.data() + (2 * r + 1) * kp, li.data() + (2 * r + 1) * kp, kp, k,
                               D.n, out_s.data(), lo.data(), out_id.data());
       break;
     }

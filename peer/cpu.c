@@ -74,6 +74,7 @@ void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t l
 int peer_cpu_threads(const peer_layer *L) { return peer_layer_threads(L); }
 
 
+
 /* Per-thread scratch: S for one token block (both halves), the two halves'
  * top-k' lists (the third list's floats hold candidates' rounding errors),
  * and the packing buffer. */
@@ -83,7 +84,7 @@ static size_t pack_bytes(const peer_dims *D) {
 }
 
 static size_t thread_scratch_bytes(const peer_dims *D) {
-  return round64((size_t)TB * 2 * (size_t)D->n * sizeof(float)) +
+  return round64((size_t)TB * (size_t)peer_cpu_s_stride(D->n) * sizeof(float)) +
          3 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t))) + pack_bytes(D);
 }
 
@@ -93,7 +94,7 @@ static size_t cpu_layout(const peer_layer *L, int64_t T, char *base, cpu_ws *w) 
   size_t thk = (size_t)T * (size_t)(D->H * D->k);
   size_t off = 0;
   size_t q_off = off;
-  off += round64((size_t)T * (size_t)D->dq * sizeof(float));
+  off += round64((size_t)T * (size_t)peer_cpu_q_stride(D) * sizeof(float));
   size_t ids_off = off;
   off += round64(thk * sizeof(int64_t));
   size_t sc_off = off;
@@ -130,7 +131,7 @@ float *peer_cpu_thread_pack(const cpu_ws *w, const peer_dims *D) {
 
 /* ------------------------------------------------------------ phase 1 */
 
-void peer_cpu_project(const peer_layer *L, int64_t T, const float *x, float *q,
+void peer_cpu_project(const peer_layer *L, int64_t T, const float *x, float *q, int64_t ldq,
                       const cpu_ws *w, int P) {
   const peer_dims *D = &L->dims;
   const float *W = L->slot[PEER_P_QUERY_WEIGHT].data;
@@ -144,25 +145,25 @@ void peer_cpu_project(const peer_layer *L, int64_t T, const float *x, float *q,
       int64_t t0 = tb * TB, c0 = cb * QCOLS;
       int64_t nt = T - t0 < TB ? T - t0 : TB;
       int64_t nc = D->dq - c0 < QCOLS ? D->dq - c0 : QCOLS;
-      float *out = q + t0 * D->dq + c0;
-      peer_cpu_gemm_nt(nt, nc, D->d, x + t0 * D->d, D->d, W + c0 * D->d, D->d, out, D->dq,
+      float *out = q + t0 * ldq + c0;
+      peer_cpu_gemm_nt(nt, nc, D->d, x + t0 * D->d, D->d, W + c0 * D->d, D->d, out, ldq,
                        peer_cpu_thread_pack(w, D));
       if (bias)
         for (int64_t t = 0; t < nt; t++)
-          for (int64_t c = 0; c < nc; c++) out[t * D->dq + c] += bias[c0 + c];
+          for (int64_t c = 0; c < nc; c++) out[t * ldq + c] += bias[c0 + c];
     }
   }
 }
 
 /* Inference batch norm: the running statistics. */
-static void normalize_running(const peer_layer *L, int64_t T, float *q, int P) {
+static void normalize_running(const peer_layer *L, int64_t T, float *q, int64_t ldq, int P) {
   const int64_t dq = L->dims.dq;
   const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
   const float *mean = L->slot[PEER_P_NORM_MEAN].data, *var = L->slot[PEER_P_NORM_VAR].data;
 #pragma omp parallel for schedule(static) num_threads(P)
   for (int64_t t = 0; t < T; t++)
     for (int64_t f = 0; f < dq; f++)
-      q[t * dq + f] = (q[t * dq + f] - mean[f]) / sqrtf(var[f] + 1e-5f) * nw[f] + nb[f];
+      q[t * ldq + f] = (q[t * ldq + f] - mean[f]) / sqrtf(var[f] + 1e-5f) * nw[f] + nb[f];
 }
 
 /* ------------------------------------------------------------ phase 2 */
@@ -274,7 +275,8 @@ static int brute_head(const float *s1, const float *s2, int64_t n, int k, float 
   return bad;
 }
 
-peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q, bool brute,
+peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q, int64_t ldq,
+                                  bool brute,
                                   retrieve_out out, const cpu_ws *w, int P) {
   const peer_dims *D = &L->dims;
   const float *keys = L->slot[PEER_P_KEYS].data;
@@ -289,8 +291,9 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
   for (int64_t h = 0; h < H; h++) {
     for (int64_t tb = 0; tb < n_tb; tb++) {
       char *scratch = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
-      float *S = (float *)scratch; /* [nt, 2, n] */
-      char *lists = scratch + round64((size_t)TB * 2 * (size_t)n * sizeof(float));
+      float *S = (float *)scratch; /* [nt, 2, n], rows ls apart */
+      const int64_t ls = peer_cpu_s_stride(n);
+      char *lists = scratch + round64((size_t)TB * (size_t)ls * sizeof(float));
       size_t list_bytes = round64((size_t)kp * (sizeof(float) + sizeof(int64_t)));
       int64_t *a1 = (int64_t *)lists, *a2 = (int64_t *)(lists + list_bytes);
       float *s1 = (float *)(a1 + kp), *s2 = (float *)(a2 + kp);
@@ -300,11 +303,11 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
       int64_t g = L->cfg.shared_keys ? 0 : h;
       for (int p = 0; p < 2; p++) {
         const float *C = keys + ((g * 2 + p) * n) * half;
-        const float *A = q + t0 * D->dq + h * D->dk + p * half;
-        peer_cpu_gemm_nt(nt, n, half, A, D->dq, C, half, S + p * n, 2 * n, peer_cpu_thread_pack(w, D));
+        const float *A = q + t0 * ldq + h * D->dk + p * half;
+        peer_cpu_gemm_nt(nt, n, half, A, ldq, C, half, S + p * n, ls, peer_cpu_thread_pack(w, D));
       }
       for (int64_t t = 0; t < nt; t++) {
-        const float *row1 = S + t * 2 * n, *row2 = row1 + n;
+        const float *row1 = S + t * ls, *row2 = row1 + n;
         size_t o = (size_t)((t0 + t) * H + h) * (size_t)k;
         int bad;
         if (brute) {
@@ -346,9 +349,10 @@ static peer_status queries_and_retrieval(const peer_layer *L, int64_t T, const f
   int64_t bad = peer_cpu_first_nonfinite_row(x, T, L->dims.d, P);
   if (bad < T)
     return peer_fail(PEER_ERR_NONFINITE, "token %lld: x holds NaN or infinity", (long long)bad);
-  peer_cpu_project(L, T, x, w->q, w, P);
-  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) normalize_running(L, T, w->q, P);
-  return peer_cpu_retrieve_all(L, T, w->q, brute, out, w, P);
+  const int64_t ldq = peer_cpu_q_stride(&L->dims);
+  peer_cpu_project(L, T, x, w->q, ldq, w, P);
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) normalize_running(L, T, w->q, ldq, P);
+  return peer_cpu_retrieve_all(L, T, w->q, ldq, brute, out, w, P);
 }
 
 /* ------------------------------------------------------------ phase 3 */

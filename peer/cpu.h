@@ -115,6 +115,15 @@ static inline void prefetch_expert(const void *down, const void *up, int64_t id,
 
 static inline size_t round64(size_t b) { return (b + 63) & ~(size_t)63; }
 
+/* Floats between two tokens' queries in the forward's scratch: one cache line
+ * more than H*d_key, for the same reason as peer_cpu_s_stride. */
+static inline int64_t peer_cpu_q_stride(const peer_dims *D) { return D->dq + 16; }
+
+/* Floats between two tokens' rows of sub-key scores: 2n plus one cache line,
+ * so that the product's column of stores for a block's tokens does not fall
+ * into one L1 set (2n floats is a multiple of 4 KiB when n >= 512). */
+static inline int64_t peer_cpu_s_stride(int64_t n) { return 2 * n + 16; }
+
 /* C[i, j] = sum over k of A[i, k] * B[j, k] for i < M <= TB, j < N; see cpu.c. */
 void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
                       const float *B, int64_t ldb, float *C, int64_t ldc, float *pack);
@@ -142,14 +151,15 @@ int peer_cpu_topk_scan(const float *s, int n, int kp, float *out_s, int64_t *out
 
 /* Phases of the forward (cpu.c). */
 int64_t peer_cpu_first_nonfinite_row(const float *x, int64_t T, int64_t d, int P);
-/* q = X Wq^T (+ bias), no norm. */
-void peer_cpu_project(const peer_layer *layer, int64_t T, const float *x, float *q,
+/* q = X Wq^T (+ bias), no norm; token t's query at q + t*ldq. */
+void peer_cpu_project(const peer_layer *layer, int64_t T, const float *x, float *q, int64_t ldq,
                       const cpu_ws *w, int P);
 typedef struct retrieve_out {
   int64_t *ids;
   float *scores, *gates;
 } retrieve_out;
-peer_status peer_cpu_retrieve_all(const peer_layer *layer, int64_t T, const float *q, bool brute,
+peer_status peer_cpu_retrieve_all(const peer_layer *layer, int64_t T, const float *q, int64_t ldq,
+                                  bool brute,
                                   retrieve_out out, const cpu_ws *w, int P);
 /* y = sum of gated experts; z (optional, [T, H, k]) receives u_i . x. */
 void peer_cpu_apply_experts(const peer_layer *layer, int64_t T, const float *x, float *y,

@@ -121,11 +121,11 @@ peer_status peer_cpu_forward_train(peer_layer *L, peer_context *c, int64_t T, co
   int64_t bad = peer_cpu_first_nonfinite_row(x, T, L->dims.d, P);
   if (bad < T)
     return peer_fail(PEER_ERR_NONFINITE, "token %lld: x holds NaN or infinity", (long long)bad);
-  peer_cpu_project(L, T, x, m.q, &w, P);
+  peer_cpu_project(L, T, x, m.q, L->dims.dq, &w, P);
   bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
   if (bn) batch_norm_train(L, T, &m, P);
   retrieve_out out = {m.ids, m.scores, m.gates};
-  peer_status st = peer_cpu_retrieve_all(L, T, m.q, false, out, &w, P);
+  peer_status st = peer_cpu_retrieve_all(L, T, m.q, L->dims.dq, false, out, &w, P);
   if (st) return st;
   if (bn) update_running(L, T, &m);
   peer_cpu_apply_experts(L, T, x, y, m.ids, m.gates, m.z, P);
