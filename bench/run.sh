@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# bench/run.sh: the whole CPU benchmark suite in one command.  Installs what is
+# missing and builds into build/ (as tools/run does), runs bench_forward,
+# bench_pieces and bench_retrieval with JSON output into out/bench/, and prints
+# the markdown tables of bench/README.md.  Arguments go to every program, e.g.
+#   bench/run.sh --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+set -euo pipefail
+source "$(dirname "$0")/../tools/setup.sh"
+
+peer_install_deps
+peer_build build
+out="$PEER_ROOT/out/bench"
+mkdir -p "$out"
+for prog in bench_forward bench_pieces bench_retrieval; do
+  echo "== $prog" >&2
+  "$PEER_ROOT/build/bin/$prog" --benchmark_out="$out/$prog.json" --benchmark_out_format=json "$@" >&2
+done
+python3 "$PEER_ROOT/bench/tables.py" "$out/bench_forward.json" "$out/bench_pieces.json" \
+  "$out/bench_retrieval.json" | tee "$out/tables.md"
