@@ -8,7 +8,7 @@ set -euo pipefail
 source "$(dirname "$0")/../tools/setup.sh"
 
 peer_install_deps
-peer_build build
+peer_build build >&2
 out="$PEER_ROOT/out/bench"
 mkdir -p "$out"
 for prog in bench_forward bench_pieces bench_retrieval; do
