@@ -1,12 +1,17 @@
 // bench_pieces.cc: the pieces of retrieval timed apart, so a user sees where
 // the time goes: the query projection (X Wq^T), the sub-key scores
 // (Q_half C^T for every head and half), the half top-k' selections and the
-// candidate top-k merges.  Each piece runs the CPU backend's own kernels
-// (peer/cpu.h) on one thread over a batch of 512 tokens; the selections run
-// on scores the real product computed.  Counter: us/token of the piece.
+// candidate top-k merges, and the expert phase after them (gather the H*k
+// experts' rows, dot, activation, gate, accumulate; f32 and bf16 tables).
+// Each piece runs the CPU backend's own kernels (peer/cpu.h) on one thread
+// over a batch of 512 tokens; the selections run on scores the real product
+// computed, the expert phase on ids drawn uniformly from the N experts (fresh
+// ones each iteration, so rows come from memory as in a forward).
+// Counter: us/token of the piece.
 //
 // N = 256^2, 512^2, 1024^2 and 2048^2 at H = 8, d_key = 256, k = k' = 16,
-// d_model = 512 (the reference config at n = 1024).
+// d_model = 512 (the reference config at n = 1024); the expert phase up to
+// n = 1024 (at n = 2048 the f32 tables alone take 16 GiB).
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -34,10 +39,11 @@ struct Setup {
 
 // Layer (query weight and keys filled; expert tables untouched), input,
 // workspace, and the queries and sub-key scores the later pieces start from.
-bool make_setup(int64_t n, Setup *s, std::string *error) {
+bool make_setup(int64_t n, Setup *s, std::string *error, peer_dtype dtype = PEER_F32) {
   peer_config cfg;
   peer_config_default(&cfg);
   cfg.n_subkeys = n;
+  cfg.weight_dtype = dtype;
   peer_options opt;
   peer_options_default(&opt);
   opt.n_threads = 1;
@@ -83,6 +89,42 @@ void free_setup(Setup *s) {
 }
 
 enum Piece { kProjection, kScores, kHalfTopk, kMerge };
+
+// The expert phase on its own: peer_cpu_apply_experts over random ids.
+void experts_piece(benchmark::State &state, int64_t n, peer_dtype dtype) {
+  Setup s;
+  std::string error;
+  if (!make_setup(n, &s, &error, dtype) || peer_layer_init(s.layer, 3) != PEER_OK) {
+    if (error.empty()) error = peer_last_error();
+    state.SkipWithError(error.c_str());
+    free_setup(&s);
+    return;
+  }
+  const peer_dims &D = s.layer->dims;
+  const int64_t hk = D.H * D.k;
+  std::vector<int64_t> ids(size_t(kTokens * hk));
+  std::vector<float> gates(ids.size(), 1.0f / float(D.k)), y(s.x.size());
+  std::mt19937_64 rng(11);
+  std::uniform_int_distribution<int64_t> pick(0, D.N - 1);
+  for (int64_t &id : ids) // one untimed pass: the first touch of the tables
+    id = pick(rng);
+  peer_cpu_apply_experts(s.layer, kTokens, s.x.data(), y.data(), ids.data(), gates.data(),
+                         nullptr, 1);
+  for (auto _ : state) {
+    state.PauseTiming();
+    for (int64_t &id : ids)
+      id = pick(rng);
+    state.ResumeTiming();
+    peer_cpu_apply_experts(s.layer, kTokens, s.x.data(), y.data(), ids.data(), gates.data(),
+                           nullptr, 1);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["us/token"] = benchmark::Counter(
+      double(state.iterations()) * double(kTokens) * 1e-6,
+      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  free_setup(&s);
+}
 
 void piece(benchmark::State &state, int64_t n, Piece which) {
   Setup s;
@@ -151,6 +193,15 @@ void register_all() {
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond)
           ->MinTime(0.3);
+    }
+  for (int64_t n : {256, 512, 1024})
+    for (peer_dtype dt : {PEER_F32, PEER_BF16}) {
+      std::string name = std::string("pieces/experts_") + (dt == PEER_F32 ? "f32" : "bf16") +
+                         "/n:" + std::to_string(n) + "/H:8/d_key:256/k:16/batch:512/threads:1";
+      benchmark::RegisterBenchmark(name.c_str(), experts_piece, n, dt)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(1.0);
     }
 }
 

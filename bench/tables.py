@@ -132,12 +132,17 @@ def pieces_tables(results, out):
     if not cases:
         return
     names = ["query_projection", "subkey_scores", "half_topk", "candidate_topk"]
-    out.write("### Pieces of retrieval (us/token, 1 thread, batch 512, d=512, H=8, d_key=256, k=k'=16)\n\n")
-    out.write("| N | n | " + " | ".join(names) + " | total |\n|---:|---:|" + "---:|" * (len(names) + 1) + "\n")
+    experts = ["experts_f32", "experts_bf16"]
+    out.write("### Pieces of the forward (us/token, 1 thread, batch 512, d=512, H=8, d_key=256, k=k'=16)\n\n")
+    out.write("total = the four retrieval pieces; the expert phase (gather, dot, activation, gate, accumulate) follows them.\n\n")
+    out.write("| N | n | " + " | ".join(names) + " | total | " + " | ".join(experts) + " |\n|---:|---:|"
+              + "---:|" * (len(names) + 1 + len(experts)) + "\n")
     for n in sorted(cases):
         v = [cases[n].get(p) for p in names]
+        e = [cases[n].get(p) for p in experts]
         total = sum(x for x in v if x)
-        out.write(f"| {n * n:,} | {n} | " + " | ".join(f"{x:.1f}" if x else "-" for x in v) + f" | {total:.1f} |\n")
+        out.write(f"| {n * n:,} | {n} | " + " | ".join(f"{x:.1f}" if x else "-" for x in v) + f" | {total:.1f} | "
+                  + " | ".join(f"{x:.1f}" if x else "-" for x in e) + " |\n")
     out.write("\n")
 
 

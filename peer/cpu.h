@@ -99,17 +99,22 @@ static inline void axpy_row_bf16(float a, const uint16_t *v, float *y, int64_t d
   for (int64_t i = dv; i < d; i++) y[i] += a * peer_bf16_to_f32(v[i]);
 }
 
-/* Expert rows are fetched this many entries ahead of their use, so several
- * random rows are in flight at once (the gather is latency-bound). */
-#define PREFETCH_AHEAD 8
+/* Expert rows are prefetched PREFETCH_AHEAD experts before their use, and
+ * only their first PREFETCH_LINES cache lines: that starts each row's DRAM
+ * access early, and the hardware's stream prefetcher fetches the rest of the
+ * row once the first lines are read.  Prefetching every line of 8 rows ahead
+ * (our first version) floods the line fill buffers and ran 2.5x slower on a
+ * Sapphire Rapids host (bench/README.md, "Expert phase"). */
+#define PREFETCH_AHEAD 2
+#define PREFETCH_LINES 2
 
 static inline void prefetch_expert(const void *down, const void *up, int64_t id,
                                    size_t row_bytes) {
   const char *u = (const char *)down + (size_t)id * row_bytes;
   const char *v = (const char *)up + (size_t)id * row_bytes;
-  for (size_t o = 0; o < row_bytes; o += 64) {
-    __builtin_prefetch(u + o, 0, 0);
-    __builtin_prefetch(v + o, 0, 0);
+  for (size_t o = 0; o < row_bytes && o < 64 * PREFETCH_LINES; o += 64) {
+    __builtin_prefetch(u + o, 0, 2);
+    __builtin_prefetch(v + o, 0, 2);
   }
 }
 
