@@ -109,14 +109,14 @@ void experts_piece(benchmark::State &state, int64_t n, peer_dtype dtype) {
   for (int64_t &id : ids) // one untimed pass: the first touch of the tables
     id = pick(rng);
   peer_cpu_apply_experts(s.layer, kTokens, s.x.data(), y.data(), ids.data(), gates.data(),
-                         nullptr, 1);
+                         nullptr, &s.w, 1);
   for (auto _ : state) {
     state.PauseTiming();
     for (int64_t &id : ids)
       id = pick(rng);
     state.ResumeTiming();
     peer_cpu_apply_experts(s.layer, kTokens, s.x.data(), y.data(), ids.data(), gates.data(),
-                           nullptr, 1);
+                           nullptr, &s.w, 1);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }

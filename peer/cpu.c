@@ -358,7 +358,8 @@ static peer_status queries_and_retrieval(const peer_layer *L, int64_t T, const f
 /* ------------------------------------------------------------ phase 3 */
 
 void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, float *y,
-                            const int64_t *ids, const float *gates, float *z, int P) {
+                            const int64_t *ids, const float *gates, float *z, const cpu_ws *w,
+                            int P) {
   const peer_dims *D = &L->dims;
   const int64_t d = D->d, hk = D->H * D->k;
   const int act = (int)L->cfg.activation;
@@ -369,6 +370,11 @@ void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, floa
   for (int64_t t = 0; t < T; t++) {
     const float *xt = x + t * d;
     float *yt = y + t * d;
+    if (bf16) { /* bf16 rows meet x and y split (split_pairs) */
+      float *xs = peer_cpu_thread_pack(w, D);
+      split_pairs(xt, d, xs);
+      xt = xs;
+    }
     const int64_t *id = ids + t * hk;
     const float *g = gates + t * hk;
     memset(yt, 0, (size_t)d * sizeof(float));
@@ -384,6 +390,7 @@ void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, floa
       if (bf16) axpy_row_bf16(a, (const uint16_t *)v, yt, d);
       else axpy_row_f32(a, (const float *)v, yt, d);
     }
+    if (bf16) unsplit_pairs(yt, d);
   }
 }
 
@@ -405,7 +412,7 @@ static peer_status cpu_forward(peer_layer *L, int64_t T, const float *x, float *
   retrieve_out out = {indices ? indices : w.ids, w.scores, gates ? gates : w.gates};
   peer_status st = queries_and_retrieval(L, T, x, false, out, &w, P);
   if (st) return st;
-  peer_cpu_apply_experts(L, T, x, y, out.ids, out.gates, NULL, P);
+  peer_cpu_apply_experts(L, T, x, y, out.ids, out.gates, NULL, &w, P);
   return PEER_OK;
 }
 

@@ -33,7 +33,6 @@
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
-typedef uint16_t vh __attribute__((vector_size(VW * 2), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
@@ -50,14 +49,6 @@ static inline vf vfma(vf a, vf b, vf c) {
 #else
   return a * b + c;
 #endif
-}
-
-static inline vf loadv_bf16(const uint16_t *p) {
-  vh h = *(const vh *)p;
-  vu w = __builtin_convertvector(h, vu) << 16;
-  vf f;
-  memcpy(&f, &w, sizeof f);
-  return f;
 }
 
 /* Sum of the lanes in one fixed order (pairwise halving). */
@@ -84,19 +75,63 @@ static inline void axpy_row_f32(float a, const float *v, float *y, int64_t d) {
   for (int64_t i = dv; i < d; i++) y[i] += a * v[i];
 }
 
-static inline float dot_row_bf16(const uint16_t *u, const float *x, int64_t d) {
-  const int64_t dv = d - d % VW;
-  vf acc = {0};
-  for (int64_t i = 0; i < dv; i += VW) acc += loadv_bf16(u + i) * loadv(x + i);
-  float s = hsum(acc);
-  for (int64_t i = dv; i < d; i++) s += peer_bf16_to_f32(u[i]) * x[i];
+/* bf16 rows meet their f32 operand 2*VW values at a time: the 2*VW bf16 load
+ * as VW 32-bit words, whose low halves (the even values) widen to f32 by a
+ * shift and whose high halves (the odd values) by a mask: two integer
+ * operations per 2*VW values, where widening VW values takes a shuffle.  The
+ * f32 side is therefore kept "split": in each whole block of 2*VW values the
+ * VW even ones come first, then the VW odd ones; values past the last whole
+ * block stay in place.  split_pairs makes that layout from a row, and
+ * unsplit_pairs turns an accumulated split row back, in place. */
+static inline void split_pairs(const float *x, int64_t d, float *xs) {
+  const int64_t db = d - d % (2 * VW);
+  for (int64_t b = 0; b < db; b += 2 * VW)
+    for (int j = 0; j < VW; j++) xs[b + j] = x[b + 2 * j], xs[b + VW + j] = x[b + 2 * j + 1];
+  for (int64_t i = db; i < d; i++) xs[i] = x[i];
+}
+
+static inline void unsplit_pairs(float *y, int64_t d) {
+  const int64_t db = d - d % (2 * VW);
+  float tmp[2 * VW];
+  for (int64_t b = 0; b < db; b += 2 * VW) {
+    memcpy(tmp, y + b, sizeof tmp);
+    for (int j = 0; j < VW; j++) y[b + 2 * j] = tmp[j], y[b + 2 * j + 1] = tmp[VW + j];
+  }
+}
+
+static inline void load_pairs_bf16(const uint16_t *p, vf *even, vf *odd) {
+  vu w;
+  memcpy(&w, p, sizeof w);
+  vu lo = w << 16, hi = w & 0xffff0000u;
+  memcpy(even, &lo, sizeof lo);
+  memcpy(odd, &hi, sizeof hi);
+}
+
+/* u . x for a bf16 row u and x split (split_pairs). */
+static inline float dot_row_bf16(const uint16_t *u, const float *xs, int64_t d) {
+  const int64_t db = d - d % (2 * VW);
+  vf acc = {0}, acc2 = {0};
+  for (int64_t b = 0; b < db; b += 2 * VW) {
+    vf e, o;
+    load_pairs_bf16(u + b, &e, &o);
+    acc += e * loadv(xs + b);
+    acc2 += o * loadv(xs + b + VW);
+  }
+  float s = hsum(acc + acc2);
+  for (int64_t i = db; i < d; i++) s += peer_bf16_to_f32(u[i]) * xs[i];
   return s;
 }
 
-static inline void axpy_row_bf16(float a, const uint16_t *v, float *y, int64_t d) {
-  const int64_t dv = d - d % VW;
-  for (int64_t i = 0; i < dv; i += VW) *(vfu *)(y + i) = loadv(y + i) + a * loadv_bf16(v + i);
-  for (int64_t i = dv; i < d; i++) y[i] += a * peer_bf16_to_f32(v[i]);
+/* ys += a * v for a bf16 row v and ys split (split_pairs). */
+static inline void axpy_row_bf16(float a, const uint16_t *v, float *ys, int64_t d) {
+  const int64_t db = d - d % (2 * VW);
+  for (int64_t b = 0; b < db; b += 2 * VW) {
+    vf e, o;
+    load_pairs_bf16(v + b, &e, &o);
+    *(vfu *)(ys + b) = loadv(ys + b) + a * e;
+    *(vfu *)(ys + b + VW) = loadv(ys + b + VW) + a * o;
+  }
+  for (int64_t i = db; i < d; i++) ys[i] += a * peer_bf16_to_f32(v[i]);
 }
 
 /* Expert rows are prefetched PREFETCH_AHEAD experts before their use, and
@@ -166,9 +201,11 @@ typedef struct retrieve_out {
 peer_status peer_cpu_retrieve_all(const peer_layer *layer, int64_t T, const float *q, int64_t ldq,
                                   bool brute,
                                   retrieve_out out, const cpu_ws *w, int P);
-/* y = sum of gated experts; z (optional, [T, H, k]) receives u_i . x. */
+/* y = sum of gated experts; z (optional, [T, H, k]) receives u_i . x.  Uses
+ * w's per-thread packing buffers as scratch. */
 void peer_cpu_apply_experts(const peer_layer *layer, int64_t T, const float *x, float *y,
-                            const int64_t *ids, const float *gates, float *z, int P);
+                            const int64_t *ids, const float *gates, float *z, const cpu_ws *w,
+                            int P);
 
 /* Training (cpu_train.c). */
 size_t peer_cpu_context_bytes(const peer_layer *layer, int64_t T);

@@ -128,7 +128,7 @@ peer_status peer_cpu_forward_train(peer_layer *L, peer_context *c, int64_t T, co
   peer_status st = peer_cpu_retrieve_all(L, T, m.q, L->dims.dq, false, out, &w, P);
   if (st) return st;
   if (bn) update_running(L, T, &m);
-  peer_cpu_apply_experts(L, T, x, y, m.ids, m.gates, m.z, P);
+  peer_cpu_apply_experts(L, T, x, y, m.ids, m.gates, m.z, &w, P);
   return PEER_OK;
 }
 
@@ -189,6 +189,11 @@ static void experts_backward(const peer_layer *L, int64_t T, const float *dy, fl
     const float *dyt = dy + t * d;
     float *dxt = dx ? dx + t * d : NULL;
     if (dxt) memset(dxt, 0, (size_t)d * sizeof(float));
+    if (bf16) { /* bf16 rows meet dy and dx split (split_pairs) */
+      float *dys = pack_of(m);
+      split_pairs(dyt, d, dys);
+      dyt = dys;
+    }
     for (int64_t e = t * hk; e < t * hk + PREFETCH_AHEAD && e < (t + 1) * hk; e++)
       prefetch_expert(down, up, m->ids[e], row_bytes);
     for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
@@ -206,6 +211,7 @@ static void experts_backward(const peer_layer *L, int64_t T, const float *dy, fl
         else axpy_row_f32(m->cdown[e], (const float *)down + id * d, dxt, d);
       }
     }
+    if (bf16 && dxt) unsplit_pairs(dxt, d);
     for (int64_t h = 0; h < D->H; h++) {
       int64_t o = t * hk + h * k;
       peer_gates_grad(gate, m->scores + o, m->gates + o, m->ds + o, (int)k, m->ds + o);
