@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""tables.py: markdown tables from the JSON of bench_forward, bench_pieces and bench_retrieval.
+"""tables.py: markdown tables from the JSON of bench_forward, bench_pieces, bench_retrieval and bench_cuda.
 
 Usage:
   build/bin/bench_forward --benchmark_out=forward.json --benchmark_out_format=json
   build/bin/bench_retrieval --benchmark_out=retrieval.json --benchmark_out_format=json
-  python3 bench/tables.py forward.json retrieval.json
+  build/bin/bench_cuda --benchmark_out=cuda.json --benchmark_out_format=json   # with a GPU
+  python3 bench/tables.py forward.json retrieval.json cuda.json
+
+The CUDA tables appear only when CUDA results are given (bench_cuda writes no
+JSON without a device).
 
 With --benchmark_repetitions the median aggregate of each benchmark is used;
 without, the (lower) median of its plain runs by real time.  Python standard library only.
@@ -22,7 +26,7 @@ def parse_name(run_name):
         if ":" in part:
             key, value = part.split(":", 1)
             fields[key] = value
-        elif part != "real_time":
+        elif part not in ("real_time", "manual_time"):
             words.append(part)
     return parts[0], words, fields
 
@@ -146,6 +150,79 @@ def pieces_tables(results, out):
     out.write("\n")
 
 
+def call_ms(r):
+    """Time per call in milliseconds (real time, or manual time for CUDA)."""
+    return r["real_time"] * {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[r.get("time_unit", "ns")]
+
+
+def cuda_devices(paths):
+    """The "cuda_device" context entries bench_cuda writes (one per GPU model)."""
+    names = []
+    for path in paths:
+        with open(path) as f:
+            name = json.load(f).get("context", {}).get("cuda_device")
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def cuda_tables(results, devices, out):
+    """bench_cuda: forward and training step, then retrieval (product keys vs
+    brute force).  Nothing when no CUDA result was given."""
+    steps, retrieval = [], {}
+    for name, r in results.items():
+        kind, words, f = parse_name(name)
+        if kind in ("cuda_forward", "cuda_train_step") and len(words) >= 2:
+            step = "forward" if kind == "cuda_forward" else "train step"
+            steps.append(((kind, words[0] != "ref", words[0], words[1] != "f32", words[1], int(f["batch"])),
+                          step, r))
+        elif kind == "cuda_retrieve" and words:
+            retrieval.setdefault(int(f["n"]), {})[words[0]] = (int(f["batch"]), r)
+    if not steps and not retrieval:
+        return
+    device = "; ".join(devices) if devices else "device not recorded"
+    out.write(f"### CUDA ({device})\n\n")
+    out.write("Floors from H100 ceilings: 3.35 TB/s HBM, 60 TFLOP/s fp32. ref: d=512, H=8, k=16, d_key=256, "
+              "n=1024 (N=1M). Time per call from CUDA events, L2 flushed before each call.\n\n")
+    if steps:
+        out.write("| step | config | dtype | batch | ms / call (cv) | tokens/s | floor tokens/s | floor frac | HBM frac"
+                  " | expert GB/s | expert rows/token |\n")
+        out.write("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+        for (_, _, cfg, _, dtype, batch), step, r in sorted(steps, key=lambda x: x[0]):
+            if "error" in r:
+                out.write(f"| {step} | {cfg} | {dtype} | {batch} | error: {r['error']} |||||||\n")
+                continue
+            tps, frac = r.get("tokens/s"), r.get("floor_frac")
+            floor = tps / frac if tps and frac else None
+            cv = f" ({100 * r['cv']:.0f}%)" if "cv" in r else ""
+            expert = r.get("expert_B/s")
+            rows = r.get("expert_rows/token")
+            out.write(f"| {step} | {cfg} | {dtype} | {batch} | {call_ms(r):.3g}{cv} | {fmt(tps)} | {fmt(floor)}"
+                      f" | {frac:.2f} | {r.get('HBM_frac', 0):.2f}"
+                      f" | {expert / 1e9 if expert else 0:.0f} | {f'{rows:.1f}' if rows else '-'} |\n")
+        out.write("\n")
+    if retrieval:
+        out.write("| N | n | product keys tokens/s (batch) | floor frac | brute force tokens/s (batch) | ratio |\n")
+        out.write("|---:|---:|---:|---:|---:|---:|\n")
+
+        def cell(entry):
+            if not entry:
+                return None, "-"
+            batch, r = entry
+            if "error" in r:
+                return None, f"error: {r['error']}"
+            return r.get("tokens/s"), f"{fmt(r.get('tokens/s'))} ({batch})"
+
+        for n in sorted(retrieval):
+            pk, pk_text = cell(retrieval[n].get("pk"))
+            br, br_text = cell(retrieval[n].get("brute"))
+            pk_entry = retrieval[n].get("pk")
+            frac = pk_entry[1].get("floor_frac") if pk_entry else None
+            ratio = f"{pk / br:#.3g}".rstrip(".") + "x" if pk and br else "-"
+            out.write(f"| {n * n:,} | {n} | {pk_text} | {f'{frac:.2f}' if frac else '-'} | {br_text} | {ratio} |\n")
+        out.write("\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="--benchmark_out files (json format)")
@@ -155,6 +232,7 @@ def main():
     step_tables(results, sys.stdout, "train_step", "Training step (forward_train + backward)")
     pieces_tables(results, sys.stdout)
     retrieval_tables(results, sys.stdout)
+    cuda_tables(results, cuda_devices(args.json), sys.stdout)
 
 
 if __name__ == "__main__":

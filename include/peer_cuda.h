@@ -3,18 +3,20 @@
  * memory (peer_layer_param's `data` is then a device pointer) and runs the
  * calls below on a stream the caller owns, without host-device copies.
  *
- * The host-pointer calls of peer.h (peer_forward, peer_retrieve) also work on
- * a CUDA layer: they are a convenience path that copies x to the device and
- * the results back, on a stream of the layer's own, and synchronise.  Use the
- * calls here on the hot path.
+ * The host-pointer calls of peer.h (peer_forward, peer_retrieve,
+ * peer_retrieve_brute, peer_forward_train, peer_backward) also work on a CUDA
+ * layer: they are a convenience path that copies x (dy) to the device, runs
+ * the same device code as the calls here on a stream of the layer's own,
+ * copies the results (y, dx, every gradient) back to the caller's host
+ * buffers and synchronises, so they report PEER_ERR_NONFINITE on return.
+ * Use the calls here on the hot path.
+ *
+ * Training: peer_context_create on a CUDA layer puts the context in device
+ * memory; one context serves both paths (a forward on one may be followed by
+ * a backward on the other).
  *
  * Available only in builds configured with PEER_CUDA (they define
- * PEER_USE_CUDA).  Training works through peer.h's host-pointer calls
- * (peer_context_create puts the context in device memory; peer_forward_train
- * and peer_backward copy x, dy in and y, dx and every gradient back to the
- * caller's host buffers, then synchronise); device-pointer training calls
- * are not provided yet.  peer_retrieve_brute returns PEER_ERR_UNSUPPORTED on
- * the CUDA backend.
+ * PEER_USE_CUDA).
  *
  * Each call makes the layer's device current on the calling thread
  * (cudaSetDevice).  Like every peer_layer call, calls on one layer must not
@@ -39,8 +41,10 @@ int peer_cuda_device_count(void);
  * allocation, which synchronises the device, only when T grows).  A caller
  * that owns its memory queries the size for its largest batch and registers a
  * device buffer (256-byte aligned, as cudaMalloc gives); the layer then never
- * allocates in peer_cuda_forward / peer_cuda_retrieve for T up to that size,
- * and a larger T fails with PEER_ERR_INVALID_ARGUMENT.  The buffer must stay
+ * allocates in peer_cuda_forward, peer_cuda_retrieve(_brute) or
+ * peer_cuda_forward_train for T up to that size, and a larger T fails with
+ * PEER_ERR_INVALID_ARGUMENT.  (Training keeps the rest of its state in the
+ * context, sized by peer_context_create.)  The buffer must stay
  * valid until replaced (NULL, 0 returns to internal scratch) or the layer is
  * freed; the layer does not free it.  peer_layer_workspace_size (peer.h)
  * reports host scratch, which a CUDA layer does not use. */
@@ -71,10 +75,71 @@ peer_status peer_cuda_retrieve(peer_layer *layer, int64_t n_tokens, const float 
                                int64_t *d_indices, float *d_scores, float *d_gates,
                                cudaStream_t stream);
 
+/* The same result by brute force, as peer_retrieve_brute: every one of the
+ * N = n*n sums s1[a] + s2[b] of each (token, head) is scored and the best k
+ * kept, in PEER.md's order (exact sums, ties to the smaller id), so ids and
+ * scores equal peer_cuda_retrieve's bit for bit.  O(N) per token and head:
+ * for checks and benchmarks.  Arguments, stream and error reporting as
+ * peer_cuda_retrieve.  PEER_ERR_UNSUPPORTED (before anything is queued) when
+ * top_k > 95 with n_subkeys > 32: the kernel keeps sorted lists of up to k
+ * entries per thread in 48 KiB of shared memory. */
+peer_status peer_cuda_retrieve_brute(peer_layer *layer, int64_t n_tokens, const float *d_x,
+                                     int64_t *d_indices, float *d_scores, float *d_gates,
+                                     cudaStream_t stream);
+
+/* Training forward, as peer_forward_train, on device pointers: d_x [T, d]
+ * f32 in, d_y [T, d] f32 out; batch norm uses the batch's statistics and
+ * updates the running ones; ctx (from peer_context_create on this layer,
+ * device memory) records what peer_cuda_backward needs.  x itself is not
+ * copied: d_x must stay valid and unchanged until the backward has run.
+ * The work is queued on `stream`, not waited for, with no host-device copy
+ * (we do not own `stream`); ctx and the layer's device scratch (see
+ * peer_cuda_set_workspace) are reused by the next call, so a forward, its
+ * backward and the next forward on one layer run on one stream (or are
+ * ordered by the caller).  Argument errors (ctx
+ * of another layer, n_tokens beyond the context, batch norm with T = 1,
+ * NULL pointers) are returned at once.
+ *
+ * A NaN or infinity in x, or a non-finite sub-key or candidate score, is
+ * recorded on the device and reported by peer_cuda_check; such a batch
+ * leaves the batch-norm running statistics untouched (the device skips the
+ * update), as the CPU does.  The context is ready for a backward when the
+ * call returns PEER_OK, even if the check later reports a bad batch (whose
+ * gradients are then meaningless). */
+peer_status peer_cuda_forward_train(peer_layer *layer, peer_context *ctx, int64_t n_tokens,
+                                    const float *d_x, float *d_y, cudaStream_t stream);
+
+/* Backward of the last forward_train on ctx, as peer_backward, on device
+ * pointers: d_dy [T, d] in, d_dx [T, d] out (NULL skips dx).  d_grads is a
+ * host struct whose buffers are all device pointers, with peer_grads'
+ * meaning: dense gradients (query_weight, query_bias, norm_weight,
+ * norm_bias, keys; NULL skips one) are overwritten; expert gradients are
+ * sparse (the distinct expert ids, ascending, in expert_rows and their f32
+ * gradient rows in experts_down / experts_up, [expert_capacity, d]) or, with
+ * experts_dense = 1, added (+=) into [N, d] f32 device buffers (expert_rows
+ * still lists the rows); all three NULL skips them.  expert_capacity is
+ * checked on the host: it must be at least T*H*k.  The number of expert rows
+ * is written to d_n_expert_rows (a device int64; NULL skips it; 0 when
+ * expert gradients are skipped); d_grads->n_expert_rows is not written
+ * (the count exists only on the device when the call returns).
+ *
+ * Queued on `stream` as peer_cuda_forward_train, with no host-device copy
+ * and no float atomics: the same inputs give the same bits.  A NaN or
+ * infinity in dy is recorded on the device (peer_cuda_check reports
+ * PEER_ERR_NONFINITE naming the token); the outputs are then meaningless.
+ * Argument errors (no forward_train on ctx since the last backward, a
+ * bias or norm gradient the layer lacks, an incomplete expert triple, too
+ * small a capacity) are returned at once. */
+peer_status peer_cuda_backward(peer_layer *layer, peer_context *ctx, const float *d_dy,
+                               float *d_dx, peer_grads *d_grads, int64_t *d_n_expert_rows,
+                               cudaStream_t stream);
+
 /* Wait for `stream` and report what the calls queued on it found:
- * PEER_ERR_CUDA if the stream holds a CUDA error, PEER_ERR_NONFINITE (naming
- * the token and head, counted within the call that saw it) if a call since
- * the last check met a non-finite score; then clears that record. */
+ * PEER_ERR_CUDA if the stream holds a CUDA error; PEER_ERR_NONFINITE if a
+ * call since the last check met a non-finite value: a NaN or infinity in a
+ * training forward's x or a backward's dy (naming the token; reported
+ * first), or a non-finite score (naming the token and head), tokens counted
+ * within the call that saw it; then clears those records. */
 peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
 
 #ifdef __cplusplus

@@ -6,7 +6,12 @@
  *                (peer_list_insert, in shared memory), then kp rounds of a
  *                warp arg-max by the tie rule pop the row's top-k';
  *   merge        one thread per (token, head): peer_merge_candidates over the
- *                two halves' lists, then peer_gates.
+ *                two halves' lists, then peer_gates;
+ *   brute_topk   one block per (token, head): each thread scans its columns
+ *                b = tid, tid + threads, ... of every row a of the n x n
+ *                sums, keeping a sorted list (peer_pair_insert, in shared
+ *                memory), then k rounds of a block arg-max by
+ *                peer_pair_beats pop the head's top-k; then peer_gates.
  * The per-row logic is rowops.h's, shared with the CPU backend. */
 #include "common.cuh"
 #include "retrieval.h"
@@ -178,4 +183,143 @@ extern "C" peer_status peer_k_merge(const float *list_s, const int64_t *list_id,
   merge_kernel<<<peer_k_blocks(TH, threads), threads, per_thread * (size_t)threads, stream>>>(
       list_s, list_id, TH, (int)kp, (int)k, (int)odd_stride(k), n, gate, scores, ids, gates, bad);
   return peer_k_launched("merge");
+}
+
+/* ------------------------------------------------------------ brute force */
+
+#define BRUTE_MAX_WARPS 4
+
+/* One list head in the block merge: a candidate (hi, lo, id), or none. */
+typedef struct brute_head {
+  float hi, lo;
+  int64_t id;
+  int valid;
+} brute_head;
+
+/* The block merge's shared state: each warp's best head, and the round's
+ * winning id.  It heads the dynamic shared memory, so the launcher counts
+ * every byte the kernel uses. */
+typedef struct brute_merge {
+  brute_head warp_best[BRUTE_MAX_WARPS];
+  int64_t winner;
+} brute_merge;
+
+/* A thread of `threads` sees at most n * ceil(n / threads) of the n*n sums,
+ * so its list never needs more entries than that. */
+static int64_t brute_cap(int64_t n, int64_t k, int64_t threads) {
+  int64_t seen = n * ((n + threads - 1) / threads);
+  return k < seen ? k : seen;
+}
+
+static size_t brute_smem(int64_t n, int64_t k, int64_t threads) {
+  return sizeof(brute_merge) + (size_t)threads * (size_t)odd_stride(brute_cap(n, k, threads)) *
+                                   (sizeof(int64_t) + 2 * sizeof(float));
+}
+
+/* The most warps (up to BRUTE_MAX_WARPS) whose shared memory fits
+ * PEER_K_SMEM_MAX, times 32; 0 if one warp's does not. */
+static int brute_threads(int64_t n, int64_t k) {
+  for (int warps = BRUTE_MAX_WARPS; warps > 0; warps--)
+    if (brute_smem(n, k, 32 * warps) <= PEER_K_SMEM_MAX) return 32 * warps;
+  return 0;
+}
+
+extern "C" peer_status peer_k_brute_supported(int64_t n, int64_t k) {
+  if (brute_threads(n, k) > 0) return PEER_OK;
+  return peer_fail(PEER_ERR_UNSUPPORTED,
+                   "retrieve_brute: top_k %lld needs %zu bytes of shared memory per warp, "
+                   "beyond %zu (the CUDA brute force takes top_k <= 95)",
+                   (long long)k, brute_smem(n, k, 32), PEER_K_SMEM_MAX);
+}
+
+/* Does b beat a?  A valid head beats an empty one; two valid ones follow
+ * the candidate order (exact sums, ties to the smaller id). */
+static __device__ inline bool head_takes_over(const brute_head &a, const brute_head &b) {
+  return b.valid && (!a.valid || peer_pair_beats(b.hi, b.lo, b.id, a.hi, a.lo, a.id));
+}
+
+__global__ void __launch_bounds__(BRUTE_MAX_WARPS * 32)
+    brute_topk_kernel(const float *__restrict__ S, int64_t rows, int n, int k, int cap,
+                      int stride, int gate, float *__restrict__ scores,
+                      int64_t *__restrict__ ids, float *__restrict__ gates,
+                      unsigned long long *bad) {
+  /* brute_merge, then the lists: ids [threads][stride], hi, lo */
+  extern __shared__ int64_t brute_smem_base[];
+  brute_merge &mg = *(brute_merge *)brute_smem_base;
+  int64_t *const list_ids = (int64_t *)(&mg + 1);
+  const int tid = threadIdx.x, threads = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const int warps = threads >> 5;
+  int64_t *my_id = list_ids + (int64_t)tid * stride;
+  float *my_hi = (float *)(list_ids + (int64_t)threads * stride) + (int64_t)tid * stride;
+  float *my_lo = my_hi + (int64_t)threads * stride;
+  /* Rows are block-uniform (blockIdx only), so every thread reaches every
+   * barrier below, and whole warps run the shuffles. */
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float *s1 = S + row * 2 * n, *s2 = s1 + n;
+    int count = 0, nonfinite = 0;
+    /* This thread's sums (a, b), b = tid mod threads: only it writes and
+     * reads its own list, so the scan needs no barrier. */
+    for (int a = 0; a < n; a++) {
+      const float sa = s1[a];
+      for (int b = tid; b < n; b += threads) {
+        float c, l;
+        peer_two_sum(sa, s2[b], &c, &l);
+        const int64_t id = (int64_t)a * n + b;
+        nonfinite |= !isfinite(c) || !isfinite(l);
+        if (count < cap ||
+            peer_pair_beats(c, l, id, my_hi[cap - 1], my_lo[cap - 1], my_id[cap - 1]))
+          peer_pair_insert(my_hi, my_lo, my_id, cap, &count, c, l, id);
+      }
+    }
+    /* k rounds: the best head of all lists.  The lists hold min(k, n*n) = k
+     * entries or more in all, so each round has a valid winner; thread 0
+     * alone decides it (an order made partial by NaN cannot split the
+     * block), and its owner, the thread that scanned column id mod n, pops
+     * it. */
+    int ptr = 0;
+    for (int r = 0; r < k; r++) {
+      brute_head h;
+      h.valid = ptr < count;
+      h.hi = h.valid ? my_hi[ptr] : 0.0f;
+      h.lo = h.valid ? my_lo[ptr] : 0.0f;
+      h.id = h.valid ? my_id[ptr] : 0;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        brute_head o;
+        o.hi = __shfl_xor_sync(PEER_FULL_MASK, h.hi, off);
+        o.lo = __shfl_xor_sync(PEER_FULL_MASK, h.lo, off);
+        o.id = __shfl_xor_sync(PEER_FULL_MASK, h.id, off);
+        o.valid = __shfl_xor_sync(PEER_FULL_MASK, h.valid, off);
+        if (head_takes_over(h, o)) h = o;
+      }
+      if (lane == 0) mg.warp_best[warp] = h;
+      __syncthreads(); /* warp_best complete */
+      if (tid == 0) {
+        brute_head best = mg.warp_best[0];
+        for (int w = 1; w < warps; w++)
+          if (head_takes_over(best, mg.warp_best[w])) best = mg.warp_best[w];
+        scores[row * k + r] = best.hi;
+        ids[row * k + r] = best.id;
+        mg.winner = best.id;
+      }
+      __syncthreads(); /* winner visible; warp_best free for the next round */
+      if ((int)((mg.winner % n) % threads) == tid) ptr++;
+    }
+    if (__syncthreads_or(nonfinite) && tid == 0) atomicMin(bad, (unsigned long long)row);
+    /* thread 0 wrote this row's scores itself */
+    if (tid == 0) peer_gates(gate, scores + row * k, k, gates + row * k);
+  }
+}
+
+extern "C" peer_status peer_k_brute_topk(const float *S, int64_t TH, int64_t n, int64_t k,
+                                         int gate, float *scores, int64_t *ids, float *gates,
+                                         unsigned long long *bad, cudaStream_t stream) {
+  if (TH == 0) return PEER_OK;
+  peer_status s = peer_k_brute_supported(n, k);
+  if (s) return s;
+  const int threads = brute_threads(n, k);
+  const int64_t cap = brute_cap(n, k, threads);
+  brute_topk_kernel<<<peer_k_blocks(TH, 1), threads, brute_smem(n, k, threads), stream>>>(
+      S, TH, (int)n, (int)k, (int)cap, (int)odd_stride(cap), gate, scores, ids, gates, bad);
+  return peer_k_launched("brute_topk");
 }

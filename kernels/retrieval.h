@@ -1,9 +1,10 @@
 /* retrieval.h: launchers of the retrieval kernels (retrieval.cu): query bias
- * and running batch norm, per-half top-k' of the sub-key scores, and the
- * exact candidate merge with gates.  The matrix products around them are
- * cuBLAS calls made by the backend (peer/cuda_backend.c).  Every launcher
- * queues work on `stream`, returns PEER_ERR_CUDA with the runtime's message if
- * the launch fails, and never synchronises. */
+ * and running batch norm, per-half top-k' of the sub-key scores, the exact
+ * candidate merge with gates, and brute force over all n*n candidates.  The
+ * matrix products around them are cuBLAS calls made by the backend
+ * (peer/cuda_backend.c).  Every launcher queues work on `stream`, returns
+ * PEER_ERR_CUDA with the runtime's message if the launch fails, and never
+ * synchronises. */
 #ifndef PEER_KERNELS_RETRIEVAL_H
 #define PEER_KERNELS_RETRIEVAL_H
 
@@ -46,6 +47,21 @@ peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t 
 peer_status peer_k_merge(const float *list_s, const int64_t *list_id, int64_t TH, int64_t kp,
                          int64_t k, int64_t n, int gate, float *scores, int64_t *ids,
                          float *gates, unsigned long long *bad, cudaStream_t stream);
+
+/* PEER_OK if the brute-force kernel takes n sub-keys and top_k k (its
+ * per-thread lists of one warp fit PEER_K_SMEM_MAX: k <= 95, or n*n small),
+ * else PEER_ERR_UNSUPPORTED with a message. */
+peer_status peer_k_brute_supported(int64_t n, int64_t k);
+
+/* Brute force per (t, h) in [0, TH): the exact top-k of all n*n sums
+ * s1[a] + s2[b] (rows of S [TH, 2, n] as the product path computes them)
+ * in the order of peer_pair_beats (exact sums, ties to the smaller id),
+ * expert id a*n + b, into scores / ids [TH, k]; gates [TH, k] by
+ * peer_gates.  A non-finite sum lowers *bad to (t*H + h).
+ * PEER_ERR_UNSUPPORTED where peer_k_brute_supported says so. */
+peer_status peer_k_brute_topk(const float *S, int64_t TH, int64_t n, int64_t k, int gate,
+                              float *scores, int64_t *ids, float *gates, unsigned long long *bad,
+                              cudaStream_t stream);
 
 #ifdef __cplusplus
 }

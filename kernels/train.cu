@@ -100,7 +100,10 @@ extern "C" peer_status peer_k_batch_norm_train(float *q, float *qhat, float *mea
 __global__ void running_update_kernel(float *__restrict__ rm, float *__restrict__ rv,
                                       const float *__restrict__ mean,
                                       const float *__restrict__ invstd, int64_t T, int64_t dq,
-                                      float mo) {
+                                      float mo, const unsigned long long *__restrict__ records,
+                                      int n_records) {
+  for (int i = 0; i < n_records; i++)
+    if (records[i] != PEER_K_CLEAR) return; /* the same answer for every thread */
   for (int64_t f = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; f < dq;
        f += (int64_t)gridDim.x * blockDim.x) {
     float var = 1.0f / (invstd[f] * invstd[f]) - 1e-5f;
@@ -112,11 +115,26 @@ __global__ void running_update_kernel(float *__restrict__ rm, float *__restrict_
 
 extern "C" peer_status peer_k_running_update(float *run_mean, float *run_var, const float *mean,
                                              const float *invstd, int64_t T, int64_t dq,
-                                             float momentum, cudaStream_t stream) {
+                                             float momentum,
+                                             const unsigned long long *records, int n_records,
+                                             cudaStream_t stream) {
   if (dq == 0 || T < 2) return PEER_OK;
-  running_update_kernel<<<peer_k_blocks(dq, 256), 256, 0, stream>>>(run_mean, run_var, mean,
-                                                                   invstd, T, dq, momentum);
+  running_update_kernel<<<peer_k_blocks(dq, 256), 256, 0, stream>>>(
+      run_mean, run_var, mean, invstd, T, dq, momentum, records, n_records);
   return peer_k_launched("running_update");
+}
+
+__global__ void record_fold_kernel(unsigned long long *dst, const unsigned long long *src,
+                                   int n) {
+  if ((int)threadIdx.x < n) atomicMin(dst + threadIdx.x, src[threadIdx.x]);
+}
+
+extern "C" peer_status peer_k_record_fold(unsigned long long *dst, const unsigned long long *src,
+                                          int n, cudaStream_t stream) {
+  if (n <= 0) return PEER_OK;
+  if (n > 32) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "record_fold: %d records", n);
+  record_fold_kernel<<<1, 32, 0, stream>>>(dst, src, n);
+  return peer_k_launched("record_fold");
 }
 
 __global__ void __launch_bounds__(FC *FR)
@@ -336,8 +354,9 @@ __global__ void __launch_bounds__(ROW_THREADS)
                         const float *__restrict__ cup, const float *__restrict__ x,
                         const float *__restrict__ dy, int64_t d, int64_t hk,
                         float *__restrict__ gdown, float *__restrict__ gup,
-                        int64_t *__restrict__ rows) {
+                        int64_t *__restrict__ rows, int64_t *__restrict__ n_rows) {
   const int64_t nr = (int64_t)*runs < max_runs ? (int64_t)*runs : max_runs;
+  if (n_rows && blockIdx.x == 0 && threadIdx.x == 0) *n_rows = nr;
   for (int64_t r = blockIdx.x; r < nr; r += gridDim.x) {
     const uint32_t s = starts[r], end = starts[r + 1];
     const int64_t id = key[s], out = DENSE ? id : r;
@@ -366,14 +385,15 @@ extern "C" peer_status peer_k_expert_grads(const uint32_t *key, const uint32_t *
                                            int64_t max_runs, const float *cdown,
                                            const float *cup, const float *x, const float *dy,
                                            int64_t d, int64_t hk, int dense, float *gdown,
-                                           float *gup, int64_t *rows, cudaStream_t stream) {
+                                           float *gup, int64_t *rows, int64_t *n_rows,
+                                           cudaStream_t stream) {
   if (max_runs == 0) return PEER_OK;
   if (dense)
     expert_grads_kernel<true><<<peer_k_blocks(max_runs, 1), ROW_THREADS, 0, stream>>>(
-        key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows);
+        key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows, n_rows);
   else
     expert_grads_kernel<false><<<peer_k_blocks(max_runs, 1), ROW_THREADS, 0, stream>>>(
-        key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows);
+        key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows, n_rows);
   return peer_k_launched("expert_grads");
 }
 

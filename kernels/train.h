@@ -17,9 +17,13 @@
 extern "C" {
 #endif
 
-/* *row (set to ~0 by the caller) is lowered to the first of the T rows of
- * a [T, d] that holds a NaN or infinity (an integer atomicMin: the result
- * does not depend on the order). */
+/* An error record (a device word lowered by integer atomicMin to the first
+ * bad row or (token, head)) that holds nothing. */
+#define PEER_K_CLEAR (~0ull)
+
+/* *row (a record: PEER_K_CLEAR, or a row already seen) is lowered to the
+ * first of the T rows of a [T, d] that holds a NaN or infinity (an integer
+ * atomicMin: the result does not depend on the order). */
 peer_status peer_k_first_nonfinite_row(const float *a, int64_t T, int64_t d,
                                        unsigned long long *row, cudaStream_t stream);
 
@@ -30,10 +34,18 @@ peer_status peer_k_batch_norm_train(float *q, float *qhat, float *mean, float *i
                                     int64_t T, int64_t dq, const float *weight,
                                     const float *bias, cudaStream_t stream);
 
-/* running = (1 - m) running + m batch, the variance unbiased (T / (T - 1)). */
+/* running = (1 - m) running + m batch, the variance unbiased (T / (T - 1)),
+ * unless one of the n_records error records of this batch (read on the
+ * device when the kernel runs) holds something: a bad batch leaves the
+ * running statistics untouched. */
 peer_status peer_k_running_update(float *run_mean, float *run_var, const float *mean,
                                   const float *invstd, int64_t T, int64_t dq, float momentum,
+                                  const unsigned long long *records, int n_records,
                                   cudaStream_t stream);
+
+/* dst[i] = min(dst[i], src[i]) for i < n error records (integer atomicMin). */
+peer_status peer_k_record_fold(unsigned long long *dst, const unsigned long long *src, int n,
+                               cudaStream_t stream);
 
 /* Batch-norm backward (batch statistics), dq [T, dq] in place: from d loss /
  * d (normalised, affine) q to d loss / d (Wq x + b); gweight, gbias [dq]
@@ -75,12 +87,13 @@ peer_status peer_k_sorted_runs(const uint32_t *key_in, const uint32_t *val_in, u
 /* Expert gradient rows, one block per run r (at most max_runs): the run's
  * entries e in order add cdown[e] x_t into the down row and cup[e] dy_t into
  * the up row.  dense: rows id of [N, d] buffers get += ; else row r of
- * [max_runs, d] is written.  rows[r] = the expert id. */
+ * [max_runs, d] is written.  rows[r] = the expert id; *n_rows (if not NULL)
+ * = the number of rows. */
 peer_status peer_k_expert_grads(const uint32_t *key, const uint32_t *val, const uint32_t *starts,
                                 const uint32_t *runs, int64_t max_runs, const float *cdown,
                                 const float *cup, const float *x, const float *dy, int64_t d,
                                 int64_t hk, int dense, float *gdown, float *gup, int64_t *rows,
-                                cudaStream_t stream);
+                                int64_t *n_rows, cudaStream_t stream);
 
 /* Sub-key gradient rows (gk pre-zeroed [G*2*n, half]), one warp per run:
  * row key += ds[e] * q_t's half p of head h, entries in order. */

@@ -1,5 +1,5 @@
 /* cuda_backend.c: the CUDA backend: per-layer state (device, cuBLAS handle,
- * the non-finite record, device scratch), the backend table the core calls,
+ * the non-finite records, device scratch), the backend table the core calls,
  * and the device-pointer API of peer_cuda.h.  A forward is
  *   Q = X Wq^T                       cuBLAS SGEMM
  *   bias, running batch norm         peer_k_bias_norm
@@ -7,9 +7,13 @@
  *   top-k' per (t, h, half)          peer_k_subkey_topk
  *   candidate top-k, gates           peer_k_merge
  *   experts                          peer_k_experts
- * all queued on one stream.  Training (train_forward, train_backward) keeps
- * its state in the context's device memory: the forward normalises with
- * batch statistics (peer_k_batch_norm_train) and keeps z; the backward is
+ * all queued on one stream (brute force replaces the two selections with
+ * peer_k_brute_topk).  Every pass is written once, on device pointers
+ * (run_forward, dev_retrieve, dev_forward_train, dev_backward); peer.h's
+ * host-pointer calls are wrappers that copy in, call it on the layer's own
+ * stream, copy out and synchronise.  Training keeps its state in the
+ * context's device memory: the forward normalises with batch statistics
+ * (peer_k_batch_norm_train) and keeps z; the backward is
  *   per-token expert backward, gate backward   peer_k_experts_backward
  *   sorted expert rows                         radix sort + peer_k_expert_grads
  *   dq through the kept scores                 peer_k_query_grad
@@ -28,14 +32,23 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* No record of a non-finite score. */
-#define NO_BAD (~0ull)
+/* The layer's non-finite records: device words lowered by integer atomicMin
+ * (PEER_K_CLEAR when empty), read and cleared by check_stream.  A training
+ * context keeps its batch's own REC_SCORE and REC_X (they decide the running
+ * statistics' update) and folds them into the layer's. */
+enum {
+  REC_SCORE = 0, /* smallest t*H + h with a non-finite sub-key or candidate score */
+  REC_X = 1,     /* smallest row of a training forward's x holding NaN or infinity */
+  REC_DY = 2,    /* smallest row of a backward's dy holding NaN or infinity */
+  REC_COUNT = 3,
+  REC_BATCH = 2 /* the records a training context keeps: REC_SCORE, REC_X */
+};
 
 typedef struct cuda_state {
   int device;
   cublasHandle_t blas;
   cudaStream_t own;          /* the host-pointer path's stream */
-  unsigned long long *d_bad; /* smallest (t*H + h) with a non-finite score */
+  unsigned long long *d_bad; /* [REC_COUNT] the non-finite records */
   void *ws;                  /* device scratch (registered or owned) */
   size_t ws_bytes;
   bool ws_owned;
@@ -143,9 +156,13 @@ static peer_status project_query(peer_layer *L, int64_t T, const float *d_x, flo
                           norm ? L->slot[PEER_P_NORM_VAR].data : NULL, stream);
 }
 
-/* From the final queries q [T, dq] to ids, scores and gates [T, H, k]. */
+/* From the final queries q [T, dq] to ids, scores and gates [T, H, k]: the
+ * sub-key scores, then the product-key search (top-k' per half, exact merge)
+ * or, with brute, the top-k of all n*n sums.  A non-finite score lowers
+ * *bad (a record, see REC_SCORE). */
 static peer_status search(peer_layer *L, int64_t T, const float *q, int64_t *ids,
-                          float *scores, float *gates, cudaStream_t stream, const dev_ws *w) {
+                          float *scores, float *gates, bool brute, unsigned long long *bad,
+                          cudaStream_t stream, const dev_ws *w) {
   cuda_state *st = state_of(L);
   const peer_dims *D = &L->dims;
   const float one = 1.0f, zero = 0.0f;
@@ -163,19 +180,34 @@ static peer_status search(peer_layer *L, int64_t T, const float *q, int64_t *ids
         (long long)D->dk, &zero, w->S + p * D->n, (int)(2 * D->H * D->n), 2 * D->n, (int)D->H);
     if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: sub-key scores");
   }
-  if ((s = peer_k_subkey_topk(w->S, T * D->H * 2, D->n, D->kp, w->list_s, w->list_id, st->d_bad,
+  if (brute)
+    return peer_k_brute_topk(w->S, T * D->H, D->n, D->k, (int)L->cfg.gate, scores, ids, gates,
+                             bad, stream);
+  if ((s = peer_k_subkey_topk(w->S, T * D->H * 2, D->n, D->kp, w->list_s, w->list_id, bad,
                               stream)))
     return s;
   return peer_k_merge(w->list_s, w->list_id, T * D->H, D->kp, D->k, D->n, (int)L->cfg.gate,
-                      scores, ids, gates, st->d_bad, stream);
+                      scores, ids, gates, bad, stream);
 }
 
 static peer_status run_retrieval(peer_layer *L, int64_t T, const float *d_x, int64_t *ids,
-                                 float *scores, float *gates, cudaStream_t stream,
+                                 float *scores, float *gates, bool brute, cudaStream_t stream,
                                  const dev_ws *w) {
   peer_status s = project_query(L, T, d_x, w->q, true, stream);
   if (s) return s;
-  return search(L, T, w->q, ids, scores, gates, stream, w);
+  return search(L, T, w->q, ids, scores, gates, brute, state_of(L)->d_bad + REC_SCORE, stream,
+                w);
+}
+
+/* Retrieval on device pointers (scores, gates may be NULL). */
+static peer_status dev_retrieve(peer_layer *L, int64_t T, const float *d_x, int64_t *ids,
+                                float *scores, float *gates, bool brute, cudaStream_t stream) {
+  peer_status s;
+  if (brute && (s = peer_k_brute_supported(L->dims.n, L->dims.k))) return s;
+  dev_ws w;
+  if ((s = device_scratch(L, T, &w))) return s;
+  return run_retrieval(L, T, d_x, ids, scores ? scores : w.scores, gates ? gates : w.gates, brute,
+                       stream, &w);
 }
 
 static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
@@ -185,24 +217,33 @@ static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float
   if (s) return s;
   int64_t *ids = d_indices ? d_indices : w.ids;
   float *gates = d_gates ? d_gates : w.gates;
-  if ((s = run_retrieval(L, T, d_x, ids, w.scores, gates, stream, &w))) return s;
+  if ((s = run_retrieval(L, T, d_x, ids, w.scores, gates, false, stream, &w))) return s;
   const peer_dims *D = &L->dims;
   return peer_k_experts(d_x, d_y, L->slot[PEER_P_EXPERTS_DOWN].data,
                         L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16, ids,
                         gates, NULL, T, D->d, D->H * D->k, (int)L->cfg.activation, stream);
 }
 
+/* Wait for the stream, then report and clear the records: a non-finite x or
+ * dy row first (the cause; the scores of such a row are non-finite too),
+ * then a score. */
 static peer_status check_stream(peer_layer *L, cudaStream_t stream) {
   cuda_state *st = state_of(L);
   const peer_dims *D = &L->dims;
   cudaError_t e = cudaStreamSynchronize(stream);
   if (e != cudaSuccess) return cuda_fail(e, "cuda check: stream");
-  unsigned long long bad = NO_BAD;
-  if ((e = cudaMemcpy(&bad, st->d_bad, sizeof bad, cudaMemcpyDeviceToHost)) != cudaSuccess)
-    return cuda_fail(e, "cuda check: reading the non-finite record");
-  if (bad == NO_BAD) return PEER_OK;
-  if ((e = cudaMemset(st->d_bad, 0xff, sizeof bad)) != cudaSuccess)
-    return cuda_fail(e, "cuda check: clearing the non-finite record");
+  unsigned long long rec[REC_COUNT];
+  if ((e = cudaMemcpy(rec, st->d_bad, sizeof rec, cudaMemcpyDeviceToHost)) != cudaSuccess)
+    return cuda_fail(e, "cuda check: reading the non-finite records");
+  if (rec[REC_SCORE] == PEER_K_CLEAR && rec[REC_X] == PEER_K_CLEAR && rec[REC_DY] == PEER_K_CLEAR)
+    return PEER_OK;
+  if ((e = cudaMemset(st->d_bad, 0xff, sizeof rec)) != cudaSuccess)
+    return cuda_fail(e, "cuda check: clearing the non-finite records");
+  if (rec[REC_X] != PEER_K_CLEAR)
+    return peer_fail(PEER_ERR_NONFINITE, "token %llu: x holds NaN or infinity", rec[REC_X]);
+  if (rec[REC_DY] != PEER_K_CLEAR)
+    return peer_fail(PEER_ERR_NONFINITE, "token %llu: dy holds NaN or infinity", rec[REC_DY]);
+  const unsigned long long bad = rec[REC_SCORE];
   return peer_fail(PEER_ERR_NONFINITE,
                    "token %lld, head %d: non-finite sub-key or candidate score (NaN or infinity "
                    "in x, query weights, norm or keys)",
@@ -255,16 +296,26 @@ peer_status peer_cuda_forward(peer_layer *L, int64_t T, const float *d_x, float 
   return run_forward(L, T, d_x, d_y, d_indices, d_gates, stream);
 }
 
-peer_status peer_cuda_retrieve(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
-                               float *d_scores, float *d_gates, cudaStream_t stream) {
-  peer_status s = enter(L, T, d_x, "cuda_retrieve");
+static peer_status retrieve_entry(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
+                                  float *d_scores, float *d_gates, bool brute,
+                                  cudaStream_t stream) {
+  const char *what = brute ? "cuda_retrieve_brute" : "cuda_retrieve";
+  peer_status s = enter(L, T, d_x, what);
   if (s) return s;
   if (T == 0) return PEER_OK;
-  if (!d_indices) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_retrieve: indices is NULL");
-  dev_ws w;
-  if ((s = device_scratch(L, T, &w))) return s;
-  return run_retrieval(L, T, d_x, d_indices, d_scores ? d_scores : w.scores,
-                       d_gates ? d_gates : w.gates, stream, &w);
+  if (!d_indices) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: indices is NULL", what);
+  return dev_retrieve(L, T, d_x, d_indices, d_scores, d_gates, brute, stream);
+}
+
+peer_status peer_cuda_retrieve(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
+                               float *d_scores, float *d_gates, cudaStream_t stream) {
+  return retrieve_entry(L, T, d_x, d_indices, d_scores, d_gates, false, stream);
+}
+
+peer_status peer_cuda_retrieve_brute(peer_layer *L, int64_t T, const float *d_x,
+                                     int64_t *d_indices, float *d_scores, float *d_gates,
+                                     cudaStream_t stream) {
+  return retrieve_entry(L, T, d_x, d_indices, d_scores, d_gates, true, stream);
 }
 
 peer_status peer_cuda_check(peer_layer *L, cudaStream_t stream) {
@@ -337,19 +388,14 @@ static peer_status cuda_forward(peer_layer *L, int64_t T, const float *x, float 
 static peer_status cuda_retrieve(peer_layer *L, int64_t T, const float *x, int64_t *indices,
                                  float *scores, float *gates, bool brute, void *host_ws) {
   (void)host_ws;
-  if (brute)
-    return peer_fail(PEER_ERR_UNSUPPORTED,
-                     "retrieve_brute: not implemented on the CUDA backend (use a CPU layer)");
-  peer_status s = enter(L, T, x, "retrieve");
+  peer_status s = enter(L, T, x, brute ? "retrieve_brute" : "retrieve");
   io_bufs io;
   if (s || (s = host_io(L, T, &io))) return s;
   cudaStream_t stream = state_of(L)->own;
-  dev_ws w;
-  if ((s = device_scratch(L, T, &w))) return s;
   const peer_dims *D = &L->dims;
   size_t xb = (size_t)T * (size_t)D->d * 4, thk = (size_t)T * (size_t)(D->H * D->k);
   if ((s = copy(io.x, x, xb, cudaMemcpyHostToDevice, stream)) ||
-      (s = run_retrieval(L, T, io.x, io.ids, io.scores, io.gates, stream, &w)) ||
+      (s = dev_retrieve(L, T, io.x, io.ids, io.scores, io.gates, brute, stream)) ||
       (s = copy(indices, io.ids, thk * 8, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(scores, io.scores, thk * 4, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(gates, io.gates, thk * 4, cudaMemcpyDeviceToHost, stream))) {
@@ -442,10 +488,11 @@ static peer_status cuda_open(peer_layer *L) {
   else if ((e = cudaStreamCreateWithFlags(&st->own, cudaStreamNonBlocking)) != cudaSuccess) {
     st->own = NULL;
     s = cuda_fail(e, "backend cuda: cudaStreamCreate");
-  } else if ((e = cudaMalloc((void **)&st->d_bad, sizeof *st->d_bad)) != cudaSuccess) {
+  } else if ((e = cudaMalloc((void **)&st->d_bad, REC_COUNT * sizeof *st->d_bad)) !=
+             cudaSuccess) {
     st->d_bad = NULL;
     s = cuda_fail(e, "backend cuda: cudaMalloc");
-  } else if ((e = cudaMemset(st->d_bad, 0xff, sizeof *st->d_bad)) != cudaSuccess)
+  } else if ((e = cudaMemset(st->d_bad, 0xff, REC_COUNT * sizeof *st->d_bad)) != cudaSuccess)
     s = cuda_fail(e, "backend cuda: cudaMemset");
   if (s) cuda_close(L);
   return s;
@@ -459,9 +506,11 @@ static size_t cuda_host_workspace(const peer_layer *L, int64_t T) {
 }
 
 /* A training context's device memory (ctx->mem, from cudaMalloc), carved
- * for the context's max_tokens T; E = T*H*k entries. */
+ * for the context's max_tokens T; E = T*H*k entries.  The device-pointer
+ * calls use the caller's x, y, dy, dx and gradient buffers; the host path
+ * stages them here. */
 typedef struct train_mem {
-  float *x, *y, *dy, *dx;        /* [T, d]: the host path's device copies; x kept */
+  float *x, *y, *dy, *dx;        /* [T, d]: the host path's device copies */
   float *q, *qhat, *dq;          /* [T, dq]: final queries, normalised (batch norm), grad */
   float *mean, *invstd;          /* [dq] batch statistics */
   int64_t *ids;                  /* [E] */
@@ -469,10 +518,11 @@ typedef struct train_mem {
   float *ds, *cup, *cdown;       /* [E] per-entry coefficients */
   uint32_t *key, *val, *key2, *val2, *starts; /* sorts: 2E (+1) each */
   uint32_t *runs;                /* distinct rows of the last sort */
-  unsigned long long *bad_row;   /* first non-finite row of x or dy */
-  float *g_wq, *g_bq, *g_nw, *g_nb, *g_keys; /* dense gradients */
-  int64_t *g_rows;               /* [E] expert ids, ascending */
-  float *g_down, *g_up;          /* [E, d] expert gradient rows */
+  unsigned long long *rec;       /* [REC_BATCH] this batch's REC_SCORE, REC_X records */
+  int64_t *n_rows;               /* expert rows of the host path's last backward */
+  float *g_wq, *g_bq, *g_nw, *g_nb, *g_keys; /* the host path's dense gradients */
+  int64_t *g_rows;               /* [E] the host path's expert ids, ascending */
+  float *g_down, *g_up;          /* [E, d] the host path's expert gradient rows */
   void *temp;                    /* CUB scratch */
   size_t temp_bytes;
 } train_mem;
@@ -497,12 +547,12 @@ static size_t train_layout(const peer_layer *L, int64_t T, size_t temp_bytes, ch
       {(void **)&m->key, 2 * e * 4},        {(void **)&m->val, 2 * e * 4},
       {(void **)&m->key2, 2 * e * 4},       {(void **)&m->val2, 2 * e * 4},
       {(void **)&m->starts, (2 * e + 1) * 4},
-      {(void **)&m->runs, 4},               {(void **)&m->bad_row, 8},
-      {(void **)&m->g_wq, dq * d * 4},      {(void **)&m->g_bq, dq * 4},
-      {(void **)&m->g_nw, dq * 4},          {(void **)&m->g_nb, dq * 4},
-      {(void **)&m->g_keys, keys * 4},      {(void **)&m->g_rows, e * 8},
-      {(void **)&m->g_down, e * d * 4},     {(void **)&m->g_up, e * d * 4},
-      {(void **)&m->temp, temp_bytes},
+      {(void **)&m->runs, 4},               {(void **)&m->rec, REC_BATCH * 8},
+      {(void **)&m->n_rows, 8},             {(void **)&m->g_wq, dq * d * 4},
+      {(void **)&m->g_bq, dq * 4},          {(void **)&m->g_nw, dq * 4},
+      {(void **)&m->g_nb, dq * 4},          {(void **)&m->g_keys, keys * 4},
+      {(void **)&m->g_rows, e * 8},         {(void **)&m->g_down, e * d * 4},
+      {(void **)&m->g_up, e * d * 4},       {(void **)&m->temp, temp_bytes},
   };
   size_t off = 0;
   for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
@@ -555,158 +605,185 @@ static peer_status context_mem(const peer_layer *L, const peer_context *c, train
   return PEER_OK;
 }
 
-/* Wait for the stream; then the first non-finite row of `what`, if any. */
-static peer_status check_rows(cudaStream_t stream, const train_mem *m, const char *what) {
-  cudaError_t e = cudaStreamSynchronize(stream);
-  if (e != cudaSuccess) return cuda_fail(e, "cuda training: stream");
-  unsigned long long row = NO_BAD;
-  if ((e = cudaMemcpy(&row, m->bad_row, sizeof row, cudaMemcpyDeviceToHost)) != cudaSuccess)
-    return cuda_fail(e, "cuda training: reading the non-finite record");
-  if (row == NO_BAD) return PEER_OK;
-  return peer_fail(PEER_ERR_NONFINITE, "token %llu: %s holds NaN or infinity", row, what);
-}
-
-static peer_status find_nonfinite(const peer_layer *L, int64_t T, const float *a,
-                                  const train_mem *m, cudaStream_t stream) {
-  cudaError_t e = cudaMemsetAsync(m->bad_row, 0xff, sizeof *m->bad_row, stream);
-  if (e != cudaSuccess) return cuda_fail(e, "cuda training: cudaMemsetAsync");
-  return peer_k_first_nonfinite_row(a, T, L->dims.d, m->bad_row, stream);
-}
-
-/* The training forward on device pointers: queries with batch statistics
- * (kept in m), retrieval into m's ids / scores / gates, experts keeping z. */
-static peer_status train_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
-                                 const train_mem *m, cudaStream_t stream) {
+/* The training forward on device pointers, queued on `stream`: queries with
+ * batch statistics (kept in the context), retrieval into the context's ids,
+ * scores and gates, experts keeping z; then the running statistics, which
+ * the device leaves alone when this batch met a non-finite x or score (as
+ * the CPU, which fails before updating them); then this batch's records
+ * join the layer's.  The backward will read x from d_x. */
+static peer_status dev_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
+                                     const float *d_x, float *d_y, cudaStream_t stream) {
   const peer_dims *D = &L->dims;
-  dev_ws w;
-  peer_status s = device_scratch(L, T, &w);
-  if (s || (s = project_query(L, T, d_x, m->q, false, stream))) return s;
-  if (L->cfg.query_norm == PEER_NORM_BATCHNORM &&
-      (s = peer_k_batch_norm_train(m->q, m->qhat, m->mean, m->invstd, T, D->dq,
-                                   L->slot[PEER_P_NORM_WEIGHT].data,
-                                   L->slot[PEER_P_NORM_BIAS].data, stream)))
-    return s;
-  if ((s = search(L, T, m->q, m->ids, m->scores, m->gates, stream, &w))) return s;
-  return peer_k_experts(d_x, d_y, L->slot[PEER_P_EXPERTS_DOWN].data,
-                        L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16,
-                        m->ids, m->gates, m->z, T, D->d, D->H * D->k, (int)L->cfg.activation,
-                        stream);
-}
-
-static peer_status cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
-                                      const float *x, float *y, void *host_ws) {
-  (void)host_ws;
-  const peer_dims *D = &L->dims;
-  peer_status s = enter(L, T, x, "forward_train");
-  if (s) return s;
+  const bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
   if (2 * T * D->H * D->k > (int64_t)0x7fffffff)
     return peer_fail(PEER_ERR_UNSUPPORTED,
                      "forward_train: the CUDA backend sorts at most 2^31 - 1 = 2*T*H*k pairs");
   train_mem m;
-  if ((s = context_mem(L, ctx, &m))) return s;
-  cudaStream_t stream = state_of(L)->own;
-  size_t xb = (size_t)T * (size_t)D->d * 4;
-  if ((s = copy(m.x, x, xb, cudaMemcpyHostToDevice, stream)) ||
-      (s = find_nonfinite(L, T, m.x, &m, stream)) ||
-      (s = train_forward(L, T, m.x, m.y, &m, stream)) ||
-      (s = copy(y, m.y, xb, cudaMemcpyDeviceToHost, stream))) {
-    cudaStreamSynchronize(stream);
+  dev_ws w;
+  peer_status s;
+  if ((s = context_mem(L, ctx, &m)) || (s = device_scratch(L, T, &w))) return s;
+  cudaError_t e = cudaMemsetAsync(m.rec, 0xff, REC_BATCH * sizeof *m.rec, stream);
+  if (e != cudaSuccess) return cuda_fail(e, "forward_train: cudaMemsetAsync");
+  if ((s = peer_k_first_nonfinite_row(d_x, T, D->d, m.rec + REC_X, stream)) ||
+      (s = project_query(L, T, d_x, m.q, false, stream)))
     return s;
-  }
-  if ((s = check_rows(stream, &m, "x"))) {
-    /* the scores of that row are non-finite too: not a second error */
-    cudaMemset(state_of(L)->d_bad, 0xff, sizeof(unsigned long long));
+  if (bn && (s = peer_k_batch_norm_train(m.q, m.qhat, m.mean, m.invstd, T, D->dq,
+                                         L->slot[PEER_P_NORM_WEIGHT].data,
+                                         L->slot[PEER_P_NORM_BIAS].data, stream)))
     return s;
-  }
-  if ((s = check_stream(L, stream))) return s;
-  /* the running statistics change only after a successful batch (as on the CPU) */
-  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) {
-    if ((s = peer_k_running_update(L->slot[PEER_P_NORM_MEAN].data, L->slot[PEER_P_NORM_VAR].data,
-                                   m.mean, m.invstd, T, D->dq, L->norm_momentum, stream))) {
-      cudaStreamSynchronize(stream);
-      return s;
-    }
-    cudaError_t e = cudaStreamSynchronize(stream);
-    if (e != cudaSuccess) return cuda_fail(e, "forward_train: running statistics");
-  }
+  if ((s = search(L, T, m.q, m.ids, m.scores, m.gates, false, m.rec + REC_SCORE, stream, &w)) ||
+      (s = peer_k_experts(d_x, d_y, L->slot[PEER_P_EXPERTS_DOWN].data,
+                          L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16,
+                          m.ids, m.gates, m.z, T, D->d, D->H * D->k, (int)L->cfg.activation,
+                          stream)))
+    return s;
+  if (bn && (s = peer_k_running_update(L->slot[PEER_P_NORM_MEAN].data,
+                                       L->slot[PEER_P_NORM_VAR].data, m.mean, m.invstd, T,
+                                       D->dq, L->norm_momentum, m.rec, REC_BATCH, stream)))
+    return s;
+  if ((s = peer_k_record_fold(state_of(L)->d_bad, m.rec, REC_BATCH, stream))) return s;
+  ctx->x_dev = d_x;
   return PEER_OK;
 }
 
-/* Everything of the backward but the expert rows' copy-back, on device
- * pointers in m: dx (if want_dx) in m->dx, dense grads in m->g_*, expert rows
- * (if want_experts) in m->g_rows / g_down / g_up with their count in
- * m->runs. */
-static peer_status train_backward(peer_layer *L, int64_t T, const train_mem *m, bool want_dx,
-                                  const peer_grads *g, bool want_experts, cudaStream_t stream) {
+/* The backward of ctx's last training forward on device pointers, queued on
+ * `stream`: a non-finite row of dy lowers the layer's REC_DY record (the
+ * results are then NaN or meaningless; peer_cuda_check says so); dx if
+ * d_dx; every gradient g asks for, into g's device buffers (expert rows
+ * sparse or added into dense [N, d] buffers); the expert row count into
+ * *n_rows if not NULL. */
+static peer_status dev_backward(peer_layer *L, peer_context *ctx, const float *d_dy, float *d_dx,
+                                const peer_grads *g, int64_t *n_rows, cudaStream_t stream) {
   cuda_state *st = state_of(L);
   const peer_dims *D = &L->dims;
-  const int64_t hk = D->H * D->k, E = T * hk;
+  const int64_t T = ctx->n_tokens, hk = D->H * D->k, E = T * hk;
   const bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
+  const float *x = ctx->x_dev;
+  train_mem m;
+  peer_status s = context_mem(L, ctx, &m);
+  if (s || (s = peer_k_first_nonfinite_row(d_dy, T, D->d, st->d_bad + REC_DY, stream))) return s;
   peer_k_expert_args a = {0};
-  a.in = m->dy, a.out = want_dx ? m->dx : NULL;
+  a.in = d_dy, a.out = d_dx;
   a.first = L->slot[PEER_P_EXPERTS_UP].data, a.second = L->slot[PEER_P_EXPERTS_DOWN].data;
-  a.ids = m->ids, a.gates = m->gates, a.z = m->z, a.scores = m->scores;
-  a.ds = m->ds, a.cup = m->cup, a.cdown = m->cdown;
+  a.ids = m.ids, a.gates = m.gates, a.z = m.z, a.scores = m.scores;
+  a.ds = m.ds, a.cup = m.cup, a.cdown = m.cdown;
   a.T = T, a.d = D->d, a.hk = (int)hk, a.k = (int)D->k, a.act = (int)L->cfg.activation,
   a.gate = (int)L->cfg.gate;
-  peer_status s = peer_k_experts_backward(&a, L->cfg.weight_dtype == PEER_BF16, stream);
-  if (s) return s;
-  if (want_experts &&
-      ((s = peer_k_expert_sort_keys(m->ids, E, m->key, m->val, stream)) ||
-       (s = peer_k_sorted_runs(m->key, m->val, m->key2, m->val2, m->starts, m->runs, E,
-                               (uint32_t)(D->N - 1), m->temp, m->temp_bytes, stream)) ||
-       (s = peer_k_expert_grads(m->key2, m->val2, m->starts, m->runs, E, m->cdown, m->cup, m->x,
-                                m->dy, D->d, hk, 0, m->g_down, m->g_up, m->g_rows, stream))))
-    return s;
+  if ((s = peer_k_experts_backward(&a, L->cfg.weight_dtype == PEER_BF16, stream))) return s;
+  cudaError_t e;
+  if (g->experts_down) {
+    if ((s = peer_k_expert_sort_keys(m.ids, E, m.key, m.val, stream)) ||
+        (s = peer_k_sorted_runs(m.key, m.val, m.key2, m.val2, m.starts, m.runs, E,
+                                (uint32_t)(D->N - 1), m.temp, m.temp_bytes, stream)) ||
+        (s = peer_k_expert_grads(m.key2, m.val2, m.starts, m.runs, E, m.cdown, m.cup, x, d_dy,
+                                 D->d, hk, g->experts_dense ? 1 : 0, g->experts_down,
+                                 g->experts_up, g->expert_rows, n_rows, stream)))
+      return s;
+  } else if (n_rows && (e = cudaMemsetAsync(n_rows, 0, sizeof *n_rows, stream)) != cudaSuccess) {
+    return cuda_fail(e, "backward: cudaMemsetAsync");
+  }
   const float *keys = L->slot[PEER_P_KEYS].data;
-  if ((s = peer_k_query_grad(m->ids, m->ds, keys, T, D->H, D->k, D->n, D->dk,
-                             L->cfg.shared_keys ? 1 : 0, m->dq, stream)))
+  if ((s = peer_k_query_grad(m.ids, m.ds, keys, T, D->H, D->k, D->n, D->dk,
+                             L->cfg.shared_keys ? 1 : 0, m.dq, stream)))
     return s;
   if (g->keys) {
-    cudaError_t e = cudaMemsetAsync(m->g_keys, 0,
-                                    (size_t)(D->G * 2 * D->n * D->half) * sizeof(float), stream);
-    if (e != cudaSuccess) return cuda_fail(e, "backward: cudaMemsetAsync");
-    if ((s = peer_k_subkey_sort_keys(m->ids, T, D->H, D->k, D->n, L->cfg.shared_keys ? 1 : 0,
-                                     m->key, m->val, stream)) ||
-        (s = peer_k_sorted_runs(m->key, m->val, m->key2, m->val2, m->starts, m->runs,
-                                2 * E, (uint32_t)(D->G * 2 * D->n - 1), m->temp,
-                                m->temp_bytes, stream)) ||
-        (s = peer_k_keys_grad(m->key2, m->val2, m->starts, m->runs, 2 * E, m->ds, m->q, D->H,
-                              D->k, D->dk, m->g_keys, stream)))
+    if ((e = cudaMemsetAsync(g->keys, 0, L->slot[PEER_P_KEYS].nbytes, stream)) != cudaSuccess)
+      return cuda_fail(e, "backward: cudaMemsetAsync");
+    if ((s = peer_k_subkey_sort_keys(m.ids, T, D->H, D->k, D->n, L->cfg.shared_keys ? 1 : 0,
+                                     m.key, m.val, stream)) ||
+        (s = peer_k_sorted_runs(m.key, m.val, m.key2, m.val2, m.starts, m.runs, 2 * E,
+                                (uint32_t)(D->G * 2 * D->n - 1), m.temp, m.temp_bytes,
+                                stream)) ||
+        (s = peer_k_keys_grad(m.key2, m.val2, m.starts, m.runs, 2 * E, m.ds, m.q, D->H, D->k,
+                              D->dk, g->keys, stream)))
       return s;
   }
-  if (bn && (s = peer_k_norm_backward(m->dq, m->qhat, m->invstd,
-                                      L->slot[PEER_P_NORM_WEIGHT].data, T, D->dq,
-                                      g->norm_weight ? m->g_nw : NULL,
-                                      g->norm_bias ? m->g_nb : NULL, stream)))
+  if (bn && (s = peer_k_norm_backward(m.dq, m.qhat, m.invstd, L->slot[PEER_P_NORM_WEIGHT].data,
+                                      T, D->dq, g->norm_weight, g->norm_bias, stream)))
     return s;
-  if (g->query_bias && (s = peer_k_column_sums(m->dq, T, D->dq, m->g_bq, stream))) return s;
+  if (g->query_bias && (s = peer_k_column_sums(m.dq, T, D->dq, g->query_bias, stream))) return s;
   const float one = 1.0f, zero = 0.0f;
   cublasStatus_t bs = cublasSetStream(st->blas, stream);
   if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "backward: cublasSetStream");
   /* dWq [dq, d] row-major = dq^T X: column-major dWq' [d, dq] = X' dq'^T */
   if (g->query_weight &&
       (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)D->d, (int)D->dq, (int)T, &one,
-                        m->x, (int)D->d, m->dq, (int)D->dq, &zero, m->g_wq, (int)D->d)) !=
+                        x, (int)D->d, m.dq, (int)D->dq, &zero, g->query_weight, (int)D->d)) !=
           CUBLAS_STATUS_SUCCESS)
     return blas_fail(bs, "backward: query weight gradient");
   /* dx [T, d] += dq Wq: column-major dx' [d, T] += Wq' dq' */
-  if (want_dx &&
+  if (d_dx &&
       (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)D->d, (int)T, (int)D->dq, &one,
-                        L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, m->dq, (int)D->dq, &one,
-                        m->dx, (int)D->d)) != CUBLAS_STATUS_SUCCESS)
+                        L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, m.dq, (int)D->dq, &one,
+                        d_dx, (int)D->d)) != CUBLAS_STATUS_SUCCESS)
     return blas_fail(bs, "backward: dx through the query projection");
   return PEER_OK;
+}
+
+/* An empty batch's backward: dense gradients zeroed (as peer_backward
+ * does), no expert rows. */
+static peer_status dev_backward_empty(const peer_layer *L, const peer_grads *g, int64_t *n_rows,
+                                      cudaStream_t stream) {
+  float *bufs[] = {g->query_weight, g->query_bias, g->norm_weight, g->norm_bias, g->keys};
+  int slots[] = {PEER_P_QUERY_WEIGHT, PEER_P_QUERY_BIAS, PEER_P_NORM_WEIGHT, PEER_P_NORM_BIAS,
+                 PEER_P_KEYS};
+  cudaError_t e = cudaSuccess;
+  for (int i = 0; i < 5 && e == cudaSuccess; i++)
+    if (bufs[i]) e = cudaMemsetAsync(bufs[i], 0, L->slot[slots[i]].nbytes, stream);
+  if (e == cudaSuccess && n_rows) e = cudaMemsetAsync(n_rows, 0, sizeof *n_rows, stream);
+  return e == cudaSuccess ? PEER_OK : cuda_fail(e, "cuda_backward: cudaMemsetAsync");
+}
+
+peer_status peer_cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
+                                    const float *d_x, float *d_y, cudaStream_t stream) {
+  const char *what = "cuda_forward_train";
+  peer_status s = enter(L, T, d_x, what);
+  if (s || (s = peer_train_begin(L, ctx, T, d_x, d_y, what))) return s;
+  if (T > 0 && (s = dev_forward_train(L, ctx, T, d_x, d_y, stream))) return s;
+  peer_train_end(ctx, T, d_x);
+  return PEER_OK;
+}
+
+peer_status peer_cuda_backward(peer_layer *L, peer_context *ctx, const float *d_dy, float *d_dx,
+                               peer_grads *d_grads, int64_t *d_n_expert_rows,
+                               cudaStream_t stream) {
+  const char *what = "cuda_backward";
+  peer_status s = enter(L, 0, NULL, what);
+  if (s || (s = peer_backward_check(L, ctx, d_dy, d_grads, what))) return s;
+  if (ctx->n_tokens == 0) s = dev_backward_empty(L, d_grads, d_n_expert_rows, stream);
+  else s = dev_backward(L, ctx, d_dy, d_dx, d_grads, d_n_expert_rows, stream);
+  if (s) return s;
+  ctx->ready = false; /* one backward per training forward, as peer_backward */
+  return PEER_OK;
+}
+
+/* ------------------------------------------------------------ training, host path */
+
+static peer_status cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
+                                      const float *x, float *y, void *host_ws) {
+  (void)host_ws;
+  peer_status s = enter(L, T, x, "forward_train");
+  train_mem m;
+  if (s || (s = context_mem(L, ctx, &m))) return s;
+  cudaStream_t stream = state_of(L)->own;
+  size_t xb = (size_t)T * (size_t)L->dims.d * 4;
+  if ((s = copy(m.x, x, xb, cudaMemcpyHostToDevice, stream)) ||
+      (s = dev_forward_train(L, ctx, T, m.x, m.y, stream)) ||
+      (s = copy(y, m.y, xb, cudaMemcpyDeviceToHost, stream))) {
+    cudaStreamSynchronize(stream);
+    return s;
+  }
+  return check_stream(L, stream);
 }
 
 /* Expert rows to the caller's host buffers (after the stream is idle). */
 static peer_status copy_expert_rows(const peer_layer *L, const train_mem *m, peer_grads *g) {
   const size_t d = (size_t)L->dims.d;
-  uint32_t runs = 0;
-  cudaError_t e = cudaMemcpy(&runs, m->runs, sizeof runs, cudaMemcpyDeviceToHost);
+  int64_t n_rows = 0;
+  cudaError_t e = cudaMemcpy(&n_rows, m->n_rows, sizeof n_rows, cudaMemcpyDeviceToHost);
   if (e != cudaSuccess) return cuda_fail(e, "backward: reading the expert row count");
-  size_t rb = (size_t)runs * d * sizeof(float);
-  if ((e = cudaMemcpy(g->expert_rows, m->g_rows, (size_t)runs * 8, cudaMemcpyDeviceToHost)) !=
+  const size_t runs = (size_t)n_rows, rb = runs * d * sizeof(float);
+  if ((e = cudaMemcpy(g->expert_rows, m->g_rows, runs * 8, cudaMemcpyDeviceToHost)) !=
       cudaSuccess)
     return cuda_fail(e, "backward: copying expert rows");
   if (!g->experts_dense) {
@@ -728,29 +805,42 @@ static peer_status copy_expert_rows(const peer_layer *L, const train_mem *m, pee
     }
     free(tmp);
   }
-  g->n_expert_rows = (int64_t)runs;
+  g->n_expert_rows = n_rows;
   return PEER_OK;
 }
 
+/* The device backward into the context's buffers (expert rows always in
+ * the sparse form there); after the stream is checked (a non-finite dy
+ * leaves the caller's buffers untouched), copies to the caller's host
+ * buffers, with dense expert rows added on the host. */
 static peer_status cuda_backward(peer_layer *L, peer_context *ctx, const float *dy, float *dx,
                                  peer_grads *g) {
   const peer_dims *D = &L->dims;
   const int64_t T = ctx->n_tokens;
   peer_status s = enter(L, T, dy, "backward");
-  if (s) return s;
   train_mem m;
-  if ((s = context_mem(L, ctx, &m))) return s;
+  if (s || (s = context_mem(L, ctx, &m))) return s;
   cudaStream_t stream = state_of(L)->own;
+  const bool experts = g->experts_down != NULL;
+  peer_grads dg = {0};
+  dg.query_weight = g->query_weight ? m.g_wq : NULL;
+  dg.query_bias = g->query_bias ? m.g_bq : NULL;
+  dg.norm_weight = g->norm_weight ? m.g_nw : NULL;
+  dg.norm_bias = g->norm_bias ? m.g_nb : NULL;
+  dg.keys = g->keys ? m.g_keys : NULL;
+  if (experts) {
+    dg.expert_capacity = T * D->H * D->k;
+    dg.expert_rows = m.g_rows, dg.experts_down = m.g_down, dg.experts_up = m.g_up;
+  }
   const size_t xb = (size_t)T * (size_t)D->d * 4, fb = (size_t)D->dq * 4;
   if ((s = copy(m.dy, dy, xb, cudaMemcpyHostToDevice, stream)) ||
-      (s = find_nonfinite(L, T, m.dy, &m, stream))) {
+      (s = dev_backward(L, ctx, m.dy, dx ? m.dx : NULL, &dg, experts ? m.n_rows : NULL,
+                        stream))) {
     cudaStreamSynchronize(stream);
     return s;
   }
-  if ((s = check_rows(stream, &m, "dy"))) return s;
-  const bool experts = g->experts_down != NULL;
-  if ((s = train_backward(L, T, &m, dx != NULL, g, experts, stream)) ||
-      (s = copy(dx, m.dx, xb, cudaMemcpyDeviceToHost, stream)) ||
+  if ((s = check_stream(L, stream))) return s;
+  if ((s = copy(dx, m.dx, xb, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(g->query_weight, m.g_wq, fb * (size_t)D->d, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(g->query_bias, m.g_bq, fb, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(g->norm_weight, m.g_nw, fb, cudaMemcpyDeviceToHost, stream)) ||

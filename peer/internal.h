@@ -107,6 +107,8 @@ struct peer_context {
   int64_t max_tokens;
   int64_t n_tokens;   /* of the last forward_train */
   const float *x;     /* the caller's input of the last forward_train */
+  const float *x_dev; /* CUDA: x on the device for backward (the context's copy, or the
+                         caller's d_x on the device-pointer path) */
   bool ready;         /* a forward_train succeeded since the last backward */
   int n_threads;      /* per-thread scratch was sized for this many */
   void *mem;
@@ -118,6 +120,19 @@ extern const peer_backend_i peer_backend_cpu;
 #ifdef PEER_USE_CUDA
 extern const peer_backend_i peer_backend_cuda;
 #endif
+
+/* The argument checks and context bookkeeping of a training forward and
+ * backward, shared by peer.h's calls and peer_cuda.h's (`what` names the
+ * call in messages).  peer_train_begin checks the context and batch and marks
+ * the context not ready; peer_train_end records a queued or finished forward
+ * of T tokens of x.  peer_backward_check checks a backward's arguments
+ * against the context (ready, dy, the expert triple and its capacity, bias
+ * and norm gradients only where the layer has them). */
+peer_status peer_train_begin(const peer_layer *layer, peer_context *ctx, int64_t n_tokens,
+                             const void *x, const void *y, const char *what);
+void peer_train_end(peer_context *ctx, int64_t n_tokens, const float *x);
+peer_status peer_backward_check(const peer_layer *layer, const peer_context *ctx, const void *dy,
+                                const peer_grads *grads, const char *what);
 
 /* Threads a new context is sized for (per-thread scratch). */
 int peer_context_threads(const peer_layer *layer);

@@ -77,26 +77,37 @@ static peer_status check_context(const peer_layer *L, const peer_context *c, con
   return PEER_OK;
 }
 
-peer_status peer_forward_train(peer_layer *L, peer_context *c, int64_t T, const float *x,
-                               float *y) {
-  peer_status st = check_context(L, c, "forward_train");
+peer_status peer_train_begin(const peer_layer *L, peer_context *c, int64_t T, const void *x,
+                             const void *y, const char *what) {
+  peer_status st = check_context(L, c, what);
   if (st) return st;
   c->ready = false;
   if (T < 0 || T > c->max_tokens)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                     "forward_train: n_tokens %lld not in [0, %lld] (the context's size)",
+                     "%s: n_tokens %lld not in [0, %lld] (the context's size)", what,
                      (long long)T, (long long)c->max_tokens);
   if (T > 0 && (!x || !y))
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "forward_train: x or y is NULL");
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: x or y is NULL", what);
   if (L->cfg.query_norm == PEER_NORM_BATCHNORM && T == 1)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                     "forward_train: batch norm needs at least 2 tokens for batch statistics");
-  void *ws = NULL;
-  if (T > 0 && (st = peer_layer_scratch(L, T, &ws))) return st;
-  if (T > 0 && (st = L->backend->forward_train(L, c, T, x, y, ws))) return st;
+                     "%s: batch norm needs at least 2 tokens for batch statistics", what);
+  return PEER_OK;
+}
+
+void peer_train_end(peer_context *c, int64_t T, const float *x) {
   c->n_tokens = T;
   c->x = x;
   c->ready = true;
+}
+
+peer_status peer_forward_train(peer_layer *L, peer_context *c, int64_t T, const float *x,
+                               float *y) {
+  peer_status st = peer_train_begin(L, c, T, x, y, "forward_train");
+  if (st) return st;
+  void *ws = NULL;
+  if (T > 0 && (st = peer_layer_scratch(L, T, &ws))) return st;
+  if (T > 0 && (st = L->backend->forward_train(L, c, T, x, y, ws))) return st;
+  peer_train_end(c, T, x);
   return PEER_OK;
 }
 
@@ -109,30 +120,37 @@ static void zero_dense_grads(const peer_layer *L, peer_grads *g) {
     if (bufs[i]) memset(bufs[i], 0, L->slot[slots[i]].nbytes);
 }
 
-peer_status peer_backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
-                          peer_grads *g) {
-  peer_status st = check_context(L, c, "backward");
+peer_status peer_backward_check(const peer_layer *L, const peer_context *c, const void *dy,
+                                const peer_grads *g, const char *what) {
+  peer_status st = check_context(L, c, what);
   if (st) return st;
   if (!c->ready)
-    return peer_fail(PEER_ERR_STATE, "backward: no successful forward_train on this context");
-  if (!g) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: grads is NULL");
+    return peer_fail(PEER_ERR_STATE, "%s: no successful forward_train on this context", what);
+  if (!g) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: grads is NULL", what);
   int64_t T = c->n_tokens;
-  if (T > 0 && !dy) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: dy is NULL");
+  if (T > 0 && !dy) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: dy is NULL", what);
   if (g->experts_down || g->experts_up || g->expert_rows) {
     if (!g->experts_down || !g->experts_up || !g->expert_rows)
       return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                       "backward: expert_rows, experts_down and experts_up go together");
+                       "%s: expert_rows, experts_down and experts_up go together", what);
     if (g->expert_capacity < T * L->dims.H * L->dims.k)
-      return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                       "backward: expert_capacity %lld < T*H*k = %lld",
-                       (long long)g->expert_capacity, (long long)(T * L->dims.H * L->dims.k));
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: expert_capacity %lld < T*H*k = %lld",
+                       what, (long long)g->expert_capacity,
+                       (long long)(T * L->dims.H * L->dims.k));
   }
   if (!L->slot[PEER_P_QUERY_BIAS].data && g->query_bias)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: the layer has no query bias");
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the layer has no query bias", what);
   if (!L->slot[PEER_P_NORM_WEIGHT].data && (g->norm_weight || g->norm_bias))
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "backward: the layer has no query norm");
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the layer has no query norm", what);
+  return PEER_OK;
+}
+
+peer_status peer_backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
+                          peer_grads *g) {
+  peer_status st = peer_backward_check(L, c, dy, g, "backward");
+  if (st) return st;
   g->n_expert_rows = 0;
-  if (T == 0) zero_dense_grads(L, g);
+  if (c->n_tokens == 0) zero_dense_grads(L, g);
   else if ((st = L->backend->backward(L, c, dy, dx, g))) return st;
   c->ready = false; /* one backward per training forward; a failed one may be retried */
   return PEER_OK;

@@ -6,7 +6,11 @@
  * with coarse values, where every sum is exact, ids and scores must agree
  * exactly.  The device-pointer API must give the host path's bits.
  * Training (forward_train, backward) is compared the same way: y, dx and
- * every gradient within GRAD_TOL, expert rows exactly, same bits twice.
+ * every gradient within GRAD_TOL, expert rows exactly, same bits twice; the
+ * device-pointer training calls give the host path's bits.  Brute-force
+ * retrieval on CUDA must give the CUDA product-key search's ids and scores
+ * bit for bit (both rank the same sub-key scores by exact sums), and agree
+ * with the CPU's brute force as retrieval does.
  *
  * Without a CUDA build or a device the program exits 77 (ctest: skipped)
  * before Criterion starts.  The device probe runs in a child process so the
@@ -123,24 +127,31 @@ static int64_t compare_retrieval(const pair *p, int64_t T, const outs *c, const 
   return rows;
 }
 
+/* Random parameters on both layers and T tokens of x; quantised: coarse
+ * query weights, keys and x, so that every score is exact and ties abound. */
+static float *fill_pair(pair *p, ref_rng *rng, int64_t T, int quantised) {
+  const int64_t d = p->cfg.d_model;
+  float *x;
+  ref_fill_layer(p->cpu, rng);
+  if (quantised) {
+    ref_fill_quantised(p->cpu, "query.weight", rng, -1, 1, 1.0);
+    ref_fill_quantised(p->cpu, "keys", rng, -2, 2, 0.5);
+    x = malloc((size_t)(T * d) * sizeof(float) + 4);
+    for (int64_t j = 0; j < T * d; j++) x[j] = (float)ref_int(rng, -2, 2);
+  } else {
+    x = ref_random_x(rng, T, d);
+  }
+  copy_params(p);
+  return x;
+}
+
 /* Forward and retrieval on both backends for T tokens of config `config`. */
 static void check_config(const char *config, int64_t T, int quantised) {
   uint64_t seed = ref_test_seed();
   ref_rng rng = {seed};
   pair p = make_pair(config);
   const int64_t d = p.cfg.d_model;
-  float *x;
-  if (quantised) {
-    ref_fill_layer(p.cpu, &rng);
-    ref_fill_quantised(p.cpu, "query.weight", &rng, -1, 1, 1.0);
-    ref_fill_quantised(p.cpu, "keys", &rng, -2, 2, 0.5);
-    x = malloc((size_t)(T * d) * sizeof(float));
-    for (int64_t j = 0; j < T * d; j++) x[j] = (float)ref_int(&rng, -2, 2);
-  } else {
-    ref_fill_layer(p.cpu, &rng);
-    x = ref_random_x(&rng, T, d);
-  }
-  copy_params(&p);
+  float *x = fill_pair(&p, &rng, T, quantised);
   outs c = outs_new(T, &p.cfg), g = outs_new(T, &p.cfg);
   char what[256];
   snprintf(what, sizeof what, "[%s T=%lld seed=%llu]", config, (long long)T,
@@ -227,6 +238,154 @@ Test(cuda, exact_ties_follow_the_tie_rule) {
 Test(cuda, million_experts) {
   check_config("d_model=64,n_heads=4,d_key=64,n_subkeys=1024,top_k=16", 64, 0);
   check_config("d_model=64,n_heads=2,d_key=64,n_subkeys=1024,top_k=8,subkey_top_k=32,weight_dtype=bf16", 32, 0);
+}
+
+/* ------------------------------------------------------------- brute force */
+
+static void *dev_alloc(size_t bytes) {
+  void *p = NULL;
+  if (bytes == 0) return NULL;
+  cr_assert_eq(cudaMalloc(&p, bytes), cudaSuccess);
+  cr_assert_eq(cudaMemset(p, 0, bytes), cudaSuccess);
+  return p;
+}
+
+static void *dev_copy_of(const void *h, size_t bytes) {
+  void *p = dev_alloc(bytes);
+  cr_assert_eq(cudaMemcpy(p, h, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+  return p;
+}
+
+static void to_host(void *h, const void *d, size_t bytes) {
+  if (h && d && bytes) cr_assert_eq(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+}
+
+/* Brute force on the CUDA layer against its product-key search (ids and
+ * scores bit for bit, gates to rounding), through peer.h and peer_cuda.h
+ * (with and without the optional outputs), and against the CPU's brute
+ * force as check_config compares retrievals. */
+static void check_brute(const char *config, int64_t T, int quantised) {
+  uint64_t seed = ref_test_seed();
+  ref_rng rng = {seed};
+  pair p = make_pair(config);
+  float *x = fill_pair(&p, &rng, T, quantised);
+  const int64_t H = p.cfg.n_heads;
+  const size_t ne = (size_t)(T * H * p.cfg.top_k), xb = (size_t)(T * p.cfg.d_model) * 4;
+  char what[256];
+  snprintf(what, sizeof what, "[brute %s T=%lld seed=%llu]", config, (long long)T,
+           (unsigned long long)seed);
+  outs pk = outs_new(T, &p.cfg), bf = outs_new(T, &p.cfg), cb = outs_new(T, &p.cfg);
+  cr_assert_eq(peer_retrieve(p.gpu, T, x, pk.ids, pk.sc, pk.g), PEER_OK, "%s %s", what,
+               peer_last_error());
+  cr_assert_eq(peer_retrieve_brute(p.gpu, T, x, bf.ids, bf.sc, bf.g), PEER_OK, "%s %s", what,
+               peer_last_error());
+  for (size_t e = 0; e < ne; e++) {
+    cr_assert(bf.ids[e] == pk.ids[e] && memcmp(&bf.sc[e], &pk.sc[e], 4) == 0,
+              "%s entry %zu: brute id %lld score %.9g, product-key id %lld score %.9g", what, e,
+              (long long)bf.ids[e], (double)bf.sc[e], (long long)pk.ids[e], (double)pk.sc[e]);
+    cr_assert(fabs(bf.g[e] - pk.g[e]) <= 1e-6, "%s entry %zu: gates %.9g, %.9g", what, e,
+              (double)bf.g[e], (double)pk.g[e]);
+  }
+
+  /* the device-pointer call, on a stream of ours */
+  float *dx = dev_copy_of(x, xb), *dsc = dev_alloc(ne * 4), *dg = dev_alloc(ne * 4);
+  int64_t *dids = dev_alloc(ne * 8);
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreate(&s), cudaSuccess);
+  outs dv = outs_new(T, &p.cfg);
+  cr_assert_eq(peer_cuda_retrieve_brute(p.gpu, T, dx, dids, dsc, dg, s), PEER_OK, "%s %s", what,
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, s), PEER_OK, "%s %s", what, peer_last_error());
+  to_host(dv.ids, dids, ne * 8), to_host(dv.sc, dsc, ne * 4), to_host(dv.g, dg, ne * 4);
+  cr_assert(memcmp(dv.ids, bf.ids, ne * 8) == 0 && memcmp(dv.sc, bf.sc, ne * 4) == 0 &&
+                memcmp(dv.g, bf.g, ne * 4) == 0,
+            "%s: peer_cuda_retrieve_brute differs from peer_retrieve_brute", what);
+  cr_assert_eq(cudaMemset(dids, 0xff, ne * 8), cudaSuccess);
+  cr_assert_eq(peer_cuda_retrieve_brute(p.gpu, T, dx, dids, NULL, NULL, s), PEER_OK, "%s %s",
+               what, peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, s), PEER_OK, "%s %s", what, peer_last_error());
+  to_host(dv.ids, dids, ne * 8);
+  cr_assert(memcmp(dv.ids, bf.ids, ne * 8) == 0, "%s: ids without scores and gates", what);
+  cr_assert_eq(peer_cuda_retrieve_brute(p.gpu, 0, NULL, NULL, NULL, NULL, s), PEER_OK);
+
+  /* the CPU's brute force */
+  cr_assert_eq(peer_retrieve_brute(p.cpu, T, x, cb.ids, cb.sc, cb.g), PEER_OK, "%s %s", what,
+               peer_last_error());
+  char *swapped = calloc((size_t)T, 1);
+  int64_t rows = compare_retrieval(&p, T, &cb, &bf, quantised, swapped, what);
+  cr_assert(rows * 20 <= T * H, "%s: %lld of %lld heads differ in ids from the CPU", what,
+            (long long)rows, (long long)(T * H));
+
+  cudaFree(dx), cudaFree(dsc), cudaFree(dg), cudaFree(dids);
+  cudaStreamDestroy(s);
+  free(swapped), free(x);
+  outs_free(&pk), outs_free(&bf), outs_free(&cb), outs_free(&dv);
+  free_pair(&p);
+}
+
+Test(cuda, brute_small) {
+  check_brute(SMALL, 64, 0);
+  check_brute(SMALL ",query_norm=batchnorm,query_bias=1,gate=sigmoid", 33, 0);
+}
+Test(cuda, brute_ties) {
+  check_brute(SMALL, 64, 1);
+  check_brute(SMALL ",subkey_top_k=16,shared_keys=1,gate=relu", 64, 1);
+}
+Test(cuda, brute_top_1_and_k_equals_n) {
+  check_brute("d_model=32,n_heads=2,d_key=16,n_subkeys=16,top_k=1", 33, 0);
+  check_brute("d_model=32,n_heads=2,d_key=16,n_subkeys=8,top_k=8,subkey_top_k=8", 33, 0);
+  check_brute("d_model=32,n_heads=3,d_key=10,n_subkeys=5,top_k=25,subkey_top_k=5", 9, 1);
+}
+Test(cuda, brute_large_k) {
+  /* one warp per block at k = 64 and the largest k the kernel takes */
+  check_brute("d_model=32,n_heads=2,d_key=16,n_subkeys=128,top_k=64", 24, 0);
+  check_brute("d_model=32,n_heads=2,d_key=16,n_subkeys=128,top_k=95,subkey_top_k=128", 12, 1);
+}
+Test(cuda, brute_million_experts) {
+  check_brute("d_model=64,n_heads=2,d_key=64,n_subkeys=1024,top_k=16", 16, 0);
+  check_brute("d_model=64,n_heads=2,d_key=64,n_subkeys=1024,top_k=32,shared_keys=1", 8, 1);
+}
+
+/* Beyond the kernel's shared memory brute force is refused, through both
+ * APIs, before anything runs; the product-key search still works. */
+Test(cuda, brute_refuses_top_k_beyond_95) {
+  pair p = make_pair("d_model=32,n_heads=1,d_key=16,n_subkeys=128,top_k=96");
+  cr_assert_eq(peer_layer_init(p.gpu, 5), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 4;
+  ref_rng rng = {3};
+  float *x = ref_random_x(&rng, T, p.cfg.d_model);
+  outs g = outs_new(T, &p.cfg);
+  cr_assert_eq(peer_retrieve_brute(p.gpu, T, x, g.ids, NULL, NULL), PEER_ERR_UNSUPPORTED);
+  cr_assert(strstr(peer_last_error(), "top_k 96") != NULL, "%s", peer_last_error());
+  float *dx = dev_copy_of(x, (size_t)(T * p.cfg.d_model) * 4);
+  int64_t *dids = dev_alloc((size_t)(T * p.cfg.top_k) * 8);
+  cr_assert_eq(peer_cuda_retrieve_brute(p.gpu, T, dx, dids, NULL, NULL, 0), PEER_ERR_UNSUPPORTED);
+  cr_assert_eq(peer_cuda_check(p.gpu, 0), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_retrieve(p.gpu, T, x, g.ids, NULL, NULL), PEER_OK, "%s", peer_last_error());
+  cudaFree(dx), cudaFree(dids);
+  free(x);
+  outs_free(&g);
+  free_pair(&p);
+}
+
+Test(cuda, brute_nonfinite_x_is_an_error_with_ids_in_range) {
+  pair p = make_pair(SMALL);
+  cr_assert_eq(peer_layer_init(p.gpu, 7), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 8, d = p.cfg.d_model;
+  ref_rng rng = {1};
+  float *x = ref_random_x(&rng, T, d);
+  x[5 * d + 3] = INFINITY;
+  outs g = outs_new(T, &p.cfg);
+  cr_assert_eq(peer_retrieve_brute(p.gpu, T, x, g.ids, NULL, g.g), PEER_ERR_NONFINITE);
+  cr_assert(strstr(peer_last_error(), "token 5") != NULL, "%s", peer_last_error());
+  for (int64_t e = 0; e < T * p.cfg.n_heads * p.cfg.top_k; e++)
+    cr_assert(g.ids[e] >= 0 && g.ids[e] < p.cfg.n_subkeys * p.cfg.n_subkeys);
+  x[5 * d + 3] = 0.5f;
+  cr_assert_eq(peer_retrieve_brute(p.gpu, T, x, g.ids, NULL, NULL), PEER_OK, "%s",
+               peer_last_error());
+  free(x);
+  outs_free(&g);
+  free_pair(&p);
 }
 
 /* Every head given the same query and keys picks the same experts: each is
@@ -349,66 +508,103 @@ static void train_free(train_out *o) {
   free(o->down), free(o->up), free(o->rows);
 }
 
-/* Training on both backends: y, dx and every gradient within GRAD_TOL,
- * expert rows exactly; the GPU twice gives the same bits; dense expert
- * accumulation equals the sparse rows.  Coarse (exactly representable)
- * queries and keys keep the two backends' retrieval identical, so ids, and
- * hence rows, must agree. */
+/* Coarse (exactly representable) query weights, keys and x, so that the two
+ * backends' retrievals are identical and ids, hence expert rows, must agree;
+ * random dy. */
+static float *training_inputs(pair *p, ref_rng *rng, int64_t T, float **dy) {
+  float *x = fill_pair(p, rng, T, 1);
+  *dy = ref_random_x(rng, T, p->cfg.d_model);
+  return x;
+}
+
+/* A GPU training step's outputs against the CPU's: y, dx and every
+ * gradient within GRAD_TOL, expert rows exactly. */
+static void compare_training(const pair *p, int64_t T, const train_out *g, const train_out *c,
+                             const char *what) {
+  const int64_t d = p->cfg.d_model;
+  const size_t td = (size_t)(T * d);
+  close_enough(g->y, c->y, td, what, "y");
+  close_enough(g->dx, c->dx, td, what, "dx");
+  if (c->wq)
+    close_enough(g->wq, c->wq, param_floats(p->cpu, "query.weight"), what, "d query.weight");
+  if (c->bq) close_enough(g->bq, c->bq, param_floats(p->cpu, "query.bias"), what, "d query.bias");
+  if (c->nw)
+    close_enough(g->nw, c->nw, param_floats(p->cpu, "query.norm.weight"), what, "d norm.weight");
+  if (c->nb)
+    close_enough(g->nb, c->nb, param_floats(p->cpu, "query.norm.bias"), what, "d norm.bias");
+  close_enough(g->keys, c->keys, param_floats(p->cpu, "keys"), what, "d keys");
+  cr_assert_eq(g->g.n_expert_rows, c->g.n_expert_rows, "%s expert rows", what);
+  cr_assert(memcmp(g->rows, c->rows, (size_t)c->g.n_expert_rows * 8) == 0, "%s expert ids", what);
+  close_enough(g->down, c->down, (size_t)c->g.n_expert_rows * (size_t)d, what, "d experts.down");
+  close_enough(g->up, c->up, (size_t)c->g.n_expert_rows * (size_t)d, what, "d experts.up");
+}
+
+/* Two GPU runs of one step give the same bits (reruns, or the host and the
+ * device-pointer paths). */
+static void same_bits(const pair *p, int64_t T, const train_out *a, const train_out *b,
+                      const char *what) {
+  const size_t td = (size_t)(T * p->cfg.d_model), d = (size_t)p->cfg.d_model;
+  const struct {
+    const float *x, *y;
+    size_t n;
+    const char *name;
+  } v[] = {
+      {a->y, b->y, td, "y"},
+      {a->dx, b->dx, td, "dx"},
+      {a->wq, b->wq, param_floats(p->cpu, "query.weight"), "d query.weight"},
+      {a->bq, b->bq, param_floats(p->cpu, "query.bias"), "d query.bias"},
+      {a->nw, b->nw, param_floats(p->cpu, "query.norm.weight"), "d norm.weight"},
+      {a->nb, b->nb, param_floats(p->cpu, "query.norm.bias"), "d norm.bias"},
+      {a->keys, b->keys, param_floats(p->cpu, "keys"), "d keys"},
+      {a->down, b->down, (size_t)a->g.n_expert_rows * d, "d experts.down"},
+      {a->up, b->up, (size_t)a->g.n_expert_rows * d, "d experts.up"},
+  };
+  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++)
+    cr_assert(v[i].n == 0 || memcmp(v[i].x, v[i].y, v[i].n * 4) == 0,
+              "%s: %s differs between two GPU runs", what, v[i].name);
+  cr_assert_eq(a->g.n_expert_rows, b->g.n_expert_rows, "%s: expert row counts", what);
+  cr_assert(memcmp(a->rows, b->rows, (size_t)a->g.n_expert_rows * 8) == 0, "%s: expert ids",
+            what);
+}
+
+/* The running statistics of the two layers (after one batch each) agree. */
+static void compare_running(const pair *p, const char *what) {
+  if (p->cfg.query_norm != PEER_NORM_BATCHNORM) return;
+  const char *names[] = {"query.norm.running_mean", "query.norm.running_var"};
+  for (int i = 0; i < 2; i++) {
+    peer_tensor a, b;
+    cr_assert_eq(peer_layer_param_by_name(p->cpu, names[i], &a), PEER_OK);
+    cr_assert_eq(peer_layer_param_by_name(p->gpu, names[i], &b), PEER_OK);
+    float *h = malloc(b.nbytes);
+    to_host(h, b.data, b.nbytes);
+    close_enough(h, a.data, a.nbytes / 4, what, names[i]);
+    free(h);
+  }
+}
+
+/* Training on both backends (compare_training); the GPU twice gives the same
+ * bits; dense expert accumulation equals the sparse rows.  Both layers
+ * start from the same running statistics (fill_pair copied them), so after
+ * one batch each they agree. */
 static void check_training(const char *config, int64_t T) {
   uint64_t seed = ref_test_seed();
   ref_rng rng = {seed};
   pair p = make_pair(config);
   const int64_t d = p.cfg.d_model;
-  ref_fill_layer(p.cpu, &rng);
-  ref_fill_quantised(p.cpu, "query.weight", &rng, -1, 1, 1.0);
-  ref_fill_quantised(p.cpu, "keys", &rng, -2, 2, 0.5);
-  copy_params(&p);
-  float *x = malloc((size_t)(T * d) * 4);
-  for (int64_t j = 0; j < T * d; j++) x[j] = (float)ref_int(&rng, -2, 2);
-  float *dy = ref_random_x(&rng, T, d);
+  float *dy, *x = training_inputs(&p, &rng, T, &dy);
   char what[256];
   snprintf(what, sizeof what, "[%s T=%lld seed=%llu]", config, (long long)T,
            (unsigned long long)seed);
   train_out c, g, g2;
   train_once(p.cpu, T, x, dy, &c, what);
-  /* the running statistics moved on the CPU layer: give the GPU the same start */
-  copy_params(&p);
   train_once(p.gpu, T, x, dy, &g, what);
   const size_t td = (size_t)(T * d);
-  close_enough(g.y, c.y, td, what, "y");
-  close_enough(g.dx, c.dx, td, what, "dx");
-  if (c.wq) close_enough(g.wq, c.wq, param_floats(p.cpu, "query.weight"), what, "d query.weight");
-  if (c.bq) close_enough(g.bq, c.bq, param_floats(p.cpu, "query.bias"), what, "d query.bias");
-  if (c.nw) close_enough(g.nw, c.nw, param_floats(p.cpu, "query.norm.weight"), what, "d norm.weight");
-  if (c.nb) close_enough(g.nb, c.nb, param_floats(p.cpu, "query.norm.bias"), what, "d norm.bias");
-  close_enough(g.keys, c.keys, param_floats(p.cpu, "keys"), what, "d keys");
-  cr_assert_eq(g.g.n_expert_rows, c.g.n_expert_rows, "%s expert rows", what);
-  cr_assert(memcmp(g.rows, c.rows, (size_t)c.g.n_expert_rows * 8) == 0, "%s expert ids", what);
-  close_enough(g.down, c.down, (size_t)c.g.n_expert_rows * (size_t)d, what, "d experts.down");
-  close_enough(g.up, c.up, (size_t)c.g.n_expert_rows * (size_t)d, what, "d experts.up");
-  /* the running statistics after one batch */
-  if (p.cfg.query_norm == PEER_NORM_BATCHNORM) {
-    const char *names[] = {"query.norm.running_mean", "query.norm.running_var"};
-    for (int i = 0; i < 2; i++) {
-      peer_tensor a, b;
-      cr_assert_eq(peer_layer_param_by_name(p.cpu, names[i], &a), PEER_OK);
-      cr_assert_eq(peer_layer_param_by_name(p.gpu, names[i], &b), PEER_OK);
-      float *h = malloc(b.nbytes);
-      cr_assert_eq(cudaMemcpy(h, b.data, b.nbytes, cudaMemcpyDeviceToHost), cudaSuccess);
-      close_enough(h, a.data, a.nbytes / 4, what, names[i]);
-      free(h);
-    }
-    copy_params(&p);
-  }
-  /* the same bits on a second run */
+  compare_training(&p, T, &g, &c, what);
+  compare_running(&p, what);
+  /* the same bits on a second run (batch statistics: the moved running
+   * statistics do not enter) */
   train_once(p.gpu, T, x, dy, &g2, what);
-  cr_assert(memcmp(g.y, g2.y, td * 4) == 0 && memcmp(g.dx, g2.dx, td * 4) == 0,
-            "%s: y or dx differ between two GPU runs", what);
-  cr_assert(memcmp(g.keys, g2.keys, param_floats(p.cpu, "keys") * 4) == 0, "%s: keys grad", what);
-  cr_assert(memcmp(g.wq, g2.wq, param_floats(p.cpu, "query.weight") * 4) == 0, "%s: wq grad", what);
-  cr_assert(memcmp(g.down, g2.down, (size_t)g.g.n_expert_rows * (size_t)d * 4) == 0 &&
-                memcmp(g.up, g2.up, (size_t)g.g.n_expert_rows * (size_t)d * 4) == 0,
-            "%s: expert grads differ between two GPU runs", what);
+  same_bits(&p, T, &g, &g2, what);
   /* dense accumulation: rows added into [N, d] buffers */
   {
     const size_t N = (size_t)(p.cfg.n_subkeys * p.cfg.n_subkeys), E = (size_t)g.g.expert_capacity;
@@ -459,9 +655,365 @@ Test(cuda, training_nonfinite_dy) {
   dy[6 * d] = INFINITY;
   peer_grads g = {0};
   cr_assert_eq(peer_backward(p.gpu, ctx, dy, NULL, &g), PEER_ERR_NONFINITE);
-  cr_assert(strstr(peer_last_error(), "token 6") != NULL, "%s", peer_last_error());
+  cr_assert(strstr(peer_last_error(), "token 6: dy") != NULL, "%s", peer_last_error());
+  /* a failed backward may be retried: the record was cleared */
+  dy[6 * d] = 0.5f;
+  cr_assert_eq(peer_backward(p.gpu, ctx, dy, NULL, &g), PEER_OK, "%s", peer_last_error());
   peer_context_free(ctx);
   free(x), free(dy), free(y);
+  free_pair(&p);
+}
+
+/* ------------------------------------------------ device-pointer training */
+
+/* Device buffers of one training step: inputs, outputs, and a peer_grads of
+ * device pointers (NULL where the layer lacks the parameter). */
+typedef struct dev_step {
+  float *x, *y, *dy, *dx;
+  int64_t *n_rows;
+  peer_grads g;
+} dev_step;
+
+static dev_step dev_step_new(peer_layer *L, int64_t T, const float *x, const float *dy) {
+  const peer_config *c = peer_layer_config(L);
+  const size_t td = (size_t)(T * c->d_model) * 4, E = (size_t)(T * c->n_heads * c->top_k);
+  dev_step s;
+  s.x = dev_copy_of(x, td), s.dy = dev_copy_of(dy, td);
+  s.y = dev_alloc(td), s.dx = dev_alloc(td), s.n_rows = dev_alloc(8);
+  peer_grads g = {dev_alloc(param_floats(L, "query.weight") * 4),
+                  dev_alloc(param_floats(L, "query.bias") * 4),
+                  dev_alloc(param_floats(L, "query.norm.weight") * 4),
+                  dev_alloc(param_floats(L, "query.norm.bias") * 4),
+                  dev_alloc(param_floats(L, "keys") * 4),
+                  0,
+                  (int64_t)E,
+                  dev_alloc(E * 8),
+                  dev_alloc(E * (size_t)c->d_model * 4),
+                  dev_alloc(E * (size_t)c->d_model * 4),
+                  0};
+  s.g = g;
+  return s;
+}
+
+static void dev_step_free(dev_step *s) {
+  cudaFree(s->x), cudaFree(s->y), cudaFree(s->dy), cudaFree(s->dx), cudaFree(s->n_rows);
+  cudaFree(s->g.query_weight), cudaFree(s->g.query_bias), cudaFree(s->g.norm_weight);
+  cudaFree(s->g.norm_bias), cudaFree(s->g.keys), cudaFree(s->g.expert_rows);
+  cudaFree(s->g.experts_down), cudaFree(s->g.experts_up);
+}
+
+/* A step's device results into host buffers shaped as train_once's. */
+static void dev_step_fetch(peer_layer *L, int64_t T, const dev_step *s, train_out *o) {
+  const peer_config *c = peer_layer_config(L);
+  const size_t d = (size_t)c->d_model, E = (size_t)(T * c->n_heads * c->top_k);
+  o->y = calloc((size_t)T * d, 4), o->dx = calloc((size_t)T * d, 4);
+  o->wq = maybe(param_floats(L, "query.weight")), o->bq = maybe(param_floats(L, "query.bias"));
+  o->nw = maybe(param_floats(L, "query.norm.weight"));
+  o->nb = maybe(param_floats(L, "query.norm.bias")), o->keys = maybe(param_floats(L, "keys"));
+  o->down = calloc(E * d, 4), o->up = calloc(E * d, 4), o->rows = calloc(E, 8);
+  int64_t n_rows = -1;
+  to_host(&n_rows, s->n_rows, 8);
+  cr_assert(n_rows >= 0 && n_rows <= (int64_t)E, "expert row count %lld", (long long)n_rows);
+  to_host(o->y, s->y, (size_t)T * d * 4), to_host(o->dx, s->dx, (size_t)T * d * 4);
+  to_host(o->wq, s->g.query_weight, param_floats(L, "query.weight") * 4);
+  to_host(o->bq, s->g.query_bias, param_floats(L, "query.bias") * 4);
+  to_host(o->nw, s->g.norm_weight, param_floats(L, "query.norm.weight") * 4);
+  to_host(o->nb, s->g.norm_bias, param_floats(L, "query.norm.bias") * 4);
+  to_host(o->keys, s->g.keys, param_floats(L, "keys") * 4);
+  to_host(o->rows, s->g.expert_rows, (size_t)n_rows * 8);
+  to_host(o->down, s->g.experts_down, (size_t)n_rows * d * 4);
+  to_host(o->up, s->g.experts_up, (size_t)n_rows * d * 4);
+  peer_grads g = {o->wq, o->bq, o->nw, o->nb, o->keys, 0, (int64_t)E, o->rows, o->down, o->up,
+                  n_rows};
+  o->g = g;
+}
+
+/* One training step of L through peer_cuda.h on a stream of ours. */
+static void train_device(peer_layer *L, int64_t T, const float *x, const float *dy, train_out *o,
+                         const char *what) {
+  dev_step s = dev_step_new(L, T, x, dy);
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreate(&st), cudaSuccess);
+  peer_context *ctx;
+  cr_assert_eq(peer_context_create(&ctx, L, T), PEER_OK, "%s %s", what, peer_last_error());
+  cr_assert_eq(peer_cuda_forward_train(L, ctx, T, s.x, s.y, st), PEER_OK, "%s %s", what,
+               peer_last_error());
+  cr_assert_eq(peer_cuda_backward(L, ctx, s.dy, s.dx, &s.g, s.n_rows, st), PEER_OK, "%s %s",
+               what, peer_last_error());
+  cr_assert_eq(peer_cuda_check(L, st), PEER_OK, "%s %s", what, peer_last_error());
+  dev_step_fetch(L, T, &s, o);
+  peer_context_free(ctx);
+  cudaStreamDestroy(st);
+  dev_step_free(&s);
+}
+
+/* The device-pointer training calls against the CPU (compare_training, the
+ * running statistics) and against the host path (the same bits); one
+ * context across both paths; dense expert gradients on the device, with dx
+ * and the other gradients skipped. */
+static void check_device_training(const char *config, int64_t T) {
+  uint64_t seed = ref_test_seed();
+  ref_rng rng = {seed};
+  pair p = make_pair(config);
+  const int64_t d = p.cfg.d_model;
+  float *dy, *x = training_inputs(&p, &rng, T, &dy);
+  char what[256];
+  snprintf(what, sizeof what, "[device %s T=%lld seed=%llu]", config, (long long)T,
+           (unsigned long long)seed);
+  train_out c, dv, hp, mixed;
+  train_once(p.cpu, T, x, dy, &c, what);
+  train_device(p.gpu, T, x, dy, &dv, what);
+  compare_training(&p, T, &dv, &c, what);
+  compare_running(&p, what);
+  train_once(p.gpu, T, x, dy, &hp, what);
+  same_bits(&p, T, &dv, &hp, what);
+
+  /* a host-path forward, then a device-pointer backward on its context */
+  {
+    dev_step s = dev_step_new(p.gpu, T, x, dy);
+    peer_context *ctx;
+    cr_assert_eq(peer_context_create(&ctx, p.gpu, T), PEER_OK);
+    float *y = malloc((size_t)(T * d) * 4);
+    cr_assert_eq(peer_forward_train(p.gpu, ctx, T, x, y), PEER_OK, "%s", peer_last_error());
+    cr_assert_eq(cudaMemcpy(s.y, y, (size_t)(T * d) * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, s.dx, &s.g, s.n_rows, 0), PEER_OK, "%s %s",
+                 what, peer_last_error());
+    cr_assert_eq(peer_cuda_check(p.gpu, 0), PEER_OK, "%s %s", what, peer_last_error());
+    dev_step_fetch(p.gpu, T, &s, &mixed);
+    same_bits(&p, T, &dv, &mixed, what);
+    peer_context_free(ctx);
+    dev_step_free(&s);
+    free(y);
+  }
+
+  /* dense expert rows on the device: added into [N, d]; dx skipped */
+  {
+    const size_t N = (size_t)(p.cfg.n_subkeys * p.cfg.n_subkeys);
+    const size_t E = (size_t)(T * p.cfg.n_heads * p.cfg.top_k), nd = N * (size_t)d;
+    float *dd = malloc(nd * 4), *du = calloc(nd, 4);
+    for (size_t i = 0; i < nd; i++) dd[i] = 1.0f;
+    float *d_dd = dev_copy_of(dd, nd * 4), *d_du = dev_copy_of(du, nd * 4);
+    float *d_x = dev_copy_of(x, (size_t)(T * d) * 4), *d_dy = dev_copy_of(dy, (size_t)(T * d) * 4);
+    float *d_y = dev_alloc((size_t)(T * d) * 4);
+    int64_t *d_rows = dev_alloc(E * 8), *d_n = dev_alloc(8), n_rows = -1;
+    peer_grads gd = {0};
+    gd.experts_dense = 1, gd.expert_capacity = (int64_t)E, gd.expert_rows = d_rows;
+    gd.experts_down = d_dd, gd.experts_up = d_du;
+    cudaStream_t st;
+    cr_assert_eq(cudaStreamCreate(&st), cudaSuccess);
+    peer_context *ctx;
+    cr_assert_eq(peer_context_create(&ctx, p.gpu, T), PEER_OK);
+    cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, d_x, d_y, st), PEER_OK, "%s %s", what,
+                 peer_last_error());
+    cr_assert_eq(peer_cuda_backward(p.gpu, ctx, d_dy, NULL, &gd, d_n, st), PEER_OK, "%s %s", what,
+                 peer_last_error());
+    cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_OK, "%s %s", what, peer_last_error());
+    int64_t *rows = calloc(E, 8);
+    to_host(&n_rows, d_n, 8), to_host(rows, d_rows, E * 8);
+    to_host(dd, d_dd, nd * 4), to_host(du, d_du, nd * 4);
+    cr_assert_eq(n_rows, dv.g.n_expert_rows, "%s dense: expert row count", what);
+    cr_assert(memcmp(rows, dv.rows, (size_t)n_rows * 8) == 0, "%s dense: expert ids", what);
+    char *listed = calloc(N, 1);
+    for (int64_t r = 0; r < n_rows; r++) {
+      listed[rows[r]] = 1;
+      for (int64_t i = 0; i < d; i++) {
+        cr_assert(dd[rows[r] * d + i] == 1.0f + dv.down[r * d + i], "%s dense down", what);
+        cr_assert(du[rows[r] * d + i] == dv.up[r * d + i], "%s dense up", what);
+      }
+    }
+    for (size_t i = 0; i < N; i++)
+      for (int64_t j = 0; !listed[i] && j < d; j++)
+        cr_assert(dd[i * (size_t)d + (size_t)j] == 1.0f && du[i * (size_t)d + (size_t)j] == 0.0f,
+                  "%s dense: row %zu is not listed but changed", what, i);
+    /* no expert gradients: the count is 0 */
+    cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, d_x, d_y, st), PEER_OK);
+    peer_grads none = {0};
+    cr_assert_eq(cudaMemset(d_n, 0xff, 8), cudaSuccess);
+    cr_assert_eq(peer_cuda_backward(p.gpu, ctx, d_dy, NULL, &none, d_n, st), PEER_OK, "%s %s",
+                 what, peer_last_error());
+    cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_OK, "%s %s", what, peer_last_error());
+    to_host(&n_rows, d_n, 8);
+    cr_assert_eq(n_rows, 0, "%s: no expert gradients, %lld rows", what, (long long)n_rows);
+    peer_context_free(ctx);
+    cudaStreamDestroy(st);
+    cudaFree(d_dd), cudaFree(d_du), cudaFree(d_x), cudaFree(d_dy), cudaFree(d_y);
+    cudaFree(d_rows), cudaFree(d_n);
+    free(dd), free(du), free(rows), free(listed);
+  }
+  train_free(&c), train_free(&dv), train_free(&hp), train_free(&mixed);
+  free(x), free(dy);
+  free_pair(&p);
+}
+
+Test(cuda, device_training_matches_cpu_and_host_path) { check_device_training(SMALL, 64); }
+Test(cuda, device_training_norm_bias_shared_keys) {
+  check_device_training(SMALL ",query_norm=batchnorm,query_bias=1,shared_keys=1,gate=sigmoid", 48);
+}
+Test(cuda, device_training_bf16_odd_width) {
+  check_device_training("d_model=36,n_heads=2,d_key=8,n_subkeys=20,top_k=3,weight_dtype=bf16,"
+                        "gate=relu,activation=gelu", 33);
+}
+
+/* Host copies of the running statistics (mean then var, dq floats each). */
+static float *running_stats(peer_layer *L) {
+  peer_tensor m, v;
+  cr_assert_eq(peer_layer_param_by_name(L, "query.norm.running_mean", &m), PEER_OK);
+  cr_assert_eq(peer_layer_param_by_name(L, "query.norm.running_var", &v), PEER_OK);
+  float *h = malloc(m.nbytes + v.nbytes);
+  to_host(h, m.data, m.nbytes), to_host(h + m.nbytes / 4, v.data, v.nbytes);
+  return h;
+}
+
+/* A batch with a NaN in x, or a NaN key (a non-finite score with a finite
+ * x), is reported by peer_cuda_check and leaves the running statistics as
+ * they were, through both APIs; a good batch then moves them. */
+Test(cuda, device_training_bad_batch_keeps_running_stats) {
+  pair p = make_pair(SMALL ",query_norm=batchnorm");
+  cr_assert_eq(peer_layer_init(p.gpu, 11), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 8, d = p.cfg.d_model;
+  const size_t bytes = (size_t)(2 * p.cfg.n_heads * p.cfg.d_key) * 4;
+  ref_rng rng = {4};
+  float *x = ref_random_x(&rng, T, d), *y = malloc((size_t)(T * d) * 4);
+  x[3 * d + 1] = NAN;
+  float *before = running_stats(p.gpu);
+  float *d_x = dev_copy_of(x, (size_t)(T * d) * 4), *d_y = dev_alloc((size_t)(T * d) * 4);
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreate(&st), cudaSuccess);
+  peer_context *ctx;
+  cr_assert_eq(peer_context_create(&ctx, p.gpu, T), PEER_OK);
+
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, d_x, d_y, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_ERR_NONFINITE);
+  cr_assert(strstr(peer_last_error(), "token 3: x") != NULL, "%s", peer_last_error());
+  float *after = running_stats(p.gpu);
+  cr_assert(memcmp(before, after, bytes) == 0, "running statistics moved after a NaN x");
+  free(after);
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_OK, "the records were cleared: %s",
+               peer_last_error());
+
+  cr_assert_eq(peer_forward_train(p.gpu, ctx, T, x, y), PEER_ERR_NONFINITE);
+  cr_assert(strstr(peer_last_error(), "token 3: x") != NULL, "%s", peer_last_error());
+  after = running_stats(p.gpu);
+  cr_assert(memcmp(before, after, bytes) == 0, "host path: running statistics moved");
+  free(after);
+
+  /* a NaN key: x is finite, the scores are not */
+  x[3 * d + 1] = 0.25f;
+  cr_assert_eq(cudaMemcpy(d_x, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  peer_tensor keys;
+  cr_assert_eq(peer_layer_param_by_name(p.gpu, "keys", &keys), PEER_OK);
+  float nan = NAN, key0;
+  to_host(&key0, keys.data, 4);
+  cr_assert_eq(cudaMemcpy(keys.data, &nan, 4, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, d_x, d_y, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_ERR_NONFINITE);
+  cr_assert(strstr(peer_last_error(), "token 0, head 0") != NULL, "%s", peer_last_error());
+  after = running_stats(p.gpu);
+  cr_assert(memcmp(before, after, bytes) == 0, "running statistics moved after a NaN score");
+  free(after);
+
+  /* a good batch moves them */
+  cr_assert_eq(cudaMemcpy(keys.data, &key0, 4, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, d_x, d_y, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_OK, "%s", peer_last_error());
+  after = running_stats(p.gpu);
+  cr_assert(memcmp(before, after, bytes) != 0, "a good batch left the running statistics");
+  free(after);
+
+  peer_context_free(ctx);
+  cudaStreamDestroy(st);
+  cudaFree(d_x), cudaFree(d_y);
+  free(before), free(x), free(y);
+  free_pair(&p);
+}
+
+Test(cuda, device_training_nonfinite_dy) {
+  pair p = make_pair(SMALL);
+  cr_assert_eq(peer_layer_init(p.gpu, 3), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 8, d = p.cfg.d_model;
+  ref_rng rng = {2};
+  float *x = ref_random_x(&rng, T, d), *dy = ref_random_x(&rng, T, d);
+  dy[6 * d + 2] = NAN;
+  dev_step s = dev_step_new(p.gpu, T, x, dy);
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreate(&st), cudaSuccess);
+  peer_context *ctx;
+  cr_assert_eq(peer_context_create(&ctx, p.gpu, T), PEER_OK);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, s.x, s.y, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, NULL, &s.g, s.n_rows, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_ERR_NONFINITE);
+  cr_assert(strstr(peer_last_error(), "token 6: dy") != NULL, "%s", peer_last_error());
+  /* the backward used up the forward */
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, NULL, &s.g, s.n_rows, st), PEER_ERR_STATE);
+  peer_context_free(ctx);
+  cudaStreamDestroy(st);
+  dev_step_free(&s);
+  free(x), free(dy);
+  free_pair(&p);
+}
+
+/* Argument errors come back at once; an empty batch zeroes the dense
+ * gradients and reports no expert rows. */
+Test(cuda, device_training_arguments_and_empty_batch) {
+  pair p = make_pair(SMALL ",query_norm=batchnorm");
+  cr_assert_eq(peer_layer_init(p.gpu, 9), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 4, d = p.cfg.d_model;
+  ref_rng rng = {6};
+  float *x = ref_random_x(&rng, T, d), *dy = ref_random_x(&rng, T, d);
+  dev_step s = dev_step_new(p.gpu, T, x, dy);
+  peer_context *ctx, *cpu_ctx;
+  cr_assert_eq(peer_context_create(&ctx, p.gpu, T), PEER_OK);
+  cr_assert_eq(peer_context_create(&cpu_ctx, p.cpu, T), PEER_OK);
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, s.dx, &s.g, s.n_rows, 0), PEER_ERR_STATE);
+  cr_assert_eq(peer_cuda_forward_train(p.cpu, cpu_ctx, T, s.x, s.y, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, cpu_ctx, T, s.x, s.y, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T + 1, s.x, s.y, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, 1, s.x, s.y, 0), PEER_ERR_INVALID_ARGUMENT,
+               "batch norm needs two tokens");
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, s.x, NULL, 0), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, s.x, s.y, 0), PEER_OK, "%s",
+               peer_last_error());
+  peer_grads small = s.g;
+  small.expert_capacity = T * p.cfg.n_heads * p.cfg.top_k - 1;
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, s.dx, &small, s.n_rows, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  cr_assert(strstr(peer_last_error(), "expert_capacity") != NULL, "%s", peer_last_error());
+  peer_grads no_bias = {0};
+  no_bias.query_bias = s.g.query_weight;
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, s.dx, &no_bias, NULL, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, NULL, s.dx, &s.g, s.n_rows, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, s.dx, &s.g, s.n_rows, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, 0), PEER_OK, "%s", peer_last_error());
+
+  /* T = 0 */
+  const size_t wq = param_floats(p.gpu, "query.weight") * 4;
+  cr_assert_eq(cudaMemset(s.g.query_weight, 0x3f, wq), cudaSuccess);
+  cr_assert_eq(cudaMemset(s.n_rows, 0x3f, 8), cudaSuccess);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, 0, NULL, NULL, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, NULL, NULL, &s.g, s.n_rows, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, 0), PEER_OK, "%s", peer_last_error());
+  float *h = malloc(wq);
+  int64_t n_rows = -1;
+  to_host(h, s.g.query_weight, wq), to_host(&n_rows, s.n_rows, 8);
+  for (size_t i = 0; i < wq / 4; i++) cr_assert(h[i] == 0.0f, "T = 0: d query.weight[%zu]", i);
+  cr_assert_eq(n_rows, 0);
+  free(h);
+  peer_context_free(ctx), peer_context_free(cpu_ctx);
+  dev_step_free(&s);
+  free(x), free(dy);
   free_pair(&p);
 }
 
