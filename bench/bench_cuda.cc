@@ -25,19 +25,21 @@
 
 #include <peer_cuda.h>
 
+#include "common.h"
+
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <map>
 #include <memory>
-#include <random>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace {
+
+using namespace bench;
 
 // Ceilings of the GPU the kernels are written for (H100 SXM), from
 // /work/shared/DESIGN.md "Performance method": 3.35 TB/s HBM (spec; about
@@ -56,26 +58,8 @@ constexpr int64_t kBruteBatch = 1024;
 constexpr int64_t kTrainBatch = 4096;
 constexpr int64_t kMaxBatch = 32768;
 
-struct Shape {
-  const char *name;
-  int64_t d_model, n_subkeys;
-};
-
-constexpr Shape kReference = {"ref", 512, 1024};
 constexpr Shape kMidN = {"n512", 512, 512};
 constexpr Shape kSmallN = {"n256", 512, 256};
-
-peer_config make_config(const Shape &shape, peer_dtype dtype) {
-  peer_config cfg;
-  peer_config_default(&cfg);
-  cfg.d_model = shape.d_model;
-  cfg.n_heads = 8;
-  cfg.d_key = 256;
-  cfg.n_subkeys = shape.n_subkeys;
-  cfg.top_k = 16;
-  cfg.weight_dtype = dtype;
-  return cfg;
-}
 
 // ------------------------------------------------------------ device memory
 
@@ -108,6 +92,14 @@ std::string cuda_message(const char *what, cudaError_t e) {
   return std::string(what) + ": " + cudaGetErrorString(e);
 }
 
+peer_options cuda_options() {
+  peer_options opt;
+  peer_options_default(&opt);
+  opt.backend = PEER_BACKEND_CUDA;
+  opt.device = 0;
+  return opt;
+}
+
 // What every benchmark shares: the stream, the timing events, the L2 flush
 // buffer, random input tokens, an output buffer and the layers.  Created in
 // main once a device is known to exist; freed before main returns (not at
@@ -133,11 +125,7 @@ public:
     out_ = DeviceBuffer(size_t(kMaxBatch * kReference.d_model) * sizeof(float));
     if (!flush_.get<void>() || !tokens_.get<void>() || !out_.get<void>())
       return "cudaMalloc of the flush buffer and token pool failed";
-    std::vector<float> host(pool_floats);
-    std::mt19937 rng(1234);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (float &v : host)
-      v = normal(rng);
+    std::vector<float> host = random_tokens(kMaxBatch + kTrainBatch, kReference.d_model, 1234);
     if ((e = cudaMemcpy(tokens_.get<void>(), host.data(), pool_floats * sizeof(float),
                         cudaMemcpyHostToDevice)) != cudaSuccess)
       return cuda_message("cudaMemcpy of the token pool", e);
@@ -145,8 +133,7 @@ public:
   }
 
   ~Env() {
-    for (auto &entry : layers_)
-      peer_layer_free(entry.second);
+    layers_.reset();
     if (start) cudaEventDestroy(start);
     if (stop) cudaEventDestroy(stop);
     if (stream) cudaStreamDestroy(stream);
@@ -167,24 +154,7 @@ public:
   // for the 4 GiB reference f32 tables).  NULL, with the library's message in
   // *error, if that fails.
   peer_layer *layer(const Shape &shape, peer_dtype dtype, std::string *error) {
-    auto key = std::make_pair(std::string(shape.name), int(dtype));
-    auto it = layers_.find(key);
-    if (it != layers_.end()) return it->second;
-    peer_config cfg = make_config(shape, dtype);
-    peer_options opt;
-    peer_options_default(&opt);
-    opt.backend = PEER_BACKEND_CUDA;
-    opt.device = 0;
-    peer_layer *created = nullptr;
-    peer_status st = peer_layer_create(&created, &cfg, &opt);
-    if (st == PEER_OK) st = peer_layer_init(created, 0x5eed);
-    if (st != PEER_OK) {
-      *error = std::string("layer setup: ") + peer_last_error();
-      peer_layer_free(created);
-      return nullptr;
-    }
-    layers_[key] = created;
-    return created;
+    return layers_->get(shape, dtype, error);
   }
 
   cudaStream_t stream = nullptr;
@@ -194,7 +164,7 @@ private:
   DeviceBuffer flush_, tokens_, out_;
   size_t flush_bytes_ = 0;
   unsigned flush_value_ = 0;
-  std::map<std::pair<std::string, int>, peer_layer *> layers_;
+  std::unique_ptr<LayerCache> layers_{new LayerCache(cuda_options())};
 };
 
 Env *g_env = nullptr;
@@ -272,27 +242,25 @@ Cost retrieval_cost(const peer_config &c, int64_t batch) {
 }
 
 Cost forward_cost(const peer_config &c, int64_t batch) {
-  double d = double(c.d_model), H = double(c.n_heads), k = double(c.top_k);
-  double dk = double(c.d_key), n = double(c.n_subkeys);
+  const Work w = forward_work(c);
   Cost cost;
-  cost.macs = d * H * dk + H * n * dk + 2.0 * H * k * d;
-  cost.expert_bytes = 2.0 * H * k * d * double(peer_dtype_size(c.weight_dtype));
-  cost.bytes = cost.expert_bytes + 2.0 * 4.0 * d + fixed_bytes(c) / double(batch); // + x, y
+  cost.macs = w.macs;
+  cost.expert_bytes = w.expert_bytes;
+  cost.bytes =
+      cost.expert_bytes + 2.0 * 4.0 * double(c.d_model) + fixed_bytes(c) / double(batch); // + x, y
   return cost;
 }
 
-// A training step: the forward, then the backward's products (dWq and dx
-// through Wq: 2*d*H*d_key), the expert rows (v.dy, dx += c u, du, dv:
-// 4*H*k*d) and the sub-key terms (2*H*k*d_key); bytes: the expert rows read
-// in both passes, one f32 gradient row pair (and its id) written per distinct
-// expert the batch used, x, y, dy, dx, and Wq and the keys read twice with
-// their gradients written once.
+// A training step (common.h train_work); bytes: the expert rows read in both
+// passes, one f32 gradient row pair (and its id) written per distinct expert
+// the batch used, x, y, dy, dx, and Wq and the keys read twice with their
+// gradients written once.
 Cost train_cost(const peer_config &c, int64_t batch, double distinct_rows_per_token) {
-  double d = double(c.d_model), H = double(c.n_heads), k = double(c.top_k);
-  double dk = double(c.d_key);
-  Cost cost = forward_cost(c, batch);
-  cost.macs += 2.0 * d * H * dk + 4.0 * H * k * d + 2.0 * H * k * dk;
-  cost.expert_bytes *= 2.0;
+  const Work w = train_work(c);
+  const double d = double(c.d_model);
+  Cost cost;
+  cost.macs = w.macs;
+  cost.expert_bytes = w.expert_bytes;
   cost.bytes = cost.expert_bytes + distinct_rows_per_token * (2.0 * 4.0 * d + 8.0) + 4.0 * 4.0 * d +
                3.0 * fixed_bytes(c) / double(batch);
   return cost;

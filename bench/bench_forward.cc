@@ -16,16 +16,17 @@
 
 #include <peer.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
-#include <random>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace {
+
+using namespace bench;
 
 // Ceilings of the development machine (2 cores AMD Zen 4), from
 // /work/shared/DESIGN.md "Performance method": f32 FMA about 116 GFLOP/s per
@@ -40,34 +41,15 @@ constexpr double kGatherBytesPerThread = 6e9;
 constexpr int64_t kMinPoolTokens = 4096;
 constexpr int64_t kMinBatchesInPool = 8;
 
-struct Shape {
-  const char *name;
-  int64_t d_model, n_subkeys;
-};
-
-constexpr Shape kReference = {"ref", 512, 1024};
 constexpr Shape kSmall = {"small", 256, 256};
 // The sweep over N (n = 512 at the reference width) and d (d = 256 at the
 // reference N).
 constexpr Shape kMidN = {"n512", 512, 512};
 constexpr Shape kNarrow = {"d256", 256, 1024};
 
-peer_config make_config(const Shape &shape, peer_dtype dtype) {
-  peer_config cfg;
-  peer_config_default(&cfg);
-  cfg.d_model = shape.d_model;
-  cfg.n_heads = 8;
-  cfg.d_key = 256;
-  cfg.n_subkeys = shape.n_subkeys;
-  cfg.top_k = 16;
-  cfg.weight_dtype = dtype;
-  return cfg;
-}
-
-// Per-token work of the forward (PEER.md "Cost per token").
-struct Cost {
-  double macs;         // query + sub-key scores + experts
-  double expert_bytes; // H*k rows of u and of v
+// Per-token work (common.h) and its floor on this machine.
+struct Cost : Work {
+  Cost(const Work &w) : Work(w) {}
   double floor_seconds(int threads) const {
     double compute = 2.0 * macs / (kFlopsPerCore * threads);
     double gather = expert_bytes / (kGatherBytesPerThread * threads);
@@ -75,56 +57,15 @@ struct Cost {
   }
 };
 
-Cost cost_of(const peer_config &c) {
-  double d = double(c.d_model), H = double(c.n_heads), k = double(c.top_k);
-  double dk = double(c.d_key), n = double(c.n_subkeys);
-  Cost cost;
-  cost.macs = d * H * dk + H * n * dk + 2.0 * H * k * d;
-  cost.expert_bytes = 2.0 * H * k * d * double(peer_dtype_size(c.weight_dtype));
-  return cost;
+peer_options cpu_options() {
+  peer_options opt;
+  peer_options_default(&opt);
+  return opt;
 }
-
-// Layers live for the whole program: created on first use, freed at exit.
-class LayerCache {
-public:
-  ~LayerCache() {
-    for (auto &entry : layers_)
-      peer_layer_free(entry.second);
-  }
-  // NULL (with the library's message in *error) if creation fails.
-  peer_layer *get(const Shape &shape, peer_dtype dtype, std::string *error) {
-    auto key = std::make_pair(std::string(shape.name), int(dtype));
-    auto it = layers_.find(key);
-    if (it != layers_.end()) return it->second;
-    peer_config cfg = make_config(shape, dtype);
-    peer_layer *layer = nullptr;
-    peer_status st = peer_layer_create(&layer, &cfg, nullptr);
-    if (st == PEER_OK) st = peer_layer_init(layer, 0x5eed);
-    if (st != PEER_OK) {
-      *error = std::string("layer setup: ") + peer_last_error();
-      peer_layer_free(layer);
-      return nullptr;
-    }
-    layers_[key] = layer;
-    return layer;
-  }
-
-private:
-  std::map<std::pair<std::string, int>, peer_layer *> layers_;
-};
 
 LayerCache &layer_cache() {
-  static LayerCache cache;
+  static LayerCache cache(cpu_options());
   return cache;
-}
-
-std::vector<float> random_tokens(int64_t n_tokens, int64_t d, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> x(size_t(n_tokens * d));
-  for (float &v : x)
-    v = normal(rng);
-  return x;
 }
 
 void forward(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t batch, int threads) {
@@ -161,7 +102,7 @@ void forward(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t bat
     ++next;
   }
 
-  const Cost cost = cost_of(cfg);
+  const Cost cost = forward_work(cfg);
   const double tokens = double(state.iterations()) * double(batch);
   using benchmark::Counter;
   state.counters["tokens/s"] = Counter(tokens, Counter::kIsRate);
@@ -177,17 +118,12 @@ void forward(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t bat
   state.SetLabel(label);
 }
 
-// Per-token work of a training step: the forward, then the backward's
-// products (dWq and dx through Wq: 2*d*H*d_key), the expert rows (v.dy,
-// dx += c u, du, dv: 4*H*k*d) and the sub-key terms (about 4*H*k*d_key/2);
-// bytes: the expert rows read twice and the sparse gradient rows written once.
-Cost train_cost_of(const peer_config &c) {
-  double d = double(c.d_model), H = double(c.n_heads), k = double(c.top_k);
-  double dk = double(c.d_key);
-  Cost cost = cost_of(c);
-  cost.macs += 2.0 * d * H * dk + 4.0 * H * k * d + 2.0 * H * k * dk;
-  cost.expert_bytes = 2.0 * cost.expert_bytes + 2.0 * H * k * d * 4.0;
-  return cost;
+// A training step also writes one f32 gradient row pair per distinct expert
+// the batch used: counted as H*k per token (every row distinct).
+Work train_cost_of(const peer_config &c) {
+  Work w = train_work(c);
+  w.expert_bytes += 2.0 * double(c.n_heads * c.top_k * c.d_model) * 4.0;
+  return w;
 }
 
 void train_step(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t batch,
