@@ -239,10 +239,16 @@ peer_status peer_retrieve_brute(peer_layer *layer, int64_t n_tokens,
  * copied: the caller keeps x alive and unchanged until backward. */
 typedef struct peer_context peer_context;
 
-/* Bytes a context for up to max_tokens tokens holds (for planning memory). */
+/* Bytes a context for up to max_tokens tokens holds (for planning memory):
+ * host memory on the CPU backend; on CUDA, the device memory both APIs use,
+ * to which the first host-pointer training call adds a staging buffer
+ * (peer_cuda.h gives its size).  A backend may take fewer tokens than the
+ * core allows (CUDA: (2^31 - 1) / (2*n_heads*top_k)): PEER_ERR_UNSUPPORTED
+ * then, here and from peer_context_create. */
 peer_status peer_context_size(const peer_layer *layer, int64_t max_tokens, size_t *bytes);
 /* Create a context for batches of up to max_tokens tokens of this layer's
- * shape; freed with peer_context_free (NULL accepted). */
+ * shape; freed with peer_context_free (NULL accepted), which frees all the
+ * memory the context took. */
 peer_status peer_context_create(peer_context **out, const peer_layer *layer,
                                 int64_t max_tokens);
 void peer_context_free(peer_context *ctx);

@@ -11,15 +11,40 @@
  * buffers and synchronises, so they report PEER_ERR_NONFINITE on return.
  * Use the calls here on the hot path.
  *
+ * Parameters: peer_layer_create (zeroed parameters) and peer_layer_init
+ * write them through the legacy default stream, waiting for the whole device
+ * (cudaDeviceSynchronize) before an init writes and before either returns:
+ * when they return, the parameters are in place on the device for work on
+ * any stream, non-blocking ones included, and work queued earlier that
+ * reads the old values has finished.  Writes a caller makes itself through
+ * peer_layer_param's device pointers are the caller's to order.
+ *
  * Training: peer_context_create on a CUDA layer puts the context in device
  * memory; one context serves both paths (a forward on one may be followed by
- * a backward on the other).
+ * a backward on the other).  Its size, which peer_context_size reports, is
+ * what the device-pointer calls need: per token 3*H*d_key floats (queries,
+ * normalised queries, their gradient) and 72*H*k bytes (ids, scores, gates,
+ * pre-activations and coefficients: 32; the backward's sort keys, values
+ * and run starts: 40), plus CUB's sort scratch and 2*H*d_key floats of
+ * batch statistics.  The host-pointer calls stage their inputs, outputs and
+ * gradients on the device too, in a second buffer that the first
+ * host-pointer peer_forward_train or peer_backward on the context allocates
+ * (an allocation, which synchronises the device, only then) and
+ * peer_context_free frees:
+ *   4*T*d + H*d_key*(d + 3) + G*n*d_key + T*H*k*(2*d + 2) floats
+ * for max_tokens T (G = n_heads, or 1 with shared keys), mostly the expert
+ * gradient rows (T*H*k*d floats twice: 2 GiB at T = 4096, d = 512, H = 8,
+ * k = 16).  The CUDA backward sorts 2*T*H*k pairs with 32-bit counts, so a
+ * context takes at most (2^31 - 1) / (2*H*k) tokens (8,388,607 at
+ * H*k = 128); beyond that peer_context_size and peer_context_create return
+ * PEER_ERR_UNSUPPORTED naming max_tokens and the limit.
  *
  * Available only in builds configured with PEER_CUDA (they define
  * PEER_USE_CUDA).
  *
  * Each call makes the layer's device current on the calling thread
- * (cudaSetDevice).  Like every peer_layer call, calls on one layer must not
+ * (cudaSetDevice), as do peer_context_size and peer_context_create on a CUDA
+ * layer.  Like every peer_layer call, calls on one layer must not
  * overlap in time from two threads. */
 #ifndef PEER_CUDA_H
 #define PEER_CUDA_H
@@ -81,8 +106,12 @@ peer_status peer_cuda_retrieve(peer_layer *layer, int64_t n_tokens, const float 
  * scores equal peer_cuda_retrieve's bit for bit.  O(N) per token and head:
  * for checks and benchmarks.  Arguments, stream and error reporting as
  * peer_cuda_retrieve.  PEER_ERR_UNSUPPORTED (before anything is queued) when
- * top_k > 95 with n_subkeys > 32: the kernel keeps sorted lists of up to k
- * entries per thread in 48 KiB of shared memory. */
+ * top_k > 95 and n_subkeys * ceil(n_subkeys / 32) > 95 (n_subkeys >= 48),
+ * which, as a config has top_k <= subkey_top_k <= n_subkeys, is every
+ * top_k > 95: each thread of a warp keeps a sorted list of
+ * min(top_k, n_subkeys * ceil(n_subkeys / 32)) entries (the most of the sums
+ * it scans that can be among the top_k) in 48 KiB of shared memory, room for
+ * 95 per thread. */
 peer_status peer_cuda_retrieve_brute(peer_layer *layer, int64_t n_tokens, const float *d_x,
                                      int64_t *d_indices, float *d_scores, float *d_gates,
                                      cudaStream_t stream);
@@ -139,7 +168,10 @@ peer_status peer_cuda_backward(peer_layer *layer, peer_context *ctx, const float
  * call since the last check met a non-finite value: a NaN or infinity in a
  * training forward's x or a backward's dy (naming the token; reported
  * first), or a non-finite score (naming the token and head), tokens counted
- * within the call that saw it; then clears those records. */
+ * within the call that saw it; then clears those records.  The records are
+ * read and cleared on `stream` (it waits for nothing else), and the clear
+ * is done when the call returns, so a record made by a later call, on any
+ * stream, is never lost. */
 peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
 
 #ifdef __cplusplus

@@ -1,12 +1,11 @@
 /* common.cuh: what the .cu files share: the library's internal header seen
- * from C++, and turning a failed launch into a peer status. */
+ * from C++ (through status.h, with its rule for failed runtime calls), and
+ * turning a failed launch into a peer status. */
 #ifndef PEER_KERNELS_COMMON_CUH
 #define PEER_KERNELS_COMMON_CUH
 
-extern "C" {
-#include "internal.h"
-}
 #include "rowops.h"
+#include "status.h"
 
 #include <cuda_runtime.h>
 

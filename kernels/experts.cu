@@ -22,9 +22,11 @@
 #define EXPERT_THREADS 128
 #define EXPERT_WARPS (EXPERT_THREADS / 32)
 
-extern "C" size_t peer_k_experts_smem(int64_t hk) {
-  return (size_t)hk * (sizeof(int64_t) + sizeof(float));
-}
+#define EXPERT_ENTRY (sizeof(int64_t) + sizeof(float)) /* id, coefficient */
+
+extern "C" size_t peer_k_experts_smem(int64_t hk) { return (size_t)hk * EXPERT_ENTRY; }
+
+extern "C" int64_t peer_k_experts_hk_max(void) { return (int64_t)(PEER_K_SMEM_MAX / EXPERT_ENTRY); }
 
 /* VEC consecutive elements of a table row as f32. */
 template <bool BF16, int VEC> struct row_chunk;

@@ -15,8 +15,11 @@
 extern "C" {
 #endif
 
-/* Shared memory of one block: the H*k entries' ids and coefficients. */
+/* Shared memory of one block: the H*k entries' ids and coefficients; the
+ * backend refuses configs where it exceeds PEER_K_SMEM_MAX, i.e. H*k beyond
+ * peer_k_experts_hk_max() (4096). */
 size_t peer_k_experts_smem(int64_t hk);
+int64_t peer_k_experts_hk_max(void);
 
 /* y [T, d] = sum over e < hk of gates[t, e] * act(u_ids[t,e] . x_t) * v_ids[t,e].
  * down / up: [N, d] tables, f32 or (bf16 != 0) bf16; act: peer_activation.

@@ -24,13 +24,28 @@ static __host__ __device__ inline int64_t lane_cap(int64_t n, int64_t kp) {
 }
 static __host__ __device__ inline int64_t odd_stride(int64_t c) { return c | 1; }
 
-extern "C" size_t peer_k_topk_warp_smem(int64_t n, int64_t kp) {
-  return (size_t)32 * (size_t)odd_stride(lane_cap(n, kp)) * (sizeof(int64_t) + sizeof(float));
+/* Bytes of one list entry: (score, id) in the top-k' lists; (hi, lo, id)
+ * in the merge's and brute force's. */
+#define TOPK_ENTRY (sizeof(int64_t) + sizeof(float))
+#define PAIR_ENTRY (sizeof(int64_t) + 2 * sizeof(float))
+
+/* The longest list for which `fixed` bytes plus `lists` lists of entries of
+ * `entry` bytes, each padded to odd_stride, fit PEER_K_SMEM_MAX: the largest
+ * c with fixed + lists * (c|1) * entry <= PEER_K_SMEM_MAX. */
+static int64_t odd_list_max(size_t fixed, size_t lists, size_t entry) {
+  const size_t stride = (PEER_K_SMEM_MAX - fixed) / (lists * entry); /* the longest odd_stride */
+  return stride ? (int64_t)((stride - 1) | 1) : 0;
 }
 
-extern "C" size_t peer_k_merge_thread_smem(int64_t k) {
-  return (size_t)odd_stride(k) * (sizeof(int64_t) + 2 * sizeof(float));
+extern "C" size_t peer_k_topk_warp_smem(int64_t n, int64_t kp) {
+  return (size_t)32 * (size_t)odd_stride(lane_cap(n, kp)) * TOPK_ENTRY;
 }
+
+extern "C" int64_t peer_k_topk_cap_max(void) { return odd_list_max(0, 32, TOPK_ENTRY); }
+
+extern "C" size_t peer_k_merge_thread_smem(int64_t k) { return (size_t)odd_stride(k) * PAIR_ENTRY; }
+
+extern "C" int64_t peer_k_merge_k_max(void) { return odd_list_max(0, 1, PAIR_ENTRY); }
 
 /* ------------------------------------------------------------ bias, norm */
 
@@ -212,8 +227,8 @@ static int64_t brute_cap(int64_t n, int64_t k, int64_t threads) {
 }
 
 static size_t brute_smem(int64_t n, int64_t k, int64_t threads) {
-  return sizeof(brute_merge) + (size_t)threads * (size_t)odd_stride(brute_cap(n, k, threads)) *
-                                   (sizeof(int64_t) + 2 * sizeof(float));
+  return sizeof(brute_merge) +
+         (size_t)threads * (size_t)odd_stride(brute_cap(n, k, threads)) * PAIR_ENTRY;
 }
 
 /* The most warps (up to BRUTE_MAX_WARPS) whose shared memory fits
@@ -224,12 +239,16 @@ static int brute_threads(int64_t n, int64_t k) {
   return 0;
 }
 
+/* Refused exactly when one warp's lists do not fit: brute_cap(n, k, 32) =
+ * min(k, n * ceil(n / 32)) beyond the longest list one warp may keep (95).
+ * A config has k <= k' <= n, so for every config that is k > 95. */
 extern "C" peer_status peer_k_brute_supported(int64_t n, int64_t k) {
   if (brute_threads(n, k) > 0) return PEER_OK;
   return peer_fail(PEER_ERR_UNSUPPORTED,
-                   "retrieve_brute: top_k %lld needs %zu bytes of shared memory per warp, "
-                   "beyond %zu (the CUDA brute force takes top_k <= 95)",
-                   (long long)k, brute_smem(n, k, 32), PEER_K_SMEM_MAX);
+                   "retrieve_brute: top_k %lld with n_subkeys %lld needs %zu bytes of shared "
+                   "memory per warp, beyond %zu (the CUDA brute force takes top_k <= %lld)",
+                   (long long)k, (long long)n, brute_smem(n, k, 32), PEER_K_SMEM_MAX,
+                   (long long)odd_list_max(sizeof(brute_merge), 32, PAIR_ENTRY));
 }
 
 /* Does b beat a?  A valid head beats an empty one; two valid ones follow

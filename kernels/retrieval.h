@@ -23,9 +23,14 @@ extern "C" {
 
 /* Shared memory of one warp of the top-k' kernel, and of one thread of the
  * merge kernel; the backend refuses configs where these exceed
- * PEER_K_SMEM_MAX. */
+ * PEER_K_SMEM_MAX.  The same limits as sizes of the config: a lane's list
+ * holds min(k', ceil(n / 32)) entries, at most peer_k_topk_cap_max() (127:
+ * k' <= 127 or n <= 32 * 127 = 4064); the merge takes top_k up to
+ * peer_k_merge_k_max() (3071). */
 size_t peer_k_topk_warp_smem(int64_t n, int64_t kp);
 size_t peer_k_merge_thread_smem(int64_t k);
+int64_t peer_k_topk_cap_max(void);
+int64_t peer_k_merge_k_max(void);
 
 /* q [T, dq] in place: q += bias (if bias), then, if mean, the running batch
  * norm (q - mean) / sqrt(var + 1e-5) * weight + norm_bias. */
@@ -49,8 +54,9 @@ peer_status peer_k_merge(const float *list_s, const int64_t *list_id, int64_t TH
                          float *gates, unsigned long long *bad, cudaStream_t stream);
 
 /* PEER_OK if the brute-force kernel takes n sub-keys and top_k k (its
- * per-thread lists of one warp fit PEER_K_SMEM_MAX: k <= 95, or n*n small),
- * else PEER_ERR_UNSUPPORTED with a message. */
+ * per-thread lists of one warp fit PEER_K_SMEM_MAX: min(k, n * ceil(n / 32))
+ * <= 95, i.e. k <= 95 or n < 48; with a config's k <= n, k <= 95), else
+ * PEER_ERR_UNSUPPORTED with a message. */
 peer_status peer_k_brute_supported(int64_t n, int64_t k);
 
 /* Brute force per (t, h) in [0, TH): the exact top-k of all n*n sums

@@ -276,10 +276,6 @@ extern "C" peer_status peer_k_subkey_sort_keys(const int64_t *ids, int64_t T, in
   return peer_k_launched("subkey_sort_keys");
 }
 
-static peer_status cub_fail(cudaError_t e, const char *what) {
-  return peer_fail(PEER_ERR_CUDA, "%s: %s", what, cudaGetErrorString(e));
-}
-
 /* CUB's int item count; the backend keeps 2*T*H*k below 2^31. */
 extern "C" peer_status peer_k_sort_temp_bytes(int64_t items, size_t *bytes) {
   if (items > 0x7fffffff)
@@ -288,7 +284,7 @@ extern "C" peer_status peer_k_sort_temp_bytes(int64_t items, size_t *bytes) {
   cudaError_t e = cub::DeviceRadixSort::SortPairs(
       nullptr, a, (const uint32_t *)nullptr, (uint32_t *)nullptr, (const uint32_t *)nullptr,
       (uint32_t *)nullptr, (int)items, 0, 32);
-  if (e != cudaSuccess) return cub_fail(e, "sort scratch size");
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "sort scratch size");
   *bytes = a;
   return PEER_OK;
 }
@@ -335,7 +331,7 @@ extern "C" peer_status peer_k_sorted_runs(const uint32_t *key_in, const uint32_t
   size_t tb = temp_bytes;
   cudaError_t e = cub::DeviceRadixSort::SortPairs(temp, tb, key_in, key_out, val_in, val_out,
                                                   (int)items, 0, bits, stream);
-  if (e != cudaSuccess) return cub_fail(e, "sorted runs: radix sort");
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "sorted runs: radix sort");
   run_starts_kernel<<<1, SCAN_THREADS, 0, stream>>>(key_out, items, starts, runs);
   return peer_k_launched("run_starts");
 }

@@ -11,8 +11,9 @@
  * peer_k_brute_topk).  Every pass is written once, on device pointers
  * (run_forward, dev_retrieve, dev_forward_train, dev_backward); peer.h's
  * host-pointer calls are wrappers that copy in, call it on the layer's own
- * stream, copy out and synchronise.  Training keeps its state in the
- * context's device memory: the forward normalises with batch statistics
+ * stream, copy out and synchronise (their training copies live in a staging
+ * buffer of the context that only they allocate).  Training keeps its state
+ * in the context's device memory: the forward normalises with batch statistics
  * (peer_k_batch_norm_train) and keeps z; the backward is
  *   per-token expert backward, gate backward   peer_k_experts_backward
  *   sorted expert rows                         radix sort + peer_k_expert_grads
@@ -26,9 +27,11 @@
 
 #include "experts.h"
 #include "retrieval.h"
+#include "status.h"
 #include "train.h"
 
 #include <cublas_v2.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -56,12 +59,33 @@ typedef struct cuda_state {
   size_t io_bytes;
 } cuda_state;
 
-static peer_status cuda_fail(cudaError_t e, const char *what) {
-  return peer_fail(PEER_ERR_CUDA, "%s: %s", what, cudaGetErrorString(e));
+/* As peer_k_cuda_fail (status.h), for cuBLAS: its allocation failure is
+ * PEER_ERR_OUT_OF_MEMORY, and a runtime error it met is not left behind. */
+static peer_status blas_fail(cublasStatus_t s, const char *what) {
+  (void)cudaGetLastError();
+  return peer_fail(s == CUBLAS_STATUS_ALLOC_FAILED ? PEER_ERR_OUT_OF_MEMORY : PEER_ERR_CUDA,
+                   "%s: cuBLAS: %s", what, cublasGetStatusString(s));
 }
 
-static peer_status blas_fail(cublasStatus_t s, const char *what) {
-  return peer_fail(PEER_ERR_CUDA, "%s: cuBLAS: %s", what, cublasGetStatusString(s));
+/* Wait for `stream`; a failure is reported as `what`. */
+static peer_status wait_for(cudaStream_t stream, const char *what) {
+  cudaError_t e = cudaStreamSynchronize(stream);
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, what);
+}
+
+/* After a failure on the host path: let the queued work finish (it may use
+ * buffers the next call reuses) and report only the first failure. */
+static void drain(cudaStream_t stream) {
+  if (cudaStreamSynchronize(stream) != cudaSuccess) (void)cudaGetLastError();
+}
+
+/* Parameter set-up writes through the legacy stream (cudaMemset, cudaMemcpy
+ * from pageable memory), which is not ordered with non-blocking streams:
+ * wait for the whole device so that the writes are done, for every stream,
+ * when the set-up call returns (peer_cuda.h). */
+static peer_status device_idle(const char *what) {
+  cudaError_t e = cudaDeviceSynchronize();
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, what);
 }
 
 static cuda_state *state_of(const peer_layer *L) { return (cuda_state *)L->backend_data; }
@@ -79,6 +103,23 @@ int peer_cuda_device_count(void) {
 
 static size_t round256(size_t b) { return (b + 255) & ~(size_t)255; }
 
+/* One buffer of a carved allocation: where its address goes, its size. */
+typedef struct part {
+  void **ptr;
+  size_t bytes;
+} part;
+
+/* Lay `count` parts out one after another from base, each 256-byte
+ * aligned, and return the bytes they take; base NULL only counts. */
+static size_t carve(const part *parts, size_t count, char *base) {
+  size_t off = 0;
+  for (size_t i = 0; i < count; i++) {
+    if (base) *parts[i].ptr = base + off;
+    off += round256(parts[i].bytes);
+  }
+  return off;
+}
+
 /* Device scratch of one forward or retrieval, carved from one buffer. */
 typedef struct dev_ws {
   float *q;        /* [T, dq] */
@@ -93,25 +134,21 @@ typedef struct dev_ws {
 static size_t dev_layout(const peer_layer *L, int64_t T, char *base, dev_ws *w) {
   const peer_dims *D = &L->dims;
   size_t t = (size_t)T, thk = t * (size_t)(D->H * D->k), lists = t * (size_t)(D->H * 2 * D->kp);
-  size_t sizes[7] = {t * (size_t)D->dq * 4, t * (size_t)(D->H * 2 * D->n) * 4, lists * 4,
-                     lists * 8, thk * 8, thk * 4, thk * 4};
-  void **slots[7] = {0};
-  if (w) {
-    slots[0] = (void **)&w->q, slots[1] = (void **)&w->S, slots[2] = (void **)&w->list_s;
-    slots[3] = (void **)&w->list_id, slots[4] = (void **)&w->ids, slots[5] = (void **)&w->scores;
-    slots[6] = (void **)&w->gates;
-  }
-  size_t off = 0;
-  for (int i = 0; i < 7; i++) {
-    if (w) *slots[i] = base + off;
-    off += round256(sizes[i]);
-  }
-  return off;
+  const part parts[] = {
+      {(void **)&w->q, t * (size_t)D->dq * 4},
+      {(void **)&w->S, t * (size_t)(D->H * 2 * D->n) * 4},
+      {(void **)&w->list_s, lists * 4},
+      {(void **)&w->list_id, lists * 8},
+      {(void **)&w->ids, thk * 8},
+      {(void **)&w->scores, thk * 4},
+      {(void **)&w->gates, thk * 4},
+  };
+  return carve(parts, sizeof parts / sizeof parts[0], base);
 }
 
 static peer_status device_scratch(peer_layer *L, int64_t T, dev_ws *w) {
   cuda_state *st = state_of(L);
-  size_t need = dev_layout(L, T, NULL, NULL);
+  size_t need = dev_layout(L, T, NULL, w);
   if (!(st->ws && need <= st->ws_bytes)) {
     if (st->ws && !st->ws_owned)
       return peer_fail(PEER_ERR_INVALID_ARGUMENT,
@@ -124,7 +161,7 @@ static peer_status device_scratch(peer_layer *L, int64_t T, dev_ws *w) {
     cudaError_t e = cudaMalloc(&st->ws, need);
     if (e != cudaSuccess) {
       st->ws = NULL;
-      return cuda_fail(e, "cuda workspace: cudaMalloc");
+      return peer_k_cuda_fail(e, "cuda workspace: cudaMalloc");
     }
     st->ws_bytes = need;
   }
@@ -224,21 +261,26 @@ static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float
                         gates, NULL, T, D->d, D->H * D->k, (int)L->cfg.activation, stream);
 }
 
-/* Wait for the stream, then report and clear the records: a non-finite x or
- * dy row first (the cause; the scores of such a row are non-finite too),
- * then a score. */
+/* Read the records behind the stream's work, then report and clear them: a
+ * non-finite x or dy row first (the cause; the scores of such a row are
+ * non-finite too), then a score.  Read and clear go on `stream` itself: the
+ * read waits for the work queued before it and for nothing else, and the
+ * clear comes before the next call's kernels on it.  The clear is waited
+ * for too (only when there was something to clear), so that it is done
+ * when this returns, whichever stream the next call uses. */
 static peer_status check_stream(peer_layer *L, cudaStream_t stream) {
   cuda_state *st = state_of(L);
   const peer_dims *D = &L->dims;
-  cudaError_t e = cudaStreamSynchronize(stream);
-  if (e != cudaSuccess) return cuda_fail(e, "cuda check: stream");
   unsigned long long rec[REC_COUNT];
-  if ((e = cudaMemcpy(rec, st->d_bad, sizeof rec, cudaMemcpyDeviceToHost)) != cudaSuccess)
-    return cuda_fail(e, "cuda check: reading the non-finite records");
+  peer_status s;
+  cudaError_t e = cudaMemcpyAsync(rec, st->d_bad, sizeof rec, cudaMemcpyDeviceToHost, stream);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "cuda check: stream");
+  if ((s = wait_for(stream, "cuda check: stream"))) return s;
   if (rec[REC_SCORE] == PEER_K_CLEAR && rec[REC_X] == PEER_K_CLEAR && rec[REC_DY] == PEER_K_CLEAR)
     return PEER_OK;
-  if ((e = cudaMemset(st->d_bad, 0xff, sizeof rec)) != cudaSuccess)
-    return cuda_fail(e, "cuda check: clearing the non-finite records");
+  if ((e = cudaMemsetAsync(st->d_bad, 0xff, sizeof rec, stream)) != cudaSuccess)
+    return peer_k_cuda_fail(e, "cuda check: clearing the non-finite records");
+  if ((s = wait_for(stream, "cuda check: clearing the non-finite records"))) return s;
   if (rec[REC_X] != PEER_K_CLEAR)
     return peer_fail(PEER_ERR_NONFINITE, "token %llu: x holds NaN or infinity", rec[REC_X]);
   if (rec[REC_DY] != PEER_K_CLEAR)
@@ -261,7 +303,7 @@ static peer_status enter(const peer_layer *L, int64_t T, const void *d_x, const 
                      (long long)T);
   if (T > 0 && !d_x) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: x is NULL", what);
   cudaError_t e = cudaSetDevice(state_of(L)->device);
-  return e == cudaSuccess ? PEER_OK : cuda_fail(e, what);
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, what);
 }
 
 peer_status peer_cuda_workspace_size(const peer_layer *L, int64_t T, size_t *bytes) {
@@ -269,7 +311,8 @@ peer_status peer_cuda_workspace_size(const peer_layer *L, int64_t T, size_t *byt
   if (L->opt.backend != PEER_BACKEND_CUDA)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_workspace_size: not a CUDA layer");
   if (T < 0) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "n_tokens: %lld is negative", (long long)T);
-  *bytes = dev_layout(L, T, NULL, NULL);
+  dev_ws w;
+  *bytes = dev_layout(L, T, NULL, &w);
   return PEER_OK;
 }
 
@@ -336,8 +379,12 @@ typedef struct io_bufs {
 static peer_status host_io(peer_layer *L, int64_t T, io_bufs *io) {
   cuda_state *st = state_of(L);
   const peer_dims *D = &L->dims;
-  size_t td = round256((size_t)T * (size_t)D->d * 4), thk = (size_t)T * (size_t)(D->H * D->k);
-  size_t need = 2 * td + round256(thk * 8) + 2 * round256(thk * 4);
+  size_t td = (size_t)T * (size_t)D->d * 4, thk = (size_t)T * (size_t)(D->H * D->k);
+  const part parts[] = {
+      {(void **)&io->x, td},           {(void **)&io->y, td},          {(void **)&io->ids, thk * 8},
+      {(void **)&io->scores, thk * 4}, {(void **)&io->gates, thk * 4},
+  };
+  const size_t count = sizeof parts / sizeof parts[0], need = carve(parts, count, NULL);
   if (need > st->io_bytes) {
     if (st->io) cudaFree(st->io);
     st->io = NULL;
@@ -345,16 +392,11 @@ static peer_status host_io(peer_layer *L, int64_t T, io_bufs *io) {
     cudaError_t e = cudaMalloc(&st->io, need);
     if (e != cudaSuccess) {
       st->io = NULL;
-      return cuda_fail(e, "cuda host path: cudaMalloc");
+      return peer_k_cuda_fail(e, "cuda host path: cudaMalloc");
     }
     st->io_bytes = need;
   }
-  char *p = st->io;
-  io->x = (float *)p;
-  io->y = (float *)(p + td);
-  io->ids = (int64_t *)(p + 2 * td);
-  io->scores = (float *)(p + 2 * td + round256(thk * 8));
-  io->gates = (float *)(p + 2 * td + round256(thk * 8) + round256(thk * 4));
+  carve(parts, count, st->io);
   return PEER_OK;
 }
 
@@ -362,7 +404,7 @@ static peer_status copy(void *dst, const void *src, size_t bytes, enum cudaMemcp
                         cudaStream_t stream) {
   if (!dst || bytes == 0) return PEER_OK;
   cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, stream);
-  return e == cudaSuccess ? PEER_OK : cuda_fail(e, "cuda host path: cudaMemcpyAsync");
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "cuda host path: cudaMemcpyAsync");
 }
 
 static peer_status cuda_forward(peer_layer *L, int64_t T, const float *x, float *y,
@@ -379,7 +421,7 @@ static peer_status cuda_forward(peer_layer *L, int64_t T, const float *x, float 
       (s = copy(y, io.y, xb, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(indices, io.ids, thk * 8, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(gates, io.gates, thk * 4, cudaMemcpyDeviceToHost, stream))) {
-    cudaStreamSynchronize(stream);
+    drain(stream);
     return s;
   }
   return check_stream(L, stream);
@@ -399,7 +441,7 @@ static peer_status cuda_retrieve(peer_layer *L, int64_t T, const float *x, int64
       (s = copy(indices, io.ids, thk * 8, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(scores, io.scores, thk * 4, cudaMemcpyDeviceToHost, stream)) ||
       (s = copy(gates, io.gates, thk * 4, cudaMemcpyDeviceToHost, stream))) {
-    cudaStreamSynchronize(stream);
+    drain(stream);
     return s;
   }
   return check_stream(L, stream);
@@ -407,14 +449,17 @@ static peer_status cuda_retrieve(peer_layer *L, int64_t T, const float *x, int64
 
 /* ------------------------------------------------------------ layer life */
 
+/* Zeroed parameter storage; the zeros are in place for every stream when
+ * this returns (as device_idle).  NULL on failure (the core reports it). */
 static void *cuda_alloc(size_t bytes) {
   void *p = NULL;
   if (bytes == 0) bytes = 256;
   if (cudaMalloc(&p, bytes) != cudaSuccess) {
-    cudaGetLastError();
+    (void)cudaGetLastError();
     return NULL;
   }
-  if (cudaMemset(p, 0, bytes) != cudaSuccess) {
+  if (cudaMemset(p, 0, bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
+    (void)cudaGetLastError();
     cudaFree(p);
     return NULL;
   }
@@ -426,26 +471,42 @@ static void cuda_free(void *ptr, size_t bytes) {
   if (ptr) cudaFree(ptr);
 }
 
+/* Host bytes into parameter storage, between two device_idle waits: work
+ * queued earlier on any stream may still read the old values, and the new
+ * ones must be in place for every stream when this returns. */
 static peer_status cuda_upload(peer_layer *L, void *dst, const void *src, size_t bytes) {
+  const char *what = "upload of parameters";
   cudaError_t e = cudaSetDevice(state_of(L)->device);
-  if (e == cudaSuccess) e = cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice);
-  return e == cudaSuccess ? PEER_OK : cuda_fail(e, "upload of parameters");
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, what);
+  peer_status s = device_idle(what);
+  if (s) return s;
+  if ((e = cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice)) != cudaSuccess)
+    return peer_k_cuda_fail(e, what);
+  return device_idle(what);
 }
 
-/* Limits of this backend's kernels (shared memory per warp / thread / block). */
+/* Limits of this backend's kernels (shared memory per warp / thread /
+ * block); the messages give the limits as config sizes (retrieval.h,
+ * experts.h). */
 static peer_status check_supported(const peer_layer *L) {
   const peer_dims *D = &L->dims;
-  if (peer_k_topk_warp_smem(D->n, D->kp) > PEER_K_SMEM_MAX)
+  if (peer_k_topk_warp_smem(D->n, D->kp) > PEER_K_SMEM_MAX) {
+    const long long cap = (long long)peer_k_topk_cap_max();
     return peer_fail(PEER_ERR_UNSUPPORTED,
                      "backend cuda: n_subkeys %lld with subkey_top_k %lld is beyond the top-k' "
-                     "kernel's shared memory (keep subkey_top_k <= 120 or n_subkeys <= 3840)",
-                     (long long)D->n, (long long)D->kp);
-  if (peer_k_merge_thread_smem(D->k) > PEER_K_SMEM_MAX ||
-      peer_k_experts_smem(D->H * D->k) > PEER_K_SMEM_MAX)
+                     "kernel's shared memory (keep subkey_top_k <= %lld or n_subkeys <= %lld)",
+                     (long long)D->n, (long long)D->kp, cap, 32 * cap);
+  }
+  if (peer_k_merge_thread_smem(D->k) > PEER_K_SMEM_MAX)
     return peer_fail(PEER_ERR_UNSUPPORTED,
-                     "backend cuda: n_heads*top_k = %lld is beyond the kernels' shared memory "
-                     "(at most 4096)",
-                     (long long)(D->H * D->k));
+                     "backend cuda: top_k %lld is beyond the merge kernel's shared memory (at "
+                     "most %lld)",
+                     (long long)D->k, (long long)peer_k_merge_k_max());
+  if (peer_k_experts_smem(D->H * D->k) > PEER_K_SMEM_MAX)
+    return peer_fail(PEER_ERR_UNSUPPORTED,
+                     "backend cuda: n_heads*top_k = %lld is beyond the expert kernel's shared "
+                     "memory (at most %lld)",
+                     (long long)(D->H * D->k), (long long)peer_k_experts_hk_max());
   if (D->d > 0x7fffffff / 2 || D->dq > 0x7fffffff || 2 * D->H * D->n > 0x7fffffff)
     return peer_fail(PEER_ERR_UNSUPPORTED, "backend cuda: dimensions beyond cuBLAS's int sizes");
   return PEER_OK;
@@ -460,6 +521,7 @@ static void cuda_close(peer_layer *L) {
   if (st->d_bad) cudaFree(st->d_bad);
   if (st->ws_owned && st->ws) cudaFree(st->ws);
   if (st->io) cudaFree(st->io);
+  (void)cudaGetLastError(); /* a teardown reports nothing, and leaves no error behind */
   free(st);
   L->backend_data = NULL;
 }
@@ -479,7 +541,8 @@ static peer_status cuda_open(peer_layer *L) {
   L->backend_data = st;
   cudaError_t e;
   cublasStatus_t bs;
-  if ((e = cudaSetDevice(st->device)) != cudaSuccess) s = cuda_fail(e, "backend cuda: cudaSetDevice");
+  if ((e = cudaSetDevice(st->device)) != cudaSuccess)
+    s = peer_k_cuda_fail(e, "backend cuda: cudaSetDevice");
   else if ((bs = cublasCreate(&st->blas)) != CUBLAS_STATUS_SUCCESS) {
     st->blas = NULL;
     s = blas_fail(bs, "backend cuda: cublasCreate");
@@ -487,13 +550,15 @@ static peer_status cuda_open(peer_layer *L) {
     s = blas_fail(bs, "backend cuda: cublasSetMathMode");
   else if ((e = cudaStreamCreateWithFlags(&st->own, cudaStreamNonBlocking)) != cudaSuccess) {
     st->own = NULL;
-    s = cuda_fail(e, "backend cuda: cudaStreamCreate");
+    s = peer_k_cuda_fail(e, "backend cuda: cudaStreamCreate");
   } else if ((e = cudaMalloc((void **)&st->d_bad, REC_COUNT * sizeof *st->d_bad)) !=
              cudaSuccess) {
     st->d_bad = NULL;
-    s = cuda_fail(e, "backend cuda: cudaMalloc");
+    s = peer_k_cuda_fail(e, "backend cuda: cudaMalloc");
   } else if ((e = cudaMemset(st->d_bad, 0xff, REC_COUNT * sizeof *st->d_bad)) != cudaSuccess)
-    s = cuda_fail(e, "backend cuda: cudaMemset");
+    s = peer_k_cuda_fail(e, "backend cuda: cudaMemset");
+  else
+    s = device_idle("backend cuda: clearing the non-finite records");
   if (s) cuda_close(L);
   return s;
 }
@@ -505,12 +570,21 @@ static size_t cuda_host_workspace(const peer_layer *L, int64_t T) {
   return 0; /* device scratch is peer_cuda_workspace_size's */
 }
 
-/* A training context's device memory (ctx->mem, from cudaMalloc), carved
- * for the context's max_tokens T; E = T*H*k entries.  The device-pointer
- * calls use the caller's x, y, dy, dx and gradient buffers; the host path
- * stages them here. */
+/* A training context's memory (ctx->mem): a host record of two device
+ * buffers.  `dev` holds what both paths need (train_mem), cuda_context_bytes
+ * of it, the size peer_context_size reports; `stage` holds the host path's
+ * device copies of its inputs, outputs and gradients (host_stage), allocated
+ * by the first host-pointer training call on the context (an allocation
+ * only then, as the layer's scratch) and freed with the context, so the
+ * device-pointer calls never pay for it. */
+typedef struct cuda_context {
+  void *dev;
+  void *stage;
+} cuda_context;
+
+/* The context's `dev` buffer, carved for its max_tokens T; E = T*H*k
+ * entries. */
 typedef struct train_mem {
-  float *x, *y, *dy, *dx;        /* [T, d]: the host path's device copies */
   float *q, *qhat, *dq;          /* [T, dq]: final queries, normalised (batch norm), grad */
   float *mean, *invstd;          /* [dq] batch statistics */
   int64_t *ids;                  /* [E] */
@@ -519,10 +593,6 @@ typedef struct train_mem {
   uint32_t *key, *val, *key2, *val2, *starts; /* sorts: 2E (+1) each */
   uint32_t *runs;                /* distinct rows of the last sort */
   unsigned long long *rec;       /* [REC_BATCH] this batch's REC_SCORE, REC_X records */
-  int64_t *n_rows;               /* expert rows of the host path's last backward */
-  float *g_wq, *g_bq, *g_nw, *g_nb, *g_keys; /* the host path's dense gradients */
-  int64_t *g_rows;               /* [E] the host path's expert ids, ascending */
-  float *g_down, *g_up;          /* [E, d] the host path's expert gradient rows */
   void *temp;                    /* CUB scratch */
   size_t temp_bytes;
 } train_mem;
@@ -530,37 +600,59 @@ typedef struct train_mem {
 static size_t train_layout(const peer_layer *L, int64_t T, size_t temp_bytes, char *base,
                            train_mem *m) {
   const peer_dims *D = &L->dims;
+  const size_t t = (size_t)T, dq = (size_t)D->dq, e = t * (size_t)(D->H * D->k);
+  const part parts[] = {
+      {(void **)&m->q, t * dq * 4},
+      {(void **)&m->qhat, t * dq * 4},
+      {(void **)&m->dq, t * dq * 4},
+      {(void **)&m->mean, dq * 4},
+      {(void **)&m->invstd, dq * 4},
+      {(void **)&m->ids, e * 8},
+      {(void **)&m->scores, e * 4},
+      {(void **)&m->gates, e * 4},
+      {(void **)&m->z, e * 4},
+      {(void **)&m->ds, e * 4},
+      {(void **)&m->cup, e * 4},
+      {(void **)&m->cdown, e * 4},
+      {(void **)&m->key, 2 * e * 4},
+      {(void **)&m->val, 2 * e * 4},
+      {(void **)&m->key2, 2 * e * 4},
+      {(void **)&m->val2, 2 * e * 4},
+      {(void **)&m->starts, (2 * e + 1) * 4},
+      {(void **)&m->runs, 4},
+      {(void **)&m->rec, REC_BATCH * 8},
+      {(void **)&m->temp, temp_bytes},
+  };
+  m->temp_bytes = temp_bytes;
+  return carve(parts, sizeof parts / sizeof parts[0], base);
+}
+
+/* The context's `stage` buffer: the host path's device copies for T tokens,
+ * 4*T*d + H*d_key*(d + 3) + G*n*d_key + E*(2*d + 2) floats and 8 bytes
+ * (each part rounded up to 256 bytes), the expert gradient rows [E, d]
+ * twice the most of it. */
+typedef struct host_stage {
+  float *x, *y, *dy, *dx;                    /* [T, d] */
+  int64_t *n_rows;                           /* expert rows of the last backward */
+  float *g_wq, *g_bq, *g_nw, *g_nb, *g_keys; /* dense gradients */
+  int64_t *g_rows;                           /* [E] expert ids, ascending */
+  float *g_down, *g_up;                      /* [E, d] expert gradient rows */
+} host_stage;
+
+static size_t stage_layout(const peer_layer *L, int64_t T, char *base, host_stage *h) {
+  const peer_dims *D = &L->dims;
   const size_t t = (size_t)T, d = (size_t)D->d, dq = (size_t)D->dq;
   const size_t e = t * (size_t)(D->H * D->k), keys = (size_t)(D->G * 2 * D->n * D->half);
-  struct {
-    void **ptr;
-    size_t bytes;
-  } parts[] = {
-      {(void **)&m->x, t * d * 4},          {(void **)&m->y, t * d * 4},
-      {(void **)&m->dy, t * d * 4},         {(void **)&m->dx, t * d * 4},
-      {(void **)&m->q, t * dq * 4},         {(void **)&m->qhat, t * dq * 4},
-      {(void **)&m->dq, t * dq * 4},        {(void **)&m->mean, dq * 4},
-      {(void **)&m->invstd, dq * 4},        {(void **)&m->ids, e * 8},
-      {(void **)&m->scores, e * 4},         {(void **)&m->gates, e * 4},
-      {(void **)&m->z, e * 4},              {(void **)&m->ds, e * 4},
-      {(void **)&m->cup, e * 4},            {(void **)&m->cdown, e * 4},
-      {(void **)&m->key, 2 * e * 4},        {(void **)&m->val, 2 * e * 4},
-      {(void **)&m->key2, 2 * e * 4},       {(void **)&m->val2, 2 * e * 4},
-      {(void **)&m->starts, (2 * e + 1) * 4},
-      {(void **)&m->runs, 4},               {(void **)&m->rec, REC_BATCH * 8},
-      {(void **)&m->n_rows, 8},             {(void **)&m->g_wq, dq * d * 4},
-      {(void **)&m->g_bq, dq * 4},          {(void **)&m->g_nw, dq * 4},
-      {(void **)&m->g_nb, dq * 4},          {(void **)&m->g_keys, keys * 4},
-      {(void **)&m->g_rows, e * 8},         {(void **)&m->g_down, e * d * 4},
-      {(void **)&m->g_up, e * d * 4},       {(void **)&m->temp, temp_bytes},
+  const part parts[] = {
+      {(void **)&h->x, t * d * 4},    {(void **)&h->y, t * d * 4},
+      {(void **)&h->dy, t * d * 4},   {(void **)&h->dx, t * d * 4},
+      {(void **)&h->n_rows, 8},       {(void **)&h->g_wq, dq * d * 4},
+      {(void **)&h->g_bq, dq * 4},    {(void **)&h->g_nw, dq * 4},
+      {(void **)&h->g_nb, dq * 4},    {(void **)&h->g_keys, keys * 4},
+      {(void **)&h->g_rows, e * 8},   {(void **)&h->g_down, e * d * 4},
+      {(void **)&h->g_up, e * d * 4},
   };
-  size_t off = 0;
-  for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
-    if (base) *parts[i].ptr = base + off;
-    off += round256(parts[i].bytes);
-  }
-  m->temp_bytes = temp_bytes;
-  return off;
+  return carve(parts, sizeof parts / sizeof parts[0], base);
 }
 
 /* CUB's scratch for sorting 2E pairs (the sub-key sort, the larger). */
@@ -568,29 +660,54 @@ static peer_status sort_temp(const peer_layer *L, int64_t T, size_t *bytes) {
   return peer_k_sort_temp_bytes(2 * T * L->dims.H * L->dims.k, bytes);
 }
 
+/* Contexts this backend can train: the backward sorts 2*T*H*k (key, entry)
+ * pairs with CUB's int item count.  Also asks CUB for its scratch on the
+ * layer's device, so that cuda_context_bytes, which the core calls next,
+ * gets the same answer. */
+static peer_status cuda_context_check(const peer_layer *L, int64_t T, const char *what) {
+  const int64_t most = 0x7fffffff / (2 * L->dims.H * L->dims.k);
+  if (T > most)
+    return peer_fail(PEER_ERR_UNSUPPORTED,
+                     "%s: max_tokens %lld is beyond the CUDA backend's limit of %lld for this "
+                     "layer (its backward sorts 2*max_tokens*n_heads*top_k pairs, at most "
+                     "2^31 - 1)",
+                     what, (long long)T, (long long)most);
+  cudaError_t e = cudaSetDevice(state_of(L)->device);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, what);
+  size_t temp;
+  return sort_temp(L, T, &temp);
+}
+
 static size_t cuda_context_bytes(const peer_layer *L, int64_t T) {
   size_t temp = 0;
-  if (sort_temp(L, T, &temp)) peer_clear_error(); /* reported again when training runs */
+  /* cuda_context_check just had the same answer; should CUB differ now,
+   * context_mem refuses the context at its first use */
+  if (sort_temp(L, T, &temp)) peer_clear_error();
   train_mem m;
   return train_layout(L, T, temp, NULL, &m);
 }
 
 static void *cuda_context_alloc(const peer_layer *L, size_t bytes) {
-  if (cudaSetDevice(state_of(L)->device) != cudaSuccess) {
-    cudaGetLastError();
+  cuda_context *c = calloc(1, sizeof *c);
+  if (!c) return NULL;
+  cudaError_t e = cudaSetDevice(state_of(L)->device);
+  if (e == cudaSuccess) e = cudaMalloc(&c->dev, bytes ? bytes : 256);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    free(c);
     return NULL;
   }
-  void *p = NULL;
-  if (cudaMalloc(&p, bytes ? bytes : 256) != cudaSuccess) {
-    cudaGetLastError();
-    return NULL;
-  }
-  return p;
+  return c;
 }
 
 static void cuda_context_free(void *mem, size_t bytes) {
+  cuda_context *c = mem;
   (void)bytes;
-  if (mem) cudaFree(mem);
+  if (!c) return;
+  cudaFree(c->dev);
+  if (c->stage) cudaFree(c->stage);
+  (void)cudaGetLastError();
+  free(c);
 }
 
 /* The context's layout; fails if CUB now wants more scratch than it has. */
@@ -601,7 +718,24 @@ static peer_status context_mem(const peer_layer *L, const peer_context *c, train
   if (train_layout(L, c->max_tokens, temp, NULL, m) > c->bytes)
     return peer_fail(PEER_ERR_CUDA, "cuda training: CUB asks for more scratch than the "
                                     "context was given");
-  train_layout(L, c->max_tokens, temp, c->mem, m);
+  train_layout(L, c->max_tokens, temp, ((cuda_context *)c->mem)->dev, m);
+  return PEER_OK;
+}
+
+/* The host path's staging of the context, allocated on its first use. */
+static peer_status context_stage(const peer_layer *L, peer_context *c, host_stage *h) {
+  cuda_context *cc = c->mem;
+  const size_t need = stage_layout(L, c->max_tokens, NULL, h);
+  if (!cc->stage) {
+    cudaError_t e = cudaMalloc(&cc->stage, need);
+    if (e != cudaSuccess) {
+      cc->stage = NULL;
+      char what[128];
+      snprintf(what, sizeof what, "host-path training: %zu bytes of device staging", need);
+      return peer_k_cuda_fail(e, what);
+    }
+  }
+  stage_layout(L, c->max_tokens, cc->stage, h);
   return PEER_OK;
 }
 
@@ -610,20 +744,19 @@ static peer_status context_mem(const peer_layer *L, const peer_context *c, train
  * scores and gates, experts keeping z; then the running statistics, which
  * the device leaves alone when this batch met a non-finite x or score (as
  * the CPU, which fails before updating them); then this batch's records
- * join the layer's.  The backward will read x from d_x. */
+ * join the layer's.  The backward will read x from d_x.  T is within the
+ * context (peer_train_begin), whose size cuda_context_check accepted, so the
+ * backward's sorts fit CUB's counts. */
 static peer_status dev_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
                                      const float *d_x, float *d_y, cudaStream_t stream) {
   const peer_dims *D = &L->dims;
   const bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
-  if (2 * T * D->H * D->k > (int64_t)0x7fffffff)
-    return peer_fail(PEER_ERR_UNSUPPORTED,
-                     "forward_train: the CUDA backend sorts at most 2^31 - 1 = 2*T*H*k pairs");
   train_mem m;
   dev_ws w;
   peer_status s;
   if ((s = context_mem(L, ctx, &m)) || (s = device_scratch(L, T, &w))) return s;
   cudaError_t e = cudaMemsetAsync(m.rec, 0xff, REC_BATCH * sizeof *m.rec, stream);
-  if (e != cudaSuccess) return cuda_fail(e, "forward_train: cudaMemsetAsync");
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "forward_train: cudaMemsetAsync");
   if ((s = peer_k_first_nonfinite_row(d_x, T, D->d, m.rec + REC_X, stream)) ||
       (s = project_query(L, T, d_x, m.q, false, stream)))
     return s;
@@ -670,17 +803,21 @@ static peer_status dev_backward(peer_layer *L, peer_context *ctx, const float *d
   a.T = T, a.d = D->d, a.hk = (int)hk, a.k = (int)D->k, a.act = (int)L->cfg.activation,
   a.gate = (int)L->cfg.gate;
   if ((s = peer_k_experts_backward(&a, L->cfg.weight_dtype == PEER_BF16, stream))) return s;
+  /* The distinct rows of a sort: at most its entries, and at most the rows
+   * there are (the kernels' grids are sized by these bounds). */
+  const int64_t expert_rows = E < D->N ? E : D->N;
+  const int64_t key_rows = 2 * E < D->G * 2 * D->n ? 2 * E : D->G * 2 * D->n;
   cudaError_t e;
   if (g->experts_down) {
     if ((s = peer_k_expert_sort_keys(m.ids, E, m.key, m.val, stream)) ||
         (s = peer_k_sorted_runs(m.key, m.val, m.key2, m.val2, m.starts, m.runs, E,
                                 (uint32_t)(D->N - 1), m.temp, m.temp_bytes, stream)) ||
-        (s = peer_k_expert_grads(m.key2, m.val2, m.starts, m.runs, E, m.cdown, m.cup, x, d_dy,
-                                 D->d, hk, g->experts_dense ? 1 : 0, g->experts_down,
+        (s = peer_k_expert_grads(m.key2, m.val2, m.starts, m.runs, expert_rows, m.cdown, m.cup, x,
+                                 d_dy, D->d, hk, g->experts_dense ? 1 : 0, g->experts_down,
                                  g->experts_up, g->expert_rows, n_rows, stream)))
       return s;
   } else if (n_rows && (e = cudaMemsetAsync(n_rows, 0, sizeof *n_rows, stream)) != cudaSuccess) {
-    return cuda_fail(e, "backward: cudaMemsetAsync");
+    return peer_k_cuda_fail(e, "backward: cudaMemsetAsync");
   }
   const float *keys = L->slot[PEER_P_KEYS].data;
   if ((s = peer_k_query_grad(m.ids, m.ds, keys, T, D->H, D->k, D->n, D->dk,
@@ -688,13 +825,12 @@ static peer_status dev_backward(peer_layer *L, peer_context *ctx, const float *d
     return s;
   if (g->keys) {
     if ((e = cudaMemsetAsync(g->keys, 0, L->slot[PEER_P_KEYS].nbytes, stream)) != cudaSuccess)
-      return cuda_fail(e, "backward: cudaMemsetAsync");
-    if ((s = peer_k_subkey_sort_keys(m.ids, T, D->H, D->k, D->n, L->cfg.shared_keys ? 1 : 0,
-                                     m.key, m.val, stream)) ||
+      return peer_k_cuda_fail(e, "backward: cudaMemsetAsync");
+    if ((s = peer_k_subkey_sort_keys(m.ids, T, D->H, D->k, D->n, L->cfg.shared_keys ? 1 : 0, m.key,
+                                     m.val, stream)) ||
         (s = peer_k_sorted_runs(m.key, m.val, m.key2, m.val2, m.starts, m.runs, 2 * E,
-                                (uint32_t)(D->G * 2 * D->n - 1), m.temp, m.temp_bytes,
-                                stream)) ||
-        (s = peer_k_keys_grad(m.key2, m.val2, m.starts, m.runs, 2 * E, m.ds, m.q, D->H, D->k,
+                                (uint32_t)(D->G * 2 * D->n - 1), m.temp, m.temp_bytes, stream)) ||
+        (s = peer_k_keys_grad(m.key2, m.val2, m.starts, m.runs, key_rows, m.ds, m.q, D->H, D->k,
                               D->dk, g->keys, stream)))
       return s;
   }
@@ -731,7 +867,7 @@ static peer_status dev_backward_empty(const peer_layer *L, const peer_grads *g, 
   for (int i = 0; i < 5 && e == cudaSuccess; i++)
     if (bufs[i]) e = cudaMemsetAsync(bufs[i], 0, L->slot[slots[i]].nbytes, stream);
   if (e == cudaSuccess && n_rows) e = cudaMemsetAsync(n_rows, 0, sizeof *n_rows, stream);
-  return e == cudaSuccess ? PEER_OK : cuda_fail(e, "cuda_backward: cudaMemsetAsync");
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "cuda_backward: cudaMemsetAsync");
 }
 
 peer_status peer_cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
@@ -763,53 +899,50 @@ static peer_status cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t 
                                       const float *x, float *y, void *host_ws) {
   (void)host_ws;
   peer_status s = enter(L, T, x, "forward_train");
-  train_mem m;
-  if (s || (s = context_mem(L, ctx, &m))) return s;
+  host_stage h;
+  if (s || (s = context_stage(L, ctx, &h))) return s;
   cudaStream_t stream = state_of(L)->own;
   size_t xb = (size_t)T * (size_t)L->dims.d * 4;
-  if ((s = copy(m.x, x, xb, cudaMemcpyHostToDevice, stream)) ||
-      (s = dev_forward_train(L, ctx, T, m.x, m.y, stream)) ||
-      (s = copy(y, m.y, xb, cudaMemcpyDeviceToHost, stream))) {
-    cudaStreamSynchronize(stream);
+  if ((s = copy(h.x, x, xb, cudaMemcpyHostToDevice, stream)) ||
+      (s = dev_forward_train(L, ctx, T, h.x, h.y, stream)) ||
+      (s = copy(y, h.y, xb, cudaMemcpyDeviceToHost, stream))) {
+    drain(stream);
     return s;
   }
   return check_stream(L, stream);
 }
 
-/* Expert rows to the caller's host buffers (after the stream is idle). */
-static peer_status copy_expert_rows(const peer_layer *L, const train_mem *m, peer_grads *g) {
-  const size_t d = (size_t)L->dims.d;
-  int64_t n_rows = 0;
-  cudaError_t e = cudaMemcpy(&n_rows, m->n_rows, sizeof n_rows, cudaMemcpyDeviceToHost);
-  if (e != cudaSuccess) return cuda_fail(e, "backward: reading the expert row count");
-  const size_t runs = (size_t)n_rows, rb = runs * d * sizeof(float);
-  if ((e = cudaMemcpy(g->expert_rows, m->g_rows, runs * 8, cudaMemcpyDeviceToHost)) !=
-      cudaSuccess)
-    return cuda_fail(e, "backward: copying expert rows");
-  if (!g->experts_dense) {
-    if ((e = cudaMemcpy(g->experts_down, m->g_down, rb, cudaMemcpyDeviceToHost)) != cudaSuccess ||
-        (e = cudaMemcpy(g->experts_up, m->g_up, rb, cudaMemcpyDeviceToHost)) != cudaSuccess)
-      return cuda_fail(e, "backward: copying expert gradients");
-  } else if (runs > 0) {
-    float *tmp = malloc(2 * rb);
-    if (!tmp) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "backward: out of memory");
-    if ((e = cudaMemcpy(tmp, m->g_down, rb, cudaMemcpyDeviceToHost)) != cudaSuccess ||
-        (e = cudaMemcpy(tmp + runs * d, m->g_up, rb, cudaMemcpyDeviceToHost)) != cudaSuccess) {
-      free(tmp);
-      return cuda_fail(e, "backward: copying expert gradients");
-    }
-    for (size_t r = 0; r < runs; r++) {
-      float *gd = g->experts_down + (size_t)g->expert_rows[r] * d;
-      float *gu = g->experts_up + (size_t)g->expert_rows[r] * d;
-      for (size_t i = 0; i < d; i++) gd[i] += tmp[r * d + i], gu[i] += tmp[(runs + r) * d + i];
-    }
+/* The n_rows expert rows of the staging to the caller's host buffers, on
+ * `stream` (idle when called; idle again on return), dense rows added on
+ * the host. */
+static peer_status copy_expert_rows(const peer_layer *L, const host_stage *h, int64_t n_rows,
+                                    peer_grads *g, cudaStream_t stream) {
+  const size_t d = (size_t)L->dims.d, runs = (size_t)n_rows, rb = runs * d * sizeof(float);
+  const enum cudaMemcpyKind out = cudaMemcpyDeviceToHost;
+  float *tmp = NULL;
+  if (g->experts_dense && runs > 0 && !(tmp = malloc(2 * rb)))
+    return peer_fail(PEER_ERR_OUT_OF_MEMORY, "backward: out of memory");
+  float *down = tmp ? tmp : g->experts_down, *up = tmp ? tmp + runs * d : g->experts_up;
+  peer_status s;
+  if ((s = copy(g->expert_rows, h->g_rows, runs * 8, out, stream)) ||
+      (s = copy(down, h->g_down, rb, out, stream)) || (s = copy(up, h->g_up, rb, out, stream)) ||
+      (s = wait_for(stream, "backward: copying expert gradients"))) {
+    drain(stream);
     free(tmp);
+    return s;
   }
+  for (size_t r = 0; tmp && r < runs; r++) {
+    float *gd = g->experts_down + (size_t)g->expert_rows[r] * d;
+    float *gu = g->experts_up + (size_t)g->expert_rows[r] * d;
+    for (size_t i = 0; i < d; i++)
+      gd[i] += down[r * d + i], gu[i] += up[r * d + i];
+  }
+  free(tmp);
   g->n_expert_rows = n_rows;
   return PEER_OK;
 }
 
-/* The device backward into the context's buffers (expert rows always in
+/* The device backward into the context's staging (expert rows always in
  * the sparse form there); after the stream is checked (a non-finite dy
  * leaves the caller's buffers untouched), copies to the caller's host
  * buffers, with dense expert rows added on the host. */
@@ -818,41 +951,41 @@ static peer_status cuda_backward(peer_layer *L, peer_context *ctx, const float *
   const peer_dims *D = &L->dims;
   const int64_t T = ctx->n_tokens;
   peer_status s = enter(L, T, dy, "backward");
-  train_mem m;
-  if (s || (s = context_mem(L, ctx, &m))) return s;
+  host_stage h;
+  if (s || (s = context_stage(L, ctx, &h))) return s;
   cudaStream_t stream = state_of(L)->own;
   const bool experts = g->experts_down != NULL;
   peer_grads dg = {0};
-  dg.query_weight = g->query_weight ? m.g_wq : NULL;
-  dg.query_bias = g->query_bias ? m.g_bq : NULL;
-  dg.norm_weight = g->norm_weight ? m.g_nw : NULL;
-  dg.norm_bias = g->norm_bias ? m.g_nb : NULL;
-  dg.keys = g->keys ? m.g_keys : NULL;
+  dg.query_weight = g->query_weight ? h.g_wq : NULL;
+  dg.query_bias = g->query_bias ? h.g_bq : NULL;
+  dg.norm_weight = g->norm_weight ? h.g_nw : NULL;
+  dg.norm_bias = g->norm_bias ? h.g_nb : NULL;
+  dg.keys = g->keys ? h.g_keys : NULL;
   if (experts) {
     dg.expert_capacity = T * D->H * D->k;
-    dg.expert_rows = m.g_rows, dg.experts_down = m.g_down, dg.experts_up = m.g_up;
+    dg.expert_rows = h.g_rows, dg.experts_down = h.g_down, dg.experts_up = h.g_up;
   }
   const size_t xb = (size_t)T * (size_t)D->d * 4, fb = (size_t)D->dq * 4;
-  if ((s = copy(m.dy, dy, xb, cudaMemcpyHostToDevice, stream)) ||
-      (s = dev_backward(L, ctx, m.dy, dx ? m.dx : NULL, &dg, experts ? m.n_rows : NULL,
-                        stream))) {
-    cudaStreamSynchronize(stream);
+  const enum cudaMemcpyKind out = cudaMemcpyDeviceToHost;
+  if ((s = copy(h.dy, dy, xb, cudaMemcpyHostToDevice, stream)) ||
+      (s = dev_backward(L, ctx, h.dy, dx ? h.dx : NULL, &dg, experts ? h.n_rows : NULL, stream))) {
+    drain(stream);
     return s;
   }
   if ((s = check_stream(L, stream))) return s;
-  if ((s = copy(dx, m.dx, xb, cudaMemcpyDeviceToHost, stream)) ||
-      (s = copy(g->query_weight, m.g_wq, fb * (size_t)D->d, cudaMemcpyDeviceToHost, stream)) ||
-      (s = copy(g->query_bias, m.g_bq, fb, cudaMemcpyDeviceToHost, stream)) ||
-      (s = copy(g->norm_weight, m.g_nw, fb, cudaMemcpyDeviceToHost, stream)) ||
-      (s = copy(g->norm_bias, m.g_nb, fb, cudaMemcpyDeviceToHost, stream)) ||
-      (s = copy(g->keys, m.g_keys, L->slot[PEER_P_KEYS].nbytes, cudaMemcpyDeviceToHost,
-                stream))) {
-    cudaStreamSynchronize(stream);
+  int64_t n_rows = 0;
+  if ((s = copy(dx, h.dx, xb, out, stream)) ||
+      (s = copy(g->query_weight, h.g_wq, fb * (size_t)D->d, out, stream)) ||
+      (s = copy(g->query_bias, h.g_bq, fb, out, stream)) ||
+      (s = copy(g->norm_weight, h.g_nw, fb, out, stream)) ||
+      (s = copy(g->norm_bias, h.g_nb, fb, out, stream)) ||
+      (s = copy(g->keys, h.g_keys, L->slot[PEER_P_KEYS].nbytes, out, stream)) ||
+      (s = copy(experts ? &n_rows : NULL, h.n_rows, sizeof n_rows, out, stream)) ||
+      (s = wait_for(stream, "backward: copying gradients"))) {
+    drain(stream);
     return s;
   }
-  cudaError_t e = cudaStreamSynchronize(stream);
-  if (e != cudaSuccess) return cuda_fail(e, "backward: stream");
-  return experts ? copy_expert_rows(L, &m, g) : PEER_OK;
+  return experts ? copy_expert_rows(L, &h, n_rows, g, stream) : PEER_OK;
 }
 
 const peer_backend_i peer_backend_cuda = {
@@ -868,6 +1001,7 @@ const peer_backend_i peer_backend_cuda = {
     .open = cuda_open,
     .close = cuda_close,
     .upload = cuda_upload,
+    .context_check = cuda_context_check,
     .context_alloc = cuda_context_alloc,
     .context_free = cuda_context_free,
 };

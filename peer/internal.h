@@ -94,8 +94,15 @@ typedef struct peer_backend_i {
   /* Optional: copy host bytes into parameter storage that is not host memory.
    * NULL means parameters are host memory, written in place. */
   peer_status (*upload)(peer_layer *layer, void *dst, const void *src, size_t bytes);
+  /* Optional (NULL: every size the core allows): refuse a training context
+   * of max_tokens this backend cannot train, with a status and a message
+   * that starts with `what`; peer_context_size and peer_context_create ask
+   * it before context_bytes. */
+  peer_status (*context_check)(const peer_layer *layer, int64_t max_tokens, const char *what);
   /* Optional (NULL: host memory from peer_alloc / peer_free): a training
-   * context's memory, e.g. on the device.  context_free must not need the
+   * context's memory, context_bytes of it or a backend's handle to that
+   * much (the CUDA backend's holds device memory and, once its host path
+   * has been used, that path's staging).  context_free must not need the
    * layer: a context may be freed after its layer. */
   void *(*context_alloc)(const peer_layer *layer, size_t bytes);
   void (*context_free)(void *mem, size_t bytes);
@@ -107,12 +114,12 @@ struct peer_context {
   int64_t max_tokens;
   int64_t n_tokens;   /* of the last forward_train */
   const float *x;     /* the caller's input of the last forward_train */
-  const float *x_dev; /* CUDA: x on the device for backward (the context's copy, or the
-                         caller's d_x on the device-pointer path) */
+  const float *x_dev; /* CUDA: x on the device for backward (the host path's staged copy,
+                         or the caller's d_x on the device-pointer path) */
   bool ready;         /* a forward_train succeeded since the last backward */
   int n_threads;      /* per-thread scratch was sized for this many */
-  void *mem;
-  size_t bytes;
+  void *mem;          /* the backend's (context_alloc) */
+  size_t bytes;       /* context_bytes(max_tokens) */
   void (*mem_free)(void *mem, size_t bytes); /* how mem goes back */
 };
 

@@ -21,7 +21,7 @@ static peer_status check_tokens(const peer_layer *L, int64_t T, const char *what
   if (T > MAX_ENTRIES / (L->dims.H * L->dims.k) || T > ((int64_t)1 << 40) / L->dims.d)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: max_tokens %lld too large", what,
                      (long long)T);
-  return PEER_OK;
+  return L->backend->context_check ? L->backend->context_check(L, T, what) : PEER_OK;
 }
 
 peer_status peer_context_size(const peer_layer *L, int64_t T, size_t *bytes) {
