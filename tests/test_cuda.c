@@ -646,6 +646,31 @@ Test(cuda, training_bf16_relu_gates_odd_width) {
   check_training(SMALL ",activation=gelu_tanh,query_norm=batchnorm", 40);
 }
 
+/* Every combination of the forward and training options (activation, gate,
+ * query norm, query bias, expert dtype, shared keys), each on both backends,
+ * at a small size with k' > k and a width that is not a multiple of 8. */
+Test(cuda, every_option_forward_and_training, .timeout = 600) {
+  static const char *const acts[] = {"relu", "gelu", "gelu_tanh", "silu", "identity"};
+  static const char *const gates[] = {"softmax", "sigmoid", "relu"};
+  static const char *const norms[] = {"none", "batchnorm"};
+  static const char *const dtypes[] = {"f32", "bf16"};
+  char config[192];
+  for (int a = 0; a < 5; a++)
+    for (int g = 0; g < 3; g++)
+      for (int nm = 0; nm < 2; nm++)
+        for (int bias = 0; bias < 2; bias++)
+          for (int dt = 0; dt < 2; dt++)
+            for (int shared = 0; shared < 2; shared++) {
+              snprintf(config, sizeof config,
+                       "d_model=44,n_heads=3,d_key=12,n_subkeys=24,top_k=4,subkey_top_k=6,"
+                       "activation=%s,gate=%s,query_norm=%s,query_bias=%d,weight_dtype=%s,"
+                       "shared_keys=%d",
+                       acts[a], gates[g], norms[nm], bias, dtypes[dt], shared);
+              check_config(config, 19, 0);
+              check_training(config, 21);
+            }
+}
+
 Test(cuda, training_nonfinite_dy) {
   pair p = make_pair(SMALL);
   cr_assert_eq(peer_layer_init(p.gpu, 3), PEER_OK, "%s", peer_last_error());
