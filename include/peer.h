@@ -226,7 +226,9 @@ peer_status peer_retrieve(peer_layer *layer, int64_t n_tokens, const float *x,
 
 /* The same result by brute force: every one of the N sums s1[a] + s2[b] is
  * scored and the best k kept (O(N) per token and head; for checks and
- * benchmarks).  Same outputs as peer_retrieve. */
+ * benchmarks).  Same outputs as peer_retrieve.  On a CUDA layer, top_k > 95
+ * is refused with PEER_ERR_UNSUPPORTED before anything runs (the kernel's
+ * per-thread lists in shared memory; peer_cuda.h); T = 0 stays a no-op. */
 peer_status peer_retrieve_brute(peer_layer *layer, int64_t n_tokens,
                                 const float *x, int64_t *indices, float *scores,
                                 float *gates);
@@ -259,7 +261,9 @@ peer_status peer_layer_set_norm_momentum(peer_layer *layer, float momentum);
 
 /* Forward in training mode: as peer_forward, but batch norm uses the batch's
  * statistics (biased variance, eps 1e-5) and updates the running statistics,
- * and ctx records what peer_backward needs.  Batch norm needs T >= 2. */
+ * and ctx records what peer_backward needs.  Batch norm needs T >= 2.  A call
+ * that fails (any status but PEER_OK) leaves ctx, when it is this layer's,
+ * without a forward: a backward then returns PEER_ERR_STATE. */
 peer_status peer_forward_train(peer_layer *layer, peer_context *ctx, int64_t n_tokens,
                                const float *x, float *y);
 
@@ -288,7 +292,12 @@ typedef struct peer_grads {
 
 /* Backward of the last peer_forward_train on ctx: dy [T, d] in, dx [T, d]
  * out (NULL skips it), and grads.  The top-k choice is constant (as
- * torch.topk).  Deterministic: the same bits whatever the thread count. */
+ * torch.topk).  Deterministic: the same bits whatever the thread count.
+ * One backward per forward: a successful one uses the forward up (a second
+ * returns PEER_ERR_STATE); a failed one, PEER_ERR_NONFINITE for a NaN or
+ * infinity in dy included, leaves it in place and may be retried.  (The
+ * device-pointer peer_cuda_backward differs: it sees dy only on the device,
+ * after it has returned PEER_OK and used the forward up; peer_cuda.h.) */
 peer_status peer_backward(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
                           peer_grads *grads);
 

@@ -5,11 +5,21 @@
  *
  * The host-pointer calls of peer.h (peer_forward, peer_retrieve,
  * peer_retrieve_brute, peer_forward_train, peer_backward) also work on a CUDA
- * layer: they are a convenience path that copies x (dy) to the device, runs
- * the same device code as the calls here on a stream of the layer's own,
- * copies the results (y, dx, every gradient) back to the caller's host
+ * layer: they are a convenience path that first waits for the whole device
+ * (cudaDeviceSynchronize: the work queued on every stream, the caller's
+ * included, has finished before they start), copies x (dy) to the device,
+ * runs the same device code as the calls here on a stream of the layer's
+ * own, copies the results (y, dx, every gradient) back to the caller's host
  * buffers and synchronises, so they report PEER_ERR_NONFINITE on return.
- * Use the calls here on the hot path.
+ * The two paths may therefore be mixed on one layer and one context in
+ * either order without further synchronisation: a host-pointer call sees
+ * everything device-pointer calls queued before it, and has finished when
+ * it returns.  A CUDA error left by earlier work on the device (the
+ * caller's included) is reported by the wait, as PEER_ERR_CUDA.  (An empty
+ * batch touches no device memory and does not wait.)  The host-pointer
+ * calls' non-finite check reads and clears the layer's records (see
+ * peer_cuda_check), so it also reports a record that an earlier, unchecked
+ * device-pointer call left.  Use the calls here on the hot path.
  *
  * Parameters: peer_layer_create (zeroed parameters) and peer_layer_init
  * write them through the legacy default stream, waiting for the whole device
@@ -29,7 +39,7 @@
  * batch statistics.  The host-pointer calls stage their inputs, outputs and
  * gradients on the device too, in a second buffer that the first
  * host-pointer peer_forward_train or peer_backward on the context allocates
- * (an allocation, which synchronises the device, only then) and
+ * (a cudaMalloc only then, after that call's wait for the device) and
  * peer_context_free frees:
  *   4*T*d + H*d_key*(d + 3) + G*n*d_key + T*H*k*(2*d + 2) floats
  * for max_tokens T (G = n_heads, or 1 with shared keys), mostly the expert
@@ -43,9 +53,13 @@
  * PEER_USE_CUDA).
  *
  * Each call makes the layer's device current on the calling thread
- * (cudaSetDevice), as do peer_context_size and peer_context_create on a CUDA
- * layer.  Like every peer_layer call, calls on one layer must not
- * overlap in time from two threads. */
+ * (cudaSetDevice), as do the host-pointer calls, peer_context_size,
+ * peer_context_create and peer_context_free on a CUDA layer (or its
+ * context) and peer_layer_free.  Device memory the layer or a context gives
+ * back (peer_layer_free, peer_context_free, scratch replaced by growth or by
+ * peer_cuda_set_workspace) is freed only after a wait for the whole device,
+ * so work still queued on it finishes first.  Like every peer_layer call,
+ * calls on one layer must not overlap in time from two threads. */
 #ifndef PEER_CUDA_H
 #define PEER_CUDA_H
 
@@ -62,8 +76,9 @@ extern "C" {
 int peer_cuda_device_count(void);
 
 /* Device scratch.  The calls below need workspace for T tokens; by default a
- * layer allocates and keeps device scratch for the largest T it has seen (an
- * allocation, which synchronises the device, only when T grows).  A caller
+ * layer allocates and keeps device scratch for the largest T it has seen:
+ * only when T grows, it waits for the whole device (work queued earlier may
+ * still use the smaller scratch), frees it and allocates more.  A caller
  * that owns its memory queries the size for its largest batch and registers a
  * device buffer (256-byte aligned, as cudaMalloc gives); the layer then never
  * allocates in peer_cuda_forward, peer_cuda_retrieve(_brute) or
@@ -71,7 +86,10 @@ int peer_cuda_device_count(void);
  * PEER_ERR_INVALID_ARGUMENT.  (Training keeps the rest of its state in the
  * context, sized by peer_context_create.)  The buffer must stay
  * valid until replaced (NULL, 0 returns to internal scratch) or the layer is
- * freed; the layer does not free it.  peer_layer_workspace_size (peer.h)
+ * freed; the layer does not free it.  Registering waits for the whole
+ * device when it gives back internal scratch; a buffer being replaced must
+ * not be in use by queued work (the caller orders that, as for any buffer
+ * it passes).  peer_layer_workspace_size (peer.h)
  * reports host scratch, which a CUDA layer does not use. */
 peer_status peer_cuda_workspace_size(const peer_layer *layer, int64_t n_tokens,
                                      size_t *bytes);
@@ -105,10 +123,10 @@ peer_status peer_cuda_retrieve(peer_layer *layer, int64_t n_tokens, const float 
  * kept, in PEER.md's order (exact sums, ties to the smaller id), so ids and
  * scores equal peer_cuda_retrieve's bit for bit.  O(N) per token and head:
  * for checks and benchmarks.  Arguments, stream and error reporting as
- * peer_cuda_retrieve.  PEER_ERR_UNSUPPORTED (before anything is queued) when
- * top_k > 95 and n_subkeys * ceil(n_subkeys / 32) > 95 (n_subkeys >= 48),
- * which, as a config has top_k <= subkey_top_k <= n_subkeys, is every
- * top_k > 95: each thread of a warp keeps a sorted list of
+ * peer_cuda_retrieve.  PEER_ERR_UNSUPPORTED (before anything is queued; for
+ * T = 0 too) when top_k > 95 and n_subkeys * ceil(n_subkeys / 32) > 95
+ * (n_subkeys >= 48), which, as a config has top_k <= subkey_top_k <=
+ * n_subkeys, is every top_k > 95: each thread of a warp keeps a sorted list of
  * min(top_k, n_subkeys * ceil(n_subkeys / 32)) entries (the most of the sums
  * it scans that can be among the top_k) in 48 KiB of shared memory, room for
  * 95 per thread. */
@@ -127,7 +145,9 @@ peer_status peer_cuda_retrieve_brute(peer_layer *layer, int64_t n_tokens, const 
  * backward and the next forward on one layer run on one stream (or are
  * ordered by the caller).  Argument errors (ctx
  * of another layer, n_tokens beyond the context, batch norm with T = 1,
- * NULL pointers) are returned at once.
+ * NULL pointers) are returned at once.  Whatever the call returns other than
+ * PEER_OK, ctx (when it is this layer's) no longer holds a forward (a
+ * backward then returns PEER_ERR_STATE), as with peer_forward_train.
  *
  * A NaN or infinity in x, or a non-finite sub-key or candidate score, is
  * recorded on the device and reported by peer_cuda_check; such a batch
@@ -156,22 +176,33 @@ peer_status peer_cuda_forward_train(peer_layer *layer, peer_context *ctx, int64_
  * and no float atomics: the same inputs give the same bits.  A NaN or
  * infinity in dy is recorded on the device (peer_cuda_check reports
  * PEER_ERR_NONFINITE naming the token); the outputs are then meaningless.
+ * A backward that returns PEER_OK uses up the forward, bad dy or not (the
+ * call cannot know: dy is looked at on the device, later): a second one
+ * returns PEER_ERR_STATE, and a retry needs a new forward_train.  This
+ * differs from the host path, where peer_backward sees the bad dy before it
+ * returns: it returns PEER_ERR_NONFINITE, leaves the caller's buffers
+ * untouched and the forward in place, and may be retried.
  * Argument errors (no forward_train on ctx since the last backward, a
  * bias or norm gradient the layer lacks, an incomplete expert triple, too
- * small a capacity) are returned at once. */
+ * small a capacity) are returned at once, and leave the forward in place. */
 peer_status peer_cuda_backward(peer_layer *layer, peer_context *ctx, const float *d_dy,
                                float *d_dx, peer_grads *d_grads, int64_t *d_n_expert_rows,
                                cudaStream_t stream);
 
-/* Wait for `stream` and report what the calls queued on it found:
+/* Wait for `stream`, then report and clear the layer's non-finite records.
  * PEER_ERR_CUDA if the stream holds a CUDA error; PEER_ERR_NONFINITE if a
- * call since the last check met a non-finite value: a NaN or infinity in a
- * training forward's x or a backward's dy (naming the token; reported
- * first), or a non-finite score (naming the token and head), tokens counted
- * within the call that saw it; then clears those records.  The records are
- * read and cleared on `stream` (it waits for nothing else), and the clear
- * is done when the call returns, so a record made by a later call, on any
- * stream, is never lost. */
+ * call on this layer that has not been checked yet met a non-finite value:
+ * a NaN or infinity in a training forward's x or a backward's dy (naming
+ * the token; reported first), or a non-finite score (naming the token and
+ * head), tokens counted within the call that saw it; then clears those
+ * records.  The records belong to the layer, not to a stream: they hold
+ * what any call not checked yet left, whatever stream it ran on (and the
+ * host-pointer calls on the layer read and clear them too).  They are read
+ * and cleared on `stream`, which waits for nothing else: the work of a call
+ * queued on another stream is covered only if it has finished by then
+ * (order the streams, or check on each); otherwise its record stays for the
+ * next check.  The clear is done when the call returns, so a record made by
+ * a later call, on any stream, is never lost. */
 peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
 
 #ifdef __cplusplus

@@ -10,11 +10,12 @@
  * all queued on one stream (brute force replaces the two selections with
  * peer_k_brute_topk).  Every pass is written once, on device pointers
  * (run_forward, dev_retrieve, dev_forward_train, dev_backward); peer.h's
- * host-pointer calls are wrappers that copy in, call it on the layer's own
- * stream, copy out and synchronise (their training copies live in a staging
- * buffer of the context that only they allocate).  Training keeps its state
- * in the context's device memory: the forward normalises with batch statistics
- * (peer_k_batch_norm_train) and keeps z; the backward is
+ * host-pointer calls are wrappers that wait for the device, copy in, call it
+ * on the layer's own stream, copy out and synchronise (their training copies
+ * live in a staging buffer of the context that only they allocate).
+ * Training keeps its state in the context's device memory: the forward
+ * normalises with batch statistics (peer_k_batch_norm_train) and keeps z;
+ * the backward is
  *   per-token expert backward, gate backward   peer_k_experts_backward
  *   sorted expert rows                         radix sort + peer_k_expert_grads
  *   dq through the kept scores                 peer_k_query_grad
@@ -79,13 +80,28 @@ static void drain(cudaStream_t stream) {
   if (cudaStreamSynchronize(stream) != cudaSuccess) (void)cudaGetLastError();
 }
 
-/* Parameter set-up writes through the legacy stream (cudaMemset, cudaMemcpy
- * from pageable memory), which is not ordered with non-blocking streams:
- * wait for the whole device so that the writes are done, for every stream,
- * when the set-up call returns (peer_cuda.h). */
+/* Wait for the whole device, every stream (the caller's non-blocking ones
+ * included).  Parameter set-up writes through the legacy stream (cudaMemset,
+ * cudaMemcpy from pageable memory), which is not ordered with non-blocking
+ * streams, so it waits before and after; the host-pointer calls wait before
+ * they start (host_enter); memory that queued work may still use is given
+ * back only after a wait (cudaFree is not documented to wait for it). */
 static peer_status device_idle(const char *what) {
   cudaError_t e = cudaDeviceSynchronize();
   return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, what);
+}
+
+/* Teardown of memory on `device`: make it current (cudaFree acts on the
+ * current device), wait for it (work queued earlier, on any stream, may
+ * still use the memory), free.  A teardown reports nothing and leaves no
+ * error behind. */
+static void free_on(int device, void *ptr) {
+  if (!ptr) return;
+  if (cudaSetDevice(device) == cudaSuccess) {
+    (void)cudaDeviceSynchronize();
+    cudaFree(ptr);
+  }
+  (void)cudaGetLastError();
 }
 
 static cuda_state *state_of(const peer_layer *L) { return (cuda_state *)L->backend_data; }
@@ -146,6 +162,19 @@ static size_t dev_layout(const peer_layer *L, int64_t T, char *base, dev_ws *w) 
   return carve(parts, sizeof parts / sizeof parts[0], base);
 }
 
+/* Give back the layer's own scratch (if it has some), with the layer's
+ * device current: after a wait for the device, as work queued earlier on
+ * the caller's streams may still use it.  On failure the scratch is kept. */
+static peer_status drop_own_scratch(cuda_state *st, const char *what) {
+  if (!(st->ws_owned && st->ws)) return PEER_OK;
+  cudaError_t e = cudaDeviceSynchronize();
+  if (e == cudaSuccess) e = cudaFree(st->ws);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, what);
+  st->ws = NULL;
+  st->ws_bytes = 0;
+  return PEER_OK;
+}
+
 static peer_status device_scratch(peer_layer *L, int64_t T, dev_ws *w) {
   cuda_state *st = state_of(L);
   size_t need = dev_layout(L, T, NULL, w);
@@ -154,9 +183,8 @@ static peer_status device_scratch(peer_layer *L, int64_t T, dev_ws *w) {
       return peer_fail(PEER_ERR_INVALID_ARGUMENT,
                        "cuda workspace: %lld tokens need %zu bytes, the registered buffer has %zu",
                        (long long)T, need, st->ws_bytes);
-    if (st->ws) cudaFree(st->ws);
-    st->ws = NULL;
-    st->ws_bytes = 0;
+    peer_status s = drop_own_scratch(st, "cuda workspace: giving back the smaller scratch");
+    if (s) return s;
     st->ws_owned = true;
     cudaError_t e = cudaMalloc(&st->ws, need);
     if (e != cudaSuccess) {
@@ -323,7 +351,10 @@ peer_status peer_cuda_set_workspace(peer_layer *L, void *d_buffer, size_t bytes)
   if (d_buffer && (uintptr_t)d_buffer % 256)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_set_workspace: buffer is not 256-byte aligned");
   cuda_state *st = state_of(L);
-  if (st->ws_owned && st->ws) cudaFree(st->ws);
+  cudaError_t e = cudaSetDevice(st->device);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "cuda_set_workspace");
+  peer_status s = drop_own_scratch(st, "cuda_set_workspace: giving back the internal scratch");
+  if (s) return s;
   st->ws = d_buffer;
   st->ws_bytes = d_buffer ? bytes : 0;
   st->ws_owned = false;
@@ -345,7 +376,8 @@ static peer_status retrieve_entry(peer_layer *L, int64_t T, const float *d_x, in
   const char *what = brute ? "cuda_retrieve_brute" : "cuda_retrieve";
   peer_status s = enter(L, T, d_x, what);
   if (s) return s;
-  if (T == 0) return PEER_OK;
+  /* an empty batch still reports a config brute force cannot run */
+  if (T == 0) return brute ? peer_k_brute_supported(L->dims.n, L->dims.k) : PEER_OK;
   if (!d_indices) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: indices is NULL", what);
   return dev_retrieve(L, T, d_x, d_indices, d_scores, d_gates, brute, stream);
 }
@@ -368,6 +400,17 @@ peer_status peer_cuda_check(peer_layer *L, cudaStream_t stream) {
 }
 
 /* ------------------------------------------------------------ host path */
+
+/* Entry of every host-pointer call (peer.h) on a CUDA layer: enter's checks,
+ * then a wait for the whole device.  The layer's own stream is not ordered
+ * with the caller's, on which device-pointer calls may still be writing what
+ * the host path reads or reuses (a context, the scratch, the non-finite
+ * records, the running statistics); the host path is the convenience path
+ * and synchronises at its end as well (peer_cuda.h). */
+static peer_status host_enter(const peer_layer *L, int64_t T, const void *x, const char *what) {
+  peer_status s = enter(L, T, x, what);
+  return s ? s : device_idle(what);
+}
 
 /* Device copies of x, y, ids, scores and gates for the host-pointer calls. */
 typedef struct io_bufs {
@@ -410,7 +453,7 @@ static peer_status copy(void *dst, const void *src, size_t bytes, enum cudaMemcp
 static peer_status cuda_forward(peer_layer *L, int64_t T, const float *x, float *y,
                                 int64_t *indices, float *gates, void *host_ws) {
   (void)host_ws;
-  peer_status s = enter(L, T, x, "forward");
+  peer_status s = host_enter(L, T, x, "forward");
   io_bufs io;
   if (s || (s = host_io(L, T, &io))) return s;
   cudaStream_t stream = state_of(L)->own;
@@ -430,7 +473,7 @@ static peer_status cuda_forward(peer_layer *L, int64_t T, const float *x, float 
 static peer_status cuda_retrieve(peer_layer *L, int64_t T, const float *x, int64_t *indices,
                                  float *scores, float *gates, bool brute, void *host_ws) {
   (void)host_ws;
-  peer_status s = enter(L, T, x, brute ? "retrieve_brute" : "retrieve");
+  peer_status s = host_enter(L, T, x, brute ? "retrieve_brute" : "retrieve");
   io_bufs io;
   if (s || (s = host_io(L, T, &io))) return s;
   cudaStream_t stream = state_of(L)->own;
@@ -466,9 +509,21 @@ static void *cuda_alloc(size_t bytes) {
   return p;
 }
 
+/* The core frees parameters without naming the layer (before cuda_close):
+ * the pointer says which device holds it. */
 static void cuda_free(void *ptr, size_t bytes) {
   (void)bytes;
-  if (ptr) cudaFree(ptr);
+  if (!ptr) return;
+  struct cudaPointerAttributes a;
+  int device = -1;
+  if (cudaPointerGetAttributes(&a, ptr) == cudaSuccess) device = a.device;
+  (void)cudaGetLastError();
+  if (device >= 0) {
+    free_on(device, ptr);
+  } else {
+    cudaFree(ptr);
+    (void)cudaGetLastError();
+  }
 }
 
 /* Host bytes into parameter storage, between two device_idle waits: work
@@ -515,7 +570,8 @@ static peer_status check_supported(const peer_layer *L) {
 static void cuda_close(peer_layer *L) {
   cuda_state *st = state_of(L);
   if (!st) return;
-  cudaSetDevice(st->device);
+  /* work queued on the caller's streams may still use the scratch */
+  if (cudaSetDevice(st->device) == cudaSuccess) (void)cudaDeviceSynchronize();
   if (st->blas) cublasDestroy(st->blas);
   if (st->own) cudaStreamDestroy(st->own);
   if (st->d_bad) cudaFree(st->d_bad);
@@ -578,6 +634,7 @@ static size_t cuda_host_workspace(const peer_layer *L, int64_t T) {
  * only then, as the layer's scratch) and freed with the context, so the
  * device-pointer calls never pay for it. */
 typedef struct cuda_context {
+  int device; /* the layer's: the context may be freed after its layer */
   void *dev;
   void *stage;
 } cuda_context;
@@ -690,7 +747,8 @@ static size_t cuda_context_bytes(const peer_layer *L, int64_t T) {
 static void *cuda_context_alloc(const peer_layer *L, size_t bytes) {
   cuda_context *c = calloc(1, sizeof *c);
   if (!c) return NULL;
-  cudaError_t e = cudaSetDevice(state_of(L)->device);
+  c->device = state_of(L)->device;
+  cudaError_t e = cudaSetDevice(c->device);
   if (e == cudaSuccess) e = cudaMalloc(&c->dev, bytes ? bytes : 256);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
@@ -704,9 +762,8 @@ static void cuda_context_free(void *mem, size_t bytes) {
   cuda_context *c = mem;
   (void)bytes;
   if (!c) return;
-  cudaFree(c->dev);
-  if (c->stage) cudaFree(c->stage);
-  (void)cudaGetLastError();
+  free_on(c->device, c->dev);
+  free_on(c->device, c->stage);
   free(c);
 }
 
@@ -873,8 +930,10 @@ static peer_status dev_backward_empty(const peer_layer *L, const peer_grads *g, 
 peer_status peer_cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
                                     const float *d_x, float *d_y, cudaStream_t stream) {
   const char *what = "cuda_forward_train";
-  peer_status s = enter(L, T, d_x, what);
-  if (s || (s = peer_train_begin(L, ctx, T, d_x, d_y, what))) return s;
+  /* peer_train_begin first: it marks ctx not ready, so that no argument
+   * error leaves a backward to use the previous batch */
+  peer_status s = peer_train_begin(L, ctx, T, d_x, d_y, what);
+  if (s || (s = enter(L, T, d_x, what))) return s;
   if (T > 0 && (s = dev_forward_train(L, ctx, T, d_x, d_y, stream))) return s;
   peer_train_end(ctx, T, d_x);
   return PEER_OK;
@@ -898,7 +957,7 @@ peer_status peer_cuda_backward(peer_layer *L, peer_context *ctx, const float *d_
 static peer_status cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
                                       const float *x, float *y, void *host_ws) {
   (void)host_ws;
-  peer_status s = enter(L, T, x, "forward_train");
+  peer_status s = host_enter(L, T, x, "forward_train");
   host_stage h;
   if (s || (s = context_stage(L, ctx, &h))) return s;
   cudaStream_t stream = state_of(L)->own;
@@ -950,7 +1009,7 @@ static peer_status cuda_backward(peer_layer *L, peer_context *ctx, const float *
                                  peer_grads *g) {
   const peer_dims *D = &L->dims;
   const int64_t T = ctx->n_tokens;
-  peer_status s = enter(L, T, dy, "backward");
+  peer_status s = host_enter(L, T, dy, "backward");
   host_stage h;
   if (s || (s = context_stage(L, ctx, &h))) return s;
   cudaStream_t stream = state_of(L)->own;
