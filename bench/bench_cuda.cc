@@ -153,8 +153,12 @@ public:
   // (peer_layer_init fills a host copy of each tensor and uploads it: seconds
   // for the 4 GiB reference f32 tables).  NULL, with the library's message in
   // *error, if that fails.
-  peer_layer *layer(const Shape &shape, peer_dtype dtype, std::string *error) {
-    return layers_->get(shape, dtype, error);
+  // NULL after SkipWithError (with the library's message) if that fails.
+  peer_layer *layer(benchmark::State &state, const Shape &shape, peer_dtype dtype) {
+    std::string error;
+    peer_layer *l = layers_->get(shape, dtype, &error);
+    if (!l) state.SkipWithError(error.c_str());
+    return l;
   }
 
   cudaStream_t stream = nullptr;
@@ -288,12 +292,8 @@ void set_counters(benchmark::State &state, const Cost &cost, int64_t batch,
 
 void forward(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t batch) {
   Env &env = *g_env;
-  std::string error;
-  peer_layer *layer = env.layer(shape, dtype, &error);
-  if (!layer) {
-    state.SkipWithError(error.c_str());
-    return;
-  }
+  peer_layer *layer = env.layer(state, shape, dtype);
+  if (!layer) return;
   const float *x = env.x();
   float *y = env.out();
   if (!time_on_stream(state, layer, [&] {
@@ -305,14 +305,10 @@ void forward(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t bat
 
 void retrieve(benchmark::State &state, Shape shape, bool brute, int64_t batch) {
   Env &env = *g_env;
-  std::string error;
   // Retrieval never reads the expert tables: bf16 layers (half the memory
   // and set-up time), the same ones the bf16 forward uses at n = 1024.
-  peer_layer *layer = env.layer(shape, PEER_BF16, &error);
-  if (!layer) {
-    state.SkipWithError(error.c_str());
-    return;
-  }
+  peer_layer *layer = env.layer(state, shape, PEER_BF16);
+  if (!layer) return;
   const peer_config &cfg = *peer_layer_config(layer);
   const size_t thk = size_t(batch * cfg.n_heads * cfg.top_k);
   DeviceBuffer ids(thk * sizeof(int64_t)), scores(thk * sizeof(float)), gates(thk * sizeof(float));
@@ -343,12 +339,8 @@ void retrieve(benchmark::State &state, Shape shape, bool brute, int64_t batch) {
 
 void train_step(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t batch) {
   Env &env = *g_env;
-  std::string error;
-  peer_layer *layer = env.layer(shape, dtype, &error);
-  if (!layer) {
-    state.SkipWithError(error.c_str());
-    return;
-  }
+  peer_layer *layer = env.layer(state, shape, dtype);
+  if (!layer) return;
   const peer_config &cfg = *peer_layer_config(layer);
   const int64_t d = cfg.d_model, entries = batch * cfg.n_heads * cfg.top_k;
   peer_tensor keys;
