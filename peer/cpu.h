@@ -138,8 +138,9 @@ static inline void axpy_row_bf16(float a, const uint16_t *v, float *ys, int64_t 
  * only their first PREFETCH_LINES cache lines: that starts each row's DRAM
  * access early, and the hardware's stream prefetcher fetches the rest of the
  * row once the first lines are read.  Prefetching every line of 8 rows ahead
- * (our first version) floods the line fill buffers and ran 2.5x slower on a
- * Sapphire Rapids host (bench/README.md, "Expert phase"). */
+ * (our first version) floods the line fill buffers: on an AVX-512 Xeon host it
+ * made the expert phase 2.4x slower (bench/README.md, "What changed the
+ * numbers"). */
 #define PREFETCH_AHEAD 2
 #define PREFETCH_LINES 2
 
