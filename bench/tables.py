@@ -144,8 +144,8 @@ def pieces_tables(results, out):
     for n in sorted(cases):
         v = [cases[n].get(p) for p in names]
         e = [cases[n].get(p) for p in experts]
-        total = sum(x for x in v if x)
-        out.write(f"| {n * n:,} | {n} | " + " | ".join(f"{x:.1f}" if x else "-" for x in v) + f" | {total:.1f} | "
+        total = f"{sum(v):.1f}" if all(v) else "-"  # only when every piece ran
+        out.write(f"| {n * n:,} | {n} | " + " | ".join(f"{x:.1f}" if x else "-" for x in v) + f" | {total} | "
                   + " | ".join(f"{x:.1f}" if x else "-" for x in e) + " |\n")
     out.write("\n")
 
