@@ -58,7 +58,6 @@ constexpr int64_t kBruteBatch = 1024;
 constexpr int64_t kTrainBatch = 4096;
 constexpr int64_t kMaxBatch = 32768;
 
-constexpr Shape kMidN = {"n512", 512, 512};
 constexpr Shape kSmallN = {"n256", 512, 256};
 
 // ------------------------------------------------------------ device memory

@@ -42,9 +42,8 @@ constexpr int64_t kMinPoolTokens = 4096;
 constexpr int64_t kMinBatchesInPool = 8;
 
 constexpr Shape kSmall = {"small", 256, 256};
-// The sweep over N (n = 512 at the reference width) and d (d = 256 at the
-// reference N).
-constexpr Shape kMidN = {"n512", 512, 512};
+// The sweep over N (kMidN: n = 512 at the reference width) and d (d = 256
+// at the reference N).
 constexpr Shape kNarrow = {"d256", 256, 1024};
 
 // Per-token work (common.h) and its floor on this machine.

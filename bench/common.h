@@ -23,6 +23,8 @@ struct Shape {
 
 // The reference layer: d=512, H=8, d_key=256, n=1024 (N = 1M experts), k=16.
 constexpr Shape kReference = {"ref", 512, 1024};
+// The reference width at n = 512 (N = 256K experts).
+constexpr Shape kMidN = {"n512", 512, 512};
 
 inline peer_config make_config(const Shape &shape, peer_dtype dtype) {
   peer_config cfg;
