@@ -2,7 +2,7 @@
  * and running batch norm, per-half top-k' of the sub-key scores, the exact
  * candidate merge with gates, and brute force over all n*n candidates.  The
  * matrix products around them are cuBLAS calls made by the backend
- * (peer/cuda_backend.c).  Every launcher queues work on `stream`, returns
+ * (kernels/backend.c).  Every launcher queues work on `stream`, returns
  * PEER_ERR_CUDA with the runtime's message if the launch fails, and never
  * synchronises. */
 #ifndef PEER_KERNELS_RETRIEVAL_H

@@ -1,5 +1,5 @@
 /* status.h: a failed CUDA runtime call as a peer_status, one rule for the
- * backend (peer/cuda_backend.c) and the kernels' launchers (C and C++). */
+ * backend (kernels/backend.c) and the kernels' launchers (C and C++). */
 #ifndef PEER_KERNELS_STATUS_H
 #define PEER_KERNELS_STATUS_H
 

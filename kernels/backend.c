@@ -1,0 +1,521 @@
+/* backend.c: the CUDA backend: per-layer state (device, cuBLAS handle,
+ * the non-finite records, device scratch), the backend table the core calls,
+ * and the device-pointer API of peer_cuda.h.  A forward is
+ *   Q = X Wq^T                       cuBLAS SGEMM
+ *   bias, running batch norm         peer_k_bias_norm
+ *   S[t,h,half] = Q_half C^T         cuBLAS strided-batched SGEMM, per half
+ *   top-k' per (t, h, half)          peer_k_subkey_topk
+ *   candidate top-k, gates           peer_k_merge
+ *   experts                          peer_k_experts
+ * all queued on one stream (brute force replaces the two selections with
+ * peer_k_brute_topk).  Every pass is written once, on device pointers
+ * (run_forward, dev_retrieve, dev_forward_train, dev_backward); peer.h's
+ * host-pointer calls are wrappers that wait for the device, copy in, call it
+ * on the layer's own stream, copy out and synchronise (their training copies
+ * live in a staging buffer of the context that only they allocate).
+ * Training keeps its state in the context's device memory: the forward
+ * normalises with batch statistics (peer_k_batch_norm_train) and keeps z;
+ * the backward is
+ *   per-token expert backward, gate backward   peer_k_experts_backward
+ *   sorted expert rows                         radix sort + peer_k_expert_grads
+ *   dq through the kept scores                 peer_k_query_grad
+ *   sorted sub-key rows                        radix sort + peer_k_keys_grad
+ *   batch norm, query bias                     peer_k_norm_backward, column sums
+ *   dWq = dq^T X, dx += dq Wq                  cuBLAS SGEMM
+ * with no float atomics: reruns give the same bits. */
+#include "backend.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int peer_cuda_device_count(void) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError(); /* "no device" is an answer, not an error to keep */
+    return 0;
+  }
+  return n;
+}
+
+static size_t dev_layout(const peer_layer *L, int64_t T, char *base, dev_ws *w) {
+  const peer_dims *D = &L->dims;
+  size_t t = (size_t)T, thk = t * (size_t)(D->H * D->k), lists = t * (size_t)(D->H * 2 * D->kp);
+  const part parts[] = {
+      {(void **)&w->q, t * (size_t)D->dq * 4},
+      {(void **)&w->S, t * (size_t)(D->H * 2 * D->n) * 4},
+      {(void **)&w->list_s, lists * 4},
+      {(void **)&w->list_id, lists * 8},
+      {(void **)&w->ids, thk * 8},
+      {(void **)&w->scores, thk * 4},
+      {(void **)&w->gates, thk * 4},
+  };
+  return carve(parts, sizeof parts / sizeof parts[0], base);
+}
+
+/* Give back the layer's own scratch (if it has some), with the layer's
+ * device current: after a wait for the device, as work queued earlier on
+ * the caller's streams may still use it.  On failure the scratch is kept. */
+static peer_status drop_own_scratch(cuda_state *st, const char *what) {
+  if (!(st->ws_owned && st->ws)) return PEER_OK;
+  cudaError_t e = cudaDeviceSynchronize();
+  if (e == cudaSuccess) e = cudaFree(st->ws);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, what);
+  st->ws = NULL;
+  st->ws_bytes = 0;
+  return PEER_OK;
+}
+
+peer_status peer_cb_device_scratch(peer_layer *L, int64_t T, dev_ws *w) {
+  cuda_state *st = state_of(L);
+  size_t need = dev_layout(L, T, NULL, w);
+  if (!(st->ws && need <= st->ws_bytes)) {
+    if (st->ws && !st->ws_owned)
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                       "cuda workspace: %lld tokens need %zu bytes, the registered buffer has %zu",
+                       (long long)T, need, st->ws_bytes);
+    peer_status s = drop_own_scratch(st, "cuda workspace: giving back the smaller scratch");
+    if (s) return s;
+    st->ws_owned = true;
+    cudaError_t e = cudaMalloc(&st->ws, need);
+    if (e != cudaSuccess) {
+      st->ws = NULL;
+      return peer_k_cuda_fail(e, "cuda workspace: cudaMalloc");
+    }
+    st->ws_bytes = need;
+  }
+  dev_layout(L, T, st->ws, w);
+  return PEER_OK;
+}
+
+/* ------------------------------------------------------------ the passes */
+
+/* Row-major Q [T, dq] = X [T, d] Wq^T (column-major Q' = Wq'^T X'), then
+ * the query bias when the layer has one and, if `running`, the batch norm
+ * with running statistics (one pass; training normalises separately). */
+peer_status peer_cb_project_query(peer_layer *L, int64_t T, const float *d_x, float *q,
+                                  bool running, cudaStream_t stream) {
+  cuda_state *st = state_of(L);
+  const peer_dims *D = &L->dims;
+  const float one = 1.0f, zero = 0.0f;
+  cublasStatus_t bs = cublasSetStream(st->blas, stream);
+  if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: cublasSetStream");
+  bs = cublasSgemm(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->dq, (int)T, (int)D->d, &one,
+                   L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, d_x, (int)D->d, &zero, q,
+                   (int)D->dq);
+  if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: query projection");
+  const bool norm = running && L->slot[PEER_P_NORM_MEAN].data;
+  return peer_k_bias_norm(
+      q, T, D->dq, L->slot[PEER_P_QUERY_BIAS].data, norm ? L->slot[PEER_P_NORM_WEIGHT].data : NULL,
+      norm ? L->slot[PEER_P_NORM_BIAS].data : NULL, norm ? L->slot[PEER_P_NORM_MEAN].data : NULL,
+      norm ? L->slot[PEER_P_NORM_VAR].data : NULL, stream);
+}
+
+/* From the final queries q [T, dq] to ids, scores and gates [T, H, k]: the
+ * sub-key scores, then the product-key search (top-k' per half, exact merge)
+ * or, with brute, the top-k of all n*n sums.  A non-finite score lowers
+ * *bad (a record, see REC_SCORE). */
+peer_status peer_cb_search(peer_layer *L, int64_t T, const float *q, int64_t *ids, float *scores,
+                           float *gates, bool brute, unsigned long long *bad, cudaStream_t stream,
+                           const dev_ws *w) {
+  cuda_state *st = state_of(L);
+  const peer_dims *D = &L->dims;
+  const float one = 1.0f, zero = 0.0f;
+  cublasStatus_t bs;
+  peer_status s;
+  /* Per half p, one batch entry per head h:
+   *   S[((t*H + h)*2 + p)*n + a] = sum_j q[t*dq + h*dk + p*half + j] * C_g,p[a, j]
+   * with C_g,p = keys + ((g*2 + p)*n)*half and g = h, or 0 with shared keys. */
+  const float *keys = L->slot[PEER_P_KEYS].data;
+  long long key_stride = L->cfg.shared_keys ? 0 : 2 * D->n * D->half;
+  for (int p = 0; p < 2; p++) {
+    bs = cublasSgemmStridedBatched(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->n, (int)T,
+                                   (int)D->half, &one, keys + p * D->n * D->half, (int)D->half,
+                                   key_stride, q + p * D->half, (int)D->dq, (long long)D->dk, &zero,
+                                   w->S + p * D->n, (int)(2 * D->H * D->n), 2 * D->n, (int)D->H);
+    if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: sub-key scores");
+  }
+  if (brute)
+    return peer_k_brute_topk(w->S, T * D->H, D->n, D->k, (int)L->cfg.gate, scores, ids, gates, bad,
+                             stream);
+  if ((s = peer_k_subkey_topk(w->S, T * D->H * 2, D->n, D->kp, w->list_s, w->list_id, bad, stream)))
+    return s;
+  return peer_k_merge(w->list_s, w->list_id, T * D->H, D->kp, D->k, D->n, (int)L->cfg.gate, scores,
+                      ids, gates, bad, stream);
+}
+
+static peer_status run_retrieval(peer_layer *L, int64_t T, const float *d_x, int64_t *ids,
+                                 float *scores, float *gates, bool brute, cudaStream_t stream,
+                                 const dev_ws *w) {
+  peer_status s = peer_cb_project_query(L, T, d_x, w->q, true, stream);
+  if (s) return s;
+  return peer_cb_search(L, T, w->q, ids, scores, gates, brute, state_of(L)->d_bad + REC_SCORE,
+                        stream, w);
+}
+
+/* Retrieval on device pointers (scores, gates may be NULL). */
+static peer_status dev_retrieve(peer_layer *L, int64_t T, const float *d_x, int64_t *ids,
+                                float *scores, float *gates, bool brute, cudaStream_t stream) {
+  peer_status s;
+  if (brute && (s = peer_k_brute_supported(L->dims.n, L->dims.k))) return s;
+  dev_ws w;
+  if ((s = peer_cb_device_scratch(L, T, &w))) return s;
+  return run_retrieval(L, T, d_x, ids, scores ? scores : w.scores, gates ? gates : w.gates, brute,
+                       stream, &w);
+}
+
+static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
+                               int64_t *d_indices, float *d_gates, cudaStream_t stream) {
+  dev_ws w;
+  peer_status s = peer_cb_device_scratch(L, T, &w);
+  if (s) return s;
+  int64_t *ids = d_indices ? d_indices : w.ids;
+  float *gates = d_gates ? d_gates : w.gates;
+  if ((s = run_retrieval(L, T, d_x, ids, w.scores, gates, false, stream, &w))) return s;
+  const peer_dims *D = &L->dims;
+  return peer_k_experts(d_x, d_y, L->slot[PEER_P_EXPERTS_DOWN].data,
+                        L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16, ids,
+                        gates, NULL, T, D->d, D->H * D->k, (int)L->cfg.activation, stream);
+}
+
+/* Read the records behind the stream's work, then report and clear them: a
+ * non-finite x or dy row first (the cause; the scores of such a row are
+ * non-finite too), then a score.  Read and clear go on `stream` itself: the
+ * read waits for the work queued before it and for nothing else, and the
+ * clear comes before the next call's kernels on it.  The clear is waited
+ * for too (only when there was something to clear), so that it is done
+ * when this returns, whichever stream the next call uses. */
+peer_status peer_cb_check_stream(peer_layer *L, cudaStream_t stream) {
+  cuda_state *st = state_of(L);
+  const peer_dims *D = &L->dims;
+  unsigned long long rec[REC_COUNT];
+  peer_status s;
+  cudaError_t e = cudaMemcpyAsync(rec, st->d_bad, sizeof rec, cudaMemcpyDeviceToHost, stream);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "cuda check: stream");
+  if ((s = wait_for(stream, "cuda check: stream"))) return s;
+  if (rec[REC_SCORE] == PEER_K_CLEAR && rec[REC_X] == PEER_K_CLEAR && rec[REC_DY] == PEER_K_CLEAR)
+    return PEER_OK;
+  if ((e = cudaMemsetAsync(st->d_bad, 0xff, sizeof rec, stream)) != cudaSuccess)
+    return peer_k_cuda_fail(e, "cuda check: clearing the non-finite records");
+  if ((s = wait_for(stream, "cuda check: clearing the non-finite records"))) return s;
+  if (rec[REC_X] != PEER_K_CLEAR)
+    return peer_fail(PEER_ERR_NONFINITE, "token %llu: x holds NaN or infinity", rec[REC_X]);
+  if (rec[REC_DY] != PEER_K_CLEAR)
+    return peer_fail(PEER_ERR_NONFINITE, "token %llu: dy holds NaN or infinity", rec[REC_DY]);
+  const unsigned long long bad = rec[REC_SCORE];
+  return peer_fail(PEER_ERR_NONFINITE,
+                   "token %lld, head %d: non-finite sub-key or candidate score (NaN or infinity "
+                   "in x, query weights, norm or keys)",
+                   (long long)(bad / (unsigned long long)D->H),
+                   (int)(bad % (unsigned long long)D->H));
+}
+
+/* ------------------------------------------------------------ public API */
+
+peer_status peer_cb_enter(const peer_layer *L, int64_t T, const void *d_x, const char *what) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer", what);
+  if (L->opt.backend != PEER_BACKEND_CUDA)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the layer is not on the CUDA backend", what);
+  if (T < 0 || T > 0x7fffffff)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: n_tokens %lld not in [0, 2^31)", what,
+                     (long long)T);
+  if (T > 0 && !d_x) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: x is NULL", what);
+  cudaError_t e = cudaSetDevice(state_of(L)->device);
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, what);
+}
+
+peer_status peer_cuda_workspace_size(const peer_layer *L, int64_t T, size_t *bytes) {
+  if (!L || !bytes)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_workspace_size: NULL argument");
+  if (L->opt.backend != PEER_BACKEND_CUDA)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_workspace_size: not a CUDA layer");
+  if (T < 0)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "n_tokens: %lld is negative", (long long)T);
+  dev_ws w;
+  *bytes = dev_layout(L, T, NULL, &w);
+  return PEER_OK;
+}
+
+peer_status peer_cuda_set_workspace(peer_layer *L, void *d_buffer, size_t bytes) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_set_workspace: NULL layer");
+  if (L->opt.backend != PEER_BACKEND_CUDA)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_set_workspace: not a CUDA layer");
+  if (d_buffer && (uintptr_t)d_buffer % 256)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "cuda_set_workspace: buffer is not 256-byte aligned");
+  cuda_state *st = state_of(L);
+  cudaError_t e = cudaSetDevice(st->device);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "cuda_set_workspace");
+  peer_status s = drop_own_scratch(st, "cuda_set_workspace: giving back the internal scratch");
+  if (s) return s;
+  st->ws = d_buffer;
+  st->ws_bytes = d_buffer ? bytes : 0;
+  st->ws_owned = false;
+  return PEER_OK;
+}
+
+peer_status peer_cuda_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
+                              int64_t *d_indices, float *d_gates, cudaStream_t stream) {
+  peer_status s = peer_cb_enter(L, T, d_x, "cuda_forward");
+  if (s) return s;
+  if (T == 0) return PEER_OK;
+  if (!d_y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_forward: y is NULL");
+  return run_forward(L, T, d_x, d_y, d_indices, d_gates, stream);
+}
+
+static peer_status retrieve_entry(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
+                                  float *d_scores, float *d_gates, bool brute,
+                                  cudaStream_t stream) {
+  const char *what = brute ? "cuda_retrieve_brute" : "cuda_retrieve";
+  peer_status s = peer_cb_enter(L, T, d_x, what);
+  if (s) return s;
+  /* an empty batch still reports a config brute force cannot run */
+  if (T == 0) return brute ? peer_k_brute_supported(L->dims.n, L->dims.k) : PEER_OK;
+  if (!d_indices) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: indices is NULL", what);
+  return dev_retrieve(L, T, d_x, d_indices, d_scores, d_gates, brute, stream);
+}
+
+peer_status peer_cuda_retrieve(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
+                               float *d_scores, float *d_gates, cudaStream_t stream) {
+  return retrieve_entry(L, T, d_x, d_indices, d_scores, d_gates, false, stream);
+}
+
+peer_status peer_cuda_retrieve_brute(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
+                                     float *d_scores, float *d_gates, cudaStream_t stream) {
+  return retrieve_entry(L, T, d_x, d_indices, d_scores, d_gates, true, stream);
+}
+
+peer_status peer_cuda_check(peer_layer *L, cudaStream_t stream) {
+  peer_status s = peer_cb_enter(L, 0, NULL, "cuda_check");
+  if (s) return s;
+  return peer_cb_check_stream(L, stream);
+}
+
+/* ------------------------------------------------------------ host path */
+
+/* Entry of every host-pointer call (peer.h) on a CUDA layer: enter's checks,
+ * then a wait for the whole device.  The layer's own stream is not ordered
+ * with the caller's, on which device-pointer calls may still be writing what
+ * the host path reads or reuses (a context, the scratch, the non-finite
+ * records, the running statistics); the host path is the convenience path
+ * and synchronises at its end as well (peer_cuda.h). */
+peer_status peer_cb_host_enter(const peer_layer *L, int64_t T, const void *x, const char *what) {
+  peer_status s = peer_cb_enter(L, T, x, what);
+  return s ? s : device_idle(what);
+}
+
+/* Device copies of x, y, ids, scores and gates for the host-pointer calls. */
+typedef struct io_bufs {
+  float *x, *y;
+  int64_t *ids;
+  float *scores, *gates;
+} io_bufs;
+
+static peer_status host_io(peer_layer *L, int64_t T, io_bufs *io) {
+  cuda_state *st = state_of(L);
+  const peer_dims *D = &L->dims;
+  size_t td = (size_t)T * (size_t)D->d * 4, thk = (size_t)T * (size_t)(D->H * D->k);
+  const part parts[] = {
+      {(void **)&io->x, td},           {(void **)&io->y, td},          {(void **)&io->ids, thk * 8},
+      {(void **)&io->scores, thk * 4}, {(void **)&io->gates, thk * 4},
+  };
+  const size_t count = sizeof parts / sizeof parts[0], need = carve(parts, count, NULL);
+  if (need > st->io_bytes) {
+    if (st->io) cudaFree(st->io);
+    st->io = NULL;
+    st->io_bytes = 0;
+    cudaError_t e = cudaMalloc(&st->io, need);
+    if (e != cudaSuccess) {
+      st->io = NULL;
+      return peer_k_cuda_fail(e, "cuda host path: cudaMalloc");
+    }
+    st->io_bytes = need;
+  }
+  carve(parts, count, st->io);
+  return PEER_OK;
+}
+
+static peer_status cuda_forward(peer_layer *L, int64_t T, const float *x, float *y,
+                                int64_t *indices, float *gates, void *host_ws) {
+  (void)host_ws;
+  peer_status s = peer_cb_host_enter(L, T, x, "forward");
+  io_bufs io;
+  if (s || (s = host_io(L, T, &io))) return s;
+  cudaStream_t stream = state_of(L)->own;
+  const peer_dims *D = &L->dims;
+  size_t xb = (size_t)T * (size_t)D->d * 4, thk = (size_t)T * (size_t)(D->H * D->k);
+  if ((s = copy(io.x, x, xb, cudaMemcpyHostToDevice, stream)) ||
+      (s = run_forward(L, T, io.x, io.y, io.ids, io.gates, stream)) ||
+      (s = copy(y, io.y, xb, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(indices, io.ids, thk * 8, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(gates, io.gates, thk * 4, cudaMemcpyDeviceToHost, stream))) {
+    drain(stream);
+    return s;
+  }
+  return peer_cb_check_stream(L, stream);
+}
+
+static peer_status cuda_retrieve(peer_layer *L, int64_t T, const float *x, int64_t *indices,
+                                 float *scores, float *gates, bool brute, void *host_ws) {
+  (void)host_ws;
+  peer_status s = peer_cb_host_enter(L, T, x, brute ? "retrieve_brute" : "retrieve");
+  io_bufs io;
+  if (s || (s = host_io(L, T, &io))) return s;
+  cudaStream_t stream = state_of(L)->own;
+  const peer_dims *D = &L->dims;
+  size_t xb = (size_t)T * (size_t)D->d * 4, thk = (size_t)T * (size_t)(D->H * D->k);
+  if ((s = copy(io.x, x, xb, cudaMemcpyHostToDevice, stream)) ||
+      (s = dev_retrieve(L, T, io.x, io.ids, io.scores, io.gates, brute, stream)) ||
+      (s = copy(indices, io.ids, thk * 8, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(scores, io.scores, thk * 4, cudaMemcpyDeviceToHost, stream)) ||
+      (s = copy(gates, io.gates, thk * 4, cudaMemcpyDeviceToHost, stream))) {
+    drain(stream);
+    return s;
+  }
+  return peer_cb_check_stream(L, stream);
+}
+
+/* ------------------------------------------------------------ layer life */
+
+/* Zeroed parameter storage; the zeros are in place for every stream when
+ * this returns (as device_idle).  NULL on failure (the core reports it). */
+static void *cuda_alloc(size_t bytes) {
+  void *p = NULL;
+  if (bytes == 0) bytes = 256;
+  if (cudaMalloc(&p, bytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return NULL;
+  }
+  if (cudaMemset(p, 0, bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
+    (void)cudaGetLastError();
+    cudaFree(p);
+    return NULL;
+  }
+  return p;
+}
+
+/* The core frees parameters without naming the layer (before cuda_close):
+ * the pointer says which device holds it. */
+static void cuda_free(void *ptr, size_t bytes) {
+  (void)bytes;
+  if (!ptr) return;
+  struct cudaPointerAttributes a;
+  int device = -1;
+  if (cudaPointerGetAttributes(&a, ptr) == cudaSuccess) device = a.device;
+  (void)cudaGetLastError();
+  if (device >= 0) {
+    free_on(device, ptr);
+  } else {
+    cudaFree(ptr);
+    (void)cudaGetLastError();
+  }
+}
+
+/* Host bytes into parameter storage, between two device_idle waits: work
+ * queued earlier on any stream may still read the old values, and the new
+ * ones must be in place for every stream when this returns. */
+static peer_status cuda_upload(peer_layer *L, void *dst, const void *src, size_t bytes) {
+  const char *what = "upload of parameters";
+  cudaError_t e = cudaSetDevice(state_of(L)->device);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, what);
+  peer_status s = device_idle(what);
+  if (s) return s;
+  if ((e = cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice)) != cudaSuccess)
+    return peer_k_cuda_fail(e, what);
+  return device_idle(what);
+}
+
+/* Limits of this backend's kernels (shared memory per warp / thread /
+ * block); the messages give the limits as config sizes (retrieval.h,
+ * experts.h). */
+static peer_status check_supported(const peer_layer *L) {
+  const peer_dims *D = &L->dims;
+  if (peer_k_topk_warp_smem(D->n, D->kp) > PEER_K_SMEM_MAX) {
+    const long long cap = (long long)peer_k_topk_cap_max();
+    return peer_fail(PEER_ERR_UNSUPPORTED,
+                     "backend cuda: n_subkeys %lld with subkey_top_k %lld is beyond the top-k' "
+                     "kernel's shared memory (keep subkey_top_k <= %lld or n_subkeys <= %lld)",
+                     (long long)D->n, (long long)D->kp, cap, 32 * cap);
+  }
+  if (peer_k_merge_thread_smem(D->k) > PEER_K_SMEM_MAX)
+    return peer_fail(PEER_ERR_UNSUPPORTED,
+                     "backend cuda: top_k %lld is beyond the merge kernel's shared memory (at "
+                     "most %lld)",
+                     (long long)D->k, (long long)peer_k_merge_k_max());
+  if (peer_k_experts_smem(D->H * D->k) > PEER_K_SMEM_MAX)
+    return peer_fail(PEER_ERR_UNSUPPORTED,
+                     "backend cuda: n_heads*top_k = %lld is beyond the expert kernel's shared "
+                     "memory (at most %lld)",
+                     (long long)(D->H * D->k), (long long)peer_k_experts_hk_max());
+  if (D->d > 0x7fffffff / 2 || D->dq > 0x7fffffff || 2 * D->H * D->n > 0x7fffffff)
+    return peer_fail(PEER_ERR_UNSUPPORTED, "backend cuda: dimensions beyond cuBLAS's int sizes");
+  return PEER_OK;
+}
+
+static void cuda_close(peer_layer *L) {
+  cuda_state *st = state_of(L);
+  if (!st) return;
+  /* work queued on the caller's streams may still use the scratch */
+  if (cudaSetDevice(st->device) == cudaSuccess) (void)cudaDeviceSynchronize();
+  if (st->blas) cublasDestroy(st->blas);
+  if (st->own) cudaStreamDestroy(st->own);
+  if (st->d_bad) cudaFree(st->d_bad);
+  if (st->ws_owned && st->ws) cudaFree(st->ws);
+  if (st->io) cudaFree(st->io);
+  (void)cudaGetLastError(); /* a teardown reports nothing, and leaves no error behind */
+  free(st);
+  L->backend_data = NULL;
+}
+
+static peer_status cuda_open(peer_layer *L) {
+  peer_status s = check_supported(L);
+  if (s) return s;
+  int count = peer_cuda_device_count();
+  if (count == 0) return peer_fail(PEER_ERR_NO_DEVICE, "backend cuda: no CUDA device is available");
+  if (L->opt.device < 0 || L->opt.device >= count)
+    return peer_fail(PEER_ERR_NO_DEVICE, "backend cuda: device %d not in [0, %d)", L->opt.device,
+                     count);
+  cuda_state *st = calloc(1, sizeof *st);
+  if (!st) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "backend cuda: out of memory");
+  st->device = L->opt.device;
+  L->backend_data = st;
+  cudaError_t e;
+  cublasStatus_t bs;
+  if ((e = cudaSetDevice(st->device)) != cudaSuccess)
+    s = peer_k_cuda_fail(e, "backend cuda: cudaSetDevice");
+  else if ((bs = cublasCreate(&st->blas)) != CUBLAS_STATUS_SUCCESS) {
+    st->blas = NULL;
+    s = blas_fail(bs, "backend cuda: cublasCreate");
+  } else if ((bs = cublasSetMathMode(st->blas, CUBLAS_PEDANTIC_MATH)) != CUBLAS_STATUS_SUCCESS)
+    s = blas_fail(bs, "backend cuda: cublasSetMathMode");
+  else if ((e = cudaStreamCreateWithFlags(&st->own, cudaStreamNonBlocking)) != cudaSuccess) {
+    st->own = NULL;
+    s = peer_k_cuda_fail(e, "backend cuda: cudaStreamCreate");
+  } else if ((e = cudaMalloc((void **)&st->d_bad, REC_COUNT * sizeof *st->d_bad)) != cudaSuccess) {
+    st->d_bad = NULL;
+    s = peer_k_cuda_fail(e, "backend cuda: cudaMalloc");
+  } else if ((e = cudaMemset(st->d_bad, 0xff, REC_COUNT * sizeof *st->d_bad)) != cudaSuccess)
+    s = peer_k_cuda_fail(e, "backend cuda: cudaMemset");
+  else
+    s = device_idle("backend cuda: clearing the non-finite records");
+  if (s) cuda_close(L);
+  return s;
+}
+
+const peer_backend_i peer_backend_cuda = {
+    .name = "cuda",
+    .alloc = cuda_alloc,
+    .free = cuda_free,
+    .workspace_size = peer_cb_cuda_host_workspace,
+    .forward = cuda_forward,
+    .retrieve = cuda_retrieve,
+    .context_bytes = peer_cb_cuda_context_bytes,
+    .forward_train = peer_cb_cuda_forward_train,
+    .backward = peer_cb_cuda_backward,
+    .open = cuda_open,
+    .close = cuda_close,
+    .upload = cuda_upload,
+    .context_check = peer_cb_cuda_context_check,
+    .context_alloc = peer_cb_cuda_context_alloc,
+    .context_free = peer_cb_cuda_context_free,
+};

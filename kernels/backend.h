@@ -1,0 +1,150 @@
+/* backend.h: what the CUDA backend's two host files share (backend.c: state,
+ * scratch, forward, retrieval and the device-pointer API; backend_train.c:
+ * training contexts, forward_train and backward): the layer's device state,
+ * the non-finite records, carving of device buffers and the small wrappers
+ * around failed runtime and cuBLAS calls. */
+#ifndef PEER_KERNELS_BACKEND_H
+#define PEER_KERNELS_BACKEND_H
+
+#include "internal.h"
+#include "peer_cuda.h"
+
+#include "experts.h"
+#include "retrieval.h"
+#include "status.h"
+#include "train.h"
+
+#include <cublas_v2.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+/* The layer's non-finite records: device words lowered by integer atomicMin
+ * (PEER_K_CLEAR when empty), read and cleared by check_stream.  A training
+ * context keeps its batch's own REC_SCORE and REC_X (they decide the running
+ * statistics' update) and folds them into the layer's. */
+enum {
+  REC_SCORE = 0, /* smallest t*H + h with a non-finite sub-key or candidate score */
+  REC_X = 1,     /* smallest row of a training forward's x holding NaN or infinity */
+  REC_DY = 2,    /* smallest row of a backward's dy holding NaN or infinity */
+  REC_COUNT = 3,
+  REC_BATCH = 2 /* the records a training context keeps: REC_SCORE, REC_X */
+};
+
+typedef struct cuda_state {
+  int device;
+  cublasHandle_t blas;
+  cudaStream_t own;          /* the host-pointer path's stream */
+  unsigned long long *d_bad; /* [REC_COUNT] the non-finite records */
+  void *ws;                  /* device scratch (registered or owned) */
+  size_t ws_bytes;
+  bool ws_owned;
+  void *io; /* device copies of the host-pointer path's inputs and outputs */
+  size_t io_bytes;
+} cuda_state;
+/* As peer_k_cuda_fail (status.h), for cuBLAS: its allocation failure is
+ * PEER_ERR_OUT_OF_MEMORY, and a runtime error it met is not left behind. */
+static inline peer_status blas_fail(cublasStatus_t s, const char *what) {
+  (void)cudaGetLastError();
+  return peer_fail(s == CUBLAS_STATUS_ALLOC_FAILED ? PEER_ERR_OUT_OF_MEMORY : PEER_ERR_CUDA,
+                   "%s: cuBLAS: %s", what, cublasGetStatusString(s));
+}
+
+/* Wait for `stream`; a failure is reported as `what`. */
+static inline peer_status wait_for(cudaStream_t stream, const char *what) {
+  cudaError_t e = cudaStreamSynchronize(stream);
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, what);
+}
+
+/* After a failure on the host path: let the queued work finish (it may use
+ * buffers the next call reuses) and report only the first failure. */
+static inline void drain(cudaStream_t stream) {
+  if (cudaStreamSynchronize(stream) != cudaSuccess) (void)cudaGetLastError();
+}
+
+/* Wait for the whole device, every stream (the caller's non-blocking ones
+ * included).  Parameter set-up writes through the legacy stream (cudaMemset,
+ * cudaMemcpy from pageable memory), which is not ordered with non-blocking
+ * streams, so it waits before and after; the host-pointer calls wait before
+ * they start (host_enter); memory that queued work may still use is given
+ * back only after a wait (cudaFree is not documented to wait for it). */
+static inline peer_status device_idle(const char *what) {
+  cudaError_t e = cudaDeviceSynchronize();
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, what);
+}
+
+/* Teardown of memory on `device`: make it current (cudaFree acts on the
+ * current device), wait for it (work queued earlier, on any stream, may
+ * still use the memory), free.  A teardown reports nothing and leaves no
+ * error behind. */
+static inline void free_on(int device, void *ptr) {
+  if (!ptr) return;
+  if (cudaSetDevice(device) == cudaSuccess) {
+    (void)cudaDeviceSynchronize();
+    cudaFree(ptr);
+  }
+  (void)cudaGetLastError();
+}
+
+static inline cuda_state *state_of(const peer_layer *L) { return (cuda_state *)L->backend_data; }
+/* ------------------------------------------------------------ scratch */
+
+static inline size_t round256(size_t b) { return (b + 255) & ~(size_t)255; }
+
+/* One buffer of a carved allocation: where its address goes, its size. */
+typedef struct part {
+  void **ptr;
+  size_t bytes;
+} part;
+
+/* Lay `count` parts out one after another from base, each 256-byte
+ * aligned, and return the bytes they take; base NULL only counts. */
+static inline size_t carve(const part *parts, size_t count, char *base) {
+  size_t off = 0;
+  for (size_t i = 0; i < count; i++) {
+    if (base) *parts[i].ptr = base + off;
+    off += round256(parts[i].bytes);
+  }
+  return off;
+}
+
+/* Device scratch of one forward or retrieval, carved from one buffer. */
+typedef struct dev_ws {
+  float *q;      /* [T, dq] */
+  float *S;      /* [T, H, 2, n] sub-key scores */
+  float *list_s; /* [T, H, 2, k'] */
+  int64_t *list_id;
+  int64_t *ids;  /* [T, H, k] when the caller gives none */
+  float *scores; /* [T, H, k] */
+  float *gates;  /* [T, H, k] */
+} dev_ws;
+
+static inline peer_status copy(void *dst, const void *src, size_t bytes, enum cudaMemcpyKind kind,
+                               cudaStream_t stream) {
+  if (!dst || bytes == 0) return PEER_OK;
+  cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, stream);
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "cuda host path: cudaMemcpyAsync");
+}
+
+/* backend.c */
+peer_status peer_cb_check_stream(peer_layer *L, cudaStream_t stream);
+peer_status peer_cb_enter(const peer_layer *L, int64_t T, const void *d_x, const char *what);
+peer_status peer_cb_host_enter(const peer_layer *L, int64_t T, const void *x, const char *what);
+peer_status peer_cb_device_scratch(peer_layer *L, int64_t T, dev_ws *w);
+peer_status peer_cb_project_query(peer_layer *L, int64_t T, const float *d_x, float *q,
+                                  bool running, cudaStream_t stream);
+peer_status peer_cb_search(peer_layer *L, int64_t T, const float *q, int64_t *ids, float *scores,
+                           float *gates, bool brute, unsigned long long *bad, cudaStream_t stream,
+                           const dev_ws *w);
+
+/* backend_train.c: the training entries of the backend table */
+size_t peer_cb_cuda_host_workspace(const peer_layer *L, int64_t T);
+size_t peer_cb_cuda_context_bytes(const peer_layer *L, int64_t T);
+peer_status peer_cb_cuda_context_check(const peer_layer *L, int64_t T, const char *what);
+void *peer_cb_cuda_context_alloc(const peer_layer *L, size_t bytes);
+void peer_cb_cuda_context_free(void *mem, size_t bytes);
+peer_status peer_cb_cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T, const float *x,
+                                       float *y, void *host_ws);
+peer_status peer_cb_cuda_backward(peer_layer *L, peer_context *ctx, const float *dy, float *dx,
+                                  peer_grads *g);
+
+#endif
