@@ -133,6 +133,16 @@ static peer_status set_field(peer_config *cfg, const char *key, const char *val)
   return PEER_OK;
 }
 
+/* Strip blanks around s in place ("top_k = 8, gate=relu" reads as written). */
+static char *trim(char *s) {
+  while (*s == ' ' || *s == '\t')
+    s++;
+  size_t len = strlen(s);
+  while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\t'))
+    s[--len] = '\0';
+  return s;
+}
+
 peer_status peer_config_parse(peer_config *cfg, const char *text) {
   if (!cfg || !text) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "config: NULL argument");
   peer_config work = *cfg;
@@ -144,11 +154,12 @@ peer_status peer_config_parse(peer_config *cfg, const char *text) {
     if (len >= sizeof item) return peer_fail(PEER_ERR_CONFIG, "config: item too long");
     memcpy(item, p, len);
     item[len] = '\0';
-    if (len > 0) {
-      char *eq = strchr(item, '=');
-      if (!eq) return peer_fail(PEER_ERR_CONFIG, "config: '%s' is not key=value", item);
+    char *key = trim(item);
+    if (*key) {
+      char *eq = strchr(key, '=');
+      if (!eq) return peer_fail(PEER_ERR_CONFIG, "config: '%s' is not key=value", key);
       *eq = '\0';
-      peer_status st = set_field(&work, item, eq + 1);
+      peer_status st = set_field(&work, trim(key), trim(eq + 1));
       if (st) return st;
     }
     p += len;
@@ -188,6 +199,11 @@ peer_status peer_config_validate(const peer_config *c) {
   if (c->top_k > kp)
     return peer_fail(PEER_ERR_CONFIG, "top_k: %lld exceeds subkey_top_k %lld",
                      (long long)c->top_k, (long long)kp);
+  if (kp > c->n_subkeys && c->subkey_top_k == 0)
+    return peer_fail(PEER_ERR_CONFIG,
+                     "top_k: %lld exceeds n_subkeys %lld (each half keeps top_k candidates "
+                     "unless subkey_top_k is set)",
+                     (long long)c->top_k, (long long)c->n_subkeys);
   if (kp > c->n_subkeys)
     return peer_fail(PEER_ERR_CONFIG, "subkey_top_k: %lld exceeds n_subkeys %lld",
                      (long long)kp, (long long)c->n_subkeys);

@@ -126,6 +126,18 @@ static void expect_parse_error(const char *text, const char *field) {
   cr_assert(same_config(&c, &before), "'%s' changed the config although it failed", text);
 }
 
+Test(config, parse_accepts_blanks_around_items) {
+  peer_config c;
+  peer_config_default(&c);
+  cr_assert_eq(peer_config_parse(&c, "n_subkeys=64, top_k=8 ,\tgate = relu, "), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(c.n_subkeys, 64);
+  cr_assert_eq(c.top_k, 8);
+  cr_assert_eq(c.gate, PEER_GATE_RELU);
+  expect_parse_error("top_k=8, colour=blue", "colour");
+  expect_parse_error("top_k=8 9", "top_k");
+}
+
 Test(config, parse_rejects_bad_text) {
   expect_parse_error("colour=blue", "colour");
   expect_parse_error("d_model=64,colour=blue", "colour"); /* earlier item not applied */
@@ -178,8 +190,10 @@ Test(config, validate_rejects_impossible_configs) {
   expect_invalid(&c, "top_k");
   c = base, c.subkey_top_k = 9;
   expect_invalid(&c, "subkey_top_k");
-  c = base, c.top_k = 9; /* k' defaults to k, which exceeds n */
-  expect_invalid(&c, "subkey_top_k");
+  c = base, c.top_k = 9; /* k' defaults to k, which exceeds n: a top_k problem */
+  expect_invalid(&c, "top_k");
+  cr_assert(strncmp(peer_last_error(), "top_k:", 6) == 0, "'%s' does not start with top_k:",
+            peer_last_error());
   c = base, c.n_subkeys = 0;
   expect_invalid(&c, "n_subkeys");
   c = base, c.n_subkeys = (int64_t)1 << 20; /* N = 2^40 */
