@@ -165,8 +165,8 @@ static peer_status parse_entry(const peer_safetensors *f, const char *name, json
                      (unsigned long long)e->begin, (unsigned long long)e->end);
   if (e->end > f->data_size)
     return peer_fail(PEER_ERR_FORMAT,
-                     "%s: tensor '%s': data_offsets [%llu, %llu] run past the end of the data "
-                     "(%llu bytes)",
+                     "%s: truncated: tensor '%s': data_offsets [%llu, %llu] run past the end of the "
+                     "data (%llu bytes)",
                      path, name, (unsigned long long)e->begin, (unsigned long long)e->end,
                      (unsigned long long)f->data_size);
 
@@ -242,7 +242,8 @@ static peer_status parse_header(peer_safetensors *f, uint64_t file_size) {
     hlen = (hlen << 8) | raw[i];
   if (hlen > file_size - 8)
     return peer_fail(PEER_ERR_FORMAT,
-                     "%s: header length %llu runs past the end of the file (%llu bytes)", path,
+                     "%s: truncated: header length %llu runs past the end of the file (%llu bytes)",
+                     path,
                      (unsigned long long)hlen, (unsigned long long)file_size);
   if (hlen > HEADER_MAX)
     return peer_fail(PEER_ERR_FORMAT, "%s: header length %llu is absurd (limit %llu bytes)", path,
