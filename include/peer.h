@@ -33,6 +33,11 @@ extern "C" {
 /* Run-time version: PEER_VERSION_NUMBER of the library actually linked. */
 int peer_version_number(void);
 const char *peer_version_string(void);
+/* sizeof, in the library actually linked, of a public struct named as in
+ * this header ("peer_config", "peer_options", "peer_tensor", "peer_grads",
+ * "peer_optim_config"); 0 for any other name.  Bindings that re-declare the
+ * structs (ctypes, cffi) compare their sizes with these at load time. */
+size_t peer_struct_size(const char *name);
 
 /* ------------------------------------------------------------------ status */
 
@@ -458,6 +463,44 @@ const char *peer_safetensors_metadata(const peer_safetensors *file,
 peer_status peer_safetensors_write(const char *path, const peer_tensor *tensors,
                                    int n_tensors, const char *const *meta,
                                    int n_meta_pairs);
+
+/* ---------------------------------------------------- PEER-pytorch layout */
+
+/* lucidrains' PEER-pytorch (0.2.x) holds one PEER layer in four tensors:
+ * to_queries.0.weight [2*H*dk, d] F32, keys [H, n, 2, dk] F32, and
+ * weight_down_embed.weight, weight_up_embed.weight [n*n, d] (F32 or BF16),
+ * dk = d_key/2, with the query rows and key axes ordered differently
+ * (PEER.md "Related layouts").  These calls read and write that state dict
+ * as safetensors, reordering the query and keys and copying the expert
+ * tables as they are.  CPU-backend layers only. */
+
+/* Load a PEER-pytorch state dict into a new layer (*out, freed with
+ * peer_layer_free).  The file gives d_model, n_heads, d_key, n_subkeys and
+ * weight_dtype; settings (NULL: peer_config_default) give what it does not
+ * record: top_k (num_experts_per_head), subkey_top_k (product_key_topk),
+ * activation, and gate (softmax for non_competing_scores=False; relu for
+ * True, PEER-pytorch's default, with top_k 1).  Settings PEER-pytorch cannot
+ * express (shared_keys, query_norm, query_bias, sigmoid gates, relu with
+ * top_k > 1) are refused with PEER_ERR_CONFIG; their shape fields are
+ * ignored.  A file with other tensors, or already a peer weight file, is
+ * refused with PEER_ERR_FORMAT naming the tensor.  opt may be NULL. */
+peer_status peer_layer_load_pytorch(peer_layer **out, const char *path,
+                                    const peer_config *settings,
+                                    const peer_options *opt);
+/* Save a layer as a PEER-pytorch state dict (metadata "format": "pt"),
+ * atomically as peer_layer_save.  A layer PEER-pytorch cannot express is
+ * refused with PEER_ERR_UNSUPPORTED naming the field. */
+peer_status peer_layer_save_pytorch(const peer_layer *layer, const char *path);
+/* The PEER-pytorch constructor call that computes cfg, e.g. "PEER(dim=512,
+ * heads=8, num_experts=1048576, ...)", into buf (NUL-terminated);
+ * PEER_ERR_UNSUPPORTED naming the field if there is none, and
+ * PEER_ERR_INVALID_ARGUMENT if buf is too small (512 bytes always do). */
+peer_status peer_config_pytorch_args(const peer_config *cfg, char *buf, size_t size);
+/* File to file: peer_layer_load_pytorch then peer_layer_save, and
+ * peer_layer_load then peer_layer_save_pytorch. */
+peer_status peer_convert_from_pytorch(const char *in_path, const char *out_path,
+                                      const peer_config *settings);
+peer_status peer_convert_to_pytorch(const char *in_path, const char *out_path);
 
 /* ----------------------------------------------------------------- metrics */
 

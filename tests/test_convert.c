@@ -4,7 +4,8 @@
  * element a distinct value, checks the reordering of query rows and key axes
  * element by element against docs/PEER.md ("Related layouts"); malformed or
  * unexpressible inputs must be refused with a non-zero exit and one line on
- * stderr.  Runs the built CLI (PEER_CLI). */
+ * stderr.  Runs the built CLI (PEER_CLI), and calls the library's own
+ * peer_layer_load_pytorch / peer_layer_save_pytorch / peer_convert_* directly. */
 #include <criterion/criterion.h>
 
 #include "peer.h"
@@ -270,7 +271,7 @@ Test(convert, refuses_malformed_pytorch_files) {
   FILE *f = fopen(path_in_dir("bad.safetensors", path, sizeof path), "w");
   fputs("this is not a safetensors file", f);
   fclose(f);
-  expect_refused(conv, 1, "cannot open input");
+  expect_refused(conv, 1, "bad.safetensors: truncated: header length");
   /* A peer weight file given as PEER-pytorch's. */
   save_layer("d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2", "peer.safetensors");
   expect_refused("--from peer-pytorch peer.safetensors --out w.safetensors", 1,
@@ -300,4 +301,163 @@ Test(convert, refuses_layers_pytorch_cannot_express) {
     save_layer(config, "w.safetensors");
     expect_refused("--to peer-pytorch w.safetensors --out pt.safetensors", 1, cases[i].needle);
   }
+}
+
+/* ----------------------------------------- the library's calls (peer.h) */
+
+/* The library loads the hand-built file straight into a layer, reordered as
+ * PEER.md says; the settings give what the file does not record. */
+Test(convert, library_load_pytorch_reorders_and_takes_settings) {
+  char path[128];
+  write_pt("pt.safetensors", (pt_variant){0});
+  peer_config settings;
+  peer_config_default(&settings);
+  settings.top_k = 1, settings.subkey_top_k = 3, settings.gate = PEER_GATE_RELU;
+  settings.activation = PEER_ACT_SILU;
+  settings.d_model = 999; /* shape fields of the settings are ignored */
+  peer_layer *layer = NULL;
+  cr_assert_eq(peer_layer_load_pytorch(&layer, path_in_dir("pt.safetensors", path, sizeof path),
+                                       &settings, NULL),
+               PEER_OK, "%s", peer_last_error());
+  const peer_config *c = peer_layer_config(layer);
+  cr_expect_eq(c->d_model, D);
+  cr_expect_eq(c->n_heads, H);
+  cr_expect_eq(c->d_key, 2 * DK);
+  cr_expect_eq(c->n_subkeys, N_SUB);
+  cr_expect_eq(c->top_k, 1);
+  cr_expect_eq(c->subkey_top_k, 3);
+  cr_expect_eq(c->gate, PEER_GATE_RELU);
+  cr_expect_eq(c->activation, PEER_ACT_SILU);
+  cr_expect_eq(c->weight_dtype, PEER_F32);
+  peer_tensor q, keys, down;
+  peer_layer_param_by_name(layer, "query.weight", &q);
+  peer_layer_param_by_name(layer, "keys", &keys);
+  peer_layer_param_by_name(layer, "experts.down", &down);
+  const float *qv = q.data, *kv = keys.data, *dv = down.data;
+  for (int h = 0; h < H; h++)
+    for (int p = 0; p < 2; p++)
+      for (int j = 0; j < DK; j++) {
+        for (int col = 0; col < D; col++)
+          cr_expect_eq(qv[(h * 2 * DK + p * DK + j) * D + col],
+                       pt_query(p * H * DK + h * DK + j, col));
+        for (int a = 0; a < N_SUB; a++)
+          cr_expect_eq(kv[((h * 2 + p) * N_SUB + a) * DK + j], pt_key(h, a, p, j));
+      }
+  for (int i = 0; i < N_EXP; i++)
+    cr_expect_eq(dv[i * D + 2], pt_expert(0, i, 2));
+
+  /* NULL settings: peer_config_default's top_k 16 does not fit n = 3. */
+  peer_layer *other = (peer_layer *)&other;
+  cr_expect_eq(peer_layer_load_pytorch(&other, path, NULL, NULL), PEER_ERR_CONFIG);
+  cr_expect_null(other, "a failed load left *out set");
+  cr_expect(strstr(peer_last_error(), "top_k") != NULL, "%s", peer_last_error());
+  peer_layer_free(layer);
+}
+
+/* Save through the library, read back through the library: the same bits,
+ * and the file is PEER-pytorch's tensor set. */
+Test(convert, library_round_trip_and_file_to_file) {
+  char a_path[128], pt_path[128], b_path[128];
+  path_in_dir("pt.safetensors", pt_path, sizeof pt_path);
+  path_in_dir("b.safetensors", b_path, sizeof b_path);
+  peer_layer *a =
+      make_layer("d_model=12,n_heads=3,d_key=8,n_subkeys=6,top_k=4,weight_dtype=bf16", 3);
+  cr_assert_eq(peer_layer_save_pytorch(a, pt_path), PEER_OK, "%s", peer_last_error());
+  peer_safetensors *f = NULL;
+  cr_assert_eq(peer_safetensors_open(&f, pt_path), PEER_OK, "%s", peer_last_error());
+  cr_expect_eq(peer_safetensors_count(f), 4);
+  peer_tensor t;
+  cr_expect_eq(peer_safetensors_find(f, "keys", &t), PEER_OK);
+  cr_expect(t.ndim == 4 && t.shape[0] == 3 && t.shape[1] == 6 && t.shape[2] == 2 &&
+            t.shape[3] == 4);
+  cr_expect_eq(peer_safetensors_find(f, "weight_up_embed.weight", &t), PEER_OK);
+  cr_expect_eq(t.dtype, PEER_BF16);
+  cr_expect_str_eq(peer_safetensors_metadata(f, "format"), "pt");
+  peer_safetensors_close(f);
+
+  peer_config settings;
+  peer_config_default(&settings);
+  settings.top_k = 4;
+  cr_assert_eq(peer_convert_from_pytorch(pt_path, b_path, &settings), PEER_OK, "%s",
+               peer_last_error());
+  peer_layer *b = load("b.safetensors");
+  cr_expect_eq(memcmp(peer_layer_config(a), peer_layer_config(b), sizeof(peer_config)), 0);
+  for (int i = 0; i < peer_layer_n_params(a); i++) {
+    peer_tensor ta, tb;
+    peer_layer_param(a, i, &ta);
+    cr_assert_eq(peer_layer_param_by_name(b, ta.name, &tb), PEER_OK);
+    cr_expect_eq(memcmp(ta.data, tb.data, ta.nbytes), 0, "%s differs", ta.name);
+  }
+  /* And back again, file to file: the same PEER-pytorch bytes. */
+  path_in_dir("pt2.safetensors", a_path, sizeof a_path);
+  cr_assert_eq(peer_convert_to_pytorch(b_path, a_path), PEER_OK, "%s", peer_last_error());
+  char cmd[512];
+  snprintf(cmd, sizeof cmd, "cmp -s '%s' '%s'", pt_path, a_path);
+  cr_expect_eq(system(cmd), 0, "PEER-pytorch files differ after a round trip");
+  peer_layer_free(a);
+  peer_layer_free(b);
+}
+
+Test(convert, library_refusals_name_the_problem) {
+  char path[128], out[128];
+  path_in_dir("w.safetensors", path, sizeof path);
+  path_in_dir("pt.safetensors", out, sizeof out);
+  static const struct {
+    const char *config, *needle;
+  } cases[] = {{"query_bias=1", "query_bias"},
+               {"query_norm=batchnorm", "query_norm"},
+               {"shared_keys=1", "shared_keys"},
+               {"gate=sigmoid", "sigmoid"},
+               {"gate=relu", "top_k=2"}};
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    char config[160], args[600];
+    snprintf(config, sizeof config, "d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2,%s",
+             cases[i].config);
+    peer_layer *layer = make_layer(config, 1);
+    cr_expect_eq(peer_layer_save_pytorch(layer, out), PEER_ERR_UNSUPPORTED, "%s", config);
+    cr_expect(strstr(peer_last_error(), cases[i].needle) != NULL, "%s: %s", config,
+              peer_last_error());
+    cr_expect_eq(peer_config_pytorch_args(peer_layer_config(layer), args, sizeof args),
+                 PEER_ERR_UNSUPPORTED, "%s", config);
+    /* The same settings are refused when loading. */
+    write_pt("pt_in.safetensors", (pt_variant){0});
+    char in[128];
+    peer_layer *none = NULL;
+    cr_expect_eq(peer_layer_load_pytorch(&none, path_in_dir("pt_in.safetensors", in, sizeof in),
+                                         peer_layer_config(layer), NULL),
+                 PEER_ERR_CONFIG, "%s", config);
+    cr_expect(strstr(peer_last_error(), cases[i].needle) != NULL, "%s: %s", config,
+              peer_last_error());
+    peer_layer_free(layer);
+  }
+  /* What PEER-pytorch can express gives its constructor call. */
+  peer_layer *layer = make_layer("d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2", 1);
+  char args[512];
+  cr_assert_eq(peer_config_pytorch_args(peer_layer_config(layer), args, sizeof args), PEER_OK, "%s",
+               peer_last_error());
+  cr_expect_str_eq(args, "PEER(dim=8, heads=2, num_experts=16, num_experts_per_head=2, "
+                         "dim_key=2, product_key_topk=2, non_competing_scores=False, "
+                         "activation=nn.GELU)");
+  cr_expect_eq(peer_config_pytorch_args(peer_layer_config(layer), args, 20),
+               PEER_ERR_INVALID_ARGUMENT);
+  /* A peer weight file is not a PEER-pytorch one; missing files and NULLs. */
+  cr_assert_eq(peer_layer_save(layer, path), PEER_OK);
+  peer_layer *none = NULL;
+  cr_expect_eq(peer_layer_load_pytorch(&none, path, NULL, NULL), PEER_ERR_FORMAT);
+  cr_expect(strstr(peer_last_error(), "already a peer weight file"), "%s", peer_last_error());
+  cr_expect_eq(peer_layer_load_pytorch(&none, "/nonexistent/pt.safetensors", NULL, NULL),
+               PEER_ERR_IO);
+  cr_expect_eq(peer_layer_load_pytorch(NULL, path, NULL, NULL), PEER_ERR_INVALID_ARGUMENT);
+  cr_expect_eq(peer_layer_save_pytorch(NULL, out), PEER_ERR_INVALID_ARGUMENT);
+  cr_expect_eq(peer_convert_to_pytorch(NULL, out), PEER_ERR_INVALID_ARGUMENT);
+  cr_expect_eq(peer_convert_from_pytorch(path, NULL, NULL), PEER_ERR_INVALID_ARGUMENT);
+  peer_options opt;
+  peer_options_default(&opt);
+  opt.backend = PEER_BACKEND_CUDA;
+  write_pt("pt_in.safetensors", (pt_variant){0});
+  char in[128];
+  cr_expect_eq(
+      peer_layer_load_pytorch(&none, path_in_dir("pt_in.safetensors", in, sizeof in), NULL, &opt),
+      PEER_ERR_UNSUPPORTED);
+  peer_layer_free(layer);
 }

@@ -13,54 +13,25 @@
  * a checkpoint). */
 #include "ablate_model.h"
 #include "ablate_source.h"
+#include "cli_util.h"
 #include "peer.h"
 
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 
-enum { EXIT_USAGE = 2, EXIT_STOPPED = 3, EXIT_SIGNAL = 130, MAX_LIST = 32 };
-
-static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int fail(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  fputs("peer-ablate: ", stderr);
-  vfprintf(stderr, fmt, ap);
-  fputc('\n', stderr);
-  va_end(ap);
-  return EXIT_FAILURE;
-}
-
-static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static int usage_error(const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  fputs("peer-ablate: ", stderr);
-  vfprintf(stderr, fmt, ap);
-  fputc('\n', stderr);
-  va_end(ap);
-  return EXIT_USAGE;
-}
+enum { EXIT_STOPPED = 3, EXIT_SIGNAL = 130, MAX_LIST = 32 };
 
 static volatile sig_atomic_t g_signal = 0;
 static void on_signal(int sig) { g_signal = sig; }
-
-static double now_seconds(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* ----------------------------------------------------------------- options */
 
@@ -115,29 +86,6 @@ static const char usage_text[] =
     "  --keep-checkpoints  keep each finished setting's last checkpoint\n"
     "  --no-plot           skip gnuplot\n"
     "  --stop-after N      stop (checkpoint saved, exit 3) after N steps of this run: for tests\n";
-
-/* Whole-string integer in [lo, hi]. */
-static int parse_int(const char *name, const char *s, int64_t lo, int64_t hi, int64_t *out) {
-  char *end = NULL;
-  errno = 0;
-  long long v = strtoll(s, &end, 10);
-  if (!*s || *end != '\0' || s[0] == ' ')
-    return usage_error("--%s: '%s' is not an integer", name, s);
-  if (errno == ERANGE || v < lo || v > hi)
-    return usage_error("--%s: %s is not in [%lld, %lld]", name, s, (long long)lo, (long long)hi);
-  *out = (int64_t)v;
-  return 0;
-}
-
-static int parse_float(const char *name, const char *s, double lo, double hi, double *out) {
-  char *end = NULL;
-  double v = strtod(s, &end);
-  if (!*s || *end != '\0' || !isfinite(v))
-    return usage_error("--%s: '%s' is not a number", name, s);
-  if (v < lo || v > hi) return usage_error("--%s: %s is not in [%g, %g]", name, s, lo, hi);
-  *out = v;
-  return 0;
-}
 
 /* Split a comma list into items (at most MAX_LIST), calling each(). */
 typedef int (*item_fn)(const char *name, const char *item, void *ctx, int i);
@@ -308,7 +256,7 @@ static int parse_args(int argc, char **argv, options *o) {
     else if (!strcmp(key, "expert-lr"))
       rc = parse_float(key, val, 0, 10, &f), o->expert_lr = (float)f;
     else if (!strcmp(key, "seed"))
-      rc = parse_int(key, val, 0, INT64_MAX, &v), o->seed = (uint64_t)v;
+      rc = parse_seed(key, val, &o->seed);
     else if (!strcmp(key, "threads"))
       rc = parse_int(key, val, 1, 4096, &v), o->threads = (int)v;
     else if (!strcmp(key, "checkpoint-every"))
@@ -986,6 +934,7 @@ static int write_plot(const options *o, const setting *s, int n, const corpus *c
 /* -------------------------------------------------------------------- main */
 
 int main(int argc, char **argv) {
+  cli_set_prefix("peer-ablate");
   options o;
   int rc = parse_args(argc, argv, &o);
   if (rc == -1) {
