@@ -252,10 +252,15 @@ Test(ablate_tool, tiny_sweep_writes_csv_json_and_plot, .timeout = 300) {
   json_decref(j);
   snprintf(path, sizeof path, "%s/ablate.gp", dir);
   cr_expect_eq(access(path, R_OK), 0, "no %s", path);
+  char *gp = read_text(path);
+  cr_expect(gp && strstr(gp, "set key below"), "%s does not put the keys below the plots", path);
+  free(gp);
   if (on_path("gnuplot")) {
     snprintf(path, sizeof path, "%s/ablate.svg", dir);
     char *svg = read_text(path);
     cr_expect(svg && strstr(svg, "<svg"), "no plot at %s", path);
+    /* An opaque white page, the keys below the plots (not on the curves). */
+    cr_expect(svg && strstr(svg, "fill=\"#ffffff\""), "%s has no white background", path);
     free(svg);
   } else {
     cr_log_warn("gnuplot is not installed: the plot was not checked");

@@ -867,12 +867,17 @@ static int write_plot(const options *o, const setting *s, int n, const corpus *c
       }
     fprintf(f, "EOD\n");
   }
-  fprintf(f, "set terminal svg size 1100,460 dynamic font 'sans,12'\nset output '%s'\n",
+  /* An opaque white page (a transparent SVG is unreadable on dark viewers),
+   * and the keys below each plot, where no curve runs. */
+  fprintf(f,
+          "set terminal svg size 1100,560 dynamic background rgb 'white' font 'sans,12'\n"
+          "set output '%s'\n",
           "ablate.svg");
   fprintf(f, "set multiplot layout 1,2 title '%s'\n",
           isfinite(cp->entropy_rate) ? "peer-ablate: synthetic Markov source"
                                      : "peer-ablate: held-out text");
-  fprintf(f, "set logscale x 2\nset format x '2^{%%L}'\nset grid\nset key top right\n"
+  fprintf(f, "set logscale x 2\nset format x '2^{%%L}'\nset grid\n"
+             "set key below center horizontal maxrows 3 spacing 1.2\n"
              "set xlabel 'experts N'\nset offsets graph 0.05, graph 0.05, 0, 0\n");
   fprintf(f, "set ylabel 'validation loss (nats/token)'\nplot ");
   const char *sep = "";
