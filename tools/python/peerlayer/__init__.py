@@ -2,8 +2,8 @@
 (product-key expert retrieval, docs/PEER.md).  The numpy binding is here;
 the PyTorch module is peerlayer.nn.PEER (imported only when torch is used)."""
 
-from .core import (Context, Grads, Layer, Optimizer, PeerError, lib, usage_metrics,
-                   version)
+from .core import (Context, Grads, Layer, Optimizer, PeerError, convert_from_pytorch,
+                   convert_to_pytorch, lib, usage_metrics, version)
 
-__all__ = ["Context", "Grads", "Layer", "Optimizer", "PeerError", "lib", "usage_metrics",
-           "version"]
+__all__ = ["Context", "Grads", "Layer", "Optimizer", "PeerError", "convert_from_pytorch",
+           "convert_to_pytorch", "lib", "usage_metrics", "version"]

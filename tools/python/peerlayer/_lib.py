@@ -6,6 +6,10 @@ was built with CUDA, include/peer_cuda.h).  Where the library is found:
   2. build/lib/ of the repository this package sits in (an editable install or
      a checkout), or the one recorded when the package was pip-installed;
   3. the system's search path (ctypes.util.find_library("peer")).
+A library is used only if its version (peer_version_number) is the one these
+declarations follow (ABI_VERSION) and, for every struct declared here, its
+peer_struct_size equals ctypes.sizeof; otherwise LibraryMismatch names each
+difference (and the next candidate is tried, unless PEER_LIBRARY chose it).
 """
 
 import ctypes
@@ -80,12 +84,29 @@ class peer_optim_config(ctypes.Structure):
     ]
 
 
+# The library version these declarations follow (peer.h's PEER_VERSION_MAJOR
+# and _MINOR).  While the major version is 0 a minor release may change the
+# ABI, so both must match; from 1.0 on the major must match and the library's
+# minor be at least this one.
+ABI_VERSION = (0, 1)
+# Every struct declared above, by its C name: load_library compares each
+# ctypes.sizeof with the library's own peer_struct_size.
+STRUCTS = {
+    "peer_config": peer_config,
+    "peer_options": peer_options,
+    "peer_tensor": peer_tensor,
+    "peer_grads": peer_grads,
+    "peer_optim_config": peer_optim_config,
+}
+
 P = ctypes.c_void_p
 I64 = ctypes.c_int64
 STATUS = ctypes.c_int
 _PROTOTYPES = {
     # name: (restype, argtypes)
+    "peer_version_number": (ctypes.c_int, []),
     "peer_version_string": (ctypes.c_char_p, []),
+    "peer_struct_size": (ctypes.c_size_t, [ctypes.c_char_p]),
     "peer_status_string": (ctypes.c_char_p, [ctypes.c_int]),
     "peer_last_error": (ctypes.c_char_p, []),
     "peer_config_default": (None, [ctypes.POINTER(peer_config)]),
@@ -122,6 +143,12 @@ _PROTOTYPES = {
     "peer_checkpoint_load": (STATUS, [P, P, ctypes.c_char_p]),
     "peer_layer_save": (STATUS, [P, ctypes.c_char_p]),
     "peer_layer_load": (STATUS, [ctypes.POINTER(P), ctypes.c_char_p, ctypes.POINTER(peer_options)]),
+    "peer_layer_load_pytorch": (STATUS, [ctypes.POINTER(P), ctypes.c_char_p, ctypes.POINTER(peer_config),
+                                         ctypes.POINTER(peer_options)]),
+    "peer_layer_save_pytorch": (STATUS, [P, ctypes.c_char_p]),
+    "peer_config_pytorch_args": (STATUS, [ctypes.POINTER(peer_config), ctypes.c_char_p, ctypes.c_size_t]),
+    "peer_convert_from_pytorch": (STATUS, [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(peer_config)]),
+    "peer_convert_to_pytorch": (STATUS, [ctypes.c_char_p, ctypes.c_char_p]),
     "peer_usage_metrics": (STATUS, [P, I64, c_double_p, c_double_p]),
     "peer_usage_accumulate": (STATUS, [P, I64, P, P, I64]),
 }
@@ -157,6 +184,37 @@ def _candidates():
     return paths, False
 
 
+class LibraryMismatch(OSError):
+    """The libpeer found is not the one these declarations describe."""
+
+
+def check_abi(lib, path):
+    """Compare the library's version and struct sizes with the declarations
+    above; raise LibraryMismatch naming every difference."""
+    missing = [n for n in ("peer_version_number", "peer_struct_size") if not hasattr(lib, n)]
+    if missing:
+        raise LibraryMismatch(f"{path} lacks {', '.join(missing)}: it is older than this "
+                              f"peerlayer (which needs libpeer {ABI_VERSION[0]}.{ABI_VERSION[1]})")
+    lib.peer_version_number.restype, lib.peer_version_number.argtypes = ctypes.c_int, []
+    lib.peer_struct_size.restype = ctypes.c_size_t
+    lib.peer_struct_size.argtypes = [ctypes.c_char_p]
+    number = lib.peer_version_number()
+    major, minor = number // 10000, number // 100 % 100
+    want_major, want_minor = ABI_VERSION
+    ok = major == want_major and (minor == want_minor if major == 0 else minor >= want_minor)
+    problems = []
+    if not ok:
+        problems.append(f"version {major}.{minor}.{number % 100}, this peerlayer needs "
+                        f"{want_major}.{want_minor}" + (".x" if want_major == 0 else "+"))
+    for name, cls in STRUCTS.items():
+        theirs, ours = lib.peer_struct_size(name.encode()), ctypes.sizeof(cls)
+        if theirs != ours:
+            problems.append(f"sizeof({name}) is {theirs} there, {ours} here")
+    if problems:
+        raise LibraryMismatch(f"{path} does not match this peerlayer: " + "; ".join(problems) +
+                              " (rebuild libpeer from the same checkout, or set PEER_LIBRARY)")
+
+
 def load_library():
     paths, explicit = _candidates()
     errors = []
@@ -166,6 +224,12 @@ def load_library():
             continue
         try:
             lib = ctypes.CDLL(path)
+            check_abi(lib, path)
+        except LibraryMismatch as e:
+            if explicit:
+                raise
+            errors.append(str(e))
+            continue
         except OSError as e:
             errors.append(f"{path}: {e}")
             continue

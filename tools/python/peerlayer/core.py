@@ -152,6 +152,29 @@ class Layer:
         self._adopt(handle, backend)
         return self
 
+    @classmethod
+    def load_pytorch(cls, path, config=None, *, threads=0, **settings):
+        """A layer from lucidrains' PEER-pytorch state dict saved as safetensors
+        (peer_layer_load_pytorch): the shapes come from the file; config or
+        keyword arguments give what it does not record (top_k, subkey_top_k,
+        gate, activation; defaults as peer_config_default)."""
+        handle = ctypes.c_void_p()
+        cfg = _settings_struct(config, **settings)
+        opt = _options("cpu", threads, 0)
+        check(lib.peer_layer_load_pytorch(ctypes.byref(handle), str(path).encode(),
+                                          ctypes.byref(cfg), ctypes.byref(opt)))
+        self = cls.__new__(cls)
+        self._adopt(handle, "cpu")
+        return self
+
+    def save_pytorch(self, path):
+        """Write the layer as a PEER-pytorch state dict (peer_layer_save_pytorch);
+        returns the PEER(...) call of PEER-pytorch that loads it."""
+        check(lib.peer_layer_save_pytorch(self.handle, str(path).encode()))
+        buf = ctypes.create_string_buffer(512)
+        check(lib.peer_config_pytorch_args(lib.peer_layer_config(self.handle), buf, len(buf)))
+        return buf.value.decode()
+
     def _adopt(self, handle, backend):
         self._h = handle
         self.backend = backend
@@ -416,3 +439,33 @@ def usage_metrics(z):
     u, e = ctypes.c_double(), ctypes.c_double()
     check(lib.peer_usage_metrics(_ptr(z), z.size, ctypes.byref(u), ctypes.byref(e)))
     return u.value, e.value
+
+
+def _settings_struct(config=None, **overrides):
+    """A peer_config from defaults and the given items, parsed but not
+    validated (the shapes come from elsewhere, e.g. a PEER-pytorch file)."""
+    cfg = _lib.peer_config()
+    lib.peer_config_default(ctypes.byref(cfg))
+    items = [config] if isinstance(config, str) else []
+    if isinstance(config, dict):
+        overrides = {**config, **overrides}
+    elif config is not None and not isinstance(config, str):
+        raise TypeError("config: a 'key=value,...' string, a dict, or None")
+    items += [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
+    text = ",".join(i for i in items if i)
+    if text:
+        check(lib.peer_config_parse(ctypes.byref(cfg), text.encode()))
+    return cfg
+
+
+def convert_from_pytorch(in_path, out_path, config=None, **settings):
+    """PEER-pytorch state dict (safetensors) -> peer weight file
+    (peer_convert_from_pytorch); settings as Layer.load_pytorch."""
+    cfg = _settings_struct(config, **settings)
+    check(lib.peer_convert_from_pytorch(str(in_path).encode(), str(out_path).encode(),
+                                        ctypes.byref(cfg)))
+
+
+def convert_to_pytorch(in_path, out_path):
+    """peer weight file -> PEER-pytorch state dict (peer_convert_to_pytorch)."""
+    check(lib.peer_convert_to_pytorch(str(in_path).encode(), str(out_path).encode()))
