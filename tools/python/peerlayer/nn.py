@@ -1,4 +1,6 @@
-"""PyTorch module over libpeer: PEER(nn.Module) and its autograd Function.
+"""PyTorch module over libpeer: PEER(nn.Module), its torch.library custom ops
+(peerlayer::forward, peerlayer::forward_train, peerlayer::backward) and their
+autograd.
 
 The C layer owns the parameter memory; the module registers torch Parameters
 (and the batch-norm running statistics as buffers) that are views of that
@@ -7,20 +9,30 @@ write the same bytes.  state_dict keys are the PEER.md tensor names
 ("query.weight", "keys", "experts.down", ...), so a state_dict and a peer
 safetensors file hold the same tensors under the same names.
 
+The ops take the layer as an integer key (a registry entry, not a pointer)
+and the parameters as tensor inputs, so torch.compile sees what each op reads
+and traces a model with PEER blocks as one graph (fullgraph=True).  The
+training forward returns, besides y, a one-byte "context" tensor whose memory
+owns the peer context that the backward needs: the context lives exactly as
+long as autograd keeps the tensor.
+
 Gradients: dense for the query, batch-norm affine and keys; for the expert
 tables either sparse COO tensors holding only the rows the batch used
-(sparse_grads=True, the default: use torch.optim.SparseAdam, or SGD without
-momentum, on sparse_parameters()) or dense [N, d] tensors (any optimizer).
+(sparse_grads=True, the default: peerlayer.optim.AdamW, torch.optim.SparseAdam
+or SGD take them) or dense [N, d] tensors (any optimizer).
 
-Devices: CPU tensors go through the CPU backend (forward and backward).  A
-module created with device="cuda" (library built with CUDA) keeps its
-parameters on the GPU and runs the forward on CUDA tensors, on torch's current
-stream; the CUDA backend has no backward yet, so it is for inference.
-Moving the module with .to()/.cuda() would copy the parameters away from the
-C layer; forward refuses parameters that no longer share its memory.
+Devices and dtypes: CPU tensors go through the CPU backend.  A module created
+with device="cuda" (library built with CUDA) keeps its parameters on the GPU
+and runs the forward on CUDA tensors (inference only).  .to()/.cuda()/.cpu()
+rebuild the C layer on the target backend; .to(torch.bfloat16) stores the
+expert tables as bf16 (compute stays f32), .float() back as f32; other dtypes
+are refused when .to() is called.
 """
 
 import ctypes
+import itertools
+import weakref
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -41,10 +53,12 @@ _SLOTS = {
     "experts.down": ("experts", "down", False),
     "experts.up": ("experts", "up", False),
 }
-# peer_grads field of each trainable parameter (experts handled apart).
+# peer_grads field of each dense trainable parameter, in the order the
+# backward op returns their gradients.
 _GRAD_FIELD = {"query.weight": "query_weight", "query.bias": "query_bias",
                "query.norm.weight": "norm_weight", "query.norm.bias": "norm_bias",
                "keys": "keys"}
+_EXPERTS = ("experts.down", "experts.up")
 
 
 class _CudaView:
@@ -69,100 +83,294 @@ def _wrap(layer, name, device):
     return t
 
 
-class PEERFunction(torch.autograd.Function):
-    """y = PEER(x) on x [T, d] float32 CPU, training mode: forward_train on a
-    fresh peer context, backward through peer_backward.  The parameter tensors
-    are inputs so that autograd routes their gradients; the C library reads
-    them from its own memory, which they share."""
+# ---------------------------------------------------------------- registry
 
-    @staticmethod
-    def forward(ctx, module, x, *params):
-        layer = module.layer
-        pctx = core.Context(layer, max(x.shape[0], 1))
-        y = torch.empty_like(x)
-        layer.forward_train(pctx, x.detach().numpy(), out=y.numpy())
-        ctx.module, ctx.pctx = module, pctx
-        ctx.save_for_backward(x)  # x must stay unchanged until backward
-        return y
+# The ops name a layer by an integer key: a graph holds a constant, never a
+# pointer.  Entries go when their layer is garbage.
+_LAYERS = weakref.WeakValueDictionary()
+_KEYS = itertools.count(1)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        module, layer = ctx.module, ctx.module.layer
-        (x,) = ctx.saved_tensors
-        T = x.shape[0]
-        names = module._trainable
-        need = dict(zip(names, ctx.needs_input_grad[2:]))
-        sparse = module.sparse_grads
-        g = core.Grads(layer, max(T, 1), experts_dense=not sparse)
-        want_experts = need["experts.down"] or need["experts.up"]
-        for name, field in _GRAD_FIELD.items():
-            if name in need and not need[name]:
-                setattr(g._s, field, None)
-        if not want_experts:
-            g._s.expert_rows = g._s.experts_down = g._s.experts_up = None
-        dy = dy.contiguous().float()
-        dx, _ = layer.backward(ctx.pctx, dy.numpy(), g, dx=bool(ctx.needs_input_grad[1]))
-        out = [None, None if dx is None else torch.from_numpy(dx)]
-        N, d = layer.n_experts, layer.config["d_model"]
-        for name in names:
-            if not need[name]:
-                out.append(None)
-            elif name in _GRAD_FIELD:
-                out.append(torch.from_numpy(getattr(g, _GRAD_FIELD[name])))
-            else:
-                rows = getattr(g, "experts_down" if name == "experts.down" else "experts_up")
-                if sparse:
-                    idx = torch.from_numpy(g.expert_rows.copy()).unsqueeze(0)
-                    grad = torch.sparse_coo_tensor(idx, torch.from_numpy(rows), (N, d),
-                                                   is_coalesced=True, check_invariants=False)
-                else:
-                    grad = torch.from_numpy(rows)
-                out.append(grad)
-        return tuple(out)
 
+def _register(layer):
+    key = next(_KEYS)
+    _LAYERS[key] = layer
+    return key
+
+
+def _layer(key):
+    layer = _LAYERS.get(key)
+    if layer is None:
+        raise RuntimeError(f"peerlayer: no live layer has key {key} (the PEER module was freed)")
+    return layer
+
+
+def _trainable_names(layer):
+    return [n for n in layer.tensors if not _SLOTS[n][2]]
+
+
+def _running_names(layer):
+    return [n for n in layer.tensors if _SLOTS[n][2]]
+
+
+class _Saved:
+    """A training forward's peer context.  Owned by the one-byte tensor the
+    forward op returns (through numpy's base chain), so it is freed when
+    autograd drops that tensor.  Found again by that tensor's address, which
+    cannot be reused while the tensor lives."""
+
+    _live = {}
+
+    def __init__(self, layer, x):
+        self.layer = layer
+        self.x = x  # the C context points into x's memory: keep it alive
+        self.ctx = core.Context(layer, max(x.shape[0], 1))
+        self.used = False
+        self._byte = (ctypes.c_uint8 * 1)()
+        self._addr = ctypes.addressof(self._byte)
+        _Saved._live[self._addr] = weakref.ref(self)
+
+    def token(self):
+        """The tensor that owns this object (not kept here: that would be a
+        cycle through C++ that no garbage collector sees)."""
+        return torch.from_numpy(np.asarray(core._View(self._addr, (1,), np.uint8, self)))
+
+    @classmethod
+    def find(cls, token):
+        ref = cls._live.get(token.data_ptr())
+        saved = ref() if ref is not None else None
+        if saved is None:
+            raise RuntimeError("peerlayer: backward got a context tensor that no training "
+                               "forward made (a copy of it?); pass the one forward_train returned")
+        return saved
+
+    def forward(self, y):
+        self.layer.forward_train(self.ctx, self.x.detach().numpy(), out=y.detach().numpy())
+
+    def redo_forward(self):
+        """A second backward of one forward (retain_graph=True): the library
+        consumes the context, so run the same training forward again on a fresh
+        one.  Deterministic, so it records the same values; the running
+        statistics it would update again are put back."""
+        layer = self.layer
+        running = {n: layer.params[n].copy() for n in _running_names(layer)}
+        self.ctx = core.Context(layer, max(self.x.shape[0], 1))
+        y = torch.empty_like(self.x)
+        self.forward(y)
+        for n, a in running.items():
+            layer.params[n][...] = a
+
+    def __del__(self):
+        # This object owns the byte at _addr, so no other entry can have it yet.
+        _Saved._live.pop(getattr(self, "_addr", None), None)
+
+# ---------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("peerlayer::forward", mutates_args=())
+def _forward_op(key: int, x: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:
+    """Inference forward: y [T, d] for x [T, d] f32 CPU (batch norm on running
+    statistics).  params are the layer's trainable tensors (read by the library
+    from its own memory, which they are)."""
+    y = torch.empty_like(x)
+    _layer(key).forward(x.detach().numpy(), out=y.numpy())
+    return y
+
+
+@_forward_op.register_fake
+def _(key, x, params):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("peerlayer::forward_train", mutates_args=())
+def _forward_train_op(key: int, x: torch.Tensor, params: List[torch.Tensor],
+                      sparse_grads: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """Training forward: (y, context, running statistics after the call).
+    Batch norm uses the batch's statistics and updates the layer's running
+    averages in the library's memory (the module's buffers); the op returns
+    copies of them too, which the module copies into its buffers, so that
+    torch.compile sees the update (autograd formulas need functional ops)."""
+    layer = _layer(key)
+    saved = _Saved(layer, x)
+    y = torch.empty_like(x)
+    saved.forward(y)
+    running = [torch.from_numpy(layer.params[n].copy()) for n in _running_names(layer)]
+    return y, saved.token(), running
+
+
+@_forward_train_op.register_fake
+def _(key, x, params, sparse_grads):
+    layer = _layer(key)
+    running = [x.new_empty(layer.tensors[n][1]) for n in _running_names(layer)]
+    return torch.empty_like(x), x.new_empty(1, dtype=torch.uint8), running
+
+
+@torch.library.custom_op("peerlayer::backward", mutates_args=())
+def _backward_op(key: int, context: torch.Tensor, x: torch.Tensor, dy: torch.Tensor,
+                 params: List[torch.Tensor], dense_experts: bool
+                 ) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    """Backward of the training forward that made `context`: (dx, gradients of
+    the dense parameters in params' order, expert rows [R], their down and up
+    gradient rows [R, d]; or, with dense_experts, [N, d] gradients)."""
+    layer = _layer(key)
+    saved = _Saved.find(context)
+    if saved.used:
+        saved.redo_forward()
+    g = core.Grads(layer, max(x.shape[0], 1), experts_dense=dense_experts)
+    dx, _ = layer.backward(saved.ctx, dy.detach().contiguous().numpy(), g, dx=True)
+    saved.used = True
+    dense = [torch.from_numpy(getattr(g, _GRAD_FIELD[n])) for n in _trainable_names(layer)
+             if n in _GRAD_FIELD]
+    return (torch.from_numpy(dx), dense, torch.from_numpy(g.expert_rows.copy()),
+            torch.from_numpy(g.experts_down.copy()), torch.from_numpy(g.experts_up.copy()))
+
+
+@_backward_op.register_fake
+def _(key, context, x, dy, params, dense_experts):
+    layer = _layer(key)
+    names = _trainable_names(layer)
+    dense = [torch.empty_like(p, dtype=torch.float32) for n, p in zip(names, params)
+             if n in _GRAD_FIELD]
+    rows = torch.library.get_ctx().new_dynamic_size()
+    d = layer.config["d_model"]
+    shape = (layer.n_experts, d) if dense_experts else (rows, d)
+    return (torch.empty_like(x), dense, x.new_empty(rows, dtype=torch.int64),
+            x.new_empty(shape), x.new_empty(shape))
+
+
+def _setup_context(ctx, inputs, output):
+    key, x, params, sparse_grads = inputs
+    ctx.key, ctx.sparse = key, sparse_grads
+    ctx.save_for_backward(output[1], x, *params)
+
+
+def _backward(ctx, dy, dcontext, drunning):
+    context, x, *params = ctx.saved_tensors
+    layer = _layer(ctx.key)
+    names = _trainable_names(layer)
+    dx, dense, rows, down, up = torch.ops.peerlayer.backward(
+        ctx.key, context, x, dy.contiguous(), params, not ctx.sparse)
+    dense = iter(dense)
+    experts = {"experts.down": down, "experts.up": up}
+    grads = []
+    for n, p in zip(names, params):
+        if n in experts:
+            g = experts[n]
+            if ctx.sparse:
+                g = torch.sparse_coo_tensor(rows.unsqueeze(0), g, p.shape, is_coalesced=True,
+                                            check_invariants=False)
+            grads.append(g.to(p.dtype))
+        else:
+            grads.append(next(dense))
+    return None, dx, grads, None
+
+
+_forward_train_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------- dense optimizers, sparse grads
+
+_DENSE_ONLY = tuple(getattr(torch.optim, n) for n in
+                    ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adadelta",
+                     "ASGD", "Rprop", "LBFGS") if hasattr(torch.optim, n))
+
+
+def _refuse_sparse_in_dense_optimizer(optimizer, args, kwargs):
+    """Global optimizer pre-step hook: a dense-only torch optimizer about to
+    meet PEER's sparse expert gradients fails with a message naming the fix,
+    instead of torch's bare 'does not support sparse gradients'."""
+    if not isinstance(optimizer, _DENSE_ONLY):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if getattr(p, "_peer_expert", False) and p.grad is not None and p.grad.is_sparse:
+                raise TypeError(
+                    f"peerlayer.PEER: {type(optimizer).__name__} cannot take the sparse "
+                    "gradients of PEER's expert tables. Use peerlayer.optim.AdamW(model, ...) "
+                    "(AdamW on the dense parameters, lazy sparse Adam on the expert rows, one "
+                    "optimizer), or torch.optim.SparseAdam on PEER.sparse_parameters(), or "
+                    "create PEER(..., sparse_grads=False) so that any optimizer works (dense "
+                    "[N, d] gradients: every step then updates all N rows).")
+
+
+from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
+
+register_optimizer_step_pre_hook(_refuse_sparse_in_dense_optimizer)
+
+
+# ---------------------------------------------------------------- the module
 
 class PEER(nn.Module):
     """The PEER layer as a torch module: y = PEER(x) for x [..., d_model].
 
-    PEER(config, seed=0, ...) with config a "key=value,..." string, a dict,
+    PEER(config, seed=None, ...) with config a "key=value,..." string, a dict,
     or keyword arguments (PEER.md names); PEER.from_file(path) loads a
-    safetensors weight file.  threads: CPU threads (0 = OpenMP's default).
+    safetensors weight file.  seed: None draws the library's seed from torch's
+    default generator (so torch.manual_seed decides it and two modules differ);
+    an int is used as given.  threads: CPU threads (0 = OpenMP's default).
     device: "cpu" or "cuda[:i]" (forward only).  sparse_grads: expert
     gradients as sparse COO tensors (default) or dense [N, d] tensors.
-    Computes in float32; other input dtypes are cast in and out."""
+    dropout: probability of dropping elements of the layer's output in
+    training (as the dropout that ends a transformer's MLP).  Computes in
+    float32; other input dtypes are cast in and out."""
 
-    def __init__(self, config=None, *, seed=0, threads=0, device="cpu", sparse_grads=True,
-                 layer=None, **overrides):
+    def __init__(self, config=None, *, seed=None, threads=0, device="cpu", sparse_grads=True,
+                 dropout=0.0, layer=None, **overrides):
         super().__init__()
         device = torch.device(device)
         if layer is None:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
             layer = Layer(config, seed=seed, backend=device.type, threads=threads,
                           device=device.index or 0, **overrides)
-        self.layer = layer
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"peerlayer.PEER: dropout {dropout} is not in [0, 1)")
         self.sparse_grads = bool(sparse_grads)
+        self.dropout = float(dropout)
         self.query = nn.Module()
         if "query.norm.weight" in layer.tensors:
             self.query.norm = nn.Module()
         self.experts = nn.Module()
-        self._trainable = []
-        self._ptrs = {}
+        self._bind(layer, device)
+
+    def _bind(self, layer, device, values=None):
+        """Make the module's parameters and buffers views of `layer`'s memory.
+        Existing Parameter objects are kept (their .data is replaced), as
+        torch's own .to() does, so optimizers holding them stay valid.  values:
+        name -> tensor to copy in (cast to the new storage's dtype)."""
+        self.layer = layer
+        self._key = _register(layer)
+        c = layer.config
+        self._d = c["d_model"]
+        self._batchnorm = c["query_norm"] == "batchnorm"
+        self._cuda = layer.backend == "cuda"
+        self._trainable, self._own, self._running = [], [], []
         for name in layer.tensors:
             path, attr, is_buffer = _SLOTS[name]
             owner = self.get_submodule(path)
             t = _wrap(layer, name, device)
+            if values is not None:
+                with torch.no_grad():
+                    t.copy_(values[name].to(t.device, t.dtype))
             if is_buffer:
                 owner.register_buffer(attr, t)
+                self._running.append((owner, attr))
+                continue
+            p = owner._parameters.get(attr)
+            if p is None:
+                p = nn.Parameter(t)
+                owner.register_parameter(attr, p)
             else:
-                owner.register_parameter(attr, nn.Parameter(t))
-                self._trainable.append(name)
-            self._ptrs[name] = (owner, attr, t.data_ptr())
+                p.data = t
+                p.grad = None
+            p._peer_expert = name in _EXPERTS
+            self._trainable.append(name)
+            self._own.append((owner, attr, p))
 
     @classmethod
-    def from_file(cls, path, *, threads=0, device="cpu", sparse_grads=True):
+    def from_file(cls, path, *, threads=0, device="cpu", sparse_grads=True, dropout=0.0):
         device = torch.device(device)
         layer = Layer.load(path, backend=device.type, threads=threads, device=device.index or 0)
-        return cls(layer=layer, sparse_grads=sparse_grads, device=device)
+        return cls(layer=layer, sparse_grads=sparse_grads, dropout=dropout, device=device)
 
     def save(self, path):
         """Write the layer as a PEER.md safetensors file (atomic)."""
@@ -172,9 +380,18 @@ class PEER(nn.Module):
     def config(self):
         return dict(self.layer.config)
 
+    def n_parameters(self):
+        """All parameters of the layer (query, keys, the N-row expert tables)."""
+        return self.layer.n_parameters
+
+    def n_active_parameters(self):
+        """Parameters one token touches: query, keys and its H*k expert rows."""
+        return self.layer.n_active_parameters
+
     def extra_repr(self):
         c = self.layer.config
-        return ", ".join(f"{k}={v}" for k, v in c.items()) + f", backend={self.layer.backend}"
+        text = ", ".join(f"{k}={v}" for k, v in c.items()) + f", backend={self.layer.backend}"
+        return text + (f", dropout={self.dropout}" if self.dropout else "")
 
     def sparse_parameters(self):
         """The expert tables (sparse gradients when sparse_grads)."""
@@ -183,21 +400,20 @@ class PEER(nn.Module):
     def dense_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("experts.")]
 
+    # -- forward
     def _params(self):
         out = []
-        for name, (owner, attr, ptr) in self._ptrs.items():
-            t = getattr(owner, attr)
-            if t is None or t.data_ptr() != ptr:
+        for owner, attr, p in self._own:
+            if owner._parameters.get(attr) is not p:
                 raise RuntimeError(
-                    f"peerlayer.PEER: {name} no longer shares memory with the C layer "
-                    "(moved with .to()/.cuda()/.double() or replaced?); load values with "
-                    "load_state_dict or copy_ instead")
-            if name in self._trainable:
-                out.append(t)
+                    f"peerlayer.PEER: parameter {attr!r} was replaced (functional_call, "
+                    "reparametrization or assignment); the library reads its weights from "
+                    "its own memory: copy new values in with load_state_dict or copy_")
+            out.append(p)
         return out
 
     def forward(self, x):
-        d = self.layer.config["d_model"]
+        d = self._d
         if x.shape[-1] != d:
             raise ValueError(f"peerlayer.PEER: input's last dimension is {x.shape[-1]}, "
                              f"d_model is {d}")
@@ -206,35 +422,40 @@ class PEER(nn.Module):
         x2 = x.reshape(-1, d).to(torch.float32).contiguous()
         needs_grad = torch.is_grad_enabled() and (x2.requires_grad or
                                                   any(p.requires_grad for p in params))
-        batchnorm = self.layer.config["query_norm"] == "batchnorm"
-        if x2.is_cuda:
+        if self._cuda:
             y = self._forward_cuda(x2, needs_grad)
         elif needs_grad:
-            if batchnorm and not self.training:
+            if self._batchnorm and not self.training:
                 raise RuntimeError("peerlayer.PEER: backward through batch norm needs "
                                    "training mode (the library differentiates batch "
                                    "statistics only); use torch.no_grad() in eval mode")
-            y = PEERFunction.apply(self, x2, *params)
-        elif self.training and batchnorm:
+            y = self._forward_train(x2, params)
+        elif self.training and self._batchnorm:
             # Training-mode batch norm updates the running statistics, as torch's does.
-            pctx = core.Context(self.layer, max(x2.shape[0], 1))
-            y = torch.empty_like(x2)
-            self.layer.forward_train(pctx, x2.numpy(), out=y.numpy())
+            y = self._forward_train(x2, params)
         else:
-            y = torch.empty_like(x2)
-            self.layer.forward(x2.numpy(), out=y.numpy())
-        return y.reshape(*lead, d).to(dtype)
+            y = torch.ops.peerlayer.forward(self._key, x2, params)
+        y = y.reshape(*lead, d).to(dtype)
+        if self.dropout and self.training:
+            y = nn.functional.dropout(y, self.dropout, training=True)
+        return y
+
+    def _forward_train(self, x2, params):
+        y, _, running = torch.ops.peerlayer.forward_train(self._key, x2, params,
+                                                          self.sparse_grads)
+        with torch.no_grad():
+            for (owner, attr), value in zip(self._running, running):
+                getattr(owner, attr).copy_(value)
+        return y
 
     def _forward_cuda(self, x, needs_grad):
-        if self.layer.backend != "cuda":
-            raise RuntimeError("peerlayer.PEER: CUDA input to a CPU layer; create the "
-                               "module with device='cuda'")
-        if needs_grad or (self.training and self.layer.config["query_norm"] == "batchnorm"):
+        if not x.is_cuda:
+            raise RuntimeError("peerlayer.PEER: CPU input to a CUDA layer; move the input "
+                               "with .cuda() or the module with .cpu()")
+        if needs_grad or (self.training and self._batchnorm):
             raise RuntimeError("peerlayer.PEER: the CUDA backend does forward only (no "
                                "training yet); use torch.no_grad() and eval(), or train "
                                "on CPU")
-        if not lib.has_cuda:
-            raise RuntimeError("peerlayer.PEER: libpeer was built without CUDA")
         y = torch.empty_like(x)
         stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
         h = self.layer.handle
@@ -243,3 +464,73 @@ class PEER(nn.Module):
         # Surfaces a non-finite score (or a CUDA error) now, at the cost of a sync.
         check(lib.peer_cuda_check(h, stream))
         return y
+
+    # -- moves, copies
+    def _values(self):
+        out = {}
+        for name in self.layer.tensors:
+            path, attr, _ = _SLOTS[name]
+            out[name] = getattr(self.get_submodule(path), attr).detach().clone()
+        return out
+
+    def _rebuild(self, backend=None, device=None, weight_dtype=None):
+        """A new C layer of this one's config on `backend` / `weight_dtype`,
+        holding this one's values; the module's tensors become views of it."""
+        c = dict(self.layer.config)
+        if weight_dtype is not None:
+            c["weight_dtype"] = weight_dtype
+        backend = backend or self.layer.backend
+        device = torch.device(device if device is not None else
+                              ("cpu" if backend == "cpu" else "cuda"))
+        values = self._values()
+        layer = Layer(c, seed=None, backend=backend, threads=self.layer.threads,
+                      device=device.index or 0)
+        self._bind(layer, device, values)
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .cuda(), .cpu(), .float(), .bfloat16(), ...: the C layer owns
+        the memory, so a move rebuilds it on the target backend or expert-table
+        dtype (bfloat16 -> bf16 tables, float32 -> f32; compute is f32), and an
+        unsupported target is refused here, at the call, not at the next
+        forward."""
+        probe = fn(torch.zeros(1, dtype=torch.float32))
+        dtype, device = probe.dtype, probe.device
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"peerlayer.PEER: cannot convert to {dtype}: the library computes "
+                            "in float32 and stores expert tables as f32 or bf16 "
+                            "(.to(torch.bfloat16) maps to bf16 tables); keep PEER in float32 "
+                            "or bfloat16, its inputs and outputs keep their own dtype")
+        backend = {"cpu": "cpu", "cuda": "cuda"}.get(device.type)
+        if backend is None:
+            raise RuntimeError(f"peerlayer.PEER: no backend for device {device}; the library "
+                               "has CPU and CUDA backends")
+        if backend == "cuda" and not lib.has_cuda:
+            raise RuntimeError("peerlayer.PEER: cannot move to CUDA: this libpeer was built "
+                               "without the CUDA backend (rebuild with -DPEER_CUDA=ON), so the "
+                               "layer stays on the CPU")
+        want = "bf16" if dtype == torch.bfloat16 else "f32"
+        same_device = backend == self.layer.backend and (
+            backend == "cpu" or self.experts.down.device == device)
+        if same_device and want == self.layer.config["weight_dtype"]:
+            return self
+        self._rebuild(backend=backend, device=device, weight_dtype=want)
+        return self
+
+    def __getstate__(self):
+        """Pickling and deepcopy: the tensors travel as tensors (copies of the C
+        memory); the C layer is rebuilt from the config on the other side."""
+        state = self.__dict__.copy()
+        layer = state.pop("layer")
+        state["_layer_spec"] = {"config": dict(layer.config), "backend": layer.backend,
+                                "threads": layer.threads}
+        state.pop("_key", None)
+        return state
+
+    def __setstate__(self, state):
+        spec = state.pop("_layer_spec")
+        super().__setstate__(state)
+        device = self.experts.down.device
+        values = self._values()
+        layer = Layer(spec["config"], seed=None, backend=spec["backend"], threads=spec["threads"],
+                      device=device.index or 0)
+        self._bind(layer, device, values)
