@@ -16,13 +16,12 @@ Run through bench/baselines/run.sh, which makes the virtual environment
    after loading with /proc/self/clear_refs, next to the resident size after
    loading (VmRSS), so loading spikes do not count.
 
-peer is called in-process through ctypes on libpeer.so (a private shim: only
-the few calls used here).  PEER-pytorch is configured as PEER.md's layer:
+peer is called in-process through the repository's binding, peerlayer
+(tools/python), on the libpeer.so given by --lib.  PEER-pytorch is configured as PEER.md's layer:
 softmax gates (non_competing_scores=False), top-k per head, no pre-norm, no
 dropout, GELU, product_key_topk = k (peer's subkey_top_k default).
 """
 import argparse
-import ctypes as C
 import json
 import os
 import statistics
@@ -40,84 +39,43 @@ CONFIGS = {
     "tiny": (64, 4, 32, 32, 8),  # equivalence only, quick
 }
 
-# ----------------------------------------------------------------- peer (ctypes)
+# ------------------------------------------------------- peer (peerlayer)
 
 
-class PeerOptions(C.Structure):
-    _fields_ = [("backend", C.c_int), ("n_threads", C.c_int), ("device", C.c_int)]
-
-
-class PeerGrads(C.Structure):
-    _fields_ = [
-        ("query_weight", C.c_void_p), ("query_bias", C.c_void_p),
-        ("norm_weight", C.c_void_p), ("norm_bias", C.c_void_p), ("keys", C.c_void_p),
-        ("experts_dense", C.c_int), ("expert_capacity", C.c_int64),
-        ("expert_rows", C.c_void_p), ("experts_down", C.c_void_p),
-        ("experts_up", C.c_void_p), ("n_expert_rows", C.c_int64),
-    ]
+def load_peerlayer(lib_path):
+    """The repository's Python binding (tools/python/peerlayer) over lib_path;
+    it checks the library's version and struct sizes when it loads it."""
+    os.environ["PEER_LIBRARY"] = lib_path
+    sys.path.insert(0, os.path.join(ROOT, "tools", "python"))
+    import peerlayer
+    return peerlayer
 
 
 class Peer:
-    """A peer layer loaded from a weight file, with buffers for T tokens."""
+    """A peer layer loaded from a weight file, with a training context and
+    sparse gradient buffers for up to max_tokens tokens (allocated once, so
+    the timed steps allocate nothing but what the binding's calls do)."""
 
-    def __init__(self, lib_path, weights, threads, cfg, max_tokens):
-        import numpy as np
-        self.np = np
-        self.lib = lib = C.CDLL(lib_path)
-        lib.peer_last_error.restype = C.c_char_p
-        lib.peer_options_default.argtypes = [C.POINTER(PeerOptions)]
-        lib.peer_layer_load.argtypes = [C.POINTER(C.c_void_p), C.c_char_p, C.POINTER(PeerOptions)]
-        lib.peer_layer_free.argtypes = [C.c_void_p]
-        lib.peer_forward.argtypes = [C.c_void_p, C.c_int64] + [C.c_void_p] * 4
-        lib.peer_context_create.argtypes = [C.POINTER(C.c_void_p), C.c_void_p, C.c_int64]
-        lib.peer_context_free.argtypes = [C.c_void_p]
-        lib.peer_forward_train.argtypes = [C.c_void_p, C.c_void_p, C.c_int64, C.c_void_p, C.c_void_p]
-        lib.peer_backward.argtypes = [C.c_void_p, C.c_void_p, C.c_void_p, C.c_void_p,
-                                      C.POINTER(PeerGrads)]
-        opt = PeerOptions()
-        lib.peer_options_default(C.byref(opt))
-        opt.n_threads = threads
-        self.layer, self.ctx = C.c_void_p(), C.c_void_p()
-        self.check(lib.peer_layer_load(C.byref(self.layer), weights.encode(), C.byref(opt)))
-        self.check(lib.peer_context_create(C.byref(self.ctx), self.layer, max_tokens))
-        d, H, dkey, n, k = cfg
-        f32 = np.float32
-        self.cfg = cfg
-        self.gq = np.zeros((H * dkey, d), f32)
-        self.gkeys = np.zeros((H, 2, n, dkey // 2), f32)
-        cap = max_tokens * H * k
-        self.rows = np.zeros(cap, np.int64)
-        self.gdown = np.zeros((cap, d), f32)
-        self.gup = np.zeros((cap, d), f32)
-        self.grads = PeerGrads()
-        g = self.grads
-        g.query_weight, g.keys = self.gq.ctypes.data, self.gkeys.ctypes.data
-        g.experts_dense, g.expert_capacity = 0, cap
-        g.expert_rows, g.experts_down, g.experts_up = (
-            self.rows.ctypes.data, self.gdown.ctypes.data, self.gup.ctypes.data)
+    def __init__(self, lib_path, weights, threads, max_tokens):
+        peerlayer = load_peerlayer(lib_path)
+        self.layer = peerlayer.Layer.load(weights, threads=threads)
+        self.ctx = self.layer.context(max_tokens)
+        self.grads = self.layer.grads(max_tokens)
 
     def close(self):
-        self.lib.peer_context_free(self.ctx)
-        self.lib.peer_layer_free(self.layer)
-        self.ctx = self.layer = None
-
-    def check(self, status):
-        if status:
-            raise RuntimeError("peer: status %d: %s" % (status, self.lib.peer_last_error().decode()))
+        self.ctx = self.grads = None
+        self.layer.close()
 
     def forward(self, x, y, ids=None):
-        self.check(self.lib.peer_forward(self.layer, x.shape[0], x.ctypes.data, y.ctypes.data,
-                                         None if ids is None else ids.ctypes.data, None))
+        self.layer.forward(x, out=y, indices=False if ids is None else ids)
 
     def forward_backward(self, x, y, dy, dx):
-        self.check(self.lib.peer_forward_train(self.layer, self.ctx, x.shape[0], x.ctypes.data,
-                                               y.ctypes.data))
-        self.check(self.lib.peer_backward(self.layer, self.ctx, dy.ctypes.data, dx.ctypes.data,
-                                          C.byref(self.grads)))
+        self.layer.forward_train(self.ctx, x, out=y)
+        self.layer.backward(self.ctx, dy, self.grads, dx=dx)
 
     def expert_grads(self):
-        m = self.grads.n_expert_rows
-        return self.rows[:m], self.gdown[:m], self.gup[:m]
+        g = self.grads
+        return g.expert_rows, g.experts_down, g.experts_up
 
 
 # ------------------------------------------------------------- PEER-pytorch
@@ -205,7 +163,7 @@ def equivalence(args, name, tokens):
     yt = m(xt)
     ids_t = seen["ids"].reshape(tokens, H, k).numpy()
 
-    p = Peer(args.lib, w, args.threads, cfg, tokens)
+    p = Peer(args.lib, w, args.threads, tokens)
     y = np.zeros((tokens, d), np.float32)
     ids = np.zeros((tokens, H, k), np.int64)
     p.forward(x, y, ids)
@@ -260,8 +218,8 @@ def equivalence(args, name, tokens):
         "y_rel_err": rel_err(y[good], yt.detach().numpy().reshape(tokens, d)[good]),
         "y_train_vs_inference_rel_err": rel_err(y2, y),
         "dx_rel_err": rel_err(dx[good], xt.grad.numpy().reshape(tokens, d)[good]),
-        "query_weight_grad_rel_err": rel_err(p.gq, gq_t.reshape(H * dkey, d)),
-        "keys_grad_rel_err": rel_err(p.gkeys, gkeys_t),
+        "query_weight_grad_rel_err": rel_err(p.grads.query_weight, gq_t.reshape(H * dkey, d)),
+        "keys_grad_rel_err": rel_err(p.grads.keys, gkeys_t),
         "experts_down_grad_rel_err": expert_err(rows_p, gdown_p,
                                                 *sparse_rows(m.weight_down_embed.weight.grad)),
         "experts_up_grad_rel_err": expert_err(rows_p, gup_p,
@@ -289,7 +247,7 @@ def worker(args):
     pool = [rng.standard_normal((T, d), dtype=np.float32) for _ in range(args.pool)]
     dy = rng.standard_normal((T, d), dtype=np.float32)
     if args.side == "peer":
-        p = Peer(args.lib, w, args.threads, cfg, T)
+        p = Peer(args.lib, w, args.threads, T)
         y, dx = np.zeros((T, d), np.float32), np.zeros((T, d), np.float32)
         if args.mode == "fwd":
             step = lambda x: p.forward(x, y)
