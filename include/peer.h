@@ -9,8 +9,13 @@
  *  - the library never exits, aborts or prints;
  *  - arrays are row-major; the caller owns every pointer it passes in and every
  *    buffer it passes out, unless a comment says otherwise;
- *  - a layer is not safe to use from two threads at once (it reuses internal
- *    scratch memory); use one layer per thread or serialise calls.
+ *  - a layer takes one call at a time (it reuses internal scratch memory): a
+ *    call that finds another running on the same layer, or on its contexts or
+ *    optimizers, returns PEER_ERR_BUSY naming both calls and changes nothing.
+ *    Use one layer per thread (layers never wait for each other) or
+ *    serialise calls.  (peer_cuda.h's device-pointer calls are not checked.)
+ *  - outputs must not overlap inputs or each other (no in-place y = x):
+ *    PEER_ERR_INVALID_ARGUMENT naming both buffers.
  * This header has no CUDA types; see peer_cuda.h for device pointers. */
 #ifndef PEER_H
 #define PEER_H
@@ -54,7 +59,8 @@ typedef enum peer_status {
   PEER_ERR_UNSUPPORTED = 8,      /* valid request this build cannot do */
   PEER_ERR_NO_DEVICE = 9,        /* CUDA backend asked for, no usable device */
   PEER_ERR_CUDA = 10,            /* a CUDA runtime or library call failed */
-  PEER_ERR_STATE = 11            /* call out of order (e.g. backward before forward) */
+  PEER_ERR_STATE = 11,           /* call out of order (e.g. backward before forward) */
+  PEER_ERR_BUSY = 12             /* the layer is in a call on another thread */
 } peer_status;
 
 /* Short constant name of a status ("invalid argument", ...). */
@@ -459,10 +465,22 @@ peer_status peer_safetensors_read(const peer_safetensors *file,
 const char *peer_safetensors_metadata(const peer_safetensors *file,
                                       const char *key);
 /* Write tensors (name, dtype, shape, data) and optional metadata pairs
- * (meta[2i] = key, meta[2i+1] = value) atomically to path. */
+ * (meta[2i] = key, meta[2i+1] = value) atomically to path.  Every save
+ * (this, peer_layer_save, peer_checkpoint_save, ...) writes a temporary
+ * "<path>.peer-tmp.<pid>.<random>" beside path (created exclusively, never
+ * through a symlink), syncs it, renames it over path and syncs the
+ * directory; any failure removes it, and a save removes the temporaries of
+ * the same path that a killed process left.  Concurrent saves to one path
+ * leave one of them, whole.  path must be absent or a writable regular
+ * file: a symlink, directory, device, FIFO or a read-only file is refused
+ * with PEER_ERR_IO.  A replaced file keeps its permission bits. */
 peer_status peer_safetensors_write(const char *path, const peer_tensor *tensors,
                                    int n_tensors, const char *const *meta,
                                    int n_meta_pairs);
+/* Remove the temporary files of the saves in progress in this process and
+ * return how many; async-signal-safe, for a SIGINT/SIGTERM handler that then
+ * ends the process (the interrupted saves leave the old files as they were). */
+int peer_remove_temporaries(void);
 
 /* ---------------------------------------------------- PEER-pytorch layout */
 

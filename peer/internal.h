@@ -5,6 +5,7 @@
 
 #include "peer.h"
 
+#include <stdatomic.h>
 #include <stdbool.h>
 
 #if defined(__GNUC__)
@@ -64,7 +65,32 @@ struct peer_layer {
   void *ws;
   size_t ws_bytes;
   bool ws_owned;
+  /* Identity stamp: unique in the process (never reused, unlike the
+   * address), recorded by the layer's contexts and optimizers. */
+  uint64_t id;
+  /* Name of the call running on the layer, NULL when none
+   * (peer_layer_enter). */
+  _Atomic(const char *) busy;
 };
+
+/* One call at a time per layer: peer_layer_enter marks the layer busy with
+ * `what` (the call's name) or, if another call holds it, fails with
+ * PEER_ERR_BUSY naming both; peer_layer_leave ends the call.  One atomic
+ * compare-and-swap: two layers on two threads never wait for each other. */
+peer_status peer_layer_enter(const peer_layer *layer, const char *what);
+void peer_layer_leave(const peer_layer *layer);
+
+/* PEER_ERR_INVALID_ARGUMENT naming `what`, `a_name` and `b_name` when the byte
+ * ranges [a, a + a_bytes) and [b, b + b_bytes) overlap (aliasing checks). */
+peer_status peer_check_disjoint(const char *what, const void *a, size_t a_bytes,
+                                const char *a_name, const void *b, size_t b_bytes,
+                                const char *b_name);
+
+/* The parameters a config implies, as a layer lays them out: names, dtypes,
+ * shapes and nbytes (data NULL) by slot in slot[], the present slots in
+ * order[0 .. returned count).  cfg must have passed peer_config_validate. */
+int peer_params_describe(const peer_config *cfg, peer_tensor slot[PEER_P_COUNT],
+                         int order[PEER_P_COUNT]);
 
 /* What a backend provides; the core reaches it only through this table. */
 typedef struct peer_backend_i {
@@ -118,6 +144,7 @@ struct peer_context {
                          or the caller's d_x on the device-pointer path) */
   bool ready;         /* a forward_train succeeded since the last backward */
   int n_threads;      /* per-thread scratch was sized for this many */
+  uint64_t layer_id;   /* the layer's identity stamp at creation */
   void *mem;          /* the backend's (context_alloc) */
   size_t bytes;       /* context_bytes(max_tokens) */
   void (*mem_free)(void *mem, size_t bytes); /* how mem goes back */
@@ -165,6 +192,44 @@ typedef struct peer_layer_meta {
 } peer_layer_meta;
 
 peer_status peer_layer_meta_of(const peer_config *cfg, peer_layer_meta *out);
+
+/* ---- weight files and checkpoints: one reader (layerfile.c) ----
+ * Opening checks the container (peer_safetensors_open); these check a file
+ * against what a layer (and an optimizer) needs, before anything is
+ * allocated or written. */
+
+/* The layer config a file's "peer.*" metadata describes: "peer.format" this
+ * library's, every field present, spelt exactly (no blanks, signs or other
+ * keys in a value) and valid as a whole.  PEER_ERR_FORMAT naming the key. */
+peer_status peer_file_config(const peer_safetensors *f, const char *path, peer_config *cfg);
+/* The file's metadata config is cfg, field by field (a value spelt
+ * differently but meaning the same, "BF16" for "bf16", passes). */
+peer_status peer_file_same_config(const peer_safetensors *f, const char *path,
+                                  const peer_config *cfg);
+
+/* What a file must hold (at most PEER_FILE_WANT_MAX tensors: a layer's
+ * parameters and two state tensors for each). */
+#define PEER_FILE_WANT_MAX (3 * PEER_P_COUNT)
+typedef struct peer_file_want {
+  const peer_tensor *t; /* every tensor wanted, with its exact dtype and shape */
+  int n;
+  const char *skip_prefix; /* file tensors starting with this are ignored (NULL: none) */
+  const char *layer_desc;  /* "a layer with this config (...)": who lacks an extra tensor */
+  const char *state_desc;  /* "this optimizer (...)": who lacks extra "optim." state, or NULL */
+} peer_file_want;
+
+/* Check a file against `want`: no tensor is extra, none is missing, the
+ * wanted bytes fit in the file's data at all (a file of kilobytes never
+ * makes anyone allocate gigabytes, whatever its metadata says), and each
+ * has its dtype and shape.  Only then may the caller allocate and read. */
+peer_status peer_file_check(const peer_safetensors *f, const char *path,
+                            const peer_file_want *want);
+/* Read every wanted tensor into its data (after peer_file_check). */
+peer_status peer_file_read(const peer_safetensors *f, const peer_file_want *want);
+
+/* Bytes of the data section (after the header) of an open file. */
+uint64_t peer_safetensors_data_bytes(const peer_safetensors *f);
+
 
 /* "F32 [4, 2, 8, 4]" into buf; equal dtype and shape. */
 void peer_tensor_format_layout(char *buf, size_t size, const peer_tensor *t);

@@ -58,9 +58,9 @@ static peer_dims dims_of(const peer_config *c) {
   return d;
 }
 
-static void set_slot(peer_layer *L, int slot, const char *name, peer_dtype dt, int ndim,
-                     const int64_t *shape) {
-  peer_tensor *t = &L->slot[slot];
+static int set_slot(peer_tensor *slot, int *order, int n, int which, const char *name,
+                    peer_dtype dt, int ndim, const int64_t *shape) {
+  peer_tensor *t = &slot[which];
   t->name = name;
   t->dtype = dt;
   t->ndim = ndim;
@@ -70,28 +70,65 @@ static void set_slot(peer_layer *L, int slot, const char *name, peer_dtype dt, i
     count *= (size_t)shape[i]; /* bounded by peer_config_validate */
   }
   t->nbytes = count * peer_dtype_size(dt);
-  L->param_slot[L->n_params++] = slot;
+  order[n] = which;
+  return n + 1;
 }
 
-/* Which parameters the config has, with their names and shapes. */
-static void describe_params(peer_layer *L) {
-  const peer_dims *D = &L->dims;
+int peer_params_describe(const peer_config *cfg, peer_tensor slot[PEER_P_COUNT],
+                         int order[PEER_P_COUNT]) {
+  const peer_dims D = dims_of(cfg);
+  memset(slot, 0, PEER_P_COUNT * sizeof *slot);
+  int n = 0;
   int64_t s[4];
-  s[0] = D->dq, s[1] = D->d;
-  set_slot(L, PEER_P_QUERY_WEIGHT, "query.weight", PEER_F32, 2, s);
-  s[0] = D->dq;
-  if (L->cfg.query_bias) set_slot(L, PEER_P_QUERY_BIAS, "query.bias", PEER_F32, 1, s);
-  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) {
-    set_slot(L, PEER_P_NORM_WEIGHT, "query.norm.weight", PEER_F32, 1, s);
-    set_slot(L, PEER_P_NORM_BIAS, "query.norm.bias", PEER_F32, 1, s);
-    set_slot(L, PEER_P_NORM_MEAN, "query.norm.running_mean", PEER_F32, 1, s);
-    set_slot(L, PEER_P_NORM_VAR, "query.norm.running_var", PEER_F32, 1, s);
+  s[0] = D.dq, s[1] = D.d;
+  n = set_slot(slot, order, n, PEER_P_QUERY_WEIGHT, "query.weight", PEER_F32, 2, s);
+  s[0] = D.dq;
+  if (cfg->query_bias)
+    n = set_slot(slot, order, n, PEER_P_QUERY_BIAS, "query.bias", PEER_F32, 1, s);
+  if (cfg->query_norm == PEER_NORM_BATCHNORM) {
+    n = set_slot(slot, order, n, PEER_P_NORM_WEIGHT, "query.norm.weight", PEER_F32, 1, s);
+    n = set_slot(slot, order, n, PEER_P_NORM_BIAS, "query.norm.bias", PEER_F32, 1, s);
+    n = set_slot(slot, order, n, PEER_P_NORM_MEAN, "query.norm.running_mean", PEER_F32, 1, s);
+    n = set_slot(slot, order, n, PEER_P_NORM_VAR, "query.norm.running_var", PEER_F32, 1, s);
   }
-  s[0] = D->G, s[1] = 2, s[2] = D->n, s[3] = D->half;
-  set_slot(L, PEER_P_KEYS, "keys", PEER_F32, 4, s);
-  s[0] = D->N, s[1] = D->d;
-  set_slot(L, PEER_P_EXPERTS_DOWN, "experts.down", L->cfg.weight_dtype, 2, s);
-  set_slot(L, PEER_P_EXPERTS_UP, "experts.up", L->cfg.weight_dtype, 2, s);
+  s[0] = D.G, s[1] = 2, s[2] = D.n, s[3] = D.half;
+  n = set_slot(slot, order, n, PEER_P_KEYS, "keys", PEER_F32, 4, s);
+  s[0] = D.N, s[1] = D.d;
+  n = set_slot(slot, order, n, PEER_P_EXPERTS_DOWN, "experts.down", cfg->weight_dtype, 2, s);
+  n = set_slot(slot, order, n, PEER_P_EXPERTS_UP, "experts.up", cfg->weight_dtype, 2, s);
+  return n;
+}
+
+/* Identity stamps start at 1; 0 is never a layer's. */
+static atomic_uint_fast64_t next_layer_id = 1;
+
+peer_status peer_layer_enter(const peer_layer *L, const char *what) {
+  peer_layer *l = (peer_layer *)L; /* the flag is not part of the layer's value */
+  const char *none = NULL;
+  if (atomic_compare_exchange_strong_explicit(&l->busy, &none, what, memory_order_acquire,
+                                              memory_order_relaxed))
+    return PEER_OK;
+  return peer_fail(PEER_ERR_BUSY,
+                   "%s: the layer is busy: another thread is in %s on it (a layer takes one call "
+                   "at a time; use one layer per thread or serialise the calls)",
+                   what, none ? none : "a call");
+}
+
+void peer_layer_leave(const peer_layer *L) {
+  atomic_store_explicit(&((peer_layer *)L)->busy, NULL, memory_order_release);
+}
+
+peer_status peer_check_disjoint(const char *what, const void *a, size_t a_bytes,
+                                const char *a_name, const void *b, size_t b_bytes,
+                                const char *b_name) {
+  if (!a || !b || !a_bytes || !b_bytes) return PEER_OK;
+  uintptr_t a0 = (uintptr_t)a, b0 = (uintptr_t)b;
+  if (a0 < b0 + b_bytes && b0 < a0 + a_bytes)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "%s: %s and %s overlap in memory (in-place use is not supported: pass "
+                     "separate buffers)",
+                     what, a_name, b_name);
+  return PEER_OK;
 }
 
 static peer_status init_const(peer_layer *L, int slot, float v);
@@ -125,7 +162,8 @@ peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
   L->dims = dims_of(cfg);
   L->backend = be;
   L->norm_momentum = 0.1f;
-  describe_params(L);
+  L->id = atomic_fetch_add(&next_layer_id, 1);
+  L->n_params = peer_params_describe(&L->cfg, L->slot, L->param_slot);
   if (be->open && (st = be->open(L))) {
     free(L);
     return st;
@@ -284,8 +322,18 @@ static peer_status init_const(peer_layer *L, int slot, float v) {
   return param_end(L, t, host);
 }
 
+static peer_status layer_init(peer_layer *L, uint64_t seed);
+
 peer_status peer_layer_init(peer_layer *L, uint64_t seed) {
   if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_init: NULL layer");
+  peer_status st = peer_layer_enter(L, "layer_init");
+  if (st) return st;
+  st = layer_init(L, seed);
+  peer_layer_leave(L);
+  return st;
+}
+
+static peer_status layer_init(peer_layer *L, uint64_t seed) {
   const peer_dims *D = &L->dims;
   int P = peer_layer_threads(L);
   peer_status st;
@@ -317,10 +365,13 @@ peer_status peer_layer_set_workspace(peer_layer *L, void *buffer, size_t bytes) 
   if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "set_workspace: NULL layer");
   if (buffer && ((uintptr_t)buffer % 64))
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "set_workspace: buffer is not 64-byte aligned");
+  peer_status st = peer_layer_enter(L, "set_workspace");
+  if (st) return st;
   if (L->ws_owned) peer_free(L->ws, L->ws_bytes);
   L->ws = buffer;
   L->ws_bytes = buffer ? bytes : 0;
   L->ws_owned = false;
+  peer_layer_leave(L);
   return PEER_OK;
 }
 
@@ -359,15 +410,38 @@ static peer_status check_batch(const peer_layer *L, int64_t n_tokens, const void
   return PEER_OK;
 }
 
+/* The caller's buffers of one call must not overlap: an output over an input
+ * (y = x, in place) or over another output would be read after it is
+ * written.  bufs[i] has bytes[i] bytes; NULL ones are skipped. */
+static peer_status check_buffers(const char *what, int n, const void *const *bufs,
+                                 const size_t *bytes, const char *const *names) {
+  for (int i = 0; i < n; i++)
+    for (int j = i + 1; j < n; j++) {
+      peer_status st = peer_check_disjoint(what, bufs[i], bytes[i], names[i], bufs[j], bytes[j],
+                                           names[j]);
+      if (st) return st;
+    }
+  return PEER_OK;
+}
+
 peer_status peer_forward(peer_layer *L, int64_t n_tokens, const float *x, float *y,
                          int64_t *indices, float *gates) {
   peer_status st = check_batch(L, n_tokens, x, "forward");
   if (st) return st;
   if (n_tokens > 0 && !y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "forward: y is NULL");
   if (n_tokens == 0) return PEER_OK;
+  const size_t rows = (size_t)n_tokens * (size_t)L->dims.d * sizeof(float),
+               thk = (size_t)n_tokens * (size_t)(L->dims.H * L->dims.k);
+  const void *bufs[] = {x, y, indices, gates};
+  const size_t bytes[] = {rows, rows, thk * sizeof *indices, thk * sizeof *gates};
+  const char *names[] = {"x", "y", "indices", "gates"};
+  if ((st = check_buffers("forward", 4, bufs, bytes, names))) return st;
+  if ((st = peer_layer_enter(L, "forward"))) return st;
   void *ws;
-  if ((st = peer_layer_scratch(L, n_tokens, &ws))) return st;
-  return L->backend->forward(L, n_tokens, x, y, indices, gates, ws);
+  if (!(st = peer_layer_scratch(L, n_tokens, &ws)))
+    st = L->backend->forward(L, n_tokens, x, y, indices, gates, ws);
+  peer_layer_leave(L);
+  return st;
 }
 
 static peer_status retrieve(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
@@ -378,9 +452,18 @@ static peer_status retrieve(peer_layer *L, int64_t n_tokens, const float *x, int
   if (n_tokens > 0 && !indices)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: indices is NULL", what);
   if (n_tokens == 0) return PEER_OK;
+  const size_t thk = (size_t)n_tokens * (size_t)(L->dims.H * L->dims.k);
+  const void *bufs[] = {x, indices, scores, gates};
+  const size_t bytes[] = {(size_t)n_tokens * (size_t)L->dims.d * sizeof *x,
+                          thk * sizeof *indices, thk * sizeof *scores, thk * sizeof *gates};
+  const char *names[] = {"x", "indices", "scores", "gates"};
+  if ((st = check_buffers(what, 4, bufs, bytes, names))) return st;
+  if ((st = peer_layer_enter(L, what))) return st;
   void *ws;
-  if ((st = peer_layer_scratch(L, n_tokens, &ws))) return st;
-  return L->backend->retrieve(L, n_tokens, x, indices, scores, gates, brute, ws);
+  if (!(st = peer_layer_scratch(L, n_tokens, &ws)))
+    st = L->backend->retrieve(L, n_tokens, x, indices, scores, gates, brute, ws);
+  peer_layer_leave(L);
+  return st;
 }
 
 peer_status peer_retrieve(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,

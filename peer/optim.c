@@ -69,6 +69,7 @@ static const float *dense_grad(const peer_grads *g, int slot) {
 
 struct peer_optimizer {
   peer_layer *layer;
+  uint64_t layer_id; /* the layer's identity stamp */
   peer_optim_config cfg;
   int64_t step;
   int n_states;
@@ -184,6 +185,7 @@ peer_status peer_optimizer_create(peer_optimizer **out, peer_layer *L,
   peer_optimizer *o = calloc(1, sizeof *o);
   if (!o) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "optimizer_create: out of memory");
   o->layer = L;
+  o->layer_id = L->id;
   o->cfg = *cfg;
   for (int i = 0; i < N_DENSE && !st; i++)
     st = add_slot_state(o, dense_slots[i], cfg->kind, cfg->momentum > 0.0f);
@@ -408,8 +410,18 @@ static peer_status check_expert_grads(const peer_optimizer *o, const peer_grads 
   return PEER_OK;
 }
 
+static peer_status optimizer_step(peer_optimizer *o, const peer_grads *g);
+
 peer_status peer_optimizer_step(peer_optimizer *o, const peer_grads *g) {
   if (!o || !g) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_step: NULL argument");
+  peer_status st = peer_layer_enter(o->layer, "optimizer_step");
+  if (st) return st;
+  st = optimizer_step(o, g);
+  peer_layer_leave(o->layer);
+  return st;
+}
+
+static peer_status optimizer_step(peer_optimizer *o, const peer_grads *g) {
   const int P = peer_layer_threads(o->layer);
   const bool experts = g->experts_down || g->experts_up || g->expert_rows;
   peer_status st = check_dense_grads(o, g, P);
@@ -433,19 +445,31 @@ peer_status peer_optimizer_step(peer_optimizer *o, const peer_grads *g) {
 
 /* ---------------------------------------------------------- checkpoints */
 
+/* The stamp catches an optimizer of a freed layer whose address a new layer
+ * took over; o->layer itself is never read here. */
 static peer_status check_pair(const peer_layer *L, const peer_optimizer *o, const char *what) {
   if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer", what);
-  if (o && o->layer != L)
+  if (o && (o->layer != L || o->layer_id != L->id))
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the optimizer belongs to another layer", what);
   return check_host_layer(L, what);
 }
+
+static peer_status checkpoint_save(const peer_layer *L, const peer_optimizer *o, const char *path);
 
 peer_status peer_checkpoint_save(const peer_layer *L, const peer_optimizer *o, const char *path) {
   peer_status st = check_pair(L, o, "checkpoint_save");
   if (st) return st;
   if (!path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "checkpoint_save: NULL path");
+  if ((st = peer_layer_enter(L, "checkpoint_save"))) return st;
+  st = checkpoint_save(L, o, path);
+  peer_layer_leave(L);
+  return st;
+}
+
+static peer_status checkpoint_save(const peer_layer *L, const peer_optimizer *o, const char *path) {
   peer_layer_meta lm;
-  if ((st = peer_layer_meta_of(&L->cfg, &lm))) return st;
+  peer_status st = peer_layer_meta_of(&L->cfg, &lm);
+  if (st) return st;
 
   /* the layer's pairs, the hyperparameters, the two kinds and the step */
   const char *meta[2 * (MAX_FIELDS + 1 + N_HYPER + 3)];
@@ -487,39 +511,6 @@ peer_status peer_checkpoint_save(const peer_layer *L, const peer_optimizer *o, c
   return peer_safetensors_write(path, tensors, n, meta, n_meta);
 }
 
-/* The file's layer config must be the layer's, field by field.  A value
- * spelt differently but meaning the same ("BF16" for "bf16") passes. */
-static peer_status check_same_config(const peer_safetensors *f, const char *path,
-                                     const peer_layer *L) {
-  peer_layer_meta lm;
-  peer_status st = peer_layer_meta_of(&L->cfg, &lm);
-  if (st) return st;
-  char want_text[PEER_CONFIG_TEXT_MAX], have_text[PEER_CONFIG_TEXT_MAX];
-  peer_config_format(&L->cfg, want_text, sizeof want_text);
-  for (int i = 0; i < lm.n_pairs; i++) {
-    const char *key = lm.pair[2 * i], *want = lm.pair[2 * i + 1];
-    const char *have = peer_safetensors_metadata(f, key);
-    if (!have)
-      return peer_fail(PEER_ERR_FORMAT, "%s: metadata '%s' is missing (not a peer checkpoint?)",
-                       path, key);
-    if (strcmp(have, want) == 0) continue;
-    if (i > 0) {
-      peer_config c = L->cfg;
-      char item[256];
-      int len = snprintf(item, sizeof item, "%s=%s", key + strlen(META_PREFIX), have);
-      if (!strchr(have, ',') && len > 0 && (size_t)len < sizeof item &&
-          peer_config_parse(&c, item) == PEER_OK) {
-        peer_config_format(&c, have_text, sizeof have_text);
-        if (strcmp(have_text, want_text) == 0) continue;
-      }
-    }
-    return peer_fail(PEER_ERR_FORMAT,
-                     "%s: the checkpoint was saved with %s = '%.40s', this layer has '%s'", path,
-                     key, have, want);
-  }
-  return PEER_OK;
-}
-
 /* The optimizer's kinds and the step, from metadata. */
 static peer_status check_optim_meta(const peer_safetensors *f, const char *path,
                                     const peer_optimizer *o, int64_t *step) {
@@ -545,68 +536,28 @@ static peer_status check_optim_meta(const peer_safetensors *f, const char *path,
   return PEER_OK;
 }
 
-/* The file has `want` with its exact dtype and shape. */
-static peer_status check_tensor(const peer_safetensors *f, const char *path,
-                                const peer_tensor *want) {
-  peer_tensor have;
-  if (peer_safetensors_find(f, want->name, &have))
-    return peer_fail(PEER_ERR_FORMAT, "%s: tensor '%s' is missing", path, want->name);
-  if (!peer_tensor_same_layout(want, &have)) {
-    char ws[96], hs[96];
-    peer_tensor_format_layout(ws, sizeof ws, want);
-    peer_tensor_format_layout(hs, sizeof hs, &have);
-    return peer_fail(
-        PEER_ERR_SHAPE, "%s: tensor '%s' is %s, this %s needs %s", path, want->name, hs,
-        strncmp(want->name, STATE_PREFIX, strlen(STATE_PREFIX)) ? "layer" : "optimizer", ws);
-  }
-  return PEER_OK;
-}
-
-/* Every tensor of the file is a parameter of L, or state of o (state is
- * skipped when o is NULL). */
-static peer_status check_no_extra(const peer_safetensors *f, const char *path, const peer_layer *L,
-                                  const peer_optimizer *o) {
-  for (int i = 0; i < peer_safetensors_count(f); i++) {
-    peer_tensor t;
-    peer_status st = peer_safetensors_info(f, i, &t);
-    if (st) return st;
-    bool known = false;
-    for (int j = 0; j < L->n_params && !known; j++)
-      known = strcmp(L->slot[L->param_slot[j]].name, t.name) == 0;
-    if (known) continue;
-    if (strncmp(t.name, STATE_PREFIX, strlen(STATE_PREFIX)) == 0) {
-      if (!o || find_state(o, t.name)) continue;
-      return peer_fail(PEER_ERR_FORMAT,
-                       "%s: tensor '%s' is state this optimizer (%s, momentum %g) does not keep",
-                       path, t.name, kind_name(o->cfg.kind), (double)o->cfg.momentum);
-    }
-    return peer_fail(PEER_ERR_FORMAT,
-                     "%s: tensor '%s' is neither a parameter of this layer nor "
-                     "optimizer state",
-                     path, t.name);
-  }
-  return PEER_OK;
-}
-
+/* Everything is checked (layerfile.c) before anything is read. */
 static peer_status load_checked(peer_layer *L, peer_optimizer *o, const peer_safetensors *f,
                                 const char *path) {
-  peer_status st = check_same_config(f, path, L);
+  peer_status st = peer_file_same_config(f, path, &L->cfg);
   int64_t step = 0;
-  if (st || (o && (st = check_optim_meta(f, path, o, &step))) ||
-      (st = check_no_extra(f, path, L, o)))
-    return st;
+  if (st || (o && (st = check_optim_meta(f, path, o, &step)))) return st;
+  peer_tensor want[PEER_P_COUNT + MAX_STATES];
+  int n = 0;
   for (int i = 0; i < L->n_params; i++)
-    if ((st = check_tensor(f, path, &L->slot[L->param_slot[i]]))) return st;
+    want[n++] = L->slot[L->param_slot[i]];
   for (int i = 0; o && i < o->n_states; i++)
-    if ((st = check_tensor(f, path, &o->state[i]))) return st;
-  /* Everything matches: only now does the layer change. */
-  for (int i = 0; i < L->n_params; i++) {
-    const peer_tensor *t = &L->slot[L->param_slot[i]];
-    if ((st = peer_safetensors_read(f, t->name, t->data, t->nbytes))) return st;
-  }
-  for (int i = 0; o && i < o->n_states; i++)
-    if ((st = peer_safetensors_read(f, o->state[i].name, o->state[i].data, o->state[i].nbytes)))
-      return st;
+    want[n++] = o->state[i];
+  char state_desc[96];
+  if (o)
+    snprintf(state_desc, sizeof state_desc, "this optimizer (%s, momentum %g)",
+             kind_name(o->cfg.kind), (double)o->cfg.momentum);
+  const peer_file_want w = {.t = want,
+                            .n = n,
+                            .skip_prefix = o ? NULL : STATE_PREFIX,
+                            .layer_desc = "this layer",
+                            .state_desc = o ? state_desc : NULL};
+  if ((st = peer_file_check(f, path, &w)) || (st = peer_file_read(f, &w))) return st;
   if (o) o->step = step;
   return PEER_OK;
 }
@@ -617,7 +568,10 @@ peer_status peer_checkpoint_load(peer_layer *L, peer_optimizer *o, const char *p
   if (!path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "checkpoint_load: NULL path");
   peer_safetensors *f = NULL;
   if ((st = peer_safetensors_open(&f, path))) return st;
-  st = load_checked(L, o, f, path);
+  if (!(st = peer_layer_enter(L, "checkpoint_load"))) {
+    st = load_checked(L, o, f, path);
+    peer_layer_leave(L);
+  }
   peer_safetensors_close(f);
   return st;
 }

@@ -3,17 +3,25 @@
  * files alike.  The reader distrusts every number in the file: lengths,
  * offsets and shapes are checked against the file size and each other before
  * anything is read, and tensors are read on request with pread so that a
- * large file is never mapped or buffered whole.  The writer is atomic: a
- * temporary file beside the target, synced, then renamed over it. */
+ * large file is never mapped or buffered whole; what is not a regular file
+ * (a FIFO, a device) is refused at open without blocking.  The writer is
+ * atomic: a temporary file of a unique name beside the target, synced, then
+ * renamed over it, and the directory synced; see write_atomic. */
 #include "internal.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* A header larger than this is an attack or corruption, not a real file:
@@ -292,7 +300,9 @@ peer_status peer_safetensors_open(peer_safetensors **out, const char *path) {
     free(f);
     return peer_fail(PEER_ERR_OUT_OF_MEMORY, "%s: out of memory", path);
   }
-  f->fd = open(path, O_RDONLY | O_CLOEXEC);
+  /* O_NONBLOCK: opening a FIFO must not wait for a writer; what is not a
+   * regular file is refused below, before any read. */
+  f->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   peer_status st = PEER_OK;
   struct stat sb;
   if (f->fd < 0)
@@ -300,7 +310,11 @@ peer_status peer_safetensors_open(peer_safetensors **out, const char *path) {
   else if (fstat(f->fd, &sb) != 0)
     st = peer_fail(PEER_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
   else if (!S_ISREG(sb.st_mode))
-    st = peer_fail(PEER_ERR_IO, "%s: not a regular file", path);
+    st = peer_fail(PEER_ERR_IO, "%s: not a regular file (%s)", path,
+                   S_ISDIR(sb.st_mode)                          ? "a directory"
+                   : S_ISFIFO(sb.st_mode)                       ? "a FIFO"
+                   : S_ISCHR(sb.st_mode) || S_ISBLK(sb.st_mode) ? "a device"
+                                                                : "a socket");
   else
     st = parse_header(f, (uint64_t)sb.st_size);
   if (st) {
@@ -321,6 +335,8 @@ void peer_safetensors_close(peer_safetensors *f) {
 }
 
 int peer_safetensors_count(const peer_safetensors *f) { return f ? f->n : 0; }
+
+uint64_t peer_safetensors_data_bytes(const peer_safetensors *f) { return f ? f->data_size : 0; }
 
 static void describe(const st_entry *e, peer_tensor *out) {
   memset(out, 0, sizeof *out);
@@ -466,51 +482,245 @@ fail:
   return NULL;
 }
 
-/* Write header length, padded header and data to an open stream. */
-static bool write_stream(FILE *fp, const char *header, size_t padded, const peer_tensor *tensors,
-                         int n_tensors) {
-  unsigned char raw[8];
-  for (int i = 0; i < 8; i++)
-    raw[i] = (unsigned char)((uint64_t)padded >> (8 * i));
-  if (fwrite(raw, 1, 8, fp) != 8) return false;
-  size_t len = strlen(header);
-  if (fwrite(header, 1, len, fp) != len) return false;
-  for (size_t i = len; i < padded; i++)
-    if (fputc(' ', fp) == EOF) return false;
-  for (int i = 0; i < n_tensors; i++)
-    if (tensors[i].nbytes && fwrite(tensors[i].data, 1, tensors[i].nbytes, fp) != tensors[i].nbytes)
-      return false;
-  return fflush(fp) == 0 && fsync(fileno(fp)) == 0;
+/* ----------------------------------------------------------- atomic writer
+ *
+ * A save writes `<path>.peer-tmp.<pid>.<random>` beside the destination:
+ * created with O_CREAT | O_EXCL | O_NOFOLLOW (a planted file or symlink of
+ * that name is never written through), locked with flock while in use,
+ * written, fsync'ed, renamed over the destination, and the directory
+ * fsync'ed.  Every failure removes it.  Concurrent saves to one path each
+ * have their own temporary; the last rename wins and the file is always one
+ * whole save.  A temporary a killed process left (its pid gone and its lock
+ * free) is removed by the next save to the same destination.
+ *
+ * The destination: absent, or a regular file that is writable (mode bits
+ * and access()); a symbolic link, a directory, a device, a FIFO or a socket
+ * is refused, and so is a read-only file, even for root.  A replaced file
+ * keeps its permission bits. */
+
+#define TMP_TAG ".peer-tmp."
+
+/* Saves in progress in this process, for peer_remove_temporaries (called
+ * from a signal handler: the path is complete before its slot is marked). */
+#define ACTIVE_MAX 16
+static atomic_int active_used[ACTIVE_MAX];
+static char active_path[ACTIVE_MAX][PATH_MAX];
+
+static int active_claim(const char *tmp) {
+  if (strlen(tmp) >= PATH_MAX) return -1;
+  for (int i = 0; i < ACTIVE_MAX; i++) {
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&active_used[i], &expected, 2)) {
+      strcpy(active_path[i], tmp);
+      atomic_store(&active_used[i], 1);
+      return i;
+    }
+  }
+  return -1; /* more saves at once than slots: only stale cleanup covers the rest */
 }
 
-/* Write to a temporary name beside path, then rename: a reader (or a crash)
- * sees either the old file or the complete new one. */
+static void active_release(int i) {
+  if (i >= 0) atomic_store(&active_used[i], 0);
+}
+
+int peer_remove_temporaries(void) {
+  int removed = 0;
+  for (int i = 0; i < ACTIVE_MAX; i++)
+    if (atomic_load(&active_used[i]) == 1 && unlink(active_path[i]) == 0) removed++;
+  return removed;
+}
+
+static peer_status check_destination(const char *path, mode_t *mode, bool *exists) {
+  struct stat sb;
+  *exists = false;
+  if (lstat(path, &sb) != 0) {
+    if (errno == ENOENT) return PEER_OK;
+    return peer_fail(PEER_ERR_IO, "%s: cannot stat the destination: %s", path, strerror(errno));
+  }
+  if (S_ISLNK(sb.st_mode))
+    return peer_fail(PEER_ERR_IO,
+                     "%s: the destination is a symbolic link; refusing to replace it (save to "
+                     "the path it points to)",
+                     path);
+  if (!S_ISREG(sb.st_mode))
+    return peer_fail(PEER_ERR_IO,
+                     "%s: the destination is not a regular file (%s); refusing to replace it",
+                     path,
+                     S_ISDIR(sb.st_mode)                          ? "a directory"
+                     : S_ISCHR(sb.st_mode) || S_ISBLK(sb.st_mode) ? "a device"
+                     : S_ISFIFO(sb.st_mode)                       ? "a FIFO"
+                                                                  : "a socket");
+  if (!(sb.st_mode & 0222) || access(path, W_OK) != 0)
+    return peer_fail(PEER_ERR_IO,
+                     "%s: the destination is read-only; refusing to replace it (make it "
+                     "writable or remove it first)",
+                     path);
+  *mode = sb.st_mode & 07777;
+  *exists = true;
+  return PEER_OK;
+}
+
+/* Split path into its directory ("." when none) and base name. */
+static bool split_path(const char *path, char *dir, char *base) {
+  const char *slash = strrchr(path, '/');
+  const char *b = slash ? slash + 1 : path;
+  size_t dlen = slash ? (size_t)(slash - path) : 0;
+  if (dlen + 2 > PATH_MAX || strlen(b) + 1 > NAME_MAX + 1 || !*b) return false;
+  if (!slash) strcpy(dir, ".");
+  else if (dlen == 0) strcpy(dir, "/");
+  else {
+    memcpy(dir, path, dlen);
+    dir[dlen] = '\0';
+  }
+  strcpy(base, b);
+  return true;
+}
+
+/* Remove temporaries of this destination whose writer is gone: another
+ * process's (never this one's: its saves are alive or cleaned up), whose
+ * pid no longer exists, and whose lock nobody holds.  Best effort: a
+ * failure here never fails the save. */
+static void remove_stale(const char *dir, const char *base) {
+  DIR *d = opendir(dir);
+  if (!d) return;
+  const size_t blen = strlen(base), tlen = strlen(TMP_TAG);
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    const char *name = e->d_name;
+    if (strncmp(name, base, blen) != 0 || strncmp(name + blen, TMP_TAG, tlen) != 0) continue;
+    char *end = NULL;
+    long pid = strtol(name + blen + tlen, &end, 10);
+    if (pid <= 0 || !end || *end != '.' || pid == (long)getpid()) continue;
+    if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue; /* alive, or not ours to tell */
+    int fd = openat(dirfd(d), name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) continue;
+    struct stat sb;
+    if (fstat(fd, &sb) == 0 && S_ISREG(sb.st_mode) && flock(fd, LOCK_EX | LOCK_NB) == 0)
+      unlinkat(dirfd(d), name, 0);
+    close(fd);
+  }
+  closedir(d);
+}
+
+/* Create a new temporary beside path; its name into tmp. */
+static int create_temporary(const char *path, char *tmp, size_t size) {
+  static atomic_uint_fast64_t counter;
+  for (int attempt = 0; attempt < 100; attempt++) {
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r) {
+      struct timespec ts;
+      clock_gettime(CLOCK_MONOTONIC, &ts);
+      r = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^ (atomic_fetch_add(&counter, 1) << 44);
+    }
+    int len = snprintf(tmp, size, "%s" TMP_TAG "%ld.%016llx", path, (long)getpid(),
+                       (unsigned long long)r);
+    if (len < 0 || (size_t)len >= size) {
+      errno = ENAMETOOLONG;
+      return -1;
+    }
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+    if (fd >= 0) {
+      flock(fd, LOCK_EX | LOCK_NB); /* a fresh name: nobody else holds it */
+      return fd;
+    }
+    if (errno != EEXIST) return -1;
+  }
+  errno = EEXIST;
+  return -1;
+}
+
+/* Write all n bytes; false with errno set otherwise. */
+static bool write_full(int fd, const void *src, size_t n) {
+  const char *p = src;
+  while (n > 0) {
+    ssize_t put = write(fd, p, n > ((size_t)1 << 30) ? ((size_t)1 << 30) : n);
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    p += put;
+    n -= (size_t)put;
+  }
+  return true;
+}
+
+/* Header length, padded header, then the data. */
+static bool write_contents(int fd, const char *header, size_t padded, const peer_tensor *tensors,
+                           int n_tensors) {
+  size_t len = strlen(header);
+  char *head = malloc(8 + padded);
+  if (!head) {
+    errno = ENOMEM;
+    return false;
+  }
+  for (int i = 0; i < 8; i++)
+    head[i] = (char)(unsigned char)((uint64_t)padded >> (8 * i));
+  memcpy(head + 8, header, len);
+  memset(head + 8 + len, ' ', padded - len);
+  bool ok = write_full(fd, head, 8 + padded);
+  free(head);
+  for (int i = 0; ok && i < n_tensors; i++)
+    ok = write_full(fd, tensors[i].data, tensors[i].nbytes);
+  return ok;
+}
+
 static peer_status write_atomic(const char *path, const char *header, size_t padded,
                                 const peer_tensor *tensors, int n_tensors) {
-  size_t tmp_size = strlen(path) + 32;
-  char *tmp = malloc(tmp_size);
-  if (!tmp) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "%s: out of memory", path);
-  snprintf(tmp, tmp_size, "%s.tmp.%ld", path, (long)getpid());
-  peer_status st = PEER_OK;
-  FILE *fp = fopen(tmp, "wb");
-  if (!fp) {
-    st = peer_fail(PEER_ERR_IO, "%s: cannot create temporary file %s: %s", path, tmp,
-                   strerror(errno));
-    free(tmp);
-    return st;
+  mode_t mode = 0;
+  bool exists;
+  peer_status st = check_destination(path, &mode, &exists);
+  if (st) return st;
+  char *dir = malloc(PATH_MAX), *base = malloc(NAME_MAX + 1), *tmp = malloc(PATH_MAX);
+  if (!dir || !base || !tmp) {
+    st = peer_fail(PEER_ERR_OUT_OF_MEMORY, "%s: out of memory", path);
+    goto done;
   }
-  bool ok = write_stream(fp, header, padded, tensors, n_tensors);
+  if (!split_path(path, dir, base)) {
+    st = peer_fail(PEER_ERR_IO, "%s: not a file path (or too long)", path);
+    goto done;
+  }
+  remove_stale(dir, base);
+  int fd = create_temporary(path, tmp, PATH_MAX);
+  if (fd < 0) {
+    st = peer_fail(PEER_ERR_IO, "%s: cannot create a temporary file beside it: %s", path,
+                   strerror(errno));
+    goto done;
+  }
+  int slot = active_claim(tmp);
+  const char *step = "write";
+  bool ok = (!exists || fchmod(fd, mode) == 0 || (step = "set the mode of", false)) &&
+            (write_contents(fd, header, padded, tensors, n_tensors) || (step = "write", false)) &&
+            (fsync(fd) == 0 || (step = "sync", false));
   int err = errno;
-  if (fclose(fp) != 0 && ok) {
+  if (close(fd) != 0 && ok) {
     ok = false;
+    step = "close";
     err = errno;
   }
   if (ok && rename(tmp, path) != 0) {
-    st = peer_fail(PEER_ERR_IO, "%s: cannot rename %s over it: %s", path, tmp, strerror(errno));
-  } else if (!ok) {
-    st = peer_fail(PEER_ERR_IO, "%s: cannot write %s: %s", path, tmp, strerror(err));
+    ok = false;
+    step = "rename over it";
+    err = errno;
   }
-  if (st) remove(tmp);
+  if (!ok) {
+    unlink(tmp);
+    active_release(slot);
+    st = peer_fail(PEER_ERR_IO, "%s: cannot %s the temporary %s: %s", path, step, tmp,
+                   strerror(err));
+    goto done;
+  }
+  active_release(slot);
+  /* The rename is durable once the directory is synced. */
+  int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    if (fsync(dfd) != 0 && errno != EINVAL)
+      st = peer_fail(PEER_ERR_IO, "%s: written, but syncing its directory failed: %s", path,
+                     strerror(errno));
+    close(dfd);
+  }
+done:
+  free(dir);
+  free(base);
   free(tmp);
   return st;
 }

@@ -20,6 +20,7 @@ const char *peer_status_string(peer_status status) {
   case PEER_ERR_NO_DEVICE: return "no device";
   case PEER_ERR_CUDA: return "cuda error";
   case PEER_ERR_STATE: return "call out of order";
+  case PEER_ERR_BUSY: return "layer busy";
   }
   return "unknown status";
 }

@@ -40,6 +40,7 @@ peer_status peer_context_create(peer_context **out, const peer_layer *L, int64_t
   peer_context *c = calloc(1, sizeof *c);
   if (!c) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "context_create: out of memory");
   c->layer = L;
+  c->layer_id = L->id;
   c->max_tokens = T;
   c->n_threads = peer_context_threads(L);
   c->bytes = L->backend->context_bytes(L, T);
@@ -71,7 +72,9 @@ peer_status peer_layer_set_norm_momentum(peer_layer *L, float m) {
 
 static peer_status check_context(const peer_layer *L, const peer_context *c, const char *what) {
   if (!L || !c) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer or context", what);
-  if (c->layer != L)
+  /* The stamp catches a context of a freed layer whose address a new layer
+   * took over. */
+  if (c->layer != L || c->layer_id != L->id)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: context was created for another layer",
                      what);
   return PEER_OK;
@@ -88,6 +91,8 @@ peer_status peer_train_begin(const peer_layer *L, peer_context *c, int64_t T, co
                      (long long)T, (long long)c->max_tokens);
   if (T > 0 && (!x || !y))
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: x or y is NULL", what);
+  const size_t rows = (size_t)T * (size_t)L->dims.d * sizeof(float);
+  if ((st = peer_check_disjoint(what, x, rows, "x", y, rows, "y"))) return st;
   if (L->cfg.query_norm == PEER_NORM_BATCHNORM && T == 1)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT,
                      "%s: batch norm needs at least 2 tokens for batch statistics", what);
@@ -100,15 +105,19 @@ void peer_train_end(peer_context *c, int64_t T, const float *x) {
   c->ready = true;
 }
 
+/* The layer is marked busy before the context is looked at: a context is
+ * one layer's, so a second thread is refused before it touches either. */
 peer_status peer_forward_train(peer_layer *L, peer_context *c, int64_t T, const float *x,
                                float *y) {
-  peer_status st = peer_train_begin(L, c, T, x, y, "forward_train");
+  peer_status st = L ? peer_layer_enter(L, "forward_train") : PEER_OK;
   if (st) return st;
   void *ws = NULL;
-  if (T > 0 && (st = peer_layer_scratch(L, T, &ws))) return st;
-  if (T > 0 && (st = L->backend->forward_train(L, c, T, x, y, ws))) return st;
-  peer_train_end(c, T, x);
-  return PEER_OK;
+  if (!(st = peer_train_begin(L, c, T, x, y, "forward_train")) && T > 0 &&
+      !(st = peer_layer_scratch(L, T, &ws)))
+    st = L->backend->forward_train(L, c, T, x, y, ws);
+  if (!st) peer_train_end(c, T, x);
+  if (L) peer_layer_leave(L);
+  return st;
 }
 
 /* An empty batch has zero gradients; dense ones are still overwritten. */
@@ -145,13 +154,28 @@ peer_status peer_backward_check(const peer_layer *L, const peer_context *c, cons
   return PEER_OK;
 }
 
-peer_status peer_backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
-                          peer_grads *g) {
+static peer_status backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
+                            peer_grads *g) {
   peer_status st = peer_backward_check(L, c, dy, g, "backward");
   if (st) return st;
+  /* dx written over dy, or over the x that backward still reads */
+  const size_t rows = (size_t)c->n_tokens * (size_t)L->dims.d * sizeof(float);
+  if ((st = peer_check_disjoint("backward", dx, rows, "dx", dy, rows, "dy")) ||
+      (st = peer_check_disjoint("backward", dx, rows, "dx", c->x, rows,
+                                "the x of the training forward")))
+    return st;
   g->n_expert_rows = 0;
   if (c->n_tokens == 0) zero_dense_grads(L, g);
   else if ((st = L->backend->backward(L, c, dy, dx, g))) return st;
   c->ready = false; /* one backward per training forward; a failed one may be retried */
   return PEER_OK;
+}
+
+peer_status peer_backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
+                          peer_grads *g) {
+  peer_status st = L ? peer_layer_enter(L, "backward") : PEER_OK;
+  if (st) return st;
+  st = backward(L, c, dy, dx, g);
+  if (L) peer_layer_leave(L);
+  return st;
 }

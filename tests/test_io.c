@@ -6,6 +6,7 @@
 #define _GNU_SOURCE /* nftw, truncate */
 #include <criterion/criterion.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
 #include <stdio.h>
@@ -42,7 +43,7 @@ TestSuite(io, .init = setup, .fini = teardown);
 /* A path in the test's directory; kept in one of a few rotating buffers so a
  * test can hold several. */
 static const char *path_in(const char *name) {
-  static char bufs[4][256];
+  static char bufs[4][512];
   static int next;
   char *b = bufs[next++ % 4];
   snprintf(b, sizeof bufs[0], "%s/%s", dir, name);
@@ -50,6 +51,18 @@ static const char *path_in(const char *name) {
 }
 
 static float frand(void) { return (float)rand() / (float)RAND_MAX * 2.0f - 1.0f; }
+
+/* Files in the test's directory whose names hold the writer's temporary tag. */
+static int count_temporaries(void) {
+  DIR *d = opendir(dir);
+  cr_assert(d);
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)))
+    n += strstr(e->d_name, ".peer-tmp.") != NULL;
+  closedir(d);
+  return n;
+}
 
 static void *read_all(const char *path, size_t *len) {
   FILE *fp = fopen(path, "rb");
@@ -371,22 +384,26 @@ Test(io, failed_save_leaves_the_old_file_intact) {
   size_t len0, len1;
   void *before = read_all(path, &len0);
 
-  /* the temporary name is taken by a directory: the write cannot start */
-  char tmp[512];
-  snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-  cr_assert_eq(mkdir(tmp, 0700), 0);
-  expect_fail(peer_layer_save(b, path), PEER_ERR_IO, path);
-  void *after = read_all(path, &len1);
+  /* a name so long that no temporary fits beside it: the write cannot start */
+  char longname[240];
+  memset(longname, 'w', sizeof longname - 1);
+  longname[sizeof longname - 1] = '\0';
+  const char *lpath = path_in(longname);
+  FILE *fp = fopen(lpath, "wb"); /* the old file, copied by hand */
+  cr_assert(fp);
+  cr_assert_eq(fwrite(before, 1, len0, fp), len0);
+  fclose(fp);
+  expect_fail(peer_layer_save(b, lpath), PEER_ERR_IO, "temporary");
+  void *after = read_all(lpath, &len1);
   cr_assert(len0 == len1 && memcmp(before, after, len0) == 0, "the old file changed");
   free(after);
-  cr_assert_eq(rmdir(tmp), 0);
+  cr_assert_eq(count_temporaries(), 0, "a temporary file was left behind");
 
-  /* the target is a directory: the rename fails after a full write */
+  /* the target is a directory: refused before anything is written */
   const char *dpath = path_in("d.safetensors");
   cr_assert_eq(mkdir(dpath, 0700), 0);
-  expect_fail(peer_layer_save(b, dpath), PEER_ERR_IO, "rename");
-  snprintf(tmp, sizeof tmp, "%s.tmp.%ld", dpath, (long)getpid());
-  cr_assert_neq(access(tmp, F_OK), 0, "the temporary file was left behind");
+  expect_fail(peer_layer_save(b, dpath), PEER_ERR_IO, "directory");
+  cr_assert_eq(count_temporaries(), 0, "a temporary file was left behind");
 
   /* no such directory */
   const char *nowhere = path_in("no/such/dir/w.safetensors");
