@@ -66,7 +66,9 @@ int64_t peer_config_n_experts(const peer_config *cfg) {
 }
 
 bool peer_parse_i64(const char *s, int64_t lo, int64_t hi, int64_t *out) {
-  if (!s || !*s) return false;
+  /* digits with an optional '-': strtoll alone would take blanks and '+' */
+  if (!s || !(s[0] == '-' ? s[1] >= '0' && s[1] <= '9' : s[0] >= '0' && s[0] <= '9'))
+    return false;
   char *end = NULL;
   errno = 0;
   long long v = strtoll(s, &end, 10);

@@ -12,7 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -774,5 +777,164 @@ Test(io, random_damage_is_caught_or_harmless) {
   }
   free(good);
   free(bad);
+  peer_layer_free(L);
+}
+
+/* ------------------------------------------------------- hostile inputs */
+
+/* A 2 KB file whose metadata describes a layer of gigabytes (issue 14: it
+ * used to allocate and fill 8.5 GB before comparing tensors with the file) is
+ * refused by the size bound, in milliseconds and without touching memory. */
+Test(io, tiny_file_with_huge_metadata_costs_kilobytes, .timeout = 20) {
+  static float small[16];
+  const char *names[] = {"query.weight",       "query.norm.weight",       "query.norm.bias",
+                         "query.norm.running_mean", "query.norm.running_var", "keys",
+                         "experts.down",       "experts.up"};
+  peer_tensor t[8];
+  for (int i = 0; i < 8; i++)
+    t[i] = (peer_tensor){.name = names[i], .dtype = PEER_F32, .ndim = 1, .shape = {16},
+                         .data = small, .nbytes = sizeof small};
+  const char *meta[] = {"peer.format",     "1",         "peer.d_model",     "1",
+                        "peer.n_heads",    "1024",      "peer.d_key",       "1048576",
+                        "peer.n_subkeys",  "1",         "peer.top_k",       "1",
+                        "peer.subkey_top_k", "1",       "peer.shared_keys", "0",
+                        "peer.activation", "gelu",      "peer.gate",        "softmax",
+                        "peer.query_norm", "batchnorm", "peer.query_bias",  "0",
+                        "peer.weight_dtype", "f32"};
+  const char *path = path_in("tiny.safetensors");
+  cr_assert_eq(peer_safetensors_write(path, t, 8, meta, 13), PEER_OK, "%s", peer_last_error());
+  struct stat sb;
+  cr_assert_eq(stat(path, &sb), 0);
+  cr_assert_lt(sb.st_size, 4096, "the file is %lld bytes", (long long)sb.st_size);
+
+  struct rusage r0, r1;
+  struct timespec t0, t1;
+  getrusage(RUSAGE_SELF, &r0);
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  peer_layer *L = NULL;
+  expect_fail(peer_layer_load(&L, path, NULL), PEER_ERR_FORMAT, "refused before allocating");
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  getrusage(RUSAGE_SELF, &r1);
+  cr_assert_null(L);
+  double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+  long grew_kb = r1.ru_maxrss - r0.ru_maxrss;
+  cr_log_info("refused in %.4f s, peak RSS grew %ld KiB", secs, grew_kb);
+  cr_assert_lt(secs, 1.0, "the refusal took %.2f s", secs);
+  cr_assert_lt(grew_kb, 16 * 1024, "peak RSS grew %ld KiB for a 2 KB file", grew_kb);
+}
+
+/* Numbers are digits only: no blanks, no '+', in metadata and in configs
+ * (blanks around a config item's key and value are the config syntax's). */
+Test(io, numbers_with_signs_or_blanks_are_refused) {
+  peer_layer *L = make_layer(configs[0]);
+  const char *bad[] = {"+16", " 16", "16 ", "\n16", "1 6"};
+  variant v;
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    variant_of(L, &v);
+    set_meta(&v, "peer.d_model", bad[i]);
+    expect_load_fails(&v, PEER_ERR_FORMAT, "peer.d_model");
+  }
+  variant_of(L, &v);
+  set_meta(&v, "peer.activation", " gelu");
+  expect_load_fails(&v, PEER_ERR_FORMAT, "peer.activation");
+  peer_layer_free(L);
+
+  peer_config c;
+  peer_config_default(&c);
+  const char *texts[] = {"d_model=+16", "top_k=\n8", "top_k=\v8", "n_heads=+2"};
+  for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++)
+    expect_fail(peer_config_parse(&c, texts[i]), PEER_ERR_CONFIG, "not a non-negative integer");
+  cr_assert_eq(peer_config_parse(&c, " top_k = 8 "), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(c.top_k, 8);
+}
+
+/* A FIFO (or any non-regular file) is refused at open, without waiting for
+ * a writer that never comes. */
+Test(io, a_fifo_is_refused_without_blocking, .timeout = 10) {
+  const char *path = path_in("fifo.safetensors");
+  cr_assert_eq(mkfifo(path, 0600), 0, "mkfifo: %s", strerror(errno));
+  peer_safetensors *f = NULL;
+  expect_fail(peer_safetensors_open(&f, path), PEER_ERR_IO, "FIFO");
+  peer_layer *L = NULL;
+  expect_fail(peer_layer_load(&L, path, NULL), PEER_ERR_IO, "not a regular file");
+}
+
+static void write_text(const char *path, const char *text) {
+  FILE *fp = fopen(path, "wb");
+  cr_assert(fp, "%s: %s", path, strerror(errno));
+  fputs(text, fp);
+  fclose(fp);
+}
+
+static bool file_is(const char *path, const char *text) {
+  size_t len;
+  char *got = read_all(path, &len);
+  bool same = len == strlen(text) && memcmp(got, text, len) == 0;
+  free(got);
+  return same;
+}
+
+/* Symlinks, devices and read-only files are refused as destinations, and
+ * what they point at is untouched; a replaced file keeps its mode. */
+Test(io, non_regular_and_read_only_destinations_are_refused) {
+  peer_layer *L = make_layer(configs[0]);
+  const char *target = path_in("target.txt");
+  write_text(target, "precious");
+  const char *link = path_in("link.safetensors");
+  cr_assert_eq(symlink(target, link), 0);
+  expect_fail(peer_layer_save(L, link), PEER_ERR_IO, "symbolic link");
+  cr_assert(file_is(target, "precious"), "the link's target changed");
+  struct stat sb;
+  cr_assert_eq(lstat(link, &sb), 0);
+  cr_assert(S_ISLNK(sb.st_mode), "the link was replaced");
+
+  const char *ro = path_in("ro.safetensors");
+  write_text(ro, "read-only");
+  cr_assert_eq(chmod(ro, 0444), 0);
+  expect_fail(peer_layer_save(L, ro), PEER_ERR_IO, "read-only");
+  cr_assert(file_is(ro, "read-only"), "the read-only file changed");
+
+  const char *node = path_in("node.safetensors");
+  if (mknod(node, S_IFCHR | 0666, makedev(1, 3)) == 0) /* /dev/null's numbers, root only */
+    expect_fail(peer_layer_save(L, node), PEER_ERR_IO, "device");
+  else
+    cr_log_info("mknod: %s; the device case is covered by the FIFO below", strerror(errno));
+  const char *fifo = path_in("fifo.safetensors");
+  cr_assert_eq(mkfifo(fifo, 0600), 0);
+  expect_fail(peer_layer_save(L, fifo), PEER_ERR_IO, "FIFO");
+  cr_assert_eq(lstat(fifo, &sb), 0);
+  cr_assert(S_ISFIFO(sb.st_mode), "the FIFO was replaced");
+
+  const char *kept = path_in("mode.safetensors");
+  write_text(kept, "old");
+  cr_assert_eq(chmod(kept, 0640), 0);
+  cr_assert_eq(peer_layer_save(L, kept), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(stat(kept, &sb), 0);
+  cr_assert_eq(sb.st_mode & 07777, 0640, "mode %o after the save", sb.st_mode & 07777);
+  cr_assert_eq(count_temporaries(), 0);
+  peer_layer_free(L);
+}
+
+/* A temporary that a dead process left is removed by the next save to the
+ * same destination; a live process's is not, nor another destination's. */
+Test(io, stale_temporaries_are_cleaned_by_the_next_save) {
+  peer_layer *L = make_layer(configs[0]);
+  const char *path = path_in("w.safetensors");
+  pid_t child = fork();
+  if (child == 0) _exit(0);
+  cr_assert_gt(child, 0);
+  waitpid(child, NULL, 0); /* its pid is now free */
+  char dead[512], live[512], other[512];
+  snprintf(dead, sizeof dead, "%s.peer-tmp.%ld.0123456789abcdef", path, (long)child);
+  snprintf(live, sizeof live, "%s.peer-tmp.%ld.0123456789abcdef", path, (long)getppid());
+  snprintf(other, sizeof other, "%s.peer-tmp.%ld.0123456789abcdef", path_in("x.safetensors"),
+           (long)child);
+  write_text(dead, "partial");
+  write_text(live, "in progress");
+  write_text(other, "someone else's");
+  cr_assert_eq(peer_layer_save(L, path), PEER_OK, "%s", peer_last_error());
+  cr_assert_neq(access(dead, F_OK), 0, "the dead writer's temporary is still there");
+  cr_assert_eq(access(live, F_OK), 0, "a live writer's temporary was removed");
+  cr_assert_eq(access(other, F_OK), 0, "another destination's temporary was removed");
   peer_layer_free(L);
 }
