@@ -160,14 +160,16 @@ class _Saved:
         layer = self.layer
         running = {n: layer.params[n].copy() for n in _running_names(layer)}
         self.ctx = core.Context(layer, max(self.x.shape[0], 1))
-        y = torch.empty_like(self.x)
-        self.forward(y)
-        for n, a in running.items():
-            layer.params[n][...] = a
+        try:
+            self.forward(torch.empty_like(self.x))
+        finally:
+            for n, a in running.items():
+                layer.params[n][...] = a
 
     def __del__(self):
         # This object owns the byte at _addr, so no other entry can have it yet.
         _Saved._live.pop(getattr(self, "_addr", None), None)
+
 
 # ---------------------------------------------------------------- custom ops
 
@@ -188,25 +190,31 @@ def _(key, x, params):
 
 @torch.library.custom_op("peerlayer::forward_train", mutates_args=())
 def _forward_train_op(key: int, x: torch.Tensor, params: List[torch.Tensor],
+                      running: List[torch.Tensor],
                       sparse_grads: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-    """Training forward: (y, context, running statistics after the call).
-    Batch norm uses the batch's statistics and updates the layer's running
-    averages in the library's memory (the module's buffers); the op returns
-    copies of them too, which the module copies into its buffers, so that
-    torch.compile sees the update (autograd formulas need functional ops)."""
+    """Training forward: (y, context, batch norm's running statistics after
+    the update).  Batch norm uses the batch's statistics.  Functional, as
+    autograd formulas and torch.compile want: the running statistics (the
+    module's buffers, `running`) are left as they were; the module copies the
+    returned values into them."""
     layer = _layer(key)
+    names = _running_names(layer)
+    before = [r.detach().numpy().copy() for r in running]
     saved = _Saved(layer, x)
     y = torch.empty_like(x)
-    saved.forward(y)
-    running = [torch.from_numpy(layer.params[n].copy()) for n in _running_names(layer)]
-    return y, saved.token(), running
+    try:
+        saved.forward(y)
+        after = [torch.from_numpy(layer.params[n].copy()) for n in names]
+    finally:
+        for n, a in zip(names, before):
+            layer.params[n][...] = a
+    return y, saved.token(), after
 
 
 @_forward_train_op.register_fake
-def _(key, x, params, sparse_grads):
-    layer = _layer(key)
-    running = [x.new_empty(layer.tensors[n][1]) for n in _running_names(layer)]
-    return torch.empty_like(x), x.new_empty(1, dtype=torch.uint8), running
+def _(key, x, params, running, sparse_grads):
+    return (torch.empty_like(x), x.new_empty(1, dtype=torch.uint8),
+            [torch.empty_like(r) for r in running])
 
 
 @torch.library.custom_op("peerlayer::backward", mutates_args=())
@@ -244,8 +252,8 @@ def _(key, context, x, dy, params, dense_experts):
 
 
 def _setup_context(ctx, inputs, output):
-    key, x, params, sparse_grads = inputs
-    ctx.key, ctx.sparse = key, sparse_grads
+    key, x, params, running, sparse_grads = inputs
+    ctx.key, ctx.sparse, ctx.n_running = key, sparse_grads, len(running)
     ctx.save_for_backward(output[1], x, *params)
 
 
@@ -267,7 +275,7 @@ def _backward(ctx, dy, dcontext, drunning):
             grads.append(g.to(p.dtype))
         else:
             grads.append(next(dense))
-    return None, dx, grads, None
+    return None, dx, grads, [None] * ctx.n_running, None
 
 
 _forward_train_op.register_autograd(_backward, setup_context=_setup_context)
@@ -447,11 +455,12 @@ class PEER(nn.Module):
         return y
 
     def _forward_train(self, x2, params):
-        y, _, running = torch.ops.peerlayer.forward_train(self._key, x2, params,
+        buffers = [getattr(owner, attr) for owner, attr in self._running]
+        y, _, running = torch.ops.peerlayer.forward_train(self._key, x2, params, buffers,
                                                           self.sparse_grads)
         with torch.no_grad():
-            for (owner, attr), value in zip(self._running, running):
-                getattr(owner, attr).copy_(value)
+            for b, value in zip(buffers, running):
+                b.copy_(value)
         return y
 
     def _forward_cuda(self, x, needs_grad):
@@ -472,9 +481,9 @@ class PEER(nn.Module):
         return y
 
     # -- moves, copies
-    def _values(self):
+    def _values(self, layer=None):
         out = {}
-        for name in self.layer.tensors:
+        for name in (layer or self.layer).tensors:
             path, attr, _ = _SLOTS[name]
             out[name] = getattr(self.get_submodule(path), attr).detach().clone()
         return out
@@ -499,7 +508,13 @@ class PEER(nn.Module):
         dtype (bfloat16 -> bf16 tables, float32 -> f32; compute is f32), and an
         unsupported target is refused here, at the call, not at the next
         forward."""
-        probe = fn(torch.zeros(1, dtype=torch.float32))
+        try:
+            probe = fn(torch.zeros(1, dtype=torch.float32))
+        except (RuntimeError, AssertionError) as e:  # e.g. .cuda() where torch has no GPU
+            if lib.has_cuda:
+                raise
+            raise RuntimeError("peerlayer.PEER: cannot move: this libpeer was built without the "
+                               f"CUDA backend, so the layer stays on the CPU (torch: {e})") from e
         dtype, device = probe.dtype, probe.device
         if dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"peerlayer.PEER: cannot convert to {dtype}: the library computes "
@@ -536,7 +551,6 @@ class PEER(nn.Module):
         spec = state.pop("_layer_spec")
         super().__setstate__(state)
         device = self.experts.down.device
-        values = self._values()
         layer = Layer(spec["config"], seed=None, backend=spec["backend"], threads=spec["threads"],
                       device=device.index or 0)
-        self._bind(layer, device, values)
+        self._bind(layer, device, self._values(layer))
