@@ -533,6 +533,130 @@ peer_status peer_usage_accumulate(double *z, int64_t n_experts,
                                   const int64_t *indices, const float *gates,
                                   int64_t n_entries);
 
+/* ---------------------------------------------------------------- sharding */
+
+#ifndef PEER_API /* until the export macro above lands */
+#define PEER_API
+#endif
+
+/* A layer's expert tables split by columns over the P ranks of a group
+ * ("d-sharded"): rank r holds columns [r*d/P, (r+1)*d/P) of experts.down and
+ * experts.up for all N experts; the query projection, batch norm and sub-keys
+ * are replicated and every rank retrieves the same expert ids.  x, dy and
+ * the dense gradients are the same on every rank; y and dx are all-gathered.
+ * docs: README "Sharding".
+ *
+ * The transport is the caller's: a peer_comm holds three things it provides.
+ * The library links none (include/peer_mpi.h builds one from an MPI_Comm).
+ * Every peer_shard_* call marked "collective" must be made by every rank of
+ * the group, in the same order, with the same sizes and replicated inputs,
+ * as with MPI; a rank that fails before a collective step leaves the others
+ * waiting, so arguments that could differ between ranks are the caller's to
+ * keep equal. */
+typedef struct peer_comm {
+  void *handle; /* the transport's own state, passed back to every call */
+  int rank;     /* this process, 0 <= rank < world */
+  int world;    /* ranks in the group */
+  /* data[0 .. count) becomes its sum over the ranks, in place.  Every rank
+   * must get the same bits (MPI_Allreduce, NCCL and gloo all-reduce do).
+   * 0 on success; anything else is reported as PEER_ERR_IO. */
+  int (*allreduce_sum)(void *handle, float *data, int64_t count);
+  /* recv[r*bytes .. (r+1)*bytes) = rank r's send[0 .. bytes) for every r;
+   * 0 on success. */
+  int (*allgather)(void *handle, const void *send, void *recv, size_t bytes);
+} peer_comm;
+
+typedef struct peer_shard peer_shard;
+
+/* Collective.  Create this rank's shard of a layer with zeroed parameters.
+ * The communicator is copied (its handle must outlive the shard).  Refused
+ * on every rank alike: d_model not divisible by world (PEER_ERR_CONFIG), a
+ * config or world size that differs between ranks, or duplicate ranks
+ * (PEER_ERR_CONFIG naming the rank and both configs), a failure on any rank
+ * (the status of the lowest failing rank).  CPU backend only. */
+PEER_API peer_status peer_shard_create(peer_shard **out, const peer_config *cfg,
+                                       const peer_options *opt, const peer_comm *comm);
+PEER_API void peer_shard_free(peer_shard *shard);
+PEER_API const peer_config *peer_shard_config(const peer_shard *shard);
+PEER_API int peer_shard_rank(const peer_shard *shard);
+PEER_API int peer_shard_world(const peer_shard *shard);
+/* This rank's columns of the expert tables: [*col0, *col0 + *cols). */
+PEER_API void peer_shard_columns(const peer_shard *shard, int64_t *col0, int64_t *cols);
+PEER_API peer_status peer_shard_set_threads(peer_shard *shard, int n_threads);
+/* Parameters as peer_layer_param: the replicated ones in full, experts.down
+ * and experts.up as this rank's [N, d/P] columns. */
+PEER_API int peer_shard_n_params(const peer_shard *shard);
+PEER_API peer_status peer_shard_param(peer_shard *shard, int i, peer_tensor *out);
+PEER_API peer_status peer_shard_param_by_name(peer_shard *shard, const char *name,
+                                              peer_tensor *out);
+/* Local: the values peer_layer_init(seed) gives the unsharded layer (the
+ * expert tables' columns of this rank). */
+PEER_API peer_status peer_shard_init(peer_shard *shard, uint64_t seed);
+
+/* Collective.  As peer_forward: x [T, d] (the same on every rank), y [T, d]
+ * (gathered: the same on every rank), optional indices and gates. */
+PEER_API peer_status peer_shard_forward(peer_shard *shard, int64_t n_tokens, const float *x,
+                                        float *y, int64_t *indices, float *gates);
+/* Local (no communication): as peer_retrieve. */
+PEER_API peer_status peer_shard_retrieve(peer_shard *shard, int64_t n_tokens, const float *x,
+                                         int64_t *indices, float *scores, float *gates);
+
+/* A training context for this shard (freed with peer_context_free); peer.h's
+ * peer_forward_train and peer_backward refuse it. */
+PEER_API peer_status peer_shard_context_create(peer_context **out, const peer_shard *shard,
+                                               int64_t max_tokens);
+/* Collective.  As peer_forward_train (x kept alive until backward). */
+PEER_API peer_status peer_shard_forward_train(peer_shard *shard, peer_context *ctx,
+                                              int64_t n_tokens, const float *x, float *y);
+/* Collective.  As peer_backward, dy [T, d] the same on every rank; dx [T, d]
+ * gathered.  Dense gradients are full (the same on every rank); the expert
+ * gradient rows are this rank's columns: experts_down / experts_up are
+ * [expert_capacity, d/P] (or [N, d/P] with experts_dense). */
+PEER_API peer_status peer_shard_backward(peer_shard *shard, peer_context *ctx, const float *dy,
+                                         float *dx, peer_grads *grads);
+
+/* An optimizer for a shard: each rank updates the replicated parameters (the
+ * same bits everywhere) and its own columns of the expert rows, with the
+ * rules and state of peer_optimizer (the state of the expert tables is
+ * [N, d/P] per rank).  Local: no communication. */
+typedef struct peer_shard_optimizer peer_shard_optimizer;
+PEER_API peer_status peer_shard_optimizer_create(peer_shard_optimizer **out, peer_shard *shard,
+                                                 const peer_optim_config *cfg);
+PEER_API void peer_shard_optimizer_free(peer_shard_optimizer *opt);
+/* As peer_optimizer_step, with grads as peer_shard_backward fills them. */
+PEER_API peer_status peer_shard_optimizer_step(peer_shard_optimizer *opt, const peer_grads *grads);
+PEER_API int64_t peer_shard_optimizer_step_count(const peer_shard_optimizer *opt);
+/* State tensor by checkpoint name, as peer_optimizer_state_by_name. */
+PEER_API peer_status peer_shard_optimizer_state_by_name(peer_shard_optimizer *opt,
+                                                        const char *name, peer_tensor *out);
+
+/* Shard files: a checkpoint (peer_checkpoint_save's tensors, with the expert
+ * tables and their state as this rank's columns) plus metadata
+ * "peer.shard.rank", "peer.shard.world", "peer.shard.col0",
+ * "peer.shard.cols".  Local; each rank writes its own path, atomically.
+ * opt may be NULL (weights only). */
+PEER_API peer_status peer_shard_save(const peer_shard *shard, const peer_shard_optimizer *opt,
+                                     const char *path);
+/* Load this rank's shard file (opt NULL: weights only).  Refused with
+ * PEER_ERR_FORMAT naming the key: a file from another world size, rank or
+ * column range, or an unsharded file; a config or optimizer that differs as
+ * peer_checkpoint_load refuses it. */
+PEER_API peer_status peer_shard_load(peer_shard *shard, peer_shard_optimizer *opt,
+                                     const char *path);
+/* Load an unsharded weight file or checkpoint (peer_layer_save,
+ * peer_checkpoint_save) into a shard: the replicated tensors and this rank's
+ * columns.  Reads each expert tensor whole into a temporary buffer. */
+PEER_API peer_status peer_shard_load_full(peer_shard *shard, peer_shard_optimizer *opt,
+                                          const char *path);
+/* File to files: split an unsharded weight file or checkpoint into `world`
+ * shard files out_paths[0 .. world), and merge world shard files (in any
+ * order; all ranks exactly once) back into one unsharded file.  Merging
+ * checks that the replicated tensors agree bit for bit. */
+PEER_API peer_status peer_shard_split(const char *in_path, int world,
+                                      const char *const *out_paths);
+PEER_API peer_status peer_shard_merge(const char *const *in_paths, int n_paths,
+                                      const char *out_path);
+
 #ifdef __cplusplus
 }
 #endif

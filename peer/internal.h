@@ -58,6 +58,10 @@ struct peer_layer {
   peer_tensor slot[PEER_P_COUNT];
   int n_params;
   int param_slot[PEER_P_COUNT]; /* i-th present parameter -> slot */
+  /* The expert tables hold columns [expert_col0, expert_col0 + expert_cols)
+   * of the full [N, d] tables: all of them (0, d) except in a shard
+   * (peer_shard, shard.c), whose layer no backend call may run. */
+  int64_t expert_col0, expert_cols;
   const struct peer_backend_i *backend;
   void *backend_data; /* the backend's own per-layer state (NULL for CPU) */
   float norm_momentum;
@@ -150,6 +154,14 @@ struct peer_context {
   void (*mem_free)(void *mem, size_t bytes); /* how mem goes back */
 };
 
+/* peer_layer_create for a layer whose expert tables are [N, cols], columns
+ * [col0, col0 + cols) of the full ones; peer_layer_init fills them with the
+ * full layer's values there.  For shard.c only: the backends' forward and
+ * training read d columns, so such a layer goes to no backend call but
+ * retrieval. */
+peer_status peer_layer_create_cols(peer_layer **out, const peer_config *cfg,
+                                   const peer_options *opt, int64_t col0, int64_t cols);
+
 extern const peer_backend_i peer_backend_cpu;
 #ifdef PEER_USE_CUDA
 extern const peer_backend_i peer_backend_cuda;
@@ -229,7 +241,6 @@ peer_status peer_file_read(const peer_safetensors *f, const peer_file_want *want
 
 /* Bytes of the data section (after the header) of an open file. */
 uint64_t peer_safetensors_data_bytes(const peer_safetensors *f);
-
 
 /* "F32 [4, 2, 8, 4]" into buf; equal dtype and shape. */
 void peer_tensor_format_layout(char *buf, size_t size, const peer_tensor *t);

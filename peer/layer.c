@@ -135,10 +135,19 @@ static peer_status init_const(peer_layer *L, int slot, float v);
 
 peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
                               const peer_options *opt) {
+  return peer_layer_create_cols(out, cfg, opt, 0, cfg ? cfg->d_model : 0);
+}
+
+peer_status peer_layer_create_cols(peer_layer **out, const peer_config *cfg,
+                                   const peer_options *opt, int64_t col0, int64_t cols) {
   if (!out || !cfg) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_create: NULL argument");
   *out = NULL;
   peer_status st = peer_config_validate(cfg);
   if (st) return st;
+  if (col0 < 0 || cols < 0 || col0 > cfg->d_model - cols)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "layer_create: expert columns [%lld, %lld) not within d_model %lld",
+                     (long long)col0, (long long)(col0 + cols), (long long)cfg->d_model);
   peer_options o;
   peer_options_default(&o);
   if (opt) o = *opt;
@@ -160,10 +169,17 @@ peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
   L->cfg.subkey_top_k = peer_config_subkey_top_k(cfg);
   L->opt = o;
   L->dims = dims_of(cfg);
+  L->expert_col0 = col0;
+  L->expert_cols = cols;
   L->backend = be;
   L->norm_momentum = 0.1f;
   L->id = atomic_fetch_add(&next_layer_id, 1);
   L->n_params = peer_params_describe(&L->cfg, L->slot, L->param_slot);
+  if (cols != L->dims.d) /* a shard's columns of the expert tables */
+    for (int s = PEER_P_EXPERTS_DOWN; s <= PEER_P_EXPERTS_UP; s++) {
+      L->slot[s].shape[1] = cols;
+      L->slot[s].nbytes = (size_t)(L->dims.N * cols) * peer_dtype_size(L->slot[s].dtype);
+    }
   if (be->open && (st = be->open(L))) {
     free(L);
     return st;
@@ -269,17 +285,26 @@ static inline float uniform_pm(uint64_t seed, uint64_t stream, uint64_t i, float
 }
 
 
+/* Element i of a tensor that holds columns [col0, col0 + cols) of a full one
+ * with `width` columns gets the full tensor's value there (a shard's expert
+ * tables, peer_layer_create_cols); cols == width is the whole tensor. */
+static inline uint64_t full_index(int64_t i, int64_t col0, int64_t cols, int64_t width) {
+  return cols == width ? (uint64_t)i : (uint64_t)((i / cols) * width + col0 + i % cols);
+}
+
 static void fill_uniform(const peer_tensor *t, void *dst, uint64_t seed, uint64_t stream,
-                         float a, int P) {
+                         float a, int P, int64_t col0, int64_t cols, int64_t width) {
   int64_t count = (int64_t)(t->nbytes / peer_dtype_size(t->dtype));
   if (t->dtype == PEER_BF16) {
     uint16_t *p = dst;
 #pragma omp parallel for schedule(static) num_threads(P)
-    for (int64_t i = 0; i < count; i++) p[i] = peer_f32_to_bf16(uniform_pm(seed, stream, (uint64_t)i, a));
+    for (int64_t i = 0; i < count; i++)
+      p[i] = peer_f32_to_bf16(uniform_pm(seed, stream, full_index(i, col0, cols, width), a));
   } else {
     float *p = dst;
 #pragma omp parallel for schedule(static) num_threads(P)
-    for (int64_t i = 0; i < count; i++) p[i] = uniform_pm(seed, stream, (uint64_t)i, a);
+    for (int64_t i = 0; i < count; i++)
+      p[i] = uniform_pm(seed, stream, full_index(i, col0, cols, width), a);
   }
 }
 
@@ -308,7 +333,9 @@ static peer_status init_uniform(peer_layer *L, int slot, uint64_t seed, uint64_t
   if (!host)
     return peer_fail(PEER_ERR_OUT_OF_MEMORY, "layer_init: cannot stage %s (%zu bytes)", t->name,
                      t->nbytes);
-  fill_uniform(t, host, seed, stream, a, P);
+  bool expert = slot == PEER_P_EXPERTS_DOWN || slot == PEER_P_EXPERTS_UP;
+  if (expert) fill_uniform(t, host, seed, stream, a, P, L->expert_col0, L->expert_cols, L->dims.d);
+  else fill_uniform(t, host, seed, stream, a, P, 0, 1, 1);
   return param_end(L, t, host);
 }
 
