@@ -16,6 +16,7 @@
 #include <ftw.h>
 #include <sys/stat.h>
 
+#include "cases.h"
 #include "reference.h"
 
 /* Agreement with the float64 reference: |got - ref| <= TOL * max|ref| over
@@ -56,41 +57,17 @@ static const char *path_in(const char *name) {
 
 /* ------------------------------------------------------------------ layers */
 
-typedef struct lcase {
-  int64_t d, H, dk, n, k;
-  int bias;
-  peer_query_norm norm;
-  peer_dtype dtype;
-  peer_activation act;
-} lcase;
-
-static lcase small_case(void) {
-  lcase c = {.d = 8,
-             .H = 2,
-             .dk = 4,
-             .n = 4,
-             .k = 2,
-             .bias = 1,
-             .norm = PEER_NORM_BATCHNORM,
-             .dtype = PEER_F32,
-             .act = PEER_ACT_GELU};
-  return c;
+/* The layer most tests train: bias and batch norm on, so that every kind of
+ * parameter is there. */
+static layer_case small_case(void) {
+  return case_make("d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2,query_bias=1,"
+                   "query_norm=batchnorm,weight_dtype=f32,activation=gelu",
+                   0);
 }
 
-static peer_layer *make_layer(const lcase *c) {
-  peer_config cfg;
-  peer_config_default(&cfg);
-  cfg.d_model = c->d;
-  cfg.n_heads = c->H;
-  cfg.d_key = c->dk;
-  cfg.n_subkeys = c->n;
-  cfg.top_k = c->k;
-  cfg.query_bias = c->bias;
-  cfg.query_norm = c->norm;
-  cfg.weight_dtype = c->dtype;
-  cfg.activation = c->act;
-  peer_layer *L = NULL;
-  cr_assert_eq(peer_layer_create(&L, &cfg, NULL), PEER_OK, "%s", peer_last_error());
+/* The case's layer, filled with random parameters. */
+static peer_layer *make_layer(const layer_case *c) {
+  peer_layer *L = case_layer(c);
   ref_fill_layer(L, &rng);
   return L;
 }
@@ -367,7 +344,7 @@ static void expect_untouched_rows(const snapshot *s, const grads *b, int step) {
 }
 
 /* Run `steps` steps of random gradients through optimizer and reference. */
-static void run_against_reference(const lcase *lc, const peer_optim_config *cfg, int steps,
+static void run_against_reference(const layer_case *lc, const peer_optim_config *cfg, int steps,
                                   int experts_dense) {
   peer_layer *L = make_layer(lc);
   peer_optimizer *o = make_opt(L, cfg);
@@ -408,7 +385,7 @@ Test(optim, config_default) {
 }
 
 Test(optim, sgd_plain) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_optim_config c = peer_optim_config_default();
   c.kind = c.expert_kind = PEER_OPTIM_SGD;
   c.lr = 0.1f;
@@ -419,7 +396,7 @@ Test(optim, sgd_plain) {
 }
 
 Test(optim, sgd_momentum_weight_decay) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_optim_config c = peer_optim_config_default();
   c.kind = c.expert_kind = PEER_OPTIM_SGD;
   c.lr = 0.05f;
@@ -430,13 +407,12 @@ Test(optim, sgd_momentum_weight_decay) {
 }
 
 Test(optim, adam) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_optim_config c = peer_optim_config_default();
   c.lr = 0.01f;
   c.expert_lr = 0.05f;
   run_against_reference(&lc, &c, 5, 0);
-  lc.bias = 0;
-  lc.norm = PEER_NORM_NONE;
+  case_set(&lc, "query_bias=0,query_norm=none");
   c.beta1 = 0.5f;
   c.beta2 = 0.9f;
   c.eps = 1e-3f;
@@ -444,7 +420,7 @@ Test(optim, adam) {
 }
 
 Test(optim, adamw) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_optim_config c = peer_optim_config_default();
   c.lr = 0.02f;
   c.weight_decay = 0.5f;
@@ -452,7 +428,7 @@ Test(optim, adamw) {
 }
 
 Test(optim, mixed_kinds) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_optim_config c = peer_optim_config_default();
   c.kind = PEER_OPTIM_SGD;
   c.momentum = 0.5f;
@@ -466,8 +442,8 @@ Test(optim, mixed_kinds) {
 }
 
 Test(optim, bf16_experts) {
-  lcase lc = small_case();
-  lc.dtype = PEER_BF16;
+  layer_case lc = small_case();
+  case_set(&lc, "weight_dtype=bf16");
   peer_optim_config c = peer_optim_config_default();
   c.lr = 0.01f;
   run_against_reference(&lc, &c, 4, 0);
@@ -479,8 +455,8 @@ Test(optim, bf16_experts) {
 /* An update below half a bf16 ulp is lost in the weight; the moments still
  * move. */
 Test(optim, bf16_small_updates_are_lost) {
-  lcase lc = small_case();
-  lc.dtype = PEER_BF16;
+  layer_case lc = small_case();
+  case_set(&lc, "weight_dtype=bf16");
   peer_layer *L = make_layer(&lc);
   peer_optim_config c = peer_optim_config_default();
   c.lr = 1e-6f;
@@ -509,7 +485,7 @@ Test(optim, bf16_small_updates_are_lost) {
 
 /* The sparse and dense expert gradient formats give the same bits. */
 Test(optim, sparse_and_dense_expert_formats_agree) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_layer *L1 = make_layer(&lc);
   peer_layer *L2 = NULL;
   cr_assert_eq(peer_layer_create(&L2, peer_layer_config(L1), NULL), PEER_OK);
@@ -560,7 +536,7 @@ Test(optim, sparse_and_dense_expert_formats_agree) {
 /* NULL dense gradients and no expert gradients leave those parameters and
  * their state alone; the step still counts. */
 Test(optim, absent_gradients_skip_parameters) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_layer *L = make_layer(&lc);
   peer_optim_config c = peer_optim_config_default();
   peer_optimizer *o = make_opt(L, &c);
@@ -647,8 +623,8 @@ static double train_step(peer_layer *L, peer_optimizer *o, task *k) {
 }
 
 Test(optim, training_lowers_the_loss) {
-  lcase lc = small_case();
-  lc.d = 16, lc.n = 8, lc.dk = 8;
+  layer_case lc = small_case();
+  case_set(&lc, "d_model=16,n_subkeys=8,d_key=8");
   peer_layer *L = make_layer(&lc);
   peer_optim_config c = peer_optim_config_default();
   c.lr = 0.01f;
@@ -668,15 +644,9 @@ Test(optim, training_lowers_the_loss) {
 /* Element-wise updates: the same bits for 1 and 3 threads, with tensors big
  * enough to be split across threads. */
 Test(optim, same_bits_any_thread_count) {
-  lcase lc = {.d = 256,
-              .H = 4,
-              .dk = 64,
-              .n = 16,
-              .k = 4,
-              .bias = 1,
-              .norm = PEER_NORM_BATCHNORM,
-              .dtype = PEER_F32,
-              .act = PEER_ACT_RELU};
+  layer_case lc = case_make("d_model=256,n_heads=4,d_key=64,n_subkeys=16,top_k=4,query_bias=1,"
+                            "query_norm=batchnorm,weight_dtype=f32,activation=relu",
+                            0);
   peer_layer *L[2];
   peer_optimizer *o[2];
   uint64_t s0 = rng.s;
@@ -725,7 +695,7 @@ static void expect_fail(peer_status got, peer_status want, const char *needle) {
 }
 
 Test(optim, bad_configs_name_the_field) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_layer *L = make_layer(&lc);
   struct {
     const char *field;
@@ -804,9 +774,8 @@ static void expect_refused_step(peer_layer *L, peer_optimizer *o, const peer_gra
 }
 
 Test(optim, step_errors) {
-  lcase lc = small_case();
-  lc.bias = 0;
-  lc.norm = PEER_NORM_NONE;
+  layer_case lc = small_case();
+  case_set(&lc, "query_bias=0,query_norm=none");
   peer_layer *L = make_layer(&lc);
   peer_optim_config c = peer_optim_config_default();
   peer_optimizer *o = make_opt(L, &c);
@@ -859,7 +828,7 @@ Test(optim, step_errors) {
 
 /* State tensors, their names, shapes and sizes. */
 Test(optim, state_tensors) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_layer *L = make_layer(&lc);
   peer_optim_config c = peer_optim_config_default();
   peer_optimizer *o = make_opt(L, &c);
@@ -927,7 +896,7 @@ static void *read_all(const char *path, size_t *len) {
 
 /* Train, save, reload into fresh objects: the same bits; then two more
  * steps on each give the same bits as well. */
-static void round_trip(const lcase *lc, const peer_optim_config *c, int experts_dense) {
+static void round_trip(const layer_case *lc, const peer_optim_config *c, int experts_dense) {
   peer_layer *A = make_layer(lc);
   peer_optimizer *oa = make_opt(A, c);
   task k;
@@ -977,19 +946,18 @@ static void round_trip(const lcase *lc, const peer_optim_config *c, int experts_
 }
 
 Test(checkpoint, round_trip_adam) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_optim_config c = peer_optim_config_default();
   c.lr = 0.01f;
   c.weight_decay = 0.01f;
   c.expert_lr = 0.05f;
   round_trip(&lc, &c, 0);
-  lc.dtype = PEER_BF16;
-  lc.norm = PEER_NORM_NONE;
+  case_set(&lc, "weight_dtype=bf16,query_norm=none");
   round_trip(&lc, &c, 1);
 }
 
 Test(checkpoint, round_trip_sgd) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_optim_config c = peer_optim_config_default();
   c.kind = PEER_OPTIM_SGD;
   c.momentum = 0.9f;
@@ -1000,7 +968,7 @@ Test(checkpoint, round_trip_sgd) {
 
 /* Without an optimizer a checkpoint is a plain weight file. */
 Test(checkpoint, weights_only) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_layer *A = make_layer(&lc);
   const char *path = path_in("w.safetensors");
   cr_assert_eq(peer_checkpoint_save(A, NULL, path), PEER_OK, "%s", peer_last_error());
@@ -1025,7 +993,7 @@ Test(checkpoint, weights_only) {
 }
 
 Test(checkpoint, interrupted_save_keeps_the_old_file) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_layer *A = make_layer(&lc);
   peer_optim_config c = peer_optim_config_default();
   peer_optimizer *oa = make_opt(A, &c);
@@ -1105,15 +1073,15 @@ static void expect_refused_load(peer_layer *L, peer_optimizer *o, const char *pa
 }
 
 Test(checkpoint, another_config_is_refused) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_layer *A = make_layer(&lc);
   peer_optim_config c = peer_optim_config_default();
   peer_optimizer *oa = make_opt(A, &c);
   const char *path = path_in("ckpt.safetensors");
   cr_assert_eq(peer_checkpoint_save(A, oa, path), PEER_OK, "%s", peer_last_error());
 
-  lcase other = lc;
-  other.n = 8;
+  layer_case other = lc;
+  case_set(&other, "n_subkeys=8");
   peer_layer *B = make_layer(&other);
   peer_optimizer *ob = make_opt(B, &c);
   const char *n_keys[] = {"peer.n_subkeys", "'4'", "'8'"};
@@ -1123,7 +1091,7 @@ Test(checkpoint, another_config_is_refused) {
   peer_layer_free(B);
 
   other = lc;
-  other.act = PEER_ACT_RELU;
+  case_set(&other, "activation=relu");
   B = make_layer(&other);
   ob = make_opt(B, &c);
   const char *act_keys[] = {"peer.activation", "'gelu'", "'relu'"};
@@ -1132,7 +1100,7 @@ Test(checkpoint, another_config_is_refused) {
   peer_layer_free(B);
 
   other = lc;
-  other.dtype = PEER_BF16;
+  case_set(&other, "weight_dtype=bf16");
   B = make_layer(&other);
   const char *dt_keys[] = {"peer.weight_dtype", "'f32'", "'bf16'"};
   expect_refused_load(B, NULL, path, PEER_ERR_FORMAT, dt_keys, 3);
@@ -1198,7 +1166,7 @@ Test(checkpoint, another_config_is_refused) {
 /* A weight file of another tool or a file with foreign tensors is refused
  * naming the tensor. */
 Test(checkpoint, foreign_tensors_are_refused) {
-  lcase lc = small_case();
+  layer_case lc = small_case();
   peer_layer *A = make_layer(&lc);
   const char *path = path_in("ckpt.safetensors");
   cr_assert_eq(peer_checkpoint_save(A, NULL, path), PEER_OK, "%s", peer_last_error());
