@@ -55,6 +55,14 @@ static inline layer_case case_make(const char *config, int64_t T) {
   return c;
 }
 
+/* A case written down in a table: a config string and a batch size. */
+typedef struct case_spec {
+  const char *config;
+  int64_t T;
+} case_spec;
+
+static inline layer_case case_of(const case_spec *s) { return case_make(s->config, s->T); }
+
 /* The case as text for messages: its whole config and T (one of four
  * rotating buffers, so a message may hold a few). */
 static inline const char *case_text(const layer_case *c) {

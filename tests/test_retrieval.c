@@ -8,38 +8,19 @@
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 
+#include "cases.h"
 #include "reference.h"
 
-typedef struct rcase {
-  int64_t d, H, dk, n, k, kp;
-  int shared;
-  int64_t T;
-} rcase;
-
-static peer_layer *make_layer(const rcase *c, peer_gate gate, peer_dtype dtype) {
-  peer_config cfg;
-  peer_config_default(&cfg);
-  cfg.d_model = c->d;
-  cfg.n_heads = c->H;
-  cfg.d_key = c->dk;
-  cfg.n_subkeys = c->n;
-  cfg.top_k = c->k;
-  cfg.subkey_top_k = c->kp;
-  cfg.shared_keys = c->shared;
-  cfg.gate = gate;
-  cfg.weight_dtype = dtype;
-  peer_layer *L = NULL;
-  peer_status st = peer_layer_create(&L, &cfg, NULL);
-  cr_assert_eq(st, PEER_OK, "create d=%lld H=%lld dk=%lld n=%lld k=%lld kp=%lld: %s",
-               (long long)c->d, (long long)c->H, (long long)c->dk, (long long)c->n, (long long)c->k,
-               (long long)c->kp, peer_last_error());
-  return L;
+/* The case's layer with the given gate and expert dtype (zeroed parameters). */
+static peer_layer *make_layer(const layer_case *c, peer_gate gate, peer_dtype dtype) {
+  layer_case g = *c;
+  g.cfg.gate = gate;
+  g.cfg.weight_dtype = dtype;
+  return case_layer(&g);
 }
 
-#define CASE_FMT "d=%lld H=%lld dk=%lld n=%lld k=%lld kp=%lld shared=%d T=%lld seed=%llu"
-#define CASE_ARGS(c, seed)                                                                         \
-  (long long)(c)->d, (long long)(c)->H, (long long)(c)->dk, (long long)(c)->n, (long long)(c)->k,  \
-      (long long)(c)->kp, (c)->shared, (long long)(c)->T, (unsigned long long)(seed)
+#define CASE_FMT "%s seed=%llu"
+#define CASE_ARGS(c, seed) case_text(c), (unsigned long long)(seed)
 
 typedef struct result {
   int64_t *ids;
@@ -63,7 +44,7 @@ static void result_free(result *r) {
  * sum s1[a] + s2[b], and two different exact sums can round to one f32; the
  * tie rule for exactly equal sums is checked against the reference.)
  * Returns how many adjacent pairs reported equal scores. */
-static int64_t check_order(const result *r, const rcase *c, const char *what, uint64_t seed) {
+static int64_t check_order(const result *r, const layer_case *c, const char *what, uint64_t seed) {
   const int64_t H = c->H, k = c->k;
   int64_t ties = 0;
   for (int64_t e = 0; e < c->T * H; e++) {
@@ -84,7 +65,7 @@ static int64_t check_order(const result *r, const rcase *c, const char *what, ui
 /* The tie rule on exactly equal sums: where the reference's exact scores of
  * two adjacent kept experts are equal, the smaller id comes first. */
 static void check_exact_ties(const ref_layer *R, const ref_token *o, int64_t h, const int64_t *ids,
-                             const rcase *c, uint64_t seed, int64_t t) {
+                             const layer_case *c, uint64_t seed, int64_t t) {
   for (int64_t j = 0; j + 1 < c->k; j++) {
     double a = ref_score_of(R, o, h, ids[j]), b = ref_score_of(R, o, h, ids[j + 1]);
     cr_assert(a != b || ids[j] < ids[j + 1],
@@ -99,7 +80,8 @@ static void check_exact_ties(const ref_layer *R, const ref_token *o, int64_t h, 
 static void check_gates(const result *r, int64_t T, int64_t H, int64_t k, int gate, uint64_t seed) {
   double *z = malloc((size_t)k * sizeof(double)), *g = malloc((size_t)k * sizeof(double));
   for (int64_t e = 0; e < T * H; e++) {
-    for (int64_t j = 0; j < k; j++) z[j] = (double)r->sc[e * k + j];
+    for (int64_t j = 0; j < k; j++)
+      z[j] = (double)r->sc[e * k + j];
     ref_gates(gate, z, k, g);
     for (int64_t j = 0; j < k; j++) {
       double got = (double)r->g[e * k + j];
@@ -119,7 +101,7 @@ static void check_gates(const result *r, int64_t T, int64_t H, int64_t k, int ga
 
 /* peer_retrieve against peer_retrieve_brute: same ids, same score bits, same
  * gate bits.  Fills *fast with peer_retrieve's result. */
-static void check_against_brute(peer_layer *L, const rcase *c, const float *x, result *fast,
+static void check_against_brute(peer_layer *L, const layer_case *c, const float *x, result *fast,
                                 uint64_t seed) {
   int64_t m = c->T * c->H * c->k;
   result brute = result_new(m);
@@ -145,7 +127,7 @@ static void check_against_brute(peer_layer *L, const rcase *c, const float *x, r
 /* Every head against the float64 reference (and the tie rule on exactly
  * equal sums); returns how many heads had their ids compared (the others
  * have a near-tie at the k-th place). */
-static int64_t check_against_reference(peer_layer *L, const rcase *c, const float *x,
+static int64_t check_against_reference(peer_layer *L, const layer_case *c, const float *x,
                                        const result *r, uint64_t seed) {
   ref_layer R;
   ref_bind(&R, L);
@@ -169,7 +151,7 @@ static int64_t check_against_reference(peer_layer *L, const rcase *c, const floa
 }
 
 /* One random case: random parameters and x, then every check. */
-static void run_case(const rcase *c, peer_gate gate, ref_rng *rng, uint64_t seed,
+static void run_case(const layer_case *c, peer_gate gate, ref_rng *rng, uint64_t seed,
                      int64_t *heads_checked, int64_t *heads_total) {
   peer_layer *L = make_layer(c, gate, PEER_F32);
   ref_fill_layer(L, rng);
@@ -189,23 +171,37 @@ Test(retrieval, small_sizes_match_brute_force_and_reference) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  /* d, H, dk, n, k, kp, shared, T */
-  const rcase cases[] = {
-      {5, 1, 2, 1, 1, 1, 0, 3},       {4, 3, 4, 1, 1, 1, 1, 2},       /* N = 1 */
-      {6, 2, 2, 2, 1, 1, 0, 9},       {6, 2, 2, 2, 1, 2, 1, 9},       /* N = 4 */
-      {6, 3, 6, 2, 2, 2, 0, 5},       {3, 1, 4, 2, 2, 2, 1, 4},       /* k = n = 2 */
-      {8, 1, 2, 7, 1, 1, 0, 17},      {8, 4, 8, 7, 3, 5, 0, 11},      /* N = 49 */
-      {9, 5, 10, 7, 7, 7, 1, 7},      {16, 2, 16, 7, 5, 7, 0, 13},    /* k = n = 7 */
-      {16, 8, 32, 32, 16, 16, 0, 19}, {16, 8, 32, 32, 16, 16, 1, 19}, /* N = 1024 */
-      {20, 3, 64, 32, 8, 20, 0, 33},  {12, 6, 2, 32, 1, 1, 1, 40},
-      {33, 2, 256, 32, 4, 32, 0, 9},  {7, 7, 12, 32, 32, 32, 0, 6}, /* k = n = 32 */
-      {40, 1, 128, 32, 1, 3, 1, 65},  {17, 4, 256, 32, 2, 2, 1, 31},
+  const case_spec cases[] = {
+      {"d_model=5,n_heads=1,d_key=2,n_subkeys=1,top_k=1,subkey_top_k=1", 3},
+      {"d_model=4,n_heads=3,d_key=4,n_subkeys=1,top_k=1,subkey_top_k=1,shared_keys=1",
+       2}, /* N = 1 */
+      {"d_model=6,n_heads=2,d_key=2,n_subkeys=2,top_k=1,subkey_top_k=1", 9},
+      {"d_model=6,n_heads=2,d_key=2,n_subkeys=2,top_k=1,subkey_top_k=2,shared_keys=1",
+       9}, /* N = 4 */
+      {"d_model=6,n_heads=3,d_key=6,n_subkeys=2,top_k=2,subkey_top_k=2", 5},
+      {"d_model=3,n_heads=1,d_key=4,n_subkeys=2,top_k=2,subkey_top_k=2,shared_keys=1",
+       4}, /* k = n = 2 */
+      {"d_model=8,n_heads=1,d_key=2,n_subkeys=7,top_k=1,subkey_top_k=1", 17},
+      {"d_model=8,n_heads=4,d_key=8,n_subkeys=7,top_k=3,subkey_top_k=5", 11}, /* N = 49 */
+      {"d_model=9,n_heads=5,d_key=10,n_subkeys=7,top_k=7,subkey_top_k=7,shared_keys=1", 7},
+      {"d_model=16,n_heads=2,d_key=16,n_subkeys=7,top_k=5,subkey_top_k=7", 13}, /* k = n = 7 */
+      {"d_model=16,n_heads=8,d_key=32,n_subkeys=32,top_k=16,subkey_top_k=16", 19},
+      {"d_model=16,n_heads=8,d_key=32,n_subkeys=32,top_k=16,subkey_top_k=16,shared_keys=1",
+       19}, /* N = 1024 */
+      {"d_model=20,n_heads=3,d_key=64,n_subkeys=32,top_k=8,subkey_top_k=20", 33},
+      {"d_model=12,n_heads=6,d_key=2,n_subkeys=32,top_k=1,subkey_top_k=1,shared_keys=1", 40},
+      {"d_model=33,n_heads=2,d_key=256,n_subkeys=32,top_k=4,subkey_top_k=32", 9},
+      {"d_model=7,n_heads=7,d_key=12,n_subkeys=32,top_k=32,subkey_top_k=32", 6}, /* k = n = 32 */
+      {"d_model=40,n_heads=1,d_key=128,n_subkeys=32,top_k=1,subkey_top_k=3,shared_keys=1", 65},
+      {"d_model=17,n_heads=4,d_key=256,n_subkeys=32,top_k=2,subkey_top_k=2,shared_keys=1", 31},
   };
   const int64_t rounds = ref_quick() ? 1 : 3;
   int64_t checked = 0, total = 0;
   for (int64_t round = 0; round < rounds; round++)
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
-      run_case(&cases[i], (peer_gate)((i + (size_t)round) % 3), &rng, seed, &checked, &total);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+      layer_case c = case_of(&cases[i]);
+      run_case(&c, (peer_gate)((i + (size_t)round) % 3), &rng, seed, &checked, &total);
+    }
   cr_log_info("ids compared with the reference on %lld of %lld heads", (long long)checked,
               (long long)total);
   cr_assert(checked * 10 >= total * 9, "seed=%llu: only %lld of %lld heads free of near-ties",
@@ -219,15 +215,16 @@ Test(retrieval, random_shapes_match_brute_force_and_reference) {
   int64_t checked = 0, total = 0;
   const int rounds = ref_quick() ? 8 : 40;
   for (int i = 0; i < rounds; i++) {
-    rcase c;
-    c.d = ref_int(&rng, 1, 40);
-    c.H = ref_int(&rng, 1, 8);
-    c.dk = 2 * ref_int(&rng, 1, 128);
-    c.n = ref_int(&rng, 1, 48);
-    c.kp = ref_int(&rng, 1, c.n);
-    c.k = ref_int(&rng, 1, c.kp);
-    c.shared = (int)ref_int(&rng, 0, 1);
-    c.T = ref_int(&rng, 1, 45);
+    int64_t d = ref_int(&rng, 1, 40), H = ref_int(&rng, 1, 8), dk = 2 * ref_int(&rng, 1, 128);
+    int64_t n = ref_int(&rng, 1, 48), kp = ref_int(&rng, 1, n), k = ref_int(&rng, 1, kp);
+    int64_t shared = ref_int(&rng, 0, 1), T = ref_int(&rng, 1, 45);
+    char config[256];
+    snprintf(config, sizeof config,
+             "d_model=%lld,n_heads=%lld,d_key=%lld,n_subkeys=%lld,top_k=%lld,subkey_top_k=%lld,"
+             "shared_keys=%lld",
+             (long long)d, (long long)H, (long long)dk, (long long)n, (long long)k, (long long)kp,
+             (long long)shared);
+    layer_case c = case_make(config, T);
     run_case(&c, (peer_gate)ref_int(&rng, 0, 2), &rng, seed, &checked, &total);
   }
   cr_assert(checked * 10 >= total * 9, "seed=%llu: only %lld of %lld heads free of near-ties",
@@ -241,26 +238,28 @@ Test(retrieval, million_experts_match_brute_force_and_reference, .timeout = 240)
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
   const int quick = ref_quick();
-  const rcase cases[] = {
-      {16, 4, 256, 1024, 16, 16, 0, quick ? 2 : 8},
-      {16, 8, 64, 1024, 16, 32, 1, quick ? 1 : 6},
-      {12, 2, 32, 1024, 1, 1, 0, quick ? 1 : 8},
+  const case_spec cases[] = {
+      {"d_model=16,n_heads=4,d_key=256,n_subkeys=1024,top_k=16,subkey_top_k=16", quick ? 2 : 8},
+      {"d_model=16,n_heads=8,d_key=64,n_subkeys=1024,top_k=16,subkey_top_k=32,shared_keys=1",
+       quick ? 1 : 6},
+      {"d_model=12,n_heads=2,d_key=32,n_subkeys=1024,top_k=1,subkey_top_k=1", quick ? 1 : 8},
   };
   int64_t checked = 0, total = 0;
   size_t n_cases = quick ? 2 : sizeof cases / sizeof cases[0];
   for (size_t i = 0; i < n_cases; i++) {
-    peer_layer *L = make_layer(&cases[i], (peer_gate)i, PEER_BF16);
+    const layer_case c = case_of(&cases[i]);
+    peer_layer *L = make_layer(&c, (peer_gate)i, PEER_BF16);
     peer_tensor t;
     cr_assert_eq(peer_layer_param_by_name(L, "experts.down", &t), PEER_OK);
     cr_assert_eq(t.shape[0], (int64_t)1 << 20);
     ref_fill_layer(L, &rng);
-    float *x = ref_random_x(&rng, cases[i].T, cases[i].d);
-    result r = result_new(cases[i].T * cases[i].H * cases[i].k);
-    check_against_brute(L, &cases[i], x, &r, seed);
-    check_order(&r, &cases[i], "N=1M", seed);
-    check_gates(&r, cases[i].T, cases[i].H, cases[i].k, (int)i, seed);
-    checked += check_against_reference(L, &cases[i], x, &r, seed);
-    total += cases[i].T * cases[i].H;
+    float *x = ref_random_x(&rng, c.T, c.d);
+    result r = result_new(c.T * c.H * c.k);
+    check_against_brute(L, &c, x, &r, seed);
+    check_order(&r, &c, "N=1M", seed);
+    check_gates(&r, c.T, c.H, c.k, (int)i, seed);
+    checked += check_against_reference(L, &c, x, &r, seed);
+    total += c.T * c.H;
     result_free(&r);
     free(x);
     peer_layer_free(L);
@@ -287,16 +286,20 @@ Test(retrieval, duplicated_subkey_rows_follow_the_tie_rule) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  const rcase cases[] = {
-      {8, 2, 4, 8, 3, 3, 0, 25},     {8, 3, 6, 8, 5, 8, 1, 25}, {12, 4, 16, 16, 7, 9, 0, 30},
-      {10, 1, 8, 16, 16, 16, 0, 20}, {6, 2, 2, 5, 1, 1, 1, 30}, {16, 5, 32, 32, 13, 13, 0, 20},
+  const case_spec cases[] = {
+      {"d_model=8,n_heads=2,d_key=4,n_subkeys=8,top_k=3,subkey_top_k=3", 25},
+      {"d_model=8,n_heads=3,d_key=6,n_subkeys=8,top_k=5,subkey_top_k=8,shared_keys=1", 25},
+      {"d_model=12,n_heads=4,d_key=16,n_subkeys=16,top_k=7,subkey_top_k=9", 30},
+      {"d_model=10,n_heads=1,d_key=8,n_subkeys=16,top_k=16,subkey_top_k=16", 20},
+      {"d_model=6,n_heads=2,d_key=2,n_subkeys=5,top_k=1,subkey_top_k=1,shared_keys=1", 30},
+      {"d_model=16,n_heads=5,d_key=32,n_subkeys=32,top_k=13,subkey_top_k=13", 20},
   };
   int64_t ties = 0, checked = 0, total = 0;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-    const rcase *c = &cases[i];
+    const layer_case cc = case_of(&cases[i]), *c = &cc;
     peer_layer *L = make_layer(c, (peer_gate)(i % 3), PEER_F32);
     ref_fill_layer(L, &rng);
-    int64_t G = c->shared ? 1 : c->H;
+    int64_t G = c->cfg.shared_keys ? 1 : c->H;
     /* every odd row copies the even row below it (in both halves, with the
      * copy placed at the larger index in one half and the smaller in the
      * other), plus a few random copies */
@@ -334,19 +337,25 @@ Test(retrieval, quantised_values_tie_exactly) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  const rcase cases[] = {
-      {4, 2, 2, 8, 4, 4, 0, 40}, {6, 3, 4, 16, 8, 12, 0, 40},  {8, 4, 8, 32, 16, 16, 1, 40},
-      {5, 1, 2, 7, 7, 7, 0, 40}, {3, 2, 6, 32, 1, 1, 0, 40},   {8, 8, 16, 32, 9, 20, 1, 40},
-      {4, 1, 2, 3, 2, 3, 0, 40}, {6, 6, 4, 12, 12, 12, 1, 40},
+  const case_spec cases[] = {
+      {"d_model=4,n_heads=2,d_key=2,n_subkeys=8,top_k=4,subkey_top_k=4", 40},
+      {"d_model=6,n_heads=3,d_key=4,n_subkeys=16,top_k=8,subkey_top_k=12", 40},
+      {"d_model=8,n_heads=4,d_key=8,n_subkeys=32,top_k=16,subkey_top_k=16,shared_keys=1", 40},
+      {"d_model=5,n_heads=1,d_key=2,n_subkeys=7,top_k=7,subkey_top_k=7", 40},
+      {"d_model=3,n_heads=2,d_key=6,n_subkeys=32,top_k=1,subkey_top_k=1", 40},
+      {"d_model=8,n_heads=8,d_key=16,n_subkeys=32,top_k=9,subkey_top_k=20,shared_keys=1", 40},
+      {"d_model=4,n_heads=1,d_key=2,n_subkeys=3,top_k=2,subkey_top_k=3", 40},
+      {"d_model=6,n_heads=6,d_key=4,n_subkeys=12,top_k=12,subkey_top_k=12,shared_keys=1", 40},
   };
   int64_t ties = 0;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-    const rcase *c = &cases[i];
+    const layer_case cc = case_of(&cases[i]), *c = &cc;
     peer_layer *L = make_layer(c, (peer_gate)(i % 3), PEER_F32);
     ref_fill_quantised(L, "query.weight", &rng, -1, 1, 1.0);
     ref_fill_quantised(L, "keys", &rng, -2, 2, 0.5);
     float *x = malloc((size_t)(c->T * c->d) * sizeof(float));
-    for (int64_t j = 0; j < c->T * c->d; j++) x[j] = (float)ref_int(&rng, -2, 2);
+    for (int64_t j = 0; j < c->T * c->d; j++)
+      x[j] = (float)ref_int(&rng, -2, 2);
     result r = result_new(c->T * c->H * c->k);
     check_against_brute(L, c, x, &r, seed);
     ties += check_order(&r, c, "quantised", seed);
@@ -387,7 +396,8 @@ Test(retrieval, quantised_values_tie_exactly) {
  * pick id 0, which half 1's top-1 never holds: product keys and brute force
  * would disagree.) */
 Test(retrieval, sums_rounding_to_one_float_are_ordered_exactly) {
-  const rcase c = {2, 1, 2, 2, 1, 1, 0, 1};
+  const layer_case c =
+      case_make("d_model=2,n_heads=1,d_key=2,n_subkeys=2,top_k=1,subkey_top_k=1", 1);
   peer_layer *L = make_layer(&c, PEER_GATE_SOFTMAX, PEER_F32);
   peer_tensor wq, keys;
   cr_assert_eq(peer_layer_param_by_name(L, "query.weight", &wq), PEER_OK);
@@ -431,7 +441,8 @@ Test(retrieval, sums_rounding_together_at_random_are_ordered_exactly) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  const rcase c = {2, 8, 2, 16, 3, 3, 0, 3};
+  const layer_case c =
+      case_make("d_model=2,n_heads=8,d_key=2,n_subkeys=16,top_k=3,subkey_top_k=3", 3);
   peer_layer *L = make_layer(&c, PEER_GATE_SIGMOID, PEER_F32);
   peer_tensor wq, keys;
   cr_assert_eq(peer_layer_param_by_name(L, "query.weight", &wq), PEER_OK);
@@ -480,7 +491,9 @@ Test(retrieval, gates_are_the_gate_of_the_scores) {
   cr_log_info("seed %llu", (unsigned long long)seed);
   for (int gate = 0; gate < 3; gate++) {
     ref_rng rng = {seed};
-    const rcase c = {24, 3, 16, 20, 6, 9, gate == 1, 37};
+    layer_case c =
+        case_make("d_model=24,n_heads=3,d_key=16,n_subkeys=20,top_k=6,subkey_top_k=9", 37);
+    if (gate == 1) case_set(&c, "shared_keys=1");
     peer_layer *L = make_layer(&c, (peer_gate)gate, PEER_F32);
     ref_fill_layer(L, &rng);
     float *x = ref_random_x(&rng, c.T, c.d);
@@ -488,12 +501,14 @@ Test(retrieval, gates_are_the_gate_of_the_scores) {
     cr_assert_eq(peer_retrieve(L, c.T, x, r.ids, r.sc, r.g), PEER_OK, "%s", peer_last_error());
     check_gates(&r, c.T, c.H, c.k, gate, seed);
     int64_t positive = 0;
-    for (int64_t i = 0; i < c.T * c.H * c.k; i++) positive += r.g[i] > 0.0f;
+    for (int64_t i = 0; i < c.T * c.H * c.k; i++)
+      positive += r.g[i] > 0.0f;
     cr_assert_gt(positive, 0, "gate %d: every gate is 0", gate);
     if (gate == PEER_GATE_SOFTMAX) /* each head's gates sum to 1 */
       for (int64_t e = 0; e < c.T * c.H; e++) {
         double s = 0.0;
-        for (int64_t j = 0; j < c.k; j++) s += r.g[e * c.k + j];
+        for (int64_t j = 0; j < c.k; j++)
+          s += r.g[e * c.k + j];
         cr_assert(fabs(s - 1.0) < 1e-5, "softmax gates of head %lld sum to %.9g", (long long)e, s);
       }
     result_free(&r);
@@ -506,7 +521,8 @@ Test(retrieval, gates_are_the_gate_of_the_scores) {
 Test(retrieval, optional_outputs) {
   uint64_t seed = ref_test_seed();
   ref_rng rng = {seed};
-  const rcase c = {10, 2, 8, 9, 3, 4, 0, 21};
+  const layer_case c =
+      case_make("d_model=10,n_heads=2,d_key=8,n_subkeys=9,top_k=3,subkey_top_k=4", 21);
   peer_layer *L = make_layer(&c, PEER_GATE_SOFTMAX, PEER_F32);
   ref_fill_layer(L, &rng);
   float *x = ref_random_x(&rng, c.T, c.d);
@@ -542,7 +558,8 @@ Test(retrieval, thread_count_does_not_change_bits) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  const rcase c = {30, 5, 24, 40, 8, 11, 0, 97};
+  const layer_case c =
+      case_make("d_model=30,n_heads=5,d_key=24,n_subkeys=40,top_k=8,subkey_top_k=11", 97);
   peer_layer *L = make_layer(&c, PEER_GATE_SOFTMAX, PEER_F32);
   ref_fill_layer(L, &rng);
   float *x = ref_random_x(&rng, c.T, c.d);
