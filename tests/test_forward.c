@@ -7,43 +7,13 @@
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 
+#include "cases.h"
 #include "reference.h"
 
-typedef struct fcase {
-  int64_t d, H, dk, n, k, kp;
-  int shared, act, gate, norm, bias, bf16;
-  int64_t T;
-} fcase;
+#define FCASE_FMT "%s seed=%llu"
+#define FCASE_ARGS(c, seed) case_text(c), (unsigned long long)(seed)
 
-#define FCASE_FMT                                                                                  \
-  "d=%lld H=%lld dk=%lld n=%lld k=%lld kp=%lld shared=%d act=%s gate=%s norm=%s bias=%d "          \
-  "dtype=%s T=%lld seed=%llu"
-#define FCASE_ARGS(c, seed)                                                                        \
-  (long long)(c)->d, (long long)(c)->H, (long long)(c)->dk, (long long)(c)->n, (long long)(c)->k,  \
-      (long long)(c)->kp, (c)->shared, peer_activation_name((peer_activation)(c)->act),            \
-      peer_gate_name((peer_gate)(c)->gate), peer_query_norm_name((peer_query_norm)(c)->norm),      \
-      (c)->bias, (c)->bf16 ? "bf16" : "f32", (long long)(c)->T, (unsigned long long)(seed)
-
-static peer_layer *make_layer(const fcase *c) {
-  peer_config cfg;
-  peer_config_default(&cfg);
-  cfg.d_model = c->d;
-  cfg.n_heads = c->H;
-  cfg.d_key = c->dk;
-  cfg.n_subkeys = c->n;
-  cfg.top_k = c->k;
-  cfg.subkey_top_k = c->kp;
-  cfg.shared_keys = c->shared;
-  cfg.activation = (peer_activation)c->act;
-  cfg.gate = (peer_gate)c->gate;
-  cfg.query_norm = (peer_query_norm)c->norm;
-  cfg.query_bias = c->bias;
-  cfg.weight_dtype = c->bf16 ? PEER_BF16 : PEER_F32;
-  peer_layer *L = NULL;
-  peer_status st = peer_layer_create(&L, &cfg, NULL);
-  cr_assert_eq(st, PEER_OK, "create: %s", peer_last_error());
-  return L;
-}
+static peer_layer *make_layer(const layer_case *c) { return case_layer(c); }
 
 /* Largest |y - ref| / tolerance seen, for the log. */
 static double worst_ratio;
@@ -52,7 +22,7 @@ static double worst_ratio;
  * bit; every head against the reference; y within ref_y_tolerance on every
  * token.  Returns how many tokens had no near-tie at any head's k-th place
  * (their ids were compared with the reference's). */
-static int64_t check_forward(peer_layer *L, const fcase *c, const float *x, uint64_t seed) {
+static int64_t check_forward(peer_layer *L, const layer_case *c, const float *x, uint64_t seed) {
   const int64_t T = c->T, d = c->d, hk = c->H * c->k;
   float *y = malloc((size_t)(T * d) * sizeof(float));
   float *g = malloc((size_t)(T * hk) * sizeof(float)),
@@ -88,8 +58,10 @@ static int64_t check_forward(peer_layer *L, const fcase *c, const float *x, uint
     /* With a near-tie the library may keep either expert; both were just
      * checked to score within rounding of the best, so y is checked against
      * the reference's experts and gates for the ids the library kept. */
-    if (all_heads) checked++;
-    else ref_experts(&R, &o, x + t * d, ids + t * hk, c->k);
+    if (all_heads)
+      checked++;
+    else
+      ref_experts(&R, &o, x + t * d, ids + t * hk, c->k);
     double row_max = ref_row_max(o.y, d);
     for (int64_t i = 0; i < d; i++) {
       double err = fabs((double)y[t * d + i] - o.y[i]), tol = ref_y_tolerance(&o, i, row_max);
@@ -123,16 +95,19 @@ Test(forward, every_option_matches_reference) {
         for (int bias = 0; bias < 2; bias++)
           for (int bf16 = 0; bf16 < 2; bf16++)
             for (int shared = 0; shared < 2; shared++) {
-              fcase c = {0};
-              c.d = ref_int(&rng, 1, 40);
-              c.H = ref_int(&rng, 1, 4);
-              c.dk = 2 * ref_int(&rng, 1, 12);
-              c.n = ref_int(&rng, 1, 14);
-              c.kp = ref_int(&rng, 1, c.n);
-              c.k = ref_int(&rng, 1, c.kp);
-              c.shared = shared, c.act = act, c.gate = gate, c.norm = norm, c.bias = bias;
-              c.bf16 = bf16;
-              c.T = ref_int(&rng, 1, quick ? 9 : 35);
+              int64_t d = ref_int(&rng, 1, 40), H = ref_int(&rng, 1, 4);
+              int64_t dk = 2 * ref_int(&rng, 1, 12), n = ref_int(&rng, 1, 14);
+              int64_t kp = ref_int(&rng, 1, n), k = ref_int(&rng, 1, kp);
+              char config[384];
+              snprintf(config, sizeof config,
+                       "d_model=%lld,n_heads=%lld,d_key=%lld,n_subkeys=%lld,top_k=%lld,"
+                       "subkey_top_k=%lld,shared_keys=%d,activation=%s,gate=%s,query_norm=%s,"
+                       "query_bias=%d,weight_dtype=%s",
+                       (long long)d, (long long)H, (long long)dk, (long long)n, (long long)k,
+                       (long long)kp, shared, peer_activation_name((peer_activation)act),
+                       peer_gate_name((peer_gate)gate), peer_query_norm_name((peer_query_norm)norm),
+                       bias, bf16 ? "bf16" : "f32");
+              layer_case c = case_make(config, ref_int(&rng, 1, quick ? 9 : 35));
               peer_layer *L = make_layer(&c);
               ref_fill_layer(L, &rng);
               float *x = ref_random_x(&rng, c.T, c.d);
@@ -154,20 +129,26 @@ Test(forward, wide_layers_match_reference) {
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
   const int quick = ref_quick();
-  /* d, H, dk, n, k, kp, shared, act, gate, norm, bias, bf16, T */
-  const fcase cases[] = {
-      {512, 8, 64, 64, 16, 16, 0, PEER_ACT_GELU, PEER_GATE_SOFTMAX, 0, 0, 0, quick ? 7 : 70},
-      {257, 4, 96, 50, 8, 20, 1, PEER_ACT_SILU, PEER_GATE_SIGMOID, 1, 1, 1, quick ? 5 : 41},
-      {100, 3, 256, 33, 5, 9, 0, PEER_ACT_GELU_TANH, PEER_GATE_RELU, 1, 0, 0, quick ? 5 : 65},
-      {64, 6, 32, 128, 32, 64, 0, PEER_ACT_RELU, PEER_GATE_SOFTMAX, 0, 1, 1, quick ? 3 : 33},
+  const case_spec cases[] = {
+      {"d_model=512,n_heads=8,d_key=64,n_subkeys=64,top_k=16,subkey_top_k=16", quick ? 7 : 70},
+      {"d_model=257,n_heads=4,d_key=96,n_subkeys=50,top_k=8,subkey_top_k=20,shared_keys=1,"
+       "activation=silu,gate=sigmoid,query_norm=batchnorm,query_bias=1,weight_dtype=bf16",
+       quick ? 5 : 41},
+      {"d_model=100,n_heads=3,d_key=256,n_subkeys=33,top_k=5,subkey_top_k=9,activation=gelu_tanh,"
+       "gate=relu,query_norm=batchnorm",
+       quick ? 5 : 65},
+      {"d_model=64,n_heads=6,d_key=32,n_subkeys=128,top_k=32,subkey_top_k=64,activation=relu,query_"
+       "bias=1,weight_dtype=bf16",
+       quick ? 3 : 33},
   };
   int64_t checked = 0, total = 0;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-    peer_layer *L = make_layer(&cases[i]);
+    const layer_case c = case_of(&cases[i]);
+    peer_layer *L = make_layer(&c);
     ref_fill_layer(L, &rng);
-    float *x = ref_random_x(&rng, cases[i].T, cases[i].d);
-    checked += check_forward(L, &cases[i], x, seed);
-    total += cases[i].T;
+    float *x = ref_random_x(&rng, c.T, c.d);
+    checked += check_forward(L, &c, x, seed);
+    total += c.T;
     free(x);
     peer_layer_free(L);
   }
@@ -183,9 +164,11 @@ Test(forward, heads_picking_the_same_experts_count_each_time) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  fcase c = {48, 4, 16, 24, 6, 8, 1, PEER_ACT_GELU, PEER_GATE_SOFTMAX, 0, 1, 0, 23};
-  fcase one = c;
-  one.H = 1;
+  layer_case c = case_make("d_model=48,n_heads=4,d_key=16,n_subkeys=24,top_k=6,subkey_top_k=8,"
+                           "shared_keys=1,query_bias=1",
+                           23);
+  layer_case one = c;
+  case_set(&one, "n_heads=1");
   peer_layer *L = make_layer(&c), *L1 = make_layer(&one);
   ref_fill_layer(L, &rng);
   const char *names[] = {"query.weight", "query.bias", "keys", "experts.down", "experts.up"};
@@ -246,7 +229,11 @@ Test(forward, thread_count_does_not_change_bits) {
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
   for (int bf16 = 0; bf16 < 2; bf16++) {
-    fcase c = {77, 5, 36, 40, 7, 11, bf16, PEER_ACT_SILU, PEER_GATE_SOFTMAX, 1, 1, bf16, 67};
+    layer_case c = case_make("d_model=77,n_heads=5,d_key=36,n_subkeys=40,top_k=7,subkey_top_k=11,"
+                             "activation=silu,query_norm=batchnorm,query_bias=1",
+                             67);
+    c.cfg.shared_keys = bf16;
+    c.cfg.weight_dtype = bf16 ? PEER_BF16 : PEER_F32;
     peer_layer *L = make_layer(&c);
     ref_fill_layer(L, &rng);
     float *x = ref_random_x(&rng, c.T, c.d);
@@ -284,7 +271,8 @@ Test(forward, thread_count_does_not_change_bits) {
 Test(forward, optional_outputs_do_not_change_y) {
   uint64_t seed = ref_test_seed();
   ref_rng rng = {seed};
-  fcase c = {33, 3, 8, 10, 4, 5, 0, PEER_ACT_GELU, PEER_GATE_SIGMOID, 0, 0, 0, 19};
+  layer_case c = case_make(
+      "d_model=33,n_heads=3,d_key=8,n_subkeys=10,top_k=4,subkey_top_k=5,gate=sigmoid", 19);
   peer_layer *L = make_layer(&c);
   ref_fill_layer(L, &rng);
   float *x = ref_random_x(&rng, c.T, c.d);
@@ -313,17 +301,21 @@ Test(forward, optional_outputs_do_not_change_y) {
 
 /* T = 0: nothing read, nothing written, PEER_OK. */
 Test(forward, empty_batch_is_a_no_op) {
-  fcase c = {8, 2, 4, 4, 2, 2, 0, PEER_ACT_GELU, PEER_GATE_SOFTMAX, 0, 0, 0, 0};
+  layer_case c = case_make("d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2,subkey_top_k=2", 0);
   peer_layer *L = make_layer(&c);
   ref_rng rng = {ref_test_seed()};
   ref_fill_layer(L, &rng);
   float x[8] = {1, 2, 3, 4, 5, 6, 7, 8}, y[8], g[4];
   int64_t ids[4];
-  for (int i = 0; i < 8; i++) y[i] = -3.5f;
-  for (int i = 0; i < 4; i++) ids[i] = -9, g[i] = -2.0f;
+  for (int i = 0; i < 8; i++)
+    y[i] = -3.5f;
+  for (int i = 0; i < 4; i++)
+    ids[i] = -9, g[i] = -2.0f;
   cr_assert_eq(peer_forward(L, 0, x, y, ids, g), PEER_OK, "%s", peer_last_error());
-  for (int i = 0; i < 8; i++) cr_assert_eq(y[i], -3.5f, "y[%d] written by an empty batch", i);
-  for (int i = 0; i < 4; i++) cr_assert(ids[i] == -9 && g[i] == -2.0f);
+  for (int i = 0; i < 8; i++)
+    cr_assert_eq(y[i], -3.5f, "y[%d] written by an empty batch", i);
+  for (int i = 0; i < 4; i++)
+    cr_assert(ids[i] == -9 && g[i] == -2.0f);
   peer_layer_free(L);
 }
 
@@ -342,7 +334,9 @@ Test(forward, nonfinite_x_is_an_error_naming_the_token) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  fcase c = {20, 3, 8, 9, 3, 4, 0, PEER_ACT_GELU, PEER_GATE_SOFTMAX, 1, 1, 0, 41};
+  layer_case c = case_make("d_model=20,n_heads=3,d_key=8,n_subkeys=9,top_k=3,subkey_top_k=4,query_"
+                           "norm=batchnorm,query_bias=1",
+                           41);
   peer_layer *L = make_layer(&c);
   ref_fill_layer(L, &rng);
   const int64_t hk = c.H * c.k, N = c.n * c.n, sentinel = -1234567;
@@ -355,7 +349,8 @@ Test(forward, nonfinite_x_is_an_error_naming_the_token) {
       float *x = ref_random_x(&rng, c.T, c.d);
       int64_t t = ref_int(&rng, 0, c.T - 1);
       x[t * c.d + ref_int(&rng, 0, c.d - 1)] = bad[b];
-      for (int64_t i = 0; i < c.T * hk; i++) ids[i] = sentinel;
+      for (int64_t i = 0; i < c.T * hk; i++)
+        ids[i] = sentinel;
       peer_status st = call == 0   ? peer_forward(L, c.T, x, y, ids, g)
                        : call == 1 ? peer_retrieve(L, c.T, x, ids, NULL, g)
                                    : peer_retrieve_brute(L, c.T, x, ids, NULL, g);
@@ -394,7 +389,9 @@ Test(forward, nonfinite_weights_reaching_scores_are_an_error) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  fcase c = {16, 2, 8, 12, 4, 6, 0, PEER_ACT_RELU, PEER_GATE_RELU, 1, 1, 0, 37};
+  layer_case c = case_make("d_model=16,n_heads=2,d_key=8,n_subkeys=12,top_k=4,subkey_top_k=6,"
+                           "activation=relu,gate=relu,query_norm=batchnorm,query_bias=1",
+                           37);
   const int64_t hk = c.H * c.k, N = c.n * c.n, sentinel = -42;
   const int64_t dq = c.H * c.dk, nkeys = c.H * 2 * c.n * (c.dk / 2);
   struct {
@@ -422,7 +419,8 @@ Test(forward, nonfinite_weights_reaching_scores_are_an_error) {
       ref_fill_layer(L, &rng);
       int64_t at = ref_int(&rng, 0, pokes[p].count - 1);
       poke(L, pokes[p].name, at, pokes[p].value);
-      for (int64_t i = 0; i < c.T * hk; i++) ids[i] = sentinel;
+      for (int64_t i = 0; i < c.T * hk; i++)
+        ids[i] = sentinel;
       peer_status st = call == 0   ? peer_forward(L, c.T, x, y, ids, g)
                        : call == 1 ? peer_retrieve(L, c.T, x, ids, NULL, g)
                                    : peer_retrieve_brute(L, c.T, x, ids, NULL, g);
@@ -443,7 +441,7 @@ Test(forward, nonfinite_weights_reaching_scores_are_an_error) {
 /* Finite weights whose scores overflow: a sub-key score of +inf, and two
  * finite sub-key scores whose candidate sum overflows. */
 Test(forward, overflowing_scores_are_an_error) {
-  fcase c = {2, 1, 2, 4, 1, 2, 0, PEER_ACT_GELU, PEER_GATE_SOFTMAX, 0, 0, 0, 1};
+  layer_case c = case_make("d_model=2,n_heads=1,d_key=2,n_subkeys=4,top_k=1,subkey_top_k=2", 1);
   for (int which = 0; which < 2; which++) {
     peer_layer *L = make_layer(&c);
     peer_tensor wq, keys;
@@ -480,7 +478,10 @@ Test(forward, nonfinite_experts_propagate_into_y) {
   for (int act = 0; act < 5; act++)
     for (int table = 0; table < 2; table++)
       for (int bf16 = 0; bf16 < 2; bf16++) {
-        fcase c = {24, 2, 8, 8, 3, 3, 0, act, PEER_GATE_SIGMOID, 0, 0, bf16, 15};
+        layer_case c = case_make(
+            "d_model=24,n_heads=2,d_key=8,n_subkeys=8,top_k=3,subkey_top_k=3,gate=sigmoid", 15);
+        c.cfg.activation = (peer_activation)act;
+        c.cfg.weight_dtype = bf16 ? PEER_BF16 : PEER_F32;
         peer_layer *L = make_layer(&c);
         ref_fill_layer(L, &rng);
         float *x = ref_random_x(&rng, c.T, c.d);
@@ -493,14 +494,17 @@ Test(forward, nonfinite_experts_propagate_into_y) {
         peer_tensor t;
         cr_assert_eq(peer_layer_param_by_name(L, table ? "experts.up" : "experts.down", &t),
                      PEER_OK);
-        if (bf16) ((uint16_t *)t.data)[victim * c.d + col] = 0x7fc0; /* NaN */
-        else ((float *)t.data)[victim * c.d + col] = NAN;
+        if (bf16)
+          ((uint16_t *)t.data)[victim * c.d + col] = 0x7fc0; /* NaN */
+        else
+          ((float *)t.data)[victim * c.d + col] = NAN;
         peer_status st = peer_forward(L, c.T, x, y, NULL, NULL);
         cr_assert_eq(st, PEER_OK, "NaN in an expert table: status %d (%s)", (int)st,
                      peer_last_error());
         for (int64_t tk = 0; tk < c.T; tk++) {
           int uses = 0;
-          for (int64_t e = 0; e < hk; e++) uses |= ids[tk * hk + e] == victim;
+          for (int64_t e = 0; e < hk; e++)
+            uses |= ids[tk * hk + e] == victim;
           for (int64_t i = 0; i < c.d; i++) {
             float v = y[tk * c.d + i];
             /* down: every element of the row; up: only column col */
@@ -528,7 +532,8 @@ Test(forward, caller_workspace) {
   uint64_t seed = ref_test_seed();
   cr_log_info("seed %llu", (unsigned long long)seed);
   ref_rng rng = {seed};
-  fcase c = {40, 4, 16, 20, 5, 7, 0, PEER_ACT_GELU, PEER_GATE_SOFTMAX, 1, 0, 0, 29};
+  layer_case c = case_make(
+      "d_model=40,n_heads=4,d_key=16,n_subkeys=20,top_k=5,subkey_top_k=7,query_norm=batchnorm", 29);
   peer_layer *L = make_layer(&c);
   cr_assert_eq(peer_layer_set_threads(L, 2), PEER_OK);
   ref_fill_layer(L, &rng);
@@ -566,7 +571,8 @@ Test(forward, caller_workspace) {
   int64_t *ids = malloc((size_t)(T2 * c.H * c.k) * sizeof(int64_t));
   cr_assert_eq(peer_forward(L, T2, x, yw, NULL, NULL), PEER_ERR_INVALID_ARGUMENT);
   cr_assert_eq(peer_retrieve(L, T2, x, ids, NULL, NULL), PEER_ERR_INVALID_ARGUMENT);
-  for (size_t i = bytes; i < alloc_bytes; i++) cr_assert_eq(buf[i], 0xA5);
+  for (size_t i = bytes; i < alloc_bytes; i++)
+    cr_assert_eq(buf[i], 0xA5);
   /* back to internal scratch: the larger batch works, same bits */
   cr_assert_eq(peer_layer_set_workspace(L, NULL, 0), PEER_OK);
   cr_assert_eq(peer_forward(L, T2, x, yw, NULL, NULL), PEER_OK, "%s", peer_last_error());
@@ -586,7 +592,7 @@ Test(forward, caller_workspace) {
 
 /* NULL pointers and negative counts are rejected, not dereferenced. */
 Test(forward, bad_arguments_are_rejected) {
-  fcase c = {8, 2, 4, 4, 2, 2, 0, PEER_ACT_GELU, PEER_GATE_SOFTMAX, 0, 0, 0, 2};
+  layer_case c = case_make("d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2,subkey_top_k=2", 2);
   peer_layer *L = make_layer(&c);
   float x[16] = {0}, y[16], g[8];
   int64_t ids[8];
