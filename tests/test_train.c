@@ -13,6 +13,7 @@
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 
+#include "cases.h"
 #include "reference_train.h"
 
 /* A gradient matches when |g - ref| <= GRAD_TOL * max|ref| + GRAD_ABS over
@@ -24,64 +25,14 @@
 /* Safety margin against near-ties and kinks, relative to a head's score scale. */
 #define NEAR 1e-4
 
-typedef struct tcase {
-  int64_t d, H, dk, n, k, kp, T;
-  int shared;
-  peer_activation act;
-  peer_gate gate;
-  peer_query_norm norm;
-  int bias;
-  peer_dtype dtype;
-  int dup; /* identical queries in every head (with shared keys) and repeated tokens */
-} tcase;
+#define CASE_FMT "%s seed=%llu"
+#define CASE_ARGS(c, seed) case_text(c), (unsigned long long)(seed)
 
-#define CASE_FMT                                                                                   \
-  "[d=%lld H=%lld dk=%lld n=%lld k=%lld kp=%lld T=%lld shared=%d act=%s gate=%s norm=%s "          \
-  "bias=%d dtype=%s dup=%d seed=%llu]"
-#define CASE_ARGS(c, seed)                                                                         \
-  (long long)(c)->d, (long long)(c)->H, (long long)(c)->dk, (long long)(c)->n, (long long)(c)->k,  \
-      (long long)(c)->kp, (long long)(c)->T, (c)->shared, peer_activation_name((c)->act),          \
-      peer_gate_name((c)->gate), peer_query_norm_name((c)->norm), (c)->bias,                       \
-      peer_dtype_name((c)->dtype), (c)->dup, (unsigned long long)(seed)
-
-static peer_layer *make_layer(const tcase *c) {
-  peer_config cfg;
-  peer_config_default(&cfg);
-  cfg.d_model = c->d;
-  cfg.n_heads = c->H;
-  cfg.d_key = c->dk;
-  cfg.n_subkeys = c->n;
-  cfg.top_k = c->k;
-  cfg.subkey_top_k = c->kp;
-  cfg.shared_keys = c->shared;
-  cfg.activation = c->act;
-  cfg.gate = c->gate;
-  cfg.query_norm = c->norm;
-  cfg.query_bias = c->bias;
-  cfg.weight_dtype = c->dtype;
-  peer_layer *L = NULL;
-  peer_status st = peer_layer_create(&L, &cfg, NULL);
-  cr_assert_eq(st, PEER_OK, "create " CASE_FMT ": %s", CASE_ARGS(c, 0ull), peer_last_error());
-  return L;
-}
+static peer_layer *make_layer(const layer_case *c) { return case_layer(c); }
 
 /* A base configuration to vary from. */
-static tcase base_case(void) {
-  tcase c = {.d = 16,
-             .H = 2,
-             .dk = 8,
-             .n = 8,
-             .k = 3,
-             .kp = 4,
-             .T = 6,
-             .shared = 0,
-             .act = PEER_ACT_GELU,
-             .gate = PEER_GATE_SOFTMAX,
-             .norm = PEER_NORM_NONE,
-             .bias = 0,
-             .dtype = PEER_F32,
-             .dup = 0};
-  return c;
+static layer_case base_case(void) {
+  return case_make("d_model=16,n_heads=2,d_key=8,n_subkeys=8,top_k=3,subkey_top_k=4", 6);
 }
 
 static float *param_f32(peer_layer *L, const char *name) {
@@ -93,7 +44,7 @@ static float *param_f32(peer_layer *L, const char *name) {
 
 /* Every head gets head 0's query rows (and bias and norm), so with shared keys
  * all heads keep the same experts. */
-static void copy_head0(peer_layer *L, const tcase *c) {
+static void copy_head0(peer_layer *L, const layer_case *c) {
   const int64_t dk = c->dk, d = c->d;
   float *wq = param_f32(L, "query.weight");
   for (int64_t h = 1; h < c->H; h++)
@@ -208,7 +159,7 @@ static double max_abs(const double *v, int64_t n) {
  * keeps the rounding of its terms).  Returns the fraction of the tolerance
  * the worst entry used (printed with PEER_TEST_VERBOSE). */
 static double check_grad(const char *what, const float *g, const double *ref, int64_t count,
-                         double scale, const tcase *c, uint64_t seed) {
+                         double scale, const layer_case *c, uint64_t seed) {
   double mref = max_abs(ref, count), merr = 0.0;
   const double tol = GRAD_TOL * fmax(mref, scale) + GRAD_ABS;
   for (int64_t i = 0; i < count; i++) {
@@ -236,11 +187,11 @@ static void fd_tensor(rt_params *P, const rt_loss_in *in, double *p, int64_t cou
 }
 
 /* The whole check for one configuration. */
-static void fd_check(const tcase *c, uint64_t seed) {
+static void fd_check(const layer_case *c, uint64_t seed) {
   peer_layer *L = make_layer(c);
   ref_rng r = {seed};
   const int64_t T = c->T, d = c->d, H = c->H, k = c->k, n = c->n, N = n * n, hk = H * k;
-  const int64_t dq = H * c->dk, half = c->dk / 2, G = c->shared ? 1 : H;
+  const int64_t dq = H * c->dk, half = c->dk / 2, G = c->cfg.shared_keys ? 1 : H;
   int64_t *ids = malloc((size_t)(T * hk) * sizeof(int64_t));
   double *q = malloc((size_t)(T * dq) * sizeof(double));
   float *x = NULL, *R = NULL;
@@ -301,7 +252,7 @@ static void fd_check(const tcase *c, uint64_t seed) {
   /* which sub-key rows and expert rows were kept */
   char *key_kept = calloc((size_t)(G * 2 * n), 1), *exp_used = calloc((size_t)N, 1);
   for (int64_t e = 0; e < T * hk; e++) {
-    int64_t h = (e / k) % H, g = c->shared ? 0 : h;
+    int64_t h = (e / k) % H, g = c->cfg.shared_keys ? 0 : h;
     key_kept[(g * 2 + 0) * n + ids[e] / n] = 1;
     key_kept[(g * 2 + 1) * n + ids[e] % n] = 1;
     exp_used[ids[e]] = 1;
@@ -315,11 +266,11 @@ static void fd_check(const tcase *c, uint64_t seed) {
   fd_tensor(&P, &in, P.wq, dq * d, 1, NULL, ref);
   worst = fmax(worst, check_grad("query.weight", b.g.query_weight, ref, dq * d, 0.0, c, seed));
   const double wq_scale = max_abs(ref, dq * d);
-  if (c->bias) {
+  if (c->cfg.query_bias) {
     fd_tensor(&P, &in, P.bq, dq, 1, NULL, ref);
     worst = fmax(worst, check_grad("query.bias", b.g.query_bias, ref, dq, wq_scale, c, seed));
   }
-  if (c->norm == PEER_NORM_BATCHNORM) {
+  if (c->cfg.query_norm == PEER_NORM_BATCHNORM) {
     fd_tensor(&P, &in, P.nw, dq, 1, NULL, ref);
     worst = fmax(worst, check_grad("query.norm.weight", b.g.norm_weight, ref, dq, 0.0, c, seed));
     fd_tensor(&P, &in, P.nb, dq, 1, NULL, ref);
@@ -376,11 +327,10 @@ Test(train_grad, activations) {
   const peer_activation acts[] = {PEER_ACT_RELU, PEER_ACT_GELU, PEER_ACT_GELU_TANH, PEER_ACT_SILU,
                                   PEER_ACT_IDENTITY};
   for (int i = 0; i < 5; i++) {
-    tcase c = base_case();
-    c.act = acts[i];
+    layer_case c = base_case();
+    c.cfg.activation = acts[i];
     fd_check(&c, case_seed(seed, i));
-    c.norm = PEER_NORM_BATCHNORM;
-    c.bias = 1;
+    case_set(&c, "query_norm=batchnorm,query_bias=1");
     fd_check(&c, case_seed(seed, 10 + i));
   }
 }
@@ -389,16 +339,12 @@ Test(train_grad, gates) {
   uint64_t seed = ref_test_seed();
   const peer_gate gates[] = {PEER_GATE_SOFTMAX, PEER_GATE_SIGMOID, PEER_GATE_RELU};
   for (int i = 0; i < 3; i++) {
-    tcase c = base_case();
-    c.gate = gates[i];
+    layer_case c = base_case();
+    c.cfg.gate = gates[i];
     fd_check(&c, case_seed(seed, i));
-    c.norm = PEER_NORM_BATCHNORM;
-    c.act = PEER_ACT_RELU;
+    case_set(&c, "query_norm=batchnorm,activation=relu");
     fd_check(&c, case_seed(seed, 10 + i));
-    c.k = 4;
-    c.kp = 6;
-    c.H = 3;
-    c.shared = 1;
+    case_set(&c, "top_k=4,subkey_top_k=6,n_heads=3,shared_keys=1");
     fd_check(&c, case_seed(seed, 20 + i));
   }
 }
@@ -411,12 +357,13 @@ Test(train_grad, norm_bias_shared) {
   for (int norm = 0; norm < 2; norm++)
     for (int bias = 0; bias < 2; bias++)
       for (int shared = 0; shared < 2; shared++) {
-        tcase c = base_case();
-        c.norm = norm ? PEER_NORM_BATCHNORM : PEER_NORM_NONE;
-        c.bias = bias;
-        c.shared = shared;
+        layer_case c = base_case();
+        c.cfg.query_norm = norm ? PEER_NORM_BATCHNORM : PEER_NORM_NONE;
+        c.cfg.query_bias = bias;
+        c.cfg.shared_keys = shared;
         c.T = 2 + 3 * (i % 5);
-        c.d = 8 + 8 * (i % 3);
+        c.cfg.d_model = 8 + 8 * (i % 3);
+        case_sync(&c);
         fd_check(&c, case_seed(seed, i++));
       }
 }
@@ -424,13 +371,13 @@ Test(train_grad, norm_bias_shared) {
 Test(train_grad, bf16_experts) {
   uint64_t seed = ref_test_seed();
   for (int i = 0; i < 4; i++) {
-    tcase c = base_case();
-    c.dtype = PEER_BF16;
-    c.norm = i & 1 ? PEER_NORM_BATCHNORM : PEER_NORM_NONE;
-    c.shared = i >> 1;
-    c.bias = i >> 1;
-    c.act = i == 2 ? PEER_ACT_SILU : PEER_ACT_GELU;
-    c.gate = i == 3 ? PEER_GATE_SIGMOID : PEER_GATE_SOFTMAX;
+    layer_case c = base_case();
+    case_set(&c, "weight_dtype=bf16");
+    c.cfg.query_norm = i & 1 ? PEER_NORM_BATCHNORM : PEER_NORM_NONE;
+    c.cfg.shared_keys = i >> 1;
+    c.cfg.query_bias = i >> 1;
+    c.cfg.activation = i == 2 ? PEER_ACT_SILU : PEER_ACT_GELU;
+    c.cfg.gate = i == 3 ? PEER_GATE_SIGMOID : PEER_GATE_SOFTMAX;
     fd_check(&c, case_seed(seed, i));
   }
 }
@@ -438,22 +385,23 @@ Test(train_grad, bf16_experts) {
 /* k' > k, k = 1, k = k' = n, a single head, a wide model. */
 Test(train_grad, top_k_shapes) {
   uint64_t seed = ref_test_seed();
-  tcase c = base_case();
-  c.k = 2, c.kp = 6;
+  layer_case c = base_case();
+  case_set(&c, "top_k=2,subkey_top_k=6");
   fd_check(&c, case_seed(seed, 0));
-  c.norm = PEER_NORM_BATCHNORM;
+  case_set(&c, "query_norm=batchnorm");
   fd_check(&c, case_seed(seed, 1));
   c = base_case();
-  c.k = 1, c.kp = 1, c.gate = PEER_GATE_SIGMOID; /* softmax of one score is constant */
+  case_set(&c, "top_k=1,subkey_top_k=1,gate=sigmoid"); /* softmax of one score is constant */
   fd_check(&c, case_seed(seed, 2));
-  c.k = 1, c.kp = 3, c.gate = PEER_GATE_SOFTMAX, c.norm = PEER_NORM_BATCHNORM;
+  case_set(&c, "top_k=1,subkey_top_k=3,gate=softmax,query_norm=batchnorm");
   fd_check(&c, case_seed(seed, 3));
   c = base_case();
-  c.n = 4, c.k = 4, c.kp = 4, c.H = 4;
+  case_set(&c, "n_subkeys=4,top_k=4,subkey_top_k=4,n_heads=4");
   fd_check(&c, case_seed(seed, 4));
   c = base_case();
-  c.H = 1, c.d = 32, c.dk = 16, c.n = 16, c.k = 4, c.kp = 5, c.T = 16, c.bias = 1;
-  c.norm = PEER_NORM_BATCHNORM;
+  c.T = 16;
+  case_set(&c, "n_heads=1,d_model=32,d_key=16,n_subkeys=16,top_k=4,subkey_top_k=5,query_bias=1,"
+               "query_norm=batchnorm");
   fd_check(&c, case_seed(seed, 5));
 }
 
@@ -463,16 +411,16 @@ Test(train_grad, top_k_shapes) {
 Test(train_grad, duplicated_experts) {
   uint64_t seed = ref_test_seed();
   for (int i = 0; i < 6; i++) {
-    tcase c = base_case();
-    c.shared = 1;
+    layer_case c = base_case();
+    case_set(&c, "shared_keys=1");
     c.dup = 1;
-    c.H = 3;
+    case_set(&c, "n_heads=3");
     c.T = 8;
-    c.n = 6;
-    c.norm = i & 1 ? PEER_NORM_BATCHNORM : PEER_NORM_NONE;
-    c.bias = (i >> 1) & 1;
-    c.dtype = i >= 4 ? PEER_BF16 : PEER_F32;
-    c.gate = i == 5 ? PEER_GATE_RELU : PEER_GATE_SOFTMAX;
+    case_set(&c, "n_subkeys=6");
+    c.cfg.query_norm = i & 1 ? PEER_NORM_BATCHNORM : PEER_NORM_NONE;
+    c.cfg.query_bias = (i >> 1) & 1;
+    c.cfg.weight_dtype = i >= 4 ? PEER_BF16 : PEER_F32;
+    c.cfg.gate = i == 5 ? PEER_GATE_RELU : PEER_GATE_SOFTMAX;
     fd_check(&c, case_seed(seed, i));
   }
 }
@@ -481,13 +429,13 @@ Test(train_grad, duplicated_experts) {
 
 /* A layer filled at random with a batch x (repeated rows) and dy. */
 typedef struct setup {
-  tcase c;
+  layer_case c;
   uint64_t seed;
   peer_layer *L;
   float *x, *dy;
 } setup;
 
-static setup make_setup(const tcase *c, uint64_t seed) {
+static setup make_setup(const layer_case *c, uint64_t seed) {
   setup s = {*c, seed, make_layer(c), NULL, NULL};
   ref_rng r = {seed};
   ref_fill_layer(s.L, &r);
@@ -527,16 +475,18 @@ static void train_step(setup *s, gbufs *b, float **y, float **dx) {
   peer_context_free(ctx);
 }
 
-static tcase big_case(void) {
-  tcase c = base_case();
-  c.d = 24, c.H = 4, c.dk = 8, c.n = 12, c.k = 4, c.kp = 6, c.T = 67, c.dup = 1;
+static layer_case big_case(void) {
+  layer_case c = base_case();
+  c.T = 67;
+  c.dup = 1;
+  case_set(&c, "d_model=24,n_heads=4,d_key=8,n_subkeys=12,top_k=4,subkey_top_k=6");
   return c;
 }
 
 /* Sparse format: rows ascending, distinct, exactly the used ids, equal to
  * the dense-mode rows; dense format adds into the caller's buffers and
  * leaves other rows alone. */
-static void sparse_vs_dense(const tcase *c, uint64_t seed) {
+static void sparse_vs_dense(const layer_case *c, uint64_t seed) {
   setup s = make_setup(c, seed);
   const int64_t T = c->T, d = c->d, N = c->n * c->n, hk = c->H * c->k;
   int64_t *ids = retrieve_ids(&s);
@@ -615,26 +565,29 @@ static void sparse_vs_dense(const tcase *c, uint64_t seed) {
 
 Test(train_format, sparse_and_dense_experts) {
   uint64_t seed = ref_test_seed();
-  tcase c = big_case();
+  layer_case c = big_case();
   sparse_vs_dense(&c, case_seed(seed, 0));
-  c.dtype = PEER_BF16, c.shared = 1, c.n = 5, c.k = 3, c.kp = 3; /* N = 25: many repeats */
+  /* N = 25: many repeats */
+  case_set(&c, "weight_dtype=bf16,shared_keys=1,n_subkeys=5,top_k=3,subkey_top_k=3");
   sparse_vs_dense(&c, case_seed(seed, 1));
   /* N = 90000: ids need three radix passes, sub-keys two */
   c = big_case();
-  c.n = 300, c.d = 8, c.dup = 0;
+  c.dup = 0;
+  case_set(&c, "n_subkeys=300,d_model=8");
   sparse_vs_dense(&c, case_seed(seed, 2));
-  c.n = 20, c.dup = 1, c.act = PEER_ACT_RELU, c.gate = PEER_GATE_RELU;
+  c.dup = 1;
+  case_set(&c, "n_subkeys=20,activation=relu,gate=relu");
   sparse_vs_dense(&c, case_seed(seed, 3));
 }
 
 /* Sub-key rows never kept get exactly 0, whatever the buffer held. */
-static void keys_zero(const tcase *c, uint64_t seed) {
+static void keys_zero(const layer_case *c, uint64_t seed) {
   setup s = make_setup(c, seed);
-  const int64_t n = c->n, H = c->H, k = c->k, half = c->dk / 2, G = c->shared ? 1 : H;
+  const int64_t n = c->n, H = c->H, k = c->k, half = c->dk / 2, G = c->cfg.shared_keys ? 1 : H;
   int64_t *ids = retrieve_ids(&s);
   char *kept = calloc((size_t)(G * 2 * n), 1);
   for (int64_t e = 0; e < c->T * H * k; e++) {
-    int64_t g = c->shared ? 0 : (e / k) % H;
+    int64_t g = c->cfg.shared_keys ? 0 : (e / k) % H;
     kept[(g * 2 + 0) * n + ids[e] / n] = 1;
     kept[(g * 2 + 1) * n + ids[e] % n] = 1;
   }
@@ -667,20 +620,21 @@ static void keys_zero(const tcase *c, uint64_t seed) {
 
 Test(train_format, keys_never_kept_are_zero) {
   uint64_t seed = ref_test_seed();
-  tcase c = base_case();
-  c.n = 64, c.T = 5, c.k = 2, c.kp = 3;
+  layer_case c = base_case();
+  c.T = 5;
+  case_set(&c, "n_subkeys=64,top_k=2,subkey_top_k=3");
   keys_zero(&c, case_seed(seed, 0));
-  c.shared = 1, c.H = 4;
+  case_set(&c, "shared_keys=1,n_heads=4");
   keys_zero(&c, case_seed(seed, 1));
 }
 
 /* ------------------------------------------------------- determinism */
 
-static void same_bits(const tcase *c, uint64_t seed) {
+static void same_bits(const layer_case *c, uint64_t seed) {
   setup s = make_setup(c, seed);
   const int64_t T = c->T, d = c->d, dq = c->H * c->dk;
   float *rm = NULL, *rv = NULL, *rm0 = NULL, *rv0 = NULL;
-  if (c->norm == PEER_NORM_BATCHNORM) {
+  if (c->cfg.query_norm == PEER_NORM_BATCHNORM) {
     rm = param_f32(s.L, "query.norm.running_mean");
     rv = param_f32(s.L, "query.norm.running_var");
     rm0 = malloc((size_t)dq * sizeof(float));
@@ -751,14 +705,15 @@ static void same_bits(const tcase *c, uint64_t seed) {
 
 Test(train_determinism, same_bits_any_thread_count) {
   uint64_t seed = ref_test_seed();
-  tcase c = big_case();
-  c.norm = PEER_NORM_BATCHNORM, c.bias = 1;
+  layer_case c = big_case();
+  case_set(&c, "query_norm=batchnorm,query_bias=1");
   same_bits(&c, case_seed(seed, 0));
   c = big_case();
-  c.shared = 1, c.dtype = PEER_BF16, c.act = PEER_ACT_RELU, c.gate = PEER_GATE_SIGMOID;
+  case_set(&c, "shared_keys=1,weight_dtype=bf16,activation=relu,gate=sigmoid");
   same_bits(&c, case_seed(seed, 1));
   c = big_case();
-  c.T = 200, c.d = 40, c.n = 40, c.dk = 16, c.norm = PEER_NORM_BATCHNORM;
+  c.T = 200;
+  case_set(&c, "d_model=40,n_subkeys=40,d_key=16,query_norm=batchnorm");
   same_bits(&c, case_seed(seed, 2));
 }
 
@@ -766,7 +721,7 @@ Test(train_determinism, same_bits_any_thread_count) {
 
 /* Expect running = (1 - m) old + m batch (unbiased variance) in double. */
 static void check_running(setup *s, const float *old_m, const float *old_v, double mo) {
-  const tcase *c = &s->c;
+  const layer_case *c = &s->c;
   const int64_t T = c->T, dq = c->H * c->dk;
   rt_params P;
   rt_params_load(&P, s->L);
@@ -813,8 +768,9 @@ static void train_and_check_running(setup *s, peer_context *ctx, float *y, doubl
 
 Test(train_norm, running_statistics) {
   uint64_t seed = ref_test_seed();
-  tcase c = base_case();
-  c.norm = PEER_NORM_BATCHNORM, c.bias = 1, c.T = 9;
+  layer_case c = base_case();
+  c.T = 9;
+  case_set(&c, "query_norm=batchnorm,query_bias=1");
   setup s = make_setup(&c, seed);
   peer_context *ctx = NULL;
   cr_assert_eq(peer_context_create(&ctx, s.L, c.T), PEER_OK);
@@ -845,8 +801,9 @@ Test(train_norm, running_statistics) {
  * statistics: it matches reference.h's inference forward. */
 Test(train_norm, inference_uses_running_statistics) {
   uint64_t seed = ref_test_seed();
-  tcase c = base_case();
-  c.norm = PEER_NORM_BATCHNORM, c.T = 12, c.bias = 1;
+  layer_case c = base_case();
+  c.T = 12;
+  case_set(&c, "query_norm=batchnorm,query_bias=1");
   setup s = make_setup(&c, seed);
   const int64_t T = c.T, d = c.d, H = c.H, k = c.k;
   peer_context *ctx = NULL;
@@ -907,7 +864,7 @@ typedef struct rig {
   gbufs b;
 } rig;
 
-static rig make_rig(const tcase *c, uint64_t seed) {
+static rig make_rig(const layer_case *c, uint64_t seed) {
   rig g;
   g.s = make_setup(c, seed);
   cr_assert_eq(peer_context_create(&g.ctx, g.s.L, c->T), PEER_OK);
@@ -925,14 +882,15 @@ static void free_rig(rig *g) {
   free_setup(&g->s);
 }
 
-static tcase small_case(void) {
-  tcase c = base_case();
-  c.norm = PEER_NORM_BATCHNORM, c.bias = 1, c.T = 5;
+static layer_case small_case(void) {
+  layer_case c = base_case();
+  c.T = 5;
+  case_set(&c, "query_norm=batchnorm,query_bias=1");
   return c;
 }
 
 Test(train_errors, backward_needs_one_forward_train) {
-  tcase c = small_case();
+  layer_case c = small_case();
   rig g = make_rig(&c, ref_test_seed());
   cr_expect_eq(peer_backward(g.s.L, g.ctx, g.s.dy, g.dx, &g.b.g), PEER_ERR_STATE,
                "backward before forward_train");
@@ -947,7 +905,7 @@ Test(train_errors, backward_needs_one_forward_train) {
 }
 
 Test(train_errors, context_of_another_layer) {
-  tcase c = small_case();
+  layer_case c = small_case();
   uint64_t seed = ref_test_seed();
   rig g = make_rig(&c, seed);
   setup other = make_setup(&c, seed + 1);
@@ -967,7 +925,7 @@ Test(train_errors, context_of_another_layer) {
 }
 
 Test(train_errors, token_counts) {
-  tcase c = small_case();
+  layer_case c = small_case();
   rig g = make_rig(&c, ref_test_seed());
   float *x = malloc((size_t)((c.T + 1) * c.d) * sizeof(float)),
         *y = malloc((size_t)((c.T + 1) * c.d) * sizeof(float));
@@ -983,8 +941,8 @@ Test(train_errors, token_counts) {
                "T = 1 with batch norm");
   cr_expect_eq(peer_backward(g.s.L, g.ctx, g.s.dy, g.dx, &g.b.g), PEER_ERR_STATE);
   /* without batch norm one token is fine */
-  tcase c1 = c;
-  c1.norm = PEER_NORM_NONE;
+  layer_case c1 = c;
+  case_set(&c1, "query_norm=none");
   rig g1 = make_rig(&c1, ref_test_seed());
   cr_expect_eq(peer_forward_train(g1.s.L, g1.ctx, 1, g1.s.x, g1.y), PEER_OK, "%s",
                peer_last_error());
@@ -997,7 +955,7 @@ Test(train_errors, token_counts) {
 }
 
 Test(train_errors, expert_capacity) {
-  tcase c = small_case();
+  layer_case c = small_case();
   rig g = make_rig(&c, ref_test_seed());
   cr_assert_eq(peer_forward_train(g.s.L, g.ctx, c.T, g.s.x, g.y), PEER_OK);
   g.b.g.expert_capacity = c.T * c.H * c.k - 1;
@@ -1018,7 +976,7 @@ Test(train_errors, expert_capacity) {
 }
 
 Test(train_errors, nonfinite) {
-  tcase c = small_case();
+  layer_case c = small_case();
   rig g = make_rig(&c, ref_test_seed());
   float *dy = malloc((size_t)(c.T * c.d) * sizeof(float));
   const float bad[] = {NAN, INFINITY, -INFINITY};
@@ -1063,8 +1021,8 @@ Test(train_errors, nonfinite) {
 }
 
 Test(train_errors, grads_the_layer_lacks) {
-  tcase c = base_case();
-  c.bias = 0, c.norm = PEER_NORM_NONE;
+  layer_case c = base_case();
+  case_set(&c, "query_bias=0,query_norm=none");
   rig g = make_rig(&c, ref_test_seed());
   float *extra = calloc((size_t)(c.H * c.dk), sizeof(float));
   cr_assert_eq(peer_forward_train(g.s.L, g.ctx, c.T, g.s.x, g.y), PEER_OK);
@@ -1084,7 +1042,7 @@ Test(train_errors, grads_the_layer_lacks) {
 /* Only some outputs asked for: the others are skipped, the asked ones equal a
  * full call's. */
 Test(train_errors, optional_outputs) {
-  tcase c = small_case();
+  layer_case c = small_case();
   rig g = make_rig(&c, ref_test_seed());
   const int64_t n = c.T * c.d;
   cr_assert_eq(peer_forward_train(g.s.L, g.ctx, c.T, g.s.x, g.y), PEER_OK);
@@ -1106,7 +1064,7 @@ Test(train_errors, optional_outputs) {
 }
 
 Test(train_errors, empty_batch) {
-  tcase c = small_case();
+  layer_case c = small_case();
   rig g = make_rig(&c, ref_test_seed());
   g.b.g.n_expert_rows = 99;
   cr_expect_eq(peer_forward_train(g.s.L, g.ctx, 0, NULL, NULL), PEER_OK, "%s", peer_last_error());
@@ -1119,7 +1077,7 @@ Test(train_errors, empty_batch) {
 /* The header says dense gradients are overwritten: for an empty batch the
  * gradient is zero, so stale buffer contents must not survive. */
 Test(train_errors, empty_batch_overwrites_dense_grads) {
-  tcase c = small_case();
+  layer_case c = small_case();
   rig g = make_rig(&c, ref_test_seed());
   gbufs b;
   gbufs_init(&b, g.s.L, c.T, 0, 7.0f);
@@ -1139,7 +1097,7 @@ Test(train_errors, empty_batch_overwrites_dense_grads) {
 }
 
 Test(train_errors, context_size) {
-  tcase c = small_case();
+  layer_case c = small_case();
   setup s = make_setup(&c, ref_test_seed());
   size_t s1 = 0, s100 = 0, s1000 = 0;
   cr_assert_eq(peer_context_size(s.L, 1, &s1), PEER_OK);
