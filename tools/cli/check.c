@@ -2,11 +2,9 @@
  * random tokens for a weight file. */
 #include "cli.h"
 
-#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 static const char usage_check[] =
     "usage: peer check W.safetensors [--tokens T] [--seed S] [--threads N]\n"

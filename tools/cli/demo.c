@@ -2,7 +2,6 @@
  * in memory, timed, and checked against brute force. */
 #include "cli.h"
 
-#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -2,11 +2,9 @@
  * (and the kept experts and their gates). */
 #include "cli.h"
 
-#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 static const char usage_forward[] =
     "usage: peer forward --weights W.safetensors --input X.safetensors\n"

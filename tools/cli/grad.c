@@ -2,7 +2,6 @@
  * files, writing dx and every parameter's gradient. */
 #include "cli.h"
 
-#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -2,7 +2,6 @@
  * cost per token) from its header alone. */
 #include "cli.h"
 
-#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>

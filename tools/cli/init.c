@@ -2,11 +2,9 @@
  * seed and save it. */
 #include "cli.h"
 
-#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 static const char usage_init[] =
     "usage: peer init [--config K=V,...] [--seed S] --out W.safetensors [--threads N]\n"
