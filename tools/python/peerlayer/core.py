@@ -5,9 +5,18 @@ and of the right dtype (float32 activations); anything else is converted
 once.  Parameters are numpy views of the layer's own memory: writing into them
 changes the layer.  Every failing call raises PeerError with the library's
 message (peer_last_error) and status.
+
+Threads: a Layer may be shared between threads.  Calls on one layer (and on
+its contexts, gradients and optimizer) are serialised by a per-layer lock;
+ctypes releases the GIL, so different layers run in parallel.  Lifetimes:
+after Layer.close(), calls on the layer, its contexts and its optimizers
+raise ValueError; numpy views of its parameters keep its memory alive (the C
+layer is freed when the last of them goes).  Gradients, contexts and
+optimizers are checked to belong to the layer they are used with.
 """
 
 import ctypes
+import threading
 
 import numpy as np
 
@@ -74,6 +83,14 @@ def _output(a, dtype, shape, name):
     return a
 
 
+def _disjoint(a, b, a_name, b_name):
+    """Refuse an output that overlaps an input (in place, y = x): the library
+    would read what it has already written."""
+    if a is not None and b is not None and np.may_share_memory(a, b):
+        raise ValueError(f"{a_name} overlaps {b_name}: in-place use is not supported; "
+                         "pass a separate array")
+
+
 class _View:
     """Exposes foreign memory to numpy and keeps its owner alive as long as any
     array over it exists."""
@@ -82,6 +99,17 @@ class _View:
         self.__array_interface__ = {"data": (ptr, False), "shape": tuple(shape),
                                     "typestr": np.dtype(dtype).str, "version": 3}
         self._owner = owner
+
+
+def _item(key, value):
+    """One "key=value" config item; a key or value holding ',' or '=' would
+    set other keys, so it is refused."""
+    text = str(value)
+    for part, what in ((str(key), "key"), (text, "value")):
+        if "," in part or "=" in part:
+            raise ValueError(f"config {what} {part!r} (for {key}): ',' and '=' are not allowed "
+                             f"in a {what} (they would set other keys)")
+    return f"{key}={text}"
 
 
 def _config_struct(config=None, **overrides):
@@ -99,7 +127,7 @@ def _config_struct(config=None, **overrides):
     for key, value in overrides.items():
         if isinstance(value, bool):
             value = int(value)
-        items.append(f"{key}={value}")
+        items.append(_item(key, value))
     text = ",".join(i for i in items if i)
     if text:
         check(lib.peer_config_parse(ctypes.byref(cfg), text.encode()))
@@ -123,6 +151,19 @@ def _options(backend, threads, device):
     lib.peer_options_default(ctypes.byref(opt))
     opt.backend, opt.n_threads, opt.device = BACKENDS[backend], int(threads), int(device)
     return opt
+
+
+class _Handle:
+    """Owns a C layer and frees it when the last of its users lets go: the
+    Layer until close(), and every numpy view of a parameter."""
+
+    def __init__(self, h):
+        self.h = h
+
+    def __del__(self):
+        if getattr(self, "h", None):
+            lib.peer_layer_free(self.h)
+            self.h = None
 
 
 class Layer:
@@ -170,13 +211,15 @@ class Layer:
     def save_pytorch(self, path):
         """Write the layer as a PEER-pytorch state dict (peer_layer_save_pytorch);
         returns the PEER(...) call of PEER-pytorch that loads it."""
-        check(lib.peer_layer_save_pytorch(self.handle, str(path).encode()))
+        self._call(lib.peer_layer_save_pytorch, str(path).encode())
         buf = ctypes.create_string_buffer(512)
         check(lib.peer_config_pytorch_args(lib.peer_layer_config(self.handle), buf, len(buf)))
         return buf.value.decode()
 
     def _adopt(self, handle, backend):
         self._h = handle
+        self._owner = _Handle(handle)
+        self._lock = threading.Lock()  # one call at a time on this layer
         self.backend = backend
         c = lib.peer_layer_config(handle).contents
         self.config = _config_dict(c)
@@ -190,16 +233,26 @@ class Layer:
         self.params = {}
         if backend == "cpu":
             for name, (ptr, shape, dt) in self.tensors.items():
-                self.params[name] = np.asarray(_View(ptr, shape, dt, self))
+                self.params[name] = np.asarray(_View(ptr, shape, dt, self._owner))
 
     def close(self):
-        """Free the C layer now.  Views in `params` must not be used after."""
-        if getattr(self, "_h", None):
-            lib.peer_layer_free(self._h)
+        """Release the C layer: it is freed now, or when the last numpy view
+        of one of its parameters goes.  Calls on the layer, its contexts and
+        its optimizers raise ValueError after."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:  # waits for a call in progress on another thread
             self._h = None
+            self.params = {}
+            self._owner = None
 
     def __del__(self):
         self.close()
+
+    @property
+    def closed(self):
+        return not getattr(self, "_h", None)
 
     @property
     def handle(self):
@@ -207,13 +260,22 @@ class Layer:
             raise ValueError("layer is closed")
         return self._h
 
+    def _call(self, fn, *args):
+        """fn(handle, *args) under the layer's lock, checked."""
+        with self._lock:
+            check(fn(self.handle, *args))
+
+    def _owns(self, obj, what):
+        if getattr(obj, "layer", None) is not self:
+            raise ValueError(f"{what} belongs to another layer (made by a different Layer object)")
+
     def __repr__(self):
         text = ",".join(f"{k}={v}" for k, v in self.config.items())
         return f"peerlayer.Layer({text!r}, backend={self.backend!r})"
 
     # -- parameters, files
     def init(self, seed):
-        check(lib.peer_layer_init(self.handle, ctypes.c_uint64(int(seed))))
+        self._call(lib.peer_layer_init, ctypes.c_uint64(int(seed)))
 
     @property
     def threads(self):
@@ -221,10 +283,10 @@ class Layer:
 
     @threads.setter
     def threads(self, n):
-        check(lib.peer_layer_set_threads(self.handle, int(n)))
+        self._call(lib.peer_layer_set_threads, int(n))
 
     def set_norm_momentum(self, momentum):
-        check(lib.peer_layer_set_norm_momentum(self.handle, float(momentum)))
+        self._call(lib.peer_layer_set_norm_momentum, float(momentum))
 
     @property
     def n_parameters(self):
@@ -235,7 +297,7 @@ class Layer:
         return lib.peer_layer_n_active_parameters(self.handle)
 
     def save(self, path):
-        check(lib.peer_layer_save(self.handle, str(path).encode()))
+        self._call(lib.peer_layer_save, str(path).encode())
 
     # -- inference
     def _x(self, x):
@@ -254,9 +316,10 @@ class Layer:
         (y, indices, gates) when either was asked for."""
         x = self._x(x)
         y = _output(out, np.float32, x.shape, "out")
+        _disjoint(x, y, "out", "x")
         ids = self._opt_out(indices, np.int64, x, "indices")
         g = self._opt_out(gates, np.float32, x, "gates")
-        check(lib.peer_forward(self.handle, x.shape[0], _ptr(x), _ptr(y), _ptr(ids), _ptr(g)))
+        self._call(lib.peer_forward, x.shape[0], _ptr(x), _ptr(y), _ptr(ids), _ptr(g))
         if indices is False and gates is False:
             return y
         return y, ids, g
@@ -274,7 +337,7 @@ class Layer:
         scores = np.empty(self._thk(x), np.float32)
         g = np.empty(self._thk(x), np.float32)
         fn = lib.peer_retrieve_brute if brute else lib.peer_retrieve
-        check(fn(self.handle, x.shape[0], _ptr(x), _ptr(ids), _ptr(scores), _ptr(g)))
+        self._call(fn, x.shape[0], _ptr(x), _ptr(ids), _ptr(scores), _ptr(g))
         return ids, scores, g
 
     # -- training
@@ -288,9 +351,11 @@ class Layer:
         """Training forward (batch norm on batch statistics, running statistics
         updated); ctx keeps what backward needs, including a reference to x,
         which must not change until backward."""
+        self._owns(ctx, "forward_train: the context")
         x = self._x(x)
         y = _output(out, np.float32, x.shape, "out")
-        check(lib.peer_forward_train(self.handle, ctx.handle, x.shape[0], _ptr(x), _ptr(y)))
+        _disjoint(x, y, "out", "x")
+        self._call(lib.peer_forward_train, ctx.handle, x.shape[0], _ptr(x), _ptr(y))
         ctx.x = x
         return y
 
@@ -298,14 +363,20 @@ class Layer:
         """Backward of the last forward_train on ctx.  dy [T, d].  grads: a
         Grads to overwrite (one is made when None).  dx: True for a new array,
         an array to fill, or False to skip.  Returns (dx, grads)."""
+        self._owns(ctx, "backward: the context")
+        if grads is not None:
+            self._owns(grads, "backward: the gradients")
         if ctx.x is None:
             raise ValueError("backward: ctx holds no forward_train")
         dy = _input(dy, np.float32, ctx.x.shape, "dy")
         dxa = None if dx is False else _output(None if dx is True else dx, np.float32,
                                                dy.shape, "dx")
+        if dxa is not None:
+            _disjoint(dy, dxa, "dx", "dy")
+            _disjoint(ctx.x, dxa, "dx", "the x of forward_train")
         if grads is None:
             grads = Grads(self, ctx.max_tokens)
-        check(lib.peer_backward(self.handle, ctx.handle, _ptr(dy), _ptr(dxa), ctypes.byref(grads._s)))
+        self._call(lib.peer_backward, ctx.handle, _ptr(dy), _ptr(dxa), ctypes.byref(grads._s))
         grads.n_expert_rows = int(grads._s.n_expert_rows)
         return dxa, grads
 
@@ -315,15 +386,18 @@ class Context:
     up to max_tokens tokens."""
 
     def __init__(self, layer, max_tokens):
-        self.layer = layer  # the layer outlives its contexts
+        self.layer = layer
         self.max_tokens = int(max_tokens)
         self.x = None
         h = ctypes.c_void_p()
-        check(lib.peer_context_create(ctypes.byref(h), layer.handle, self.max_tokens))
+        with layer._lock:
+            check(lib.peer_context_create(ctypes.byref(h), layer.handle, self.max_tokens))
         self._h = h
 
     @property
     def handle(self):
+        if self.layer.closed:
+            raise ValueError("context: its layer is closed")
         return self._h
 
     def __del__(self):
@@ -342,6 +416,7 @@ class Grads:
     are [N, d] arrays that backward ADDS into (zero them yourself, zero_experts)."""
 
     def __init__(self, layer, max_tokens, *, experts_dense=False):
+        self.layer = layer  # the buffers are shaped for this layer only
         c = layer.config
         t = layer.tensors
         s = _lib.peer_grads()
@@ -402,30 +477,46 @@ class Optimizer:
 
     def __init__(self, layer, *, kind="adam", expert_kind="adam", **hyper):
         cfg = lib.peer_optim_config_default()
+        for name, value in (("kind", kind), ("expert_kind", expert_kind)):
+            if value not in OPTIM_KINDS:
+                raise ValueError(f"Optimizer: {name} {value!r} is not one of "
+                                 f"{', '.join(repr(k) for k in OPTIM_KINDS)}")
         cfg.kind, cfg.expert_kind = OPTIM_KINDS[kind], OPTIM_KINDS[expert_kind]
         for key, value in hyper.items():
             if key not in ("lr", "momentum", "beta1", "beta2", "eps", "weight_decay", "expert_lr"):
                 raise TypeError(f"Optimizer: unknown hyperparameter {key!r}")
             setattr(cfg, key, float(value))
         h = ctypes.c_void_p()
-        check(lib.peer_optimizer_create(ctypes.byref(h), layer.handle, ctypes.byref(cfg)))
+        with layer._lock:
+            check(lib.peer_optimizer_create(ctypes.byref(h), layer.handle, ctypes.byref(cfg)))
         self.layer, self._h = layer, h
 
+    def _locked(self, fn, *args):
+        """fn(*args) under the layer's lock, checked; refused once the layer
+        is closed (the C optimizer points into it)."""
+        if self.layer.closed:
+            raise ValueError("optimizer: its layer is closed")
+        with self.layer._lock:
+            if self.layer.closed:
+                raise ValueError("optimizer: its layer is closed")
+            check(fn(*args))
+
     def step(self, grads):
-        check(lib.peer_optimizer_step(self._h, ctypes.byref(grads._s)))
+        self.layer._owns(grads, "Optimizer.step: the gradients")
+        self._locked(lib.peer_optimizer_step, self._h, ctypes.byref(grads._s))
 
     def set_lr(self, lr, expert_lr=0.0):
-        check(lib.peer_optimizer_set_lr(self._h, float(lr), float(expert_lr)))
+        self._locked(lib.peer_optimizer_set_lr, self._h, float(lr), float(expert_lr))
 
     @property
     def step_count(self):
         return lib.peer_optimizer_step_count(self._h)
 
     def save_checkpoint(self, path):
-        check(lib.peer_checkpoint_save(self.layer.handle, self._h, str(path).encode()))
+        self._locked(lib.peer_checkpoint_save, self.layer.handle, self._h, str(path).encode())
 
     def load_checkpoint(self, path):
-        check(lib.peer_checkpoint_load(self.layer.handle, self._h, str(path).encode()))
+        self._locked(lib.peer_checkpoint_load, self.layer.handle, self._h, str(path).encode())
 
     def __del__(self):
         if getattr(self, "_h", None):
@@ -436,6 +527,10 @@ class Optimizer:
 def usage_metrics(z):
     """(usage, unevenness) of accumulated gate mass z [N] float64 (PEER.md)."""
     z = _input(z, np.float64, None, "z")
+    if z.ndim != 1 or z.size == 0:
+        raise ValueError(f"usage_metrics: z has shape {z.shape}; it needs one gate-mass entry "
+                         "per expert, shape [N] with N = n_subkeys**2 (accumulate it with "
+                         "the gates of retrievals)")
     u, e = ctypes.c_double(), ctypes.c_double()
     check(lib.peer_usage_metrics(_ptr(z), z.size, ctypes.byref(u), ctypes.byref(e)))
     return u.value, e.value
@@ -451,7 +546,7 @@ def _settings_struct(config=None, **overrides):
         overrides = {**config, **overrides}
     elif config is not None and not isinstance(config, str):
         raise TypeError("config: a 'key=value,...' string, a dict, or None")
-    items += [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in overrides.items()]
+    items += [_item(k, int(v) if isinstance(v, bool) else v) for k, v in overrides.items()]
     text = ",".join(i for i in items if i)
     if text:
         check(lib.peer_config_parse(ctypes.byref(cfg), text.encode()))
