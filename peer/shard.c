@@ -44,8 +44,7 @@ void peer_shard_interleave(const peer_shard *S, int64_t T, const float *parts, f
 
 peer_status peer_shard_gather_rows(const peer_shard *S, int64_t T, const float *mine, float *all,
                                    float *out, const char *what) {
-  peer_status st =
-      peer_shard_allgather(S, mine, all, (size_t)(T * S->cols) * sizeof(float), what);
+  peer_status st = peer_shard_allgather(S, mine, all, (size_t)(T * S->cols) * sizeof(float), what);
   if (!st) peer_shard_interleave(S, T, all, out);
   return st;
 }
@@ -64,8 +63,8 @@ static peer_status check_comm(const peer_comm *c) {
     return peer_fail(PEER_ERR_INVALID_ARGUMENT,
                      "shard_create: the communicator lacks allreduce_sum or allgather");
   if (c->world < 1 || c->rank < 0 || c->rank >= c->world)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                     "shard_create: rank %d is not in [0, world %d)", c->rank, c->world);
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_create: rank %d is not in [0, world %d)",
+                     c->rank, c->world);
   return PEER_OK;
 }
 
@@ -120,8 +119,10 @@ peer_status peer_shard_create(peer_shard **out, const peer_config *cfg, const pe
   mine->rank = comm->rank;
   mine->world = comm->world;
   mine->status = (int32_t)local_checks(cfg, opt, comm);
-  if (mine->status) snprintf(mine->message, sizeof mine->message, "%s", peer_last_error());
-  else peer_config_format(cfg, mine->config, sizeof mine->config);
+  if (mine->status)
+    snprintf(mine->message, sizeof mine->message, "%s", peer_last_error());
+  else
+    peer_config_format(cfg, mine->config, sizeof mine->config);
   st = agree(comm, mine, rec);
   free(rec);
   if (st) return st;
@@ -237,8 +238,10 @@ void peer_shard_combine(const peer_shard *S, int slot, int64_t T, const int64_t 
     memset(ot, 0, (size_t)c * sizeof(float));
     for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
       const char *v = table + (size_t)ids[e] * row_bytes;
-      if (bf16) axpy_row_bf16(coef[e], (const uint16_t *)v, ot, c);
-      else axpy_row_f32(coef[e], (const float *)v, ot, c);
+      if (bf16)
+        axpy_row_bf16(coef[e], (const uint16_t *)v, ot, c);
+      else
+        axpy_row_f32(coef[e], (const float *)v, ot, c);
     }
     if (bf16) {
       unsplit_pairs(ot, c);
@@ -255,8 +258,8 @@ peer_status peer_shard_retrieve(peer_shard *S, int64_t T, const float *x, int64_
   return peer_retrieve(S->L, T, x, indices, scores, gates);
 }
 
-peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *y,
-                               int64_t *indices, float *gates) {
+peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *y, int64_t *indices,
+                               float *gates) {
   if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward: NULL shard");
   if (T > 0 && !y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward: y is NULL");
   if (T <= 0) return peer_retrieve(S->L, T, x, indices, NULL, gates);
@@ -281,7 +284,8 @@ peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *
   peer_shard_partial_dots(S, PEER_P_EXPERTS_DOWN, T, x, ids, z, (char *)split, sb, P);
   if ((st = peer_shard_allreduce(S, z, (int64_t)thk, "shard_forward"))) return st;
   const int act = (int)L->cfg.activation;
-  for (size_t e = 0; e < thk; e++) coef[e] = g[e] * peer_activate(act, z[e]);
+  for (size_t e = 0; e < thk; e++)
+    coef[e] = g[e] * peer_activate(act, z[e]);
   peer_shard_combine(S, PEER_P_EXPERTS_UP, T, ids, coef, mine, (char *)split, sb, P);
   if ((st = peer_shard_gather_rows(S, T, mine, all, y, "shard_forward"))) return st;
   if (indices) memcpy(indices, ids, thk * sizeof *ids);

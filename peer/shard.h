@@ -22,8 +22,7 @@ struct peer_shard {
 #define PEER_SHARD_META_COLS PEER_META_PREFIX "shard.cols"
 
 /* Transport calls with the failure turned into PEER_ERR_IO naming `what`. */
-peer_status peer_shard_allreduce(const peer_shard *S, float *data, int64_t count,
-                                 const char *what);
+peer_status peer_shard_allreduce(const peer_shard *S, float *data, int64_t count, const char *what);
 peer_status peer_shard_allgather(const peer_shard *S, const void *send, void *recv, size_t bytes,
                                  const char *what);
 /* Gather every rank's [T, cols] rows `mine` (through `all`, [world, T, cols])
@@ -43,8 +42,7 @@ size_t peer_shard_split_bytes(const peer_shard *S);
  * experts.up slot) for the T*H*k entries (this rank's
  * part of each dot). */
 void peer_shard_partial_dots(const peer_shard *S, int slot, int64_t T, const float *x,
-                             const int64_t *ids,
-                             float *z, char *scratch, size_t stride, int P);
+                             const int64_t *ids, float *z, char *scratch, size_t stride, int P);
 /* out[t, 0..cols) = sum over token t's entries e of coef[e] * table[ids[e]]
  * (table: the experts.down or experts.up slot). */
 void peer_shard_combine(const peer_shard *S, int slot, int64_t T, const int64_t *ids,

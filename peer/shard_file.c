@@ -13,12 +13,16 @@
 peer_optimizer *peer_shard_optimizer_inner(const peer_shard_optimizer *so);
 
 /* Metadata a checkpoint may carry besides the config (optim.c writes them). */
-static const char *const optim_keys[] = {
-    PEER_META_PREFIX "step",        PEER_META_PREFIX "optim.kind",
-    PEER_META_PREFIX "optim.expert_kind", PEER_META_PREFIX "optim.lr",
-    PEER_META_PREFIX "optim.momentum",    PEER_META_PREFIX "optim.beta1",
-    PEER_META_PREFIX "optim.beta2",       PEER_META_PREFIX "optim.eps",
-    PEER_META_PREFIX "optim.weight_decay", PEER_META_PREFIX "optim.expert_lr"};
+static const char *const optim_keys[] = {PEER_META_PREFIX "step",
+                                         PEER_META_PREFIX "optim.kind",
+                                         PEER_META_PREFIX "optim.expert_kind",
+                                         PEER_META_PREFIX "optim.lr",
+                                         PEER_META_PREFIX "optim.momentum",
+                                         PEER_META_PREFIX "optim.beta1",
+                                         PEER_META_PREFIX "optim.beta2",
+                                         PEER_META_PREFIX "optim.eps",
+                                         PEER_META_PREFIX "optim.weight_decay",
+                                         PEER_META_PREFIX "optim.expert_lr"};
 #define N_OPTIM_KEYS ((int)(sizeof optim_keys / sizeof optim_keys[0]))
 static const char *const shard_keys[] = {PEER_SHARD_META_RANK, PEER_SHARD_META_WORLD,
                                          PEER_SHARD_META_COL0, PEER_SHARD_META_COLS};
@@ -35,8 +39,7 @@ static const char *kind_name(peer_optim_kind k) { return k == PEER_OPTIM_SGD ? "
 
 /* ------------------------------------------------------------ save, load */
 
-peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so,
-                            const char *path) {
+peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so, const char *path) {
   if (!S || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_save: NULL argument");
   const peer_layer *L = S->L;
   peer_layer_meta lm;
@@ -55,7 +58,8 @@ peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so,
     snprintf(values[nv++], 32, "%s", kind_name(c->expert_kind));
     const float hyper[] = {c->lr,  c->momentum,     c->beta1,    c->beta2,
                            c->eps, c->weight_decay, c->expert_lr};
-    for (int i = 0; i < 7; i++) snprintf(values[nv++], 32, "%.9g", (double)hyper[i]);
+    for (int i = 0; i < 7; i++)
+      snprintf(values[nv++], 32, "%.9g", (double)hyper[i]);
     for (int i = 0; i < N_OPTIM_KEYS; i++) {
       meta[2 * n_meta] = optim_keys[i];
       meta[2 * n_meta++ + 1] = values[i];
@@ -69,7 +73,8 @@ peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so,
   }
   peer_tensor tensors[PEER_P_COUNT + 2 * PEER_P_COUNT];
   int n = 0;
-  for (int i = 0; i < L->n_params; i++) tensors[n++] = L->slot[L->param_slot[i]];
+  for (int i = 0; i < L->n_params; i++)
+    tensors[n++] = L->slot[L->param_slot[i]];
   for (int i = 0; o && i < peer_optimizer_n_states(o); i++)
     if ((st = peer_optimizer_state((peer_optimizer *)o, i, &tensors[n++]))) return st;
   return peer_safetensors_write(path, tensors, n, meta, n_meta);
@@ -142,22 +147,22 @@ static peer_status same_config(const peer_safetensors *f, const char *path, cons
       return peer_fail(PEER_ERR_FORMAT, "%s: metadata '%s' is missing (not a peer file?)", path,
                        lm.pair[2 * i]);
     if (strcmp(have, lm.pair[2 * i + 1]) != 0)
-      return peer_fail(PEER_ERR_FORMAT, "%s: the file has %s = '%.40s', the shard has '%s'",
-                       path, lm.pair[2 * i], have, lm.pair[2 * i + 1]);
+      return peer_fail(PEER_ERR_FORMAT, "%s: the file has %s = '%.40s', the shard has '%s'", path,
+                       lm.pair[2 * i], have, lm.pair[2 * i + 1]);
   }
   return PEER_OK;
 }
 
 /* Columns [col0, col0 + cols) of full [rows, width] into out [rows, cols]. */
-static void take_columns(const char *full, int64_t rows, int64_t width, int64_t col0,
-                         int64_t cols, size_t esize, char *out) {
+static void take_columns(const char *full, int64_t rows, int64_t width, int64_t col0, int64_t cols,
+                         size_t esize, char *out) {
   for (int64_t r = 0; r < rows; r++)
     memcpy(out + (size_t)(r * cols) * esize, full + (size_t)(r * width + col0) * esize,
            (size_t)cols * esize);
 }
 
-static void put_columns(const char *part, int64_t rows, int64_t width, int64_t col0,
-                        int64_t cols, size_t esize, char *full) {
+static void put_columns(const char *part, int64_t rows, int64_t width, int64_t col0, int64_t cols,
+                        size_t esize, char *full) {
   for (int64_t r = 0; r < rows; r++)
     memcpy(full + (size_t)(r * width + col0) * esize, part + (size_t)(r * cols) * esize,
            (size_t)cols * esize);
@@ -265,7 +270,8 @@ typedef struct file_tensors {
 } file_tensors;
 
 static void free_tensors(file_tensors *ft) {
-  for (int i = 0; i < ft->n; i++) peer_free(ft->t[i].data, ft->t[i].nbytes);
+  for (int i = 0; i < ft->n; i++)
+    peer_free(ft->t[i].data, ft->t[i].nbytes);
   ft->n = 0;
 }
 
@@ -273,8 +279,8 @@ static peer_status list_tensors(const peer_safetensors *f, const char *path, fil
   ft->n = 0;
   int n = peer_safetensors_count(f);
   if (n > (int)(sizeof ft->t / sizeof ft->t[0]))
-    return peer_fail(PEER_ERR_FORMAT, "%s: %d tensors; a peer checkpoint has at most %d", path,
-                     n, (int)(sizeof ft->t / sizeof ft->t[0]));
+    return peer_fail(PEER_ERR_FORMAT, "%s: %d tensors; a peer checkpoint has at most %d", path, n,
+                     (int)(sizeof ft->t / sizeof ft->t[0]));
   for (int i = 0; i < n; i++) {
     peer_status st = peer_safetensors_info(f, i, &ft->t[i]);
     if (st) return st;
@@ -302,8 +308,7 @@ static peer_status split_file(const peer_safetensors *f, const char *in_path, in
   const char *dv = peer_safetensors_metadata(f, PEER_META_PREFIX "d_model");
   int64_t d;
   if (!dv || !peer_parse_i64(dv, 1, (int64_t)1 << 20, &d))
-    return peer_fail(PEER_ERR_FORMAT, "%s: metadata 'peer.d_model' is missing or invalid",
-                     in_path);
+    return peer_fail(PEER_ERR_FORMAT, "%s: metadata 'peer.d_model' is missing or invalid", in_path);
   if (d % world)
     return peer_fail(PEER_ERR_CONFIG, "shard_split: d_model %lld is not divisible by %d",
                      (long long)d, world);
@@ -312,9 +317,10 @@ static peer_status split_file(const peer_safetensors *f, const char *in_path, in
   peer_status st = list_tensors(f, in_path, &full);
   for (int i = 0; !st && i < full.n; i++) {
     if (is_sliced(full.t[i].name) && full.t[i].shape[1] != d)
-      st = peer_fail(PEER_ERR_SHAPE, "%s: tensor '%s' has %lld columns, d_model is %lld",
-                     in_path, full.t[i].name, (long long)full.t[i].shape[1], (long long)d);
-    else st = read_tensor(f, &full.t[i]);
+      st = peer_fail(PEER_ERR_SHAPE, "%s: tensor '%s' has %lld columns, d_model is %lld", in_path,
+                     full.t[i].name, (long long)full.t[i].shape[1], (long long)d);
+    else
+      st = read_tensor(f, &full.t[i]);
   }
   peer_layer_meta lm;
   const char *meta[2 * MAX_META];
@@ -331,8 +337,7 @@ static peer_status split_file(const peer_safetensors *f, const char *in_path, in
       t->nbytes = (size_t)(t->shape[0] * cols) * es;
       t->data = peer_alloc(t->nbytes);
       if (!t->data) {
-        st = peer_fail(PEER_ERR_OUT_OF_MEMORY, "shard_split: cannot allocate %zu bytes",
-                       t->nbytes);
+        st = peer_fail(PEER_ERR_OUT_OF_MEMORY, "shard_split: cannot allocate %zu bytes", t->nbytes);
         break;
       }
       take_columns(full.t[i].data, t->shape[0], d, r * cols, cols, es, t->data);
@@ -357,8 +362,7 @@ peer_status peer_shard_split(const char *in_path, int world, const char *const *
   if (!in_path || !out_paths)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_split: NULL argument");
   if (world < 1 || world > (1 << 20))
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_split: world %d is not in [1, 2^20]",
-                     world);
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_split: world %d is not in [1, 2^20]", world);
   for (int r = 0; r < world; r++)
     if (!out_paths[r])
       return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_split: out_paths[%d] is NULL", r);
@@ -401,8 +405,8 @@ static peer_status merge_files(peer_safetensors **files, const char *const *path
     size_t es = peer_dtype_size(t->dtype);
     if (sliced) {
       if (t->shape[1] != cols) {
-        st = peer_fail(PEER_ERR_SHAPE, "%s: tensor '%s' has %lld columns, others %lld", p0,
-                       t->name, (long long)t->shape[1], (long long)cols);
+        st = peer_fail(PEER_ERR_SHAPE, "%s: tensor '%s' has %lld columns, others %lld", p0, t->name,
+                       (long long)t->shape[1], (long long)cols);
         break;
       }
       t->shape[1] = cols * world;
@@ -417,14 +421,17 @@ static peer_status merge_files(peer_safetensors **files, const char *const *path
     }
     for (int r = 0; !st && r < world; r++) {
       peer_tensor have;
-      if (peer_safetensors_find(files[r], t->name, &have) || !peer_tensor_same_layout(&have, &part)) {
+      if (peer_safetensors_find(files[r], t->name, &have) ||
+          !peer_tensor_same_layout(&have, &part)) {
         st = peer_fail(PEER_ERR_FORMAT, "%s: tensor '%s' is missing or shaped unlike rank 0's",
                        paths[path_of[r]], t->name);
         break;
       }
       if ((st = peer_safetensors_read(files[r], t->name, tmp, part.nbytes))) break;
-      if (sliced) put_columns(tmp, t->shape[0], cols * world, r * cols, cols, es, t->data);
-      else if (r == 0) memcpy(t->data, tmp, part.nbytes);
+      if (sliced)
+        put_columns(tmp, t->shape[0], cols * world, r * cols, cols, es, t->data);
+      else if (r == 0)
+        memcpy(t->data, tmp, part.nbytes);
       else if (memcmp(t->data, tmp, part.nbytes) != 0)
         st = peer_fail(PEER_ERR_FORMAT,
                        "%s: replicated tensor '%s' differs from rank 0's (the replicas diverged)",
@@ -466,7 +473,8 @@ peer_status peer_shard_merge(const char *const *in_paths, int n, const char *out
     }
   }
   if (!st) st = merge_files(files, in_paths, path_of, n, out_path);
-  for (int i = 0; opened && i < n; i++) peer_safetensors_close(opened[i]);
+  for (int i = 0; opened && i < n; i++)
+    peer_safetensors_close(opened[i]);
   free(files);
   free(path_of);
   free(opened);

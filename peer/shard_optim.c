@@ -146,15 +146,13 @@ static peer_status check_rows(const peer_shard_optimizer *so, const peer_grads *
           return peer_fail(PEER_ERR_NONFINITE,
                            "shard_optimizer_step: grads.%s of expert %lld, column %lld, is not "
                            "finite; nothing was updated",
-                           names[s], (long long)g->expert_rows[j],
-                           (long long)(so->S->col0 + i));
+                           names[s], (long long)g->expert_rows[j], (long long)(so->S->col0 + i));
     }
   return PEER_OK;
 }
 
 peer_status peer_shard_optimizer_step(peer_shard_optimizer *so, const peer_grads *g) {
-  if (!so || !g)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_optimizer_step: NULL argument");
+  if (!so || !g) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_optimizer_step: NULL argument");
   const bool experts = g->experts_down || g->experts_up || g->expert_rows;
   peer_status st;
   if (experts && (st = check_rows(so, g))) return st;

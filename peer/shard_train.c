@@ -24,7 +24,7 @@ typedef struct sctx {
   float *dqT, *xT, *WqT, *tmp;       /* transposes and a [T, d] temporary */
   float *mine, *all;                 /* [T, cols], [world, T, cols] */
   uint32_t *key, *val, *key2, *val2; /* radix sort, 2*T*H*k + 1 each */
-  char *per_thread; /* per thread: sub-key scores S, top-k' lists, packing */
+  char *per_thread;                  /* per thread: sub-key scores S, top-k' lists, packing */
   size_t per_thread_bytes, s_bytes, list_bytes;
 } sctx;
 
@@ -38,18 +38,29 @@ static size_t sctx_layout(const peer_shard *S, int64_t T, int P, char *base, sct
     void **ptr;
     size_t bytes;
   } parts[] = {
-      {(void **)&m->q, t * dq * 4},          {(void **)&m->qhat, t * dq * 4},
-      {(void **)&m->mean, dq * 4},           {(void **)&m->invstd, dq * 4},
-      {(void **)&m->ids, hk * 8},            {(void **)&m->scores, hk * 4},
-      {(void **)&m->gates, hk * 4},          {(void **)&m->z, hk * 4},
-      {(void **)&m->vd, hk * 4},             {(void **)&m->dq, t * dq * 4},
-      {(void **)&m->cdown, hk * 4},          {(void **)&m->cup, hk * 4},
-      {(void **)&m->ds, hk * 4},             {(void **)&m->dqT, dq * t * 4},
-      {(void **)&m->xT, d * t * 4},          {(void **)&m->WqT, d * dq * 4},
-      {(void **)&m->tmp, t * d * 4},         {(void **)&m->mine, tc * 4},
+      {(void **)&m->q, t * dq * 4},
+      {(void **)&m->qhat, t * dq * 4},
+      {(void **)&m->mean, dq * 4},
+      {(void **)&m->invstd, dq * 4},
+      {(void **)&m->ids, hk * 8},
+      {(void **)&m->scores, hk * 4},
+      {(void **)&m->gates, hk * 4},
+      {(void **)&m->z, hk * 4},
+      {(void **)&m->vd, hk * 4},
+      {(void **)&m->dq, t * dq * 4},
+      {(void **)&m->cdown, hk * 4},
+      {(void **)&m->cup, hk * 4},
+      {(void **)&m->ds, hk * 4},
+      {(void **)&m->dqT, dq * t * 4},
+      {(void **)&m->xT, d * t * 4},
+      {(void **)&m->WqT, d * dq * 4},
+      {(void **)&m->tmp, t * d * 4},
+      {(void **)&m->mine, tc * 4},
       {(void **)&m->all, tc * 4 * (size_t)S->world},
-      {(void **)&m->key, (2 * hk + 1) * 4},  {(void **)&m->val, (2 * hk + 1) * 4},
-      {(void **)&m->key2, (2 * hk + 1) * 4}, {(void **)&m->val2, (2 * hk + 1) * 4},
+      {(void **)&m->key, (2 * hk + 1) * 4},
+      {(void **)&m->val, (2 * hk + 1) * 4},
+      {(void **)&m->key2, (2 * hk + 1) * 4},
+      {(void **)&m->val2, (2 * hk + 1) * 4},
   };
   size_t off = 0;
   for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++) {
@@ -106,7 +117,8 @@ static int64_t first_nonfinite_row(const float *x, int64_t T, int64_t d, int P) 
 #pragma omp parallel for reduction(min : first) schedule(static) num_threads(P)
   for (int64_t t = 0; t < T; t++) {
     int ok = 1;
-    for (int64_t i = 0; i < d; i++) ok &= isfinite(x[t * d + i]) != 0;
+    for (int64_t i = 0; i < d; i++)
+      ok &= isfinite(x[t * d + i]) != 0;
     if (!ok && t < first) first = t;
   }
   return first;
@@ -121,7 +133,8 @@ static void batch_norm_train(const peer_layer *L, int64_t T, sctx *m, int P) {
 #pragma omp parallel for schedule(static) num_threads(P)
   for (int64_t f = 0; f < dq; f++) {
     float sum = 0.0f;
-    for (int64_t t = 0; t < T; t++) sum += m->q[t * dq + f];
+    for (int64_t t = 0; t < T; t++)
+      sum += m->q[t * dq + f];
     float mean = sum / (float)T, ss = 0.0f;
     for (int64_t t = 0; t < T; t++) {
       float c = m->q[t * dq + f] - mean;
@@ -218,11 +231,13 @@ static peer_status forward_train(peer_shard *S, peer_context *c, int64_t T, cons
   if (bn) batch_norm_train(L, T, &m, P);
   if ((st = retrieve_all(L, T, &m, P))) return st;
   const size_t hk = (size_t)T * (size_t)(L->dims.H * L->dims.k);
-  peer_shard_partial_dots(S, PEER_P_EXPERTS_DOWN, T, x, m.ids, m.z, m.per_thread, m.per_thread_bytes, P);
+  peer_shard_partial_dots(S, PEER_P_EXPERTS_DOWN, T, x, m.ids, m.z, m.per_thread,
+                          m.per_thread_bytes, P);
   if ((st = peer_shard_allreduce(S, m.z, (int64_t)hk, "shard_forward_train"))) return st;
   if (bn) update_running(L, T, &m);
   const int act = (int)L->cfg.activation;
-  for (size_t e = 0; e < hk; e++) m.cup[e] = m.gates[e] * peer_activate(act, m.z[e]);
+  for (size_t e = 0; e < hk; e++)
+    m.cup[e] = m.gates[e] * peer_activate(act, m.z[e]);
   peer_shard_combine(S, PEER_P_EXPERTS_UP, T, m.ids, m.cup, m.mine, m.per_thread,
                      m.per_thread_bytes, P);
   return peer_shard_gather_rows(S, T, m.mine, m.all, y, "shard_forward_train");
@@ -245,8 +260,10 @@ static void radix_sort(uint32_t *key, uint32_t *val, uint32_t *key2, uint32_t *v
                        uint32_t max_key) {
   for (int shift = 0; shift < 32 && (max_key >> shift) != 0; shift += 8) {
     size_t count[257] = {0};
-    for (size_t i = 0; i < n; i++) count[((key[i] >> shift) & 255u) + 1]++;
-    for (int b = 0; b < 256; b++) count[b + 1] += count[b];
+    for (size_t i = 0; i < n; i++)
+      count[((key[i] >> shift) & 255u) + 1]++;
+    for (int b = 0; b < 256; b++)
+      count[b + 1] += count[b];
     for (size_t i = 0; i < n; i++) {
       size_t dst = count[(key[i] >> shift) & 255u]++;
       key2[dst] = key[i];
@@ -273,7 +290,8 @@ static size_t run_starts(const uint32_t *key, size_t n, uint32_t *starts) {
 static void transpose(const float *src, int64_t rows, int64_t cols, float *dst, int P) {
 #pragma omp parallel for schedule(static) num_threads(P)
   for (int64_t c = 0; c < cols; c++)
-    for (int64_t r = 0; r < rows; r++) dst[c * rows + r] = src[r * cols + c];
+    for (int64_t r = 0; r < rows; r++)
+      dst[c * rows + r] = src[r * cols + c];
 }
 
 /* Per entry, from the all-reduced vd: the coefficients of the expert
@@ -367,15 +385,16 @@ static void norm_backward(const peer_layer *L, int64_t T, sctx *m, peer_grads *g
   }
 }
 
-static void projection_backward(const peer_layer *L, int64_t T, const float *x, float *dx,
-                                sctx *m, peer_grads *gr, int P) {
+static void projection_backward(const peer_layer *L, int64_t T, const float *x, float *dx, sctx *m,
+                                peer_grads *gr, int P) {
   const peer_dims *D = &L->dims;
   const int64_t dq = D->dq, d = D->d;
   if (gr->query_bias) {
 #pragma omp parallel for schedule(static) num_threads(P)
     for (int64_t f = 0; f < dq; f++) {
       float s = 0.0f;
-      for (int64_t t = 0; t < T; t++) s += m->dq[t * dq + f];
+      for (int64_t t = 0; t < T; t++)
+        s += m->dq[t * dq + f];
       gr->query_bias[f] = s;
     }
   }
@@ -394,18 +413,18 @@ static void projection_backward(const peer_layer *L, int64_t T, const float *x, 
 #pragma omp parallel for schedule(static) num_threads(P)
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
       int64_t nt = T - t0 < TB ? T - t0 : TB;
-      peer_cpu_gemm_nt(nt, d, dq, m->dq + t0 * dq, dq, m->WqT, dq, m->tmp + t0 * d, d,
-                       pack_of(m));
+      peer_cpu_gemm_nt(nt, d, dq, m->dq + t0 * dq, dq, m->WqT, dq, m->tmp + t0 * d, d, pack_of(m));
       for (int64_t t = t0; t < t0 + nt; t++)
-        for (int64_t i = 0; i < d; i++) dx[t * d + i] += m->tmp[t * d + i];
+        for (int64_t i = 0; i < d; i++)
+          dx[t * d + i] += m->tmp[t * d + i];
     }
   }
 }
 
 /* This rank's columns of the expert gradient rows: each distinct id sums its
  * entries' c_down x[cols] and c_up dy[cols]. */
-static void expert_grads(const peer_shard *S, int64_t T, const float *x, const float *dy,
-                         sctx *m, peer_grads *gr, int P) {
+static void expert_grads(const peer_shard *S, int64_t T, const float *x, const float *dy, sctx *m,
+                         peer_grads *gr, int P) {
   const peer_dims *D = &S->L->dims;
   const int64_t d = D->d, c = S->cols, c0 = S->col0, hk = D->H * D->k;
   const size_t ne = (size_t)(T * hk);
@@ -433,7 +452,8 @@ static void expert_grads(const peer_shard *S, int64_t T, const float *x, const f
       axpy_row_f32(m->cup[e], dy + t * (size_t)d + c0, su, c);
     }
     if (gr->experts_dense)
-      for (int64_t i = 0; i < c; i++) gd[i] += sd[i], gu[i] += su[i];
+      for (int64_t i = 0; i < c; i++)
+        gd[i] += sd[i], gu[i] += su[i];
   }
 }
 

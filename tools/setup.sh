@@ -17,6 +17,9 @@ peer_missing_packages() {
     [ -n "$(find /usr /usr/local -name benchmarkConfig.cmake 2>/dev/null | head -n 1)" ] ||
     missing+=(libbenchmark-dev)
   command -v gnuplot >/dev/null || missing+=(gnuplot-nox)
+  # Open MPI: libpeer_mpi and the sharded-layer tests (README "Sharding")
+  { command -v mpirun >/dev/null && command -v mpicc >/dev/null; } ||
+    missing+=(openmpi-bin libopenmpi-dev)
   echo "${missing[@]:-}"
 }
 

@@ -7,8 +7,8 @@
 #include "internal.h"
 
 #include <limits.h>
-#include <string.h>
 #include <stdlib.h>
+#include <string.h>
 
 static MPI_Comm comm_of(void *handle) { return *(MPI_Comm *)handle; }
 

@@ -24,20 +24,20 @@
 static int rank, world, failures;
 static char dir[256];
 
-#define CHECK(cond, ...)                                                 \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      failures++;                                                        \
-      fprintf(stderr, "rank %d: FAIL %s:%d: ", rank, __FILE__, __LINE__); \
-      fprintf(stderr, __VA_ARGS__);                                      \
-      fputc('\n', stderr);                                               \
-    }                                                                    \
+#define CHECK(cond, ...)                                                                           \
+  do {                                                                                             \
+    if (!(cond)) {                                                                                 \
+      failures++;                                                                                  \
+      fprintf(stderr, "rank %d: FAIL %s:%d: ", rank, __FILE__, __LINE__);                          \
+      fprintf(stderr, __VA_ARGS__);                                                                \
+      fputc('\n', stderr);                                                                         \
+    }                                                                                              \
   } while (0)
 
-#define OK(call)                                                                        \
-  do {                                                                                  \
-    peer_status st_ = (call);                                                           \
-    CHECK(st_ == PEER_OK, "%s -> %s: %s", #call, peer_status_string(st_), peer_last_error()); \
+#define OK(call)                                                                                   \
+  do {                                                                                             \
+    peer_status st_ = (call);                                                                      \
+    CHECK(st_ == PEER_OK, "%s -> %s: %s", #call, peer_status_string(st_), peer_last_error());      \
   } while (0)
 
 /* The same stream on every rank: inputs are replicated. */
@@ -47,7 +47,8 @@ static float frand(void) {
   return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
 }
 static void fill(float *p, int64_t n, float scale) {
-  for (int64_t i = 0; i < n; i++) p[i] = scale * frand();
+  for (int64_t i = 0; i < n; i++)
+    p[i] = scale * frand();
 }
 
 static double worst = 0.0; /* largest relative difference seen */
@@ -68,7 +69,9 @@ static double rel_cols(const float *a, int64_t sa, const float *b, int64_t sb, i
   return rel;
 }
 
-static double rel(const float *a, const float *b, int64_t n) { return rel_cols(a, n, b, n, 0, 1, n); }
+static double rel(const float *a, const float *b, int64_t n) {
+  return rel_cols(a, n, b, n, 0, 1, n);
+}
 
 static float bf16_to_f32(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
@@ -97,7 +100,8 @@ static void compare_params(peer_shard *S, peer_layer *F, bool exact, double tol,
     OK(peer_shard_param(S, i, &s));
     OK(peer_layer_param_by_name(F, s.name, &f));
     bool sliced = strncmp(s.name, "experts.", 8) == 0;
-    int64_t rows = sliced ? f.shape[0] : 1, width = sliced ? f.shape[1] : (int64_t)(f.nbytes / peer_dtype_size(f.dtype));
+    int64_t rows = sliced ? f.shape[0] : 1,
+            width = sliced ? f.shape[1] : (int64_t)(f.nbytes / peer_dtype_size(f.dtype));
     int64_t sc = sliced ? cols : width;
     float *a = as_f32(&s), *b = as_f32(&f);
     if (exact) {
@@ -140,14 +144,15 @@ static void grads_alloc(grads_buf *gb, const peer_config *c, int64_t T, int64_t 
 }
 
 static void grads_free(grads_buf *gb) {
-  for (int i = 0; i < 5; i++) free(gb->bufs[i]);
+  for (int i = 0; i < 5; i++)
+    free(gb->bufs[i]);
   free(gb->g.expert_rows);
   free(gb->g.experts_down);
   free(gb->g.experts_up);
 }
 
-static void compare_grads(const grads_buf *s, const grads_buf *f, const peer_config *c,
-                          int64_t c0, int64_t cols, int step) {
+static void compare_grads(const grads_buf *s, const grads_buf *f, const peer_config *c, int64_t c0,
+                          int64_t cols, int step) {
   int64_t dq = c->n_heads * c->d_key, G = c->shared_keys ? 1 : c->n_heads;
   int64_t sizes[5] = {dq * c->d_model, dq, dq, dq, G * c->n_subkeys * c->d_key};
   const char *names[5] = {"query_weight", "query_bias", "norm_weight", "norm_bias", "keys"};
@@ -156,15 +161,15 @@ static void compare_grads(const grads_buf *s, const grads_buf *f, const peer_con
     double e = rel(s->bufs[i], f->bufs[i], sizes[i]);
     CHECK(e <= TOL, "step %d: grads.%s differ by %.3g relative", step, names[i], e);
   }
-  CHECK(s->g.n_expert_rows == f->g.n_expert_rows, "step %d: %lld expert rows, unsharded %lld",
-        step, (long long)s->g.n_expert_rows, (long long)f->g.n_expert_rows);
+  CHECK(s->g.n_expert_rows == f->g.n_expert_rows, "step %d: %lld expert rows, unsharded %lld", step,
+        (long long)s->g.n_expert_rows, (long long)f->g.n_expert_rows);
   int64_t R = f->g.n_expert_rows;
   CHECK(memcmp(s->g.expert_rows, f->g.expert_rows, (size_t)R * 8) == 0,
         "step %d: expert row lists differ", step);
   double ed = rel_cols(s->g.experts_down, cols, f->g.experts_down, c->d_model, c0, R, cols);
   double eu = rel_cols(s->g.experts_up, cols, f->g.experts_up, c->d_model, c0, R, cols);
-  CHECK(ed <= TOL && eu <= TOL, "step %d: expert gradient columns differ by %.3g / %.3g", step,
-        ed, eu);
+  CHECK(ed <= TOL && eu <= TOL, "step %d: expert gradient columns differ by %.3g / %.3g", step, ed,
+        eu);
 }
 
 static void path_of(char *buf, size_t n, const char *name, int r, int w) {
@@ -291,8 +296,8 @@ static void run_config(const char *text, peer_optim_config oc, bool lockstep) {
     OK(peer_safetensors_open(&a, merged));
     OK(peer_safetensors_open(&b, full));
     if (a && b) {
-      CHECK(peer_safetensors_count(a) == peer_safetensors_count(b), "merged has %d tensors, full %d",
-            peer_safetensors_count(a), peer_safetensors_count(b));
+      CHECK(peer_safetensors_count(a) == peer_safetensors_count(b),
+            "merged has %d tensors, full %d", peer_safetensors_count(a), peer_safetensors_count(b));
       const char *sa = peer_safetensors_metadata(a, "peer.step"),
                  *sb = peer_safetensors_metadata(b, "peer.step");
       CHECK(sa && sb && strcmp(sa, sb) == 0, "merged step %s, full %s", sa ? sa : "-",
@@ -304,7 +309,8 @@ static void run_config(const char *text, peer_optim_config oc, bool lockstep) {
           CHECK(0, "merged lacks %s", tb.name);
           continue;
         }
-        CHECK(ta.nbytes == tb.nbytes && ta.dtype == tb.dtype, "merged %s has another layout", tb.name);
+        CHECK(ta.nbytes == tb.nbytes && ta.dtype == tb.dtype, "merged %s has another layout",
+              tb.name);
         ta.data = malloc(ta.nbytes);
         tb.data = malloc(tb.nbytes);
         OK(peer_safetensors_read(a, ta.name, ta.data, ta.nbytes));
@@ -331,7 +337,8 @@ static void run_config(const char *text, peer_optim_config oc, bool lockstep) {
     /* split the unsharded checkpoint for this world and for twice it */
     char sp[64][512], sp2[128][512];
     const char *spp[64], *sp2p[128];
-    for (int r = 0; r < world; r++) path_of(sp[r], sizeof sp[r], "split", r, world), spp[r] = sp[r];
+    for (int r = 0; r < world; r++)
+      path_of(sp[r], sizeof sp[r], "split", r, world), spp[r] = sp[r];
     for (int r = 0; r < 2 * world; r++)
       path_of(sp2[r], sizeof sp2[r], "split", r, 2 * world), sp2p[r] = sp2[r];
     OK(peer_shard_split(full, world, spp));

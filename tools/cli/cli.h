@@ -94,5 +94,6 @@ int cmd_grad(int argc, char **argv);
 int cmd_check(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
+int cmd_shard(int argc, char **argv);
 
 #endif

@@ -23,6 +23,7 @@ static const command commands[] = {
     {"check", cmd_check, "compare product-key retrieval with brute force"},
     {"demo", cmd_demo, "time a million-expert layer and check it against brute force"},
     {"convert", cmd_convert, "convert weights from or to lucidrains' PEER-pytorch layout"},
+    {"shard", cmd_shard, "split a weight file into P shard files (d/P columns each), or merge them"},
 };
 enum { N_COMMANDS = sizeof commands / sizeof commands[0] };
 
@@ -55,6 +56,7 @@ int main(int argc, char **argv) {
       static char prefix[64];
       snprintf(prefix, sizeof prefix, "peer: %s", name);
       cli_set_prefix(prefix);
+      cli_remove_temporaries_on_signals();
       return commands[i].run(argc - 2, argv + 2);
     }
   }

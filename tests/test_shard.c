@@ -1,0 +1,283 @@
+/* test_shard.c: the sharded layer (peer.h "sharding") without MPI: P threads
+ * of one process play the ranks, over a communicator written here (sums and
+ * gathers through shared memory, in rank order, so every rank gets the same
+ * bits).  Each rank checks its shard against an unsharded layer of its own
+ * on the same data: ids identical; y, dx and every gradient within 1e-6
+ * relative; the parameters after optimizer steps (the shard stepping with
+ * the unsharded gradients' columns, as tests/mpi/test_shard_mpi.c explains).
+ * Also the refusals at creation (configs that differ between ranks, d_model
+ * not divisible).  This is where the ASan build checks the sharded code for
+ * leaks: the MPI tests cannot (Open MPI's own allocations at exit). */
+#include <criterion/criterion.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "peer.h"
+
+#define TOL 1e-6
+#define MAXW 8
+
+/* ------------------------------------------------------- the communicator */
+
+typedef struct group {
+  int world;
+  pthread_barrier_t bar;
+  const void *part[MAXW];
+} group;
+
+typedef struct member {
+  group *g;
+  int rank;
+} member;
+
+static int sum(void *h, float *data, int64_t count) {
+  member *m = h;
+  group *g = m->g;
+  g->part[m->rank] = data;
+  pthread_barrier_wait(&g->bar);
+  float *acc = calloc((size_t)count + 1, sizeof *acc);
+  for (int r = 0; r < g->world; r++)
+    for (int64_t i = 0; i < count; i++)
+      acc[i] += ((const float *)g->part[r])[i];
+  pthread_barrier_wait(&g->bar); /* everyone has read every part */
+  memcpy(data, acc, (size_t)count * sizeof *acc);
+  free(acc);
+  return 0;
+}
+
+static int gather(void *h, const void *send, void *recv, size_t bytes) {
+  member *m = h;
+  group *g = m->g;
+  g->part[m->rank] = send;
+  pthread_barrier_wait(&g->bar);
+  for (int r = 0; r < g->world; r++)
+    memcpy((char *)recv + (size_t)r * bytes, g->part[r], bytes);
+  pthread_barrier_wait(&g->bar);
+  return 0;
+}
+
+/* ------------------------------------------------------------ one rank */
+
+typedef struct job {
+  member m;
+  const char *config;
+  int mixed; /* 1: the last rank uses another top_k */
+  atomic_int *failures;
+  char first[512];
+} job;
+
+#define FAILED(j, ...)                                                                             \
+  do {                                                                                             \
+    if (atomic_fetch_add((j)->failures, 1) == 0 || !(j)->first[0])                                 \
+      snprintf((j)->first, sizeof(j)->first, __VA_ARGS__);                                         \
+  } while (0)
+
+static uint64_t next(uint64_t *s) {
+  *s ^= *s << 13, *s ^= *s >> 7, *s ^= *s << 17;
+  return *s;
+}
+static void fill(float *p, int64_t n, float scale, uint64_t *s) {
+  for (int64_t i = 0; i < n; i++)
+    p[i] = scale * (float)((double)(next(s) >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+/* max |a - b| / max |b| over rows of cols values (a's rows sa apart, b's sb
+ * apart from column c0). */
+static double rel(const float *a, int64_t sa, const float *b, int64_t sb, int64_t c0, int64_t rows,
+                  int64_t cols) {
+  double diff = 0, scale = 0;
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t j = 0; j < cols; j++) {
+      double x = a[r * sa + j], y = b[r * sb + c0 + j];
+      diff = fmax(diff, isnan(x - y) ? INFINITY : fabs(x - y));
+      scale = fmax(scale, fabs(y));
+    }
+  return scale > 0 ? diff / scale : diff;
+}
+
+/* A parameter as f32 (bf16 widened), malloc'd. */
+static float *as_f32(const peer_tensor *t) {
+  size_t n = t->nbytes / peer_dtype_size(t->dtype);
+  float *out = malloc(n * sizeof *out);
+  for (size_t i = 0; i < n; i++) {
+    if (t->dtype == PEER_BF16) {
+      uint32_t u = (uint32_t)((const uint16_t *)t->data)[i] << 16;
+      memcpy(&out[i], &u, 4);
+    } else {
+      out[i] = ((const float *)t->data)[i];
+    }
+  }
+  return out;
+}
+
+static void *rank_main(void *arg) {
+  job *j = arg;
+  peer_comm comm = {&j->m, j->m.rank, j->m.g->world, sum, gather};
+  peer_config c;
+  peer_config_default(&c);
+  peer_config_parse(&c, j->config);
+  if (j->mixed && j->m.rank == comm.world - 1) c.top_k -= 1;
+  peer_options o;
+  peer_options_default(&o);
+  o.n_threads = 1;
+  peer_shard *S = NULL;
+  peer_status st = peer_shard_create(&S, &c, &o, &comm);
+  if (j->mixed || c.d_model % comm.world) {
+    if (st != PEER_ERR_CONFIG || S)
+      FAILED(j, "rank %d: creation with %s was not refused: %s", j->m.rank,
+             j->mixed ? "mixed configs" : "d not divisible", peer_status_string(st));
+    peer_shard_free(S);
+    return NULL;
+  }
+  peer_layer *F = NULL;
+  if (st || peer_layer_create(&F, &c, &o)) {
+    FAILED(j, "rank %d: create: %s", j->m.rank, peer_last_error());
+    peer_shard_free(S);
+    return NULL;
+  }
+  peer_layer_init(F, 11);
+  peer_shard_init(S, 11);
+  int64_t c0, cols;
+  peer_shard_columns(S, &c0, &cols);
+  const int64_t T = 19, d = c.d_model, hk = c.n_heads * c.top_k;
+  const int64_t dq = c.n_heads * c.d_key, G = c.shared_keys ? 1 : c.n_heads;
+  const int64_t nk = G * c.n_subkeys * c.d_key;
+  float *x = malloc((size_t)(T * d) * 4), *dy = malloc((size_t)(T * d) * 4);
+  float *ya = malloc((size_t)(T * d) * 4), *yb = malloc((size_t)(T * d) * 4);
+  float *dxa = malloc((size_t)(T * d) * 4), *dxb = malloc((size_t)(T * d) * 4);
+  int64_t *ia = malloc((size_t)(T * hk) * 8), *ib = malloc((size_t)(T * hk) * 8);
+  uint64_t seed = 0x9e3779b97f4a7c15ull;
+  fill(x, T * d, 1.0f, &seed);
+  peer_shard_forward(S, T, x, ya, ia, NULL);
+  peer_forward(F, T, x, yb, ib, NULL);
+  if (memcmp(ia, ib, (size_t)(T * hk) * 8)) FAILED(j, "rank %d: forward ids differ", j->m.rank);
+  if (rel(ya, d, yb, d, 0, T, d) > TOL) FAILED(j, "rank %d: forward y differs", j->m.rank);
+
+  peer_context *ca = NULL, *cb = NULL;
+  peer_shard_context_create(&ca, S, T);
+  peer_context_create(&cb, F, T);
+  peer_optim_config oc = peer_optim_config_default();
+  peer_shard_optimizer *oa = NULL;
+  peer_optimizer *ob = NULL;
+  peer_shard_optimizer_create(&oa, S, &oc);
+  peer_optimizer_create(&ob, F, &oc);
+  float *qa = calloc((size_t)(dq * d), 4), *qb = calloc((size_t)(dq * d), 4);
+  float *ka = calloc((size_t)nk, 4), *kb = calloc((size_t)nk, 4);
+  int64_t *ra = calloc((size_t)(T * hk), 8), *rb = calloc((size_t)(T * hk), 8);
+  float *eda = calloc((size_t)(T * hk * cols), 4), *eua = calloc((size_t)(T * hk * cols), 4);
+  float *edb = calloc((size_t)(T * hk * d), 4), *eub = calloc((size_t)(T * hk * d), 4);
+  for (int step = 0; step < 3; step++) {
+    fill(x, T * d, 1.0f, &seed);
+    fill(dy, T * d, 0.1f, &seed);
+    peer_grads ga = {.query_weight = qa,
+                     .keys = ka,
+                     .expert_capacity = T * hk,
+                     .expert_rows = ra,
+                     .experts_down = eda,
+                     .experts_up = eua};
+    peer_grads gb = {.query_weight = qb,
+                     .keys = kb,
+                     .expert_capacity = T * hk,
+                     .expert_rows = rb,
+                     .experts_down = edb,
+                     .experts_up = eub};
+    if (peer_shard_forward_train(S, ca, T, x, ya) || peer_forward_train(F, cb, T, x, yb) ||
+        peer_shard_backward(S, ca, dy, dxa, &ga) || peer_backward(F, cb, dy, dxb, &gb)) {
+      FAILED(j, "rank %d: training call failed: %s", j->m.rank, peer_last_error());
+      break;
+    }
+    double e[6] = {rel(ya, d, yb, d, 0, T, d),
+                   rel(dxa, d, dxb, d, 0, T, d),
+                   rel(qa, dq * d, qb, dq * d, 0, 1, dq * d),
+                   rel(ka, nk, kb, nk, 0, 1, nk),
+                   rel(eda, cols, edb, d, c0, gb.n_expert_rows, cols),
+                   rel(eua, cols, eub, d, c0, gb.n_expert_rows, cols)};
+    for (int i = 0; i < 6; i++)
+      if (e[i] > TOL)
+        FAILED(j, "rank %d, step %d: quantity %d (y, dx, dWq, dkeys, dU, dV) differs by %.3g",
+               j->m.rank, step, i, e[i]);
+    if (ga.n_expert_rows != gb.n_expert_rows || memcmp(ra, rb, (size_t)gb.n_expert_rows * 8) != 0)
+      FAILED(j, "rank %d, step %d: expert rows differ", j->m.rank, step);
+    /* step both with the unsharded gradients (the shard with its columns) */
+    for (int64_t r = 0; r < gb.n_expert_rows; r++) {
+      memcpy(eda + r * cols, edb + r * d + c0, (size_t)cols * 4);
+      memcpy(eua + r * cols, eub + r * d + c0, (size_t)cols * 4);
+    }
+    ga.query_weight = qb, ga.keys = kb;
+    peer_shard_optimizer_step(oa, &ga);
+    peer_optimizer_step(ob, &gb);
+    for (int i = 0; i < peer_shard_n_params(S); i++) {
+      peer_tensor ta, tb;
+      peer_shard_param(S, i, &ta);
+      peer_layer_param_by_name(F, ta.name, &tb);
+      bool sliced = strncmp(ta.name, "experts.", 8) == 0;
+      int64_t n = (int64_t)(tb.nbytes / peer_dtype_size(tb.dtype));
+      float *pa = as_f32(&ta), *pb = as_f32(&tb);
+      double er = sliced ? rel(pa, cols, pb, d, c0, tb.shape[0], cols) : rel(pa, n, pb, n, 0, 1, n);
+      free(pa), free(pb);
+      if (er > TOL) FAILED(j, "rank %d, step %d: %s differs by %.3g", j->m.rank, step, ta.name, er);
+    }
+  }
+  if (peer_shard_optimizer_step_count(oa) != 3) FAILED(j, "rank %d: step count", j->m.rank);
+  free(qa), free(qb), free(ka), free(kb), free(ra), free(rb), free(eda), free(eua), free(edb),
+      free(eub);
+  peer_shard_optimizer_free(oa);
+  peer_optimizer_free(ob);
+  peer_context_free(ca);
+  peer_context_free(cb);
+  free(x), free(dy), free(ya), free(yb), free(dxa), free(dxb), free(ia), free(ib);
+  peer_layer_free(F);
+  peer_shard_free(S);
+  return NULL;
+}
+
+/* Run `config` on `world` threads; the number of failed checks. */
+static int run_group(int world, const char *config, int mixed, char *first, size_t n) {
+  group g = {.world = world};
+  pthread_barrier_init(&g.bar, NULL, (unsigned)world);
+  atomic_int failures = 0;
+  job jobs[MAXW];
+  pthread_t th[MAXW];
+  for (int r = 0; r < world; r++) {
+    jobs[r] = (job){.m = {&g, r}, .config = config, .mixed = mixed, .failures = &failures};
+    pthread_create(&th[r], NULL, rank_main, &jobs[r]);
+  }
+  first[0] = '\0';
+  for (int r = 0; r < world; r++) {
+    pthread_join(th[r], NULL);
+    if (!first[0] && jobs[r].first[0]) snprintf(first, n, "%s", jobs[r].first);
+  }
+  pthread_barrier_destroy(&g.bar);
+  return atomic_load(&failures);
+}
+
+static const char *const configs[] = {
+    "d_model=48,n_heads=2,d_key=16,n_subkeys=16,top_k=4,query_bias=0",
+    "d_model=48,n_heads=3,d_key=8,n_subkeys=12,top_k=5,query_norm=batchnorm,gate=sigmoid,"
+    "activation=silu",
+    "d_model=48,n_heads=2,d_key=16,n_subkeys=16,top_k=3,weight_dtype=bf16,shared_keys=1,"
+    "gate=relu,activation=relu",
+};
+
+Test(shard, matches_unsharded_on_1_to_4_ranks) {
+  char first[512];
+  for (int w = 1; w <= 4; w++)
+    for (size_t i = 0; i < sizeof configs / sizeof configs[0]; i++) {
+      int f = run_group(w, configs[i], 0, first, sizeof first);
+      cr_expect_eq(f, 0, "%d ranks, %s: %d failed checks, first: %s", w, configs[i], f, first);
+    }
+}
+
+Test(shard, creation_refusals) {
+  char first[512];
+  int f =
+      run_group(3, "d_model=48,n_heads=2,d_key=16,n_subkeys=16,top_k=4", 1, first, sizeof first);
+  cr_expect_eq(f, 0, "mixed configs: %s", first);
+  f = run_group(4, "d_model=50,n_heads=2,d_key=16,n_subkeys=16,top_k=4", 0, first, sizeof first);
+  cr_expect_eq(f, 0, "d not divisible: %s", first);
+}
