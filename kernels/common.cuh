@@ -1,6 +1,6 @@
 /* common.cuh: what the .cu files share: the library's internal header seen
- * from C++ (through status.h, with its rule for failed runtime calls), and
- * turning a failed launch into a peer status. */
+ * from C++ (through status.h, with its rule for failed runtime calls), the
+ * launch spelling, and turning a failed launch into a peer status. */
 #ifndef PEER_KERNELS_COMMON_CUH
 #define PEER_KERNELS_COMMON_CUH
 
@@ -10,6 +10,18 @@
 #include <cuda_runtime.h>
 
 #define PEER_FULL_MASK 0xffffffffu
+
+/* PEER_LAUNCH(grid, block, smem, stream, kernel)(args...) is
+ * kernel<<<grid, block, smem, stream>>>(args...) under nvcc, and the
+ * emulator's launch in the PEER_CUDA=EMU build (kernels/emu/), whose
+ * cuda_runtime.h defines PEER_EMU_LAUNCH.  The kernel comes last so that a
+ * template's commas need no parentheses. */
+#ifdef __CUDACC__
+#define PEER_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#else
+#define PEER_LAUNCH(grid, block, smem, stream, ...)                                                \
+  PEER_EMU_LAUNCH(grid, block, smem, stream, __VA_ARGS__)
+#endif
 
 /* Grids stride over their work, so a launch never asks for more blocks than
  * this (the work per block then loops). */

@@ -176,14 +176,16 @@ static peer_status launch_all(peer_k_expert_args a, int bf16, cudaStream_t strea
      * (ptxas, CUDA 13.0): it takes the scalar loads instead. */
     if constexpr (!BWD) {
       if (aligned && a.d % 8 == 0) {
-        experts_kernel<true, 8, false><<<grid, EXPERT_THREADS, smem, stream>>>(a);
+        PEER_LAUNCH(grid, EXPERT_THREADS, smem, stream, experts_kernel<true, 8, false>)(a);
         return peer_k_launched(what);
       }
     }
-    experts_kernel<true, 1, BWD><<<grid, EXPERT_THREADS, smem, stream>>>(a);
+    PEER_LAUNCH(grid, EXPERT_THREADS, smem, stream, experts_kernel<true, 1, BWD>)(a);
   } else {
-    if (aligned && a.d % 4 == 0) experts_kernel<false, 4, BWD><<<grid, EXPERT_THREADS, smem, stream>>>(a);
-    else experts_kernel<false, 1, BWD><<<grid, EXPERT_THREADS, smem, stream>>>(a);
+    if (aligned && a.d % 4 == 0)
+      PEER_LAUNCH(grid, EXPERT_THREADS, smem, stream, experts_kernel<false, 4, BWD>)(a);
+    else
+      PEER_LAUNCH(grid, EXPERT_THREADS, smem, stream, experts_kernel<false, 1, BWD>)(a);
   }
   return peer_k_launched(what);
 }

@@ -69,8 +69,8 @@ extern "C" peer_status peer_k_bias_norm(float *q, int64_t T, int64_t dq, const f
                                         cudaStream_t stream) {
   int64_t total = T * dq;
   if (total == 0 || (!bias && !mean)) return PEER_OK;
-  bias_norm_kernel<<<peer_k_blocks(total, 256), 256, 0, stream>>>(q, total, dq, bias,
-                                                                 norm_weight, norm_bias, mean, var);
+  PEER_LAUNCH(peer_k_blocks(total, 256), 256, 0, stream, bias_norm_kernel)
+  (q, total, dq, bias, norm_weight, norm_bias, mean, var);
   return peer_k_launched("bias_norm");
 }
 
@@ -151,8 +151,9 @@ extern "C" peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t 
   int wpb = (int)(PEER_K_SMEM_MAX / per_warp);
   if (wpb > 4) wpb = 4;
   int cap = (int)lane_cap(n, kp);
-  subkey_topk_kernel<<<peer_k_blocks(rows, wpb), 32 * wpb, per_warp * (size_t)wpb, stream>>>(
-      S, rows, n, (int)kp, cap, (int)odd_stride(cap), out_s, out_id, bad);
+  PEER_LAUNCH(peer_k_blocks(rows, wpb), 32 * wpb, per_warp * (size_t)wpb, stream,
+              subkey_topk_kernel)
+  (S, rows, n, (int)kp, cap, (int)odd_stride(cap), out_s, out_id, bad);
   return peer_k_launched("subkey_topk");
 }
 
@@ -195,8 +196,9 @@ extern "C" peer_status peer_k_merge(const float *list_s, const int64_t *list_id,
                      (long long)k, per_thread);
   int threads = (int)(PEER_K_SMEM_MAX / per_thread);
   if (threads > MERGE_THREADS) threads = MERGE_THREADS;
-  merge_kernel<<<peer_k_blocks(TH, threads), threads, per_thread * (size_t)threads, stream>>>(
-      list_s, list_id, TH, (int)kp, (int)k, (int)odd_stride(k), n, gate, scores, ids, gates, bad);
+  PEER_LAUNCH(peer_k_blocks(TH, threads), threads, per_thread * (size_t)threads, stream,
+              merge_kernel)
+  (list_s, list_id, TH, (int)kp, (int)k, (int)odd_stride(k), n, gate, scores, ids, gates, bad);
   return peer_k_launched("merge");
 }
 
@@ -338,7 +340,7 @@ extern "C" peer_status peer_k_brute_topk(const float *S, int64_t TH, int64_t n, 
   if (s) return s;
   const int threads = brute_threads(n, k);
   const int64_t cap = brute_cap(n, k, threads);
-  brute_topk_kernel<<<peer_k_blocks(TH, 1), threads, brute_smem(n, k, threads), stream>>>(
-      S, TH, (int)n, (int)k, (int)cap, (int)odd_stride(cap), gate, scores, ids, gates, bad);
+  PEER_LAUNCH(peer_k_blocks(TH, 1), threads, brute_smem(n, k, threads), stream, brute_topk_kernel)
+  (S, TH, (int)n, (int)k, (int)cap, (int)odd_stride(cap), gate, scores, ids, gates, bad);
   return peer_k_launched("brute_topk");
 }

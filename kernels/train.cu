@@ -29,7 +29,7 @@ extern "C" peer_status peer_k_first_nonfinite_row(const float *a, int64_t T, int
                                                   cudaStream_t stream) {
   int64_t total = T * d;
   if (total == 0) return PEER_OK;
-  nonfinite_row_kernel<<<peer_k_blocks(total, 256), 256, 0, stream>>>(a, total, d, row);
+  PEER_LAUNCH(peer_k_blocks(total, 256), 256, 0, stream, nonfinite_row_kernel)(a, total, d, row);
   return peer_k_launched("first_nonfinite_row");
 }
 
@@ -92,8 +92,8 @@ extern "C" peer_status peer_k_batch_norm_train(float *q, float *qhat, float *mea
                                                const float *weight, const float *bias,
                                                cudaStream_t stream) {
   if (T == 0 || dq == 0) return PEER_OK;
-  batch_norm_train_kernel<<<feature_blocks(dq), dim3(FC, FR), 0, stream>>>(
-      q, qhat, mean, invstd, T, dq, weight, bias);
+  PEER_LAUNCH(feature_blocks(dq), dim3(FC, FR), 0, stream, batch_norm_train_kernel)
+  (q, qhat, mean, invstd, T, dq, weight, bias);
   return peer_k_launched("batch_norm_train");
 }
 
@@ -119,8 +119,8 @@ extern "C" peer_status peer_k_running_update(float *run_mean, float *run_var, co
                                              const unsigned long long *records, int n_records,
                                              cudaStream_t stream) {
   if (dq == 0 || T < 2) return PEER_OK;
-  running_update_kernel<<<peer_k_blocks(dq, 256), 256, 0, stream>>>(
-      run_mean, run_var, mean, invstd, T, dq, momentum, records, n_records);
+  PEER_LAUNCH(peer_k_blocks(dq, 256), 256, 0, stream, running_update_kernel)
+  (run_mean, run_var, mean, invstd, T, dq, momentum, records, n_records);
   return peer_k_launched("running_update");
 }
 
@@ -133,7 +133,7 @@ extern "C" peer_status peer_k_record_fold(unsigned long long *dst, const unsigne
                                           int n, cudaStream_t stream) {
   if (n <= 0) return PEER_OK;
   if (n > 32) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "record_fold: %d records", n);
-  record_fold_kernel<<<1, 32, 0, stream>>>(dst, src, n);
+  PEER_LAUNCH(1, 32, 0, stream, record_fold_kernel)(dst, src, n);
   return peer_k_launched("record_fold");
 }
 
@@ -176,8 +176,8 @@ extern "C" peer_status peer_k_norm_backward(float *dq, const float *qhat, const 
                                             const float *weight, int64_t T, int64_t dqdim,
                                             float *gweight, float *gbias, cudaStream_t stream) {
   if (T == 0 || dqdim == 0) return PEER_OK;
-  norm_backward_kernel<<<feature_blocks(dqdim), dim3(FC, FR), 0, stream>>>(
-      dq, qhat, invstd, weight, T, dqdim, gweight, gbias);
+  PEER_LAUNCH(feature_blocks(dqdim), dim3(FC, FR), 0, stream, norm_backward_kernel)
+  (dq, qhat, invstd, weight, T, dqdim, gweight, gbias);
   return peer_k_launched("norm_backward");
 }
 
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(FC *FR)
 extern "C" peer_status peer_k_column_sums(const float *a, int64_t T, int64_t cols, float *out,
                                           cudaStream_t stream) {
   if (cols == 0) return PEER_OK;
-  column_sums_kernel<<<feature_blocks(cols), dim3(FC, FR), 0, stream>>>(a, T, cols, out);
+  PEER_LAUNCH(feature_blocks(cols), dim3(FC, FR), 0, stream, column_sums_kernel)(a, T, cols, out);
   return peer_k_launched("column_sums");
 }
 
@@ -229,8 +229,8 @@ extern "C" peer_status peer_k_query_grad(const int64_t *ids, const float *ds, co
                                          int shared_keys, float *dq, cudaStream_t stream) {
   int64_t total = T * H * dk;
   if (total == 0) return PEER_OK;
-  query_grad_kernel<<<peer_k_blocks(total, 256), 256, 0, stream>>>(ids, ds, keys, total, H, k,
-                                                                  n, dk, shared_keys, dq);
+  PEER_LAUNCH(peer_k_blocks(total, 256), 256, 0, stream, query_grad_kernel)
+  (ids, ds, keys, total, H, k, n, dk, shared_keys, dq);
   return peer_k_launched("query_grad");
 }
 
@@ -248,7 +248,7 @@ __global__ void expert_keys_kernel(const int64_t *__restrict__ ids, int64_t ne,
 extern "C" peer_status peer_k_expert_sort_keys(const int64_t *ids, int64_t ne, uint32_t *key,
                                                uint32_t *val, cudaStream_t stream) {
   if (ne == 0) return PEER_OK;
-  expert_keys_kernel<<<peer_k_blocks(ne, 256), 256, 0, stream>>>(ids, ne, key, val);
+  PEER_LAUNCH(peer_k_blocks(ne, 256), 256, 0, stream, expert_keys_kernel)(ids, ne, key, val);
   return peer_k_launched("expert_sort_keys");
 }
 
@@ -271,8 +271,8 @@ extern "C" peer_status peer_k_subkey_sort_keys(const int64_t *ids, int64_t T, in
                                                cudaStream_t stream) {
   int64_t ne = T * H * k;
   if (ne == 0) return PEER_OK;
-  subkey_keys_kernel<<<peer_k_blocks(ne, 256), 256, 0, stream>>>(ids, ne, H, k, n, shared_keys,
-                                                                key, val);
+  PEER_LAUNCH(peer_k_blocks(ne, 256), 256, 0, stream, subkey_keys_kernel)
+  (ids, ne, H, k, n, shared_keys, key, val);
   return peer_k_launched("subkey_sort_keys");
 }
 
@@ -332,7 +332,7 @@ extern "C" peer_status peer_k_sorted_runs(const uint32_t *key_in, const uint32_t
   cudaError_t e = cub::DeviceRadixSort::SortPairs(temp, tb, key_in, key_out, val_in, val_out,
                                                   (int)items, 0, bits, stream);
   if (e != cudaSuccess) return peer_k_cuda_fail(e, "sorted runs: radix sort");
-  run_starts_kernel<<<1, SCAN_THREADS, 0, stream>>>(key_out, items, starts, runs);
+  PEER_LAUNCH(1, SCAN_THREADS, 0, stream, run_starts_kernel)(key_out, items, starts, runs);
   return peer_k_launched("run_starts");
 }
 
@@ -385,11 +385,11 @@ extern "C" peer_status peer_k_expert_grads(const uint32_t *key, const uint32_t *
                                            cudaStream_t stream) {
   if (max_runs == 0) return PEER_OK;
   if (dense)
-    expert_grads_kernel<true><<<peer_k_blocks(max_runs, 1), ROW_THREADS, 0, stream>>>(
-        key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows, n_rows);
+    PEER_LAUNCH(peer_k_blocks(max_runs, 1), ROW_THREADS, 0, stream, expert_grads_kernel<true>)
+    (key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows, n_rows);
   else
-    expert_grads_kernel<false><<<peer_k_blocks(max_runs, 1), ROW_THREADS, 0, stream>>>(
-        key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows, n_rows);
+    PEER_LAUNCH(peer_k_blocks(max_runs, 1), ROW_THREADS, 0, stream, expert_grads_kernel<false>)
+    (key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows, n_rows);
   return peer_k_launched("expert_grads");
 }
 
@@ -429,7 +429,7 @@ extern "C" peer_status peer_k_keys_grad(const uint32_t *key, const uint32_t *val
                                         int64_t H, int64_t k, int64_t dk, float *gk,
                                         cudaStream_t stream) {
   if (max_runs == 0) return PEER_OK;
-  keys_grad_kernel<<<peer_k_blocks(max_runs, KEY_WARPS), KEY_WARPS * 32, 0, stream>>>(
-      key, val, starts, runs, max_runs, ds, q, H, k, dk, gk);
+  PEER_LAUNCH(peer_k_blocks(max_runs, KEY_WARPS), KEY_WARPS * 32, 0, stream, keys_grad_kernel)
+  (key, val, starts, runs, max_runs, ds, q, H, k, dk, gk);
   return peer_k_launched("keys_grad");
 }

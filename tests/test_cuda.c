@@ -369,7 +369,8 @@ Test(cuda, brute_ties) {
 Test(cuda, brute_top_1_and_k_equals_n) {
   check_brute("d_model=32,n_heads=2,d_key=16,n_subkeys=16,top_k=1", 33, 0);
   check_brute("d_model=32,n_heads=2,d_key=16,n_subkeys=8,top_k=8,subkey_top_k=8", 33, 0);
-  check_brute("d_model=32,n_heads=3,d_key=10,n_subkeys=5,top_k=25,subkey_top_k=5", 9, 1);
+  /* k = k' = n (a config's top_k is at most subkey_top_k, at most n) */
+  check_brute("d_model=32,n_heads=3,d_key=10,n_subkeys=5,top_k=5,subkey_top_k=5", 9, 1);
 }
 Test(cuda, brute_large_k) {
   /* one warp per block at k = 64 and the largest k the kernel takes */
@@ -732,8 +733,16 @@ Test(cuda, training_bf16_relu_gates_odd_width) {
 
 /* Every combination of the forward and training options (activation, gate,
  * query norm, query bias, expert dtype, shared keys), each on both backends,
- * at a small size with k' > k and a width that is not a multiple of 8. */
+ * at a small size with k' > k and a width that is not a multiple of 8.
+ * With PEER_TEST_QUICK (the emulated build in CI, kernels/README.md) one
+ * combination in QUICK_SHARE, a different share each run (by the seed);
+ * QUICK_SHARE is prime to every option's count of values, so each value of
+ * each option still runs.  Without it, all 240. */
+#define QUICK_SHARE 7
 Test(cuda, every_option_forward_and_training, .timeout = 600) {
+  const int quick = ref_quick();
+  const int share = (int)(ref_test_seed() % QUICK_SHARE);
+  int combination = 0;
   static const char *const acts[] = {"relu", "gelu", "gelu_tanh", "silu", "identity"};
   static const char *const gates[] = {"softmax", "sigmoid", "relu"};
   static const char *const norms[] = {"none", "batchnorm"};
@@ -745,6 +754,7 @@ Test(cuda, every_option_forward_and_training, .timeout = 600) {
         for (int bias = 0; bias < 2; bias++)
           for (int dt = 0; dt < 2; dt++)
             for (int shared = 0; shared < 2; shared++) {
+              if (quick && combination++ % QUICK_SHARE != share) continue;
               snprintf(config, sizeof config,
                        "d_model=44,n_heads=3,d_key=12,n_subkeys=24,top_k=4,subkey_top_k=6,"
                        "activation=%s,gate=%s,query_norm=%s,query_bias=%d,weight_dtype=%s,"
@@ -1352,12 +1362,13 @@ static int64_t device_free_bytes(void) {
 
 /* Device-pointer training takes no host-path staging: a context used only
  * by device-pointer steps takes peer_context_size, far less than the
- * staging (here the [T*H*k, d] expert rows twice are 256 MiB), which the
- * first host-pointer call takes, once, and peer_context_free gives back. */
+ * staging (here the [T*H*k, d] expert rows twice are 256 MiB; 64 MiB with
+ * PEER_TEST_QUICK, a quarter of the tokens), which the first host-pointer
+ * call takes, once, and peer_context_free gives back. */
 Test(cuda, device_pointer_training_takes_no_staging) {
   pair p = make_pair("d_model=512,n_heads=4,d_key=32,n_subkeys=64,top_k=8");
   cr_assert_eq(peer_layer_init(p.gpu, 12), PEER_OK, "%s", peer_last_error());
-  const int64_t T = 2048, d = p.cfg.d_model;
+  const int64_t T = ref_quick() ? 512 : 2048, d = p.cfg.d_model;
   const int64_t rows = T * p.cfg.n_heads * p.cfg.top_k * d * 4 * 2;
   const int64_t slack = (int64_t)64 << 20; /* allocation granularity, cuBLAS */
   ref_rng rng = {13};

@@ -1,0 +1,40 @@
+/* emu_internal.h: what the emulator's own sources (runtime.cc, simt.cc,
+ * cublas.cc, the CUB shims) share: device-memory lookups, the last-error
+ * state, and the record of a kernel error. */
+#ifndef PEER_EMU_INTERNAL_H
+#define PEER_EMU_INTERNAL_H
+
+#include "cuda_runtime_api.h"
+
+#include <stddef.h>
+
+namespace peer_emu {
+
+/* Is [p, p + bytes) inside one live cudaMalloc allocation? */
+bool device_range(const void *p, size_t bytes);
+/* Is p inside a live allocation or at its end? */
+bool device_pointer(const void *p);
+/* Is the stream a live handle (or a default stream)? */
+bool stream_ok(cudaStream_t s);
+
+/* Sets the last error (and, for a kernel error, the error the next
+ * synchronisation returns); returns e. */
+cudaError_t set_error(cudaError_t e);
+/* A kernel error: counted, kept as the text of cudaErrorLaunchFailure,
+ * printed with PEER_EMU_REPORT=1, fatal with PEER_EMU_ABORT=1. */
+void kernel_error(const char *msg);
+void count_launch();
+
+/* Largest dynamic shared memory of one launch (no opt-in above 48 KiB). */
+constexpr size_t smem_max = 48 * 1024;
+/* Bytes past the launch's size that are filled and checked after a block. */
+constexpr size_t smem_canary = 256;
+/* This host thread's dynamic shared memory arrays (smem.h, generated):
+ * at most `max` addresses into out, returns how many. */
+int dynamic_smem_regions(unsigned char **out, int max);
+/* 0; out of line, for smem.h */
+int smem_first_word();
+
+} // namespace peer_emu
+
+#endif

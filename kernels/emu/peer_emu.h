@@ -1,0 +1,44 @@
+/* peer_emu.h: what the emulated CUDA build (PEER_CUDA=EMU) offers beyond the
+ * CUDA API, for tests: counts of the runtime calls a steady loop should not
+ * make, an injected cudaMalloc failure, and the last kernel error (a
+ * barrier or warp collective that not every named thread reached, a write
+ * past the dynamic shared memory, a kernel argument that is not device
+ * memory).  PEER_EMU_ABORT=1 in the environment makes a kernel error abort
+ * the process with its message (for a debugger); PEER_EMU_REPORT=1 prints
+ * each kernel error on stderr. */
+#ifndef PEER_EMU_H
+#define PEER_EMU_H
+
+#define PEER_CUDA_EMULATED 1
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct peer_emu_counts {
+  unsigned long long device_syncs; /* cudaDeviceSynchronize */
+  unsigned long long stream_syncs; /* cudaStreamSynchronize, cudaEventSynchronize */
+  unsigned long long mallocs;      /* cudaMalloc calls, failed ones included */
+  unsigned long long frees;        /* cudaFree calls with a non-NULL pointer */
+  unsigned long long launches;     /* kernel launches */
+  unsigned long long kernel_errors;
+} peer_emu_counts;
+
+/* The counts since the process started. */
+void peer_emu_get_counts(peer_emu_counts *out);
+
+/* The n-th cudaMalloc from now (1: the next) fails with
+ * cudaErrorMemoryAllocation; 0 turns it off.  The environment variable
+ * PEER_EMU_FAIL_MALLOC=n does the same from the first call. */
+void peer_emu_fail_malloc(long n);
+
+/* The message of the last kernel error, "" if none yet. */
+const char *peer_emu_last_kernel_error(void);
+
+/* Device memory in use (bytes cudaMalloc handed out and not yet freed). */
+unsigned long long peer_emu_bytes_in_use(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,547 @@
+/* runtime.cc: the emulated CUDA runtime.  One device (device 0, 16 GiB);
+ * cudaMalloc hands out host memory (256-byte aligned, exactly the size
+ * asked for, so that ASan sees overruns) and tracks it, so that
+ * cudaPointerGetAttributes, cudaMemGetInfo and a free of an unknown or
+ * already freed pointer behave as the real runtime's; copies and memsets
+ * check that their device side is device memory.  Streams run their work
+ * when it is queued, in order, so synchronising only reports errors.
+ * Errors follow the runtime's rules: a failed call sets the last error
+ * (cudaGetLastError returns and clears it); a kernel error (simt.cc) is
+ * also returned by the next synchronisation.  Counters and an injected
+ * allocation failure serve the tests (peer_emu.h). */
+#include "emu_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+
+struct CUstream_st {
+  unsigned flags;
+};
+struct CUevent_st {
+  double ms; /* when it was recorded */
+  bool recorded;
+};
+
+namespace peer_emu {
+namespace {
+
+constexpr size_t device_bytes = (size_t)16 << 30;
+
+std::mutex mem_lock; /* guards everything below but the atomics */
+std::map<uintptr_t, size_t> allocations;
+std::set<uintptr_t> host_allocations;
+size_t in_use = 0;
+std::set<CUstream_st *> streams;
+std::set<CUevent_st *> events;
+std::string kernel_msg; /* the text of the last kernel error */
+std::string launch_failure_text = "unspecified launch failure";
+
+std::atomic<unsigned long long> n_device_syncs{0}, n_stream_syncs{0}, n_mallocs{0}, n_frees{0},
+    n_launches{0}, n_kernel_errors{0};
+std::atomic<long> fail_countdown{-1};
+
+thread_local cudaError_t last_error = cudaSuccess;
+std::atomic<int> pending_sync_error{cudaSuccess}; /* a kernel error, for the next sync */
+thread_local int current_device = 0;
+
+void init_fail_countdown() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char *e = getenv("PEER_EMU_FAIL_MALLOC");
+    if (e && atol(e) > 0) fail_countdown = atol(e);
+  });
+}
+
+/* The allocation holding p (inclusive of its end when `end_ok`). */
+bool find(const void *p, bool end_ok, uintptr_t *base, size_t *size) {
+  const uintptr_t a = (uintptr_t)p;
+  auto it = allocations.upper_bound(a);
+  if (it == allocations.begin()) return false;
+  --it;
+  if (a < it->first + it->second || (end_ok && a == it->first + it->second)) {
+    *base = it->first, *size = it->second;
+    return true;
+  }
+  return false;
+}
+
+double now_ms() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+cudaError_t sync_result() {
+  int e = pending_sync_error.exchange(cudaSuccess);
+  return e == cudaSuccess ? cudaSuccess : set_error((cudaError_t)e);
+}
+
+/* The device side of a copy: kind says which ends are device memory. */
+cudaError_t copy_check(void *dst, const void *src, size_t n, cudaMemcpyKind kind) {
+  if (n == 0) return cudaSuccess;
+  if (!dst || !src) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> hold(mem_lock);
+  bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+  bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+  if (kind == cudaMemcpyDefault) {
+    uintptr_t b;
+    size_t s;
+    dst_dev = find(dst, false, &b, &s);
+    src_dev = find(src, false, &b, &s);
+  } else if (kind != cudaMemcpyHostToHost && !dst_dev && !src_dev) {
+    return cudaErrorInvalidMemcpyDirection;
+  }
+  if (kind > cudaMemcpyDefault) return cudaErrorInvalidMemcpyDirection;
+  uintptr_t b;
+  size_t s;
+  if (dst_dev && !(find(dst, false, &b, &s) && (uintptr_t)dst + n <= b + s))
+    return cudaErrorInvalidValue;
+  if (src_dev && !(find(src, false, &b, &s) && (uintptr_t)src + n <= b + s))
+    return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+} // namespace
+
+bool device_range(const void *p, size_t bytes) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  uintptr_t b;
+  size_t s;
+  return find(p, bytes == 0, &b, &s) && (uintptr_t)p + bytes <= b + s;
+}
+
+bool device_pointer(const void *p) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  uintptr_t b;
+  size_t s;
+  return find(p, true, &b, &s) || host_allocations.count((uintptr_t)p);
+}
+
+bool stream_ok(cudaStream_t s) {
+  if (s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread) return true;
+  std::lock_guard<std::mutex> hold(mem_lock);
+  return streams.count(s) != 0;
+}
+
+cudaError_t set_error(cudaError_t e) {
+  if (e != cudaSuccess) last_error = e;
+  return e;
+}
+
+void kernel_error(const char *msg) {
+  n_kernel_errors++;
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    kernel_msg = msg;
+    launch_failure_text = std::string("unspecified launch failure (emulated: ") + msg + ")";
+  }
+  if (getenv("PEER_EMU_REPORT") || getenv("PEER_EMU_ABORT"))
+    fprintf(stderr, "peer emulated CUDA: %s\n", msg);
+  if (getenv("PEER_EMU_ABORT")) abort();
+  set_error(cudaErrorLaunchFailure);
+  pending_sync_error = cudaErrorLaunchFailure;
+}
+
+void count_launch() { n_launches++; }
+
+} // namespace peer_emu
+
+using namespace peer_emu;
+
+extern "C" {
+
+void peer_emu_get_counts(peer_emu_counts *out) {
+  out->device_syncs = n_device_syncs;
+  out->stream_syncs = n_stream_syncs;
+  out->mallocs = n_mallocs;
+  out->frees = n_frees;
+  out->launches = n_launches;
+  out->kernel_errors = n_kernel_errors;
+}
+
+void peer_emu_fail_malloc(long n) {
+  init_fail_countdown();
+  fail_countdown = n > 0 ? n : -1;
+}
+
+const char *peer_emu_last_kernel_error(void) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  static thread_local std::string copy;
+  copy = kernel_msg;
+  return copy.c_str();
+}
+
+unsigned long long peer_emu_bytes_in_use(void) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  return in_use;
+}
+
+cudaError_t cudaGetLastError(void) {
+  cudaError_t e = last_error;
+  last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError(void) { return last_error; }
+
+const char *cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+#define NAME(x)                                                                                    \
+  case x:                                                                                          \
+    return #x;
+    NAME(cudaSuccess)
+    NAME(cudaErrorInvalidValue)
+    NAME(cudaErrorMemoryAllocation)
+    NAME(cudaErrorInitializationError)
+    NAME(cudaErrorInvalidConfiguration)
+    NAME(cudaErrorInvalidDevicePointer)
+    NAME(cudaErrorInvalidMemcpyDirection)
+    NAME(cudaErrorNoDevice)
+    NAME(cudaErrorInvalidDevice)
+    NAME(cudaErrorInvalidResourceHandle)
+    NAME(cudaErrorNotReady)
+    NAME(cudaErrorIllegalAddress)
+    NAME(cudaErrorLaunchOutOfResources)
+    NAME(cudaErrorLaunchFailure)
+    NAME(cudaErrorUnknown)
+#undef NAME
+  }
+  return "cudaErrorUnknown";
+}
+
+const char *cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+  case cudaSuccess:
+    return "no error";
+  case cudaErrorInvalidValue:
+    return "invalid argument";
+  case cudaErrorMemoryAllocation:
+    return "out of memory";
+  case cudaErrorInitializationError:
+    return "initialization error";
+  case cudaErrorInvalidConfiguration:
+    return "invalid configuration argument";
+  case cudaErrorInvalidDevicePointer:
+    return "invalid device pointer";
+  case cudaErrorInvalidMemcpyDirection:
+    return "invalid copy direction for memcpy";
+  case cudaErrorNoDevice:
+    return "no CUDA-capable device is detected";
+  case cudaErrorInvalidDevice:
+    return "invalid device ordinal";
+  case cudaErrorInvalidResourceHandle:
+    return "invalid resource handle";
+  case cudaErrorNotReady:
+    return "device not ready";
+  case cudaErrorIllegalAddress:
+    return "an illegal memory access was encountered";
+  case cudaErrorLaunchOutOfResources:
+    return "too many resources requested for launch";
+  case cudaErrorLaunchFailure: {
+    /* the emulator knows what failed: the text says it (kept until the
+     * next kernel error) */
+    std::lock_guard<std::mutex> hold(mem_lock);
+    return launch_failure_text.c_str();
+  }
+  default:
+    return "unknown error";
+  }
+}
+
+cudaError_t cudaGetDeviceCount(int *count) {
+  if (!count) return set_error(cudaErrorInvalidValue);
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+  if (device != 0) return set_error(cudaErrorInvalidDevice);
+  current_device = device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int *device) {
+  if (!device) return set_error(cudaErrorInvalidValue);
+  *device = current_device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int device) {
+  if (!p) return set_error(cudaErrorInvalidValue);
+  if (device != 0) return set_error(cudaErrorInvalidDevice);
+  memset(p, 0, sizeof *p);
+  snprintf(p->name, sizeof p->name, "emulated CUDA device (peer, PEER_CUDA=EMU)");
+  p->totalGlobalMem = device_bytes;
+  p->sharedMemPerBlock = smem_max;
+  p->sharedMemPerBlockOptin = smem_max;
+  p->regsPerBlock = 65536;
+  p->warpSize = 32;
+  p->maxThreadsPerBlock = 1024;
+  p->maxThreadsDim[0] = 1024, p->maxThreadsDim[1] = 1024, p->maxThreadsDim[2] = 64;
+  p->maxGridSize[0] = 0x7fffffff, p->maxGridSize[1] = 65535, p->maxGridSize[2] = 65535;
+  p->multiProcessorCount = 1;
+  p->l2CacheSize = 1 << 20;
+  p->major = 9, p->minor = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int *value, enum cudaDeviceAttr attr, int device) {
+  if (!value) return set_error(cudaErrorInvalidValue);
+  if (device != 0) return set_error(cudaErrorInvalidDevice);
+  switch (attr) {
+  case cudaDevAttrMaxThreadsPerBlock:
+    *value = 1024;
+    break;
+  case cudaDevAttrMaxSharedMemoryPerBlock:
+    *value = (int)smem_max;
+    break;
+  case cudaDevAttrWarpSize:
+    *value = 32;
+    break;
+  case cudaDevAttrMultiProcessorCount:
+    *value = 1;
+    break;
+  case cudaDevAttrMemoryClockRate:
+    *value = 1000000;
+    break;
+  case cudaDevAttrGlobalMemoryBusWidth:
+    *value = 64;
+    break;
+  case cudaDevAttrL2CacheSize:
+    *value = 1 << 20;
+    break;
+  case cudaDevAttrComputeCapabilityMajor:
+    *value = 9;
+    break;
+  case cudaDevAttrComputeCapabilityMinor:
+    *value = 0;
+    break;
+  default:
+    return set_error(cudaErrorInvalidValue);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize(void) {
+  n_device_syncs++;
+  return sync_result();
+}
+
+cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes) {
+  if (!free_bytes || !total_bytes) return set_error(cudaErrorInvalidValue);
+  std::lock_guard<std::mutex> hold(mem_lock);
+  *free_bytes = device_bytes - in_use;
+  *total_bytes = device_bytes;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void **ptr, size_t size) {
+  n_mallocs++;
+  init_fail_countdown();
+  if (!ptr) return set_error(cudaErrorInvalidValue);
+  *ptr = nullptr;
+  if (fail_countdown > 0 && --fail_countdown == 0) {
+    fail_countdown = -1;
+    return set_error(cudaErrorMemoryAllocation);
+  }
+  if (size == 0) return cudaSuccess;
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    if (size > device_bytes - in_use) return set_error(cudaErrorMemoryAllocation);
+  }
+  void *p = nullptr;
+  if (posix_memalign(&p, 256, size) != 0) return set_error(cudaErrorMemoryAllocation);
+  std::lock_guard<std::mutex> hold(mem_lock);
+  allocations[(uintptr_t)p] = size;
+  in_use += size;
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFree(void *ptr) {
+  if (!ptr) return cudaSuccess;
+  n_frees++;
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    auto it = allocations.find((uintptr_t)ptr);
+    if (it == allocations.end()) return set_error(cudaErrorInvalidValue);
+    in_use -= it->second;
+    allocations.erase(it);
+  }
+  free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocHost(void **ptr, size_t size) {
+  if (!ptr) return set_error(cudaErrorInvalidValue);
+  void *p = nullptr;
+  if (posix_memalign(&p, 256, size ? size : 1) != 0) return set_error(cudaErrorMemoryAllocation);
+  std::lock_guard<std::mutex> hold(mem_lock);
+  host_allocations.insert((uintptr_t)p);
+  *ptr = p;
+  return cudaSuccess;
+}
+
+cudaError_t cudaFreeHost(void *ptr) {
+  if (!ptr) return cudaSuccess;
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    if (!host_allocations.erase((uintptr_t)ptr)) return set_error(cudaErrorInvalidValue);
+  }
+  free(ptr);
+  return cudaSuccess;
+}
+
+cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes *a, const void *ptr) {
+  if (!a || !ptr) return set_error(cudaErrorInvalidValue);
+  std::lock_guard<std::mutex> hold(mem_lock);
+  uintptr_t b;
+  size_t s;
+  if (find(ptr, false, &b, &s)) {
+    a->type = cudaMemoryTypeDevice;
+    a->device = 0;
+    a->devicePointer = (void *)ptr;
+    a->hostPointer = nullptr;
+  } else if (host_allocations.count((uintptr_t)ptr)) {
+    a->type = cudaMemoryTypeHost;
+    a->device = 0;
+    a->devicePointer = a->hostPointer = (void *)ptr;
+  } else {
+    a->type = cudaMemoryTypeUnregistered; /* as CUDA 11+: success, unregistered */
+    a->device = -2;
+    a->devicePointer = nullptr;
+    a->hostPointer = (void *)ptr;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind) {
+  cudaError_t e = copy_check(dst, src, n, kind);
+  if (e != cudaSuccess) return set_error(e);
+  if (n) memmove(dst, src, n);
+  return sync_result(); /* a blocking copy waits for earlier work */
+}
+
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind,
+                            cudaStream_t stream) {
+  if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  cudaError_t e = copy_check(dst, src, n, kind);
+  if (e != cudaSuccess) return set_error(e);
+  if (n) memmove(dst, src, n);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void *ptr, int value, size_t n, cudaStream_t stream) {
+  if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  if (n == 0) return cudaSuccess;
+  if (!device_range(ptr, n)) return set_error(cudaErrorInvalidValue);
+  memset(ptr, value, n);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemset(void *ptr, int value, size_t n) {
+  return cudaMemsetAsync(ptr, value, n, nullptr);
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
+  if (!stream || flags > cudaStreamNonBlocking) return set_error(cudaErrorInvalidValue);
+  CUstream_st *s = new CUstream_st{flags};
+  std::lock_guard<std::mutex> hold(mem_lock);
+  streams.insert(s);
+  *stream = s;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t *stream) {
+  return cudaStreamCreateWithFlags(stream, cudaStreamDefault);
+}
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!streams.erase(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  delete stream;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  n_stream_syncs++;
+  if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  return sync_result();
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
+  (void)flags;
+  if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
+  (void)flags;
+  if (!event) return set_error(cudaErrorInvalidValue);
+  CUevent_st *ev = new CUevent_st{0.0, false};
+  std::lock_guard<std::mutex> hold(mem_lock);
+  events.insert(ev);
+  *event = ev;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t *event) {
+  return cudaEventCreateWithFlags(event, cudaEventDefault);
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!events.erase(event)) return set_error(cudaErrorInvalidResourceHandle);
+  delete event;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+  event->ms = now_ms();
+  event->recorded = true;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  n_stream_syncs++;
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+  }
+  return sync_result();
+}
+
+cudaError_t cudaEventQuery(cudaEvent_t event) {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
+  if (!ms) return set_error(cudaErrorInvalidValue);
+  std::lock_guard<std::mutex> hold(mem_lock);
+  if (!events.count(start) || !events.count(end)) return set_error(cudaErrorInvalidResourceHandle);
+  if (!start->recorded || !end->recorded) return set_error(cudaErrorInvalidResourceHandle);
+  *ms = (float)(end->ms - start->ms);
+  return cudaSuccess;
+}
+
+} // extern "C"
