@@ -234,8 +234,9 @@ def _backward_op(key: int, context: torch.Tensor, x: torch.Tensor, dy: torch.Ten
     saved.used = True
     dense = [torch.from_numpy(getattr(g, _GRAD_FIELD[n])) for n in _trainable_names(layer)
              if n in _GRAD_FIELD]
-    return (torch.from_numpy(dx), dense, torch.from_numpy(g.expert_rows.copy()),
-            torch.from_numpy(g.experts_down.copy()), torch.from_numpy(g.experts_up.copy()))
+    # Views of g's buffers (which they keep alive), not copies.
+    return (torch.from_numpy(dx), dense, torch.from_numpy(g.expert_rows),
+            torch.from_numpy(g.experts_down), torch.from_numpy(g.experts_up))
 
 
 @_backward_op.register_fake
@@ -431,6 +432,10 @@ class PEER(nn.Module):
         if x.shape[-1] != d:
             raise ValueError(f"peerlayer.PEER: input's last dimension is {x.shape[-1]}, "
                              f"d_model is {d}")
+        if x.is_cuda != self._cuda:
+            raise RuntimeError(f"peerlayer.PEER: input on {x.device}, layer on "
+                               f"{'cuda' if self._cuda else 'cpu'}; move one of them "
+                               "(module.to(device) rebuilds the layer there)")
         params = self._params()
         lead, dtype = x.shape[:-1], x.dtype
         x2 = x.reshape(-1, d).to(torch.float32).contiguous()
@@ -464,9 +469,6 @@ class PEER(nn.Module):
         return y
 
     def _forward_cuda(self, x, needs_grad):
-        if not x.is_cuda:
-            raise RuntimeError("peerlayer.PEER: CPU input to a CUDA layer; move the input "
-                               "with .cuda() or the module with .cpu()")
         if needs_grad or (self.training and self._batchnorm):
             raise RuntimeError("peerlayer.PEER: the CUDA backend does forward only (no "
                                "training yet); use torch.no_grad() and eval(), or train "
