@@ -435,11 +435,18 @@ peer_status peer_checkpoint_load(peer_layer *layer, peer_optimizer *opt, const c
  * so an interrupted save leaves any previous file intact. */
 peer_status peer_layer_save(const peer_layer *layer, const char *path);
 /* Load a layer saved by peer_layer_save (or any file following PEER.md).
- * Every length is checked against the file size before use; tensors are read
- * straight into the layer's memory (the file is never held twice).  opt may be
- * NULL.  On success *out is a new layer. */
+ * Every length is checked against the file size before use, and every
+ * tensor's name, dtype and shape against the metadata's config before any
+ * parameter memory is allocated: what a load allocates never exceeds the
+ * file's size.  Tensors are read straight into the layer's memory (the file
+ * is never held twice).  opt may be NULL.  On success *out is a new layer. */
 peer_status peer_layer_load(peer_layer **out, const char *path,
                             const peer_options *opt);
+/* Every check of peer_layer_load (header, metadata config, each tensor's
+ * name, dtype, shape and byte range, nothing extra) without reading tensor
+ * data or allocating parameters; *cfg (NULL to skip) gets the file's config.
+ * PEER_OK means peer_layer_load accepts the file, barring I/O errors. */
+peer_status peer_layer_check_file(const char *path, peer_config *cfg);
 
 /* Generic safetensors access, used for activation files (x, y, indices, ...).
  * A reader maps nothing: it validates the header and reads tensors on request. */

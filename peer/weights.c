@@ -32,32 +32,63 @@ peer_status peer_layer_save(const peer_layer *L, const char *path) {
   return st;
 }
 
+/* Open path and check it against the config its metadata describes:
+ * *f open and cfg, want (parameters by slot order) filled on success. */
+static peer_status open_checked(const char *path, peer_safetensors **f, peer_config *cfg,
+                                peer_tensor want[PEER_P_COUNT], int *n_want) {
+  peer_status st = peer_safetensors_open(f, path);
+  if (st) return st;
+  peer_tensor slot[PEER_P_COUNT];
+  int order[PEER_P_COUNT];
+  char desc[128];
+  if (!(st = peer_file_config(*f, path, cfg))) {
+    *n_want = peer_params_describe(cfg, slot, order);
+    for (int i = 0; i < *n_want; i++)
+      want[i] = slot[order[i]];
+    snprintf(desc, sizeof desc, "a layer with this config (query_bias=%d, query_norm=%s)",
+             cfg->query_bias, peer_query_norm_name(cfg->query_norm));
+    const peer_file_want w = {.t = want,
+                              .n = *n_want,
+                              .skip_prefix = "optim." /* a checkpoint's optimizer state */,
+                              .layer_desc = desc};
+    st = peer_file_check(*f, path, &w);
+  }
+  if (st) {
+    peer_safetensors_close(*f);
+    *f = NULL;
+  }
+  return st;
+}
+
+peer_status peer_layer_check_file(const char *path, peer_config *cfg) {
+  if (!path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_check_file: NULL path");
+  peer_safetensors *f = NULL;
+  peer_config c;
+  peer_tensor want[PEER_P_COUNT];
+  int n;
+  peer_status st = open_checked(path, &f, &c, want, &n);
+  peer_safetensors_close(f);
+  if (!st && cfg) *cfg = c;
+  return st;
+}
+
 peer_status peer_layer_load(peer_layer **out, const char *path, const peer_options *opt) {
   if (!out || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_load: NULL argument");
   *out = NULL;
   peer_status st = check_host_backend(opt, path);
   if (st) return st;
   peer_safetensors *f = NULL;
-  if ((st = peer_safetensors_open(&f, path))) return st;
   peer_config cfg;
-  peer_tensor slot[PEER_P_COUNT], want[PEER_P_COUNT];
-  int order[PEER_P_COUNT];
-  char desc[128];
-  peer_file_want w = {.t = want, .skip_prefix = "optim." /* a checkpoint's optimizer state */,
-                      .layer_desc = desc};
+  peer_tensor want[PEER_P_COUNT];
+  int n = 0;
+  if ((st = open_checked(path, &f, &cfg, want, &n))) return st;
+  /* every check passed before the layer's memory exists */
   peer_layer *L = NULL;
-  if (!(st = peer_file_config(f, path, &cfg))) {
-    w.n = peer_params_describe(&cfg, slot, order);
-    for (int i = 0; i < w.n; i++)
-      want[i] = slot[order[i]];
-    snprintf(desc, sizeof desc, "a layer with this config (query_bias=%d, query_norm=%s)",
-             cfg.query_bias, peer_query_norm_name(cfg.query_norm));
-    /* every check passes before the layer's memory exists */
-    if (!(st = peer_file_check(f, path, &w)) && !(st = peer_layer_create(&L, &cfg, opt))) {
-      for (int i = 0; i < w.n; i++)
-        want[i] = L->slot[L->param_slot[i]];
-      st = peer_file_read(f, &w);
-    }
+  if (!(st = peer_layer_create(&L, &cfg, opt))) {
+    for (int i = 0; i < n; i++)
+      want[i] = L->slot[L->param_slot[i]];
+    const peer_file_want w = {.t = want, .n = n};
+    st = peer_file_read(f, &w);
   }
   peer_safetensors_close(f);
   if (st) {

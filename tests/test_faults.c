@@ -447,3 +447,114 @@ Test(faults, a_full_disk_fails_cleanly) {
   peer_layer_free(small);
   peer_layer_free(big);
 }
+
+/* -------------------------------------------------------------- the CLI */
+
+#ifdef PEER_CLI
+/* Run the built `peer` with args in the test's directory; its exit status
+ * (128 + signal when killed), stderr into err. */
+static int run_cli(const char *args, char *err, size_t size) {
+  char cmd[1024], err_path[300];
+  snprintf(err_path, sizeof err_path, "%s/stderr.txt", dir);
+  snprintf(cmd, sizeof cmd, "cd '%s' && timeout 20 '%s' %s >/dev/null 2>'%s'", dir, PEER_CLI, args,
+           err_path);
+  int st = system(cmd);
+  FILE *f = fopen(err_path, "r");
+  cr_assert(f);
+  size_t n = fread(err, 1, size - 1, f);
+  err[n] = '\0';
+  fclose(f);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+/* `peer info` fails (exit 1, the library's reason) on every file that
+ * loading refuses, and returns at once on a FIFO or a 2 KB file whose
+ * metadata describes gigabytes. */
+Test(faults, peer_info_fails_where_loading_fails, .timeout = 60) {
+  char err[2048];
+  peer_layer *L = make_layer(SMALL, 500);
+  cr_assert_eq(peer_layer_save(L, path_in("good.safetensors")), PEER_OK);
+  cr_assert_eq(run_cli("info good.safetensors", err, sizeof err), 0, "%s", err);
+
+  /* the same tensors and metadata plus one extra tensor (exit 0 before) */
+  peer_safetensors *f = NULL;
+  cr_assert_eq(peer_safetensors_open(&f, path_in("good.safetensors")), PEER_OK);
+  int n = peer_safetensors_count(f);
+  peer_tensor t[16];
+  for (int i = 0; i < n; i++) {
+    peer_safetensors_info(f, i, &t[i]);
+    t[i].data = malloc(t[i].nbytes);
+    cr_assert_eq(peer_safetensors_read(f, t[i].name, t[i].data, t[i].nbytes), PEER_OK);
+  }
+  float extra[2] = {1, 2};
+  t[n] = (peer_tensor){.name = "head.weight", .dtype = PEER_F32, .ndim = 1, .shape = {2},
+                       .data = extra, .nbytes = sizeof extra};
+  peer_layer_meta lm;
+  cr_assert_eq(peer_layer_meta_of(peer_layer_config(L), &lm), PEER_OK);
+  cr_assert_eq(peer_safetensors_write(path_in("extra.safetensors"), t, n + 1, lm.pair, lm.n_pairs),
+               PEER_OK, "%s", peer_last_error());
+  peer_layer *back = NULL;
+  expect_fail(peer_layer_load(&back, path_in("extra.safetensors"), NULL), PEER_ERR_FORMAT,
+              "head.weight");
+  cr_assert_eq(run_cli("info extra.safetensors", err, sizeof err), 1, "stderr: %s", err);
+  cr_assert(strstr(err, "head.weight") && strstr(err, "extra"), "stderr: %s", err);
+  for (int i = 0; i < n; i++)
+    free(t[i].data);
+  peer_safetensors_close(f);
+
+  /* issue 14's 2 KB file: refused by the size bound, not after 8.5 GB */
+  static float small[16];
+  const char *names[] = {"query.weight",      "query.norm.weight",       "query.norm.bias",
+                         "query.norm.running_mean", "query.norm.running_var", "keys",
+                         "experts.down",      "experts.up"};
+  peer_tensor tiny[8];
+  for (int i = 0; i < 8; i++)
+    tiny[i] = (peer_tensor){.name = names[i], .dtype = PEER_F32, .ndim = 1, .shape = {16},
+                            .data = small, .nbytes = sizeof small};
+  peer_config huge;
+  peer_config_default(&huge);
+  cr_assert_eq(peer_config_parse(&huge, "d_model=1,n_heads=1024,d_key=1048576,n_subkeys=1,"
+                                        "top_k=1,query_norm=batchnorm"),
+               PEER_OK);
+  cr_assert_eq(peer_layer_meta_of(&huge, &lm), PEER_OK);
+  cr_assert_eq(peer_safetensors_write(path_in("tiny.safetensors"), tiny, 8, lm.pair, lm.n_pairs),
+               PEER_OK, "%s", peer_last_error());
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  cr_assert_eq(run_cli("info tiny.safetensors", err, sizeof err), 1, "stderr: %s", err);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  cr_assert(strstr(err, "refused before allocating"), "stderr: %s", err);
+  double secs = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+  cr_assert_lt(secs, 5.0, "peer info took %.1f s on a 2 KB file", secs);
+
+  /* a FIFO: refused at once (it waited for a writer forever before) */
+  cr_assert_eq(mkfifo(path_in("fifo.safetensors"), 0600), 0);
+  cr_assert_eq(run_cli("info fifo.safetensors", err, sizeof err), 1, "stderr: %s", err);
+  cr_assert(strstr(err, "FIFO"), "stderr: %s", err);
+  peer_layer_free(L);
+}
+
+/* SIGINT to `peer init` while its temporary exists (polled for): it dies
+ * of the signal, leaves no temporary, and the old file is still there. */
+Test(faults, peer_cli_sigint_leaves_no_temporary, .timeout = 240) {
+  peer_layer *old = make_layer(SMALL, 600);
+  cr_assert_eq(peer_layer_save(old, path_in("w.safetensors")), PEER_OK);
+  for (int round = 0; round < 2; round++) {
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd,
+             "cd '%s' && '%s' init --config d_model=256,n_subkeys=256 --seed 1 "
+             "--out w.safetensors >/dev/null 2>&1 & pid=$!; i=0; "
+             "until ls '%s' | grep -q peer-tmp || [ $i -ge 4000 ]; do sleep 0.005; i=$((i+1)); "
+             "done; kill -INT $pid; wait $pid",
+             dir, PEER_CLI, dir);
+    int st = system(cmd);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 128 + SIGINT,
+              "round %d: `peer init` did not die of SIGINT during its save (status %d)", round,
+              WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    cr_assert_eq(count_temporaries(), 0, "round %d: `peer init` left a temporary", round);
+    peer_layer *L[1] = {old};
+    cr_assert_eq(which_layer(path_in("w.safetensors"), L, 1), 0, "the old file changed");
+  }
+  peer_layer_free(old);
+}
+#endif

@@ -940,6 +940,7 @@ static int write_plot(const options *o, const setting *s, int n, const corpus *c
 
 int main(int argc, char **argv) {
   cli_set_prefix("peer-ablate");
+  cli_remove_temporaries_on_signals();
   options o;
   int rc = parse_args(argc, argv, &o);
   if (rc == -1) {

@@ -2,66 +2,17 @@
  * cost per token) from its header alone. */
 #include "cli.h"
 
-#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 static const char usage_info[] =
     "usage: peer info W.safetensors\n"
     "\n"
     "Print a weight file's config, expert count, total and active parameters,\n"
     "its tensors (name, dtype, shape, bytes) and the forward cost per token.\n"
-    "Only the header is read; tensors are checked against the config.\n";
-
-/* Config names as stored under "peer.<name>" in a weight file's metadata. */
-static const char *const config_keys[] = {"d_model", "n_heads",      "d_key",       "n_subkeys",
-                                          "top_k",   "subkey_top_k", "shared_keys", "activation",
-                                          "gate",    "query_norm",   "query_bias",  "weight_dtype"};
-enum { N_CONFIG_KEYS = sizeof config_keys / sizeof config_keys[0] };
-
-/* Rebuild the config from a file's metadata. */
-static int config_from_metadata(const peer_safetensors *f, peer_config *cfg) {
-  const char *format = peer_safetensors_metadata(f, "peer.format");
-  if (!format) return fail("not a peer weight file: metadata has no peer.format");
-  if (strcmp(format, "1") != 0)
-    return fail("peer.format '%s' is not supported (this build reads %d)", format,
-                PEER_FORMAT_VERSION);
-  peer_config_default(cfg);
-  for (int i = 0; i < N_CONFIG_KEYS; i++) {
-    char key[64], item[256];
-    snprintf(key, sizeof key, "peer.%s", config_keys[i]);
-    const char *value = peer_safetensors_metadata(f, key);
-    if (!value) return fail("metadata has no %s", key);
-    if (strchr(value, ',') || strlen(value) > 200)
-      return fail("metadata %s: '%.40s' is not a valid value", key, value);
-    snprintf(item, sizeof item, "%s=%s", config_keys[i], value);
-    if (peer_config_parse(cfg, item)) return fail("metadata: %s", peer_last_error());
-  }
-  if (peer_config_validate(cfg)) return fail("metadata: %s", peer_last_error());
-  return 0;
-}
-
-/* Every parameter the config implies must be in the file with its shape and
- * dtype. */
-static int check_tensors(peer_layer *layer, const peer_safetensors *f) {
-  for (int i = 0; i < peer_layer_n_params(layer); i++) {
-    peer_tensor want, have;
-    if (peer_layer_param(layer, i, &want)) return fail("%s", peer_last_error());
-    if (peer_safetensors_find(f, want.name, &have))
-      return fail("file lacks tensor '%s' that the config needs", want.name);
-    bool same = have.dtype == want.dtype && have.ndim == want.ndim;
-    for (int j = 0; same && j < want.ndim; j++)
-      same = have.shape[j] == want.shape[j];
-    if (!same) {
-      char a[96], b[96];
-      return fail("tensor '%s' is %s %s, the config needs %s %s", want.name,
-                  peer_dtype_name(have.dtype), format_shape(&have, a, sizeof a),
-                  peer_dtype_name(want.dtype), format_shape(&want, b, sizeof b));
-    }
-  }
-  return 0;
-}
+    "Only the header is read; the file is checked as loading checks it (config,\n"
+    "every tensor's dtype, shape and bytes, nothing extra): exit status 1 if\n"
+    "loading would refuse it.\n";
 
 static void print_config(const peer_config *c) {
   printf("config:\n");
@@ -87,16 +38,18 @@ int cmd_info(int argc, char **argv) {
   if (n_pos != 1) return usage_error("expected one weight file (see 'peer info --help')");
   const char *path = pos[0];
 
+  /* The library's own checks, those of peer_layer_load: a file that loading
+   * would refuse (a bad config, a tensor missing, extra or of another shape)
+   * fails here too, before anything is allocated. */
+  peer_config cfg;
+  peer_status st = peer_layer_check_file(path, &cfg);
+  if (st) return lib_fail(st, NULL);
   peer_safetensors *f = NULL;
   peer_layer *layer = NULL;
-  peer_status st = peer_safetensors_open(&f, path);
-  if (st) return lib_fail(st, NULL);
-  peer_config cfg;
-  if ((rc = config_from_metadata(f, &cfg))) goto done;
+  if ((st = peer_safetensors_open(&f, path))) return lib_fail(st, NULL);
   /* The layer is only described, never touched: its large tables are mapped
-   * lazily, so this costs no physical memory. */
+   * lazily, and the check above bounded them by the file's size. */
   if ((rc = create_layer(&cfg, 0, &layer))) goto done;
-  if ((rc = check_tensors(layer, f))) goto done;
 
   char b[32];
   printf("file: %s\n", path);

@@ -3,14 +3,34 @@
 
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 static const char *g_prefix = "peer";
 
 void cli_set_prefix(const char *prefix) { g_prefix = prefix; }
+
+/* Async-signal-safe: unlink, then the default action (the signal stays
+ * blocked until the handler returns, so the process dies of it then). */
+static void remove_temporaries_and_die(int sig) {
+  peer_remove_temporaries();
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+void cli_remove_temporaries_on_signals(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = remove_temporaries_and_die;
+  sigemptyset(&sa.sa_mask);
+  const int sigs[] = {SIGINT, SIGTERM, SIGHUP};
+  for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+    sigaction(sigs[i], &sa, NULL);
+}
 
 static void report(const char *fmt, va_list ap) {
   fprintf(stderr, "%s: ", g_prefix);

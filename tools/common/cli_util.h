@@ -30,6 +30,11 @@ int parse_float(const char *name, const char *s, double lo, double hi, double *o
 /* A seed: a decimal integer in [0, 2^64). */
 int parse_seed(const char *name, const char *s, uint64_t *out);
 
+/* On SIGINT, SIGTERM and SIGHUP, remove the temporary files of the saves in
+ * progress (peer_remove_temporaries), then die of the signal as before.  The
+ * destination keeps its old contents. */
+void cli_remove_temporaries_on_signals(void);
+
 /* Seconds on the monotonic clock. */
 double now_seconds(void);
 /* Median of v[0 .. n), n >= 1 (sorts v). */
