@@ -50,6 +50,26 @@
 #endif
 #ifdef EMU_TSAN
 #include <sanitizer/tsan_interface.h>
+/* The emulator's own bookkeeping (states, results, the scheduler's fields)
+ * passes between fibers that TSan must see as unordered; its accesses are
+ * hidden from TSan, so only the kernels' own memory is checked. */
+extern "C" void AnnotateIgnoreReadsBegin(const char *file, int line);
+extern "C" void AnnotateIgnoreReadsEnd(const char *file, int line);
+extern "C" void AnnotateIgnoreWritesBegin(const char *file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(const char *file, int line);
+struct emu_only {
+  emu_only() {
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~emu_only() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+};
+#define EMU_ONLY emu_only emu_only_scope
+#else
+#define EMU_ONLY
 #endif
 
 #if !defined(__x86_64__)
@@ -254,15 +274,24 @@ void fiber_main() {
 #ifdef EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &ht.sched_bottom, &ht.sched_size);
 #endif
-  fiber *f = ht.cur;
+  fiber *f;
+  void (*body)(void *);
+  void *ctx;
+  {
+    EMU_ONLY;
+    f = ht.cur, body = ht.body, ctx = ht.body_ctx;
 #ifdef EMU_TSAN
-  __tsan_acquire(&ht.blk->start_sync);
+    __tsan_acquire(&ht.blk->start_sync);
 #endif
-  ht.body(ht.body_ctx);
+  }
+  body(ctx);
+  {
+    EMU_ONLY;
 #ifdef EMU_TSAN
-  __tsan_release(&ht.blk->end_sync);
+    __tsan_release(&ht.blk->end_sync);
 #endif
-  f->state = DONE;
+    f->state = DONE;
+  }
   to_scheduler(true);
   abort(); /* a finished fiber is never resumed */
 }
@@ -343,6 +372,11 @@ __attribute__((format(printf, 3, 4))) void block_fail(block_run *b, const fiber 
 /* The calling fiber broke a rule: report, and never run it again. */
 [[noreturn]] void fiber_fail_here() {
   ht.cur->state = FAILED;
+#ifdef EMU_TSAN
+  /* the caller's EMU_ONLY scope never ends: close it (see EMU_ONLY_CLOSE) */
+  AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+  AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+#endif
   to_scheduler(false);
   abort();
 }
@@ -448,9 +482,13 @@ uint64_t lane_result(const block_run *b, const warp_run &w, const pending &p, in
 
 } // namespace
 
-thread_ctx *self() { return &ht.cur->ctx; }
+thread_ctx *self() {
+  EMU_ONLY;
+  return &ht.cur->ctx;
+}
 
 unsigned active_mask() {
+  EMU_ONLY;
   fiber *f = ht.cur;
   block_run *b = ht.blk;
   unsigned m = 0;
@@ -462,6 +500,7 @@ unsigned active_mask() {
 }
 
 uint64_t warp_collective(warp_op op, unsigned mask, uint64_t value, int param, int width) {
+  EMU_ONLY;
   fiber *f = ht.cur;
   block_run *b = ht.blk;
   warp_run &w = b->warps[f->warp];
@@ -536,6 +575,7 @@ uint64_t warp_collective(warp_op op, unsigned mask, uint64_t value, int param, i
 }
 
 int block_barrier(bar_op op, int pred) {
+  EMU_ONLY;
   fiber *f = ht.cur;
   block_run *b = ht.blk;
   /* Which __syncthreads in the source is not checked: the compiler may
@@ -669,6 +709,7 @@ bool pointer_arg_ok(const launch_config &cfg, int index, const void *p) {
 }
 
 void launch(const launch_config &cfg, void (*body)(void *), void *ctx) {
+  EMU_ONLY; /* the scheduler runs no kernel code itself */
   count_launch();
   const dim3 g = cfg.grid, bl = cfg.block;
   const unsigned long long threads = (unsigned long long)bl.x * bl.y * bl.z;
