@@ -14,6 +14,8 @@
  * bit for bit (both rank the same sub-key scores by exact sums), and agree
  * with the CPU's brute force as retrieval does.
  *
+ * In the emulated build (PEER_CUDA=EMU, kernels/README.md) the same tests
+ * run on the CPU, and the `emu` suite checks the emulator's own rules.
  * Without a CUDA build the program exits 77 (ctest: skipped) at once.
  * Without a device it runs only the `cuda_limits` suite (the kernels'
  * limits, refused at layer creation before any device is looked for), then
@@ -36,6 +38,9 @@ int main(void) {
 
 #include <criterion/criterion.h>
 #include <cuda_runtime_api.h>
+#ifdef PEER_CUDA_EMULATED
+#include <cublas_v2.h>
+#endif
 #include <sys/wait.h>
 
 /* Relative tolerance of scores and y between backends: f32 sums of up to
@@ -1416,6 +1421,96 @@ Test(cuda, device_pointer_training_takes_no_staging) {
   free(x), free(dy), free(y);
   free_pair(&p);
 }
+
+#ifdef PEER_CUDA_EMULATED
+/* ------------------------------------------------- the emulator's own rules */
+
+/* The emulated build (PEER_CUDA=EMU, kernels/emu/): an injected cudaMalloc
+ * failure reaches the caller as PEER_ERR_OUT_OF_MEMORY and the next call
+ * works; the emulator counts the allocations. */
+Test(emu, injected_allocation_failure) {
+  pair p = make_pair(SMALL);
+  cr_assert_eq(peer_layer_init(p.gpu, 14), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 8, d = p.cfg.d_model;
+  ref_rng rng = {15};
+  float *x = ref_random_x(&rng, T, d);
+  float *d_x = dev_copy_of(x, (size_t)(T * d) * 4), *d_y = dev_alloc((size_t)(T * d) * 4);
+  peer_emu_counts before, after;
+  peer_emu_get_counts(&before);
+  peer_emu_fail_malloc(1); /* the layer's first scratch */
+  cr_assert_eq(peer_cuda_forward(p.gpu, T, d_x, d_y, NULL, NULL, 0), PEER_ERR_OUT_OF_MEMORY,
+               "%s", peer_last_error());
+  cr_assert(strstr(peer_last_error(), "cuda workspace") != NULL, "%s", peer_last_error());
+  cr_assert_eq(cudaGetLastError(), cudaSuccess);
+  cr_assert_eq(peer_cuda_forward(p.gpu, T, d_x, d_y, NULL, NULL, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, 0), PEER_OK, "%s", peer_last_error());
+  peer_emu_get_counts(&after);
+  cr_assert_eq(after.mallocs - before.mallocs, 2, "%llu cudaMalloc calls",
+               after.mallocs - before.mallocs);
+  cr_assert(after.launches > before.launches);
+  cudaFree(d_x), cudaFree(d_y);
+  free(x);
+  free_pair(&p);
+}
+
+/* Freeing an unknown or already freed pointer fails as the runtime's does,
+ * and leaves the error for cudaGetLastError. */
+Test(emu, bad_frees_and_pointer_attributes) {
+  void *a = dev_alloc(1000);
+  struct cudaPointerAttributes at;
+  cr_assert_eq(cudaPointerGetAttributes(&at, (char *)a + 999), cudaSuccess);
+  cr_assert_eq(at.type, cudaMemoryTypeDevice);
+  int host = 0;
+  cr_assert_eq(cudaPointerGetAttributes(&at, &host), cudaSuccess);
+  cr_assert_eq(at.type, cudaMemoryTypeUnregistered);
+  cr_assert_eq(cudaFree((char *)a + 8), cudaErrorInvalidValue);
+  cr_assert_eq(cudaGetLastError(), cudaErrorInvalidValue);
+  cr_assert_eq(cudaGetLastError(), cudaSuccess);
+  cr_assert_eq(cudaFree(a), cudaSuccess);
+  cr_assert_eq(cudaFree(a), cudaErrorInvalidValue);
+  (void)cudaGetLastError();
+  cr_assert_eq(cudaMemcpy(&host, a, 4, cudaMemcpyDeviceToHost), cudaErrorInvalidValue);
+  (void)cudaGetLastError();
+}
+
+/* cuBLAS's argument rules and its column-major product: C [m, n] =
+ * op(A) op(B) against plain double loops. */
+Test(emu, cublas_rules_and_column_major_product) {
+  const int m = 5, n = 3, k = 4;
+  float a[4 * 5], b[4 * 3], c[5 * 3];
+  for (int i = 0; i < 20; i++) a[i] = (float)(i % 7) - 3.0f;
+  for (int i = 0; i < 12; i++) b[i] = (float)(i % 5) * 0.5f - 1.0f;
+  float *da = dev_copy_of(a, sizeof a), *db = dev_copy_of(b, sizeof b), *dc = dev_alloc(sizeof c);
+  cublasHandle_t h;
+  cr_assert_eq(cublasCreate(&h), CUBLAS_STATUS_SUCCESS);
+  const float one = 1.0f, zero = 0.0f;
+  /* A stored k x m (op T), B stored k x n (op N) */
+  cr_assert_eq(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, da, k - 1, db, k, &zero,
+                           dc, m),
+               CUBLAS_STATUS_INVALID_VALUE); /* lda < k */
+  cr_assert_eq(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, da, k, db, k, &zero, dc,
+                           m - 1),
+               CUBLAS_STATUS_INVALID_VALUE); /* ldc < m */
+  cr_assert_eq(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, -1, n, k, &one, da, k, db, k, &zero, dc,
+                           m),
+               CUBLAS_STATUS_INVALID_VALUE);
+  cr_assert_eq(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &one, da, k, db, k, &zero, dc, m),
+               CUBLAS_STATUS_SUCCESS);
+  to_host(c, dc, sizeof c);
+  for (int j = 0; j < n; j++)
+    for (int i = 0; i < m; i++) {
+      double want = 0.0;
+      for (int l = 0; l < k; l++) want += (double)a[i * k + l] * (double)b[j * k + l];
+      cr_assert(fabs(c[i + j * m] - want) <= 1e-5, "C[%d,%d] = %g, want %g", i, j,
+                (double)c[i + j * m], want);
+    }
+  cr_assert_eq(cublasDestroy(h), CUBLAS_STATUS_SUCCESS);
+  cr_assert_eq(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &one, da, 1, db, 1, &zero, dc, 1),
+               CUBLAS_STATUS_NOT_INITIALIZED);
+  cudaFree(da), cudaFree(db), cudaFree(dc);
+}
+#endif
 
 /* 1 if a device is usable, probed in a child so that this process never
  * initialises CUDA before Criterion forks. */
