@@ -23,6 +23,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* PEER_API marks the functions the library exports.  The shared library is
+ * built with hidden visibility, so nothing else leaves it; for users (and the
+ * static library) the mark changes nothing.  Defined before this header is
+ * included, it wins. */
+#ifndef PEER_API
+#if defined(__GNUC__) || defined(__clang__)
+#define PEER_API __attribute__((visibility("default")))
+#else
+#define PEER_API
+#endif
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -36,13 +48,13 @@ extern "C" {
 #define PEER_FORMAT_VERSION 1
 
 /* Run-time version: PEER_VERSION_NUMBER of the library actually linked. */
-int peer_version_number(void);
-const char *peer_version_string(void);
+PEER_API int peer_version_number(void);
+PEER_API const char *peer_version_string(void);
 /* sizeof, in the library actually linked, of a public struct named as in
  * this header ("peer_config", "peer_options", "peer_tensor", "peer_grads",
  * "peer_optim_config"); 0 for any other name.  Bindings that re-declare the
  * structs (ctypes, cffi) compare their sizes with these at load time. */
-size_t peer_struct_size(const char *name);
+PEER_API size_t peer_struct_size(const char *name);
 
 /* ------------------------------------------------------------------ status */
 
@@ -64,10 +76,10 @@ typedef enum peer_status {
 } peer_status;
 
 /* Short constant name of a status ("invalid argument", ...). */
-const char *peer_status_string(peer_status status);
+PEER_API const char *peer_status_string(peer_status status);
 /* Message of the last failure on the calling thread ("" if none).  Valid until
  * the next failing call on this thread. */
-const char *peer_last_error(void);
+PEER_API const char *peer_last_error(void);
 
 /* ------------------------------------------------------------------ config */
 
@@ -115,27 +127,27 @@ typedef struct peer_config {
 /* Defaults: d_model 512, n_heads 8, d_key 256, n_subkeys 1024, top_k 16,
  * subkey_top_k 0 (= top_k), shared_keys 0, gelu, softmax, no norm, no bias,
  * f32. */
-void peer_config_default(peer_config *cfg);
+PEER_API void peer_config_default(peer_config *cfg);
 /* Apply "key=value,key=value" (PEER.md names) on top of *cfg.  Unknown keys,
  * malformed numbers and bad enum values fail naming the key; *cfg is left
  * unchanged on failure.  Values are not cross-checked: call
  * peer_config_validate. */
-peer_status peer_config_parse(peer_config *cfg, const char *text);
+PEER_API peer_status peer_config_parse(peer_config *cfg, const char *text);
 /* Check ranges and relations; the error message names the offending field. */
-peer_status peer_config_validate(const peer_config *cfg);
+PEER_API peer_status peer_config_validate(const peer_config *cfg);
 /* k' actually used (subkey_top_k, or top_k when 0). */
-int64_t peer_config_subkey_top_k(const peer_config *cfg);
+PEER_API int64_t peer_config_subkey_top_k(const peer_config *cfg);
 /* N = n_subkeys^2. */
-int64_t peer_config_n_experts(const peer_config *cfg);
+PEER_API int64_t peer_config_n_experts(const peer_config *cfg);
 /* Write "d_model=512,n_heads=8,..." (every field) into buf; returns the
  * length it needs (without the NUL), like snprintf. */
-int peer_config_format(const peer_config *cfg, char *buf, size_t size);
+PEER_API int peer_config_format(const peer_config *cfg, char *buf, size_t size);
 /* Names of the enums as used in config strings and files. */
-const char *peer_activation_name(peer_activation a);
-const char *peer_gate_name(peer_gate g);
-const char *peer_query_norm_name(peer_query_norm q);
-const char *peer_dtype_name(peer_dtype t); /* "F32", "BF16", "I64" */
-size_t peer_dtype_size(peer_dtype t);
+PEER_API const char *peer_activation_name(peer_activation a);
+PEER_API const char *peer_gate_name(peer_gate g);
+PEER_API const char *peer_query_norm_name(peer_query_norm q);
+PEER_API const char *peer_dtype_name(peer_dtype t); /* "F32", "BF16", "I64" */
+PEER_API size_t peer_dtype_size(peer_dtype t);
 
 /* ------------------------------------------------------------------- layer */
 
@@ -150,24 +162,24 @@ typedef struct peer_options {
   int device;           /* CUDA device ordinal */
 } peer_options;
 
-void peer_options_default(peer_options *opt);
+PEER_API void peer_options_default(peer_options *opt);
 
 typedef struct peer_layer peer_layer;
 
 /* Create a layer with zeroed parameters (call peer_layer_init or fill them
  * through peer_layer_param).  opt may be NULL (defaults).  On success *out is
  * a new layer the caller frees with peer_layer_free. */
-peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
-                              const peer_options *opt);
+PEER_API peer_status peer_layer_create(peer_layer **out, const peer_config *cfg,
+                                       const peer_options *opt);
 /* Free a layer and everything it owns; NULL is accepted. */
-void peer_layer_free(peer_layer *layer);
+PEER_API void peer_layer_free(peer_layer *layer);
 /* The layer's configuration (owned by the layer). */
-const peer_config *peer_layer_config(const peer_layer *layer);
+PEER_API const peer_config *peer_layer_config(const peer_layer *layer);
 /* Change the CPU thread count (0 = OpenMP default).  Results are bitwise
  * identical for every thread count. */
-peer_status peer_layer_set_threads(peer_layer *layer, int n_threads);
+PEER_API peer_status peer_layer_set_threads(peer_layer *layer, int n_threads);
 /* Threads the layer's CPU calls use (n_threads, or OpenMP's default for 0). */
-int peer_layer_threads(const peer_layer *layer);
+PEER_API int peer_layer_threads(const peer_layer *layer);
 
 /* Seeded, deterministic initialisation (the same bits for a seed whatever the
  * thread count).  Distributions, all uniform U(-a, a):
@@ -176,7 +188,7 @@ int peer_layer_threads(const peer_layer *layer);
  *   experts.down   a = 1/sqrt(d_model)
  *   experts.up     a = 1/sqrt(n_heads*top_k)
  *   query.norm.*   weight 1, bias 0, running_mean 0, running_var 1 */
-peer_status peer_layer_init(peer_layer *layer, uint64_t seed);
+PEER_API peer_status peer_layer_init(peer_layer *layer, uint64_t seed);
 
 /* A view of one tensor.  For parameters `data` points into the layer's own
  * memory (host memory on the CPU backend, device memory on CUDA); a host
@@ -191,17 +203,17 @@ typedef struct peer_tensor {
 } peer_tensor;
 
 /* Number of parameter tensors this layer has (depends on bias/norm). */
-int peer_layer_n_params(const peer_layer *layer);
+PEER_API int peer_layer_n_params(const peer_layer *layer);
 /* i-th parameter, 0 <= i < peer_layer_n_params. */
-peer_status peer_layer_param(peer_layer *layer, int i, peer_tensor *out);
+PEER_API peer_status peer_layer_param(peer_layer *layer, int i, peer_tensor *out);
 /* Parameter by PEER.md name; PEER_ERR_INVALID_ARGUMENT if the layer has none
  * of that name. */
-peer_status peer_layer_param_by_name(peer_layer *layer, const char *name,
-                                     peer_tensor *out);
+PEER_API peer_status peer_layer_param_by_name(peer_layer *layer, const char *name,
+                                              peer_tensor *out);
 /* Total parameter count and parameters touched per token (query, keys and the
  * H*k expert rows). */
-int64_t peer_layer_n_parameters(const peer_layer *layer);
-int64_t peer_layer_n_active_parameters(const peer_layer *layer);
+PEER_API int64_t peer_layer_n_parameters(const peer_layer *layer);
+PEER_API int64_t peer_layer_n_active_parameters(const peer_layer *layer);
 
 /* ------------------------------------------------------------- workspace */
 
@@ -212,10 +224,10 @@ int64_t peer_layer_n_active_parameters(const peer_layer *layer);
  * forward or retrieval for T up to that size.  The buffer must stay valid
  * until it is replaced (NULL, 0 returns to internal scratch) or the layer is
  * freed.  It must be 64-byte aligned. */
-peer_status peer_layer_workspace_size(const peer_layer *layer, int64_t n_tokens,
-                                      size_t *bytes);
-peer_status peer_layer_set_workspace(peer_layer *layer, void *buffer,
-                                     size_t bytes);
+PEER_API peer_status peer_layer_workspace_size(const peer_layer *layer, int64_t n_tokens,
+                                               size_t *bytes);
+PEER_API peer_status peer_layer_set_workspace(peer_layer *layer, void *buffer,
+                                              size_t bytes);
 
 /* ----------------------------------------------------------------- forward */
 
@@ -227,22 +239,22 @@ peer_status peer_layer_set_workspace(peer_layer *layer, void *buffer,
  * candidate score non-finite, returns PEER_ERR_NONFINITE (naming the token),
  * and no id is ever out of range.  NaN/inf in the expert tables themselves
  * reaches no score: it propagates into y as NaN/inf. */
-peer_status peer_forward(peer_layer *layer, int64_t n_tokens, const float *x,
-                         float *y, int64_t *indices, float *gates);
+PEER_API peer_status peer_forward(peer_layer *layer, int64_t n_tokens, const float *x,
+                                  float *y, int64_t *indices, float *gates);
 
 /* Retrieval only: indices [T, H, k], and optionally scores [T, H, k] (the
  * kept s1[a] + s2[b]) and gates [T, H, k].  No expert table is read. */
-peer_status peer_retrieve(peer_layer *layer, int64_t n_tokens, const float *x,
-                          int64_t *indices, float *scores, float *gates);
+PEER_API peer_status peer_retrieve(peer_layer *layer, int64_t n_tokens, const float *x,
+                                   int64_t *indices, float *scores, float *gates);
 
 /* The same result by brute force: every one of the N sums s1[a] + s2[b] is
  * scored and the best k kept (O(N) per token and head; for checks and
  * benchmarks).  Same outputs as peer_retrieve.  On a CUDA layer, top_k > 95
  * is refused with PEER_ERR_UNSUPPORTED before anything runs (the kernel's
  * per-thread lists in shared memory; peer_cuda.h); T = 0 stays a no-op. */
-peer_status peer_retrieve_brute(peer_layer *layer, int64_t n_tokens,
-                                const float *x, int64_t *indices, float *scores,
-                                float *gates);
+PEER_API peer_status peer_retrieve_brute(peer_layer *layer, int64_t n_tokens,
+                                         const float *x, int64_t *indices, float *scores,
+                                         float *gates);
 
 /* ---------------------------------------------------------------- training */
 
@@ -258,25 +270,25 @@ typedef struct peer_context peer_context;
  * (peer_cuda.h gives its size).  A backend may take fewer tokens than the
  * core allows (CUDA: (2^31 - 1) / (2*n_heads*top_k)): PEER_ERR_UNSUPPORTED
  * then, here and from peer_context_create. */
-peer_status peer_context_size(const peer_layer *layer, int64_t max_tokens, size_t *bytes);
+PEER_API peer_status peer_context_size(const peer_layer *layer, int64_t max_tokens, size_t *bytes);
 /* Create a context for batches of up to max_tokens tokens of this layer's
  * shape; freed with peer_context_free (NULL accepted), which frees all the
  * memory the context took. */
-peer_status peer_context_create(peer_context **out, const peer_layer *layer,
-                                int64_t max_tokens);
-void peer_context_free(peer_context *ctx);
+PEER_API peer_status peer_context_create(peer_context **out, const peer_layer *layer,
+                                         int64_t max_tokens);
+PEER_API void peer_context_free(peer_context *ctx);
 
 /* Running statistics update: running = (1 - m) * running + m * batch, with the
  * unbiased batch variance (PyTorch's convention).  Default m = 0.1. */
-peer_status peer_layer_set_norm_momentum(peer_layer *layer, float momentum);
+PEER_API peer_status peer_layer_set_norm_momentum(peer_layer *layer, float momentum);
 
 /* Forward in training mode: as peer_forward, but batch norm uses the batch's
  * statistics (biased variance, eps 1e-5) and updates the running statistics,
  * and ctx records what peer_backward needs.  Batch norm needs T >= 2.  A call
  * that fails (any status but PEER_OK) leaves ctx, when it is this layer's,
  * without a forward: a backward then returns PEER_ERR_STATE. */
-peer_status peer_forward_train(peer_layer *layer, peer_context *ctx, int64_t n_tokens,
-                               const float *x, float *y);
+PEER_API peer_status peer_forward_train(peer_layer *layer, peer_context *ctx, int64_t n_tokens,
+                                        const float *x, float *y);
 
 /* Gradients.  Dense ones are caller-owned buffers shaped like their
  * parameters (NULL skips one), and are overwritten.  Expert gradients are
@@ -309,8 +321,8 @@ typedef struct peer_grads {
  * infinity in dy included, leaves it in place and may be retried.  (The
  * device-pointer peer_cuda_backward differs: it sees dy only on the device,
  * after it has returned PEER_OK and used the forward up; peer_cuda.h.) */
-peer_status peer_backward(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
-                          peer_grads *grads);
+PEER_API peer_status peer_backward(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
+                                   peer_grads *grads);
 
 /* ---------------------------------------------- optimizers and checkpoints */
 
@@ -364,24 +376,24 @@ typedef struct peer_optim_config {
 
 /* Adam for both, lr 1e-3, momentum 0, betas 0.9 / 0.999, eps 1e-8, weight
  * decay 0, expert_lr 0 (= lr). */
-peer_optim_config peer_optim_config_default(void);
+PEER_API peer_optim_config peer_optim_config_default(void);
 /* Check ranges; the error message names the offending field.  Fields a kind
  * does not use (momentum for Adam; betas and eps when nothing is Adam) are
  * not checked. */
-peer_status peer_optim_config_validate(const peer_optim_config *cfg);
+PEER_API peer_status peer_optim_config_validate(const peer_optim_config *cfg);
 
 typedef struct peer_optimizer peer_optimizer;
 
 /* Create an optimizer for `layer` (which must outlive it) with zeroed state
  * and step 0.  On success *out is freed with peer_optimizer_free. */
-peer_status peer_optimizer_create(peer_optimizer **out, peer_layer *layer,
-                                  const peer_optim_config *cfg);
+PEER_API peer_status peer_optimizer_create(peer_optimizer **out, peer_layer *layer,
+                                           const peer_optim_config *cfg);
 /* Free an optimizer and its state; NULL is accepted. */
-void peer_optimizer_free(peer_optimizer *opt);
+PEER_API void peer_optimizer_free(peer_optimizer *opt);
 /* The optimizer's configuration (owned by the optimizer). */
-const peer_optim_config *peer_optimizer_config(const peer_optimizer *opt);
+PEER_API const peer_optim_config *peer_optimizer_config(const peer_optimizer *opt);
 /* Change the learning rates (for schedules); expert_lr 0 = same as lr. */
-peer_status peer_optimizer_set_lr(peer_optimizer *opt, float lr, float expert_lr);
+PEER_API peer_status peer_optimizer_set_lr(peer_optimizer *opt, float lr, float expert_lr);
 
 /* One update of the layer's parameters from grads (as filled by
  * peer_backward; not modified).  A NULL dense gradient leaves its parameter
@@ -393,19 +405,19 @@ peer_status peer_optimizer_set_lr(peer_optimizer *opt, float lr, float expert_lr
  * the tensor, if a gradient that would be used holds a NaN or infinity.  The
  * step count grows by one on success.  Results are the same bits for every
  * thread count. */
-peer_status peer_optimizer_step(peer_optimizer *opt, const peer_grads *grads);
+PEER_API peer_status peer_optimizer_step(peer_optimizer *opt, const peer_grads *grads);
 /* Steps taken (restored by peer_checkpoint_load). */
-int64_t peer_optimizer_step_count(const peer_optimizer *opt);
+PEER_API int64_t peer_optimizer_step_count(const peer_optimizer *opt);
 
 /* State tensors, named as in a checkpoint: "optim.<parameter>.m" and ".v"
  * (Adam), "optim.<parameter>.momentum" (SGD with momentum), e.g.
  * "optim.experts.down.m" [N, d_model] F32.  `data` points into the
  * optimizer's own memory for its lifetime. */
-int peer_optimizer_n_states(const peer_optimizer *opt);
-peer_status peer_optimizer_state(peer_optimizer *opt, int i, peer_tensor *out);
+PEER_API int peer_optimizer_n_states(const peer_optimizer *opt);
+PEER_API peer_status peer_optimizer_state(peer_optimizer *opt, int i, peer_tensor *out);
 /* PEER_ERR_INVALID_ARGUMENT if the optimizer keeps no state of that name. */
-peer_status peer_optimizer_state_by_name(peer_optimizer *opt, const char *name,
-                                         peer_tensor *out);
+PEER_API peer_status peer_optimizer_state_by_name(peer_optimizer *opt, const char *name,
+                                                  peer_tensor *out);
 
 /* Save a checkpoint: one safetensors file with every parameter under its
  * PEER.md name, the weight-file metadata (config, "peer.format"), and, when
@@ -414,8 +426,8 @@ peer_status peer_optimizer_state_by_name(peer_optimizer *opt, const char *name,
  * ("peer.optim.kind", "peer.optim.lr", ...).  Atomic as peer_layer_save: a
  * failure or crash midway leaves any previous file at path intact.  Without
  * an optimizer the file is a plain weight file. */
-peer_status peer_checkpoint_save(const peer_layer *layer, const peer_optimizer *opt,
-                                 const char *path);
+PEER_API peer_status peer_checkpoint_save(const peer_layer *layer, const peer_optimizer *opt,
+                                          const char *path);
 /* Load a checkpoint into an existing layer and, when opt is not NULL (it
  * must belong to layer), its optimizer, restoring the step.  Refused with
  * PEER_ERR_FORMAT, naming the key and both values, when the file's layer
@@ -426,27 +438,27 @@ peer_status peer_checkpoint_save(const peer_layer *layer, const peer_optimizer *
  * them).  With opt NULL, state tensors in the file are ignored.  Everything
  * is checked before anything is read: only an I/O error midway can leave the
  * layer partly loaded. */
-peer_status peer_checkpoint_load(peer_layer *layer, peer_optimizer *opt, const char *path);
+PEER_API peer_status peer_checkpoint_load(peer_layer *layer, peer_optimizer *opt, const char *path);
 
 /* ------------------------------------------------------------ weight files */
 
 /* Save every parameter and the config as safetensors (PEER.md).  Atomic: the
  * file is written beside `path` under a temporary name, synced, then renamed,
  * so an interrupted save leaves any previous file intact. */
-peer_status peer_layer_save(const peer_layer *layer, const char *path);
+PEER_API peer_status peer_layer_save(const peer_layer *layer, const char *path);
 /* Load a layer saved by peer_layer_save (or any file following PEER.md).
  * Every length is checked against the file size before use, and every
  * tensor's name, dtype and shape against the metadata's config before any
  * parameter memory is allocated: what a load allocates never exceeds the
  * file's size.  Tensors are read straight into the layer's memory (the file
  * is never held twice).  opt may be NULL.  On success *out is a new layer. */
-peer_status peer_layer_load(peer_layer **out, const char *path,
-                            const peer_options *opt);
+PEER_API peer_status peer_layer_load(peer_layer **out, const char *path,
+                                     const peer_options *opt);
 /* Every check of peer_layer_load (header, metadata config, each tensor's
  * name, dtype, shape and byte range, nothing extra) without reading tensor
  * data or allocating parameters; *cfg (NULL to skip) gets the file's config.
  * PEER_OK means peer_layer_load accepts the file, barring I/O errors. */
-peer_status peer_layer_check_file(const char *path, peer_config *cfg);
+PEER_API peer_status peer_layer_check_file(const char *path, peer_config *cfg);
 
 /* Generic safetensors access, used for activation files (x, y, indices, ...).
  * A reader maps nothing: it validates the header and reads tensors on request. */
@@ -454,23 +466,23 @@ typedef struct peer_safetensors peer_safetensors;
 
 /* Open and validate a file (header, offsets, sizes).  *out is freed with
  * peer_safetensors_close. */
-peer_status peer_safetensors_open(peer_safetensors **out, const char *path);
-void peer_safetensors_close(peer_safetensors *file);
+PEER_API peer_status peer_safetensors_open(peer_safetensors **out, const char *path);
+PEER_API void peer_safetensors_close(peer_safetensors *file);
 /* Number of tensors and their descriptions (data = NULL).  Strings are owned
  * by the file object. */
-int peer_safetensors_count(const peer_safetensors *file);
-peer_status peer_safetensors_info(const peer_safetensors *file, int i,
-                                  peer_tensor *out);
+PEER_API int peer_safetensors_count(const peer_safetensors *file);
+PEER_API peer_status peer_safetensors_info(const peer_safetensors *file, int i,
+                                           peer_tensor *out);
 /* Look up a tensor by name: PEER_ERR_FORMAT naming it when absent. */
-peer_status peer_safetensors_find(const peer_safetensors *file,
-                                  const char *name, peer_tensor *out);
+PEER_API peer_status peer_safetensors_find(const peer_safetensors *file,
+                                           const char *name, peer_tensor *out);
 /* Read a tensor's bytes into dst (dst_bytes must equal its size). */
-peer_status peer_safetensors_read(const peer_safetensors *file,
-                                  const char *name, void *dst,
-                                  size_t dst_bytes);
+PEER_API peer_status peer_safetensors_read(const peer_safetensors *file,
+                                           const char *name, void *dst,
+                                           size_t dst_bytes);
 /* Metadata value for key, or NULL.  Owned by the file object. */
-const char *peer_safetensors_metadata(const peer_safetensors *file,
-                                      const char *key);
+PEER_API const char *peer_safetensors_metadata(const peer_safetensors *file,
+                                               const char *key);
 /* Write tensors (name, dtype, shape, data) and optional metadata pairs
  * (meta[2i] = key, meta[2i+1] = value) atomically to path.  Every save
  * (this, peer_layer_save, peer_checkpoint_save, ...) writes a temporary
@@ -481,13 +493,13 @@ const char *peer_safetensors_metadata(const peer_safetensors *file,
  * leave one of them, whole.  path must be absent or a writable regular
  * file: a symlink, directory, device, FIFO or a read-only file is refused
  * with PEER_ERR_IO.  A replaced file keeps its permission bits. */
-peer_status peer_safetensors_write(const char *path, const peer_tensor *tensors,
-                                   int n_tensors, const char *const *meta,
-                                   int n_meta_pairs);
+PEER_API peer_status peer_safetensors_write(const char *path, const peer_tensor *tensors,
+                                            int n_tensors, const char *const *meta,
+                                            int n_meta_pairs);
 /* Remove the temporary files of the saves in progress in this process and
  * return how many; async-signal-safe, for a SIGINT/SIGTERM handler that then
  * ends the process (the interrupted saves leave the old files as they were). */
-int peer_remove_temporaries(void);
+PEER_API int peer_remove_temporaries(void);
 
 /* ---------------------------------------------------- PEER-pytorch layout */
 
@@ -509,23 +521,23 @@ int peer_remove_temporaries(void);
  * top_k > 1) are refused with PEER_ERR_CONFIG; their shape fields are
  * ignored.  A file with other tensors, or already a peer weight file, is
  * refused with PEER_ERR_FORMAT naming the tensor.  opt may be NULL. */
-peer_status peer_layer_load_pytorch(peer_layer **out, const char *path,
-                                    const peer_config *settings,
-                                    const peer_options *opt);
+PEER_API peer_status peer_layer_load_pytorch(peer_layer **out, const char *path,
+                                             const peer_config *settings,
+                                             const peer_options *opt);
 /* Save a layer as a PEER-pytorch state dict (metadata "format": "pt"),
  * atomically as peer_layer_save.  A layer PEER-pytorch cannot express is
  * refused with PEER_ERR_UNSUPPORTED naming the field. */
-peer_status peer_layer_save_pytorch(const peer_layer *layer, const char *path);
+PEER_API peer_status peer_layer_save_pytorch(const peer_layer *layer, const char *path);
 /* The PEER-pytorch constructor call that computes cfg, e.g. "PEER(dim=512,
  * heads=8, num_experts=1048576, ...)", into buf (NUL-terminated);
  * PEER_ERR_UNSUPPORTED naming the field if there is none, and
  * PEER_ERR_INVALID_ARGUMENT if buf is too small (512 bytes always do). */
-peer_status peer_config_pytorch_args(const peer_config *cfg, char *buf, size_t size);
+PEER_API peer_status peer_config_pytorch_args(const peer_config *cfg, char *buf, size_t size);
 /* File to file: peer_layer_load_pytorch then peer_layer_save, and
  * peer_layer_load then peer_layer_save_pytorch. */
-peer_status peer_convert_from_pytorch(const char *in_path, const char *out_path,
-                                      const peer_config *settings);
-peer_status peer_convert_to_pytorch(const char *in_path, const char *out_path);
+PEER_API peer_status peer_convert_from_pytorch(const char *in_path, const char *out_path,
+                                               const peer_config *settings);
+PEER_API peer_status peer_convert_to_pytorch(const char *in_path, const char *out_path);
 
 /* ----------------------------------------------------------------- metrics */
 
@@ -533,12 +545,12 @@ peer_status peer_convert_to_pytorch(const char *in_path, const char *out_path);
  * z [n_experts] (z_i >= 0): usage = fraction with z_i > 0; unevenness =
  * log N + sum p_i log p_i.  Returns PEER_ERR_INVALID_ARGUMENT if z has a
  * negative or non-finite entry or sums to 0. */
-peer_status peer_usage_metrics(const double *z, int64_t n_experts,
-                               double *usage, double *unevenness);
+PEER_API peer_status peer_usage_metrics(const double *z, int64_t n_experts,
+                                        double *usage, double *unevenness);
 /* Add the gates of a retrieval (indices/gates [T, H, k]) into z [N]. */
-peer_status peer_usage_accumulate(double *z, int64_t n_experts,
-                                  const int64_t *indices, const float *gates,
-                                  int64_t n_entries);
+PEER_API peer_status peer_usage_accumulate(double *z, int64_t n_experts,
+                                           const int64_t *indices, const float *gates,
+                                           int64_t n_entries);
 
 /* ---------------------------------------------------------------- sharding */
 

@@ -73,7 +73,7 @@ extern "C" {
 
 /* Number of CUDA devices the runtime can use; 0 when there is none or no
  * driver (never an error). */
-int peer_cuda_device_count(void);
+PEER_API int peer_cuda_device_count(void);
 
 /* Device scratch.  The calls below need workspace for T tokens; by default a
  * layer allocates and keeps device scratch for the largest T it has seen:
@@ -91,9 +91,9 @@ int peer_cuda_device_count(void);
  * not be in use by queued work (the caller orders that, as for any buffer
  * it passes).  peer_layer_workspace_size (peer.h)
  * reports host scratch, which a CUDA layer does not use. */
-peer_status peer_cuda_workspace_size(const peer_layer *layer, int64_t n_tokens,
-                                     size_t *bytes);
-peer_status peer_cuda_set_workspace(peer_layer *layer, void *d_buffer, size_t bytes);
+PEER_API peer_status peer_cuda_workspace_size(const peer_layer *layer, int64_t n_tokens,
+                                              size_t *bytes);
+PEER_API peer_status peer_cuda_set_workspace(peer_layer *layer, void *d_buffer, size_t bytes);
 
 /* y = PEER(x) for T tokens, as peer_forward, on device pointers: d_x [T, d]
  * f32 in, d_y [T, d] f32 out, optional d_indices [T, H, k] and d_gates
@@ -107,16 +107,16 @@ peer_status peer_cuda_set_workspace(peer_layer *layer, void *d_buffer, size_t by
  * not run yet): the kernels record the first (token, head) whose sub-key or
  * candidate score is NaN or infinite, ids stay in range, and
  * peer_cuda_check reports it. */
-peer_status peer_cuda_forward(peer_layer *layer, int64_t n_tokens, const float *d_x,
-                              float *d_y, int64_t *d_indices, float *d_gates,
-                              cudaStream_t stream);
+PEER_API peer_status peer_cuda_forward(peer_layer *layer, int64_t n_tokens, const float *d_x,
+                                       float *d_y, int64_t *d_indices, float *d_gates,
+                                       cudaStream_t stream);
 
 /* Retrieval only, as peer_retrieve, on device pointers: d_indices [T, H, k]
  * (required), d_scores and d_gates [T, H, k] (optional).  Stream and error
  * reporting as peer_cuda_forward. */
-peer_status peer_cuda_retrieve(peer_layer *layer, int64_t n_tokens, const float *d_x,
-                               int64_t *d_indices, float *d_scores, float *d_gates,
-                               cudaStream_t stream);
+PEER_API peer_status peer_cuda_retrieve(peer_layer *layer, int64_t n_tokens, const float *d_x,
+                                        int64_t *d_indices, float *d_scores, float *d_gates,
+                                        cudaStream_t stream);
 
 /* The same result by brute force, as peer_retrieve_brute: every one of the
  * N = n*n sums s1[a] + s2[b] of each (token, head) is scored and the best k
@@ -130,9 +130,9 @@ peer_status peer_cuda_retrieve(peer_layer *layer, int64_t n_tokens, const float 
  * min(top_k, n_subkeys * ceil(n_subkeys / 32)) entries (the most of the sums
  * it scans that can be among the top_k) in 48 KiB of shared memory, room for
  * 95 per thread. */
-peer_status peer_cuda_retrieve_brute(peer_layer *layer, int64_t n_tokens, const float *d_x,
-                                     int64_t *d_indices, float *d_scores, float *d_gates,
-                                     cudaStream_t stream);
+PEER_API peer_status peer_cuda_retrieve_brute(peer_layer *layer, int64_t n_tokens, const float *d_x,
+                                              int64_t *d_indices, float *d_scores, float *d_gates,
+                                              cudaStream_t stream);
 
 /* Training forward, as peer_forward_train, on device pointers: d_x [T, d]
  * f32 in, d_y [T, d] f32 out; batch norm uses the batch's statistics and
@@ -155,8 +155,8 @@ peer_status peer_cuda_retrieve_brute(peer_layer *layer, int64_t n_tokens, const 
  * update), as the CPU does.  The context is ready for a backward when the
  * call returns PEER_OK, even if the check later reports a bad batch (whose
  * gradients are then meaningless). */
-peer_status peer_cuda_forward_train(peer_layer *layer, peer_context *ctx, int64_t n_tokens,
-                                    const float *d_x, float *d_y, cudaStream_t stream);
+PEER_API peer_status peer_cuda_forward_train(peer_layer *layer, peer_context *ctx, int64_t n_tokens,
+                                             const float *d_x, float *d_y, cudaStream_t stream);
 
 /* Backward of the last forward_train on ctx, as peer_backward, on device
  * pointers: d_dy [T, d] in, d_dx [T, d] out (NULL skips dx).  d_grads is a
@@ -185,9 +185,9 @@ peer_status peer_cuda_forward_train(peer_layer *layer, peer_context *ctx, int64_
  * Argument errors (no forward_train on ctx since the last backward, a
  * bias or norm gradient the layer lacks, an incomplete expert triple, too
  * small a capacity) are returned at once, and leave the forward in place. */
-peer_status peer_cuda_backward(peer_layer *layer, peer_context *ctx, const float *d_dy,
-                               float *d_dx, peer_grads *d_grads, int64_t *d_n_expert_rows,
-                               cudaStream_t stream);
+PEER_API peer_status peer_cuda_backward(peer_layer *layer, peer_context *ctx, const float *d_dy,
+                                        float *d_dx, peer_grads *d_grads, int64_t *d_n_expert_rows,
+                                        cudaStream_t stream);
 
 /* Wait for `stream`, then report and clear the layer's non-finite records.
  * PEER_ERR_CUDA if the stream holds a CUDA error; PEER_ERR_NONFINITE if a
@@ -203,7 +203,7 @@ peer_status peer_cuda_backward(peer_layer *layer, peer_context *ctx, const float
  * (order the streams, or check on each); otherwise its record stays for the
  * next check.  The clear is done when the call returns, so a record made by
  * a later call, on any stream, is never lost. */
-peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
+PEER_API peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

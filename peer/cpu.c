@@ -12,6 +12,10 @@
 
 #include <omp.h>
 
+#ifndef PEER_CPU_VARIANT
+#error "cpu.c is compiled once per instruction-set variant, with PEER_CPU_VARIANT set (cpu.h)"
+#endif
+
 /* One register tile of the product below: rows j0..j0+mr of B against nv
  * vectors of packed tokens.  Inlined with constant mr, nv so that the
  * accumulators live in registers. */
@@ -416,7 +420,7 @@ static peer_status cpu_forward(peer_layer *L, int64_t T, const float *x, float *
   return PEER_OK;
 }
 
-const peer_backend_i peer_backend_cpu = {
+static const peer_backend_i cpu_backend = {
     .name = "cpu",
     .alloc = peer_alloc,
     .free = peer_free,
@@ -426,4 +430,18 @@ const peer_backend_i peer_backend_cpu = {
     .context_bytes = peer_cpu_context_bytes,
     .forward_train = peer_cpu_forward_train,
     .backward = peer_cpu_backward,
+};
+
+#define PEER_CPU_STR_(x) #x
+#define PEER_CPU_STR(x) PEER_CPU_STR_(x)
+
+const peer_cpu_impl peer_cpu_variant = {
+    .name = PEER_CPU_STR(PEER_CPU_VARIANT),
+    .backend = &cpu_backend,
+    .gemm_nt = peer_cpu_gemm_nt,
+    .layout = peer_cpu_layout,
+    .thread_pack = peer_cpu_thread_pack,
+    .topk_scan = peer_cpu_topk_scan,
+    .project = peer_cpu_project,
+    .apply_experts = peer_cpu_apply_experts,
 };

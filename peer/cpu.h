@@ -7,6 +7,32 @@
 #include "internal.h"
 #include "rowops.h"
 
+/* Variants.  cpu.c and cpu_train.c are compiled once per instruction set
+ * (CMakeLists.txt: avx512, avx2 and generic, or native alone with
+ * PEER_NATIVE), each time with PEER_CPU_VARIANT set to that name, which
+ * suffixes their external names (peer_cpu_gemm_nt_avx512, ...) so that the
+ * variants link side by side.  Outside the variants the plain names of the
+ * entry points in peer_cpu_impl (below) exist too: cpu_dispatch.c defines
+ * them, forwarding to the variant chosen for the process. */
+#ifdef PEER_CPU_VARIANT
+#define PEER_CPU_CAT_(a, b) a##_##b
+#define PEER_CPU_CAT(a, b) PEER_CPU_CAT_(a, b)
+#define PEER_CPU_V(name) PEER_CPU_CAT(name, PEER_CPU_VARIANT)
+#define peer_cpu_gemm_nt PEER_CPU_V(peer_cpu_gemm_nt)
+#define peer_cpu_threads PEER_CPU_V(peer_cpu_threads)
+#define peer_cpu_layout PEER_CPU_V(peer_cpu_layout)
+#define peer_cpu_thread_pack PEER_CPU_V(peer_cpu_thread_pack)
+#define peer_cpu_topk_scan PEER_CPU_V(peer_cpu_topk_scan)
+#define peer_cpu_first_nonfinite_row PEER_CPU_V(peer_cpu_first_nonfinite_row)
+#define peer_cpu_project PEER_CPU_V(peer_cpu_project)
+#define peer_cpu_retrieve_all PEER_CPU_V(peer_cpu_retrieve_all)
+#define peer_cpu_apply_experts PEER_CPU_V(peer_cpu_apply_experts)
+#define peer_cpu_context_bytes PEER_CPU_V(peer_cpu_context_bytes)
+#define peer_cpu_forward_train PEER_CPU_V(peer_cpu_forward_train)
+#define peer_cpu_backward PEER_CPU_V(peer_cpu_backward)
+#define peer_cpu_variant PEER_CPU_V(peer_cpu_variant)
+#endif
+
 #include <string.h>
 #if defined(__AVX512F__) || defined(__FMA__) || defined(__AVX__)
 #include <immintrin.h>
@@ -214,5 +240,34 @@ peer_status peer_cpu_forward_train(peer_layer *layer, peer_context *ctx, int64_t
                                    const float *x, float *y, void *ws);
 peer_status peer_cpu_backward(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
                               peer_grads *grads);
+
+/* One variant: its name, its backend table and the entry points that
+ * programs outside the backend (bench_pieces) reach through the plain names.
+ * Each variant defines one (peer_cpu_variant, suffixed). */
+typedef struct peer_cpu_impl {
+  const char *name;
+  const peer_backend_i *backend;
+  void (*gemm_nt)(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B,
+                  int64_t ldb, float *C, int64_t ldc, float *pack);
+  void (*layout)(const peer_layer *layer, int64_t T, void *base, cpu_ws *w);
+  float *(*thread_pack)(const cpu_ws *w, const peer_dims *D);
+  int (*topk_scan)(const float *s, int n, int kp, float *out_s, int64_t *out_id);
+  void (*project)(const peer_layer *layer, int64_t T, const float *x, float *q, int64_t ldq,
+                  const cpu_ws *w, int P);
+  void (*apply_experts)(const peer_layer *layer, int64_t T, const float *x, float *y,
+                        const int64_t *ids, const float *gates, float *z, const cpu_ws *w,
+                        int P);
+} peer_cpu_impl;
+
+#ifdef PEER_CPU_VARIANT
+extern const peer_cpu_impl peer_cpu_variant;
+#endif
+
+/* The variant this process uses (cpu_dispatch.c): chosen at first use from
+ * the CPU's features, or named by the environment variable PEER_CPU (auto,
+ * avx512, avx2, generic; native in a PEER_NATIVE build).  NULL, with the
+ * reason recorded by peer_fail, when PEER_CPU names a variant this build
+ * lacks or this CPU cannot run; every later call gives the same answer. */
+const peer_cpu_impl *peer_cpu_select(void);
 
 #endif

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# tests/install_test.sh BUILD_DIR: install a built tree into a temporary
+# prefix and build and run a program outside the project against it
+# (tests/consumer/main.c) four ways:
+#   1. CMake find_package(peer), target peer::peer (shared; CMake's rpath);
+#   2. CMake find_package(peer), target peer::peer_static;
+#   3. pkg-config --cflags --libs peer (shared; run with LD_LIBRARY_PATH);
+#   4. pkg-config --static --libs peer_static (static: needs no libpeer.so).
+# Run by tools/test after the release build.
+set -euo pipefail
+
+build=$(cd "$1" && pwd)
+root=$(cd "$(dirname "$0")/.." && pwd)
+cc=${CC:-cc}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+prefix=$work/prefix
+
+cmake --install "$build" --prefix "$prefix" >"$work/install.log"
+pcdir=$(dirname "$(find "$prefix" -name peer.pc)")
+libdir=$(dirname "$pcdir")
+for f in "$prefix/include/peer.h" "$libdir/libpeer_static.a" "$libdir/cmake/peer/peerConfig.cmake" \
+  "$libdir/cmake/peer/peerConfigVersion.cmake" "$pcdir/peer_static.pc" \
+  "$prefix/bin/peer" "$prefix/bin/peer-ablate"; do
+  [ -e "$f" ] || { echo "install_test: $f was not installed" >&2; exit 1; }
+done
+soname=$(objdump -p "$libdir/libpeer.so" | awk '/SONAME/ {print $2}')
+[ -e "$libdir/$soname" ] || { echo "install_test: no $soname in $libdir" >&2; exit 1; }
+echo "install_test: installed into $prefix (libpeer.so SONAME $soname)"
+
+echo "install_test: 1, 2: CMake find_package(peer), peer::peer and peer::peer_static"
+cmake -S "$root/tests/consumer" -B "$work/cmake" -DCMAKE_PREFIX_PATH="$prefix" \
+  -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log" || { cat "$work/cmake.log" >&2; exit 1; }
+cmake --build "$work/cmake" >"$work/cmake-build.log" || { cat "$work/cmake-build.log" >&2; exit 1; }
+"$work/cmake/consumer_shared"
+"$work/cmake/consumer_static"
+
+export PKG_CONFIG_PATH=$pcdir${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+echo "install_test: 3: $cc main.c \$(pkg-config --cflags --libs peer) -lm"
+# shellcheck disable=SC2046
+"$cc" "$root/tests/consumer/main.c" $(pkg-config --cflags --libs peer) -lm -o "$work/pc_shared"
+LD_LIBRARY_PATH=$libdir "$work/pc_shared"
+
+echo "install_test: 4: $cc main.c \$(pkg-config --cflags peer_static) \$(pkg-config --static --libs peer_static)"
+# shellcheck disable=SC2046
+"$cc" "$root/tests/consumer/main.c" $(pkg-config --cflags peer_static) \
+  $(pkg-config --static --libs peer_static) -o "$work/pc_static"
+if objdump -p "$work/pc_static" | grep -q 'NEEDED.*libpeer'; then
+  echo "install_test: the static consumer needs libpeer.so" >&2
+  exit 1
+fi
+"$work/pc_static"
+
+for prog in peer peer-ablate; do
+  "$prefix/bin/$prog" --help >/dev/null || { echo "install_test: $prog --help failed" >&2; exit 1; }
+done
+echo "install_test: all consumers ran"
