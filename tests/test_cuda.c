@@ -40,6 +40,7 @@ int main(void) {
 #include <cuda_runtime_api.h>
 #ifdef PEER_CUDA_EMULATED
 #include <cublas_v2.h>
+#include <peer_emu.h>
 #endif
 #include <sys/wait.h>
 

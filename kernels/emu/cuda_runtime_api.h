@@ -132,7 +132,8 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end);
 }
 #endif
 
-/* The emulator's own queries and test hooks. */
-#include "peer_emu.h"
+/* This is the emulated runtime; its own queries and test hooks are in
+ * peer_emu.h (kept out of here: users of peer_cuda.h do not see them). */
+#define PEER_CUDA_EMULATED 1
 
 #endif

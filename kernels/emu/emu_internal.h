@@ -5,6 +5,7 @@
 #define PEER_EMU_INTERNAL_H
 
 #include "cuda_runtime_api.h"
+#include "peer_emu.h"
 
 #include <stddef.h>
 

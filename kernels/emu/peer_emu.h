@@ -9,8 +9,6 @@
 #ifndef PEER_EMU_H
 #define PEER_EMU_H
 
-#define PEER_CUDA_EMULATED 1
-
 #ifdef __cplusplus
 extern "C" {
 #endif

@@ -90,6 +90,7 @@ extern "C" void peer_emu_switch(void **save, void *to);
 asm(R"(
   .text
   .globl peer_emu_switch
+  .hidden peer_emu_switch
   .type peer_emu_switch,@function
 peer_emu_switch:
   .cfi_startproc
