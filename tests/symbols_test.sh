@@ -16,7 +16,7 @@ set -euo pipefail
 lib=$1 cc=$2
 shift 2
 headers=() cflags=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do headers+=("$1"); shift; done
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do headers+=("$(realpath "$1")"); shift; done
 [ $# -gt 0 ] && shift
 cflags=("$@")
 
