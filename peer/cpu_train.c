@@ -74,26 +74,44 @@ static float *pack_of(const ctx_mem *m) {
 
 /* ------------------------------------------------------------ forward */
 
+/* Batch norm works on blocks of BN_BLOCK adjacent features, walking the
+ * tokens in memory order (a feature-at-a-time walk strides dq floats per token
+ * and touches a new cache line for every element).  Each feature's sums still
+ * run over the tokens in order, so the bits are those of a per-feature loop. */
+#define BN_BLOCK 32
+
 /* Batch statistics (two passes, token order), q normalised in place. */
 static void batch_norm_train(const peer_layer *L, int64_t T, ctx_mem *m, int P) {
-  const int64_t dq = L->dims.dq;
+  const int64_t dq = L->dims.dq, nblk = (dq + BN_BLOCK - 1) / BN_BLOCK;
   const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
 #pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t f = 0; f < dq; f++) {
-    float sum = 0.0f;
-    for (int64_t t = 0; t < T; t++) sum += m->q[t * dq + f];
-    float mean = sum / (float)T, ss = 0.0f;
+  for (int64_t b = 0; b < nblk; b++) {
+    const int64_t f0 = b * BN_BLOCK, nf = dq - f0 < BN_BLOCK ? dq - f0 : BN_BLOCK;
+    float sum[BN_BLOCK] = {0}, ss[BN_BLOCK] = {0}, mean[BN_BLOCK], invstd[BN_BLOCK];
     for (int64_t t = 0; t < T; t++) {
-      float c = m->q[t * dq + f] - mean;
-      ss += c * c;
+      const float *q = m->q + t * dq + f0;
+      for (int64_t j = 0; j < nf; j++) sum[j] += q[j];
     }
-    float invstd = 1.0f / sqrtf(ss / (float)T + 1e-5f);
-    m->mean[f] = mean;
-    m->invstd[f] = invstd;
+    for (int64_t j = 0; j < nf; j++) mean[j] = sum[j] / (float)T;
     for (int64_t t = 0; t < T; t++) {
-      float h = (m->q[t * dq + f] - mean) * invstd;
-      m->qhat[t * dq + f] = h;
-      m->q[t * dq + f] = h * nw[f] + nb[f];
+      const float *q = m->q + t * dq + f0;
+      for (int64_t j = 0; j < nf; j++) {
+        float c = q[j] - mean[j];
+        ss[j] += c * c;
+      }
+    }
+    for (int64_t j = 0; j < nf; j++) {
+      invstd[j] = 1.0f / sqrtf(ss[j] / (float)T + 1e-5f);
+      m->mean[f0 + j] = mean[j];
+      m->invstd[f0 + j] = invstd[j];
+    }
+    for (int64_t t = 0; t < T; t++) {
+      float *q = m->q + t * dq + f0, *qhat = m->qhat + t * dq + f0;
+      for (int64_t j = 0; j < nf; j++) {
+        float h = (q[j] - mean[j]) * invstd[j];
+        qhat[j] = h;
+        q[j] = h * nw[f0 + j] + nb[f0 + j];
+      }
     }
   }
 }
@@ -268,26 +286,37 @@ static void keys_grad(const peer_layer *L, int64_t T, ctx_mem *m, float *gk, int
   }
 }
 
-/* Through batch norm (batch statistics): dq becomes d loss / d (Wq x + b). */
+/* Through batch norm (batch statistics): dq becomes d loss / d (Wq x + b).
+ * Blocks of features, tokens in memory order, as batch_norm_train. */
 static void norm_backward(const peer_layer *L, int64_t T, ctx_mem *m, peer_grads *gr, int P) {
-  const int64_t dq = L->dims.dq;
+  const int64_t dq = L->dims.dq, nblk = (dq + BN_BLOCK - 1) / BN_BLOCK;
   const float *nw = L->slot[PEER_P_NORM_WEIGHT].data;
 #pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t f = 0; f < dq; f++) {
-    float dw = 0.0f, db = 0.0f, s1 = 0.0f, s2 = 0.0f;
+  for (int64_t b = 0; b < nblk; b++) {
+    const int64_t f0 = b * BN_BLOCK, nf = dq - f0 < BN_BLOCK ? dq - f0 : BN_BLOCK;
+    float dw[BN_BLOCK] = {0}, db[BN_BLOCK] = {0}, s1[BN_BLOCK] = {0}, s2[BN_BLOCK] = {0};
     for (int64_t t = 0; t < T; t++) {
-      float g = m->dq[t * dq + f], h = m->qhat[t * dq + f];
-      dw += g * h;
-      db += g;
-      s1 += g * nw[f];
-      s2 += g * nw[f] * h;
+      const float *dq_t = m->dq + t * dq + f0, *qhat = m->qhat + t * dq + f0;
+      for (int64_t j = 0; j < nf; j++) {
+        float g = dq_t[j], h = qhat[j];
+        dw[j] += g * h;
+        db[j] += g;
+        s1[j] += g * nw[f0 + j];
+        s2[j] += g * nw[f0 + j] * h;
+      }
     }
-    if (gr->norm_weight) gr->norm_weight[f] = dw;
-    if (gr->norm_bias) gr->norm_bias[f] = db;
-    float scale = m->invstd[f] / (float)T;
+    for (int64_t j = 0; j < nf; j++) {
+      if (gr->norm_weight) gr->norm_weight[f0 + j] = dw[j];
+      if (gr->norm_bias) gr->norm_bias[f0 + j] = db[j];
+    }
     for (int64_t t = 0; t < T; t++) {
-      float g = m->dq[t * dq + f] * nw[f];
-      m->dq[t * dq + f] = scale * ((float)T * g - s1 - m->qhat[t * dq + f] * s2);
+      float *dq_t = m->dq + t * dq + f0;
+      const float *qhat = m->qhat + t * dq + f0;
+      for (int64_t j = 0; j < nf; j++) {
+        float scale = m->invstd[f0 + j] / (float)T;
+        float g = dq_t[j] * nw[f0 + j];
+        dq_t[j] = scale * ((float)T * g - s1[j] - qhat[j] * s2[j]);
+      }
     }
   }
 }
