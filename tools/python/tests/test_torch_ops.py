@@ -7,7 +7,6 @@ import copy
 import io
 import os
 
-import numpy as np
 import pytest
 
 if os.environ.get("PEER_REQUIRE_TORCH"):  # tools/test: the torch tests must run
