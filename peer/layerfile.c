@@ -23,8 +23,7 @@ typedef struct config_fields {
 static peer_status config_fields_of(const peer_config *cfg, config_fields *out) {
   int len = peer_config_format(cfg, out->text, sizeof out->text);
   if (len < 0 || (size_t)len >= sizeof out->text)
-    return peer_fail(PEER_ERR_CONFIG, "config text does not fit in %d bytes",
-                     PEER_CONFIG_TEXT_MAX);
+    return peer_fail(PEER_ERR_CONFIG, "config text does not fit in %d bytes", PEER_CONFIG_TEXT_MAX);
   out->n = 0;
   for (char *item = out->text; item && *item && out->n < PEER_CONFIG_FIELDS_MAX;) {
     char *next = strchr(item, ',');
@@ -163,8 +162,7 @@ static bool has_prefix(const char *s, const char *prefix) {
 
 /* Order: extra tensors, missing ones, the size bound, then each one's dtype
  * and shape. */
-peer_status peer_file_check(const peer_safetensors *f, const char *path,
-                            const peer_file_want *w) {
+peer_status peer_file_check(const peer_safetensors *f, const char *path, const peer_file_want *w) {
   for (int i = 0; i < peer_safetensors_count(f); i++) {
     peer_tensor t;
     peer_status st = peer_safetensors_info(f, i, &t);

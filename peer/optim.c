@@ -78,6 +78,12 @@ struct peer_optimizer {
   /* by layer slot: Adam's m and v, or SGD's momentum buffer in m; NULL when
    * the slot keeps no state */
   float *m[PEER_P_COUNT], *v[PEER_P_COUNT];
+  /* where the state lives (the layer's backend; kept here, as the optimizer
+   * may be freed after its layer), and the backend's staging of host
+   * gradients (optimizer_step) */
+  const peer_backend_i *backend;
+  void *stage;
+  size_t stage_bytes;
 };
 
 /* ------------------------------------------------------------------ config */
@@ -143,6 +149,13 @@ static peer_status check_host_layer(const peer_layer *L, const char *what) {
   return PEER_OK;
 }
 
+/* Layers an optimizer can step: host parameters, or a backend that steps
+ * its own (optimizer_step). */
+static peer_status check_steppable_layer(const peer_layer *L, const char *what) {
+  if (L->backend->optimizer_step) return PEER_OK;
+  return check_host_layer(L, what);
+}
+
 /* Add state tensor "optim.<param>.<suffix>" shaped like the parameter, f32. */
 static peer_status add_state(peer_optimizer *o, int slot, const char *suffix, float **out) {
   const peer_tensor *p = &o->layer->slot[slot];
@@ -154,7 +167,7 @@ static peer_status add_state(peer_optimizer *o, int slot, const char *suffix, fl
   t->ndim = p->ndim;
   memcpy(t->shape, p->shape, sizeof t->shape);
   t->nbytes = p->nbytes / peer_dtype_size(p->dtype) * sizeof(float);
-  t->data = peer_alloc(t->nbytes);
+  t->data = o->backend->alloc(t->nbytes);
   if (!t->data)
     return peer_fail(PEER_ERR_OUT_OF_MEMORY, "optimizer_create: cannot allocate %s (%zu bytes)",
                      t->name, t->nbytes);
@@ -181,10 +194,11 @@ peer_status peer_optimizer_create(peer_optimizer **out, peer_layer *L,
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_create: NULL argument");
   *out = NULL;
   peer_status st = peer_optim_config_validate(cfg);
-  if (st || (st = check_host_layer(L, "optimizer_create"))) return st;
+  if (st || (st = check_steppable_layer(L, "optimizer_create"))) return st;
   peer_optimizer *o = calloc(1, sizeof *o);
   if (!o) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "optimizer_create: out of memory");
   o->layer = L;
+  o->backend = L->backend;
   o->layer_id = L->id;
   o->cfg = *cfg;
   for (int i = 0; i < N_DENSE && !st; i++)
@@ -202,7 +216,8 @@ peer_status peer_optimizer_create(peer_optimizer **out, peer_layer *L,
 void peer_optimizer_free(peer_optimizer *o) {
   if (!o) return;
   for (int i = 0; i < o->n_states; i++)
-    peer_free(o->state[i].data, o->state[i].nbytes);
+    o->backend->free(o->state[i].data, o->state[i].nbytes);
+  if (o->stage) o->backend->free(o->stage, o->stage_bytes);
   free(o);
 }
 
@@ -251,14 +266,9 @@ peer_status peer_optimizer_state_by_name(peer_optimizer *o, const char *name, pe
 
 /* -------------------------------------------------------------- the rules */
 
-/* Per-step coefficients of one rule. */
-typedef struct rule {
-  peer_optim_kind kind;
-  float lr, keep;             /* keep = 1 - lr*weight_decay */
-  float momentum;             /* SGD */
-  float b1, b2, eps;          /* Adam */
-  float step_size, rsqrt_bc2; /* lr / (1 - b1^t), 1 / sqrt(1 - b2^t) */
-} rule;
+/* Per-step coefficients of one rule (optim_rule.h, shared with the CUDA
+ * backend's step). */
+typedef peer_optim_rule rule;
 
 static rule make_rule(const peer_optim_config *c, peer_optim_kind kind, float lr, float decay,
                       int64_t t) {
@@ -281,18 +291,7 @@ static rule make_rule(const peer_optim_config *c, peer_optim_kind kind, float lr
 /* The new value of one weight p with gradient g; m and v are its state
  * (Adam: both; SGD: m is the momentum buffer or NULL). */
 static inline float update(const rule *r, float p, float g, float *m, float *v) {
-  if (r->kind == PEER_OPTIM_ADAM) {
-    float mi = r->b1 * *m + (1.0f - r->b1) * g;
-    float vi = r->b2 * *v + (1.0f - r->b2) * (g * g);
-    *m = mi;
-    *v = vi;
-    return p * r->keep - r->step_size * mi / (sqrtf(vi) * r->rsqrt_bc2 + r->eps);
-  }
-  if (m) {
-    *m = r->momentum * *m + g;
-    g = *m;
-  }
-  return p * r->keep - r->lr * g;
+  return peer_optim_update(r, p, g, m, v);
 }
 
 /* Apply the rule to n weights starting at element `at` of parameter t. */
@@ -301,7 +300,8 @@ static inline void update_span(const rule *r, const peer_tensor *t, size_t at, c
   if (t->dtype == PEER_BF16) {
     uint16_t *p = (uint16_t *)t->data + at;
     for (size_t i = 0; i < n; i++)
-      p[i] = peer_f32_to_bf16(update(r, peer_bf16_to_f32(p[i]), g[i], m ? m + i : NULL, v ? v + i : NULL));
+      p[i] = peer_f32_to_bf16(
+          update(r, peer_bf16_to_f32(p[i]), g[i], m ? m + i : NULL, v ? v + i : NULL));
   } else {
     float *p = (float *)t->data + at;
     for (size_t i = 0; i < n; i++)
@@ -412,6 +412,84 @@ static peer_status check_expert_grads(const peer_optimizer *o, const peer_grads 
 
 static peer_status optimizer_step(peer_optimizer *o, const peer_grads *g);
 
+/* The step t = o->step + 1 as a backend's optimizer_step takes it: the
+ * rules, the gradients by slot, the state; the caller sets where the
+ * gradients live and the expert row count. */
+static void plan_step(const peer_optimizer *o, const peer_grads *g, peer_optim_plan *p) {
+  const int64_t t = o->step + 1;
+  const peer_optim_config *c = &o->cfg;
+  memset(p, 0, sizeof *p);
+  p->dense = make_rule(c, c->kind, c->lr, c->weight_decay, t);
+  p->rows = make_rule(c, c->expert_kind, c->expert_lr > 0.0f ? c->expert_lr : c->lr, 0.0f, t);
+  for (int i = 0; i < N_DENSE; i++)
+    p->grad[dense_slots[i]] = dense_grad(g, dense_slots[i]);
+  if (g->experts_down || g->experts_up || g->expert_rows) {
+    p->grad[PEER_P_EXPERTS_DOWN] = g->experts_down;
+    p->grad[PEER_P_EXPERTS_UP] = g->experts_up;
+    p->expert_rows = g->expert_rows;
+    p->expert_capacity = g->expert_capacity;
+    p->experts_dense = g->experts_dense != 0;
+  }
+  memcpy(p->m, o->m, sizeof p->m);
+  memcpy(p->v, o->v, sizeof p->v);
+}
+
+/* The device-pointer step (peer_cuda_optimizer_step): the gradients are
+ * the backend's device memory, checked for shape here but not read; the
+ * expert row count is *d_n_rows on the device, or g->n_expert_rows when
+ * d_n_rows is NULL.  Queued on `stream`. */
+static peer_status device_step(peer_optimizer *o, const peer_grads *g, const int64_t *d_n_rows,
+                               void *stream, const char *what) {
+  const peer_layer *L = o->layer;
+  const peer_dims *D = &L->dims;
+  for (int i = 0; i < N_DENSE; i++) {
+    int slot = dense_slots[i];
+    if (dense_grad(g, slot) && !L->slot[slot].data)
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                       "%s: grads.%s is given but the layer has no such parameter", what,
+                       grad_name(slot));
+  }
+  const bool experts = g->experts_down || g->experts_up || g->expert_rows;
+  if (experts) {
+    if (!g->experts_down || !g->experts_up || !g->expert_rows)
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                       "%s: expert_rows, experts_down and experts_up go together", what);
+    if (!g->experts_dense && g->expert_capacity < 0)
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: expert_capacity %lld is negative", what,
+                       (long long)g->expert_capacity);
+    const int64_t most = g->experts_dense ? D->N : g->expert_capacity;
+    if (!d_n_rows && (g->n_expert_rows < 0 || g->n_expert_rows > most ||
+                      g->n_expert_rows > D->N))
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: n_expert_rows %lld not in [0, %lld]", what,
+                       (long long)g->n_expert_rows, (long long)(most < D->N ? most : D->N));
+  }
+  peer_optim_plan plan;
+  plan_step(o, g, &plan);
+  if (experts) {
+    int64_t cap = g->experts_dense ? D->N : g->expert_capacity;
+    plan.expert_capacity = cap < D->N ? cap : D->N;
+  }
+  plan.n_expert_rows = g->n_expert_rows;
+  plan.d_n_expert_rows = d_n_rows;
+  plan.stream = stream;
+  peer_status st = o->layer->backend->optimizer_step(o->layer, &plan, &o->stage, &o->stage_bytes);
+  if (!st) o->step++;
+  return st;
+}
+
+peer_status peer_optimizer_step_device(peer_optimizer *o, const peer_grads *g,
+                                       const int64_t *d_n_rows, void *stream, const char *what) {
+  if (!o || !g) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL argument", what);
+  if (!o->layer->backend->optimizer_step || o->layer->opt.backend == PEER_BACKEND_CPU)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the optimizer's layer is not on a device",
+                     what);
+  peer_status st = peer_layer_enter(o->layer, what);
+  if (st) return st;
+  st = device_step(o, g, d_n_rows, stream, what);
+  peer_layer_leave(o->layer);
+  return st;
+}
+
 peer_status peer_optimizer_step(peer_optimizer *o, const peer_grads *g) {
   if (!o || !g) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "optimizer_step: NULL argument");
   peer_status st = peer_layer_enter(o->layer, "optimizer_step");
@@ -430,6 +508,16 @@ static peer_status optimizer_step(peer_optimizer *o, const peer_grads *g) {
   const int64_t t = o->step + 1;
   const peer_optim_config *c = &o->cfg;
   rule dense = make_rule(c, c->kind, c->lr, c->weight_decay, t);
+  if (o->layer->backend->optimizer_step) {
+    peer_optim_plan plan;
+    plan_step(o, g, &plan);
+    plan.host_grads = true;
+    plan.n_expert_rows = g->n_expert_rows;
+    if ((st = o->layer->backend->optimizer_step(o->layer, &plan, &o->stage, &o->stage_bytes)))
+      return st;
+    o->step = t;
+    return PEER_OK;
+  }
   for (int i = 0; i < N_DENSE; i++) {
     const float *gs = dense_grad(g, dense_slots[i]);
     if (gs) step_dense(o, dense_slots[i], gs, &dense, P);

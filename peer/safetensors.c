@@ -93,7 +93,8 @@ static void format_shape(char *buf, size_t size, int ndim, const int64_t *shape)
 
 void peer_tensor_format_layout(char *buf, size_t size, const peer_tensor *t) {
   int used = snprintf(buf, size, "%s ", peer_dtype_name(t->dtype));
-  if (used > 0 && (size_t)used < size) format_shape(buf + used, size - (size_t)used, t->ndim, t->shape);
+  if (used > 0 && (size_t)used < size)
+    format_shape(buf + used, size - (size_t)used, t->ndim, t->shape);
 }
 
 bool peer_tensor_same_layout(const peer_tensor *a, const peer_tensor *b) {
@@ -172,11 +173,12 @@ static peer_status parse_entry(const peer_safetensors *f, const char *name, json
                      "%s: tensor '%s': data_offsets [%llu, %llu]: begin is after end", path, name,
                      (unsigned long long)e->begin, (unsigned long long)e->end);
   if (e->end > f->data_size)
-    return peer_fail(PEER_ERR_FORMAT,
-                     "%s: truncated: tensor '%s': data_offsets [%llu, %llu] run past the end of the "
-                     "data (%llu bytes)",
-                     path, name, (unsigned long long)e->begin, (unsigned long long)e->end,
-                     (unsigned long long)f->data_size);
+    return peer_fail(
+        PEER_ERR_FORMAT,
+        "%s: truncated: tensor '%s': data_offsets [%llu, %llu] run past the end of the "
+        "data (%llu bytes)",
+        path, name, (unsigned long long)e->begin, (unsigned long long)e->end,
+        (unsigned long long)f->data_size);
 
   char dims[128];
   format_shape(dims, sizeof dims, e->ndim, e->shape);
@@ -251,8 +253,7 @@ static peer_status parse_header(peer_safetensors *f, uint64_t file_size) {
   if (hlen > file_size - 8)
     return peer_fail(PEER_ERR_FORMAT,
                      "%s: truncated: header length %llu runs past the end of the file (%llu bytes)",
-                     path,
-                     (unsigned long long)hlen, (unsigned long long)file_size);
+                     path, (unsigned long long)hlen, (unsigned long long)file_size);
   if (hlen > HEADER_MAX)
     return peer_fail(PEER_ERR_FORMAT, "%s: header length %llu is absurd (limit %llu bytes)", path,
                      (unsigned long long)hlen, (unsigned long long)HEADER_MAX);
@@ -544,8 +545,7 @@ static peer_status check_destination(const char *path, mode_t *mode, bool *exist
                      path);
   if (!S_ISREG(sb.st_mode))
     return peer_fail(PEER_ERR_IO,
-                     "%s: the destination is not a regular file (%s); refusing to replace it",
-                     path,
+                     "%s: the destination is not a regular file (%s); refusing to replace it", path,
                      S_ISDIR(sb.st_mode)                          ? "a directory"
                      : S_ISCHR(sb.st_mode) || S_ISBLK(sb.st_mode) ? "a device"
                      : S_ISFIFO(sb.st_mode)                       ? "a FIFO"
@@ -566,8 +566,10 @@ static bool split_path(const char *path, char *dir, char *base) {
   const char *b = slash ? slash + 1 : path;
   size_t dlen = slash ? (size_t)(slash - path) : 0;
   if (dlen + 2 > PATH_MAX || strlen(b) + 1 > NAME_MAX + 1 || !*b) return false;
-  if (!slash) strcpy(dir, ".");
-  else if (dlen == 0) strcpy(dir, "/");
+  if (!slash)
+    strcpy(dir, ".");
+  else if (dlen == 0)
+    strcpy(dir, "/");
   else {
     memcpy(dir, path, dlen);
     dir[dlen] = '\0';
@@ -610,7 +612,8 @@ static int create_temporary(const char *path, char *tmp, size_t size) {
     if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r) {
       struct timespec ts;
       clock_gettime(CLOCK_MONOTONIC, &ts);
-      r = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^ (atomic_fetch_add(&counter, 1) << 44);
+      r = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^
+          (atomic_fetch_add(&counter, 1) << 44);
     }
     int len = snprintf(tmp, size, "%s" TMP_TAG "%ld.%016llx", path, (long)getpid(),
                        (unsigned long long)r);

@@ -75,8 +75,7 @@ static peer_status check_context(const peer_layer *L, const peer_context *c, con
   /* The stamp catches a context of a freed layer whose address a new layer
    * took over. */
   if (c->layer != L || c->layer_id != L->id)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: context was created for another layer",
-                     what);
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: context was created for another layer", what);
   return PEER_OK;
 }
 
@@ -87,10 +86,9 @@ peer_status peer_train_begin(const peer_layer *L, peer_context *c, int64_t T, co
   c->ready = false;
   if (T < 0 || T > c->max_tokens)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                     "%s: n_tokens %lld not in [0, %lld] (the context's size)", what,
-                     (long long)T, (long long)c->max_tokens);
-  if (T > 0 && (!x || !y))
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: x or y is NULL", what);
+                     "%s: n_tokens %lld not in [0, %lld] (the context's size)", what, (long long)T,
+                     (long long)c->max_tokens);
+  if (T > 0 && (!x || !y)) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: x or y is NULL", what);
   const size_t rows = (size_t)T * (size_t)L->dims.d * sizeof(float);
   if ((st = peer_check_disjoint(what, x, rows, "x", y, rows, "y"))) return st;
   if (L->cfg.query_norm == PEER_NORM_BATCHNORM && T == 1)
@@ -143,9 +141,8 @@ peer_status peer_backward_check(const peer_layer *L, const peer_context *c, cons
       return peer_fail(PEER_ERR_INVALID_ARGUMENT,
                        "%s: expert_rows, experts_down and experts_up go together", what);
     if (g->expert_capacity < T * L->dims.H * L->dims.k)
-      return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: expert_capacity %lld < T*H*k = %lld",
-                       what, (long long)g->expert_capacity,
-                       (long long)(T * L->dims.H * L->dims.k));
+      return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: expert_capacity %lld < T*H*k = %lld", what,
+                       (long long)g->expert_capacity, (long long)(T * L->dims.H * L->dims.k));
   }
   if (!L->slot[PEER_P_QUERY_BIAS].data && g->query_bias)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the layer has no query bias", what);
@@ -165,8 +162,10 @@ static peer_status backward(peer_layer *L, peer_context *c, const float *dy, flo
                                 "the x of the training forward")))
     return st;
   g->n_expert_rows = 0;
-  if (c->n_tokens == 0) zero_dense_grads(L, g);
-  else if ((st = L->backend->backward(L, c, dy, dx, g))) return st;
+  if (c->n_tokens == 0)
+    zero_dense_grads(L, g);
+  else if ((st = L->backend->backward(L, c, dy, dx, g)))
+    return st;
   c->ready = false; /* one backward per training forward; a failed one may be retried */
   return PEER_OK;
 }

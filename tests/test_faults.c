@@ -185,8 +185,10 @@ static void *hammer_forward(void *arg) {
     if (st == PEER_OK) {
       h->ok++;
       if (memcmp(y, h->want, (size_t)(h->T * h->d) * sizeof *y) != 0) h->wrong++;
-    } else if (st == PEER_ERR_BUSY) h->busy++;
-    else h->other++;
+    } else if (st == PEER_ERR_BUSY)
+      h->busy++;
+    else
+      h->other++;
   }
   free(y);
   return NULL;
@@ -487,8 +489,12 @@ Test(faults, peer_info_fails_where_loading_fails, .timeout = 60) {
     cr_assert_eq(peer_safetensors_read(f, t[i].name, t[i].data, t[i].nbytes), PEER_OK);
   }
   float extra[2] = {1, 2};
-  t[n] = (peer_tensor){.name = "head.weight", .dtype = PEER_F32, .ndim = 1, .shape = {2},
-                       .data = extra, .nbytes = sizeof extra};
+  t[n] = (peer_tensor){.name = "head.weight",
+                       .dtype = PEER_F32,
+                       .ndim = 1,
+                       .shape = {2},
+                       .data = extra,
+                       .nbytes = sizeof extra};
   peer_layer_meta lm;
   cr_assert_eq(peer_layer_meta_of(peer_layer_config(L), &lm), PEER_OK);
   cr_assert_eq(peer_safetensors_write(path_in("extra.safetensors"), t, n + 1, lm.pair, lm.n_pairs),
@@ -504,13 +510,18 @@ Test(faults, peer_info_fails_where_loading_fails, .timeout = 60) {
 
   /* issue 14's 2 KB file: refused by the size bound, not after 8.5 GB */
   static float small[16];
-  const char *names[] = {"query.weight",      "query.norm.weight",       "query.norm.bias",
-                         "query.norm.running_mean", "query.norm.running_var", "keys",
-                         "experts.down",      "experts.up"};
+  const char *names[] = {"query.weight",           "query.norm.weight",
+                         "query.norm.bias",        "query.norm.running_mean",
+                         "query.norm.running_var", "keys",
+                         "experts.down",           "experts.up"};
   peer_tensor tiny[8];
   for (int i = 0; i < 8; i++)
-    tiny[i] = (peer_tensor){.name = names[i], .dtype = PEER_F32, .ndim = 1, .shape = {16},
-                            .data = small, .nbytes = sizeof small};
+    tiny[i] = (peer_tensor){.name = names[i],
+                            .dtype = PEER_F32,
+                            .ndim = 1,
+                            .shape = {16},
+                            .data = small,
+                            .nbytes = sizeof small};
   peer_config huge;
   peer_config_default(&huge);
   cr_assert_eq(peer_config_parse(&huge, "d_model=1,n_heads=1024,d_key=1048576,n_subkeys=1,"

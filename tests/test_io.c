@@ -787,20 +787,24 @@ Test(io, random_damage_is_caught_or_harmless) {
  * refused by the size bound, in milliseconds and without touching memory. */
 Test(io, tiny_file_with_huge_metadata_costs_kilobytes, .timeout = 20) {
   static float small[16];
-  const char *names[] = {"query.weight",       "query.norm.weight",       "query.norm.bias",
-                         "query.norm.running_mean", "query.norm.running_var", "keys",
-                         "experts.down",       "experts.up"};
+  const char *names[] = {"query.weight",           "query.norm.weight",
+                         "query.norm.bias",        "query.norm.running_mean",
+                         "query.norm.running_var", "keys",
+                         "experts.down",           "experts.up"};
   peer_tensor t[8];
   for (int i = 0; i < 8; i++)
-    t[i] = (peer_tensor){.name = names[i], .dtype = PEER_F32, .ndim = 1, .shape = {16},
-                         .data = small, .nbytes = sizeof small};
-  const char *meta[] = {"peer.format",     "1",         "peer.d_model",     "1",
-                        "peer.n_heads",    "1024",      "peer.d_key",       "1048576",
-                        "peer.n_subkeys",  "1",         "peer.top_k",       "1",
-                        "peer.subkey_top_k", "1",       "peer.shared_keys", "0",
-                        "peer.activation", "gelu",      "peer.gate",        "softmax",
-                        "peer.query_norm", "batchnorm", "peer.query_bias",  "0",
-                        "peer.weight_dtype", "f32"};
+    t[i] = (peer_tensor){.name = names[i],
+                         .dtype = PEER_F32,
+                         .ndim = 1,
+                         .shape = {16},
+                         .data = small,
+                         .nbytes = sizeof small};
+  const char *meta[] = {
+      "peer.format",       "1",       "peer.d_model",     "1",         "peer.n_heads",    "1024",
+      "peer.d_key",        "1048576", "peer.n_subkeys",   "1",         "peer.top_k",      "1",
+      "peer.subkey_top_k", "1",       "peer.shared_keys", "0",         "peer.activation", "gelu",
+      "peer.gate",         "softmax", "peer.query_norm",  "batchnorm", "peer.query_bias", "0",
+      "peer.weight_dtype", "f32"};
   const char *path = path_in("tiny.safetensors");
   cr_assert_eq(peer_safetensors_write(path, t, 8, meta, 13), PEER_OK, "%s", peer_last_error());
   struct stat sb;

@@ -5,7 +5,8 @@
 #include "fuzz_input.h"
 
 /* The corpus's checkpoints were saved from this layer (tools/fuzz --seed). */
-#define FUZZ_CHECKPOINT_CONFIG "d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2,query_norm=batchnorm"
+#define FUZZ_CHECKPOINT_CONFIG                                                                     \
+  "d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2,query_norm=batchnorm"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   static peer_layer *L;

@@ -23,7 +23,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   }
   if (bytes > size) abort();
   const peer_config *c = peer_layer_config(L);
-  float *x = calloc((size_t)c->d_model * 2, sizeof *x), *y = malloc((size_t)c->d_model * 2 * sizeof *y);
+  float *x = calloc((size_t)c->d_model * 2, sizeof *x),
+        *y = malloc((size_t)c->d_model * 2 * sizeof *y);
   for (int64_t i = 0; i < c->d_model * 2; i++)
     x[i] = (float)(i % 7) - 3.0f;
   fuzz_check_failure(peer_forward(L, 2, x, y, NULL, NULL));

@@ -9,7 +9,8 @@
 
 #include "peer.h"
 
-#define FUZZ_CHECKPOINT_CONFIG "d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2,query_norm=batchnorm"
+#define FUZZ_CHECKPOINT_CONFIG                                                                     \
+  "d_model=8,n_heads=2,d_key=4,n_subkeys=4,top_k=2,query_norm=batchnorm"
 
 static void ok(peer_status st, const char *what) {
   if (st) {
@@ -40,7 +41,8 @@ static void put_text(const char *dir, const char *name, const char *text) {
 
 int main(int argc, char **argv) {
   if (argc != 2) {
-    fprintf(stderr, "usage: make_seeds CORPUS_DIR (with weights/, checkpoint/, safetensors/, config/)\n");
+    fprintf(stderr,
+            "usage: make_seeds CORPUS_DIR (with weights/, checkpoint/, safetensors/, config/)\n");
     return 2;
   }
   const char *root = argv[1];
@@ -71,29 +73,37 @@ int main(int argc, char **argv) {
 
   /* issue 14's 2 KB file: tensors of a few bytes, metadata of gigabytes */
   static float small[16];
-  const char *names[] = {"query.weight",      "query.norm.weight",       "query.norm.bias",
-                         "query.norm.running_mean", "query.norm.running_var", "keys",
-                         "experts.down",      "experts.up"};
+  const char *names[] = {"query.weight",           "query.norm.weight",
+                         "query.norm.bias",        "query.norm.running_mean",
+                         "query.norm.running_var", "keys",
+                         "experts.down",           "experts.up"};
   peer_tensor tiny[8];
   for (int i = 0; i < 8; i++)
-    tiny[i] = (peer_tensor){.name = names[i], .dtype = PEER_F32, .ndim = 1, .shape = {16},
-                            .data = small, .nbytes = sizeof small};
-  const char *huge[] = {"peer.format",     "1",         "peer.d_model",     "1",
-                        "peer.n_heads",    "1024",      "peer.d_key",       "1048576",
-                        "peer.n_subkeys",  "1",         "peer.top_k",       "1",
-                        "peer.subkey_top_k", "1",       "peer.shared_keys", "0",
-                        "peer.activation", "gelu",      "peer.gate",        "softmax",
-                        "peer.query_norm", "batchnorm", "peer.query_bias",  "0",
-                        "peer.weight_dtype", "f32"};
+    tiny[i] = (peer_tensor){.name = names[i],
+                            .dtype = PEER_F32,
+                            .ndim = 1,
+                            .shape = {16},
+                            .data = small,
+                            .nbytes = sizeof small};
+  const char *huge[] = {
+      "peer.format",       "1",       "peer.d_model",     "1",         "peer.n_heads",    "1024",
+      "peer.d_key",        "1048576", "peer.n_subkeys",   "1",         "peer.top_k",      "1",
+      "peer.subkey_top_k", "1",       "peer.shared_keys", "0",         "peer.activation", "gelu",
+      "peer.gate",         "softmax", "peer.query_norm",  "batchnorm", "peer.query_bias", "0",
+      "peer.weight_dtype", "f32"};
   snprintf(path, sizeof path, "%s/weights/huge_metadata.safetensors", root);
   ok(peer_safetensors_write(path, tiny, 8, huge, 13), path);
 
   float x[6] = {1, 2, 3, 4, 5, 6};
   int64_t ids[4] = {0, 1, 2, 3};
-  peer_tensor t[2] = {{.name = "x", .dtype = PEER_F32, .ndim = 2, .shape = {2, 3}, .data = x,
-                       .nbytes = sizeof x},
-                      {.name = "indices", .dtype = PEER_I64, .ndim = 3, .shape = {1, 2, 2},
-                       .data = ids, .nbytes = sizeof ids}};
+  peer_tensor t[2] = {
+      {.name = "x", .dtype = PEER_F32, .ndim = 2, .shape = {2, 3}, .data = x, .nbytes = sizeof x},
+      {.name = "indices",
+       .dtype = PEER_I64,
+       .ndim = 3,
+       .shape = {1, 2, 2},
+       .data = ids,
+       .nbytes = sizeof ids}};
   const char *meta[] = {"note", "activations"};
   snprintf(path, sizeof path, "%s/safetensors/activations.safetensors", root);
   ok(peer_safetensors_write(path, t, 2, meta, 1), path);
