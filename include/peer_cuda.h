@@ -205,6 +205,28 @@ PEER_API peer_status peer_cuda_backward(peer_layer *layer, peer_context *ctx, co
  * a later call, on any stream, is never lost. */
 PEER_API peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
 
+/* One step of `opt` (peer_optimizer_create on a CUDA layer; its state is
+ * device memory) with gradients in device memory, as peer_optimizer_step:
+ * d_grads is a host struct of device pointers laid out as
+ * peer_cuda_backward's (NULL fields are not stepped; the expert triple
+ * sparse, [expert_capacity, d] rows, or with experts_dense [N, d]).  The
+ * expert row count is read on the device from d_n_expert_rows (as
+ * peer_cuda_backward writes it), or, when NULL, is d_grads->n_expert_rows.
+ * Queued on `stream` (we do not own it), no host-device copy, no
+ * allocation, no synchronisation; parameters and state must not be used by
+ * work on another stream until it has run.  The update is peer/optim_rule.h's,
+ * the CPU optimizer's, explicitly rounded (no FMA contraction): the same bits
+ * as the CPU optimizer built without FMA contraction.  Unlike
+ * peer_optimizer_step, the gradients are not read on the host: a NaN or
+ * infinity in them is not refused (a backward's bad dy or x is reported by
+ * peer_cuda_check; check before stepping where that matters).  The step
+ * count advances when the call returns PEER_OK.  peer_optimizer_step on a
+ * CUDA layer takes host gradients (checked as on the CPU), waits for the
+ * whole device, copies them into staging the optimizer keeps (grown when
+ * they grow), steps on the layer's stream and waits for it. */
+PEER_API peer_status peer_cuda_optimizer_step(peer_optimizer *opt, const peer_grads *d_grads,
+                                              const int64_t *d_n_expert_rows, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -518,4 +518,6 @@ const peer_backend_i peer_backend_cuda = {
     .context_check = peer_cb_cuda_context_check,
     .context_alloc = peer_cb_cuda_context_alloc,
     .context_free = peer_cb_cuda_context_free,
+    .optimizer_step = peer_cb_cuda_optimizer_step,
+    .download = peer_cb_cuda_download,
 };

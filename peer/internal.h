@@ -3,6 +3,7 @@
 #ifndef PEER_INTERNAL_H
 #define PEER_INTERNAL_H
 
+#include "optim_rule.h"
 #include "peer.h"
 
 #include <stdatomic.h>
@@ -49,6 +50,7 @@ typedef struct peer_dims {
 } peer_dims;
 
 struct peer_backend_i;
+struct peer_optim_plan;
 
 struct peer_layer {
   peer_config cfg;
@@ -136,7 +138,39 @@ typedef struct peer_backend_i {
    * layer: a context may be freed after its layer. */
   void *(*context_alloc)(const peer_layer *layer, size_t bytes);
   void (*context_free)(void *mem, size_t bytes);
+  /* Optional (NULL: host parameters, stepped by optim.c's own loops): one
+   * optimizer step on parameters and state in the backend's memory (state
+   * comes from `alloc`).  `stage` is the optimizer's staging for host
+   * gradients, grown here (alloc / free) and freed by the core with `free`. */
+  peer_status (*optimizer_step)(peer_layer *layer, const struct peer_optim_plan *plan,
+                                void **stage, size_t *stage_bytes);
+  /* Optional (NULL: parameters are host memory, read in place): copy
+   * parameter or state storage out into host bytes (upload's mirror). */
+  peer_status (*download)(peer_layer *layer, void *dst, const void *src, size_t bytes);
 } peer_backend_i;
+
+/* One optimizer step as optim.c hands it to a backend's optimizer_step. */
+typedef struct peer_optim_plan {
+  peer_optim_rule dense, rows; /* dense parameters' rule, expert rows' rule */
+  const float *grad[PEER_P_COUNT]; /* by slot; NULL: not stepped (experts: see rows) */
+  float *m[PEER_P_COUNT], *v[PEER_P_COUNT]; /* state by slot; NULL: none */
+  /* Expert rows, when grad[PEER_P_EXPERTS_DOWN] is set: ascending ids, and
+   * their gradient rows ([capacity, d] sparse, or [N, d] with experts_dense) */
+  const int64_t *expert_rows;
+  int64_t n_expert_rows;          /* the count, unless d_n_expert_rows */
+  const int64_t *d_n_expert_rows; /* device path: the count on the device, or NULL */
+  int64_t expert_capacity;        /* device path: the most rows there can be */
+  bool experts_dense;
+  bool host_grads; /* gradients (and expert_rows) are host memory, already checked */
+  void *stream;    /* device path: the caller's stream; the host path uses the backend's */
+} peer_optim_plan;
+
+/* An optimizer step on gradients in the device memory of the optimizer's
+ * layer's backend (peer_cuda_optimizer_step): argument checks, the plan,
+ * the backend's optimizer_step on `stream`; the expert row count is
+ * *d_n_rows on the device, or g->n_expert_rows when d_n_rows is NULL. */
+peer_status peer_optimizer_step_device(peer_optimizer *o, const peer_grads *g,
+                                       const int64_t *d_n_rows, void *stream, const char *what);
 
 /* A training context: the generic part; `mem` is laid out by the backend. */
 struct peer_context {

@@ -1423,6 +1423,232 @@ Test(cuda, device_pointer_training_takes_no_staging) {
   free_pair(&p);
 }
 
+/* ------------------------------------------------- the device optimizer */
+
+/* CPU and CUDA optimizers fed the same gradients must leave the same
+ * parameters and state: bit for bit, as both run peer/optim_rule.h without
+ * FMA contraction (explicitly rounded on a GPU); a build whose C code may
+ * contract (an FMA target: __FMA__) gets OPTIM_TOL instead. */
+#ifdef __FMA__
+#define OPTIM_TOL 1e-6
+#else
+#define OPTIM_TOL 0.0
+#endif
+
+static void same_floats(const float *g, const float *c, size_t n, const char *what,
+                        const char *name) {
+  for (size_t i = 0; i < n; i++)
+    cr_assert(OPTIM_TOL == 0.0 ? memcmp(g + i, c + i, 4) == 0
+                               : fabs(g[i] - c[i]) <= OPTIM_TOL * (1.0 + fabs(c[i])),
+              "%s %s[%zu]: gpu %.9g, cpu %.9g", what, name, i, (double)g[i], (double)c[i]);
+}
+
+/* Every parameter and state tensor of the CUDA pair against the CPU's. */
+static void compare_optimizers(const pair *p, peer_optimizer *oc, peer_optimizer *og,
+                               const char *what) {
+  for (int i = 0; i < peer_layer_n_params(p->cpu); i++) {
+    peer_tensor a, b;
+    cr_assert_eq(peer_layer_param(p->cpu, i, &a), PEER_OK);
+    cr_assert_eq(peer_layer_param(p->gpu, i, &b), PEER_OK);
+    void *h = malloc(b.nbytes);
+    to_host(h, b.data, b.nbytes);
+    if (a.dtype == PEER_BF16)
+      cr_assert(memcmp(h, a.data, a.nbytes) == 0 || OPTIM_TOL > 0, "%s %s (bf16) differs", what,
+                a.name);
+    else
+      same_floats(h, a.data, a.nbytes / 4, what, a.name);
+    free(h);
+  }
+  cr_assert_eq(peer_optimizer_n_states(og), peer_optimizer_n_states(oc));
+  cr_assert_eq(peer_optimizer_step_count(og), peer_optimizer_step_count(oc));
+  for (int i = 0; i < peer_optimizer_n_states(oc); i++) {
+    peer_tensor a, b;
+    cr_assert_eq(peer_optimizer_state(oc, i, &a), PEER_OK);
+    cr_assert_eq(peer_optimizer_state(og, i, &b), PEER_OK);
+    cr_assert_str_eq(a.name, b.name);
+    float *h = malloc(b.nbytes);
+    to_host(h, b.data, b.nbytes);
+    same_floats(h, a.data, a.nbytes / 4, what, a.name);
+    free(h);
+  }
+}
+
+/* Random host gradients for L: every dense gradient the layer has, and R
+ * distinct ascending expert rows (sparse [cap, d], or dense [N, d]). */
+typedef struct host_grads {
+  peer_grads g;
+  size_t n[5];
+} host_grads;
+
+static host_grads random_grads(peer_layer *L, ref_rng *rng, int64_t R, int64_t cap, int dense) {
+  const peer_config *c = peer_layer_config(L);
+  const int64_t d = c->d_model, N = c->n_subkeys * c->n_subkeys;
+  const char *names[5] = {"query.weight", "query.bias", "query.norm.weight", "query.norm.bias",
+                          "keys"};
+  host_grads h;
+  memset(&h, 0, sizeof h);
+  float **f[5] = {&h.g.query_weight, &h.g.query_bias, &h.g.norm_weight, &h.g.norm_bias,
+                  &h.g.keys};
+  for (int i = 0; i < 5; i++) {
+    h.n[i] = param_floats(L, names[i]);
+    if (!h.n[i]) continue;
+    *f[i] = malloc(h.n[i] * 4);
+    for (size_t j = 0; j < h.n[i]; j++) (*f[i])[j] = (float)ref_uniform(rng, -1.0, 1.0);
+  }
+  int64_t *rows = malloc((size_t)cap * 8), r = 0;
+  for (int64_t id = 0; id < N && r < R; id++) /* R of N, ascending */
+    if (ref_uniform(rng, 0.0, 1.0) * (double)(N - id) < (double)(R - r)) rows[r++] = id;
+  const size_t nrows = dense ? (size_t)N : (size_t)cap;
+  float *down = calloc(nrows * (size_t)d, 4), *up = calloc(nrows * (size_t)d, 4);
+  for (int64_t j = 0; j < r; j++) {
+    const size_t at = (size_t)(dense ? rows[j] : j) * (size_t)d;
+    for (int64_t i = 0; i < d; i++) {
+      down[at + (size_t)i] = (float)ref_uniform(rng, -1.0, 1.0);
+      up[at + (size_t)i] = (float)ref_uniform(rng, -1.0, 1.0);
+    }
+  }
+  h.g.experts_dense = dense, h.g.expert_capacity = cap, h.g.expert_rows = rows;
+  h.g.experts_down = down, h.g.experts_up = up, h.g.n_expert_rows = r;
+  return h;
+}
+
+static void host_grads_free(host_grads *h) {
+  free(h->g.query_weight), free(h->g.query_bias), free(h->g.norm_weight), free(h->g.norm_bias);
+  free(h->g.keys), free(h->g.expert_rows), free(h->g.experts_down), free(h->g.experts_up);
+}
+
+/* Device copies of h's buffers (the same layout), as peer_cuda_backward's. */
+static peer_grads device_grads(const peer_layer *L, const host_grads *h, int experts) {
+  const peer_config *c = peer_layer_config(L);
+  const size_t d = (size_t)c->d_model, N = (size_t)(c->n_subkeys * c->n_subkeys);
+  const size_t rows = h->g.experts_dense ? N : (size_t)h->g.expert_capacity;
+  peer_grads g = h->g;
+  const float *src[5] = {h->g.query_weight, h->g.query_bias, h->g.norm_weight, h->g.norm_bias,
+                         h->g.keys};
+  float **dst[5] = {&g.query_weight, &g.query_bias, &g.norm_weight, &g.norm_bias, &g.keys};
+  for (int i = 0; i < 5; i++) *dst[i] = src[i] ? dev_copy_of(src[i], h->n[i] * 4) : NULL;
+  if (!experts) {
+    g.expert_rows = NULL, g.experts_down = g.experts_up = NULL;
+    return g;
+  }
+  g.expert_rows = dev_copy_of(h->g.expert_rows, (size_t)h->g.expert_capacity * 8);
+  g.experts_down = dev_copy_of(h->g.experts_down, rows * d * 4);
+  g.experts_up = dev_copy_of(h->g.experts_up, rows * d * 4);
+  return g;
+}
+
+static void device_grads_free(peer_grads *g) {
+  cudaFree(g->query_weight), cudaFree(g->query_bias), cudaFree(g->norm_weight);
+  cudaFree(g->norm_bias), cudaFree(g->keys), cudaFree(g->expert_rows);
+  cudaFree(g->experts_down), cudaFree(g->experts_up);
+}
+
+/* Steps of a CPU optimizer on the CPU layer and of a CUDA one on the CUDA
+ * layer with the same gradients: odd steps through peer_cuda_optimizer_step
+ * (device gradients, the row count on the device, a stream of ours), even
+ * ones through peer_optimizer_step (host gradients, staged); the last step
+ * takes no expert gradients (dense parameters only). */
+static void check_optimizer(const char *config, peer_optim_config oc_cfg, int dense_experts) {
+  uint64_t seed = ref_test_seed();
+  ref_rng rng = {seed};
+  pair p = make_pair(config);
+  cr_assert_eq(peer_layer_init(p.cpu, seed % 1000), PEER_OK);
+  copy_params(&p);
+  char what[256];
+  snprintf(what, sizeof what, "[optimizer %s kind %d expert_kind %d dense %d seed=%llu]", config,
+           (int)oc_cfg.kind, (int)oc_cfg.expert_kind, dense_experts, (unsigned long long)seed);
+  peer_optimizer *oc, *og;
+  cr_assert_eq(peer_optimizer_create(&oc, p.cpu, &oc_cfg), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_optimizer_create(&og, p.gpu, &oc_cfg), PEER_OK, "%s %s", what,
+               peer_last_error());
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  const int steps = 5;
+  const int64_t cap = 40;
+  for (int s = 0; s < steps; s++) {
+    host_grads h = random_grads(p.cpu, &rng, s == 2 ? cap : 7 + 5 * s, cap, dense_experts);
+    const int experts = s < steps - 1;
+    peer_grads hg = h.g;
+    if (!experts) hg.experts_down = hg.experts_up = NULL, hg.expert_rows = NULL;
+    cr_assert_eq(peer_optimizer_step(oc, &hg), PEER_OK, "%s %s", what, peer_last_error());
+    if (s % 2 == 1) {
+      peer_grads d = device_grads(p.gpu, &h, experts);
+      int64_t *d_n = dev_copy_of(&h.g.n_expert_rows, 8);
+      cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess); /* the legacy-stream copies */
+      cr_assert_eq(peer_cuda_optimizer_step(og, &d, d_n, st), PEER_OK, "%s step %d: %s", what, s,
+                   peer_last_error());
+      cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+      device_grads_free(&d);
+      cudaFree(d_n);
+    } else {
+      cr_assert_eq(peer_optimizer_step(og, &hg), PEER_OK, "%s step %d: %s", what, s,
+                   peer_last_error());
+    }
+    host_grads_free(&h);
+    compare_optimizers(&p, oc, og, what);
+  }
+  cudaStreamDestroy(st);
+  peer_optimizer_free(oc);
+  peer_optimizer_free(og);
+  free_pair(&p);
+}
+
+static peer_optim_config optim_cfg(peer_optim_kind kind, peer_optim_kind expert_kind,
+                                   float momentum, float decay) {
+  peer_optim_config c = peer_optim_config_default();
+  c.kind = kind, c.expert_kind = expert_kind, c.momentum = momentum, c.weight_decay = decay;
+  c.lr = 0.05f, c.expert_lr = 0.2f;
+  return c;
+}
+
+#define OPTIM_LAYER "d_model=24,n_heads=2,d_key=8,n_subkeys=16,top_k=4"
+Test(cuda_optim, adamw_matches_cpu) {
+  check_optimizer(OPTIM_LAYER ",query_norm=batchnorm,query_bias=1",
+                  optim_cfg(PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0.0f, 0.1f), 0);
+}
+Test(cuda_optim, sgd_momentum_sparse_sgd_matches_cpu) {
+  check_optimizer(OPTIM_LAYER ",shared_keys=1", optim_cfg(PEER_OPTIM_SGD, PEER_OPTIM_SGD, 0.9f, 0.01f),
+                  0);
+}
+Test(cuda_optim, adam_dense_expert_rows_matches_cpu) {
+  check_optimizer(OPTIM_LAYER, optim_cfg(PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0.0f, 0.0f), 1);
+}
+Test(cuda_optim, bf16_tables_sgd_then_adam_rows) {
+  check_optimizer(OPTIM_LAYER ",weight_dtype=bf16",
+                  optim_cfg(PEER_OPTIM_SGD, PEER_OPTIM_ADAM, 0.5f, 0.0f), 0);
+  check_optimizer(OPTIM_LAYER ",weight_dtype=bf16,query_bias=1",
+                  optim_cfg(PEER_OPTIM_ADAM, PEER_OPTIM_SGD, 0.0f, 0.0f), 1);
+}
+
+/* The device step's argument checks: the layer must be on the device, a
+ * gradient the layer lacks and an incomplete expert triple are refused
+ * before anything is queued (the step count stays). */
+Test(cuda_optim, device_step_arguments) {
+  pair p = make_pair(OPTIM_LAYER);
+  peer_optim_config c = optim_cfg(PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0.0f, 0.0f);
+  peer_optimizer *oc, *og;
+  cr_assert_eq(peer_optimizer_create(&oc, p.cpu, &c), PEER_OK);
+  cr_assert_eq(peer_optimizer_create(&og, p.gpu, &c), PEER_OK, "%s", peer_last_error());
+  peer_grads none = {0};
+  cr_assert_eq(peer_cuda_optimizer_step(oc, &none, NULL, 0), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_optimizer_step(og, NULL, NULL, 0), PEER_ERR_INVALID_ARGUMENT);
+  float *g = dev_alloc(64);
+  peer_grads bias = {0};
+  bias.query_bias = g;
+  cr_assert_eq(peer_cuda_optimizer_step(og, &bias, NULL, 0), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert(strstr(peer_last_error(), "query_bias"), "%s", peer_last_error());
+  peer_grads half = {0};
+  half.experts_down = g;
+  cr_assert_eq(peer_cuda_optimizer_step(og, &half, NULL, 0), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_optimizer_step_count(og), 0);
+  cr_assert_eq(peer_cuda_optimizer_step(og, &none, NULL, 0), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_optimizer_step_count(og), 1);
+  cudaFree(g);
+  peer_optimizer_free(oc);
+  peer_optimizer_free(og);
+  free_pair(&p);
+}
+
 #ifdef PEER_CUDA_EMULATED
 /* ------------------------------------------------- the emulator's own rules */
 
