@@ -6,8 +6,17 @@
 
 peer_status peer_usage_accumulate(double *z, int64_t n_experts, const int64_t *indices,
                                   const float *gates, int64_t n_entries) {
-  if (!z || ((!indices || !gates) && n_entries > 0) || n_experts < 1 || n_entries < 0)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "usage_accumulate: bad arguments");
+  if (!z) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "usage_accumulate: z is NULL");
+  if (n_experts < 1)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "usage_accumulate: n_experts is %lld (z needs at least one expert)",
+                     (long long)n_experts);
+  if (n_entries < 0)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "usage_accumulate: n_entries is %lld (< 0)",
+                     (long long)n_entries);
+  if ((!indices || !gates) && n_entries > 0)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "usage_accumulate: %s is NULL with %lld entries",
+                     !indices ? "indices" : "gates", (long long)n_entries);
   for (int64_t i = 0; i < n_entries; i++) {
     if (indices[i] < 0 || indices[i] >= n_experts)
       return peer_fail(PEER_ERR_INVALID_ARGUMENT,
@@ -24,8 +33,15 @@ peer_status peer_usage_accumulate(double *z, int64_t n_experts, const int64_t *i
 
 peer_status peer_usage_metrics(const double *z, int64_t n_experts, double *usage,
                                double *unevenness) {
-  if (!z || n_experts < 1 || !usage || !unevenness)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "usage_metrics: bad arguments");
+  if (!z) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "usage_metrics: z is NULL");
+  if (n_experts < 1)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "usage_metrics: n_experts is %lld (z needs one gate mass per expert, at "
+                     "least one)",
+                     (long long)n_experts);
+  if (!usage || !unevenness)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "usage_metrics: %s is NULL",
+                     !usage ? "usage" : "unevenness");
   double total = 0.0;
   int64_t used = 0;
   for (int64_t i = 0; i < n_experts; i++) {

@@ -534,6 +534,22 @@ Test(config, init_distributions_follow_the_header) {
 
 /* ----------------------------------------------------------------- metrics */
 
+Test(metrics, bad_arguments_are_named) {
+  double z[4] = {1, 0, 0, 0}, usage, uneven;
+  int64_t ids[1] = {0};
+  float gates[1] = {1.0f};
+  cr_assert_eq(peer_usage_metrics(z, 0, &usage, &uneven), PEER_ERR_INVALID_ARGUMENT);
+  cr_expect(strstr(peer_last_error(), "n_experts is 0"), "%s", peer_last_error());
+  cr_assert_eq(peer_usage_metrics(NULL, 4, &usage, &uneven), PEER_ERR_INVALID_ARGUMENT);
+  cr_expect(strstr(peer_last_error(), "z is NULL"), "%s", peer_last_error());
+  cr_assert_eq(peer_usage_metrics(z, 4, &usage, NULL), PEER_ERR_INVALID_ARGUMENT);
+  cr_expect(strstr(peer_last_error(), "unevenness is NULL"), "%s", peer_last_error());
+  cr_assert_eq(peer_usage_accumulate(z, 4, NULL, gates, 1), PEER_ERR_INVALID_ARGUMENT);
+  cr_expect(strstr(peer_last_error(), "indices is NULL"), "%s", peer_last_error());
+  cr_assert_eq(peer_usage_accumulate(z, 4, ids, gates, -1), PEER_ERR_INVALID_ARGUMENT);
+  cr_expect(strstr(peer_last_error(), "n_entries is -1"), "%s", peer_last_error());
+}
+
 Test(metrics, uniform_mass_is_full_usage_and_even) {
   double z[100];
   for (int i = 0; i < 100; i++) z[i] = 0.37;
