@@ -49,6 +49,15 @@
  * H*k = 128); beyond that peer_context_size and peer_context_create return
  * PEER_ERR_UNSUPPORTED naming max_tokens and the limit.
  *
+ * Files: peer_layer_save, peer_layer_load, peer_checkpoint_save and
+ * peer_checkpoint_load work on CUDA layers (and their optimizers, whose
+ * state is device memory) through host staging: a save waits for the whole
+ * device, copies every tensor it writes into host memory (a full host copy
+ * of the layer and state for the duration of the call) and hands them to the
+ * CPU path's writer (same file, byte for byte, same atomic write); a load
+ * runs the CPU path's checks first, then reads each tensor into one host
+ * buffer (the largest tensor's size) and uploads it as peer_layer_init does.
+ *
  * Available only in builds configured with PEER_CUDA (they define
  * PEER_USE_CUDA).
  *

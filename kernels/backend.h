@@ -150,6 +150,6 @@ peer_status peer_cb_cuda_backward(peer_layer *L, peer_context *ctx, const float 
 /* backend_optim.c: the optimizer step and download entries */
 peer_status peer_cb_cuda_optimizer_step(peer_layer *L, const peer_optim_plan *p, void **stage,
                                         size_t *stage_bytes);
-peer_status peer_cb_cuda_download(peer_layer *L, void *dst, const void *src, size_t bytes);
+peer_status peer_cb_cuda_download(const peer_layer *L, void *dst, const void *src, size_t bytes);
 
 #endif

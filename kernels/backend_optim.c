@@ -120,7 +120,7 @@ peer_status peer_cb_cuda_optimizer_step(peer_layer *L, const peer_optim_plan *p,
 
 /* Parameter (or optimizer state) bytes to the host, after a wait for the
  * whole device: work queued on any stream may still be writing them. */
-peer_status peer_cb_cuda_download(peer_layer *L, void *dst, const void *src, size_t bytes) {
+peer_status peer_cb_cuda_download(const peer_layer *L, void *dst, const void *src, size_t bytes) {
   const char *what = "download of parameters";
   cudaError_t e = cudaSetDevice(state_of(L)->device);
   if (e != cudaSuccess) return peer_k_cuda_fail(e, what);

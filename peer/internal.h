@@ -146,7 +146,7 @@ typedef struct peer_backend_i {
                                 void **stage, size_t *stage_bytes);
   /* Optional (NULL: parameters are host memory, read in place): copy
    * parameter or state storage out into host bytes (upload's mirror). */
-  peer_status (*download)(peer_layer *layer, void *dst, const void *src, size_t bytes);
+  peer_status (*download)(const peer_layer *layer, void *dst, const void *src, size_t bytes);
 } peer_backend_i;
 
 /* One optimizer step as optim.c hands it to a backend's optimizer_step. */
@@ -272,6 +272,16 @@ peer_status peer_file_check(const peer_safetensors *f, const char *path,
                             const peer_file_want *want);
 /* Read every wanted tensor into its data (after peer_file_check). */
 peer_status peer_file_read(const peer_safetensors *f, const peer_file_want *want);
+/* peer_file_read for tensors in L's parameter (or optimizer state) storage:
+ * through one host buffer and the backend's upload when it has one. */
+peer_status peer_file_read_into(peer_layer *L, const peer_safetensors *f,
+                                const peer_file_want *want);
+/* Saving a layer whose storage is not host memory (its backend has
+ * download): replace each of the n tensors' data by a host copy (peer_alloc),
+ * or leave them all as they were on failure; peer_tensors_host_free gives the
+ * copies back.  Both do nothing for host storage. */
+peer_status peer_tensors_to_host(const peer_layer *L, peer_tensor *t, int n, const char *what);
+void peer_tensors_host_free(const peer_layer *L, peer_tensor *t, int n);
 
 /* Bytes of the data section (after the header) of an open file. */
 uint64_t peer_safetensors_data_bytes(const peer_safetensors *f);

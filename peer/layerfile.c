@@ -218,3 +218,54 @@ peer_status peer_file_read(const peer_safetensors *f, const peer_file_want *w) {
   }
   return PEER_OK;
 }
+
+/* ---- storage that is not host memory (a CUDA layer): host staging ---- */
+
+peer_status peer_file_read_into(peer_layer *L, const peer_safetensors *f,
+                                const peer_file_want *w) {
+  if (!L->backend->upload) return peer_file_read(f, w);
+  size_t most = 0;
+  for (int i = 0; i < w->n; i++)
+    if (w->t[i].nbytes > most) most = w->t[i].nbytes;
+  void *host = peer_alloc(most ? most : 1);
+  if (!host)
+    return peer_fail(PEER_ERR_OUT_OF_MEMORY, "loading: cannot allocate %zu bytes of host staging",
+                     most);
+  peer_status st = PEER_OK;
+  for (int i = 0; i < w->n && !st; i++) {
+    st = peer_safetensors_read(f, w->t[i].name, host, w->t[i].nbytes);
+    if (!st) st = L->backend->upload(L, w->t[i].data, host, w->t[i].nbytes);
+  }
+  peer_free(host, most ? most : 1);
+  return st;
+}
+
+peer_status peer_tensors_to_host(const peer_layer *L, peer_tensor *t, int n, const char *what) {
+  if (!L->backend->download) return PEER_OK;
+  void *host[PEER_FILE_WANT_MAX];
+  if (n > PEER_FILE_WANT_MAX)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: %d tensors to stage", what, n);
+  for (int i = 0; i < n; i++) {
+    peer_status st = PEER_OK;
+    host[i] = peer_alloc(t[i].nbytes ? t[i].nbytes : 1);
+    if (!host[i])
+      st = peer_fail(PEER_ERR_OUT_OF_MEMORY, "%s: cannot stage '%s' (%zu bytes) in host memory",
+                     what, t[i].name, t[i].nbytes);
+    else
+      st = L->backend->download(L, host[i], t[i].data, t[i].nbytes);
+    if (st) {
+      for (int j = 0; j <= i; j++)
+        if (host[j]) peer_free(host[j], t[j].nbytes ? t[j].nbytes : 1);
+      return st;
+    }
+  }
+  for (int i = 0; i < n; i++)
+    t[i].data = host[i];
+  return PEER_OK;
+}
+
+void peer_tensors_host_free(const peer_layer *L, peer_tensor *t, int n) {
+  if (!L->backend->download) return;
+  for (int i = 0; i < n; i++)
+    peer_free(t[i].data, t[i].nbytes ? t[i].nbytes : 1);
+}

@@ -539,6 +539,7 @@ static peer_status check_pair(const peer_layer *L, const peer_optimizer *o, cons
   if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer", what);
   if (o && (o->layer != L || o->layer_id != L->id))
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the optimizer belongs to another layer", what);
+  if (L->backend->download && L->backend->upload) return PEER_OK; /* staged through the host */
   return check_host_layer(L, what);
 }
 
@@ -596,7 +597,10 @@ static peer_status checkpoint_save(const peer_layer *L, const peer_optimizer *o,
     tensors[n++] = L->slot[L->param_slot[i]];
   for (int i = 0; o && i < o->n_states; i++)
     tensors[n++] = o->state[i];
-  return peer_safetensors_write(path, tensors, n, meta, n_meta);
+  if ((st = peer_tensors_to_host(L, tensors, n, "checkpoint_save"))) return st;
+  st = peer_safetensors_write(path, tensors, n, meta, n_meta);
+  peer_tensors_host_free(L, tensors, n);
+  return st;
 }
 
 /* The optimizer's kinds and the step, from metadata. */
@@ -645,7 +649,7 @@ static peer_status load_checked(peer_layer *L, peer_optimizer *o, const peer_saf
                             .skip_prefix = o ? NULL : STATE_PREFIX,
                             .layer_desc = "this layer",
                             .state_desc = o ? state_desc : NULL};
-  if ((st = peer_file_check(f, path, &w)) || (st = peer_file_read(f, &w))) return st;
+  if ((st = peer_file_check(f, path, &w)) || (st = peer_file_read_into(L, f, &w))) return st;
   if (o) o->step = step;
   return PEER_OK;
 }

@@ -9,16 +9,19 @@
 #include <stdio.h>
 #include <string.h>
 
-static peer_status check_host_backend(const peer_options *opt, const char *what) {
-  if (opt && opt->backend != PEER_BACKEND_CPU)
+/* Parameters the file code can reach: host memory, or a backend that copies
+ * them out (download) and in (upload) through host staging. */
+static peer_status check_reachable(const peer_layer *L, const char *what) {
+  if (L->backend->upload && !L->backend->download)
     return peer_fail(PEER_ERR_UNSUPPORTED,
-                     "%s: only CPU-backend layers (host parameters) can be saved or loaded", what);
+                     "%s: backend %s cannot copy parameters to the host for saving", what,
+                     L->backend->name);
   return PEER_OK;
 }
 
 peer_status peer_layer_save(const peer_layer *L, const char *path) {
   if (!L || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_save: NULL argument");
-  peer_status st = check_host_backend(&L->opt, path);
+  peer_status st = check_reachable(L, path);
   if (st) return st;
   peer_layer_meta lm;
   if ((st = peer_layer_meta_of(&L->cfg, &lm))) return st;
@@ -27,7 +30,10 @@ peer_status peer_layer_save(const peer_layer *L, const char *path) {
     tensors[i] = L->slot[L->param_slot[i]];
   /* busy: an optimizer step on another thread would tear the saved values */
   if ((st = peer_layer_enter(L, "layer_save"))) return st;
-  st = peer_safetensors_write(path, tensors, L->n_params, lm.pair, lm.n_pairs);
+  if (!(st = peer_tensors_to_host(L, tensors, L->n_params, "layer_save"))) {
+    st = peer_safetensors_write(path, tensors, L->n_params, lm.pair, lm.n_pairs);
+    peer_tensors_host_free(L, tensors, L->n_params);
+  }
   peer_layer_leave(L);
   return st;
 }
@@ -75,8 +81,7 @@ peer_status peer_layer_check_file(const char *path, peer_config *cfg) {
 peer_status peer_layer_load(peer_layer **out, const char *path, const peer_options *opt) {
   if (!out || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_load: NULL argument");
   *out = NULL;
-  peer_status st = check_host_backend(opt, path);
-  if (st) return st;
+  peer_status st;
   peer_safetensors *f = NULL;
   peer_config cfg;
   peer_tensor want[PEER_P_COUNT];
@@ -88,7 +93,7 @@ peer_status peer_layer_load(peer_layer **out, const char *path, const peer_optio
     for (int i = 0; i < n; i++)
       want[i] = L->slot[L->param_slot[i]];
     const peer_file_want w = {.t = want, .n = n};
-    st = peer_file_read(f, &w);
+    st = peer_file_read_into(L, f, &w);
   }
   peer_safetensors_close(f);
   if (st) {

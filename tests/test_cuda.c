@@ -43,6 +43,7 @@ int main(void) {
 #include <peer_emu.h>
 #endif
 #include <sys/wait.h>
+#include <unistd.h>
 
 /* Relative tolerance of scores and y between backends: f32 sums of up to
  * max(d, d_key/2) products in different orders. */
@@ -1647,6 +1648,192 @@ Test(cuda_optim, device_step_arguments) {
   peer_optimizer_free(oc);
   peer_optimizer_free(og);
   free_pair(&p);
+}
+
+/* ------------------------------------------- saving and loading CUDA layers */
+
+static char *read_whole(const char *path, size_t *n) {
+  FILE *f = fopen(path, "rb");
+  cr_assert(f, "open %s", path);
+  fseek(f, 0, SEEK_END);
+  *n = (size_t)ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char *b = malloc(*n + 1);
+  cr_assert_eq(fread(b, 1, *n, f), *n);
+  fclose(f);
+  return b;
+}
+
+static void same_file(const char *a, const char *b, const char *what) {
+  size_t na, nb;
+  char *x = read_whole(a, &na), *y = read_whole(b, &nb);
+  cr_assert(na == nb && memcmp(x, y, na) == 0, "%s: %s and %s differ", what, a, b);
+  free(x), free(y);
+}
+
+static void io_dir(char *dir, size_t n) {
+  snprintf(dir, n, "/tmp/peer_test_cuda_io.XXXXXX");
+  cr_assert(mkdtemp(dir), "mkdtemp");
+}
+
+static void rm_dir(const char *dir, const char *const *names, int n) {
+  char p[512];
+  for (int i = 0; i < n; i++) {
+    snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+    remove(p);
+  }
+  remove(dir);
+}
+
+/* Every parameter of a against b's, byte for byte; a_dev, b_dev: which is a
+ * CUDA layer. */
+static void same_params(peer_layer *a, int a_dev, peer_layer *b, int b_dev, const char *what) {
+  cr_assert_eq(peer_layer_n_params(a), peer_layer_n_params(b));
+  for (int i = 0; i < peer_layer_n_params(a); i++) {
+    peer_tensor ta, tb;
+    cr_assert_eq(peer_layer_param(a, i, &ta), PEER_OK);
+    cr_assert_eq(peer_layer_param(b, i, &tb), PEER_OK);
+    cr_assert_eq(ta.nbytes, tb.nbytes);
+    char *ha = malloc(ta.nbytes), *hb = malloc(tb.nbytes);
+    if (a_dev) to_host(ha, ta.data, ta.nbytes);
+    else memcpy(ha, ta.data, ta.nbytes);
+    if (b_dev) to_host(hb, tb.data, tb.nbytes);
+    else memcpy(hb, tb.data, tb.nbytes);
+    cr_assert(memcmp(ha, hb, ta.nbytes) == 0, "%s: %s differs", what, ta.name);
+    free(ha), free(hb);
+  }
+}
+
+/* A CUDA layer's weight file is the CPU layer's, byte for byte, and loads
+ * into either backend with the same parameters. */
+static void check_layer_files(const char *config) {
+  pair p = make_pair(config);
+  cr_assert_eq(peer_layer_init(p.cpu, 21), PEER_OK);
+  copy_params(&p);
+  char dir[64], a[128], b[128];
+  io_dir(dir, sizeof dir);
+  snprintf(a, sizeof a, "%s/gpu.safetensors", dir);
+  snprintf(b, sizeof b, "%s/cpu.safetensors", dir);
+  cr_assert_eq(peer_layer_save(p.gpu, a), PEER_OK, "%s: %s", config, peer_last_error());
+  cr_assert_eq(peer_layer_save(p.cpu, b), PEER_OK, "%s", peer_last_error());
+  same_file(a, b, config);
+  peer_layer *c = NULL, *g = NULL;
+  cr_assert_eq(peer_layer_load(&c, a, NULL), PEER_OK, "%s", peer_last_error());
+  same_params(c, 0, p.cpu, 0, "CUDA save, CPU load");
+  peer_options o;
+  peer_options_default(&o);
+  o.backend = PEER_BACKEND_CUDA;
+  cr_assert_eq(peer_layer_load(&g, b, &o), PEER_OK, "%s: %s", config, peer_last_error());
+  same_params(g, 1, p.cpu, 0, "CPU save, CUDA load");
+  peer_layer_free(c), peer_layer_free(g);
+  const char *names[] = {"gpu.safetensors", "cpu.safetensors"};
+  rm_dir(dir, names, 2);
+  free_pair(&p);
+}
+
+Test(cuda_io, layer_save_and_load_across_backends) {
+  check_layer_files(OPTIM_LAYER);
+  check_layer_files(OPTIM_LAYER ",weight_dtype=bf16,query_norm=batchnorm,query_bias=1");
+}
+
+/* Steps with the same random gradients on a CUDA and a CPU optimizer (host
+ * path on even steps, device path on odd ones, as check_optimizer). */
+static void step_both(pair *p, peer_optimizer *oc, peer_optimizer *og, ref_rng *rng, int steps,
+                      const char *what) {
+  for (int s = 0; s < steps; s++) {
+    host_grads h = random_grads(p->cpu, rng, 5 + 3 * s, 32, 0);
+    cr_assert_eq(peer_optimizer_step(oc, &h.g), PEER_OK, "%s %s", what, peer_last_error());
+    if (s % 2) {
+      peer_grads d = device_grads(p->gpu, &h, 1);
+      cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+      cr_assert_eq(peer_cuda_optimizer_step(og, &d, NULL, 0), PEER_OK, "%s %s", what,
+                   peer_last_error());
+      cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+      device_grads_free(&d);
+    } else {
+      cr_assert_eq(peer_optimizer_step(og, &h.g), PEER_OK, "%s %s", what, peer_last_error());
+    }
+    host_grads_free(&h);
+  }
+}
+
+/* Checkpoints of a CUDA layer: the file equals the CPU's (same weights,
+ * state and step); loading it into a fresh CUDA layer and optimizer, or into
+ * a CPU pair, and training on gives the same bits as the run that never
+ * stopped; a checkpoint of another config is refused and changes nothing. */
+Test(cuda_io, checkpoint_round_trip_and_training_continues) {
+  const char *config = OPTIM_LAYER ",query_norm=batchnorm,query_bias=1";
+  uint64_t seed = ref_test_seed();
+  pair p = make_pair(config);
+  cr_assert_eq(peer_layer_init(p.cpu, 31), PEER_OK);
+  copy_params(&p);
+  peer_optim_config c = optim_cfg(PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0.0f, 0.1f);
+  peer_optimizer *oc, *og;
+  cr_assert_eq(peer_optimizer_create(&oc, p.cpu, &c), PEER_OK);
+  cr_assert_eq(peer_optimizer_create(&og, p.gpu, &c), PEER_OK, "%s", peer_last_error());
+  char what[128];
+  snprintf(what, sizeof what, "[checkpoint seed=%llu]", (unsigned long long)seed);
+  ref_rng rng = {seed};
+  step_both(&p, oc, og, &rng, 3, what);
+  char dir[64], a[128], b[128];
+  io_dir(dir, sizeof dir);
+  snprintf(a, sizeof a, "%s/gpu.ckpt", dir);
+  snprintf(b, sizeof b, "%s/cpu.ckpt", dir);
+  cr_assert_eq(peer_checkpoint_save(p.gpu, og, a), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_checkpoint_save(p.cpu, oc, b), PEER_OK, "%s", peer_last_error());
+  same_file(a, b, what);
+
+  /* a fresh pair loads the CUDA checkpoint (the CPU layer too: files cross) */
+  pair q = make_pair(config);
+  cr_assert_eq(peer_layer_init(q.gpu, 99), PEER_OK);
+  peer_optimizer *qc, *qg;
+  cr_assert_eq(peer_optimizer_create(&qc, q.cpu, &c), PEER_OK);
+  cr_assert_eq(peer_optimizer_create(&qg, q.gpu, &c), PEER_OK);
+  cr_assert_eq(peer_checkpoint_load(q.gpu, qg, a), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_checkpoint_load(q.cpu, qc, a), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_optimizer_step_count(qg), 3);
+  compare_optimizers(&q, qc, qg, what);
+    same_params(q.gpu, 1, p.gpu, 1, "loaded checkpoint");
+
+  /* training on: the interrupted run and the resumed one agree bit for bit */
+  ref_rng r1 = rng, r2 = rng;
+  step_both(&p, oc, og, &r1, 3, what);
+  step_both(&q, qc, qg, &r2, 3, what);
+  same_params(q.gpu, 1, p.gpu, 1, "resumed training");
+  compare_optimizers(&q, qc, qg, what);
+  for (int i = 0; i < peer_optimizer_n_states(og); i++) {
+    peer_tensor x, y;
+    cr_assert_eq(peer_optimizer_state(og, i, &x), PEER_OK);
+    cr_assert_eq(peer_optimizer_state(qg, i, &y), PEER_OK);
+    char *hx = malloc(x.nbytes), *hy = malloc(y.nbytes);
+    to_host(hx, x.data, x.nbytes), to_host(hy, y.data, y.nbytes);
+    cr_assert(memcmp(hx, hy, x.nbytes) == 0, "%s resumed state %s differs", what, x.name);
+    free(hx), free(hy);
+  }
+
+  /* refusals: another config, another optimizer kind; nothing changes */
+  pair other = make_pair(OPTIM_LAYER);
+  char o_path[128];
+  snprintf(o_path, sizeof o_path, "%s/other.ckpt", dir);
+  cr_assert_eq(peer_checkpoint_save(other.gpu, NULL, o_path), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_checkpoint_load(q.gpu, qg, o_path), PEER_ERR_FORMAT);
+  peer_optim_config sgd = optim_cfg(PEER_OPTIM_SGD, PEER_OPTIM_SGD, 0.9f, 0.0f);
+  peer_optimizer *os;
+  cr_assert_eq(peer_optimizer_create(&os, q.gpu, &sgd), PEER_OK);
+  cr_assert_eq(peer_checkpoint_load(q.gpu, os, a), PEER_ERR_FORMAT);
+  same_params(q.gpu, 1, p.gpu, 1, "after refused loads");
+  cr_assert_eq(peer_optimizer_step_count(qg), 6);
+  /* the atomic writer's refusal: a missing directory, no file left */
+  char bad[160];
+  snprintf(bad, sizeof bad, "%s/missing/x.ckpt", dir);
+  cr_assert_neq(peer_checkpoint_save(q.gpu, qg, bad), PEER_OK);
+  cr_assert_neq(access(bad, F_OK), 0);
+
+  peer_optimizer_free(os);
+  peer_optimizer_free(oc), peer_optimizer_free(og), peer_optimizer_free(qc), peer_optimizer_free(qg);
+  const char *names[] = {"gpu.ckpt", "cpu.ckpt", "other.ckpt"};
+  rm_dir(dir, names, 3);
+  free_pair(&p), free_pair(&q), free_pair(&other);
 }
 
 #ifdef PEER_CUDA_EMULATED
