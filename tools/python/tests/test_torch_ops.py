@@ -275,3 +275,19 @@ def test_active_parameter_count():
     keys = H * 2 * n * (dk // 2)
     assert m.n_active_parameters() == query + keys + H * k * 2 * d
     assert m.n_parameters() == sum(p.numel() for p in m.parameters())
+
+
+def test_training_contexts_live_as_long_as_the_graph():
+    from peerlayer.nn import _Saved
+    m = PEER(BN, seed=2)
+    base = len(_Saved._live)
+    for _ in range(3):
+        m(torch.randn(4, 8)).sum().backward()
+    assert len(_Saved._live) == base  # used up and freed with their graphs
+    y = m(torch.randn(4, 8))
+    assert len(_Saved._live) == base + 1
+    del y  # a graph dropped without backward frees its context too
+    assert len(_Saved._live) == base
+    with torch.no_grad():
+        m(torch.randn(4, 8))  # training batch norm without grad: nothing kept
+    assert len(_Saved._live) == base
