@@ -98,9 +98,9 @@ peer_status peer_cb_project_query(peer_layer *L, int64_t T, const float *d_x, fl
   cuda_state *st = state_of(L);
   const peer_dims *D = &L->dims;
   const float one = 1.0f, zero = 0.0f;
-  cublasStatus_t bs = cublasSetStream(st->blas, stream);
-  if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: cublasSetStream");
-  bs = cublasSgemm(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->dq, (int)T, (int)D->d, &one,
+  peer_status s = blas_on(st, stream, "forward: cublasSetStream");
+  if (s) return s;
+  cublasStatus_t bs = cublasSgemm(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->dq, (int)T, (int)D->d, &one,
                    L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, d_x, (int)D->d, &zero, q,
                    (int)D->dq);
   if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: query projection");
@@ -462,6 +462,7 @@ static void cuda_close(peer_layer *L) {
   if (st->d_bad) cudaFree(st->d_bad);
   if (st->ws_owned && st->ws) cudaFree(st->ws);
   if (st->io) cudaFree(st->io);
+  if (st->blas_ws) cudaFree(st->blas_ws);
   (void)cudaGetLastError(); /* a teardown reports nothing, and leaves no error behind */
   free(st);
   L->backend_data = NULL;
@@ -494,6 +495,9 @@ static peer_status cuda_open(peer_layer *L) {
   } else if ((e = cudaMalloc((void **)&st->d_bad, REC_COUNT * sizeof *st->d_bad)) != cudaSuccess) {
     st->d_bad = NULL;
     s = peer_k_cuda_fail(e, "backend cuda: cudaMalloc");
+  } else if ((e = cudaMalloc(&st->blas_ws, BLAS_WORKSPACE)) != cudaSuccess) {
+    st->blas_ws = NULL;
+    s = peer_k_cuda_fail(e, "backend cuda: cudaMalloc of cuBLAS's workspace");
   } else if ((e = cudaMemset(st->d_bad, 0xff, REC_COUNT * sizeof *st->d_bad)) != cudaSuccess)
     s = peer_k_cuda_fail(e, "backend cuda: cudaMemset");
   else

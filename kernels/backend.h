@@ -40,13 +40,27 @@ typedef struct cuda_state {
   bool ws_owned;
   void *io; /* device copies of the host-pointer path's inputs and outputs */
   size_t io_bytes;
+  void *blas_ws; /* cuBLAS's workspace, the layer's own (BLAS_WORKSPACE bytes) */
 } cuda_state;
+
+/* cuBLAS's recommended workspace on Hopper (4 MiB before it); set with
+ * cublasSetWorkspace after every cublasSetStream, which resets it to
+ * cuBLAS's pool: NVIDIA's condition for the same bits on any stream, and no
+ * allocation by cuBLAS on the hot path. */
+#define BLAS_WORKSPACE ((size_t)32 << 20)
 /* As peer_k_cuda_fail (status.h), for cuBLAS: its allocation failure is
  * PEER_ERR_OUT_OF_MEMORY, and a runtime error it met is not left behind. */
 static inline peer_status blas_fail(cublasStatus_t s, const char *what) {
   (void)cudaGetLastError();
   return peer_fail(s == CUBLAS_STATUS_ALLOC_FAILED ? PEER_ERR_OUT_OF_MEMORY : PEER_ERR_CUDA,
                    "%s: cuBLAS: %s", what, cublasGetStatusString(s));
+}
+
+/* The layer's cuBLAS handle on `stream`, with the layer's workspace. */
+static inline peer_status blas_on(const cuda_state *st, cudaStream_t stream, const char *what) {
+  cublasStatus_t bs = cublasSetStream(st->blas, stream);
+  if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetWorkspace(st->blas, st->blas_ws, BLAS_WORKSPACE);
+  return bs == CUBLAS_STATUS_SUCCESS ? PEER_OK : blas_fail(bs, what);
 }
 
 /* Wait for `stream`; a failure is reported as `what`. */

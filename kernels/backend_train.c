@@ -285,8 +285,8 @@ static peer_status dev_backward(peer_layer *L, peer_context *ctx, const float *d
     return s;
   if (g->query_bias && (s = peer_k_column_sums(m.dq, T, D->dq, g->query_bias, stream))) return s;
   const float one = 1.0f, zero = 0.0f;
-  cublasStatus_t bs = cublasSetStream(st->blas, stream);
-  if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "backward: cublasSetStream");
+  if ((s = blas_on(st, stream, "backward: cublasSetStream"))) return s;
+  cublasStatus_t bs;
   /* dWq [dq, d] row-major = dq^T X: column-major dWq' [d, dq] = X' dq'^T */
   if (g->query_weight &&
       (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)D->d, (int)D->dq, (int)T, &one, x,

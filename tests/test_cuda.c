@@ -1839,6 +1839,61 @@ Test(cuda_io, checkpoint_round_trip_and_training_continues) {
 #ifdef PEER_CUDA_EMULATED
 /* ------------------------------------------------- the emulator's own rules */
 
+/* No device-wide stall on the hot path: after a first pass at T tokens, a
+ * loop of peer_cuda_forward, peer_cuda_forward_train, peer_cuda_backward and
+ * peer_cuda_optimizer_step on device pointers, at T and at a smaller batch,
+ * makes no cudaDeviceSynchronize, stream synchronisation, cudaMalloc or
+ * cudaFree (so it can be captured in a CUDA graph), and every cuBLAS product
+ * runs on the layer's own workspace (cublasSetWorkspace after each
+ * cublasSetStream). */
+Test(emu, steady_loop_never_syncs_or_allocates) {
+  pair p = make_pair(SMALL ",query_norm=batchnorm,query_bias=1");
+  cr_assert_eq(peer_layer_init(p.gpu, 17), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 32, d = p.cfg.d_model;
+  ref_rng rng = {18};
+  float *x = ref_random_x(&rng, T, d), *dy = ref_random_x(&rng, T, d);
+  dev_step s = dev_step_new(p.gpu, T, x, dy);
+  peer_optim_config c = optim_cfg(PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0.0f, 0.01f);
+  peer_optimizer *og;
+  cr_assert_eq(peer_optimizer_create(&og, p.gpu, &c), PEER_OK, "%s", peer_last_error());
+  peer_context *ctx;
+  cr_assert_eq(peer_context_create(&ctx, p.gpu, T), PEER_OK, "%s", peer_last_error());
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess); /* dev_step_new's copies */
+  peer_emu_counts before, after;
+  for (int pass = 0; pass < 2; pass++) {
+    if (pass == 1) peer_emu_get_counts(&before);
+    for (int i = 0; i < (pass ? 3 : 1); i++)
+      for (int64_t tb = T; tb >= T / 2; tb -= T / 2) {
+        cr_assert_eq(peer_cuda_forward(p.gpu, tb, s.x, s.y, NULL, NULL, st), PEER_OK, "%s",
+                     peer_last_error());
+        cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, tb, s.x, s.y, st), PEER_OK, "%s",
+                     peer_last_error());
+        cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, s.dx, &s.g, s.n_rows, st), PEER_OK,
+                     "%s", peer_last_error());
+        cr_assert_eq(peer_cuda_optimizer_step(og, &s.g, s.n_rows, st), PEER_OK, "%s",
+                     peer_last_error());
+      }
+  }
+  peer_emu_get_counts(&after);
+  cr_assert_eq(after.device_syncs - before.device_syncs, 0, "cudaDeviceSynchronize calls");
+  cr_assert_eq(after.stream_syncs - before.stream_syncs, 0, "stream synchronisations");
+  cr_assert_eq(after.mallocs - before.mallocs, 0, "cudaMalloc calls");
+  cr_assert_eq(after.frees - before.frees, 0, "cudaFree calls");
+  cr_assert_eq(after.blas_default_workspace - before.blas_default_workspace, 0,
+               "cuBLAS products on cuBLAS's own workspace");
+  cr_assert_gt(after.launches - before.launches, 6 * 10, "the loop launched kernels");
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_optimizer_step_count(og), 8);
+  peer_context_free(ctx);
+  peer_optimizer_free(og);
+  cudaStreamDestroy(st);
+  dev_step_free(&s);
+  free(x), free(dy);
+  free_pair(&p);
+}
+
 /* The emulated build (PEER_CUDA=EMU, kernels/emu/): an injected cudaMalloc
  * failure reaches the caller as PEER_ERR_OUT_OF_MEMORY and the next call
  * works; the emulator counts the allocations. */

@@ -11,6 +11,7 @@
 
 #include "emu_internal.h"
 
+#include <stdint.h>
 #include <stdio.h>
 
 #include <mutex>
@@ -19,6 +20,7 @@
 struct cublasContext {
   cudaStream_t stream;
   cublasMath_t math;
+  void *workspace; /* the caller's (cublasSetWorkspace), nullptr: cuBLAS's pool */
 };
 
 namespace {
@@ -67,6 +69,7 @@ cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb
     return CUBLAS_STATUS_INVALID_VALUE;
   if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
   if (m == 0 || n == 0 || batch == 0) return CUBLAS_STATUS_SUCCESS;
+  if (!h->workspace) peer_emu::count_blas_default_workspace();
   const bool product = *alpha != 0.0f && k > 0;
   const int cols_a = ta == CUBLAS_OP_N ? k : m, cols_b = tb == CUBLAS_OP_N ? n : k;
   for (int b = 0; b < batch; b++) {
@@ -95,7 +98,7 @@ extern "C" {
 
 cublasStatus_t cublasCreate(cublasHandle_t *handle) {
   if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
-  cublasContext *c = new cublasContext{nullptr, CUBLAS_DEFAULT_MATH};
+  cublasContext *c = new cublasContext{nullptr, CUBLAS_DEFAULT_MATH, nullptr};
   std::lock_guard<std::mutex> hold(handles_lock);
   handles.insert(c);
   *handle = c;
@@ -113,6 +116,20 @@ cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
   if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (!peer_emu::stream_ok(stream)) return CUBLAS_STATUS_INVALID_VALUE;
   handle->stream = stream;
+  handle->workspace = nullptr; /* cuBLAS: back to its default workspace pool */
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+/* As cuBLAS: the workspace must be 256-byte aligned device memory of the
+ * given size (a size of 0 turns the workspace off, which also counts as
+ * the caller's choice here). */
+cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes) {
+  if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (bytes > 0 && (!workspace || (uintptr_t)workspace % 256 ||
+                    !peer_emu::device_range(workspace, bytes)))
+    return CUBLAS_STATUS_INVALID_VALUE;
+  static char none;
+  handle->workspace = bytes > 0 ? workspace : &none;
   return CUBLAS_STATUS_SUCCESS;
 }
 

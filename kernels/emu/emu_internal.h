@@ -25,6 +25,8 @@ cudaError_t set_error(cudaError_t e);
  * printed with PEER_EMU_REPORT=1, fatal with PEER_EMU_ABORT=1. */
 void kernel_error(const char *msg);
 void count_launch();
+/* A cuBLAS product on cuBLAS's default workspace (peer_emu_counts). */
+void count_blas_default_workspace();
 
 /* Largest dynamic shared memory of one launch (no opt-in above 48 KiB). */
 constexpr size_t smem_max = 48 * 1024;

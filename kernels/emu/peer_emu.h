@@ -20,6 +20,10 @@ typedef struct peer_emu_counts {
   unsigned long long frees;        /* cudaFree calls with a non-NULL pointer */
   unsigned long long launches;     /* kernel launches */
   unsigned long long kernel_errors;
+  /* cuBLAS products run on a handle without a workspace of the caller's
+   * (cublasSetWorkspace since its last cublasSetStream, which resets it to
+   * cuBLAS's own pool, as the real library does) */
+  unsigned long long blas_default_workspace;
 } peer_emu_counts;
 
 /* The counts since the process started. */

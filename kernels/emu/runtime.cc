@@ -45,7 +45,7 @@ std::string kernel_msg; /* the text of the last kernel error */
 std::string launch_failure_text = "unspecified launch failure";
 
 std::atomic<unsigned long long> n_device_syncs{0}, n_stream_syncs{0}, n_mallocs{0}, n_frees{0},
-    n_launches{0}, n_kernel_errors{0};
+    n_launches{0}, n_kernel_errors{0}, n_blas_default_workspace{0};
 std::atomic<long> fail_countdown{-1};
 
 thread_local cudaError_t last_error = cudaSuccess;
@@ -151,6 +151,7 @@ void kernel_error(const char *msg) {
 }
 
 void count_launch() { n_launches++; }
+void count_blas_default_workspace() { n_blas_default_workspace++; }
 
 } // namespace peer_emu
 
@@ -165,6 +166,7 @@ void peer_emu_get_counts(peer_emu_counts *out) {
   out->frees = n_frees;
   out->launches = n_launches;
   out->kernel_errors = n_kernel_errors;
+  out->blas_default_workspace = n_blas_default_workspace;
 }
 
 void peer_emu_fail_malloc(long n) {
