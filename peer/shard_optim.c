@@ -3,8 +3,9 @@
  * this rank's [N, d/P] columns) and steps the replicated parameters; the
  * expert rows are stepped here, because peer_optimizer_step reads d_model
  * columns per row.  The lazy sparse rules are elementwise, so stepping a
- * rank's columns gives that slice of the unsharded step.  The rule below is
- * optim.c's make_rule and update, term for term. */
+ * rank's columns gives that slice of the unsharded step (optim_rule.h's
+ * update, as optim.c's). */
+#include "optim_rule.h"
 #include "shard.h"
 
 #include <math.h>
@@ -62,14 +63,16 @@ peer_optimizer *peer_shard_optimizer_inner(const peer_shard_optimizer *so) { ret
 
 /* ------------------------------------------------------------ the rule */
 
-typedef struct rule {
-  peer_optim_kind kind;
-  float lr, b1, b2, eps, step_size, rsqrt_bc2;
-} rule;
-
-static rule make_rule(const peer_optim_config *c, int64_t t) {
+/* optim.c's coefficients for the expert rows (no decay: keep = 1, no
+ * momentum); the update itself is optim_rule.h's, as optim.c's. */
+static peer_optim_rule make_rule(const peer_optim_config *c, int64_t t) {
   float lr = c->expert_lr > 0.0f ? c->expert_lr : c->lr;
-  rule r = {.kind = c->expert_kind, .lr = lr, .b1 = c->beta1, .b2 = c->beta2, .eps = c->eps};
+  peer_optim_rule r = {.kind = c->expert_kind,
+                       .lr = lr,
+                       .keep = 1.0f,
+                       .b1 = c->beta1,
+                       .b2 = c->beta2,
+                       .eps = c->eps};
   if (r.kind == PEER_OPTIM_ADAM) {
     double bc1 = 1.0 - pow((double)c->beta1, (double)t);
     double bc2 = 1.0 - pow((double)c->beta2, (double)t);
@@ -79,20 +82,8 @@ static rule make_rule(const peer_optim_config *c, int64_t t) {
   return r;
 }
 
-/* Expert rows take no weight decay (keep = 1) and no momentum. */
-static inline float update(const rule *r, float p, float g, float *m, float *v) {
-  if (r->kind == PEER_OPTIM_ADAM) {
-    float mn = r->b1 * *m + (1.0f - r->b1) * g;
-    float vn = r->b2 * *v + (1.0f - r->b2) * (g * g);
-    *m = mn;
-    *v = vn;
-    return p - r->step_size * mn / (sqrtf(vn) * r->rsqrt_bc2 + r->eps);
-  }
-  return p - r->lr * g;
-}
-
 static void step_rows(peer_shard_optimizer *so, int s, const peer_grads *gr, const float *g,
-                      const rule *r, int P) {
+                      const peer_optim_rule *r, int P) {
   const peer_tensor *t = &so->S->L->slot[s == 0 ? PEER_P_EXPERTS_DOWN : PEER_P_EXPERTS_UP];
   const size_t c = (size_t)so->S->cols;
   float *m = so->m[s], *v = so->v[s];
@@ -105,12 +96,12 @@ static void step_rows(peer_shard_optimizer *so, int s, const peer_grads *gr, con
     if (t->dtype == PEER_BF16) {
       uint16_t *p = (uint16_t *)t->data + at;
       for (size_t i = 0; i < c; i++)
-        p[i] = peer_f32_to_bf16(
-            update(r, peer_bf16_to_f32(p[i]), grow[i], mm ? mm + i : NULL, vv ? vv + i : NULL));
+        p[i] = peer_f32_to_bf16(peer_optim_update(r, peer_bf16_to_f32(p[i]), grow[i],
+                                                  mm ? mm + i : NULL, vv ? vv + i : NULL));
     } else {
       float *p = (float *)t->data + at;
       for (size_t i = 0; i < c; i++)
-        p[i] = update(r, p[i], grow[i], mm ? mm + i : NULL, vv ? vv + i : NULL);
+        p[i] = peer_optim_update(r, p[i], grow[i], mm ? mm + i : NULL, vv ? vv + i : NULL);
     }
   }
 }
@@ -164,7 +155,7 @@ peer_status peer_shard_optimizer_step(peer_shard_optimizer *so, const peer_grads
   if ((st = peer_optimizer_step(so->o, &dense))) return st;
   if (experts) {
     const int P = peer_layer_threads(so->S->L);
-    rule r = make_rule(peer_optimizer_config(so->o), peer_optimizer_step_count(so->o));
+    peer_optim_rule r = make_rule(peer_optimizer_config(so->o), peer_optimizer_step_count(so->o));
     step_rows(so, 0, g, g->experts_down, &r, P);
     step_rows(so, 1, g, g->experts_up, &r, P);
   }
