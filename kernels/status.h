@@ -4,12 +4,6 @@
 #define PEER_KERNELS_STATUS_H
 
 #ifdef __cplusplus
-/* internal.h is C: to the kernels (C++) its _Atomic(T) members are
- * std::atomic<T>, which has their size and alignment; no kernel uses them. */
-#include <atomic>
-#ifndef _Atomic
-#define _Atomic(T) std::atomic<T>
-#endif
 extern "C" {
 #endif
 #include "internal.h"

@@ -6,8 +6,20 @@
 #include "optim_rule.h"
 #include "peer.h"
 
-#include <stdatomic.h>
 #include <stdbool.h>
+
+/* C++ includers (the kernels, bench_pieces) see the layer's atomics as
+ * std::atomic<T>, of the same size and alignment; none of them touches them.
+ * extern "C++" lets this header sit inside their extern "C" blocks. */
+#ifdef __cplusplus
+extern "C++" {
+#include <atomic>
+}
+#define PEER_ATOMIC(T) std::atomic<T>
+#else
+#include <stdatomic.h>
+#define PEER_ATOMIC(T) _Atomic(T)
+#endif
 
 #if defined(__GNUC__)
 #define PEER_PRINTF(a, b) __attribute__((format(printf, a, b)))
@@ -76,7 +88,7 @@ struct peer_layer {
   uint64_t id;
   /* Name of the call running on the layer, NULL when none
    * (peer_layer_enter). */
-  _Atomic(const char *) busy;
+  PEER_ATOMIC(const char *) busy;
 };
 
 /* One call at a time per layer: peer_layer_enter marks the layer busy with
