@@ -2,9 +2,10 @@
  * optimizer (optim.c) and the CUDA one (kernels/optim.cu), so both round the
  * same way.  Compiles as C and as CUDA (rowops.h's PEER_HD).  On the device
  * every multiply, add, divide and square root is an explicitly rounded
- * intrinsic (__fmul_rn, ...): nvcc never contracts them into FMAs, so a GPU
- * step equals a CPU step built without FMA contraction (the portable build)
- * bit for bit. */
+ * intrinsic (__fmul_rn, ...) that nvcc never contracts into FMAs, and the
+ * host files that include it are compiled with -ffp-contract=off
+ * (CMakeLists.txt), so a step has the same bits on the GPU and on every CPU
+ * build (portable or -march=native). */
 #ifndef PEER_OPTIM_RULE_H
 #define PEER_OPTIM_RULE_H
 
