@@ -1608,8 +1608,8 @@ Test(cuda_optim, adamw_matches_cpu) {
                   optim_cfg(PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0.0f, 0.1f), 0);
 }
 Test(cuda_optim, sgd_momentum_sparse_sgd_matches_cpu) {
-  check_optimizer(OPTIM_LAYER ",shared_keys=1", optim_cfg(PEER_OPTIM_SGD, PEER_OPTIM_SGD, 0.9f, 0.01f),
-                  0);
+  check_optimizer(OPTIM_LAYER ",shared_keys=1",
+                  optim_cfg(PEER_OPTIM_SGD, PEER_OPTIM_SGD, 0.9f, 0.01f), 0);
 }
 Test(cuda_optim, adam_dense_expert_rows_matches_cpu) {
   check_optimizer(OPTIM_LAYER, optim_cfg(PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0.0f, 0.0f), 1);
@@ -1830,7 +1830,8 @@ Test(cuda_io, checkpoint_round_trip_and_training_continues) {
   cr_assert_neq(access(bad, F_OK), 0);
 
   peer_optimizer_free(os);
-  peer_optimizer_free(oc), peer_optimizer_free(og), peer_optimizer_free(qc), peer_optimizer_free(qg);
+  peer_optimizer_free(oc), peer_optimizer_free(og);
+  peer_optimizer_free(qc), peer_optimizer_free(qg);
   const char *names[] = {"gpu.ckpt", "cpu.ckpt", "other.ckpt"};
   rm_dir(dir, names, 3);
   free_pair(&p), free_pair(&q), free_pair(&other);
