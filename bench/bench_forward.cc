@@ -154,6 +154,8 @@ void train_step(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t 
   g.expert_rows = rows.data();
   g.experts_down = g_down.data();
   g.experts_up = g_up.data();
+  std::vector<float> g_nw(static_cast<size_t>(dq)), g_nb(static_cast<size_t>(dq));
+  if (cfg.query_norm == PEER_NORM_BATCHNORM) g.norm_weight = g_nw.data(), g.norm_bias = g_nb.data();
   peer_context *ctx = nullptr;
   size_t ctx_bytes = 0;
   if (peer_context_create(&ctx, layer, batch) != PEER_OK ||
@@ -192,7 +194,7 @@ void train_step(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t 
 using Runner = void (*)(benchmark::State &, Shape, peer_dtype, int64_t, int);
 
 void register_all() {
-  const Shape shapes[] = {kReference, kSmall, kMidN, kNarrow};
+  const Shape shapes[] = {kReference, kReferenceBN, kSmall, kMidN, kNarrow};
   const peer_dtype dtypes[] = {PEER_F32, PEER_BF16};
   const int64_t batches[] = {512, 1};
   const int thread_counts[] = {1, 2};

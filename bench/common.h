@@ -19,12 +19,16 @@ namespace bench {
 struct Shape {
   const char *name;
   int64_t d_model, n_subkeys;
+  bool batch_norm = false; // query_norm=batchnorm
 };
 
 // The reference layer: d=512, H=8, d_key=256, n=1024 (N = 1M experts), k=16.
 constexpr Shape kReference = {"ref", 512, 1024};
 // The reference width at n = 512 (N = 256K experts).
 constexpr Shape kMidN = {"n512", 512, 512};
+// The reference layer with query batch norm (the paper's default): its
+// training step against ref's is the cost of the norm.
+constexpr Shape kReferenceBN = {"ref_bn", 512, 1024, true};
 
 inline peer_config make_config(const Shape &shape, peer_dtype dtype) {
   peer_config cfg;
@@ -35,6 +39,7 @@ inline peer_config make_config(const Shape &shape, peer_dtype dtype) {
   cfg.n_subkeys = shape.n_subkeys;
   cfg.top_k = 16;
   cfg.weight_dtype = dtype;
+  if (shape.batch_norm) cfg.query_norm = PEER_NORM_BATCHNORM;
   return cfg;
 }
 
