@@ -100,9 +100,9 @@ peer_status peer_cb_project_query(peer_layer *L, int64_t T, const float *d_x, fl
   const float one = 1.0f, zero = 0.0f;
   peer_status s = blas_on(st, stream, "forward: cublasSetStream");
   if (s) return s;
-  cublasStatus_t bs = cublasSgemm(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->dq, (int)T, (int)D->d, &one,
-                   L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, d_x, (int)D->d, &zero, q,
-                   (int)D->dq);
+  cublasStatus_t bs = cublasSgemm(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->dq, (int)T, (int)D->d,
+                                  &one, L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, d_x,
+                                  (int)D->d, &zero, q, (int)D->dq);
   if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: query projection");
   const bool norm = running && L->slot[PEER_P_NORM_MEAN].data;
   return peer_k_bias_norm(
@@ -236,7 +236,7 @@ peer_status peer_cuda_workspace_size(const peer_layer *L, int64_t T, size_t *byt
   return PEER_OK;
 }
 
-peer_status peer_cuda_set_workspace(peer_layer *L, void *d_buffer, size_t bytes) {
+static peer_status set_workspace_call(peer_layer *L, void *d_buffer, size_t bytes) {
   if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_set_workspace: NULL layer");
   if (L->opt.backend != PEER_BACKEND_CUDA)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_set_workspace: not a CUDA layer");
@@ -254,8 +254,16 @@ peer_status peer_cuda_set_workspace(peer_layer *L, void *d_buffer, size_t bytes)
   return PEER_OK;
 }
 
-peer_status peer_cuda_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
-                              int64_t *d_indices, float *d_gates, cudaStream_t stream) {
+peer_status peer_cuda_set_workspace(peer_layer *L, void *d_buffer, size_t bytes) {
+  peer_status s = peer_cb_busy(L, "cuda_set_workspace");
+  if (s) return s;
+  s = set_workspace_call(L, d_buffer, bytes);
+  peer_cb_idle(L);
+  return s;
+}
+
+static peer_status forward_call(peer_layer *L, int64_t T, const float *d_x, float *d_y,
+                                int64_t *d_indices, float *d_gates, cudaStream_t stream) {
   peer_status s = peer_cb_enter(L, T, d_x, "cuda_forward");
   if (s) return s;
   if (T == 0) return PEER_OK;
@@ -263,9 +271,17 @@ peer_status peer_cuda_forward(peer_layer *L, int64_t T, const float *d_x, float 
   return run_forward(L, T, d_x, d_y, d_indices, d_gates, stream);
 }
 
-static peer_status retrieve_entry(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
-                                  float *d_scores, float *d_gates, bool brute,
-                                  cudaStream_t stream) {
+peer_status peer_cuda_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
+                              int64_t *d_indices, float *d_gates, cudaStream_t stream) {
+  peer_status s = peer_cb_busy(L, "cuda_forward");
+  if (s) return s;
+  s = forward_call(L, T, d_x, d_y, d_indices, d_gates, stream);
+  peer_cb_idle(L);
+  return s;
+}
+
+static peer_status retrieve_call(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
+                                 float *d_scores, float *d_gates, bool brute, cudaStream_t stream) {
   const char *what = brute ? "cuda_retrieve_brute" : "cuda_retrieve";
   peer_status s = peer_cb_enter(L, T, d_x, what);
   if (s) return s;
@@ -273,6 +289,17 @@ static peer_status retrieve_entry(peer_layer *L, int64_t T, const float *d_x, in
   if (T == 0) return brute ? peer_k_brute_supported(L->dims.n, L->dims.k) : PEER_OK;
   if (!d_indices) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: indices is NULL", what);
   return dev_retrieve(L, T, d_x, d_indices, d_scores, d_gates, brute, stream);
+}
+
+/* retrieve_call marked busy (peer_cb_busy) */
+static peer_status retrieve_entry(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
+                                  float *d_scores, float *d_gates, bool brute,
+                                  cudaStream_t stream) {
+  peer_status s = peer_cb_busy(L, brute ? "cuda_retrieve_brute" : "cuda_retrieve");
+  if (s) return s;
+  s = retrieve_call(L, T, d_x, d_indices, d_scores, d_gates, brute, stream);
+  peer_cb_idle(L);
+  return s;
 }
 
 peer_status peer_cuda_retrieve(peer_layer *L, int64_t T, const float *d_x, int64_t *d_indices,
@@ -285,10 +312,18 @@ peer_status peer_cuda_retrieve_brute(peer_layer *L, int64_t T, const float *d_x,
   return retrieve_entry(L, T, d_x, d_indices, d_scores, d_gates, true, stream);
 }
 
-peer_status peer_cuda_check(peer_layer *L, cudaStream_t stream) {
+static peer_status check_call(peer_layer *L, cudaStream_t stream) {
   peer_status s = peer_cb_enter(L, 0, NULL, "cuda_check");
   if (s) return s;
   return peer_cb_check_stream(L, stream);
+}
+
+peer_status peer_cuda_check(peer_layer *L, cudaStream_t stream) {
+  peer_status s = peer_cb_busy(L, "cuda_check");
+  if (s) return s;
+  s = check_call(L, stream);
+  peer_cb_idle(L);
+  return s;
 }
 
 /* ------------------------------------------------------------ host path */

@@ -139,6 +139,16 @@ static inline peer_status copy(void *dst, const void *src, size_t bytes, enum cu
   return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "cuda host path: cudaMemcpyAsync");
 }
 
+/* The device-pointer calls of peer_cuda.h take the layer's one-call-at-a-time
+ * flag (peer_layer_enter) as peer.h's calls do; the backend table's entries
+ * run inside the core's.  A NULL layer is left to the call's own checks. */
+static inline peer_status peer_cb_busy(const peer_layer *L, const char *what) {
+  return L ? peer_layer_enter(L, what) : PEER_OK;
+}
+static inline void peer_cb_idle(const peer_layer *L) {
+  if (L) peer_layer_leave(L);
+}
+
 /* backend.c */
 peer_status peer_cb_check_stream(peer_layer *L, cudaStream_t stream);
 peer_status peer_cb_enter(const peer_layer *L, int64_t T, const void *d_x, const char *what);

@@ -315,8 +315,8 @@ static peer_status dev_backward_empty(const peer_layer *L, const peer_grads *g, 
   return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "cuda_backward: cudaMemsetAsync");
 }
 
-peer_status peer_cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T, const float *d_x,
-                                    float *d_y, cudaStream_t stream) {
+static peer_status forward_train_call(peer_layer *L, peer_context *ctx, int64_t T, const float *d_x,
+                                      float *d_y, cudaStream_t stream) {
   const char *what = "cuda_forward_train";
   /* peer_train_begin first: it marks ctx not ready, so that no argument
    * error leaves a backward to use the previous batch */
@@ -327,8 +327,18 @@ peer_status peer_cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T,
   return PEER_OK;
 }
 
-peer_status peer_cuda_backward(peer_layer *L, peer_context *ctx, const float *d_dy, float *d_dx,
-                               peer_grads *d_grads, int64_t *d_n_expert_rows, cudaStream_t stream) {
+peer_status peer_cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t T, const float *d_x,
+                                    float *d_y, cudaStream_t stream) {
+  peer_status s = peer_cb_busy(L, "cuda_forward_train");
+  if (s) return s;
+  s = forward_train_call(L, ctx, T, d_x, d_y, stream);
+  peer_cb_idle(L);
+  return s;
+}
+
+static peer_status backward_call(peer_layer *L, peer_context *ctx, const float *d_dy, float *d_dx,
+                                 peer_grads *d_grads, int64_t *d_n_expert_rows,
+                                 cudaStream_t stream) {
   const char *what = "cuda_backward";
   peer_status s = peer_cb_enter(L, 0, NULL, what);
   if (s || (s = peer_backward_check(L, ctx, d_dy, d_grads, what))) return s;
@@ -339,6 +349,15 @@ peer_status peer_cuda_backward(peer_layer *L, peer_context *ctx, const float *d_
   if (s) return s;
   ctx->ready = false; /* one backward per training forward, as peer_backward */
   return PEER_OK;
+}
+
+peer_status peer_cuda_backward(peer_layer *L, peer_context *ctx, const float *d_dy, float *d_dx,
+                               peer_grads *d_grads, int64_t *d_n_expert_rows, cudaStream_t stream) {
+  peer_status s = peer_cb_busy(L, "cuda_backward");
+  if (s) return s;
+  s = backward_call(L, ctx, d_dy, d_dx, d_grads, d_n_expert_rows, stream);
+  peer_cb_idle(L);
+  return s;
 }
 
 /* ------------------------------------------------------------ training, host path */

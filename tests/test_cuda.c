@@ -33,6 +33,7 @@ int main(void) {
 }
 #else
 
+#include "internal.h" /* peer_layer_enter: a call of another thread, in the busy test */
 #include "peer_cuda.h"
 #include "reference_train.h"
 
@@ -1847,6 +1848,62 @@ Test(cuda_io, checkpoint_round_trip_and_training_continues) {
  * cudaFree (so it can be captured in a CUDA graph), and every cuBLAS product
  * runs on the layer's own workspace (cublasSetWorkspace after each
  * cublasSetStream). */
+/* peer_cuda.h's device-pointer calls take the layer's one-call-at-a-time
+ * flag as peer.h's do: while another call holds the layer, each is refused
+ * with PEER_ERR_BUSY naming both calls, and queues nothing; after it, all
+ * work. */
+Test(cuda_api, device_calls_on_a_busy_layer_are_refused) {
+  pair p = make_pair(SMALL);
+  cr_assert_eq(peer_layer_init(p.gpu, 23), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 8, d = p.cfg.d_model;
+  ref_rng rng = {24};
+  float *x = ref_random_x(&rng, T, d), *dy = ref_random_x(&rng, T, d);
+  dev_step s = dev_step_new(p.gpu, T, x, dy);
+  peer_optim_config c = optim_cfg(PEER_OPTIM_SGD, PEER_OPTIM_SGD, 0.0f, 0.01f);
+  peer_optimizer *o;
+  cr_assert_eq(peer_optimizer_create(&o, p.gpu, &c), PEER_OK, "%s", peer_last_error());
+  peer_context *ctx;
+  cr_assert_eq(peer_context_create(&ctx, p.gpu, T), PEER_OK, "%s", peer_last_error());
+  int64_t *ids = dev_alloc((size_t)(T * p.cfg.n_heads * p.cfg.top_k) * 8);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, T, s.x, s.y, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_layer_enter(p.gpu, "forward"), PEER_OK); /* as another thread's call */
+  const struct {
+    const char *what;
+    peer_status st;
+  } calls[] = {
+      {"cuda_forward", peer_cuda_forward(p.gpu, T, s.x, s.y, NULL, NULL, 0)},
+      {"cuda_retrieve", peer_cuda_retrieve(p.gpu, T, s.x, ids, NULL, NULL, 0)},
+      {"cuda_retrieve_brute", peer_cuda_retrieve_brute(p.gpu, T, s.x, ids, NULL, NULL, 0)},
+      {"cuda_forward_train", peer_cuda_forward_train(p.gpu, ctx, T, s.x, s.y, 0)},
+      {"cuda_backward", peer_cuda_backward(p.gpu, ctx, s.dy, s.dx, &s.g, s.n_rows, 0)},
+      {"cuda_optimizer_step", peer_cuda_optimizer_step(o, &s.g, s.n_rows, 0)},
+      {"cuda_check", peer_cuda_check(p.gpu, 0)},
+      {"cuda_set_workspace", peer_cuda_set_workspace(p.gpu, NULL, 0)},
+  };
+  for (size_t i = 0; i < sizeof calls / sizeof calls[0]; i++)
+    cr_expect_eq(calls[i].st, PEER_ERR_BUSY, "%s on a busy layer gave %s", calls[i].what,
+                 peer_status_string(calls[i].st));
+  cr_assert(strstr(peer_last_error(), "cuda_set_workspace: the layer is busy: another thread is "
+                                      "in forward"),
+            "%s", peer_last_error());
+  peer_layer_leave(p.gpu);
+  /* the refused forward_train did not spoil the context: backward still runs */
+  cr_assert_eq(peer_cuda_backward(p.gpu, ctx, s.dy, s.dx, &s.g, s.n_rows, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_forward(p.gpu, T, s.x, s.y, ids, NULL, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_optimizer_step(o, &s.g, s.n_rows, 0), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, 0), PEER_OK, "%s", peer_last_error());
+  cudaFree(ids);
+  peer_context_free(ctx);
+  peer_optimizer_free(o);
+  dev_step_free(&s);
+  free(x), free(dy);
+  free_pair(&p);
+}
+
 Test(emu, steady_loop_never_syncs_or_allocates) {
   pair p = make_pair(SMALL ",query_norm=batchnorm,query_bias=1");
   cr_assert_eq(peer_layer_init(p.gpu, 17), PEER_OK, "%s", peer_last_error());
