@@ -68,7 +68,9 @@
  * back (peer_layer_free, peer_context_free, scratch replaced by growth or by
  * peer_cuda_set_workspace) is freed only after a wait for the whole device,
  * so work still queued on it finishes first.  Like every peer_layer call,
- * calls on one layer must not overlap in time from two threads. */
+ * a call that meets another on the same layer returns PEER_ERR_BUSY (the
+ * device work a call queued may still run after it returns: order it with
+ * the stream, not with the flag). */
 #ifndef PEER_CUDA_H
 #define PEER_CUDA_H
 
