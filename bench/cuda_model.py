@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""bench/cuda_model.py: a per-kernel cost model of the CUDA backend (a MODEL,
+not a measurement: no GPU has run these kernels).
+
+For every kernel of the forward and of the training step (forward_train +
+backward; the optimizer step is a separate table) it counts the HBM bytes it
+must move and the FLOPs it does at the reference config (d=512, H=8, k=k'=16,
+d_key=256, n=1024, per-head keys, query batch norm as in the paper), names
+the bound (bandwidth, FLOPs, or a latency/serial term the code structure
+imposes), and predicts a time on H100 SXM and H200 from the stated
+efficiencies.  "before" is the code as it was at 9e0a324; "after" is the
+design of issue 13 (see the notes per kernel; `--design` prints them).  The
+floor is the bytes the step cannot avoid (x, y, dy, dx, the expert rows, the
+gradient rows, the weights once) over peak HBM bandwidth.
+
+    python3 bench/cuda_model.py            # markdown tables for kernels/README.md
+    python3 bench/cuda_model.py --design   # the per-kernel assumptions
+
+Every number comes from the formulas below; change an assumption here, not
+in the README.
+"""
+import math
+import sys
+
+GPUS = {
+    # peak HBM bytes/s, f32 non-tensor FLOP/s, SMs, clock (Hz), L2 bytes
+    "H100": dict(bw=3.35e12, flops=67e12, sms=132, clock=1.98e9, l2=50e6),
+    "H200": dict(bw=4.8e12, flops=67e12, sms=132, clock=1.98e9, l2=50e6),
+}
+# Efficiencies (assumptions, stated once): streaming kernels reach 85% of peak
+# HBM, random 1-2 KiB rows 70%, cuBLAS SGEMM (pedantic, no TF32) 75% of f32
+# peak; a kernel boundary costs 2 us (drain and fill of the GPU).
+EFF_STREAM, EFF_GATHER, EFF_GEMM, LAUNCH_S = 0.85, 0.70, 0.75, 2e-6
+LATENCY_S = 700e-9  # one dependent global load (HBM miss), for serial chains
+
+CFG = dict(d=512, H=8, k=16, kp=16, dk=256, n=1024)
+
+
+def distinct(draws, N):
+    """Expected number of distinct experts among `draws` uniform draws."""
+    return N * (1.0 - math.exp(-draws / N))
+
+
+def kernels(T, wbytes, design, train):
+    """The kernels of one inference forward (train False) or one training
+    step (forward_train + backward), each a dict: bytes, flops, kind
+    ('stream', 'gather' or 'gemm': which efficiency applies), serial (a
+    function of the GPU giving a latency or issue bound in seconds), note."""
+    d, H, k, kp, dk, n = (CFG[x] for x in ("d", "H", "k", "kp", "dk", "n"))
+    N, f = n * n, 4
+    after = design == "after"
+    rows = 2 * T * H  # (token, head, half) selection rows
+    out = []
+
+    def add(phase, name, nbytes, flops=0.0, kind="stream", serial=lambda g: 0.0, note=""):
+        out.append(dict(phase=phase, name=name, bytes=nbytes, flops=flops, kind=kind,
+                        serial=serial, note=note))
+
+    add("fwd", "query GEMM (cuBLAS)", f * (T * d + H * dk * d + T * H * dk),
+        2.0 * T * d * H * dk, "gemm")
+    # Batch norm statistics: mean pass, centred variance pass, then q and qhat
+    # written: 4 passes over [T, H*dk].  Before: dq/32 = 64 blocks of 32
+    # features x 8 token lanes, each lane walking T/8 tokens with one load in
+    # flight: Little's law gives 64 blocks * 8 warps * 128 B / latency.
+    bn_bytes = 4 * f * T * H * dk
+    if not train:
+        add("fwd", "bias_norm (running statistics)", 2 * f * T * H * dk,
+            note="elementwise, grid-strided")
+    elif after:
+        add("fwd", "batch_norm_train", bn_bytes, note="two-level: many blocks, fixed-order partials")
+    else:
+        add("fwd", "batch_norm_train", bn_bytes,
+            serial=lambda g: bn_bytes / (64 * 8 * 128 / LATENCY_S),
+            note="64 blocks, one load in flight per warp")
+    s_bytes = f * T * H * 2 * n  # the [T, H, 2, n] score matrix
+    add("fwd", "sub-key GEMMs (cuBLAS)", f * (T * H * dk + H * n * dk) + s_bytes,
+        2.0 * T * H * n * dk, "gemm")
+    # Selection.  Before: per lane a sorted shared-memory list of up to 16;
+    # on random rows each lane inserts sum_{i<=32} min(1, 16/i) = 26.8 of its
+    # 32 scores; a warp step runs the shift loop to the longest lane (about
+    # 16 iterations of 3 loads + 3 stores of 4-byte words), shared memory
+    # issuing one warp instruction per clock per SM; plus k' pop rounds of
+    # 5 shuffles.  After: threshold filter in registers (a compare per score),
+    # ballot-compacted candidates merged into a register queue; expected
+    # candidates per row k'(1 + ln(n/k')) ~ 83, each costing a warp merge step
+    # of about 10 shuffles: shuffles issue one warp instruction per clock per SM.
+    if after:
+        per_row_ops = 32 * 2 / 4 + 10 * 25  # ALU at 4/clk/SM; ~10 merges of ~25 shuffles
+        add("fwd", "subkey_topk", s_bytes + rows * kp * 8,
+            serial=lambda g: rows * per_row_ops / (g["sms"] * g["clock"]),
+            note="threshold + ballot compaction; shuffle issue bound")
+    else:
+        per_row_smem = 32 * 16 * 6 + kp * (5 + 6)
+        add("fwd", "subkey_topk", s_bytes + rows * kp * 12,
+            serial=lambda g: rows * per_row_smem / (g["sms"] * g["clock"]),
+            note="per-lane shared lists; shared-memory issue bound")
+    add("fwd", "merge", rows * kp * 8 + T * H * k * 16, note="thread per (t, h)")
+    add("fwd", "experts (forward" + (", z kept)" if train else ")"),
+        2 * T * H * k * d * wbytes + 2 * f * T * d + T * H * k * (20 if train else 16),
+        4.0 * T * H * k * d, "gather")
+    if not train:
+        return out
+    add("fwd", "running_update", 4 * f * H * dk)
+
+    dense_rows = 2 * T * H * k * d * wbytes
+    if after or wbytes == 4:
+        add("bwd", "experts (backward)", dense_rows + 3 * f * T * d + T * H * k * 20,
+            4.0 * T * H * k * d, "gather")
+    else:
+        # bf16 backward with 2-byte scalar loads: 64 B per warp load; about 16
+        # warps per SM with 2 loads in flight each.
+        inflight = GPUS["H100"]["sms"] * 16 * 2 * 64
+        add("bwd", "experts (backward)", dense_rows + 3 * f * T * d + T * H * k * 20,
+            4.0 * T * H * k * d, "gather",
+            serial=lambda g: dense_rows / (g["sms"] * 16 * 2 * 64 / LATENCY_S),
+            note=f"2-byte loads: {inflight / 1e3:.0f} KB in flight")
+    for what, items, bits in (("expert", T * H * k, math.ceil(math.log2(N))),
+                              ("sub-key", 2 * T * H * k, math.ceil(math.log2(H * 2 * n)))):
+        passes = math.ceil(bits / 8)
+        add("bwd", f"{what} keys + radix sort (CUB)", items * (8 + passes * 16 + 8))
+        if after:
+            add("bwd", f"{what} run starts", items * 8, note="grid-wide: flags, scan, scatter")
+        else:
+            tiles = math.ceil(items / 1024)
+            add("bwd", f"{what} run starts", items * 8,
+                serial=lambda g, tiles=tiles: tiles * (LATENCY_S + 300 / g["clock"] * 1.5),
+                note=f"one block, {tiles} serial tiles")
+    runs = distinct(T * H * k, N)
+    # expert_grads: x and dy rows per entry (from L2 while [T, d] fits), two
+    # gradient rows of f32 written per distinct expert.
+    xdy = 2 * f * T * d
+    reread = 0 if 2 * xdy < GPUS["H100"]["l2"] else 2 * f * T * H * k * d
+    add("bwd", "expert_grads (sparse rows)", 2 * f * runs * d + xdy + reread,
+        4.0 * T * H * k * d, "gather", note=f"{runs / 1e3:.0f} k distinct rows")
+    add("bwd", "query_grad", f * T * H * dk + T * H * k * 12, 2.0 * T * H * k * dk)
+    krows = min(distinct(2 * T * H * k, H * 2 * n), H * 2 * n)
+    add("bwd", "keys_grad", f * krows * dk // 2 + f * T * H * dk, 2.0 * T * H * k * dk)
+    nb_bytes = 4 * f * T * H * dk
+    if after:
+        add("bwd", "norm_backward + column_sums", nb_bytes, note="two-level")
+    else:
+        add("bwd", "norm_backward + column_sums", nb_bytes,
+            serial=lambda g: nb_bytes / (64 * 8 * 128 / LATENCY_S), note="64 blocks")
+    add("bwd", "dWq, dx GEMMs (cuBLAS)", f * (2 * T * H * dk + 2 * T * d + 2 * H * dk * d),
+        4.0 * T * d * H * dk, "gemm")
+    return out
+
+
+def optimizer(T, wbytes):
+    """Adam step: dense Wq and keys (p, g, m, v read; p, m, v written), the
+    distinct expert rows of both tables (lazy: the same per element)."""
+    d, H, k, dk, n = (CFG[x] for x in ("d", "H", "k", "dk", "n"))
+    dense = H * dk * d + H * 2 * n * dk // 2
+    runs = distinct(T * H * k, n * n)
+    return dense * 28 + 2 * runs * d * (2 * wbytes + 4 * 5)
+
+
+def predict(kern, g):
+    eff = {"stream": EFF_STREAM, "gather": EFF_GATHER, "gemm": EFF_STREAM}[kern["kind"]]
+    t_bytes = kern["bytes"] / (g["bw"] * eff)
+    t_flops = kern["flops"] / (g["flops"] * EFF_GEMM) if kern["kind"] == "gemm" else \
+        kern["flops"] / g["flops"]
+    t_serial = kern["serial"](g)
+    t = max(t_bytes, t_flops, t_serial) + LAUNCH_S
+    bound = max((t_bytes, "HBM"), (t_flops, "FLOP"), (t_serial, "latency/issue"))[1]
+    return t, bound
+
+
+def floor_bytes(T, wbytes, train):
+    d, H, k, dk, n = (CFG[x] for x in ("d", "H", "k", "dk", "n"))
+    f = 4
+    weights = f * (H * dk * d + H * n * dk)
+    b = weights + 2 * f * T * d + 2 * T * H * k * d * wbytes
+    if train:
+        runs = distinct(T * H * k, n * n)
+        b += 2 * f * T * d + 2 * T * H * k * d * wbytes + 2 * f * runs * d + weights
+    return b
+
+
+def table(T, wbytes, phase_set, label):
+    lines = [f"#### {label}, T = {T}, {'f32' if wbytes == 4 else 'bf16'} expert tables",
+             "",
+             "| kernel | MB moved | GFLOP | bound before / after | before H100 / H200 (us) "
+             "| after H100 / H200 (us) |",
+             "|---|---|---|---|---|---|"]
+    tot = {("before", "H100"): 0, ("before", "H200"): 0, ("after", "H100"): 0, ("after", "H200"): 0}
+    train = "bwd" in phase_set
+    before = kernels(T, wbytes, "before", train)
+    after = kernels(T, wbytes, "after", train)
+    for kb, ka in zip(before, after):
+        cells, bounds = [], []
+        for design, kern in (("before", kb), ("after", ka)):
+            ts = []
+            for gname in ("H100", "H200"):
+                t, bound = predict(kern, GPUS[gname])
+                tot[(design, gname)] += t
+                ts.append(t)
+                if gname == "H100":
+                    bounds.append(bound)
+            cells.append(f"{ts[0] * 1e6:,.0f} / {ts[1] * 1e6:,.0f}")
+        lines.append(f"| {kb['name']} | {kb['bytes'] / 1e6:,.1f} | {kb['flops'] / 1e9:,.1f} | "
+                     f"{' / '.join(bounds)} | {cells[0]} | {cells[1]} |")
+    fb = floor_bytes(T, wbytes, train)
+    fl = [fb / GPUS[g]["bw"] for g in ("H100", "H200")]
+    lines.append(f"| **sum** | | | | {tot[('before', 'H100')] * 1e6:,.0f} / "
+                 f"{tot[('before', 'H200')] * 1e6:,.0f} | {tot[('after', 'H100')] * 1e6:,.0f} / "
+                 f"{tot[('after', 'H200')] * 1e6:,.0f} |")
+    lines.append(f"| **HBM floor** ({fb / 1e6:,.0f} MB) | | | | {fl[0] * 1e6:,.0f} / "
+                 f"{fl[1] * 1e6:,.0f} | |")
+    lines.append(f"| **sum / floor** | | | | {tot[('before', 'H100')] / fl[0]:.2f} / "
+                 f"{tot[('before', 'H200')] / fl[1]:.2f} | {tot[('after', 'H100')] / fl[0]:.2f} / "
+                 f"{tot[('after', 'H200')] / fl[1]:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    if "--design" in sys.argv:
+        for kern in kernels(4096, 4, "before", True):
+            print(f"before {kern['name']}: {kern['note']}")
+        for kern in kernels(4096, 4, "after", True):
+            print(f"after  {kern['name']}: {kern['note']}")
+        return
+    for T in (4096, 32768):
+        for wbytes in (4, 2):
+            print(table(T, wbytes, {"fwd"}, "Forward (inference)"))
+            print()
+            print(table(T, wbytes, {"fwd", "bwd"}, "Training step (forward_train + backward)"))
+            print()
+    print("#### Adam step (dense Wq and keys, distinct expert rows of both tables)")
+    print()
+    print("| T | tables | MB moved | H100 / H200 (us) |")
+    print("|---|---|---|---|")
+    for T in (4096, 32768):
+        for wbytes in (4, 2):
+            b = optimizer(T, wbytes)
+            ts = [b / (GPUS[g]["bw"] * EFF_GATHER) * 1e6 for g in ("H100", "H200")]
+            print(f"| {T} | {'f32' if wbytes == 4 else 'bf16'} | {b / 1e6:,.0f} | "
+                  f"{ts[0]:,.0f} / {ts[1]:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
