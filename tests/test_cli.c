@@ -4,9 +4,11 @@
  * open", a truncated file called truncated, a top_k too large for n_subkeys
  * reported as a top_k problem, blanks in --config accepted).  Runs the built
  * tool (PEER_CLI) in a fresh directory. */
+#define _GNU_SOURCE /* nftw, mkdtemp (tempdir.h) */
 #include <criterion/criterion.h>
 
 #include "peer.h"
+#include "tempdir.h"
 
 #include <errno.h>
 #include <math.h>
@@ -20,23 +22,12 @@
 #error "PEER_CLI (path of the built peer tool) must be defined by the build"
 #endif
 
-static char g_dir[64];
+static void make_dir(void) { test_dir_make("cli"); }
 
-static void make_dir(void) {
-  snprintf(g_dir, sizeof g_dir, "/tmp/peer_test_cli.XXXXXX");
-  cr_assert(mkdtemp(g_dir), "mkdtemp: %s", strerror(errno));
-}
-
-static void remove_dir(void) {
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-  cr_expect_eq(system(cmd), 0);
-}
-
-TestSuite(cli, .init = make_dir, .fini = remove_dir);
+TestSuite(cli, .init = make_dir, .fini = test_dir_remove);
 
 static const char *in_dir(const char *name, char *buf, size_t size) {
-  snprintf(buf, size, "%s/%s", g_dir, name);
+  snprintf(buf, size, "%s/%s", test_dir, name);
   return buf;
 }
 
@@ -46,7 +37,7 @@ static int run(const char *args, char *out, char *err, size_t size) {
   char cmd[1024], out_path[128], err_path[128];
   in_dir("stdout.txt", out_path, sizeof out_path);
   in_dir("stderr.txt", err_path, sizeof err_path);
-  snprintf(cmd, sizeof cmd, "cd '%s' && '%s' %s >'%s' 2>'%s'", g_dir, PEER_CLI, args, out_path,
+  snprintf(cmd, sizeof cmd, "cd '%s' && '%s' %s >'%s' 2>'%s'", test_dir, PEER_CLI, args, out_path,
            err_path);
   int st = system(cmd);
   cr_assert(WIFEXITED(st), "'%s' did not exit normally", cmd);
@@ -161,7 +152,7 @@ Test(cli, errors_users_meet_first) {
   snprintf(cmd, sizeof cmd,
            "head -c 100 '%s' > '%s/head.safetensors' && head -c 2000 '%s' > "
            "'%s/data.safetensors'",
-           path, g_dir, path, g_dir);
+           path, test_dir, path, test_dir);
   cr_assert_eq(system(cmd), 0);
   expect_error("info head.safetensors", 1, "peer: info: ", "truncated");
   expect_error("info data.safetensors", 1, "peer: info: ", "truncated");

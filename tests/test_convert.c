@@ -6,9 +6,11 @@
  * unexpressible inputs must be refused with a non-zero exit and one line on
  * stderr.  Runs the built CLI (PEER_CLI), and calls the library's own
  * peer_layer_load_pytorch / peer_layer_save_pytorch / peer_convert_* directly. */
+#define _GNU_SOURCE /* nftw, mkdtemp (tempdir.h) */
 #include <criterion/criterion.h>
 
 #include "peer.h"
+#include "tempdir.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -21,23 +23,12 @@
 #error "PEER_CLI (path of the built peer tool) must be defined by the build"
 #endif
 
-static char g_dir[64];
+static void make_dir(void) { test_dir_make("convert"); }
 
-static void make_dir(void) {
-  snprintf(g_dir, sizeof g_dir, "/tmp/peer_test_convert.XXXXXX");
-  cr_assert(mkdtemp(g_dir), "mkdtemp: %s", strerror(errno));
-}
-
-static void remove_dir(void) {
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-  cr_expect_eq(system(cmd), 0);
-}
-
-TestSuite(convert, .init = make_dir, .fini = remove_dir);
+TestSuite(convert, .init = make_dir, .fini = test_dir_remove);
 
 static const char *path_in_dir(const char *name, char *buf, size_t size) {
-  snprintf(buf, size, "%s/%s", g_dir, name);
+  snprintf(buf, size, "%s/%s", test_dir, name);
   return buf;
 }
 
@@ -46,8 +37,8 @@ static const char *path_in_dir(const char *name, char *buf, size_t size) {
 static int run_convert(const char *args, char *err, size_t err_size) {
   char cmd[1024], log[128];
   path_in_dir("stderr.txt", log, sizeof log);
-  snprintf(cmd, sizeof cmd, "cd '%s' && '%s' convert %s >/dev/null 2>'%s'", g_dir, PEER_CLI, args,
-           log);
+  snprintf(cmd, sizeof cmd, "cd '%s' && '%s' convert %s >/dev/null 2>'%s'", test_dir, PEER_CLI,
+           args, log);
   int st = system(cmd);
   cr_assert(WIFEXITED(st), "'%s' did not exit normally", cmd);
   FILE *f = fopen(log, "r");

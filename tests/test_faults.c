@@ -27,30 +27,13 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "tempdir.h"
 
-static char dir[64];
+static void setup(void) { test_dir_make("faults"); }
 
-static void setup(void) {
-  snprintf(dir, sizeof dir, "/tmp/peer_test_faults.XXXXXX");
-  cr_assert(mkdtemp(dir), "mkdtemp: %s", strerror(errno));
-}
-
-static int remove_entry(const char *p, const struct stat *sb, int type, struct FTW *ftw) {
-  (void)sb, (void)type, (void)ftw;
-  return remove(p);
-}
-
-static void teardown(void) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
+static void teardown(void) { test_dir_remove(); }
 
 TestSuite(faults, .init = setup, .fini = teardown);
-
-static const char *path_in(const char *name) {
-  static char bufs[4][256];
-  static int next;
-  char *b = bufs[next++ % 4];
-  snprintf(b, sizeof bufs[0], "%s/%s", dir, name);
-  return b;
-}
 
 static void expect_fail(peer_status got, peer_status want, const char *word) {
   cr_assert_eq(got, want, "status %d (%s), want %d (%s); message: %s", (int)got,
@@ -81,7 +64,7 @@ static float *random_x(int64_t T, int64_t d, unsigned seed) {
 }
 
 static int count_temporaries(void) {
-  DIR *d = opendir(dir);
+  DIR *d = opendir(test_dir);
   cr_assert(d);
   int n = 0;
   struct dirent *e;
@@ -145,18 +128,18 @@ Test(faults, a_busy_layer_refuses_other_calls) {
   expect_fail(peer_backward(L, ctx, y, NULL, &g), PEER_ERR_BUSY, "backward");
   expect_fail(peer_optimizer_step(o, &g), PEER_ERR_BUSY, "optimizer_step");
   expect_fail(peer_layer_init(L, 2), PEER_ERR_BUSY, "layer_init");
-  expect_fail(peer_layer_save(L, path_in("w.safetensors")), PEER_ERR_BUSY, "layer_save");
-  expect_fail(peer_checkpoint_save(L, o, path_in("c.safetensors")), PEER_ERR_BUSY,
+  expect_fail(peer_layer_save(L, test_path("w.safetensors")), PEER_ERR_BUSY, "layer_save");
+  expect_fail(peer_checkpoint_save(L, o, test_path("c.safetensors")), PEER_ERR_BUSY,
               "checkpoint_save");
   peer_layer_leave(L);
 
   cr_assert_eq(peer_forward(L, T, x, y, NULL, NULL), PEER_OK, "%s", peer_last_error());
-  cr_assert_eq(peer_checkpoint_save(L, o, path_in("c.safetensors")), PEER_OK);
+  cr_assert_eq(peer_checkpoint_save(L, o, test_path("c.safetensors")), PEER_OK);
   cr_assert_eq(peer_layer_enter(L, "optimizer_step"), PEER_OK);
-  expect_fail(peer_checkpoint_load(L, o, path_in("c.safetensors")), PEER_ERR_BUSY,
+  expect_fail(peer_checkpoint_load(L, o, test_path("c.safetensors")), PEER_ERR_BUSY,
               "checkpoint_load");
   peer_layer_leave(L);
-  cr_assert_eq(peer_checkpoint_load(L, o, path_in("c.safetensors")), PEER_OK, "%s",
+  cr_assert_eq(peer_checkpoint_load(L, o, test_path("c.safetensors")), PEER_OK, "%s",
                peer_last_error());
   peer_optimizer_free(o);
   peer_context_free(ctx);
@@ -273,7 +256,7 @@ Test(faults, objects_of_a_freed_layer_are_refused) {
               (uintptr_t)B == old ? "took" : "did not take");
   float *x = random_x(8, 32, 2), *y = calloc(8 * 32, sizeof *y);
   expect_fail(peer_forward_train(B, ctx, 8, x, y), PEER_ERR_INVALID_ARGUMENT, "another layer");
-  expect_fail(peer_checkpoint_save(B, o, path_in("c.safetensors")), PEER_ERR_INVALID_ARGUMENT,
+  expect_fail(peer_checkpoint_save(B, o, test_path("c.safetensors")), PEER_ERR_INVALID_ARGUMENT,
               "another layer");
   peer_context_free(ctx);
   peer_optimizer_free(o);
@@ -341,7 +324,7 @@ Test(faults, concurrent_saves_to_one_path_leave_one_whole_file, .timeout = 120) 
   peer_layer *L[N];
   saver s[N];
   pthread_t th[N];
-  const char *path = path_in("shared.safetensors");
+  const char *path = test_path("shared.safetensors");
   for (int i = 0; i < N; i++) {
     L[i] = make_layer(SMALL, 100u + (uint64_t)i);
     s[i] = (saver){.L = L[i], .path = path, .iters = 25};
@@ -371,7 +354,7 @@ Test(faults, concurrent_saves_to_one_path_leave_one_whole_file, .timeout = 120) 
  * the old file or a new one, whole; the next save removes the temporary. */
 Test(faults, a_killed_save_leaves_old_or_new_and_no_litter, .timeout = 240) {
   peer_layer *L[2] = {make_layer(BIG, 200), make_layer(BIG, 201)};
-  const char *path = path_in("killed.safetensors");
+  const char *path = test_path("killed.safetensors");
   cr_assert_eq(peer_layer_save(L[0], path), PEER_OK, "%s", peer_last_error());
   int left_behind = 0;
   for (int round = 0; round < 6; round++) {
@@ -406,7 +389,7 @@ static void on_sigint(int sig) {
  * (as the peer CLI does): no temporary is left, the file is old or new. */
 Test(faults, sigint_removes_the_temporary, .timeout = 240) {
   peer_layer *L[2] = {make_layer(BIG, 300), make_layer(BIG, 301)};
-  const char *path = path_in("interrupted.safetensors");
+  const char *path = test_path("interrupted.safetensors");
   cr_assert_eq(peer_layer_save(L[0], path), PEER_OK, "%s", peer_last_error());
   for (int round = 0; round < 4; round++) {
     pid_t child = fork();
@@ -435,17 +418,17 @@ Test(faults, sigint_removes_the_temporary, .timeout = 240) {
 Test(faults, a_full_disk_fails_cleanly) {
   if (geteuid() != 0) cr_skip_test("full disk: needs root to mount a small tmpfs");
   if (unshare(CLONE_NEWNS) != 0 || mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0 ||
-      mount("tmpfs", dir, "tmpfs", 0, "size=1m") != 0)
+      mount("tmpfs", test_dir, "tmpfs", 0, "size=1m") != 0)
     cr_skip_test("full disk: cannot mount a tmpfs here (%s)", strerror(errno));
   peer_layer *small = make_layer(SMALL, 400), *big = make_layer(BIG, 401);
-  const char *path = path_in("full.safetensors");
+  const char *path = test_path("full.safetensors");
   cr_assert_eq(peer_layer_save(small, path), PEER_OK, "%s", peer_last_error());
   expect_fail(peer_layer_save(big, path), PEER_ERR_IO, "No space left");
   peer_layer *L[1] = {small};
   cr_assert_eq(which_layer(path, L, 1), 0, "the old file changed");
   cr_assert_eq(count_temporaries(), 0, "the failed save left its temporary");
   cr_assert_eq(peer_layer_save(small, path), PEER_OK, "%s", peer_last_error());
-  umount(dir);
+  umount(test_dir);
   peer_layer_free(small);
   peer_layer_free(big);
 }
@@ -457,9 +440,9 @@ Test(faults, a_full_disk_fails_cleanly) {
  * (128 + signal when killed), stderr into err. */
 static int run_cli(const char *args, char *err, size_t size) {
   char cmd[1024], err_path[300];
-  snprintf(err_path, sizeof err_path, "%s/stderr.txt", dir);
-  snprintf(cmd, sizeof cmd, "cd '%s' && timeout 20 '%s' %s >/dev/null 2>'%s'", dir, PEER_CLI, args,
-           err_path);
+  snprintf(err_path, sizeof err_path, "%s/stderr.txt", test_dir);
+  snprintf(cmd, sizeof cmd, "cd '%s' && timeout 20 '%s' %s >/dev/null 2>'%s'", test_dir, PEER_CLI,
+           args, err_path);
   int st = system(cmd);
   FILE *f = fopen(err_path, "r");
   cr_assert(f);
@@ -475,12 +458,12 @@ static int run_cli(const char *args, char *err, size_t size) {
 Test(faults, peer_info_fails_where_loading_fails, .timeout = 60) {
   char err[2048];
   peer_layer *L = make_layer(SMALL, 500);
-  cr_assert_eq(peer_layer_save(L, path_in("good.safetensors")), PEER_OK);
+  cr_assert_eq(peer_layer_save(L, test_path("good.safetensors")), PEER_OK);
   cr_assert_eq(run_cli("info good.safetensors", err, sizeof err), 0, "%s", err);
 
   /* the same tensors and metadata plus one extra tensor (exit 0 before) */
   peer_safetensors *f = NULL;
-  cr_assert_eq(peer_safetensors_open(&f, path_in("good.safetensors")), PEER_OK);
+  cr_assert_eq(peer_safetensors_open(&f, test_path("good.safetensors")), PEER_OK);
   int n = peer_safetensors_count(f);
   peer_tensor t[16];
   for (int i = 0; i < n; i++) {
@@ -497,10 +480,11 @@ Test(faults, peer_info_fails_where_loading_fails, .timeout = 60) {
                        .nbytes = sizeof extra};
   peer_layer_meta lm;
   cr_assert_eq(peer_layer_meta_of(peer_layer_config(L), &lm), PEER_OK);
-  cr_assert_eq(peer_safetensors_write(path_in("extra.safetensors"), t, n + 1, lm.pair, lm.n_pairs),
-               PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(
+      peer_safetensors_write(test_path("extra.safetensors"), t, n + 1, lm.pair, lm.n_pairs),
+      PEER_OK, "%s", peer_last_error());
   peer_layer *back = NULL;
-  expect_fail(peer_layer_load(&back, path_in("extra.safetensors"), NULL), PEER_ERR_FORMAT,
+  expect_fail(peer_layer_load(&back, test_path("extra.safetensors"), NULL), PEER_ERR_FORMAT,
               "head.weight");
   cr_assert_eq(run_cli("info extra.safetensors", err, sizeof err), 1, "stderr: %s", err);
   cr_assert(strstr(err, "head.weight") && strstr(err, "extra"), "stderr: %s", err);
@@ -528,7 +512,7 @@ Test(faults, peer_info_fails_where_loading_fails, .timeout = 60) {
                                         "top_k=1,query_norm=batchnorm"),
                PEER_OK);
   cr_assert_eq(peer_layer_meta_of(&huge, &lm), PEER_OK);
-  cr_assert_eq(peer_safetensors_write(path_in("tiny.safetensors"), tiny, 8, lm.pair, lm.n_pairs),
+  cr_assert_eq(peer_safetensors_write(test_path("tiny.safetensors"), tiny, 8, lm.pair, lm.n_pairs),
                PEER_OK, "%s", peer_last_error());
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -539,7 +523,7 @@ Test(faults, peer_info_fails_where_loading_fails, .timeout = 60) {
   cr_assert_lt(secs, 5.0, "peer info took %.1f s on a 2 KB file", secs);
 
   /* a FIFO: refused at once (it waited for a writer forever before) */
-  cr_assert_eq(mkfifo(path_in("fifo.safetensors"), 0600), 0);
+  cr_assert_eq(mkfifo(test_path("fifo.safetensors"), 0600), 0);
   cr_assert_eq(run_cli("info fifo.safetensors", err, sizeof err), 1, "stderr: %s", err);
   cr_assert(strstr(err, "FIFO"), "stderr: %s", err);
   peer_layer_free(L);
@@ -549,7 +533,7 @@ Test(faults, peer_info_fails_where_loading_fails, .timeout = 60) {
  * of the signal, leaves no temporary, and the old file is still there. */
 Test(faults, peer_cli_sigint_leaves_no_temporary, .timeout = 240) {
   peer_layer *old = make_layer(SMALL, 600);
-  cr_assert_eq(peer_layer_save(old, path_in("w.safetensors")), PEER_OK);
+  cr_assert_eq(peer_layer_save(old, test_path("w.safetensors")), PEER_OK);
   for (int round = 0; round < 2; round++) {
     char cmd[1024];
     snprintf(cmd, sizeof cmd,
@@ -557,14 +541,14 @@ Test(faults, peer_cli_sigint_leaves_no_temporary, .timeout = 240) {
              "--out w.safetensors >/dev/null 2>&1 & pid=$!; i=0; "
              "until ls '%s' | grep -q peer-tmp || [ $i -ge 4000 ]; do sleep 0.005; i=$((i+1)); "
              "done; kill -INT $pid; wait $pid",
-             dir, PEER_CLI, dir);
+             test_dir, PEER_CLI, test_dir);
     int st = system(cmd);
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 128 + SIGINT,
               "round %d: `peer init` did not die of SIGINT during its save (status %d)", round,
               WIFEXITED(st) ? WEXITSTATUS(st) : -1);
     cr_assert_eq(count_temporaries(), 0, "round %d: `peer init` left a temporary", round);
     peer_layer *L[1] = {old};
-    cr_assert_eq(which_layer(path_in("w.safetensors"), L, 1), 0, "the old file changed");
+    cr_assert_eq(which_layer(test_path("w.safetensors"), L, 1), 0, "the old file changed");
   }
   peer_layer_free(old);
 }

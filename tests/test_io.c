@@ -20,44 +20,28 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "tempdir.h"
 
 /* ---------------------------------------------------------------- fixture */
 
-static char dir[64];
 static unsigned seed;
 
 static void setup(void) {
-  snprintf(dir, sizeof dir, "/tmp/peer_test_io.XXXXXX");
-  cr_assert(mkdtemp(dir), "mkdtemp: %s", strerror(errno));
+  test_dir_make("io");
   seed = (unsigned)time(NULL) ^ (unsigned)getpid();
   srand(seed);
   cr_log_info("seed %u", seed);
 }
 
-static int remove_entry(const char *p, const struct stat *sb, int type, struct FTW *ftw) {
-  (void)sb, (void)type, (void)ftw;
-  return remove(p);
-}
-
-static void teardown(void) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
+static void teardown(void) { test_dir_remove(); }
 
 TestSuite(io, .init = setup, .fini = teardown);
-
-/* A path in the test's directory; kept in one of a few rotating buffers so a
- * test can hold several. */
-static const char *path_in(const char *name) {
-  static char bufs[4][512];
-  static int next;
-  char *b = bufs[next++ % 4];
-  snprintf(b, sizeof bufs[0], "%s/%s", dir, name);
-  return b;
-}
 
 static float frand(void) { return (float)rand() / (float)RAND_MAX * 2.0f - 1.0f; }
 
 /* Files in the test's directory whose names hold the writer's temporary tag. */
 static int count_temporaries(void) {
-  DIR *d = opendir(dir);
+  DIR *d = opendir(test_dir);
   cr_assert(d);
   int n = 0;
   struct dirent *e;
@@ -172,7 +156,7 @@ static const char *const configs[] = {
 Test(io, layer_round_trip_is_bit_exact) {
   for (size_t c = 0; c < sizeof configs / sizeof configs[0]; c++) {
     peer_layer *a = make_layer(configs[c]);
-    const char *path = path_in("w.safetensors");
+    const char *path = test_path("w.safetensors");
     cr_assert_eq(peer_layer_save(a, path), PEER_OK, "%s: %s", configs[c], peer_last_error());
     peer_layer *b = (peer_layer *)&b;
     cr_assert_eq(peer_layer_load(&b, path, NULL), PEER_OK, "%s: %s", configs[c], peer_last_error());
@@ -184,7 +168,7 @@ Test(io, layer_round_trip_is_bit_exact) {
 
 Test(io, loaded_layer_computes_the_same_output) {
   peer_layer *a = make_layer(configs[1]);
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   cr_assert_eq(peer_layer_save(a, path), PEER_OK, "%s", peer_last_error());
   peer_layer *b = NULL;
   cr_assert_eq(peer_layer_load(&b, path, NULL), PEER_OK, "%s", peer_last_error());
@@ -202,7 +186,7 @@ Test(io, loaded_layer_computes_the_same_output) {
 Test(io, saved_metadata_names_every_field) {
   peer_layer *L = make_layer("d_model=16,n_heads=2,d_key=8,n_subkeys=8,top_k=3,"
                              "weight_dtype=bf16,activation=gelu,query_bias=1");
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   cr_assert_eq(peer_layer_save(L, path), PEER_OK, "%s", peer_last_error());
   peer_safetensors *f = NULL;
   cr_assert_eq(peer_safetensors_open(&f, path), PEER_OK, "%s", peer_last_error());
@@ -268,7 +252,7 @@ Test(io, generic_write_and_read) {
       {.name = "empty", .dtype = PEER_F32, .ndim = 2, .shape = {0, D}, .data = NULL, .nbytes = 0},
   };
   const char *meta[] = {"source", "test_io", "tokens", "5"};
-  const char *path = path_in("act.safetensors");
+  const char *path = test_path("act.safetensors");
   cr_assert_eq(peer_safetensors_write(path, in, 4, meta, 2), PEER_OK, "%s", peer_last_error());
 
   peer_safetensors *f = NULL;
@@ -309,7 +293,7 @@ Test(io, generic_write_and_read) {
 
 Test(io, writer_checks_its_arguments) {
   float x[6] = {0};
-  const char *path = path_in("bad.safetensors");
+  const char *path = test_path("bad.safetensors");
   peer_tensor t = {.name = "x",
                    .dtype = PEER_F32,
                    .ndim = 2,
@@ -348,7 +332,7 @@ Test(io, reads_foreign_but_valid_files) {
   memcpy(data, a, 16);
   memset(data + 16, 0xee, 4);
   memcpy(data + 20, b, 8);
-  const char *path = path_in("foreign.safetensors");
+  const char *path = test_path("foreign.safetensors");
   write_raw(path,
             "{ \"b\": {\"shape\": [2], \"dtype\": \"F32\", \"data_offsets\": [20, 28]},\n"
             "  \"a\": {\"dtype\": \"F32\", \"shape\": [2, 2], \"data_offsets\": [0, 16]},\n"
@@ -369,7 +353,7 @@ Test(io, reads_foreign_but_valid_files) {
 
 Test(io, save_replaces_an_existing_file) {
   peer_layer *a = make_layer(configs[0]), *b = make_layer(configs[2]);
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   cr_assert_eq(peer_layer_save(a, path), PEER_OK, "%s", peer_last_error());
   cr_assert_eq(peer_layer_save(b, path), PEER_OK, "%s", peer_last_error());
   peer_layer *c = NULL;
@@ -382,7 +366,7 @@ Test(io, save_replaces_an_existing_file) {
 
 Test(io, failed_save_leaves_the_old_file_intact) {
   peer_layer *a = make_layer(configs[0]), *b = make_layer(configs[1]);
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   cr_assert_eq(peer_layer_save(a, path), PEER_OK, "%s", peer_last_error());
   size_t len0, len1;
   void *before = read_all(path, &len0);
@@ -391,7 +375,7 @@ Test(io, failed_save_leaves_the_old_file_intact) {
   char longname[240];
   memset(longname, 'w', sizeof longname - 1);
   longname[sizeof longname - 1] = '\0';
-  const char *lpath = path_in(longname);
+  const char *lpath = test_path(longname);
   FILE *fp = fopen(lpath, "wb"); /* the old file, copied by hand */
   cr_assert(fp);
   cr_assert_eq(fwrite(before, 1, len0, fp), len0);
@@ -403,13 +387,13 @@ Test(io, failed_save_leaves_the_old_file_intact) {
   cr_assert_eq(count_temporaries(), 0, "a temporary file was left behind");
 
   /* the target is a directory: refused before anything is written */
-  const char *dpath = path_in("d.safetensors");
+  const char *dpath = test_path("d.safetensors");
   cr_assert_eq(mkdir(dpath, 0700), 0);
   expect_fail(peer_layer_save(b, dpath), PEER_ERR_IO, "directory");
   cr_assert_eq(count_temporaries(), 0, "a temporary file was left behind");
 
   /* no such directory */
-  const char *nowhere = path_in("no/such/dir/w.safetensors");
+  const char *nowhere = test_path("no/such/dir/w.safetensors");
   expect_fail(peer_layer_save(b, nowhere), PEER_ERR_IO, nowhere);
 
   peer_layer *c = NULL;
@@ -426,7 +410,7 @@ Test(io, failed_save_leaves_the_old_file_intact) {
 #define GOOD_TENSOR "\"a\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]}"
 
 Test(io, rejects_short_files) {
-  const char *path = path_in("short.safetensors");
+  const char *path = test_path("short.safetensors");
   write_raw_len(path, 0, "", NULL, 0);
   expect_bad_file(path, "JSON"); /* an empty header is not JSON */
   FILE *fp = fopen(path, "wb");
@@ -440,7 +424,7 @@ Test(io, rejects_short_files) {
 
 Test(io, rejects_bad_header_lengths) {
   unsigned char data[16] = {0};
-  const char *path = path_in("hlen.safetensors");
+  const char *path = test_path("hlen.safetensors");
   write_raw_len(path, 1000, "{" GOOD_TENSOR "}", data, sizeof data);
   expect_bad_file(path, "header length");
   write_raw_len(path, (uint64_t)1 << 63, "{" GOOD_TENSOR "}", data, sizeof data);
@@ -455,7 +439,7 @@ Test(io, rejects_bad_header_lengths) {
 
 Test(io, rejects_bad_headers) {
   unsigned char data[32] = {0};
-  const char *path = path_in("bad.safetensors");
+  const char *path = test_path("bad.safetensors");
   static const struct {
     const char *header;
     size_t data_len;
@@ -514,16 +498,16 @@ Test(io, rejects_bad_headers) {
 
 Test(io, rejects_what_is_not_a_file) {
   peer_safetensors *f = NULL;
-  expect_fail(peer_safetensors_open(&f, path_in("absent.safetensors")), PEER_ERR_IO, "absent");
-  expect_fail(peer_safetensors_open(&f, dir), PEER_ERR_IO, "regular");
+  expect_fail(peer_safetensors_open(&f, test_path("absent.safetensors")), PEER_ERR_IO, "absent");
+  expect_fail(peer_safetensors_open(&f, test_dir), PEER_ERR_IO, "regular");
   peer_layer *L = NULL;
-  expect_fail(peer_layer_load(&L, path_in("absent.safetensors"), NULL), PEER_ERR_IO, "absent");
-  expect_fail(peer_safetensors_open(NULL, dir), PEER_ERR_INVALID_ARGUMENT, "NULL");
+  expect_fail(peer_layer_load(&L, test_path("absent.safetensors"), NULL), PEER_ERR_IO, "absent");
+  expect_fail(peer_safetensors_open(NULL, test_dir), PEER_ERR_INVALID_ARGUMENT, "NULL");
 }
 
 Test(io, truncated_weight_file) {
   peer_layer *a = make_layer(configs[1]);
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   cr_assert_eq(peer_layer_save(a, path), PEER_OK, "%s", peer_last_error());
   struct stat sb;
   cr_assert_eq(stat(path, &sb), 0);
@@ -613,7 +597,7 @@ static void expect_load_fails(variant *v, peer_status want, const char *word) {
   const char *meta[32];
   for (int i = 0; i < v->n_meta; i++)
     meta[2 * i] = v->key[i], meta[2 * i + 1] = v->value[i];
-  const char *path = path_in("variant.safetensors");
+  const char *path = test_path("variant.safetensors");
   cr_assert_eq(peer_safetensors_write(path, v->t, v->n_t, meta, v->n_meta), PEER_OK, "%s",
                peer_last_error());
   peer_layer *L = (peer_layer *)&L;
@@ -628,7 +612,7 @@ Test(io, the_variant_helper_writes_a_loadable_file) {
   const char *meta[32];
   for (int i = 0; i < v.n_meta; i++)
     meta[2 * i] = v.key[i], meta[2 * i + 1] = v.value[i];
-  const char *path = path_in("variant.safetensors");
+  const char *path = test_path("variant.safetensors");
   cr_assert_eq(peer_safetensors_write(path, v.t, v.n_t, meta, v.n_meta), PEER_OK);
   peer_layer *b = NULL;
   cr_assert_eq(peer_layer_load(&b, path, NULL), PEER_OK, "%s", peer_last_error());
@@ -732,7 +716,7 @@ Test(io, rejects_tensors_that_disagree_with_the_config) {
  * build with the CUDA backend; elsewhere the load is refused. */
 Test(io, cuda_layers_load_only_with_the_cuda_backend) {
   peer_layer *L = make_layer(configs[0]);
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   cr_assert_eq(peer_layer_save(L, path), PEER_OK);
 #ifndef PEER_USE_CUDA
   peer_options opt;
@@ -750,7 +734,7 @@ Test(io, cuda_layers_load_only_with_the_cuda_backend) {
  * loads or fails with a file-format status. */
 Test(io, random_damage_is_caught_or_harmless) {
   peer_layer *L = make_layer(configs[2]);
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   cr_assert_eq(peer_layer_save(L, path), PEER_OK);
   size_t len;
   unsigned char *good = read_all(path, &len);
@@ -809,7 +793,7 @@ Test(io, tiny_file_with_huge_metadata_costs_kilobytes, .timeout = 20) {
       "peer.subkey_top_k", "1",       "peer.shared_keys", "0",         "peer.activation", "gelu",
       "peer.gate",         "softmax", "peer.query_norm",  "batchnorm", "peer.query_bias", "0",
       "peer.weight_dtype", "f32"};
-  const char *path = path_in("tiny.safetensors");
+  const char *path = test_path("tiny.safetensors");
   cr_assert_eq(peer_safetensors_write(path, t, 8, meta, 13), PEER_OK, "%s", peer_last_error());
   struct stat sb;
   cr_assert_eq(stat(path, &sb), 0);
@@ -859,7 +843,7 @@ Test(io, numbers_with_signs_or_blanks_are_refused) {
 /* A FIFO (or any non-regular file) is refused at open, without waiting for
  * a writer that never comes. */
 Test(io, a_fifo_is_refused_without_blocking, .timeout = 10) {
-  const char *path = path_in("fifo.safetensors");
+  const char *path = test_path("fifo.safetensors");
   cr_assert_eq(mkfifo(path, 0600), 0, "mkfifo: %s", strerror(errno));
   peer_safetensors *f = NULL;
   expect_fail(peer_safetensors_open(&f, path), PEER_ERR_IO, "FIFO");
@@ -886,9 +870,9 @@ static bool file_is(const char *path, const char *text) {
  * what they point at is untouched; a replaced file keeps its mode. */
 Test(io, non_regular_and_read_only_destinations_are_refused) {
   peer_layer *L = make_layer(configs[0]);
-  const char *target = path_in("target.txt");
+  const char *target = test_path("target.txt");
   write_text(target, "precious");
-  const char *link = path_in("link.safetensors");
+  const char *link = test_path("link.safetensors");
   cr_assert_eq(symlink(target, link), 0);
   expect_fail(peer_layer_save(L, link), PEER_ERR_IO, "symbolic link");
   cr_assert(file_is(target, "precious"), "the link's target changed");
@@ -896,24 +880,24 @@ Test(io, non_regular_and_read_only_destinations_are_refused) {
   cr_assert_eq(lstat(link, &sb), 0);
   cr_assert(S_ISLNK(sb.st_mode), "the link was replaced");
 
-  const char *ro = path_in("ro.safetensors");
+  const char *ro = test_path("ro.safetensors");
   write_text(ro, "read-only");
   cr_assert_eq(chmod(ro, 0444), 0);
   expect_fail(peer_layer_save(L, ro), PEER_ERR_IO, "read-only");
   cr_assert(file_is(ro, "read-only"), "the read-only file changed");
 
-  const char *node = path_in("node.safetensors");
+  const char *node = test_path("node.safetensors");
   if (mknod(node, S_IFCHR | 0666, makedev(1, 3)) == 0) /* /dev/null's numbers, root only */
     expect_fail(peer_layer_save(L, node), PEER_ERR_IO, "device");
   else
     cr_log_info("mknod: %s; the device case is covered by the FIFO below", strerror(errno));
-  const char *fifo = path_in("fifo.safetensors");
+  const char *fifo = test_path("fifo.safetensors");
   cr_assert_eq(mkfifo(fifo, 0600), 0);
   expect_fail(peer_layer_save(L, fifo), PEER_ERR_IO, "FIFO");
   cr_assert_eq(lstat(fifo, &sb), 0);
   cr_assert(S_ISFIFO(sb.st_mode), "the FIFO was replaced");
 
-  const char *kept = path_in("mode.safetensors");
+  const char *kept = test_path("mode.safetensors");
   write_text(kept, "old");
   cr_assert_eq(chmod(kept, 0640), 0);
   cr_assert_eq(peer_layer_save(L, kept), PEER_OK, "%s", peer_last_error());
@@ -927,7 +911,7 @@ Test(io, non_regular_and_read_only_destinations_are_refused) {
  * same destination; a live process's is not, nor another destination's. */
 Test(io, stale_temporaries_are_cleaned_by_the_next_save) {
   peer_layer *L = make_layer(configs[0]);
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   pid_t child = fork();
   if (child == 0) _exit(0);
   cr_assert_gt(child, 0);
@@ -935,7 +919,7 @@ Test(io, stale_temporaries_are_cleaned_by_the_next_save) {
   char dead[512], live[512], other[512];
   snprintf(dead, sizeof dead, "%s.peer-tmp.%ld.0123456789abcdef", path, (long)child);
   snprintf(live, sizeof live, "%s.peer-tmp.%ld.0123456789abcdef", path, (long)getppid());
-  snprintf(other, sizeof other, "%s.peer-tmp.%ld.0123456789abcdef", path_in("x.safetensors"),
+  snprintf(other, sizeof other, "%s.peer-tmp.%ld.0123456789abcdef", test_path("x.safetensors"),
            (long)child);
   write_text(dead, "partial");
   write_text(live, "in progress");

@@ -18,6 +18,7 @@
 
 #include "cases.h"
 #include "reference.h"
+#include "tempdir.h"
 
 /* Agreement with the float64 reference: |got - ref| <= TOL * max|ref| over
  * the tensor (f32 rounding over a few steps is a few 1e-7 of that). */
@@ -25,35 +26,20 @@
 
 /* ---------------------------------------------------------------- fixture */
 
-static char dir[64];
 static uint64_t seed;
 static ref_rng rng;
 
 static void setup(void) {
-  snprintf(dir, sizeof dir, "/tmp/peer_test_optim.XXXXXX");
-  cr_assert(mkdtemp(dir), "mkdtemp: %s", strerror(errno));
+  test_dir_make("optim");
   seed = ref_test_seed();
   rng.s = seed;
   cr_log_info("seed %llu (PEER_TEST_SEED replays it)", (unsigned long long)seed);
 }
 
-static int remove_entry(const char *p, const struct stat *sb, int type, struct FTW *ftw) {
-  (void)sb, (void)type, (void)ftw;
-  return remove(p);
-}
-
-static void teardown(void) { nftw(dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
+static void teardown(void) { test_dir_remove(); }
 
 TestSuite(optim, .init = setup, .fini = teardown);
 TestSuite(checkpoint, .init = setup, .fini = teardown);
-
-static const char *path_in(const char *name) {
-  static char bufs[4][512];
-  static int next;
-  char *b = bufs[next++ % 4];
-  snprintf(b, sizeof bufs[0], "%s/%s", dir, name);
-  return b;
-}
 
 /* ------------------------------------------------------------------ layers */
 
@@ -903,7 +889,7 @@ static void round_trip(const layer_case *lc, const peer_optim_config *c, int exp
   task_init(&k, A, 8, experts_dense);
   for (int s = 0; s < 3; s++)
     train_step(A, oa, &k);
-  const char *path = path_in("ckpt.safetensors");
+  const char *path = test_path("ckpt.safetensors");
   cr_assert_eq(peer_checkpoint_save(A, oa, path), PEER_OK, "%s", peer_last_error());
 
   peer_layer *B = NULL;
@@ -970,7 +956,7 @@ Test(checkpoint, round_trip_sgd) {
 Test(checkpoint, weights_only) {
   layer_case lc = small_case();
   peer_layer *A = make_layer(&lc);
-  const char *path = path_in("w.safetensors");
+  const char *path = test_path("w.safetensors");
   cr_assert_eq(peer_checkpoint_save(A, NULL, path), PEER_OK, "%s", peer_last_error());
   peer_layer *B = NULL;
   cr_assert_eq(peer_layer_load(&B, path, NULL), PEER_OK, "%s", peer_last_error());
@@ -1000,7 +986,7 @@ Test(checkpoint, interrupted_save_keeps_the_old_file) {
   task k;
   task_init(&k, A, 8, 0);
   train_step(A, oa, &k);
-  const char *path = path_in("ckpt.safetensors");
+  const char *path = test_path("ckpt.safetensors");
   cr_assert_eq(peer_checkpoint_save(A, oa, path), PEER_OK, "%s", peer_last_error());
   size_t len0, len1;
   void *before = read_all(path, &len0);
@@ -1016,7 +1002,7 @@ Test(checkpoint, interrupted_save_keeps_the_old_file) {
   memset(longname, 'c', sizeof longname - 1);
   longname[sizeof longname - 1] = '\0';
   char lpath[512];
-  snprintf(lpath, sizeof lpath, "%s", path_in(longname));
+  snprintf(lpath, sizeof lpath, "%s", test_path(longname));
   FILE *fp = fopen(lpath, "wb"); /* the first checkpoint, copied by hand */
   cr_assert(fp);
   cr_assert_eq(fwrite(before, 1, len0, fp), len0);
@@ -1028,7 +1014,7 @@ Test(checkpoint, interrupted_save_keeps_the_old_file) {
   cr_assert_eq(rename(lpath, path), 0);
 
   /* the target is a directory: refused before anything is written */
-  const char *dpath = path_in("d.safetensors");
+  const char *dpath = test_path("d.safetensors");
   cr_assert_eq(mkdir(dpath, 0700), 0);
   expect_fail(peer_checkpoint_save(A, oa, dpath), PEER_ERR_IO, "directory");
 
@@ -1077,7 +1063,7 @@ Test(checkpoint, another_config_is_refused) {
   peer_layer *A = make_layer(&lc);
   peer_optim_config c = peer_optim_config_default();
   peer_optimizer *oa = make_opt(A, &c);
-  const char *path = path_in("ckpt.safetensors");
+  const char *path = test_path("ckpt.safetensors");
   cr_assert_eq(peer_checkpoint_save(A, oa, path), PEER_OK, "%s", peer_last_error());
 
   layer_case other = lc;
@@ -1154,7 +1140,7 @@ Test(checkpoint, another_config_is_refused) {
   /* objects that do not belong together */
   expect_fail(peer_checkpoint_save(B, oa, path), PEER_ERR_INVALID_ARGUMENT, "another layer");
   expect_fail(peer_checkpoint_load(B, oa, path), PEER_ERR_INVALID_ARGUMENT, "another layer");
-  expect_fail(peer_checkpoint_load(B, NULL, path_in("nothing.safetensors")), PEER_ERR_IO,
+  expect_fail(peer_checkpoint_load(B, NULL, test_path("nothing.safetensors")), PEER_ERR_IO,
               "nothing.safetensors");
   expect_fail(peer_checkpoint_save(NULL, NULL, path), PEER_ERR_INVALID_ARGUMENT, NULL);
   expect_fail(peer_checkpoint_load(B, NULL, NULL), PEER_ERR_INVALID_ARGUMENT, NULL);
@@ -1168,7 +1154,7 @@ Test(checkpoint, another_config_is_refused) {
 Test(checkpoint, foreign_tensors_are_refused) {
   layer_case lc = small_case();
   peer_layer *A = make_layer(&lc);
-  const char *path = path_in("ckpt.safetensors");
+  const char *path = test_path("ckpt.safetensors");
   cr_assert_eq(peer_checkpoint_save(A, NULL, path), PEER_OK, "%s", peer_last_error());
   peer_safetensors *f = NULL;
   cr_assert_eq(peer_safetensors_open(&f, path), PEER_OK);
@@ -1197,7 +1183,7 @@ Test(checkpoint, foreign_tensors_are_refused) {
     meta[2 * i + 1] = peer_safetensors_metadata(f, keys[i]);
     cr_assert(meta[2 * i + 1], "%s missing", keys[i]);
   }
-  const char *path2 = path_in("foreign.safetensors");
+  const char *path2 = test_path("foreign.safetensors");
   cr_assert_eq(peer_safetensors_write(path2, t, n + 1, meta, 13), PEER_OK, "%s", peer_last_error());
   const char *needles[] = {"head.weight"};
   expect_refused_load(A, NULL, path2, PEER_ERR_FORMAT, needles, 1);
