@@ -158,6 +158,11 @@ _CUDA_PROTOTYPES = {
     "peer_cuda_forward": (STATUS, [P, I64, P, P, P, P, P]),
     "peer_cuda_retrieve": (STATUS, [P, I64, P, P, P, P, P]),
     "peer_cuda_check": (STATUS, [P, P]),
+    "peer_cuda_workspace_size": (STATUS, [P, I64, ctypes.POINTER(ctypes.c_size_t)]),
+    "peer_cuda_set_workspace": (STATUS, [P, P, ctypes.c_size_t]),
+    "peer_cuda_forward_train": (STATUS, [P, P, I64, P, P, P]),
+    "peer_cuda_backward": (STATUS, [P, P, P, P, ctypes.POINTER(peer_grads), P, P]),
+    "peer_cuda_optimizer_step": (STATUS, [P, ctypes.POINTER(peer_grads), P, P]),
 }
 
 

@@ -23,7 +23,15 @@ or SGD take them) or dense [N, d] tensors (any optimizer).
 
 Devices and dtypes: CPU tensors go through the CPU backend.  A module created
 with device="cuda" (library built with CUDA) keeps its parameters on the GPU
-and runs the forward on CUDA tensors (inference only).  .to()/.cuda()/.cpu()
+and runs on CUDA tensors, training included: the same ops, with CUDA kernels
+that call peer_cuda_forward_train / peer_cuda_backward on torch's current
+stream with buffers from torch's caching allocator (inputs, outputs,
+gradients, the layer's scratch); no host copy and no wait (PEER.check() waits
+and reports non-finite values).  The training contexts are the library's
+device memory, pooled per layer (_CudaState).  Sparse expert gradients on
+CUDA are uncoalesced (as nn.Embedding(sparse=True)'s on CUDA): the distinct
+rows ascending, then repeats of the last row with zero gradient, since the
+row count exists only on the device.  .to()/.cuda()/.cpu()
 rebuild the C layer on the target backend; .to(torch.bfloat16) stores the
 expert tables as bf16 (compute stays f32), .float() back as f32; other dtypes
 are refused when .to() is called.
@@ -31,6 +39,7 @@ are refused when .to() is called.
 
 import ctypes
 import itertools
+import threading
 import weakref
 from typing import List, Tuple
 
@@ -44,7 +53,7 @@ except ImportError as e:  # torch is the optional extra peerlayer[torch]
         "peerlayer.nn needs PyTorch, which peerlayer does not install by itself: "
         "pip install 'peerlayer[torch]' (or pip install torch)", name="torch") from e
 
-from . import core
+from . import _lib, core
 from .core import Layer, check, lib
 
 # PEER.md name -> (submodule path, attribute, is a buffer)
@@ -76,6 +85,39 @@ class _CudaView:
                                          "typestr": np.dtype(dtype).str, "version": 2,
                                          "strides": None}
         self._owner = owner
+
+
+class _Host:
+    """Buffers of the CPU path: torch CPU tensors; no stream."""
+
+    stream = None
+
+    @staticmethod
+    def empty(shape, dtype):
+        return torch.empty(shape, dtype=dtype)
+
+    @staticmethod
+    def wrap(ptr, shape, dtype, owner):
+        """A tensor over memory at ptr that keeps `owner` alive."""
+        return torch.from_numpy(np.asarray(core._View(ptr, shape, dtype, owner)))
+
+
+class _TorchCuda:
+    """Buffers and stream of the CUDA path: torch's caching allocator and
+    torch's current stream on `device`, as the calls see them when made."""
+
+    def __init__(self, device):
+        self.device = device
+        self.stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+
+    def empty(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def wrap(self, ptr, shape, dtype, owner):
+        return torch.as_tensor(_CudaView(ptr, shape, dtype, owner), device=self.device)
+
+
+_HOST = _Host()
 
 
 def _wrap(layer, name, device):
@@ -118,27 +160,103 @@ def _running_names(layer):
     return [n for n in layer.tensors if _SLOTS[n][2]]
 
 
+class _CudaState:
+    """What the CUDA path keeps per layer between calls.  The layer's device
+    scratch: a byte tensor from torch's caching allocator, registered with
+    peer_cuda_set_workspace and grown with the batch.  Training contexts
+    (peer_context: device memory the library allocates; freeing one waits for
+    the whole device) are pooled: a training forward takes one and its _Saved
+    hands it back when autograd drops it, so a steady loop neither allocates
+    nor waits.  Held by the module (a context refers to the layer, so the
+    layer cannot hold this); the ops find it by the layer's key."""
+
+    _by_key = weakref.WeakValueDictionary()
+
+    def __init__(self, key, layer):
+        self.layer = layer
+        self._free = []
+        self._lock = threading.Lock()
+        self._workspace, self._workspace_tokens = None, 0
+        self._running = None
+        _CudaState._by_key[key] = self
+
+    @classmethod
+    def of(cls, key):
+        state = cls._by_key.get(key)
+        if state is None:
+            raise RuntimeError(f"peerlayer: no live CUDA layer has key {key} (the PEER "
+                               "module was freed)")
+        return state
+
+    def take(self, n_tokens):
+        """A context for n_tokens tokens: a pooled one, else a new one."""
+        with self._lock:
+            fits = [c for c in self._free if c.max_tokens >= n_tokens]
+            if fits:
+                ctx = min(fits, key=lambda c: c.max_tokens)
+                self._free.remove(ctx)
+                return ctx
+            # The batch grew: pooled contexts are too small (freeing them waits
+            # for the device, once per growth).
+            smaller, self._free = self._free, []
+        del smaller
+        return core.Context(self.layer, n_tokens)
+
+    def give_back(self, ctx):
+        with self._lock:
+            self._free.append(ctx)
+
+    def workspace(self, n_tokens, dev):
+        """Make the layer's scratch hold n_tokens tokens (grown, never shrunk;
+        the old buffer goes back to torch's allocator, stream-ordered)."""
+        if n_tokens <= self._workspace_tokens:
+            return
+        size = ctypes.c_size_t()
+        check(lib.peer_cuda_workspace_size(self.layer.handle, n_tokens, ctypes.byref(size)))
+        buf = dev.empty((max(size.value, 1),), torch.uint8)
+        self.layer._call(lib.peer_cuda_set_workspace, buf.data_ptr(), size.value)
+        self._workspace, self._workspace_tokens = buf, n_tokens
+
+    def running(self, dev):
+        """name -> tensor over the layer's running statistics (device memory)."""
+        if self._running is None:
+            self._running = {n: dev.wrap(*self.layer.tensors[n], self.layer)
+                             for n in _running_names(self.layer)}
+        return self._running
+
+    def __del__(self):
+        # The layer may outlive this (a tensor over its memory keeps it): it
+        # must not keep a pointer to a workspace that goes back to torch.
+        layer = self.layer
+        if getattr(self, "_workspace", None) is not None and not layer.closed:
+            with layer._lock:
+                lib.peer_cuda_set_workspace(layer.handle, None, 0)
+
+
 class _Saved:
     """A training forward's peer context.  Owned by the one-byte tensor the
-    forward op returns (through numpy's base chain), so it is freed when
-    autograd drops that tensor.  Found again by that tensor's address, which
-    cannot be reused while the tensor lives."""
+    forward op returns (`token`), so it lives exactly as long as autograd keeps
+    that tensor.  Found again by that tensor's address, which cannot be reused
+    while the tensor lives.  CPU (state None): a context of its own.  CUDA: a
+    context from the layer's _CudaState pool, handed back when this goes."""
 
     _live = {}
 
-    def __init__(self, layer, x):
+    def __init__(self, layer, x, dev, state=None):
         self.layer = layer
         self.x = x  # the C context points into x's memory: keep it alive
-        self.ctx = core.Context(layer, max(x.shape[0], 1))
+        self.state = state
+        n = max(x.shape[0], 1)
+        self.ctx = state.take(n) if state is not None else core.Context(layer, n)
         self.used = False
-        self._byte = (ctypes.c_uint8 * 1)()
-        self._addr = ctypes.addressof(self._byte)
+        self._byte = dev.empty((1,), torch.uint8).zero_()  # a token's value is compared
+        self._addr = self._byte.data_ptr()
         _Saved._live[self._addr] = weakref.ref(self)
 
-    def token(self):
+    def token(self, dev):
         """The tensor that owns this object (not kept here: that would be a
         cycle through C++ that no garbage collector sees)."""
-        return torch.from_numpy(np.asarray(core._View(self._addr, (1,), np.uint8, self)))
+        return dev.wrap(self._addr, (1,), np.uint8, self)
 
     @classmethod
     def find(cls, token):
@@ -149,26 +267,41 @@ class _Saved:
                                "forward made (a copy of it?); pass the one forward_train returned")
         return saved
 
-    def forward(self, y):
-        self.layer.forward_train(self.ctx, self.x.detach().numpy(), out=y.detach().numpy())
+    def running(self, dev):
+        """name -> tensor over the layer's own running statistics."""
+        if self.state is not None:
+            return self.state.running(dev)
+        return {n: torch.from_numpy(self.layer.params[n]) for n in _running_names(self.layer)}
 
-    def redo_forward(self):
+    def forward(self, y, dev):
+        if self.state is None:
+            self.layer.forward_train(self.ctx, self.x.detach().numpy(), out=y.detach().numpy())
+            return
+        t = self.x.shape[0]
+        self.state.workspace(t, dev)
+        self.layer._call(lib.peer_cuda_forward_train, self.ctx.handle, t, self.x.data_ptr(),
+                         y.data_ptr(), dev.stream)
+
+    def redo_forward(self, dev):
         """A second backward of one forward (retain_graph=True): the library
-        consumes the context, so run the same training forward again on a fresh
-        one.  Deterministic, so it records the same values; the running
-        statistics it would update again are put back."""
-        layer = self.layer
-        running = {n: layer.params[n].copy() for n in _running_names(layer)}
-        self.ctx = core.Context(layer, max(self.x.shape[0], 1))
+        consumes the context, so run the same training forward again (CPU: on a
+        fresh context).  Deterministic, so it records the same values; the
+        running statistics it would update again are put back."""
+        running = self.running(dev)
+        before = {n: t.clone() for n, t in running.items()}
+        if self.state is None:
+            self.ctx = core.Context(self.layer, max(self.x.shape[0], 1))
         try:
-            self.forward(torch.empty_like(self.x))
+            self.forward(dev.empty(self.x.shape, torch.float32), dev)
         finally:
-            for n, a in running.items():
-                layer.params[n][...] = a
+            for n, t in running.items():
+                t.copy_(before[n])
 
     def __del__(self):
         # This object owns the byte at _addr, so no other entry can have it yet.
         _Saved._live.pop(getattr(self, "_addr", None), None)
+        if getattr(self, "state", None) is not None and getattr(self, "ctx", None) is not None:
+            self.state.give_back(self.ctx)
 
 
 # ---------------------------------------------------------------- custom ops
@@ -196,19 +329,30 @@ def _forward_train_op(key: int, x: torch.Tensor, params: List[torch.Tensor],
     the update).  Batch norm uses the batch's statistics.  Functional, as
     autograd formulas and torch.compile want: the running statistics (the
     module's buffers, `running`) are left as they were; the module copies the
-    returned values into them."""
+    returned values into them.  This is the CPU kernel; CUDA's is below."""
+    return _forward_train(key, x, _HOST, None)
+
+
+def _forward_train(key, x, dev, state):
+    """The forward_train op on the device `dev` describes (buffers, stream);
+    state: the layer's _CudaState, None on the CPU."""
     layer = _layer(key)
-    names = _running_names(layer)
-    before = [r.detach().numpy().copy() for r in running]
-    saved = _Saved(layer, x)
-    y = torch.empty_like(x)
+    saved = _Saved(layer, x, dev, state)
+    running = saved.running(dev)
+    before = {n: t.clone() for n, t in running.items()}
+    y = dev.empty(x.shape, torch.float32)
     try:
-        saved.forward(y)
-        after = [torch.from_numpy(layer.params[n].copy()) for n in names]
+        saved.forward(y, dev)
+        after = [running[n].clone() for n in _running_names(layer)]
     finally:
-        for n, a in zip(names, before):
-            layer.params[n][...] = a
-    return y, saved.token(), after
+        for n, t in running.items():
+            t.copy_(before[n])
+    return y, saved.token(dev), after
+
+
+@_forward_train_op.register_kernel("cuda")
+def _(key, x, params, running, sparse_grads):
+    return _forward_train(key, x, _TorchCuda(x.device), _CudaState.of(key))
 
 
 @_forward_train_op.register_fake
@@ -224,11 +368,12 @@ def _backward_op(key: int, context: torch.Tensor, x: torch.Tensor, dy: torch.Ten
                             torch.Tensor]:
     """Backward of the training forward that made `context`: (dx, gradients of
     the dense parameters in params' order, expert rows [R], their down and up
-    gradient rows [R, d]; or, with dense_experts, [N, d] gradients)."""
+    gradient rows [R, d]; or, with dense_experts, [N, d] gradients).  The CPU
+    kernel; CUDA's (_cuda_backward) lists min(T*H*k, N) rows, see _pad_rows."""
     layer = _layer(key)
     saved = _Saved.find(context)
     if saved.used:
-        saved.redo_forward()
+        saved.redo_forward(_HOST)
     g = core.Grads(layer, max(x.shape[0], 1), experts_dense=dense_experts)
     dx, _ = layer.backward(saved.ctx, dy.detach().contiguous().numpy(), g, dx=True)
     saved.used = True
@@ -237,6 +382,58 @@ def _backward_op(key: int, context: torch.Tensor, x: torch.Tensor, dy: torch.Ten
     # Views of g's buffers (which they keep alive), not copies.
     return (torch.from_numpy(dx), dense, torch.from_numpy(g.expert_rows),
             torch.from_numpy(g.experts_down), torch.from_numpy(g.experts_up))
+
+
+def _cuda_backward(key, context, x, dy, dense_experts, dev):
+    """The backward op on a CUDA layer: peer_cuda_backward on dev's stream
+    into buffers from dev (torch's caching allocator), nothing read back."""
+    layer = _layer(key)
+    saved = _Saved.find(context)
+    if saved.used:
+        saved.redo_forward(dev)
+    c = layer.config
+    t, d, n = x.shape[0], c["d_model"], layer.n_experts
+    cap = t * c["n_heads"] * c["top_k"]
+    g = _lib.peer_grads()
+    dense = []
+    for name in _trainable_names(layer):
+        if name in _GRAD_FIELD:
+            buf = dev.empty(layer.tensors[name][1], torch.float32)
+            setattr(g, _GRAD_FIELD[name], buf.data_ptr())
+            dense.append(buf)
+    rows = dev.empty((max(cap, 1),), torch.int64)
+    shape = (n, d) if dense_experts else (max(cap, 1), d)
+    down, up = dev.empty(shape, torch.float32), dev.empty(shape, torch.float32)
+    listed = n if dense_experts else min(cap, n)  # no more distinct rows than that
+    down[:listed].zero_()  # dense: backward adds; sparse: the rows past the count
+    up[:listed].zero_()
+    count = dev.empty((1,), torch.int64)
+    g.experts_dense, g.expert_capacity = int(dense_experts), cap
+    g.expert_rows, g.experts_down, g.experts_up = rows.data_ptr(), down.data_ptr(), up.data_ptr()
+    dx = dev.empty((t, d), torch.float32)
+    layer._call(lib.peer_cuda_backward, saved.ctx.handle, dy.data_ptr(), dx.data_ptr(),
+                ctypes.byref(g), count.data_ptr(), dev.stream)
+    saved.used = True
+    if dense_experts:
+        return dx, dense, rows[:0], down, up
+    return dx, dense, _pad_rows(rows[:listed], count), down[:listed], up[:listed]
+
+
+def _pad_rows(rows, count):
+    """rows whose first `count` entries (count: a one-element device tensor)
+    are the distinct expert ids, ascending, the rest unwritten: the rest
+    become the last id.  Their gradient rows are zero, so the list is a valid
+    uncoalesced sparse index with the right sum, and the host never waits to
+    read count."""
+    if rows.numel() == 0:
+        return rows
+    last = rows.gather(0, (count - 1).clamp(min=0))
+    return torch.where(torch.arange(rows.shape[0], device=rows.device) < count, rows, last)
+
+
+@_backward_op.register_kernel("cuda")
+def _(key, context, x, dy, params, dense_experts):
+    return _cuda_backward(key, context, x, dy, dense_experts, _TorchCuda(x.device))
 
 
 @_backward_op.register_fake
@@ -269,14 +466,20 @@ def _backward(ctx, dy, dcontext, drunning):
     grads = []
     for n, p in zip(names, params):
         if n in experts:
-            g = experts[n]
-            if ctx.sparse:
-                g = torch.sparse_coo_tensor(rows.unsqueeze(0), g, p.shape, is_coalesced=True,
-                                            check_invariants=False)
-            grads.append(g.to(p.dtype))
+            grads.append(_expert_grad(experts[n], rows, p, ctx.sparse, padded=x.is_cuda))
         else:
             grads.append(next(dense))
     return None, dx, grads, [None] * ctx.n_running, None
+
+
+def _expert_grad(g, rows, p, sparse, padded):
+    """The gradient of expert table p from the backward op's rows and gradient
+    rows g: sparse COO (coalesced from the CPU; padded, from CUDA, repeats the
+    last row, see _pad_rows) or dense; in p's dtype."""
+    if sparse:
+        g = torch.sparse_coo_tensor(rows.unsqueeze(0), g, p.shape, is_coalesced=not padded,
+                                    check_invariants=False)
+    return g.to(p.dtype)
 
 
 _forward_train_op.register_autograd(_backward, setup_context=_setup_context)
@@ -322,7 +525,7 @@ class PEER(nn.Module):
     safetensors weight file.  seed: None draws the library's seed from torch's
     default generator (so torch.manual_seed decides it and two modules differ);
     an int is used as given.  threads: CPU threads (0 = OpenMP's default).
-    device: "cpu" or "cuda[:i]" (forward only).  sparse_grads: expert
+    device: "cpu" or "cuda[:i]".  sparse_grads: expert
     gradients as sparse COO tensors (default) or dense [N, d] tensors.
     dropout: probability of dropping elements of the layer's output in
     training (as the dropout that ends a transformer's MLP).  Computes in
@@ -354,6 +557,7 @@ class PEER(nn.Module):
         name -> tensor to copy in (cast to the new storage's dtype)."""
         self.layer = layer
         self._key = _register(layer)
+        self._cuda_state = _CudaState(self._key, layer) if layer.backend == "cuda" else None
         c = layer.config
         self._d = c["d_model"]
         self._batchnorm = c["query_norm"] == "batchnorm"
@@ -441,9 +645,7 @@ class PEER(nn.Module):
         x2 = x.reshape(-1, d).to(torch.float32).contiguous()
         needs_grad = torch.is_grad_enabled() and (x2.requires_grad or
                                                   any(p.requires_grad for p in params))
-        if self._cuda:
-            y = self._forward_cuda(x2, needs_grad)
-        elif needs_grad:
+        if needs_grad:
             if self._batchnorm and not self.training:
                 raise RuntimeError("peerlayer.PEER: backward through batch norm needs "
                                    "training mode (the library differentiates batch "
@@ -452,6 +654,8 @@ class PEER(nn.Module):
         elif self.training and self._batchnorm:
             # Training-mode batch norm updates the running statistics, as torch's does.
             y = self._forward_train(x2, params)
+        elif self._cuda:
+            y = self._forward_cuda(x2)
         else:
             y = torch.ops.peerlayer.forward(self._key, x2, params)
         y = y.reshape(*lead, d).to(dtype)
@@ -468,19 +672,26 @@ class PEER(nn.Module):
                 b.copy_(value)
         return y
 
-    def _forward_cuda(self, x, needs_grad):
-        if needs_grad or (self.training and self._batchnorm):
-            raise RuntimeError("peerlayer.PEER: the CUDA backend does forward only (no "
-                               "training yet); use torch.no_grad() and eval(), or train "
-                               "on CPU")
-        y = torch.empty_like(x)
-        stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
-        h = self.layer.handle
-        check(lib.peer_cuda_forward(h, x.shape[0], x.data_ptr(), y.data_ptr(), None, None,
-                                    stream))
+    def _forward_cuda(self, x):
+        dev = _TorchCuda(x.device)
+        self._cuda_state.workspace(x.shape[0], dev)
+        y = dev.empty(x.shape, torch.float32)
+        self.layer._call(lib.peer_cuda_forward, x.shape[0], x.data_ptr(), y.data_ptr(), None,
+                         None, dev.stream)
         # Surfaces a non-finite score (or a CUDA error) now, at the cost of a sync.
-        check(lib.peer_cuda_check(h, stream))
+        self.check()
         return y
+
+    def check(self):
+        """CUDA: wait for torch's current stream, then raise PeerError if a
+        call on this layer not checked yet met a NaN or infinity (in x, dy or
+        a score: its batch's results are meaningless), or if the stream holds
+        a CUDA error (peer_cuda_check).  Training does not wait by itself: call
+        this where a wait costs little (beside loss.item()).  The inference
+        forward calls it.  CPU: nothing to do (calls raise at once)."""
+        if self._cuda:
+            stream = torch.cuda.current_stream(self.experts.down.device).cuda_stream
+            self.layer._call(lib.peer_cuda_check, ctypes.c_void_p(stream))
 
     # -- moves, copies
     def _values(self, layer=None):
@@ -547,6 +758,7 @@ class PEER(nn.Module):
         state["_layer_spec"] = {"config": dict(layer.config), "backend": layer.backend,
                                 "threads": layer.threads}
         state.pop("_key", None)
+        state.pop("_cuda_state", None)
         return state
 
     def __setstate__(self, state):

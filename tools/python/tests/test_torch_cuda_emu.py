@@ -1,0 +1,265 @@
+"""The CUDA training path of peerlayer.nn (the ops' CUDA kernels: context pool,
+workspace, peer_cuda_forward_train / peer_cuda_backward, the padded sparse
+expert gradients) run against the EMULATED CUDA library (PEER_CUDA=EMU,
+kernels/README.md), where torch has no GPU.
+
+torch cannot make CUDA tensors here, so these tests call the functions the
+CUDA kernels call (nn._forward_train, nn._cuda_backward) with a stand-in for
+_TorchCuda: buffers carved from the emulated device memory of a CUDA layer the
+test creates (public API; emulated device memory is host memory, so CPU torch
+tensors can view it) and the legacy default stream.  Everything else is the
+module's code.  The results are compared with the CPU module on the same
+weights and data.  Skipped unless the loaded libpeer is the emulated build
+(on a real GPU, test_torch_cuda.py runs the module itself)."""
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("PEER_REQUIRE_TORCH"):  # tools/test: the torch tests must run
+    import torch
+else:
+    torch = pytest.importorskip(
+        "torch", reason="torch is not importable: the PyTorch module tests did not run")
+
+import peerlayer  # noqa: E402
+from peerlayer import nn as pnn  # noqa: E402
+from peerlayer.core import Layer, check, lib  # noqa: E402
+from peerlayer.nn import PEER  # noqa: E402
+
+
+def _emulated():
+    if not lib.has_cuda:
+        return False
+    with open(lib.path, "rb") as f:  # the emulator's device name (kernels/emu/runtime.cc)
+        return b"PEER_CUDA=EMU" in f.read()
+
+
+pytestmark = pytest.mark.skipif(
+    not _emulated(), reason=f"{lib.path} is not the emulated CUDA build (cmake "
+    "-DPEER_CUDA=EMU): these tests view device memory from the host")
+
+# cap = T*H*k = 96 > N = 64: the padded tail of the sparse rows is exercised;
+# the second config has cap = 48 < N = 81.
+BASE = "d_model=16,n_heads=2,d_key=8,n_subkeys=8,top_k=4,subkey_top_k=5"
+CONFIGS = [(BASE + ",query_norm=batchnorm,query_bias=1", 12),
+           ("d_model=16,n_heads=3,d_key=6,n_subkeys=9,top_k=2,shared_keys=1,gate=sigmoid", 8)]
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+class EmuDevice:
+    """_TorchCuda's interface (empty, wrap, stream) over emulated device
+    memory: a bump allocator in the expert tables of a CUDA layer made for it,
+    256-byte aligned as cudaMalloc is; views are CPU tensors."""
+
+    stream = None
+
+    def __init__(self, n_rows=4096, d=256):
+        self.arena = Layer(f"d_model={d},n_heads=1,d_key=2,n_subkeys={int(n_rows ** 0.5)},"
+                           "top_k=1", backend="cuda")
+        self.base, shape, _ = self.arena.tensors["experts.down"]
+        self.size = int(np.prod(shape)) * 4
+        self.used = 0
+
+    def empty(self, shape, dtype):
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        off = -(-self.used // 256) * 256
+        assert off + nbytes <= self.size, "EmuDevice: arena too small"
+        self.used = off + nbytes
+        np_dtype = {torch.float32: np.float32, torch.int64: np.int64, torch.uint8: np.uint8}
+        return self.wrap(self.base + off, shape, np_dtype[dtype], self.arena)
+
+    @staticmethod
+    def wrap(ptr, shape, dtype, owner):
+        return pnn._HOST.wrap(ptr, shape, dtype, owner)
+
+    def put(self, t):
+        out = self.empty(t.shape, t.dtype)
+        out.copy_(t)
+        return out
+
+
+def device_views(layer):
+    """name -> CPU tensor over the CUDA layer's parameter (emulated device memory)."""
+    return {n: pnn._HOST.wrap(*layer.tensors[n], layer) for n in layer.tensors}
+
+
+def pair(config, seed=5):
+    """(CPU module, emulated CUDA layer with the same values, its key, its state)."""
+    cpu = PEER(config, seed=seed)
+    gpu = Layer(config, backend="cuda")
+    views = device_views(gpu)
+    for n, v in cpu.state_dict().items():
+        views[n].copy_(v)
+    key = pnn._register(gpu)
+    return cpu, gpu, key, pnn._CudaState(key, gpu)
+
+
+def cpu_step(cpu, x, dy):
+    """Training forward and backward on the CPU module: y, dx, name -> grad."""
+    cpu.zero_grad()
+    xr = x.clone().requires_grad_(True)
+    y = cpu(xr)
+    y.backward(dy)
+    return y.detach(), xr.grad, {n: p.grad for n, p in cpu.named_parameters()}
+
+
+def gpu_step(key, layer, dev, state, x, dy, sparse=True):
+    """The CUDA kernels' path: forward_train, then backward; y, dx, name ->
+    grad assembled as _backward does, the running statistics after."""
+    xd, dyd = dev.put(x), dev.put(dy)
+    y, token, after = pnn._forward_train(key, xd, dev, state)
+    dx, dense, rows, down, up = pnn._cuda_backward(key, token, xd, dyd, not sparse, dev)
+    names = pnn._trainable_names(layer)
+    views = device_views(layer)
+    dense = iter(dense)
+    grads = {}
+    for n in names:
+        if n in pnn._EXPERTS:
+            g = down if n == "experts.down" else up
+            grads[n] = pnn._expert_grad(g, rows, views[n], sparse, padded=True)
+        else:
+            grads[n] = next(dense)
+    return y, dx, grads, after, token
+
+
+def assert_grads_equal(cpu_grads, gpu_grads):
+    assert set(cpu_grads) == set(gpu_grads)
+    for n, g in cpu_grads.items():
+        h = gpu_grads[n]
+        if g.is_sparse:
+            assert h.is_sparse and not h.is_coalesced(), n
+            g, h = g.coalesce(), h.coalesce()
+            assert torch.equal(g.indices(), h.indices()), f"{n}: expert rows differ"
+            torch.testing.assert_close(h.values(), g.values(), **TOL, msg=lambda m, n=n: f"{n}: {m}")
+        else:
+            torch.testing.assert_close(h.to_dense(), g.to_dense(), **TOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("config,t", CONFIGS)
+@pytest.mark.parametrize("sparse", [True, False])
+def test_training_step_matches_cpu(config, t, sparse):
+    cpu, gpu, key, state = pair(config)
+    cpu.sparse_grads = sparse
+    cpu.train()
+    dev = EmuDevice()
+    g = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(t, 16, generator=g), torch.randn(t, 16, generator=g)
+    running_before = {n: b.clone() for n, b in cpu.named_buffers()}
+    y_c, dx_c, grads_c = cpu_step(cpu, x, dy)
+    y_g, dx_g, grads_g, after, token = gpu_step(key, gpu, dev, state, x, dy, sparse)
+    torch.testing.assert_close(y_g, y_c, **TOL)
+    torch.testing.assert_close(dx_g, dx_c, **TOL)
+    assert_grads_equal(grads_c, grads_g)
+    # The op is functional: the layer's running statistics are as before, and
+    # the updated values come back (the module copies them in).
+    views = device_views(gpu)
+    names = pnn._running_names(gpu)
+    assert len(after) == len(names) == len(running_before)
+    for n, a in zip(names, after):
+        assert torch.equal(views[n], running_before[n])
+        torch.testing.assert_close(a, dict(cpu.named_buffers())[n], **TOL)
+    check(lib.peer_cuda_check(gpu.handle, None))
+
+
+def test_ids_identical_to_cpu():
+    cpu, gpu, key, state = pair(CONFIGS[0][0])
+    dev = EmuDevice()
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(2))
+    ids_c, scores_c, _ = cpu.eval().layer.retrieve(x.numpy())
+    ids = dev.empty((40, 2, 4), torch.int64)
+    scores = dev.empty((40, 2, 4), torch.float32)
+    gpu._call(lib.peer_cuda_retrieve, 40, dev.put(x).data_ptr(), ids.data_ptr(),
+              scores.data_ptr(), None, None)
+    assert np.array_equal(ids.numpy(), ids_c)
+
+
+def test_backward_twice_redoes_the_forward_and_keeps_running_stats():
+    config, t = CONFIGS[0]
+    _, gpu, key, state = pair(config)
+    dev = EmuDevice()
+    g = torch.Generator().manual_seed(3)
+    x, dy = dev.put(torch.randn(t, 16, generator=g)), dev.put(torch.randn(t, 16, generator=g))
+    _, token, after = pnn._forward_train(key, x, dev, state)
+    first = pnn._cuda_backward(key, token, x, dy, False, dev)
+    running = {n: v.clone() for n, v in state.running(dev).items()}
+    second = pnn._cuda_backward(key, token, x, dy, False, dev)  # retain_graph's second pass
+    for a, b in zip(first[:1] + tuple(first[1]) + first[2:], second[:1] + tuple(second[1]) + second[2:]):
+        assert torch.equal(a, b)
+    for n, v in state.running(dev).items():
+        assert torch.equal(v, running[n])
+
+
+def test_contexts_are_pooled_not_freed():
+    config, t = CONFIGS[1]
+    _, gpu, key, state = pair(config)
+    dev = EmuDevice()
+    x = dev.put(torch.randn(t, 16))
+    _, token, _ = pnn._forward_train(key, x, dev, state)
+    handle = pnn._Saved.find(token).ctx.handle.value
+    assert state._free == []
+    del token  # autograd dropping the graph
+    assert [c.handle.value for c in state._free] == [handle]
+    _, token, _ = pnn._forward_train(key, x, dev, state)  # same size: reused
+    assert pnn._Saved.find(token).ctx.handle.value == handle and state._free == []
+    _, token2, _ = pnn._forward_train(key, x, dev, state)  # two live forwards: two contexts
+    assert pnn._Saved.find(token2).ctx.handle.value != handle
+    del token, token2
+    assert len(state._free) == 2
+    big = dev.put(torch.randn(2 * t, 16))
+    _, token, _ = pnn._forward_train(key, big, dev, state)  # grown: the small ones go
+    assert state._free == [] and pnn._Saved.find(token).ctx.max_tokens == 2 * t
+
+
+def test_workspace_is_the_callers_buffer_and_grows():
+    config, t = CONFIGS[1]
+    _, gpu, key, state = pair(config)
+    dev = EmuDevice()
+    pnn._forward_train(key, dev.put(torch.randn(t, 16)), dev, state)
+    ws = state._workspace
+    size = ctypes.c_size_t()
+    check(lib.peer_cuda_workspace_size(gpu.handle, t, ctypes.byref(size)))
+    assert ws is not None and ws.numel() == max(size.value, 1)
+    pnn._forward_train(key, dev.put(torch.randn(t - 1, 16)), dev, state)
+    assert state._workspace is ws
+    pnn._forward_train(key, dev.put(torch.randn(3 * t, 16)), dev, state)
+    assert state._workspace is not ws and state._workspace_tokens == 3 * t
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_torch_optimizers_step_the_cuda_parameters_as_the_cpu_ones(sparse):
+    """SparseAdam on the (padded, uncoalesced) expert gradients and Adam on
+    the dense ones, three steps, against the same on the CPU module.  No
+    query bias: under batch norm its gradient is rounding noise, which Adam
+    scales up to steps of lr in either direction."""
+    config, t = BASE + ",query_norm=batchnorm", 12
+    cpu, gpu, key, state = pair(config)
+    cpu.sparse_grads = sparse
+    gviews = device_views(gpu)
+    gparams = {n: torch.nn.Parameter(gviews[n]) for n in pnn._trainable_names(gpu)}
+
+    def optimizers(params):
+        experts = [p for n, p in params.items() if n in pnn._EXPERTS]
+        dense = [p for n, p in params.items() if n not in pnn._EXPERTS]
+        opt = torch.optim.SparseAdam if sparse else torch.optim.Adam
+        return [opt(experts, lr=1e-2), torch.optim.Adam(dense, lr=1e-2)]
+
+    opt_c = optimizers(dict(cpu.named_parameters()))
+    opt_g = optimizers(gparams)
+    g = torch.Generator().manual_seed(4)
+    for step in range(3):
+        dev = EmuDevice()
+        x, dy = torch.randn(t, 16, generator=g), torch.randn(t, 16, generator=g)
+        cpu_step(cpu, x, dy)
+        _, _, grads, after, _ = gpu_step(key, gpu, dev, state, x, dy, sparse)
+        for b, a in zip(pnn._running_names(gpu), after):
+            gviews[b].copy_(a)
+        for n, p in gparams.items():
+            p.grad = grads[n]
+        for o in opt_c + opt_g:
+            o.step()
+        for n, p in cpu.state_dict().items():
+            torch.testing.assert_close(gviews[n], p, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, n=n, s=step: f"step {s}: {n}: {m}")
