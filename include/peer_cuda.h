@@ -204,8 +204,9 @@ PEER_API peer_status peer_cuda_backward(peer_layer *layer, peer_context *ctx, co
  * PEER_ERR_CUDA if the stream holds a CUDA error; PEER_ERR_NONFINITE if a
  * call on this layer that has not been checked yet met a non-finite value:
  * a NaN or infinity in a training forward's x or a backward's dy (naming
- * the token; reported first), or a non-finite score (naming the token and
- * head), tokens counted within the call that saw it; then clears those
+ * the token; reported first), a device optimizer step refused for a
+ * non-finite gradient (naming it), or a non-finite score (naming the token
+ * and head), tokens counted within the call that saw it; then clears those
  * records.  The records belong to the layer, not to a stream: they hold
  * what any call not checked yet left, whatever stream it ran on (and the
  * host-pointer calls on the layer read and clear them too).  They are read
@@ -227,11 +228,13 @@ PEER_API peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
  * allocation, no synchronisation; parameters and state must not be used by
  * work on another stream until it has run.  The update is peer/optim_rule.h's,
  * the CPU optimizer's, explicitly rounded (no FMA contraction): the same bits
- * as the CPU optimizer built without FMA contraction.  Unlike
- * peer_optimizer_step, the gradients are not read on the host: a NaN or
- * infinity in them is not refused (a backward's bad dy or x is reported by
- * peer_cuda_check; check before stepping where that matters).  The step
- * count advances when the call returns PEER_OK.  peer_optimizer_step on a
+ * as the CPU optimizer built without FMA contraction.  The gradients are
+ * checked on the device first: if one holds NaN or infinity, the step
+ * writes no parameter and no state, and the next peer_cuda_check reports
+ * PEER_ERR_NONFINITE naming the gradient and element (the call itself
+ * cannot know: it does not wait).  The step count advances when the call
+ * returns PEER_OK, a step refused on the device included (only SGD's update
+ * does not depend on it).  peer_optimizer_step on a
  * CUDA layer takes host gradients (checked as on the CPU), waits for the
  * whole device, copies them into staging the optimizer keeps (grown when
  * they grow), steps on the layer's stream and waits for it. */

@@ -24,6 +24,7 @@
  *   dWq = dq^T X, dx += dq Wq                  cuBLAS SGEMM
  * with no float atomics: reruns give the same bits. */
 #include "backend.h"
+#include "optim.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -193,7 +194,8 @@ peer_status peer_cb_check_stream(peer_layer *L, cudaStream_t stream) {
   cudaError_t e = cudaMemcpyAsync(rec, st->d_bad, sizeof rec, cudaMemcpyDeviceToHost, stream);
   if (e != cudaSuccess) return peer_k_cuda_fail(e, "cuda check: stream");
   if ((s = wait_for(stream, "cuda check: stream"))) return s;
-  if (rec[REC_SCORE] == PEER_K_CLEAR && rec[REC_X] == PEER_K_CLEAR && rec[REC_DY] == PEER_K_CLEAR)
+  if (rec[REC_SCORE] == PEER_K_CLEAR && rec[REC_X] == PEER_K_CLEAR && rec[REC_DY] == PEER_K_CLEAR &&
+      rec[REC_GRAD] == PEER_K_CLEAR)
     return PEER_OK;
   if ((e = cudaMemsetAsync(st->d_bad, 0xff, sizeof rec, stream)) != cudaSuccess)
     return peer_k_cuda_fail(e, "cuda check: clearing the non-finite records");
@@ -202,6 +204,19 @@ peer_status peer_cb_check_stream(peer_layer *L, cudaStream_t stream) {
     return peer_fail(PEER_ERR_NONFINITE, "token %llu: x holds NaN or infinity", rec[REC_X]);
   if (rec[REC_DY] != PEER_K_CLEAR)
     return peer_fail(PEER_ERR_NONFINITE, "token %llu: dy holds NaN or infinity", rec[REC_DY]);
+  if (rec[REC_GRAD] != PEER_K_CLEAR) {
+    const int slot = (int)(rec[REC_GRAD] >> PEER_K_GRAD_SLOT_SHIFT);
+    const long long at = (long long)(rec[REC_GRAD] & ((1ull << PEER_K_GRAD_SLOT_SHIFT) - 1));
+    char where[64];
+    if (slot == PEER_P_EXPERTS_DOWN || slot == PEER_P_EXPERTS_UP)
+      snprintf(where, sizeof where, "of expert %lld, element %lld", at / D->d, at % D->d);
+    else
+      snprintf(where, sizeof where, "element %lld", at);
+    return peer_fail(PEER_ERR_NONFINITE,
+                     "cuda_optimizer_step: grads.%s %s is not finite; that step was not applied "
+                     "(parameters and optimizer state unchanged; its step count advanced)",
+                     peer_grad_name(slot), where);
+  }
   const unsigned long long bad = rec[REC_SCORE];
   return peer_fail(PEER_ERR_NONFINITE,
                    "token %lld, head %d: non-finite sub-key or candidate score (NaN or infinity "

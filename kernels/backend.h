@@ -26,7 +26,9 @@ enum {
   REC_SCORE = 0, /* smallest t*H + h with a non-finite sub-key or candidate score */
   REC_X = 1,     /* smallest row of a training forward's x holding NaN or infinity */
   REC_DY = 2,    /* smallest row of a backward's dy holding NaN or infinity */
-  REC_COUNT = 3,
+  REC_GRAD = 3,  /* a device optimizer step refused: its first non-finite gradient (optim.h) */
+  REC_STEP = 4,  /* scratch of the device optimizer step being queued */
+  REC_COUNT = 5,
   REC_BATCH = 2 /* the records a training context keeps: REC_SCORE, REC_X */
 };
 

@@ -13,28 +13,65 @@ static const int dense_slots[] = {PEER_P_QUERY_WEIGHT, PEER_P_QUERY_BIAS, PEER_P
                                   PEER_P_NORM_BIAS, PEER_P_KEYS};
 #define N_DENSE ((int)(sizeof dense_slots / sizeof dense_slots[0]))
 
-/* Queue the whole step described by p (device gradients) on `stream`. */
-static peer_status queue_step(peer_layer *L, const peer_optim_plan *p, cudaStream_t stream) {
+static const int expert_slots[2] = {PEER_P_EXPERTS_DOWN, PEER_P_EXPERTS_UP};
+
+/* Gradients the host has not seen (the device path): clear the step's
+ * record, lower it to the first non-finite element, if any. */
+static peer_status queue_check(peer_layer *L, const peer_optim_plan *p, unsigned long long *rec,
+                               cudaStream_t stream) {
+  cudaError_t e = cudaMemsetAsync(rec, 0xff, sizeof *rec, stream);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "cuda_optimizer_step: clearing its record");
+  peer_status s;
+  for (int i = 0; i < N_DENSE; i++) {
+    const int slot = dense_slots[i];
+    if (p->grad[slot] &&
+        (s = peer_k_optim_check_dense(p->grad[slot], (int64_t)(L->slot[slot].nbytes / 4), slot, rec,
+                                      stream)))
+      return s;
+  }
+  for (int i = 0; i < 2 && p->grad[PEER_P_EXPERTS_DOWN]; i++)
+    if ((s = peer_k_optim_check_rows(p->grad[expert_slots[i]], p->experts_dense, p->expert_rows,
+                                     p->d_n_expert_rows, p->n_expert_rows, p->expert_capacity,
+                                     L->dims.d, expert_slots[i], rec, stream)))
+      return s;
+  return PEER_OK;
+}
+
+/* Queue the whole step described by p (device gradients) on `stream`; with
+ * `refused` (a record queue_check filled), the updates write nothing when it
+ * holds a non-finite gradient. */
+static peer_status queue_step(peer_layer *L, const peer_optim_plan *p,
+                              const unsigned long long *refused, cudaStream_t stream) {
   peer_status s;
   for (int i = 0; i < N_DENSE; i++) {
     const int slot = dense_slots[i];
     if (!p->grad[slot]) continue;
     const peer_tensor *t = &L->slot[slot];
     if ((s = peer_k_optim_dense(&p->dense, t->data, p->grad[slot], p->m[slot], p->v[slot],
-                                (int64_t)(t->nbytes / sizeof(float)), stream)))
+                                (int64_t)(t->nbytes / sizeof(float)), refused, stream)))
       return s;
   }
   if (!p->grad[PEER_P_EXPERTS_DOWN]) return PEER_OK;
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
-  const int slots[2] = {PEER_P_EXPERTS_DOWN, PEER_P_EXPERTS_UP};
   for (int i = 0; i < 2; i++) {
-    const int slot = slots[i];
+    const int slot = expert_slots[i];
     if ((s = peer_k_optim_rows(&p->rows, L->slot[slot].data, bf16, p->grad[slot], p->experts_dense,
                                p->m[slot], p->v[slot], p->expert_rows, p->d_n_expert_rows,
-                               p->n_expert_rows, p->expert_capacity, L->dims.d, stream)))
+                               p->n_expert_rows, p->expert_capacity, L->dims.d, refused, stream)))
       return s;
   }
   return PEER_OK;
+}
+
+/* The device-gradient step: checked on the device, the updates skipped when
+ * a gradient is not finite, the refusal folded into the layer's records for
+ * peer_cuda_check; nothing waits. */
+static peer_status device_step(peer_layer *L, const peer_optim_plan *p, cudaStream_t stream) {
+  unsigned long long *rec = state_of(L)->d_bad;
+  peer_status s = queue_check(L, p, rec + REC_STEP, stream);
+  if (!s) s = queue_step(L, p, rec + REC_STEP, stream);
+  if (!s) s = peer_k_record_fold(rec + REC_GRAD, rec + REC_STEP, 1, stream);
+  return s;
 }
 
 /* The host-gradient step (peer_optimizer_step on a CUDA layer): wait for
@@ -83,14 +120,14 @@ static peer_status host_step(peer_layer *L, const peer_optim_plan *p, void **sta
   }
   if (experts && !s) {
     s = copy(rows, p->expert_rows, R * 8, cudaMemcpyHostToDevice, stream);
-    const int slots[2] = {PEER_P_EXPERTS_DOWN, PEER_P_EXPERTS_UP};
     for (int i = 0; i < 2 && !s; i++) {
-      const float *g = p->grad[slots[i]];
+      const int slot = expert_slots[i];
+      const float *g = p->grad[slot];
       if (!p->experts_dense)
-        s = copy(dg[slots[i]], g, R * d * 4, cudaMemcpyHostToDevice, stream);
+        s = copy(dg[slot], g, R * d * 4, cudaMemcpyHostToDevice, stream);
       else
         for (size_t j = 0; j < R && !s; j++)
-          s = copy(dg[slots[i]] + j * d, g + (size_t)p->expert_rows[j] * d, d * 4,
+          s = copy(dg[slot] + j * d, g + (size_t)p->expert_rows[j] * d, d * 4,
                    cudaMemcpyHostToDevice, stream);
     }
   }
@@ -101,7 +138,7 @@ static peer_status host_step(peer_layer *L, const peer_optim_plan *p, void **sta
     dp.experts_dense = false;
     dp.d_n_expert_rows = NULL;
     dp.expert_capacity = (int64_t)R;
-    s = queue_step(L, &dp, stream);
+    s = queue_step(L, &dp, NULL, stream); /* host gradients: optim.c checked them */
   }
   if (s) {
     drain(stream);
@@ -115,7 +152,7 @@ peer_status peer_cb_cuda_optimizer_step(peer_layer *L, const peer_optim_plan *p,
   cudaError_t e = cudaSetDevice(state_of(L)->device);
   if (e != cudaSuccess) return peer_k_cuda_fail(e, "optimizer_step");
   if (p->host_grads) return host_step(L, p, stage, stage_bytes);
-  return queue_step(L, p, (cudaStream_t)p->stream);
+  return device_step(L, p, (cudaStream_t)p->stream);
 }
 
 /* Parameter (or optimizer state) bytes to the host, after a wait for the

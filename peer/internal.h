@@ -177,6 +177,9 @@ typedef struct peer_optim_plan {
   void *stream;    /* device path: the caller's stream; the host path uses the backend's */
 } peer_optim_plan;
 
+/* The name of a parameter slot's gradient in peer_grads ("query_weight", ...). */
+const char *peer_grad_name(int slot);
+
 /* An optimizer step on gradients in the device memory of the optimizer's
  * layer's backend (peer_cuda_optimizer_step): argument checks, the plan,
  * the backend's optimizer_step on `stream`; the expert row count is

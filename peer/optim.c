@@ -33,7 +33,7 @@ static const int dense_slots[] = {PEER_P_QUERY_WEIGHT, PEER_P_QUERY_BIAS, PEER_P
 #define N_DENSE ((int)(sizeof dense_slots / sizeof dense_slots[0]))
 static const int expert_slots[] = {PEER_P_EXPERTS_DOWN, PEER_P_EXPERTS_UP};
 
-static const char *grad_name(int slot) {
+const char *peer_grad_name(int slot) {
   switch (slot) {
   case PEER_P_QUERY_WEIGHT:
     return "query_weight";
@@ -357,12 +357,12 @@ static peer_status check_dense_grads(const peer_optimizer *o, const peer_grads *
     if (!t->data)
       return peer_fail(PEER_ERR_INVALID_ARGUMENT,
                        "optimizer_step: grads.%s is given but the layer has no such parameter",
-                       grad_name(slot));
+                       peer_grad_name(slot));
     int64_t bad = first_nonfinite(gs, (int64_t)(t->nbytes / sizeof(float)), P);
     if (bad >= 0)
       return peer_fail(PEER_ERR_NONFINITE,
-                       "optimizer_step: grads.%s[%lld] is %g; nothing was updated", grad_name(slot),
-                       (long long)bad, (double)gs[bad]);
+                       "optimizer_step: grads.%s[%lld] is %g; nothing was updated",
+                       peer_grad_name(slot), (long long)bad, (double)gs[bad]);
   }
   return PEER_OK;
 }
@@ -404,7 +404,7 @@ static peer_status check_expert_grads(const peer_optimizer *o, const peer_grads 
       return peer_fail(PEER_ERR_NONFINITE,
                        "optimizer_step: grads.%s of expert %lld, element %lld, is not finite; "
                        "nothing was updated",
-                       grad_name(expert_slots[s]), (long long)g->expert_rows[bad_j],
+                       peer_grad_name(expert_slots[s]), (long long)g->expert_rows[bad_j],
                        (long long)bad_i);
   }
   return PEER_OK;
@@ -447,7 +447,7 @@ static peer_status device_step(peer_optimizer *o, const peer_grads *g, const int
     if (dense_grad(g, slot) && !L->slot[slot].data)
       return peer_fail(PEER_ERR_INVALID_ARGUMENT,
                        "%s: grads.%s is given but the layer has no such parameter", what,
-                       grad_name(slot));
+                       peer_grad_name(slot));
   }
   const bool experts = g->experts_down || g->experts_up || g->expert_rows;
   if (experts) {
@@ -458,8 +458,7 @@ static peer_status device_step(peer_optimizer *o, const peer_grads *g, const int
       return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: expert_capacity %lld is negative", what,
                        (long long)g->expert_capacity);
     const int64_t most = g->experts_dense ? D->N : g->expert_capacity;
-    if (!d_n_rows && (g->n_expert_rows < 0 || g->n_expert_rows > most ||
-                      g->n_expert_rows > D->N))
+    if (!d_n_rows && (g->n_expert_rows < 0 || g->n_expert_rows > most || g->n_expert_rows > D->N))
       return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: n_expert_rows %lld not in [0, %lld]", what,
                        (long long)g->n_expert_rows, (long long)(most < D->N ? most : D->N));
   }

@@ -1446,8 +1446,11 @@ static void same_floats(const float *g, const float *c, size_t n, const char *wh
 }
 
 /* Every parameter and state tensor of the CUDA pair against the CPU's. */
-static void compare_optimizers(const pair *p, peer_optimizer *oc, peer_optimizer *og,
-                               const char *what) {
+/* Parameters and optimizer state of the two layers and optimizers agree
+ * (bitwise, or within OPTIM_TOL where the build contracts to FMA); so do the
+ * step counts, unless og's is `extra_steps` ahead (steps it refused). */
+static void compare_optimizers_after(const pair *p, peer_optimizer *oc, peer_optimizer *og,
+                                     const char *what, int64_t extra_steps) {
   for (int i = 0; i < peer_layer_n_params(p->cpu); i++) {
     peer_tensor a, b;
     cr_assert_eq(peer_layer_param(p->cpu, i, &a), PEER_OK);
@@ -1462,7 +1465,7 @@ static void compare_optimizers(const pair *p, peer_optimizer *oc, peer_optimizer
     free(h);
   }
   cr_assert_eq(peer_optimizer_n_states(og), peer_optimizer_n_states(oc));
-  cr_assert_eq(peer_optimizer_step_count(og), peer_optimizer_step_count(oc));
+  cr_assert_eq(peer_optimizer_step_count(og), peer_optimizer_step_count(oc) + extra_steps);
   for (int i = 0; i < peer_optimizer_n_states(oc); i++) {
     peer_tensor a, b;
     cr_assert_eq(peer_optimizer_state(oc, i, &a), PEER_OK);
@@ -1473,6 +1476,11 @@ static void compare_optimizers(const pair *p, peer_optimizer *oc, peer_optimizer
     same_floats(h, a.data, a.nbytes / 4, what, a.name);
     free(h);
   }
+}
+
+static void compare_optimizers(const pair *p, peer_optimizer *oc, peer_optimizer *og,
+                               const char *what) {
+  compare_optimizers_after(p, oc, og, what, 0);
 }
 
 /* Random host gradients for L: every dense gradient the layer has, and R
@@ -1646,6 +1654,90 @@ Test(cuda_optim, device_step_arguments) {
   cr_assert_eq(peer_cuda_optimizer_step(og, &none, NULL, 0), PEER_OK, "%s", peer_last_error());
   cr_assert_eq(peer_optimizer_step_count(og), 1);
   cudaFree(g);
+  peer_optimizer_free(oc);
+  peer_optimizer_free(og);
+  free_pair(&p);
+}
+
+/* Every parameter of L and state of o (a CUDA layer), downloaded into one
+ * host buffer (for bitwise before/after comparisons). */
+static char *snapshot(peer_layer *L, peer_optimizer *o, size_t *n) {
+  size_t total = 0, at = 0;
+  peer_tensor t;
+  for (int i = 0; i < peer_layer_n_params(L); i++)
+    total += (peer_layer_param(L, i, &t), t.nbytes);
+  for (int i = 0; i < peer_optimizer_n_states(o); i++)
+    total += (peer_optimizer_state(o, i, &t), t.nbytes);
+  char *b = malloc(total);
+  for (int i = 0; i < peer_layer_n_params(L); i++, at += t.nbytes)
+    peer_layer_param(L, i, &t), to_host(b + at, t.data, t.nbytes);
+  for (int i = 0; i < peer_optimizer_n_states(o); i++, at += t.nbytes)
+    peer_optimizer_state(o, i, &t), to_host(b + at, t.data, t.nbytes);
+  *n = total;
+  return b;
+}
+
+/* The device step's gradients never reach the host, so the device checks
+ * them: a step whose gradients hold NaN or infinity (a dense one, then an
+ * expert row) writes no parameter and no state, peer_cuda_check names the
+ * gradient (once: the record is cleared), and the next step is applied as
+ * the CPU optimizer applies it (SGD with momentum: the skipped step's count,
+ * which the device step cannot take back, does not enter the update). */
+Test(cuda_optim, device_step_refuses_nonfinite_gradients) {
+  uint64_t seed = ref_test_seed();
+  ref_rng rng = {seed};
+  pair p = make_pair(OPTIM_LAYER);
+  cr_assert_eq(peer_layer_init(p.cpu, seed % 1000), PEER_OK);
+  copy_params(&p);
+  peer_optim_config c = optim_cfg(PEER_OPTIM_SGD, PEER_OPTIM_SGD, 0.9f, 0.0f);
+  peer_optimizer *oc, *og;
+  cr_assert_eq(peer_optimizer_create(&oc, p.cpu, &c), PEER_OK);
+  cr_assert_eq(peer_optimizer_create(&og, p.gpu, &c), PEER_OK, "%s", peer_last_error());
+  const int64_t cap = 12, d = peer_layer_config(p.gpu)->d_model;
+  for (int round = 0; round < 3; round++) {
+    host_grads h = random_grads(p.cpu, &rng, 5, cap, 0);
+    if (round == 1) h.g.keys[7] = NAN;
+    if (round == 2) h.g.experts_up[3 * d + 5] = -INFINITY; /* row 3 of the list */
+    peer_grads dg = device_grads(p.gpu, &h, 1);
+    size_t n0, n1;
+    char *before = snapshot(p.gpu, og, &n0);
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    cr_assert_eq(peer_cuda_optimizer_step(og, &dg, NULL, 0), PEER_OK, "%s", peer_last_error());
+    cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+    char *after = snapshot(p.gpu, og, &n1);
+    peer_status chk = peer_cuda_check(p.gpu, 0);
+    if (round == 0) {
+      cr_assert_eq(chk, PEER_OK, "%s", peer_last_error());
+      cr_assert(memcmp(before, after, n0) != 0, "a finite step changed nothing");
+    } else {
+      cr_assert_eq(chk, PEER_ERR_NONFINITE, "round %d: check gave %d", round, (int)chk);
+      const char *want = round == 1 ? "grads.keys element 7 " : "grads.experts_up of expert";
+      cr_assert(strstr(peer_last_error(), want), "\"%s\" lacks \"%s\"", peer_last_error(), want);
+      if (round == 2) {
+        char id[64];
+        snprintf(id, sizeof id, "expert %lld, element 5 ", (long long)h.g.expert_rows[3]);
+        cr_assert(strstr(peer_last_error(), id), "\"%s\" lacks \"%s\"", peer_last_error(), id);
+      }
+      cr_assert(n0 == n1 && memcmp(before, after, n0) == 0,
+                "round %d: a refused step wrote parameters or state", round);
+      cr_assert_eq(peer_cuda_check(p.gpu, 0), PEER_OK, "the record was not cleared");
+    }
+    free(before), free(after);
+    device_grads_free(&dg);
+    if (round == 0) cr_assert_eq(peer_optimizer_step(oc, &h.g), PEER_OK);
+    host_grads_free(&h);
+  }
+  /* One more good step on both: the same parameters and state as the CPU
+   * optimizer that never saw the refused steps. */
+  host_grads h = random_grads(p.cpu, &rng, 5, cap, 0);
+  peer_grads dg = device_grads(p.gpu, &h, 1);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  cr_assert_eq(peer_cuda_optimizer_step(og, &dg, NULL, 0), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_optimizer_step(oc, &h.g), PEER_OK);
+  cr_assert_eq(peer_cuda_check(p.gpu, 0), PEER_OK, "%s", peer_last_error());
+  compare_optimizers_after(&p, oc, og, "[after two refused device steps]", 2);
+  device_grads_free(&dg);
+  host_grads_free(&h);
   peer_optimizer_free(oc);
   peer_optimizer_free(og);
   free_pair(&p);
