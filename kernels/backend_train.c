@@ -39,14 +39,17 @@ typedef struct train_mem {
   uint32_t *key, *val, *key2, *val2, *starts; /* sorts: 2E (+1) each */
   uint32_t *runs;                             /* distinct rows of the last sort */
   unsigned long long *rec; /* [REC_BATCH] this batch's REC_SCORE, REC_X records */
-  void *temp;              /* CUB scratch */
+  void *temp;              /* the sorts' scratch (run counts, CUB) */
   size_t temp_bytes;
+  void *red;               /* the reductions over tokens' partial sums */
+  size_t red_bytes;
 } train_mem;
 
 static size_t train_layout(const peer_layer *L, int64_t T, size_t temp_bytes, char *base,
                            train_mem *m) {
   const peer_dims *D = &L->dims;
   const size_t t = (size_t)T, dq = (size_t)D->dq, e = t * (size_t)(D->H * D->k);
+  const size_t red = peer_k_reduce_scratch_bytes(T, D->dq);
   const part parts[] = {
       {(void **)&m->q, t * dq * 4},
       {(void **)&m->qhat, t * dq * 4},
@@ -68,8 +71,9 @@ static size_t train_layout(const peer_layer *L, int64_t T, size_t temp_bytes, ch
       {(void **)&m->runs, 4},
       {(void **)&m->rec, REC_BATCH * 8},
       {(void **)&m->temp, temp_bytes},
+      {(void **)&m->red, red},
   };
-  m->temp_bytes = temp_bytes;
+  m->temp_bytes = temp_bytes, m->red_bytes = red;
   return carve(parts, sizeof parts / sizeof parts[0], base);
 }
 
@@ -101,7 +105,7 @@ static size_t stage_layout(const peer_layer *L, int64_t T, char *base, host_stag
   return carve(parts, sizeof parts / sizeof parts[0], base);
 }
 
-/* CUB's scratch for sorting 2E pairs (the sub-key sort, the larger). */
+/* The sorts' scratch for 2E pairs (the sub-key sort, the larger). */
 static peer_status sort_temp(const peer_layer *L, int64_t T, size_t *bytes) {
   return peer_k_sort_temp_bytes(2 * T * L->dims.H * L->dims.k, bytes);
 }
@@ -208,7 +212,8 @@ static peer_status dev_forward_train(peer_layer *L, peer_context *ctx, int64_t T
     return s;
   if (bn && (s = peer_k_batch_norm_train(m.q, m.qhat, m.mean, m.invstd, T, D->dq,
                                          L->slot[PEER_P_NORM_WEIGHT].data,
-                                         L->slot[PEER_P_NORM_BIAS].data, stream)))
+                                         L->slot[PEER_P_NORM_BIAS].data, m.red, m.red_bytes,
+                                         stream)))
     return s;
   if ((s = peer_cb_search(L, T, m.q, m.ids, m.scores, m.gates, false, m.rec + REC_SCORE, stream,
                           &w)) ||
@@ -281,9 +286,12 @@ static peer_status dev_backward(peer_layer *L, peer_context *ctx, const float *d
       return s;
   }
   if (bn && (s = peer_k_norm_backward(m.dq, m.qhat, m.invstd, L->slot[PEER_P_NORM_WEIGHT].data, T,
-                                      D->dq, g->norm_weight, g->norm_bias, stream)))
+                                      D->dq, g->norm_weight, g->norm_bias, m.red, m.red_bytes,
+                                      stream)))
     return s;
-  if (g->query_bias && (s = peer_k_column_sums(m.dq, T, D->dq, g->query_bias, stream))) return s;
+  if (g->query_bias &&
+      (s = peer_k_column_sums(m.dq, T, D->dq, g->query_bias, m.red, m.red_bytes, stream)))
+    return s;
   const float one = 1.0f, zero = 0.0f;
   if ((s = blas_on(st, stream, "backward: cublasSetStream"))) return s;
   cublasStatus_t bs;

@@ -47,15 +47,21 @@ template <> struct row_chunk<true, 1> {
     out[0] = peer_bf16_to_f32(__ldg((const unsigned short *)row + c));
   }
 };
+/* Two bf16 packed in a word, the lower one first (little-endian). */
+static __device__ inline void bf16_pair(uint32_t w, float *out) {
+  out[0] = __uint_as_float(w << 16);
+  out[1] = __uint_as_float(w & 0xffff0000u);
+}
+template <> struct row_chunk<true, 4> {
+  static __device__ inline void load(const void *row, int64_t c, float *out) {
+    uint2 v = __ldg((const uint2 *)row + c);
+    bf16_pair(v.x, out), bf16_pair(v.y, out + 2);
+  }
+};
 template <> struct row_chunk<true, 8> {
   static __device__ inline void load(const void *row, int64_t c, float *out) {
     uint4 v = __ldg((const uint4 *)row + c);
-    pair(v.x, out), pair(v.y, out + 2), pair(v.z, out + 4), pair(v.w, out + 6);
-  }
-  /* Two bf16 packed in a word, the lower one first (little-endian). */
-  static __device__ inline void pair(uint32_t w, float *out) {
-    out[0] = __uint_as_float(w << 16);
-    out[1] = __uint_as_float(w & 0xffff0000u);
+    bf16_pair(v.x, out), bf16_pair(v.y, out + 2), bf16_pair(v.z, out + 4), bf16_pair(v.w, out + 6);
   }
 };
 
@@ -168,15 +174,22 @@ static peer_status launch_all(peer_k_expert_args a, int bf16, cudaStream_t strea
                      a.hk);
   const unsigned grid = peer_k_blocks(a.T, 1);
   const size_t smem = peer_k_experts_smem(a.hk);
-  /* 16-byte loads need rows (d) and the caller's in, out on 16-byte
-   * boundaries; the tables come from cudaMalloc (256-byte aligned). */
-  bool aligned = ((uintptr_t)a.in % 16 == 0) && ((uintptr_t)a.out % 16 == 0);
+  /* Vector loads need rows (d) and the caller's in, out on 16-byte
+   * boundaries, and the tables too (they come from cudaMalloc, 256-byte
+   * aligned: checked all the same, the scalar kernels cover the rest). */
+  const bool aligned = ((uintptr_t)a.in % 16 == 0) && ((uintptr_t)a.out % 16 == 0) &&
+                       ((uintptr_t)a.first % 16 == 0) && ((uintptr_t)a.second % 16 == 0);
   if (bf16) {
     /* The backward at bf16 VEC 8 spills 16-24 bytes whatever the unroll
-     * (ptxas, CUDA 13.0): it takes the scalar loads instead. */
+     * (ptxas, CUDA 13.0): it takes 8-byte loads (4 bf16) instead. */
     if constexpr (!BWD) {
       if (aligned && a.d % 8 == 0) {
         PEER_LAUNCH(grid, EXPERT_THREADS, smem, stream, experts_kernel<true, 8, false>)(a);
+        return peer_k_launched(what);
+      }
+    } else {
+      if (aligned && a.d % 4 == 0) {
+        PEER_LAUNCH(grid, EXPERT_THREADS, smem, stream, experts_kernel<true, 4, true>)(a);
         return peer_k_launched(what);
       }
     }

@@ -1,12 +1,13 @@
 /* train.cu: the training kernels besides the expert backward (experts.cu):
  *   per-feature reductions over tokens (batch statistics, batch-norm
- *   backward, column sums): one block of 32 features x 8 token lanes; lane y
- *   sums tokens y, y+8, ... in order, then every thread adds the 8 partials
- *   in order from shared memory, so each sum is one fixed sequence;
+ *   backward, column sums) in two levels: blocks of 32 features x a fixed
+ *   chunk of tokens write partial sums, then a thread per feature adds the
+ *   chunks' partials in order, so each sum is one fixed sequence;
  *   query_grad: one thread per dq element, the head's k entries in order;
  *   sorted gradients: (row, entry) pairs sorted by cub::DeviceRadixSort
- *   (stable: entries stay in entry order within a row), run starts from a
- *   one-block cub::BlockScan of "new key" flags, then one block (experts) or warp (sub-keys) per
+ *   (stable: entries stay in entry order within a row), run starts from
+ *   per-tile counts of "new key" flags, a scan of the counts and per-tile
+ *   cub::BlockScans, then one block (experts) or warp (sub-keys) per
  *   distinct row adds its entries in order.  No float atomics anywhere, so
  *   reruns give the same bits. */
 #include "common.cuh"
@@ -35,8 +36,57 @@ extern "C" peer_status peer_k_first_nonfinite_row(const float *a, int64_t T, int
 
 /* ------------------------------------------------------------ per feature */
 
+/* Reductions over the T tokens of a [T, cols] in two levels.  The tokens
+ * split into P chunks of `chunk` tokens (reduce_shape: functions of T and
+ * cols only); block (feature block, chunk c) sums its chunk for 32
+ * features (lane y: tokens y, y+8, ... of the chunk in order, then the 8
+ * lanes' partials in order) into part[s][c][f]; a second kernel, thread
+ * per feature, adds the P partials of each sum in chunk order.  Each result
+ * is one fixed sequence of operations whatever the launch's scheduling. */
+
 #define FC 32 /* features per block (threadIdx.x) */
 #define FR 8  /* token lanes (threadIdx.y) */
+#define RED_MIN_TOKENS 16   /* tokens per chunk at least (2 per lane) */
+#define RED_BLOCKS 2048     /* feature blocks x chunks aimed at: 15 per SM on 132 SMs */
+#define RED_SUMS 2          /* the most sums one pass makes (norm backward's) */
+
+typedef struct reduce_shape {
+  int64_t chunk, P, fblocks; /* tokens per chunk, chunks, feature blocks */
+} reduce_shape;
+
+static int64_t red_most_chunks(int64_t cols) {
+  const int64_t fb = (cols + FC - 1) / FC;
+  return RED_BLOCKS / fb > 1 ? RED_BLOCKS / fb : 1;
+}
+
+static reduce_shape reduce_shape_of(int64_t T, int64_t cols) {
+  reduce_shape r;
+  const int64_t most = red_most_chunks(cols), even = (T + most - 1) / most;
+  r.chunk = even > RED_MIN_TOKENS ? even : RED_MIN_TOKENS;
+  r.P = (T + r.chunk - 1) / r.chunk;
+  r.fblocks = (cols + FC - 1) / FC;
+  return r;
+}
+
+/* P <= min(most chunks, ceil(T / RED_MIN_TOKENS)), which grows with T, so
+ * a buffer sized for max_tokens serves every smaller batch. */
+extern "C" size_t peer_k_reduce_scratch_bytes(int64_t T, int64_t cols) {
+  const int64_t most = red_most_chunks(cols), by_t = (T + RED_MIN_TOKENS - 1) / RED_MIN_TOKENS;
+  const int64_t P = by_t < most ? by_t : most;
+  return (size_t)(RED_SUMS * P * cols + RED_SUMS * cols) * sizeof(float);
+}
+
+static peer_status reduce_scratch_check(size_t have, int64_t T, int64_t cols, const char *what) {
+  const size_t need = peer_k_reduce_scratch_bytes(T, cols);
+  if (have < need)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: %zu bytes of scratch, %zu needed", what,
+                     have, need);
+  return PEER_OK;
+}
+
+static dim3 reduce_grid(const reduce_shape &r) {
+  return dim3(peer_k_blocks(r.fblocks, 1), (unsigned)r.P);
+}
 
 /* The column's total of every lane's v: lanes 0..FR-1 in order.  Every
  * thread of the block must call it (two barriers); all of a column's
@@ -51,36 +101,136 @@ static __device__ inline float combine(float v, float (*part)[FC + 1]) {
   return s;
 }
 
-static unsigned feature_blocks(int64_t cols) { return peer_k_blocks(cols, FC); }
+/* What the first level sums per (token t, feature f), Op::N sums; `at` is
+ * the feature's value Op::feature gave (read once per feature). */
+struct column_op { /* a[t, f] */
+  static const int N = 1;
+  const float *a;
+  __device__ float feature(int64_t) const { return 0.0f; }
+  __device__ void add(int64_t i, float, float *acc) const { acc[0] += a[i]; }
+};
+struct centred_squares_op { /* (q[t, f] - mean[f])^2 */
+  static const int N = 1;
+  const float *q, *mean;
+  __device__ float feature(int64_t f) const { return mean[f]; }
+  __device__ void add(int64_t i, float mu, float *acc) const {
+    const float c = q[i] - mu;
+    acc[0] += c * c;
+  }
+};
+struct norm_grad_op { /* g qhat, g: g = d loss / d (normalised, affine) q */
+  static const int N = 2;
+  const float *g, *qhat;
+  __device__ float feature(int64_t) const { return 0.0f; }
+  __device__ void add(int64_t i, float, float *acc) const {
+    const float gi = g[i];
+    acc[0] += gi * qhat[i];
+    acc[1] += gi;
+  }
+};
 
-/* The feature loops below are block-uniform (f0 depends on blockIdx only),
- * so every thread reaches combine's barriers; threads past the last feature
- * add zeros and store nothing. */
+/* First level: block (x, c) writes part[(s*P + c)*cols + f].  The feature
+ * loop is block-uniform (f0 from blockIdx only), so every thread reaches
+ * combine's barriers; threads past the last feature add zeros. */
+template <class Op>
 __global__ void __launch_bounds__(FC *FR)
-    batch_norm_train_kernel(float *__restrict__ q, float *__restrict__ qhat,
-                            float *__restrict__ mean, float *__restrict__ invstd, int64_t T,
-                            int64_t dq, const float *__restrict__ w,
-                            const float *__restrict__ b) {
-  __shared__ float part[FR][FC + 1];
-  for (int64_t f0 = (int64_t)blockIdx.x * FC; f0 < dq; f0 += (int64_t)gridDim.x * FC) {
+    partial_sums_kernel(const Op op, int64_t T, int64_t cols, int64_t chunk,
+                        float *__restrict__ part) {
+  __shared__ float lanes[FR][FC + 1];
+  const int64_t c = blockIdx.y, P = gridDim.y, t0 = c * chunk;
+  const int64_t t1 = t0 + chunk < T ? t0 + chunk : T;
+  for (int64_t f0 = (int64_t)blockIdx.x * FC; f0 < cols; f0 += (int64_t)gridDim.x * FC) {
     const int64_t f = f0 + threadIdx.x;
-    const bool on = f < dq;
-    float s = 0.0f;
-    if (on)
-      for (int64_t t = threadIdx.y; t < T; t += FR) s += q[t * dq + f];
-    const float mu = combine(s, part) / (float)T;
-    float ss = 0.0f;
-    if (on)
-      for (int64_t t = threadIdx.y; t < T; t += FR) {
-        float c = q[t * dq + f] - mu;
-        ss += c * c;
-      }
-    const float is = 1.0f / sqrtf(combine(ss, part) / (float)T + 1e-5f);
-    if (!on) continue;
-    if (threadIdx.y == 0) mean[f] = mu, invstd[f] = is;
-    const float wf = w[f], bf = b[f];
-    for (int64_t t = threadIdx.y; t < T; t += FR) {
-      float h = (q[t * dq + f] - mu) * is;
+    float acc[Op::N];
+#pragma unroll
+    for (int s = 0; s < Op::N; s++) acc[s] = 0.0f;
+    if (f < cols) {
+      const float at = op.feature(f);
+      for (int64_t t = t0 + threadIdx.y; t < t1; t += FR) op.add(t * cols + f, at, acc);
+    }
+#pragma unroll
+    for (int s = 0; s < Op::N; s++) acc[s] = combine(acc[s], lanes);
+    if (f < cols && threadIdx.y == 0)
+#pragma unroll
+      for (int s = 0; s < Op::N; s++) part[(s * P + c) * cols + f] = acc[s];
+  }
+}
+
+/* What the second level does with a feature's N totals. */
+struct column_fin {
+  static const int N = 1;
+  float *out;
+  __device__ void store(int64_t f, const float *s) const { out[f] = s[0]; }
+};
+struct mean_fin {
+  static const int N = 1;
+  float *mean;
+  float T;
+  __device__ void store(int64_t f, const float *s) const { mean[f] = s[0] / T; }
+};
+struct invstd_fin { /* from the centred sum of squares: biased variance, eps 1e-5 */
+  static const int N = 1;
+  float *invstd;
+  float T;
+  __device__ void store(int64_t f, const float *s) const {
+    invstd[f] = 1.0f / sqrtf(s[0] / T + 1e-5f);
+  }
+};
+struct norm_grad_fin { /* gw, gb (either NULL), and w sum(g), w sum(g qhat) into wsums */
+  static const int N = 2;
+  float *gw, *gb, *wsums;
+  const float *w;
+  int64_t cols;
+  __device__ void store(int64_t f, const float *s) const {
+    if (gw) gw[f] = s[0];
+    if (gb) gb[f] = s[1];
+    wsums[f] = w[f] * s[1];
+    wsums[cols + f] = w[f] * s[0];
+  }
+};
+
+/* Second level: thread per feature, the P partials in chunk order. */
+template <class Fin>
+__global__ void total_sums_kernel(const Fin fin, const float *__restrict__ part, int64_t P,
+                                  int64_t cols) {
+  for (int64_t f = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; f < cols;
+       f += (int64_t)gridDim.x * blockDim.x) {
+    float s[Fin::N];
+#pragma unroll
+    for (int j = 0; j < Fin::N; j++) {
+      float acc = 0.0f;
+      for (int64_t c = 0; c < P; c++) acc += part[(j * P + c) * cols + f];
+      s[j] = acc;
+    }
+    fin.store(f, s);
+  }
+}
+
+template <class Op, class Fin>
+static peer_status reduce_tokens(const Op &op, const Fin &fin, const reduce_shape &r, int64_t T,
+                                 int64_t cols, float *part, cudaStream_t stream,
+                                 const char *what) {
+  PEER_LAUNCH(reduce_grid(r), dim3(FC, FR), 0, stream, partial_sums_kernel<Op>)
+  (op, T, cols, r.chunk, part);
+  peer_status s = peer_k_launched(what);
+  if (s) return s;
+  PEER_LAUNCH(peer_k_blocks(cols, 256), 256, 0, stream, total_sums_kernel<Fin>)
+  (fin, part, r.P, cols);
+  return peer_k_launched(what);
+}
+
+/* qhat = (q - mean) invstd, q = qhat w + b; block (x, c) as the partial
+ * sums: each thread its feature's values once, the chunk's tokens. */
+__global__ void __launch_bounds__(FC *FR)
+    batch_norm_apply_kernel(float *__restrict__ q, float *__restrict__ qhat,
+                            const float *__restrict__ mean, const float *__restrict__ invstd,
+                            const float *__restrict__ w, const float *__restrict__ b, int64_t T,
+                            int64_t dq, int64_t chunk) {
+  const int64_t t0 = blockIdx.y * chunk, t1 = t0 + chunk < T ? t0 + chunk : T;
+  for (int64_t f = (int64_t)blockIdx.x * FC + threadIdx.x; f < dq; f += (int64_t)gridDim.x * FC) {
+    const float mu = mean[f], is = invstd[f], wf = w[f], bf = b[f];
+    for (int64_t t = t0 + threadIdx.y; t < t1; t += FR) {
+      const float h = (q[t * dq + f] - mu) * is;
       qhat[t * dq + f] = h;
       q[t * dq + f] = h * wf + bf;
     }
@@ -90,10 +240,20 @@ __global__ void __launch_bounds__(FC *FR)
 extern "C" peer_status peer_k_batch_norm_train(float *q, float *qhat, float *mean,
                                                float *invstd, int64_t T, int64_t dq,
                                                const float *weight, const float *bias,
+                                               void *scratch, size_t scratch_bytes,
                                                cudaStream_t stream) {
   if (T == 0 || dq == 0) return PEER_OK;
-  PEER_LAUNCH(feature_blocks(dq), dim3(FC, FR), 0, stream, batch_norm_train_kernel)
-  (q, qhat, mean, invstd, T, dq, weight, bias);
+  peer_status s = reduce_scratch_check(scratch_bytes, T, dq, "batch_norm_train");
+  const reduce_shape r = reduce_shape_of(T, dq);
+  float *part = (float *)scratch;
+  if (s ||
+      (s = reduce_tokens(column_op{q}, mean_fin{mean, (float)T}, r, T, dq, part, stream,
+                         "batch_norm_train: mean")) ||
+      (s = reduce_tokens(centred_squares_op{q, mean}, invstd_fin{invstd, (float)T}, r, T, dq,
+                         part, stream, "batch_norm_train: variance")))
+    return s;
+  PEER_LAUNCH(reduce_grid(r), dim3(FC, FR), 0, stream, batch_norm_apply_kernel)
+  (q, qhat, mean, invstd, weight, bias, T, dq, r.chunk);
   return peer_k_launched("batch_norm_train");
 }
 
@@ -137,36 +297,18 @@ extern "C" peer_status peer_k_record_fold(unsigned long long *dst, const unsigne
   return peer_k_launched("record_fold");
 }
 
+/* dq = invstd / T (T g w - w sum(g) - qhat w sum(g qhat)) with the sums
+ * norm_grad_fin left in wsums; blocks as batch_norm_apply. */
 __global__ void __launch_bounds__(FC *FR)
-    norm_backward_kernel(float *__restrict__ dq, const float *__restrict__ qhat,
-                         const float *__restrict__ invstd, const float *__restrict__ w,
-                         int64_t T, int64_t D, float *__restrict__ gw, float *__restrict__ gb) {
-  __shared__ float part[FR][FC + 1];
-  for (int64_t f0 = (int64_t)blockIdx.x * FC; f0 < D; f0 += (int64_t)gridDim.x * FC) {
-    const int64_t f = f0 + threadIdx.x;
-    const bool on = f < D;
-    const float wf = on ? w[f] : 0.0f;
-    float dw = 0.0f, db = 0.0f, s1 = 0.0f, s2 = 0.0f;
-    if (on)
-      for (int64_t t = threadIdx.y; t < T; t += FR) {
-        float g = dq[t * D + f], h = qhat[t * D + f];
-        dw += g * h;
-        db += g;
-        s1 += g * wf;
-        s2 += g * wf * h;
-      }
-    dw = combine(dw, part);
-    db = combine(db, part);
-    s1 = combine(s1, part);
-    s2 = combine(s2, part);
-    if (!on) continue;
-    if (threadIdx.y == 0) {
-      if (gw) gw[f] = dw;
-      if (gb) gb[f] = db;
-    }
-    const float scale = invstd[f] / (float)T;
-    for (int64_t t = threadIdx.y; t < T; t += FR) {
-      float g = dq[t * D + f] * wf;
+    norm_backward_apply_kernel(float *__restrict__ dq, const float *__restrict__ qhat,
+                               const float *__restrict__ invstd, const float *__restrict__ w,
+                               const float *__restrict__ wsums, int64_t T, int64_t D,
+                               int64_t chunk) {
+  const int64_t t0 = blockIdx.y * chunk, t1 = t0 + chunk < T ? t0 + chunk : T;
+  for (int64_t f = (int64_t)blockIdx.x * FC + threadIdx.x; f < D; f += (int64_t)gridDim.x * FC) {
+    const float wf = w[f], s1 = wsums[f], s2 = wsums[D + f], scale = invstd[f] / (float)T;
+    for (int64_t t = t0 + threadIdx.y; t < t1; t += FR) {
+      const float g = dq[t * D + f] * wf;
       dq[t * D + f] = scale * ((float)T * g - s1 - qhat[t * D + f] * s2);
     }
   }
@@ -174,32 +316,33 @@ __global__ void __launch_bounds__(FC *FR)
 
 extern "C" peer_status peer_k_norm_backward(float *dq, const float *qhat, const float *invstd,
                                             const float *weight, int64_t T, int64_t dqdim,
-                                            float *gweight, float *gbias, cudaStream_t stream) {
+                                            float *gweight, float *gbias, void *scratch,
+                                            size_t scratch_bytes, cudaStream_t stream) {
   if (T == 0 || dqdim == 0) return PEER_OK;
-  PEER_LAUNCH(feature_blocks(dqdim), dim3(FC, FR), 0, stream, norm_backward_kernel)
-  (dq, qhat, invstd, weight, T, dqdim, gweight, gbias);
+  peer_status s = reduce_scratch_check(scratch_bytes, T, dqdim, "norm_backward");
+  const reduce_shape r = reduce_shape_of(T, dqdim);
+  float *part = (float *)scratch, *wsums = part + RED_SUMS * r.P * dqdim;
+  if (s || (s = reduce_tokens(norm_grad_op{dq, qhat},
+                              norm_grad_fin{gweight, gbias, wsums, weight, dqdim}, r, T, dqdim,
+                              part, stream, "norm_backward")))
+    return s;
+  PEER_LAUNCH(reduce_grid(r), dim3(FC, FR), 0, stream, norm_backward_apply_kernel)
+  (dq, qhat, invstd, weight, wsums, T, dqdim, r.chunk);
   return peer_k_launched("norm_backward");
 }
 
-__global__ void __launch_bounds__(FC *FR)
-    column_sums_kernel(const float *__restrict__ a, int64_t T, int64_t cols,
-                       float *__restrict__ out) {
-  __shared__ float part[FR][FC + 1];
-  for (int64_t f0 = (int64_t)blockIdx.x * FC; f0 < cols; f0 += (int64_t)gridDim.x * FC) {
-    const int64_t f = f0 + threadIdx.x;
-    float s = 0.0f;
-    if (f < cols)
-      for (int64_t t = threadIdx.y; t < T; t += FR) s += a[t * cols + f];
-    s = combine(s, part);
-    if (f < cols && threadIdx.y == 0) out[f] = s;
-  }
-}
-
 extern "C" peer_status peer_k_column_sums(const float *a, int64_t T, int64_t cols, float *out,
+                                          void *scratch, size_t scratch_bytes,
                                           cudaStream_t stream) {
   if (cols == 0) return PEER_OK;
-  PEER_LAUNCH(feature_blocks(cols), dim3(FC, FR), 0, stream, column_sums_kernel)(a, T, cols, out);
-  return peer_k_launched("column_sums");
+  if (T == 0) {
+    cudaError_t e = cudaMemsetAsync(out, 0, (size_t)cols * sizeof(float), stream);
+    return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "column_sums: cudaMemsetAsync");
+  }
+  peer_status s = reduce_scratch_check(scratch_bytes, T, cols, "column_sums");
+  if (s) return s;
+  return reduce_tokens(column_op{a}, column_fin{out}, reduce_shape_of(T, cols), T, cols,
+                       (float *)scratch, stream, "column_sums");
 }
 
 /* ------------------------------------------------------------ query grad */
@@ -276,40 +419,70 @@ extern "C" peer_status peer_k_subkey_sort_keys(const int64_t *ids, int64_t T, in
   return peer_k_launched("subkey_sort_keys");
 }
 
-/* CUB's int item count; the backend keeps 2*T*H*k below 2^31. */
-extern "C" peer_status peer_k_sort_temp_bytes(int64_t items, size_t *bytes) {
-  if (items > 0x7fffffff)
-    return peer_fail(PEER_ERR_UNSUPPORTED, "sort: %lld items beyond 2^31", (long long)items);
-  size_t a = 0;
-  cudaError_t e = cub::DeviceRadixSort::SortPairs(
-      nullptr, a, (const uint32_t *)nullptr, (uint32_t *)nullptr, (const uint32_t *)nullptr,
-      (uint32_t *)nullptr, (int)items, 0, 32);
-  if (e != cudaSuccess) return peer_k_cuda_fail(e, "sort scratch size");
-  *bytes = a;
-  return PEER_OK;
+/* Run starts of the sorted keys, over the whole device: tiles of RUN_TILE
+ * keys (RUN_THREADS threads, RUN_ITEMS consecutive keys each).  Three
+ * launches: run_counts, block per tile, counts the tile's "key differs from
+ * the previous one" flags; run_offsets, one block, turns the tile counts
+ * into exclusive prefix sums in place (ceil(tiles / 1024) steps) and writes
+ * the run count and the closing start; run_starts, block per tile, ranks
+ * its flags with a cub::BlockScan over the threads' counts and writes the
+ * starts from the tile's offset.  (cub::DeviceScan's sm_90 kernel spills
+ * under CUDA 13.0, which this build refuses.)  Integer sums: the same
+ * results whatever the order blocks run in. */
+#define RUN_THREADS 256
+#define RUN_ITEMS 4
+#define RUN_TILE (RUN_THREADS * RUN_ITEMS)
+#define OFFSET_THREADS 1024
+
+static int64_t run_tiles(int64_t items) { return (items + RUN_TILE - 1) / RUN_TILE; }
+
+/* The flags of a thread's RUN_ITEMS keys from i0 (0 past the end). */
+static __device__ inline uint32_t run_flags(const uint32_t *__restrict__ key, int64_t i0,
+                                            int64_t items, bool *flag) {
+  uint32_t n = 0, prev = i0 > 0 && i0 <= items ? key[i0 - 1] : 0;
+#pragma unroll
+  for (int j = 0; j < RUN_ITEMS; j++) {
+    const int64_t i = i0 + j;
+    const uint32_t k = i < items ? key[i] : 0;
+    flag[j] = i < items && (i == 0 || k != prev);
+    n += flag[j];
+    prev = k;
+  }
+  return n;
 }
 
-#define SCAN_THREADS 1024
+typedef cub::BlockScan<uint32_t, RUN_THREADS> RunScan;
 
-/* Run starts of the sorted keys in one block: tiles of 1024 in order, a
- * cub::BlockScan of the "key differs from the previous" flags per tile,
- * the running count in shared memory.  (cub::DeviceScan's sm_90 kernel
- * spills under CUDA 13.0, which this build refuses; one block is O(items /
- * 1024) steps, small next to the sort.) */
-__global__ void __launch_bounds__(SCAN_THREADS)
-    run_starts_kernel(const uint32_t *__restrict__ key, int64_t items,
-                      uint32_t *__restrict__ starts, uint32_t *__restrict__ runs) {
-  typedef cub::BlockScan<uint32_t, SCAN_THREADS> Scan;
-  __shared__ typename Scan::TempStorage tmp;
+/* Tile loops are block-uniform (from blockIdx only), as the scan needs. */
+__global__ void __launch_bounds__(RUN_THREADS)
+    run_counts_kernel(const uint32_t *__restrict__ key, int64_t items, int64_t tiles,
+                      uint32_t *__restrict__ counts) {
+  __shared__ typename RunScan::TempStorage tmp;
+  for (int64_t b = blockIdx.x; b < tiles; b += gridDim.x) {
+    bool flag[RUN_ITEMS];
+    const uint32_t n = run_flags(key, b * RUN_TILE + threadIdx.x * RUN_ITEMS, items, flag);
+    uint32_t rank, total;
+    RunScan(tmp).ExclusiveSum(n, rank, total);
+    if (threadIdx.x == 0) counts[b] = total;
+    __syncthreads(); /* every thread is done with tmp before the next tile */
+  }
+}
+
+typedef cub::BlockScan<uint32_t, OFFSET_THREADS> OffsetScan;
+
+__global__ void __launch_bounds__(OFFSET_THREADS)
+    run_offsets_kernel(uint32_t *__restrict__ counts, int64_t tiles, int64_t items,
+                       uint32_t *__restrict__ starts, uint32_t *__restrict__ runs) {
+  __shared__ typename OffsetScan::TempStorage tmp;
   __shared__ uint32_t base;
   if (threadIdx.x == 0) base = 0;
   __syncthreads();
-  for (int64_t i0 = 0; i0 < items; i0 += SCAN_THREADS) {
-    const int64_t i = i0 + threadIdx.x;
-    const uint32_t flag = i < items && (i == 0 || key[i] != key[i - 1]);
+  for (int64_t b0 = 0; b0 < tiles; b0 += OFFSET_THREADS) {
+    const int64_t b = b0 + threadIdx.x;
+    const uint32_t n = b < tiles ? counts[b] : 0;
     uint32_t rank, total;
-    Scan(tmp).ExclusiveSum(flag, rank, total);
-    if (flag) starts[base + rank] = (uint32_t)i;
+    OffsetScan(tmp).ExclusiveSum(n, rank, total);
+    if (b < tiles) counts[b] = base + rank;
     __syncthreads(); /* every thread has read base, and is done with tmp */
     if (threadIdx.x == 0) base += total;
     __syncthreads(); /* the new base is visible */
@@ -320,19 +493,69 @@ __global__ void __launch_bounds__(SCAN_THREADS)
   }
 }
 
+__global__ void __launch_bounds__(RUN_THREADS)
+    run_starts_kernel(const uint32_t *__restrict__ key, int64_t items, int64_t tiles,
+                      const uint32_t *__restrict__ offsets, uint32_t *__restrict__ starts) {
+  __shared__ typename RunScan::TempStorage tmp;
+  for (int64_t b = blockIdx.x; b < tiles; b += gridDim.x) {
+    bool flag[RUN_ITEMS];
+    const int64_t i0 = b * RUN_TILE + threadIdx.x * RUN_ITEMS;
+    const uint32_t n = run_flags(key, i0, items, flag);
+    uint32_t rank, total;
+    RunScan(tmp).ExclusiveSum(n, rank, total);
+    uint32_t at = offsets[b] + rank;
+#pragma unroll
+    for (int j = 0; j < RUN_ITEMS; j++)
+      if (flag[j]) starts[at++] = (uint32_t)(i0 + j);
+    __syncthreads(); /* every thread is done with tmp before the next tile */
+  }
+}
+
+/* The scratch of peer_k_sorted_runs: the tile counts first (256-byte
+ * rounded), then CUB's sort scratch. */
+static size_t run_counts_bytes(int64_t items) {
+  return ((size_t)run_tiles(items) * sizeof(uint32_t) + 255) & ~(size_t)255;
+}
+
+/* CUB's int item count; the backend keeps 2*T*H*k below 2^31. */
+extern "C" peer_status peer_k_sort_temp_bytes(int64_t items, size_t *bytes) {
+  if (items > 0x7fffffff)
+    return peer_fail(PEER_ERR_UNSUPPORTED, "sort: %lld items beyond 2^31", (long long)items);
+  size_t a = 0;
+  cudaError_t e = cub::DeviceRadixSort::SortPairs(
+      nullptr, a, (const uint32_t *)nullptr, (uint32_t *)nullptr, (const uint32_t *)nullptr,
+      (uint32_t *)nullptr, (int)items, 0, 32);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "sort scratch size");
+  *bytes = run_counts_bytes(items) + a;
+  return PEER_OK;
+}
+
 extern "C" peer_status peer_k_sorted_runs(const uint32_t *key_in, const uint32_t *val_in,
                                           uint32_t *key_out, uint32_t *val_out,
                                           uint32_t *starts, uint32_t *runs, int64_t items,
                                           uint32_t max_key, void *temp, size_t temp_bytes,
                                           cudaStream_t stream) {
   if (items == 0) return PEER_OK;
+  const size_t counts_bytes = run_counts_bytes(items);
+  if (temp_bytes < counts_bytes)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "sorted runs: %zu bytes of scratch for %lld items",
+                     temp_bytes, (long long)items);
+  uint32_t *counts = (uint32_t *)temp;
   int bits = 1;
   while (bits < 32 && (max_key >> bits) != 0) bits++;
-  size_t tb = temp_bytes;
-  cudaError_t e = cub::DeviceRadixSort::SortPairs(temp, tb, key_in, key_out, val_in, val_out,
-                                                  (int)items, 0, bits, stream);
+  size_t tb = temp_bytes - counts_bytes;
+  cudaError_t e = cub::DeviceRadixSort::SortPairs((char *)temp + counts_bytes, tb, key_in, key_out,
+                                                  val_in, val_out, (int)items, 0, bits, stream);
   if (e != cudaSuccess) return peer_k_cuda_fail(e, "sorted runs: radix sort");
-  PEER_LAUNCH(1, SCAN_THREADS, 0, stream, run_starts_kernel)(key_out, items, starts, runs);
+  const int64_t tiles = run_tiles(items);
+  const unsigned grid = peer_k_blocks(tiles, 1);
+  PEER_LAUNCH(grid, RUN_THREADS, 0, stream, run_counts_kernel)(key_out, items, tiles, counts);
+  peer_status s = peer_k_launched("run_counts");
+  if (s) return s;
+  PEER_LAUNCH(1, OFFSET_THREADS, 0, stream, run_offsets_kernel)(counts, tiles, items, starts, runs);
+  if ((s = peer_k_launched("run_offsets"))) return s;
+  PEER_LAUNCH(grid, RUN_THREADS, 0, stream, run_starts_kernel)
+  (key_out, items, tiles, counts, starts);
   return peer_k_launched("run_starts");
 }
 

@@ -27,12 +27,20 @@ extern "C" {
 peer_status peer_k_first_nonfinite_row(const float *a, int64_t T, int64_t d,
                                        unsigned long long *row, cudaStream_t stream);
 
+/* Device scratch of the reductions over T tokens of a [T, cols] below
+ * (batch_norm_train, norm_backward, column_sums): enough for every batch of
+ * at most T tokens.  They sum a fixed chunk of tokens per block, then the
+ * chunks' partials in order: the same bits however the blocks are
+ * scheduled.  A smaller scratch is PEER_ERR_INVALID_ARGUMENT. */
+size_t peer_k_reduce_scratch_bytes(int64_t T, int64_t cols);
+
 /* Batch norm with batch statistics over the T rows of q [T, dq], in place:
  * mean, invstd = 1 / sqrt(biased var + 1e-5) per feature (summed in a fixed
  * order), qhat = (q - mean) invstd, q = qhat * weight + bias. */
 peer_status peer_k_batch_norm_train(float *q, float *qhat, float *mean, float *invstd,
                                     int64_t T, int64_t dq, const float *weight,
-                                    const float *bias, cudaStream_t stream);
+                                    const float *bias, void *scratch, size_t scratch_bytes,
+                                    cudaStream_t stream);
 
 /* running = (1 - m) running + m batch, the variance unbiased (T / (T - 1)),
  * unless one of the n_records error records of this batch (read on the
@@ -52,11 +60,12 @@ peer_status peer_k_record_fold(unsigned long long *dst, const unsigned long long
  * (either may be NULL). */
 peer_status peer_k_norm_backward(float *dq, const float *qhat, const float *invstd,
                                  const float *weight, int64_t T, int64_t dqdim, float *gweight,
-                                 float *gbias, cudaStream_t stream);
+                                 float *gbias, void *scratch, size_t scratch_bytes,
+                                 cudaStream_t stream);
 
 /* out [cols] = the sums of a [T, cols]'s columns over rows, in a fixed order. */
 peer_status peer_k_column_sums(const float *a, int64_t T, int64_t cols, float *out,
-                               cudaStream_t stream);
+                               void *scratch, size_t scratch_bytes, cudaStream_t stream);
 
 /* dq [T, H*dk]: each kept score s1[a] + s2[b] of head h sends ds * C1[a]
  * into the first half and ds * C2[b] into the second, entries in order. */
@@ -72,13 +81,14 @@ peer_status peer_k_subkey_sort_keys(const int64_t *ids, int64_t T, int64_t H, in
                                     int64_t n, int shared_keys, uint32_t *key, uint32_t *val,
                                     cudaStream_t stream);
 
-/* Scratch of peer_k_sorted_runs for up to `items` (< 2^31) pairs. */
+/* Scratch of peer_k_sorted_runs for up to `items` (< 2^31) pairs: the run
+ * starts' tile counts and CUB's sort scratch. */
 peer_status peer_k_sort_temp_bytes(int64_t items, size_t *bytes);
 
 /* Stable radix sort of `items` (key, val) pairs from (key_in, val_in) into
  * (key_out, val_out) over the bits max_key needs, then the runs of equal
- * keys: starts[0 .. *runs] (starts[*runs] = items); temp of
- * peer_k_sort_temp_bytes. */
+ * keys (a device-wide scan of "new key" flags): starts[0 .. *runs]
+ * (starts[*runs] = items); temp of peer_k_sort_temp_bytes. */
 peer_status peer_k_sorted_runs(const uint32_t *key_in, const uint32_t *val_in, uint32_t *key_out,
                                uint32_t *val_out, uint32_t *starts, uint32_t *runs,
                                int64_t items, uint32_t max_key, void *temp, size_t temp_bytes,
