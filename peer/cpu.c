@@ -87,9 +87,18 @@ static size_t pack_bytes(const peer_dims *D) {
   return round64((size_t)K * TB * sizeof(float));
 }
 
-static size_t thread_scratch_bytes(const peer_dims *D) {
+/* S, then the lists, then cpu_bf16.c's scratch where this variant has it. */
+static size_t s_and_lists_bytes(const peer_dims *D) {
   return round64((size_t)TB * (size_t)peer_cpu_s_stride(D->n) * sizeof(float)) +
-         3 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t))) + pack_bytes(D);
+         3 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t)));
+}
+
+static size_t thread_scratch_bytes(const peer_dims *D) {
+#ifdef __AVX512BF16__
+  return s_and_lists_bytes(D) + peer_cpu_bf16_scratch_bytes(D) + pack_bytes(D);
+#else
+  return s_and_lists_bytes(D) + pack_bytes(D);
+#endif
 }
 
 
@@ -279,7 +288,7 @@ static int brute_head(const float *s1, const float *s2, int64_t n, int k, float 
   return bad;
 }
 
-peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q, int64_t ldq,
+peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int64_t ldq,
                                   bool brute,
                                   retrieve_out out, const cpu_ws *w, int P) {
   const peer_dims *D = &L->dims;
@@ -289,9 +298,16 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
   int64_t n_tb = (T + TB - 1) / TB;
   int64_t bad_token = T;
   int bad_head = 0;
+#ifdef __AVX512BF16__
+  const bool bf16 = !brute && peer_cpu_keys16_ready(L, T, P);
+#else
+  const bool bf16 = false;
+#endif
+  int64_t n_bf16 = 0, n_fallback = 0;
   /* Heads outermost: a thread's consecutive tasks share one head's sub-keys,
    * which stay in cache across token blocks. */
-#pragma omp parallel for collapse(2) schedule(static) num_threads(P)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(P) \
+    reduction(+ : n_bf16, n_fallback)
   for (int64_t h = 0; h < H; h++) {
     for (int64_t tb = 0; tb < n_tb; tb++) {
       char *scratch = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
@@ -305,10 +321,22 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
 
       int64_t t0 = tb * TB, nt = T - t0 < TB ? T - t0 : TB;
       int64_t g = L->cfg.shared_keys ? 0 : h;
-      for (int p = 0; p < 2; p++) {
-        const float *C = keys + ((g * 2 + p) * n) * half;
-        const float *A = q + t0 * ldq + h * D->dk + p * half;
-        peer_cpu_gemm_nt(nt, n, half, A, ldq, C, half, S + p * n, ls, peer_cpu_thread_pack(w, D));
+      float *lists_s = NULL;
+      int64_t *lists_id = NULL;
+      int bad16[TB] = {0};
+      if (bf16) {
+#ifdef __AVX512BF16__
+        peer_cpu_bf16_lists(L, h, nt, q + t0 * ldq, ldq, S, ls, scratch + s_and_lists_bytes(D),
+                            &lists_s, &lists_id, bad16, peer_cpu_thread_pack(w, D), &n_bf16,
+                            &n_fallback);
+#endif
+      } else {
+        for (int p = 0; p < 2; p++) {
+          const float *C = keys + ((g * 2 + p) * n) * half;
+          const float *A = q + t0 * ldq + h * D->dk + p * half;
+          peer_cpu_gemm_nt(nt, n, half, A, ldq, C, half, S + p * n, ls,
+                           peer_cpu_thread_pack(w, D));
+        }
       }
       for (int64_t t = 0; t < nt; t++) {
         const float *row1 = S + t * ls, *row2 = row1 + n;
@@ -316,6 +344,12 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
         int bad;
         if (brute) {
           bad = brute_head(row1, row2, n, k, out.scores + o, lo, out.ids + o);
+        } else if (bf16) {
+          const int64_t r = 2 * t * kp;
+          bad = bad16[t];
+          bad |= peer_merge_candidates(lists_s + r, lists_id + r, lists_s + r + kp,
+                                       lists_id + r + kp, kp, k, n, out.scores + o, lo,
+                                       out.ids + o);
         } else {
           bad = peer_cpu_topk_scan(row1, (int)n, kp, s1, a1);
           bad |= peer_cpu_topk_scan(row2, (int)n, kp, s2, a2);
@@ -327,6 +361,8 @@ peer_status peer_cpu_retrieve_all(const peer_layer *L, int64_t T, const float *q
       }
     }
   }
+  L->retrieval_stats.bf16 += n_bf16;
+  L->retrieval_stats.fallback += n_fallback;
   if (bad_token < T)
     return peer_fail(PEER_ERR_NONFINITE,
                      "token %lld, head %d: non-finite sub-key score (NaN or infinity in x, "
@@ -347,7 +383,7 @@ int64_t peer_cpu_first_nonfinite_row(const float *x, int64_t T, int64_t d, int P
   return first;
 }
 
-static peer_status queries_and_retrieval(const peer_layer *L, int64_t T, const float *x,
+static peer_status queries_and_retrieval(peer_layer *L, int64_t T, const float *x,
                                          bool brute, retrieve_out out, const cpu_ws *w,
                                          int P) {
   int64_t bad = peer_cpu_first_nonfinite_row(x, T, L->dims.d, P);

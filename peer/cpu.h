@@ -8,7 +8,7 @@
 #include "rowops.h"
 
 /* Variants.  cpu.c and cpu_train.c are compiled once per instruction set
- * (CMakeLists.txt: avx512, avx2 and generic, or native alone with
+ * (CMakeLists.txt: avx512bf16, avx512, avx2 and generic, or native alone with
  * PEER_NATIVE), each time with PEER_CPU_VARIANT set to that name, which
  * suffixes their external names (peer_cpu_gemm_nt_avx512, ...) so that the
  * variants link side by side.  Outside the variants the plain names of the
@@ -31,6 +31,9 @@
 #define peer_cpu_forward_train PEER_CPU_V(peer_cpu_forward_train)
 #define peer_cpu_backward PEER_CPU_V(peer_cpu_backward)
 #define peer_cpu_variant PEER_CPU_V(peer_cpu_variant)
+#define peer_cpu_keys16_ready PEER_CPU_V(peer_cpu_keys16_ready)
+#define peer_cpu_bf16_scratch_bytes PEER_CPU_V(peer_cpu_bf16_scratch_bytes)
+#define peer_cpu_bf16_lists PEER_CPU_V(peer_cpu_bf16_lists)
 #endif
 
 #include <string.h>
@@ -225,7 +228,7 @@ typedef struct retrieve_out {
   int64_t *ids;
   float *scores, *gates;
 } retrieve_out;
-peer_status peer_cpu_retrieve_all(const peer_layer *layer, int64_t T, const float *q, int64_t ldq,
+peer_status peer_cpu_retrieve_all(peer_layer *layer, int64_t T, const float *q, int64_t ldq,
                                   bool brute,
                                   retrieve_out out, const cpu_ws *w, int P);
 /* y = sum of gated experts; z (optional, [T, H, k]) receives u_i . x.  Uses
@@ -233,6 +236,26 @@ peer_status peer_cpu_retrieve_all(const peer_layer *layer, int64_t T, const floa
 void peer_cpu_apply_experts(const peer_layer *layer, int64_t T, const float *x, float *y,
                             const int64_t *ids, const float *gates, float *z, const cpu_ws *w,
                             int P);
+
+/* bf16 sub-key scoring with exact re-ranking (cpu_bf16.c), in variants built
+ * with AVX512-BF16 (__AVX512BF16__).  peer_cpu_keys16_ready makes the
+ * layer's bf16 copy of the keys current and says whether a retrieval of T
+ * tokens takes this path (config, keys finite, and for keys the caller may
+ * have written in place, a batch large enough to pay for re-making it). */
+bool peer_cpu_keys16_ready(peer_layer *layer, int64_t T, int P);
+/* Per-thread scratch that peer_cpu_bf16_lists needs besides S. */
+size_t peer_cpu_bf16_scratch_bytes(const peer_dims *D);
+/* Both halves' top-k' lists of head h for the nt <= TB tokens whose queries
+ * start at q (ldq apart), exactly those of the f32 path (peer_cpu_gemm_nt
+ * scores, peer_cpu_topk_scan): half p of token t at (*ls)[(2t + p) * kp] and
+ * (*lid)[...], both in scratch; bad[t] set if that token's f32 scores hold a
+ * non-finite value.  S (TB rows of 2n floats, ldS apart), scratch and pack
+ * are the calling thread's.  Adds to *n_bf16 and *n_fallback
+ * (peer_retrieval_stats). */
+void peer_cpu_bf16_lists(const peer_layer *layer, int64_t h, int64_t nt, const float *q,
+                         int64_t ldq, float *S, int64_t ldS, char *scratch, float **ls,
+                         int64_t **lid, int *bad, float *pack, int64_t *n_bf16,
+                         int64_t *n_fallback);
 
 /* Training (cpu_train.c). */
 size_t peer_cpu_context_bytes(const peer_layer *layer, int64_t T);

@@ -25,6 +25,12 @@ static bool runs_avx512(void) {
          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 #endif
+#ifdef PEER_CPU_HAVE_AVX512BF16
+extern const peer_cpu_impl peer_cpu_variant_avx512bf16;
+static bool runs_avx512bf16(void) {
+  return runs_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+#endif
 #ifdef PEER_CPU_HAVE_AVX2
 extern const peer_cpu_impl peer_cpu_variant_avx2;
 static bool runs_avx2(void) {
@@ -51,6 +57,10 @@ typedef struct variant {
 static const variant variants[] = {
 #ifdef PEER_CPU_HAVE_NATIVE
     {&peer_cpu_variant_native, "", runs_always},
+#endif
+#ifdef PEER_CPU_HAVE_AVX512BF16
+    {&peer_cpu_variant_avx512bf16, "avx512f, avx512dq, avx512bw, avx512vl, avx2, fma, avx512bf16",
+     runs_avx512bf16},
 #endif
 #ifdef PEER_CPU_HAVE_AVX512
     {&peer_cpu_variant_avx512, "avx512f, avx512dq, avx512bw, avx512vl, avx2, fma", runs_avx512},

@@ -64,6 +64,23 @@ typedef struct peer_dims {
 struct peer_backend_i;
 struct peer_optim_plan;
 
+/* The CPU backend's bf16 copy of the sub-keys and their norms (peer/cpu_bf16.c),
+ * made from the keys as they were at keys_gen == gen. */
+typedef struct peer_keys16 {
+  void *mem;
+  size_t bytes;
+  uint64_t gen;
+  bool valid; /* mem holds a copy made at gen from finite keys */
+} peer_keys16;
+
+/* How the CPU retrieval selected each (token, head, half)'s top-k': by the
+ * bf16 first pass and exact re-rank, or by the f32 scores after the first
+ * pass left too many candidates or met a non-finite value (fallback).
+ * Halves the f32 path took from the start are in neither. */
+typedef struct peer_retrieval_stats {
+  int64_t bf16, fallback;
+} peer_retrieval_stats;
+
 struct peer_layer {
   peer_config cfg;
   peer_options opt;
@@ -89,6 +106,14 @@ struct peer_layer {
   /* Name of the call running on the layer, NULL when none
    * (peer_layer_enter). */
   PEER_ATOMIC(const char *) busy;
+  /* Derived copies of the keys are valid while keys_gen is what they were
+   * made at: every call that may write the keys bumps it (peer_layer_enter:
+   * all but the read-only calls).  keys_exposed: peer_layer_param has handed
+   * out the keys' memory, which the caller may write at any time since. */
+  uint64_t keys_gen;
+  bool keys_exposed;
+  peer_keys16 keys16;
+  peer_retrieval_stats retrieval_stats;
 };
 
 /* One call at a time per layer: peer_layer_enter marks the layer busy with

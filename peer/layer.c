@@ -102,12 +102,25 @@ int peer_params_describe(const peer_config *cfg, peer_tensor slot[PEER_P_COUNT],
 /* Identity stamps start at 1; 0 is never a layer's. */
 static atomic_uint_fast64_t next_layer_id = 1;
 
+/* Calls that never write the keys; any other call entering the layer may,
+ * and makes derived copies of them (peer_keys16) stale. */
+__attribute__((noinline)) static bool keeps_keys(const char *what) {
+  static const char *const readers[] = {"forward",         "retrieve",   "retrieve_brute",
+                                        "forward_train",   "backward",   "layer_save",
+                                        "checkpoint_save", "set_workspace"};
+  for (size_t i = 0; i < sizeof readers / sizeof readers[0]; i++)
+    if (!strcmp(what, readers[i])) return true;
+  return false;
+}
+
 peer_status peer_layer_enter(const peer_layer *L, const char *what) {
   peer_layer *l = (peer_layer *)L; /* the flag is not part of the layer's value */
   const char *none = NULL;
   if (atomic_compare_exchange_strong_explicit(&l->busy, &none, what, memory_order_acquire,
-                                              memory_order_relaxed))
+                                              memory_order_relaxed)) {
+    if (!keeps_keys(what)) l->keys_gen++;
     return PEER_OK;
+  }
   return peer_fail(PEER_ERR_BUSY,
                    "%s: the layer is busy: another thread is in %s on it (a layer takes one call "
                    "at a time; use one layer per thread or serialise the calls)",
@@ -209,6 +222,7 @@ void peer_layer_free(peer_layer *L) {
     if (L->slot[i].data) L->backend->free(L->slot[i].data, L->slot[i].nbytes);
   if (L->backend->close) L->backend->close(L);
   if (L->ws_owned) peer_free(L->ws, L->ws_bytes);
+  peer_free(L->keys16.mem, L->keys16.bytes);
   free(L);
 }
 
@@ -235,6 +249,7 @@ peer_status peer_layer_param(peer_layer *L, int i, peer_tensor *out) {
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_param: index %d not in [0, %d)", i,
                      L->n_params);
   *out = L->slot[L->param_slot[i]];
+  if (L->param_slot[i] == PEER_P_KEYS) L->keys_exposed = true;
   return PEER_OK;
 }
 
@@ -245,6 +260,7 @@ peer_status peer_layer_param_by_name(peer_layer *L, const char *name, peer_tenso
     const peer_tensor *t = &L->slot[L->param_slot[i]];
     if (strcmp(t->name, name) == 0) {
       *out = *t;
+      if (L->param_slot[i] == PEER_P_KEYS) L->keys_exposed = true;
       return PEER_OK;
     }
   }

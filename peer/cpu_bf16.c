@@ -1,0 +1,396 @@
+/* cpu_bf16.c: exact top-k' of sub-key scores from a bf16 first pass, in the
+ * CPU variants built with AVX512-BF16.  The layer keeps a bf16 copy of the
+ * sub-keys with their norms (peer_keys16, re-made when keys_gen moves); each
+ * (token, head, half) scores all n sub-keys in bf16 (vdpbf16ps), brackets
+ * every f32 score the f32 path would compute between s16 - e and s16 + e,
+ * keeps the keys whose bracket can reach the k'-th largest lower end,
+ * re-scores exactly those with the f32 path's own arithmetic, and selects
+ * from the re-scored values by the tie rule.  The result is the f32 path's,
+ * ids and score bits; when too many keys survive, the f32 scores are computed
+ * for that half as before (counted in peer_retrieval_stats).
+ *
+ * The bound (bench/README.md "bf16 scoring with exact re-ranking" repeats
+ * it).  For a query half q and a sub-key c of m = d_key/2 floats:
+ *   s   = sum q_i c_i, exact (real);
+ *   s32 = the f32 path: acc = fma(q_i, c_i, acc) for i = 0..m-1 from 0;
+ *   q', c' = q, c rounded to bf16 (nearest even; |x| < 2^-126 flushed to 0
+ *         here, so the hardware's DAZ changes nothing), dq = q - q',
+ *         dc = c - c' (both exact in f32);
+ *   s'  = sum q'_i c'_i (exact), s16 = what vdpbf16ps accumulates.
+ * Then |s16 - s32| <= |s16 - s'| + |s' - s| + |s - s32|, and
+ *   |s' - s| = |q'.dc + dq.c' + dq.dc| <= |q'||dc| + |dq||c'| + |dq||dc|
+ *     (Cauchy-Schwarz on the exact residuals, |.| the 2-norm);
+ *   |s16 - s'| <= g |q'||c'| + 3m 2^-126: a bf16 product is exact in f32 (8
+ *     by 8 significant bits) unless it underflows (flushed: < 2^-126 each),
+ *     and the m additions, in whatever order and grouping the hardware
+ *     uses, each round (relative u = 2^-24) or flush (< 2^-126);
+ *     g = gamma_2m = 2mu / (1 - 2mu) covers twice as many roundings;
+ *   |s - s32| <= g |q||c| + m 2^-126 + 2^-126 m (|q| + |c|): m FMAs each
+ *     round once (relative u, or < 2^-126 under FTZ), and under DAZ each
+ *     subnormal operand dropped costs at most 2^-126 |other operand|.
+ * So e = |c'| (|dq| + g|q'|) + |dc| (|q'| + |dq|) + |c| (g|q| + m 2^-126)
+ *        + m 2^-124 + m 2^-126 |q|,
+ * with every norm rounded up (sums of squares in double, then a margin)
+ * and the coefficients and e inflated by 2^-16 for their own roundings (all
+ * terms are positive).  If L_j = fl(s16_j - e_j) and tau is at most the k'-th
+ * largest L (the k'-th largest of maxima over disjoint groups of 4 keys is),
+ * k' keys have f32 scores >= tau, so every key of the f32 top-k' has
+ * s32 >= tau, hence U_j = fl(s16_j + e_j) >= tau: keeping all keys with
+ * U_j >= tau keeps the f32 top-k' (rounding to nearest is monotone, and the
+ * f32 scores are floats).  A non-finite q', c', norm or bound sends the half
+ * to the f32 path, which reports non-finite scores as it always has. */
+#include "cpu.h"
+
+#ifdef __AVX512BF16__
+#include <omp.h>
+
+/* Keys per tile of the first pass (4 vectors) and tokens per register tile:
+ * 6 x 4 accumulators, 4 key vectors and a broadcast fit 32 registers. */
+#define KT 64
+#define TT 6
+/* Lower ends are kept as maxima over groups of this many keys. */
+#define LGROUP (KT / 16)
+/* Keys the caller may write in place (keys_exposed) make every call re-make
+ * the copy: below this many tokens the f32 path is cheaper. */
+#define EXPOSED_MIN_T 128
+
+/* Survivors re-scored per half; more take the f32 path. */
+static int cand_cap(int64_t kp) { return (int)(2 * kp + 64); }
+
+static bool eligible(const peer_dims *D) {
+  return D->half % 2 == 0 && D->n % KT == 0 && D->kp * 8 <= D->n && D->half < (1 << 20);
+}
+
+/* One key set (g, p): pairs [n/16][m/2][16] of 32-bit words, each two bf16
+ * (even component low, as vdpbf16ps pairs them), then |c'|, |dc|, |c| [n]. */
+static size_t pairs_bytes(const peer_dims *D) { return round64((size_t)(D->n * D->half) * 2); }
+static size_t set_bytes(const peer_dims *D) {
+  return pairs_bytes(D) + 3 * round64((size_t)D->n * sizeof(float));
+}
+
+typedef struct key_set {
+  const uint32_t *pairs;
+  const float *nc1, *ndc, *nc; /* |c'|, |dc|, |c| */
+  const float *c;              /* the f32 keys */
+} key_set;
+
+static key_set set_of(const peer_layer *L, int64_t g, int p) {
+  const peer_dims *D = &L->dims;
+  const char *base = (const char *)L->keys16.mem + (size_t)(g * 2 + p) * set_bytes(D);
+  const float *norms = (const float *)(base + pairs_bytes(D));
+  const int64_t stride = (int64_t)(round64((size_t)D->n * sizeof(float)) / sizeof(float));
+  key_set k = {(const uint32_t *)base, norms, norms + stride, norms + 2 * stride,
+               (const float *)L->slot[PEER_P_KEYS].data + (g * 2 + p) * D->n * D->half};
+  return k;
+}
+
+/* An f32 no smaller than sqrt(ss), ss a sum of at most 2^20 squares of floats
+ * in double (relative error < 2^-33, which the 2^-30 margin covers). */
+static float round_up(double r) {
+  float f = (float)r;
+  if ((double)f < r) f = nextafterf(f, INFINITY);
+  return f;
+}
+
+static float norm_up(double ss) { return round_up(sqrt(ss) * (1.0 + 0x1p-30)); }
+
+static inline uint16_t bf16_ftz(float x) {
+  return fabsf(x) < 0x1p-126f ? (uint16_t)0 : peer_f32_to_bf16(x);
+}
+
+/* Keys jb*16 .. jb*16+15 of a set: bf16 pairs and norms.  0 if non-finite. */
+static int fill_block(const float *C, int64_t half, int64_t jb, uint16_t *pairs, float *nc1,
+                      float *ndc, float *nc) {
+  int ok = 1;
+  for (int64_t j = jb * 16; j < jb * 16 + 16; j++) {
+    double s0 = 0, s1 = 0, s2 = 0;
+    for (int64_t i = 0; i < half; i++) {
+      float c = C[j * half + i];
+      uint16_t b = bf16_ftz(c);
+      float cb = peer_bf16_to_f32(b), dc = c - cb;
+      ok &= isfinite(cb) != 0;
+      s0 += (double)c * c;
+      s1 += (double)cb * cb;
+      s2 += (double)dc * dc;
+      pairs[((jb * (half / 2) + i / 2) * 16 + j % 16) * 2 + i % 2] = b;
+    }
+    nc[j] = norm_up(s0), nc1[j] = norm_up(s1), ndc[j] = norm_up(s2);
+    ok &= isfinite(nc[j]) && isfinite(nc1[j]) && isfinite(ndc[j]);
+  }
+  return ok;
+}
+
+bool peer_cpu_keys16_ready(peer_layer *L, int64_t T, int P) {
+  const peer_dims *D = &L->dims;
+  peer_keys16 *K = &L->keys16;
+  if (!eligible(D) || (L->keys_exposed && T < EXPOSED_MIN_T)) return false;
+  if (K->mem && K->gen == L->keys_gen && !L->keys_exposed) return K->valid;
+  const size_t bytes = (size_t)(D->G * 2) * set_bytes(D);
+  if (!K->mem) {
+    K->mem = peer_alloc(bytes);
+    if (!K->mem) return false; /* the f32 path needs no copy */
+    K->bytes = bytes;
+  }
+  const int64_t sets = D->G * 2, blocks = D->n / 16;
+  int ok = 1;
+#pragma omp parallel for collapse(2) reduction(& : ok) schedule(static) num_threads(P)
+  for (int64_t s = 0; s < sets; s++)
+    for (int64_t jb = 0; jb < blocks; jb++) {
+      char *base = (char *)K->mem + (size_t)s * set_bytes(D);
+      float *nc1 = (float *)(base + pairs_bytes(D));
+      const int64_t stride = (int64_t)(round64((size_t)D->n * sizeof(float)) / sizeof(float));
+      const float *C = (const float *)L->slot[PEER_P_KEYS].data + s * D->n * D->half;
+      ok &= fill_block(C, D->half, jb, (uint16_t *)base, nc1, nc1 + stride, nc1 + 2 * stride);
+    }
+  K->gen = L->keys_gen;
+  K->valid = ok != 0;
+  return K->valid;
+}
+
+/* ------------------------------------------------------------ scratch */
+
+typedef struct bscratch {
+  float *lmax;   /* [TB][2][n / LGROUP] group maxima of lower ends */
+  uint32_t *qp;  /* [TB][2][m/2] query halves as bf16 pairs */
+  float *coef;   /* [TB][2][4] A, B, C, D of the bound */
+  int *fall;     /* [TB][2] this half takes the f32 path */
+  int32_t *cand; /* [cap] survivors */
+  float *cs;     /* [cap] their f32 scores */
+  float *ls;     /* [TB][2][kp] lists */
+  int64_t *lid;  /* [TB][2][kp] */
+} bscratch;
+
+static size_t carve(const peer_dims *D, char *base, bscratch *b) {
+  const size_t th = (size_t)TB * 2, cap = (size_t)cand_cap(D->kp);
+  size_t sz[8] = {th * (size_t)(D->n / LGROUP) * 4,
+                  th * (size_t)(D->half / 2) * 4,
+                  th * 16,
+                  th * sizeof(int),
+                  cap * 4,
+                  cap * 4,
+                  th * (size_t)D->kp * 4,
+                  th * (size_t)D->kp * 8};
+  size_t off = 0, at[8];
+  for (int i = 0; i < 8; i++)
+    at[i] = off, off += round64(sz[i]);
+  if (b) {
+    b->lmax = (float *)(base + at[0]);
+    b->qp = (uint32_t *)(base + at[1]);
+    b->coef = (float *)(base + at[2]);
+    b->fall = (int *)(base + at[3]);
+    b->cand = (int32_t *)(base + at[4]);
+    b->cs = (float *)(base + at[5]);
+    b->ls = (float *)(base + at[6]);
+    b->lid = (int64_t *)(base + at[7]);
+  }
+  return off;
+}
+
+size_t peer_cpu_bf16_scratch_bytes(const peer_dims *D) {
+  return eligible(D) ? carve(D, NULL, NULL) : 0;
+}
+
+/* ------------------------------------------------------------ first pass */
+
+/* The query half as bf16 pairs and the bound's coefficients (see the top):
+ * e_j = A |c'_j| + B |dc_j| + C |c_j| + D.  0 if something is not finite. */
+static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4]) {
+  double s0 = 0, s1 = 0, s2 = 0;
+  int ok = 1;
+  for (int64_t i = 0; i < m; i += 2) {
+    uint16_t b0 = bf16_ftz(qh[i]), b1 = bf16_ftz(qh[i + 1]);
+    float f0 = peer_bf16_to_f32(b0), f1 = peer_bf16_to_f32(b1);
+    float d0 = qh[i] - f0, d1 = qh[i + 1] - f1;
+    ok &= isfinite(f0) && isfinite(f1);
+    s0 += (double)qh[i] * qh[i] + (double)qh[i + 1] * qh[i + 1];
+    s1 += (double)f0 * f0 + (double)f1 * f1;
+    s2 += (double)d0 * d0 + (double)d1 * d1;
+    qp[i / 2] = (uint32_t)b0 | (uint32_t)b1 << 16;
+  }
+  const double u2m = 2.0 * (double)m * 0x1p-24;
+  const float g = round_up(u2m / (1.0 - u2m) * (1.0 + 0x1p-30)); /* gamma_2m */
+  const float nq = norm_up(s0), nq1 = norm_up(s1), ndq = norm_up(s2), mf = (float)m;
+  const float infl = 1.0f + 0x1p-16f;
+  coef[0] = (ndq + g * nq1) * infl;
+  coef[1] = (nq1 + ndq) * infl;
+  coef[2] = (g * nq + mf * 0x1p-126f) * infl;
+  coef[3] = (mf * 0x1p-124f + mf * 0x1p-126f * nq) * infl;
+  for (int i = 0; i < 4; i++)
+    ok &= isfinite(coef[i]) != 0;
+  return ok;
+}
+
+/* bf16 scores of tokens 0..nt_-1 against the KT keys of one tile, and from
+ * them each key's upper end U (stored at U + t*ldU) and each group of
+ * LGROUP keys' largest lower end (at lm + t*ldL).  fall[t*2] is set where a
+ * value is not finite. */
+static inline __attribute__((always_inline)) void
+tile(int nt_, int64_t hp, const uint32_t *qp, int64_t ldqp, const uint32_t *kb, const float *nc1,
+     const float *ndc, const float *nc, const float *coef, float *U, int64_t ldU, float *lm,
+     int64_t ldL, int *fall) {
+  __m512 acc[TT][4];
+  for (int t = 0; t < nt_; t++)
+    for (int v = 0; v < 4; v++)
+      acc[t][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < hp; i++) {
+    __m512i k[4];
+    for (int v = 0; v < 4; v++)
+      k[v] = _mm512_loadu_si512(kb + (v * hp + i) * 16);
+    for (int t = 0; t < nt_; t++) {
+      __m512i qb = _mm512_set1_epi32((int)qp[t * ldqp + i]);
+      for (int v = 0; v < 4; v++)
+        acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)qb, (__m512bh)k[v]);
+    }
+  }
+  __m512 n1[4], nd[4], n0[4];
+  for (int v = 0; v < 4; v++) {
+    n1[v] = _mm512_loadu_ps(nc1 + 16 * v);
+    nd[v] = _mm512_loadu_ps(ndc + 16 * v);
+    n0[v] = _mm512_loadu_ps(nc + 16 * v);
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int t = 0; t < nt_; t++) {
+    const float *c = coef + t * 8; /* [t][p][4] with p fixed by the caller */
+    const __m512 A = _mm512_set1_ps(c[0]), B = _mm512_set1_ps(c[1]), C = _mm512_set1_ps(c[2]),
+                 Dv = _mm512_set1_ps(c[3]);
+    __m512 lmax = _mm512_set1_ps(-INFINITY);
+    __mmask16 bad = 0;
+    for (int v = 0; v < 4; v++) {
+      __m512 e =
+          _mm512_fmadd_ps(A, n1[v], _mm512_fmadd_ps(B, nd[v], _mm512_fmadd_ps(C, n0[v], Dv)));
+      __m512 up = _mm512_add_ps(acc[t][v], e), lo = _mm512_sub_ps(acc[t][v], e);
+      _mm512_storeu_ps(U + t * ldU + 16 * v, up);
+      lmax = _mm512_max_ps(lmax, lo);
+      bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(up, up), zero, _CMP_NEQ_UQ) |
+             _mm512_cmp_ps_mask(_mm512_sub_ps(lo, lo), zero, _CMP_NEQ_UQ);
+    }
+    _mm512_storeu_ps(lm + t * ldL, lmax);
+    fall[t * 2] |= bad != 0;
+  }
+}
+
+/* The kp-th largest of v[0..m) (values only; m >= kp). */
+static float kth_largest(const float *v, int64_t m, int kp, float *best) {
+  for (int i = 0; i < kp; i++)
+    best[i] = -INFINITY;
+  for (int64_t i = 0; i < m; i++) {
+    float x = v[i];
+    if (!(x > best[kp - 1])) continue;
+    int pos = kp - 1;
+    while (pos > 0 && x > best[pos - 1])
+      best[pos] = best[pos - 1], pos--;
+    best[pos] = x;
+  }
+  return best[kp - 1];
+}
+
+/* Survivors: the keys whose U >= tau, ascending; -1 if more than cap. */
+static int survivors(const float *U, int64_t n, float tau, int32_t *cand, int cap) {
+  const __m512 tv = _mm512_set1_ps(tau);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i step = _mm512_set1_epi32(16);
+  int cnt = 0;
+  for (int64_t j = 0; j < n; j += 16, idx = _mm512_add_epi32(idx, step)) {
+    __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(U + j), tv, _CMP_GE_OQ);
+    int c = __builtin_popcount(m);
+    if (cnt + c > cap) return -1;
+    _mm512_mask_compressstoreu_epi32(cand + cnt, m, idx);
+    cnt += c;
+  }
+  return cnt;
+}
+
+/* The f32 path's scores of the candidates: one chain of FMAs per score in
+ * component order from 0, as peer_cpu_gemm_nt computes every element (the
+ * product is commutative, so fma(q, c, acc) is its fma(a, b, acc)).  Eight
+ * chains at a time keep the FMA units busy. */
+static void rescore(const float *qh, const float *C, int64_t m, const int32_t *cand, int cnt,
+                    float *out) {
+  int i = 0;
+  for (; i + 8 <= cnt; i += 8) {
+    const float *c[8];
+    float s[8] = {0};
+    for (int r = 0; r < 8; r++)
+      c[r] = C + (int64_t)cand[i + r] * m;
+    for (int64_t k = 0; k < m; k++)
+      for (int r = 0; r < 8; r++)
+        s[r] = fmaf(qh[k], c[r][k], s[r]);
+    for (int r = 0; r < 8; r++)
+      out[i + r] = s[r];
+  }
+  for (; i < cnt; i++) {
+    const float *c = C + (int64_t)cand[i] * m;
+    float s = 0;
+    for (int64_t k = 0; k < m; k++)
+      s = fmaf(qh[k], c[k], s);
+    out[i] = s;
+  }
+}
+
+void peer_cpu_bf16_lists(const peer_layer *L, int64_t h, int64_t nt, const float *q, int64_t ldq,
+                         float *S, int64_t ldS, char *scratch, float **ls_out, int64_t **lid_out,
+                         int *bad, float *pack, int64_t *n_bf16, int64_t *n_fallback) {
+  const peer_dims *D = &L->dims;
+  const int64_t n = D->n, m = D->half, hp = m / 2, nl = n / LGROUP;
+  const int kp = (int)D->kp, cap = cand_cap(kp);
+  const int64_t g = L->cfg.shared_keys ? 0 : h;
+  bscratch b;
+  carve(D, scratch, &b);
+  for (int64_t t = 0; t < nt; t++) {
+    bad[t] = 0;
+    for (int p = 0; p < 2; p++) {
+      const float *qh = q + t * ldq + h * D->dk + p * m;
+      b.fall[t * 2 + p] = !prep_query(qh, m, b.qp + (t * 2 + p) * hp, b.coef + (t * 2 + p) * 4);
+    }
+  }
+  for (int p = 0; p < 2; p++) {
+    const key_set K = set_of(L, g, p);
+    for (int64_t j0 = 0; j0 < n; j0 += KT) {
+      const uint32_t *kb = K.pairs + (j0 / 16) * hp * 16;
+      for (int64_t t0 = 0; t0 < nt; t0 += TT) {
+        const int64_t r = t0 * 2 + p;
+        const uint32_t *qp = b.qp + r * hp;
+        const float *coef = b.coef + r * 4;
+        float *U = S + t0 * ldS + p * n + j0, *lm = b.lmax + r * nl + j0 / LGROUP;
+        int *fall = b.fall + r;
+        switch (nt - t0 < TT ? nt - t0 : TT) {
+#define TILE(c)                                                                                    \
+  case c:                                                                                          \
+    tile(c, hp, qp, 2 * hp, kb, K.nc1 + j0, K.ndc + j0, K.nc + j0, coef, U, ldS, lm, 2 * nl,       \
+         fall);                                                                                    \
+    break;
+          TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
+#undef TILE
+        }
+      }
+    }
+  }
+  for (int64_t t = 0; t < nt; t++) {
+    for (int p = 0; p < 2; p++) {
+      const int64_t r = t * 2 + p;
+      const key_set K = set_of(L, g, p);
+      const float *qh = q + t * ldq + h * D->dk + p * m;
+      float *U = S + t * ldS + p * n, *ls = b.ls + r * kp;
+      int64_t *lid = b.lid + r * kp;
+      int cnt = -1;
+      if (!b.fall[r]) /* b.cs holds kth_largest's list until rescore */
+        cnt = survivors(U, n, kth_largest(b.lmax + r * nl, nl, kp, b.cs), b.cand, cap);
+      if (cnt < 0) { /* the f32 path, as peer_cpu_retrieve_all takes it */
+        peer_cpu_gemm_nt(1, n, m, qh, m, K.c, m, U, n, pack);
+        bad[t] |= peer_cpu_topk_scan(U, (int)n, kp, ls, lid);
+        ++*n_fallback;
+        continue;
+      }
+      rescore(qh, K.c, m, b.cand, cnt, b.cs);
+      int count = 0;
+      for (int i = 0; i < cnt; i++)
+        if (count < kp || b.cs[i] > ls[kp - 1])
+          peer_list_insert(ls, lid, kp, &count, b.cs[i], b.cand[i]);
+      ++*n_bf16;
+    }
+  }
+  *ls_out = b.ls;
+  *lid_out = b.lid;
+}
+
+#endif

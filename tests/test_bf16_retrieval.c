@@ -1,0 +1,247 @@
+/* test_bf16_retrieval.c: the bf16 first pass with exact re-ranking
+ * (peer/cpu_bf16.c) gives exactly the f32 path's ids and score bits.  Every
+ * case compares peer_retrieve with peer_retrieve_brute (whose sub-key scores
+ * are the f32 path's, peer_cpu_gemm_nt) bit for bit, on random layers and on
+ * adversarial ones: traps whose f32 and bf16 orders disagree by nearly the
+ * error bound, near-ties within the bound, exact ties, keys differing in
+ * their last bits, large and tiny norms, k' = 1 and k' = n.  On the
+ * avx512bf16 variant the cases must also have taken the bf16 path (the
+ * layer's counters), so a pass is not the fallback's.  Layers go through a
+ * weight file so the keys are not exposed (peer_layer_param): exposed keys are
+ * tested on their own (a copy re-made per call, and stale never used). */
+#include <criterion/criterion.h>
+
+#include "cases.h"
+#include "cpu.h"
+#include "reference.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static bool bf16_variant(void) {
+  const peer_cpu_impl *impl = peer_cpu_select();
+  return impl && !strcmp(impl->name, "avx512bf16");
+}
+
+/* A copy of L made through a weight file: its keys were never exposed. */
+static peer_layer *reloaded(peer_layer *L) {
+  char path[] = "/tmp/peer_bf16_test_XXXXXX";
+  int fd = mkstemp(path);
+  cr_assert(fd >= 0);
+  close(fd);
+  cr_assert_eq(peer_layer_save(L, path), PEER_OK, "%s", peer_last_error());
+  peer_layer *B = NULL;
+  cr_assert_eq(peer_layer_load(&B, path, NULL), PEER_OK, "%s", peer_last_error());
+  unlink(path);
+  return B;
+}
+
+/* peer_retrieve against peer_retrieve_brute on L: ids and score bits. */
+static void check_exact(peer_layer *L, int64_t T, const float *x, const char *what) {
+  const peer_config *c = peer_layer_config(L);
+  const int64_t m = T * c->n_heads * c->top_k;
+  int64_t *ia = malloc((size_t)m * sizeof *ia), *ib = malloc((size_t)m * sizeof *ib);
+  float *sa = malloc((size_t)m * sizeof *sa), *sb = malloc((size_t)m * sizeof *sb);
+  cr_assert_eq(peer_retrieve(L, T, x, ia, sa, NULL), PEER_OK, "%s: %s", what, peer_last_error());
+  cr_assert_eq(peer_retrieve_brute(L, T, x, ib, sb, NULL), PEER_OK, "%s: %s", what,
+               peer_last_error());
+  for (int64_t i = 0; i < m; i++)
+    cr_assert(ia[i] == ib[i] && !memcmp(&sa[i], &sb[i], sizeof(float)),
+              "%s: entry %lld (token %lld): id %lld score %a, the f32 path's id %lld score %a",
+              what, (long long)i, (long long)(i / (c->n_heads * c->top_k)), (long long)ia[i],
+              (double)sa[i], (long long)ib[i], (double)sb[i]);
+  free(ia), free(ib), free(sa), free(sb);
+}
+
+static float *param(peer_layer *L, const char *name) {
+  peer_tensor t;
+  cr_assert_eq(peer_layer_param_by_name(L, name, &t), PEER_OK);
+  return t.data;
+}
+
+/* The bf16 path ran for some halves (on the variant that has it). */
+static void check_took_bf16(const peer_layer *L, const char *what) {
+  if (bf16_variant())
+    cr_assert(L->retrieval_stats.bf16 > 0, "%s: the bf16 path never ran (%lld fallbacks)", what,
+              (long long)L->retrieval_stats.fallback);
+  else
+    cr_assert_eq(L->retrieval_stats.bf16 + L->retrieval_stats.fallback, 0);
+}
+
+Test(bf16_retrieval, random_layers_match_the_f32_path) {
+  static const case_spec specs[] = {
+      {"d_model=32,n_heads=2,d_key=16,n_subkeys=64,top_k=4", 37},
+      {"d_model=48,n_heads=3,d_key=32,n_subkeys=128,top_k=8,shared_keys=1", 40},
+      {"d_model=32,n_heads=1,d_key=64,n_subkeys=256,top_k=1,subkey_top_k=1", 64},
+      {"d_model=32,n_heads=2,d_key=128,n_subkeys=256,top_k=16,subkey_top_k=32", 33},
+      {"d_model=64,n_heads=2,d_key=256,n_subkeys=512,top_k=16,query_bias=1", 20},
+      {"d_model=32,n_heads=2,d_key=32,n_subkeys=128,top_k=4,query_norm=batchnorm", 9},
+      {"d_model=16,n_heads=2,d_key=16,n_subkeys=64,top_k=8,subkey_top_k=64", 10},
+      {"d_model=16,n_heads=1,d_key=20,n_subkeys=64,top_k=2", 1},
+  };
+  ref_rng rng = {ref_test_seed()};
+  for (size_t s = 0; s < sizeof specs / sizeof specs[0]; s++) {
+    layer_case c = case_of(&specs[s]);
+    peer_layer *A = case_layer(&c);
+    ref_fill_layer(A, &rng);
+    peer_layer *L = reloaded(A);
+    float *x = ref_random_x(&rng, c.T, c.d);
+    check_exact(L, c.T, x, case_text(&c));
+    check_exact(L, 1, x, case_text(&c)); /* batch 1 */
+    if (s < 5) check_took_bf16(L, case_text(&c));
+    free(x);
+    peer_layer_free(A);
+    peer_layer_free(L);
+  }
+}
+
+/* A layer with q = x (query.weight the identity, d_model = H * d_key) whose
+ * keys and queries the test writes, then reloaded. */
+typedef struct direct {
+  peer_layer *A;
+  float *keys;
+  int64_t H, m, n;
+} direct;
+
+static direct direct_layer(const char *extra) {
+  layer_case c = case_make("n_heads=1,d_key=64,d_model=64,n_subkeys=128,top_k=2", 1);
+  if (extra) case_set(&c, extra);
+  direct D = {case_layer(&c), NULL, c.H, c.dk / 2, c.n};
+  float *W = param(D.A, "query.weight");
+  for (int64_t i = 0; i < c.H * c.dk; i++)
+    W[i * c.d + i] = 1.0f;
+  D.keys = param(D.A, "keys");
+  return D;
+}
+
+/* Traps: the query's components round to bf16 by nearly half an ulp, down
+ * on the set P (even components) and up on Q (odd ones); the trap key is 1 on
+ * P, the decoys 1 on Q plus extra mass on some of Q.  In f32 the trap beats
+ * a decoy unless the extra is large; in bf16 the decoy wins by the extra, up
+ * to about the bound's size (each decoy's extra is drawn across that range).
+ * Random filler keys score far below.  With k' = 1 the f32 path keeps the
+ * trap where the first pass ranks it below decoys by nearly twice the bound:
+ * a bound half as large loses it. */
+Test(bf16_retrieval, traps_within_the_error_bound) {
+  ref_rng rng = {ref_test_seed()};
+  direct D = direct_layer("n_subkeys=256,subkey_top_k=1,top_k=1,d_key=128,d_model=128");
+  const int64_t m = D.m, n = D.n, T = 64;
+  float *x = malloc((size_t)(T * 2 * m) * sizeof(float));
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t i = 0; i < 2 * m; i++) {
+      double frac = ref_uniform(&rng, 0.90, 0.999);
+      x[t * 2 * m + i] = (float)(i % 2 == 0 ? 1.0 + frac * 0x1p-8 : 1.0 - frac * 0x1p-9);
+    }
+  int traps = 0;
+  for (int p = 0; p < 2; p++) {
+    float *C = D.keys + p * n * m;
+    for (int64_t j = 0; j < n; j++) {
+      float *c = C + j * m;
+      int kind = (int)(j % 32); /* 0: trap, 1..3: decoys, else filler */
+      for (int64_t i = 0; i < m; i++) {
+        if (kind == 0)
+          c[i] = i % 2 == 0 ? 1.0f : 0.0f;
+        else if (kind <= 3)
+          c[i] = i % 2 == 1 ? 1.0f : 0.0f;
+        else
+          c[i] = (float)ref_uniform(&rng, -0.5, 0.5);
+      }
+      if (kind >= 1 && kind <= 3) { /* extra mass 2^-7 on r odd components */
+        int64_t r = ref_int(&rng, 19, 22);
+        for (int64_t i = 0; i < r; i++)
+          c[2 * i + 1] += 0x1p-7f;
+      }
+      if (kind == 0) {
+        /* one trap per 32 keys, each a little different so they do not tie */
+        c[2 * ref_int(&rng, 0, m / 2 - 1)] += (float)(j / 32) * 0x1p-20f;
+        traps++;
+      }
+    }
+  }
+  cr_assert(traps > 0);
+  peer_layer *L = reloaded(D.A);
+  check_exact(L, T, x, "traps");
+  check_took_bf16(L, "traps");
+  free(x);
+  peer_layer_free(D.A);
+  peer_layer_free(L);
+}
+
+/* Keys all within the error bound of each other: exact ties (duplicated
+ * rows), rows differing in their last bits, and a cluster just above random
+ * filler; large and tiny norms. */
+Test(bf16_retrieval, near_ties_exact_ties_and_extreme_norms) {
+  ref_rng rng = {ref_test_seed()};
+  static const struct {
+    const char *config;
+    double key_scale, x_scale;
+  } cases[] = {
+      {"n_subkeys=128,subkey_top_k=4,top_k=4", 1.0, 1.0},
+      {"n_subkeys=128,subkey_top_k=16,top_k=8", 0x1p60, 0x1p40},
+      {"n_subkeys=128,subkey_top_k=2,top_k=2", 0x1p-60, 0x1p-50},
+      {"n_subkeys=128,subkey_top_k=1,top_k=1", 0x1p-70, 0x1p-70}, /* products underflow */
+      {"n_subkeys=128,subkey_top_k=8,top_k=3,n_heads=2,d_model=128", 1.0, 1.0},
+  };
+  for (size_t s = 0; s < sizeof cases / sizeof cases[0]; s++) {
+    direct D = direct_layer(cases[s].config);
+    const int64_t m = D.m, n = D.n, T = 48;
+    float base[256];
+    for (int64_t i = 0; i < m; i++)
+      base[i] = (float)ref_uniform(&rng, -1.0, 1.0);
+    for (int64_t r = 0; r < D.H * 2; r++) { /* key sets */
+      float *C = D.keys + r * n * m;
+      for (int64_t j = 0; j < n; j++) {
+        float *c = C + j * m;
+        int kind = (int)(j % 4);
+        for (int64_t i = 0; i < m; i++) {
+          float v = base[i];
+          if (kind == 1) v = nextafterf(v, j % 8 == 1 ? INFINITY : -INFINITY); /* last bits */
+          if (kind == 2) v = base[i] + (float)(j % 16) * 0x1p-12f * base[i];   /* near */
+          if (kind == 3) v = (float)ref_uniform(&rng, -1.0, 1.0) * 0.5f;       /* filler */
+          c[i] = (float)(v * cases[s].key_scale);
+        }
+        if (kind == 0 && j % 8 == 4) memcpy(c, C + (j - 4) * m, (size_t)m * sizeof *c); /* tie */
+      }
+    }
+    float *x = malloc((size_t)(T * D.H * 2 * m) * sizeof(float));
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t i = 0; i < D.H * 2 * m; i++) {
+        /* the base direction plus a little noise: all keys score alike */
+        double v = base[i % m] + ref_uniform(&rng, -0.01, 0.01) * (t % 3);
+        x[t * D.H * 2 * m + i] = (float)(v * cases[s].x_scale);
+      }
+    peer_layer *L = reloaded(D.A);
+    check_exact(L, T, x, cases[s].config);
+    free(x);
+    peer_layer_free(D.A);
+    peer_layer_free(L);
+  }
+}
+
+/* Keys written after the copy was made are never scored from the stale copy:
+ * in place through peer_layer_param (exposed: the copy is re-made per call of
+ * enough tokens), and by peer_layer_init (keys_gen). */
+Test(bf16_retrieval, a_stale_copy_is_never_used) {
+  ref_rng rng = {ref_test_seed()};
+  layer_case c = case_make("d_model=32,n_heads=2,d_key=32,n_subkeys=128,top_k=4", 160);
+  peer_layer *A = case_layer(&c);
+  ref_fill_layer(A, &rng);
+  float *x = ref_random_x(&rng, c.T, c.d);
+  check_exact(A, c.T, x, "exposed");
+  check_took_bf16(A, "exposed");
+  float *keys = param(A, "keys");
+  for (int64_t i = 0; i < c.H * 2 * c.n * (c.dk / 2); i++)
+    keys[i] = -keys[i] * 1.5f;
+  check_exact(A, c.T, x, "exposed, keys written in place");
+  check_exact(A, 3, x, "exposed, a small batch");
+
+  peer_layer *L = reloaded(A);
+  check_exact(L, 5, x, "reloaded");
+  cr_assert_eq(peer_layer_init(L, 12345), PEER_OK);
+  check_exact(L, 5, x, "reloaded, then layer_init");
+  check_took_bf16(L, "reloaded");
+  free(x);
+  peer_layer_free(A);
+  peer_layer_free(L);
+}
