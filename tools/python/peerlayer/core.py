@@ -505,6 +505,19 @@ class Optimizer:
         self.layer._owns(grads, "Optimizer.step: the gradients")
         self._locked(lib.peer_optimizer_step, self._h, ctypes.byref(grads._s))
 
+    def step_pointers(self, grads, stream=None):
+        """One step from a _lib.peer_grads whose buffers the caller owns and
+        keeps alive for the call: host pointers on a CPU layer
+        (peer_optimizer_step), device pointers on a CUDA layer
+        (peer_cuda_optimizer_step: queued on `stream`, a cudaStream_t, None
+        for the legacy default stream; not waited for; the expert row count
+        is grads.n_expert_rows; the rows must be strictly ascending)."""
+        if self.layer.backend == "cuda":
+            self._locked(lib.peer_cuda_optimizer_step, self._h, ctypes.byref(grads), None,
+                         stream)
+        else:
+            self._locked(lib.peer_optimizer_step, self._h, ctypes.byref(grads))
+
     def set_lr(self, lr, expert_lr=0.0):
         self._locked(lib.peer_optimizer_set_lr, self._h, float(lr), float(expert_lr))
 

@@ -515,6 +515,84 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook  # noqa: E402
 register_optimizer_step_pre_hook(_refuse_sparse_in_dense_optimizer)
 
 
+# ------------------------------------------------ the library's own optimizer
+
+class LayerOptimizer:
+    """The library's optimizer (peer_optimizer: SGD with momentum or AdamW on
+    the dense parameters, lazy SGD or Adam on the expert rows, state beside
+    the layer: device memory for a CUDA layer) stepping a PEER module from
+    its parameters' .grad, as a torch optimizer's step() does.  Made by
+    PEER.layer_optimizer(kind=..., expert_kind=..., lr=..., ...) with
+    peerlayer.Optimizer's arguments.  On CUDA the step is
+    peer_cuda_optimizer_step on torch's current stream, reading the
+    gradients where they are; sparse expert gradients are coalesced first
+    (on CUDA torch waits for the device there, as in SparseAdam), dense ones
+    update every row.  Both expert tables need gradients over the same rows
+    (as one backward gives).  A move of the module (.to()) makes a new layer:
+    make a new optimizer then."""
+
+    def __init__(self, module, **settings):
+        self.module = module
+        self.optimizer = core.Optimizer(module.layer, **settings)
+
+    def zero_grad(self, set_to_none=True):
+        self.module.zero_grad(set_to_none)
+
+    def set_lr(self, lr, expert_lr=0.0):
+        self.optimizer.set_lr(lr, expert_lr)
+
+    @property
+    def step_count(self):
+        return self.optimizer.step_count
+
+    @torch.no_grad()
+    def step(self):
+        m = self.module
+        if m.layer is not self.optimizer.layer:
+            raise RuntimeError("peerlayer.LayerOptimizer: the module was moved (.to()) since "
+                               "this optimizer was made; make a new one")
+        grads = {name: p.grad for name, (_, _, p) in zip(m._trainable, m._own)}
+        g, keep = _layer_grads(m.layer, grads)
+        stream = _TorchCuda(m.experts.down.device).stream if m._cuda else None
+        self.optimizer.step_pointers(g, stream)
+        del keep  # the step has read them (CPU) or is queued on the stream (CUDA)
+
+
+def _layer_grads(layer, grads):
+    """A peer_grads over torch gradients (name -> tensor or None), and the
+    tensors it points to (converted ones included: keep them alive)."""
+    g = _lib.peer_grads()
+    keep = []
+    for name, field in _GRAD_FIELD.items():
+        t = grads.get(name)
+        if t is not None:
+            t = t.to_dense().float().contiguous()
+            setattr(g, field, t.data_ptr())
+            keep.append(t)
+    down, up = (grads.get(n) for n in _EXPERTS)
+    if (down is None) != (up is None):
+        raise ValueError("peerlayer.LayerOptimizer: one expert table has a gradient and "
+                         "the other none; the library steps both over the same rows")
+    if down is not None:
+        if down.is_sparse and up.is_sparse:
+            down, up = down.coalesce(), up.coalesce()
+            rows = down.indices()[0].contiguous()
+            if not torch.equal(rows, up.indices()[0]):
+                raise ValueError("peerlayer.LayerOptimizer: the expert tables' sparse "
+                                 "gradients list different rows")
+            down, up = down.values(), up.values()
+        else:
+            rows = torch.arange(layer.n_experts, device=down.device)
+            down, up = down.to_dense(), up.to_dense()
+            g.experts_dense = 1
+        down, up = down.float().contiguous(), up.float().contiguous()
+        g.expert_capacity = g.n_expert_rows = rows.numel()
+        g.expert_rows, g.experts_down, g.experts_up = (rows.data_ptr(), down.data_ptr(),
+                                                       up.data_ptr())
+        keep += [rows, down, up]
+    return g, keep
+
+
 # ---------------------------------------------------------------- the module
 
 class PEER(nn.Module):
@@ -619,6 +697,12 @@ class PEER(nn.Module):
     def dense_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("experts.")]
 
+    def layer_optimizer(self, **settings):
+        """The library's optimizer over this layer (LayerOptimizer; settings as
+        peerlayer.Optimizer: kind, expert_kind, lr, momentum, beta1, beta2,
+        eps, weight_decay, expert_lr), on the CPU or on the GPU."""
+        return LayerOptimizer(self, **settings)
+
     # -- forward
     def _params(self):
         out = []
@@ -722,7 +806,9 @@ class PEER(nn.Module):
         unsupported target is refused here, at the call, not at the next
         forward."""
         try:
-            probe = fn(torch.zeros(1, dtype=torch.float32))
+            # On the module's device: a dtype-only conversion keeps a CUDA
+            # module on its GPU.
+            probe = fn(torch.zeros(1, dtype=torch.float32, device=self.experts.down.device))
         except (RuntimeError, AssertionError) as e:  # e.g. .cuda() where torch has no GPU
             if lib.has_cuda:
                 raise

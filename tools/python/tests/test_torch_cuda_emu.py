@@ -263,3 +263,35 @@ def test_torch_optimizers_step_the_cuda_parameters_as_the_cpu_ones(sparse):
         for n, p in cpu.state_dict().items():
             torch.testing.assert_close(gviews[n], p, rtol=1e-4, atol=1e-5,
                                        msg=lambda m, n=n, s=step: f"step {s}: {n}: {m}")
+
+
+def test_layer_optimizer_steps_the_cuda_layer_as_the_cpu_one():
+    """nn._layer_grads + peerlayer.Optimizer.step_pointers (what
+    LayerOptimizer.step runs) on the emulated CUDA layer, from device
+    gradients (peer_cuda_optimizer_step), against LayerOptimizer on the CPU
+    module: AdamW on the dense parameters, lazy Adam on the expert rows."""
+    config, t = BASE + ",query_norm=batchnorm", 12
+    cpu, gpu, key, state = pair(config)
+    settings = dict(kind="adam", expert_kind="adam", lr=1e-2, weight_decay=0.1)
+    opt_c = cpu.layer_optimizer(**settings)
+    opt_g = peerlayer.Optimizer(gpu, **settings)
+    gviews = device_views(gpu)
+    g = torch.Generator().manual_seed(6)
+    for step in range(3):
+        dev = EmuDevice()
+        x, dy = torch.randn(t, 16, generator=g), torch.randn(t, 16, generator=g)
+        cpu_step(cpu, x, dy)
+        opt_c.step()
+        _, _, grads, after, _ = gpu_step(key, gpu, dev, state, x, dy)
+        for b, a in zip(pnn._running_names(gpu), after):
+            gviews[b].copy_(a)
+        for n in pnn._EXPERTS:  # coalesced, in device memory (as on a GPU)
+            c = grads[n].coalesce()
+            grads[n] = torch.sparse_coo_tensor(dev.put(c.indices()), dev.put(c.values()),
+                                               c.shape, is_coalesced=True)
+        pg, keep = pnn._layer_grads(gpu, grads)
+        opt_g.step_pointers(pg, None)
+        assert opt_g.step_count == opt_c.step_count == step + 1
+        for n, p in cpu.state_dict().items():
+            torch.testing.assert_close(gviews[n], p, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=n, s=step: f"step {s}: {n}: {m}")
