@@ -23,6 +23,16 @@
   PEER_EMU_LAUNCH(grid, block, smem, stream, __VA_ARGS__)
 #endif
 
+/* PEER_K_COUNT(counter, n) adds n to one of the emulated build's work
+ * counters (peer_emu.h: peer_emu_counts.counter), so that tests and
+ * benchmarks can count a kernel's work; under nvcc it is nothing (its
+ * arguments are not evaluated). */
+#ifdef __CUDACC__
+#define PEER_K_COUNT(counter, n) ((void)0)
+#else
+#define PEER_K_COUNT(counter, n) ::peer_emu::count_work(&peer_emu_counts::counter, (n))
+#endif
+
 /* Grids stride over their work, so a launch never asks for more blocks than
  * this (the work per block then loops). */
 #define PEER_K_MAX_BLOCKS ((int64_t)1 << 20)

@@ -13,6 +13,7 @@
 #define PEER_EMU_CUDA_RUNTIME_H
 
 #include "cuda_runtime_api.h"
+#include "peer_emu.h"
 
 #ifdef __cplusplus
 #include <math.h>
@@ -80,6 +81,10 @@ uint64_t warp_collective(warp_op op, unsigned mask, uint64_t value, int param, i
 enum bar_op { B_SYNC, B_OR, B_AND, B_COUNT };
 int block_barrier(bar_op op, int pred);
 unsigned active_mask();
+
+/* Adds n to a work counter of peer_emu_counts (PEER_K_COUNT in
+ * kernels/common.cuh; read with peer_emu_get_counts). */
+void count_work(unsigned long long peer_emu_counts::*counter, unsigned long long n);
 
 template <class T> static inline uint64_t bits_of(T v) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a large type");
@@ -201,6 +206,8 @@ static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 template <class T> static inline T __ldg(const T *p) { return *p; }
+
+static inline int __popc(unsigned int x) { return __builtin_popcount(x); }
 
 static inline float __uint_as_float(unsigned int u) { return ::peer_emu::from_bits<float>(u); }
 static inline unsigned int __float_as_uint(float f) { return (unsigned int)::peer_emu::bits_of(f); }

@@ -24,6 +24,12 @@ typedef struct peer_emu_counts {
    * (cublasSetWorkspace since its last cublasSetStream, which resets it to
    * cuBLAS's own pool, as the real library does) */
   unsigned long long blas_default_workspace;
+  /* Work the kernels count (PEER_K_COUNT, kernels/common.cuh): sub-key
+   * scores the top-k' selection wrote into its candidate buffer (past its
+   * threshold), and keys it passed through its warp sort (the sort's size,
+   * a power of two, per sort). */
+  unsigned long long topk_candidates;
+  unsigned long long topk_sorted;
 } peer_emu_counts;
 
 /* The counts since the process started. */

@@ -46,6 +46,7 @@ std::string launch_failure_text = "unspecified launch failure";
 
 std::atomic<unsigned long long> n_device_syncs{0}, n_stream_syncs{0}, n_mallocs{0}, n_frees{0},
     n_launches{0}, n_kernel_errors{0}, n_blas_default_workspace{0};
+peer_emu_counts work_counts; /* the kernels' (count_work), added to atomically */
 std::atomic<long> fail_countdown{-1};
 
 thread_local cudaError_t last_error = cudaSuccess;
@@ -152,6 +153,9 @@ void kernel_error(const char *msg) {
 
 void count_launch() { n_launches++; }
 void count_blas_default_workspace() { n_blas_default_workspace++; }
+void count_work(unsigned long long peer_emu_counts::*counter, unsigned long long n) {
+  __atomic_fetch_add(&(work_counts.*counter), n, __ATOMIC_RELAXED);
+}
 
 } // namespace peer_emu
 
@@ -167,6 +171,8 @@ void peer_emu_get_counts(peer_emu_counts *out) {
   out->launches = n_launches;
   out->kernel_errors = n_kernel_errors;
   out->blas_default_workspace = n_blas_default_workspace;
+  out->topk_candidates = __atomic_load_n(&work_counts.topk_candidates, __ATOMIC_RELAXED);
+  out->topk_sorted = __atomic_load_n(&work_counts.topk_sorted, __ATOMIC_RELAXED);
 }
 
 void peer_emu_fail_malloc(long n) {
