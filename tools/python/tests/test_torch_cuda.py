@@ -30,14 +30,14 @@ import peerlayer  # noqa: E402
 import peerlayer.optim  # noqa: E402
 from peerlayer.core import PeerError, lib  # noqa: E402
 from peerlayer.nn import PEER  # noqa: E402
+from test_torch_cuda_emu import emulated_library  # noqa: E402
 
 
 def _why_not():
     if not lib.has_cuda:
         return f"{lib.path} was built without the CUDA backend (cmake -DPEER_CUDA=ON)"
-    with open(lib.path, "rb") as f:
-        if b"PEER_CUDA=EMU" in f.read():
-            return f"{lib.path} is the emulated CUDA build (test_torch_cuda_emu.py covers it)"
+    if emulated_library():
+        return f"{lib.path} is the emulated CUDA build (test_torch_cuda_emu.py covers it)"
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no CUDA device"
     return None

@@ -30,14 +30,15 @@ from peerlayer.core import Layer, check, lib  # noqa: E402
 from peerlayer.nn import PEER  # noqa: E402
 
 
-def _emulated():
+def emulated_library():
+    """Whether the loaded libpeer is the emulated CUDA build."""
     if not lib.has_cuda:
         return False
     with open(lib.path, "rb") as f:  # the emulator's device name (kernels/emu/runtime.cc)
         return b"PEER_CUDA=EMU" in f.read()
 
 
-REASON = None if _emulated() else (f"{lib.path} is not the emulated CUDA build (cmake "
+REASON = None if emulated_library() else (f"{lib.path} is not the emulated CUDA build (cmake "
                                    "-DPEER_CUDA=EMU): these tests view device memory from the host")
 if REASON and os.environ.get("PEER_REQUIRE_EMU"):  # tools/test: they must run
     raise RuntimeError(f"PEER_REQUIRE_EMU is set, but {REASON}")
@@ -125,6 +126,20 @@ def gpu_step(key, layer, dev, state, x, dy, sparse=True):
         else:
             grads[n] = next(dense)
     return y, dx, grads, after, token
+
+
+def step_both(cpu, key, gpu, state, g, t, sparse=True):
+    """One training step of the same random batch on the CPU module (its
+    .grad set) and on the emulated CUDA layer, whose running statistics are
+    then updated as the module does; the CUDA gradients."""
+    dev = EmuDevice()
+    x, dy = torch.randn(t, 16, generator=g), torch.randn(t, 16, generator=g)
+    cpu_step(cpu, x, dy)
+    _, _, grads, after, _ = gpu_step(key, gpu, dev, state, x, dy, sparse)
+    views = device_views(gpu)
+    for b, a in zip(pnn._running_names(gpu), after):
+        views[b].copy_(a)
+    return grads, dev
 
 
 def assert_grads_equal(cpu_grads, gpu_grads):
@@ -255,12 +270,7 @@ def test_torch_optimizers_step_the_cuda_parameters_as_the_cpu_ones(sparse):
     opt_g = optimizers(gparams)
     g = torch.Generator().manual_seed(4)
     for step in range(3):
-        dev = EmuDevice()
-        x, dy = torch.randn(t, 16, generator=g), torch.randn(t, 16, generator=g)
-        cpu_step(cpu, x, dy)
-        _, _, grads, after, _ = gpu_step(key, gpu, dev, state, x, dy, sparse)
-        for b, a in zip(pnn._running_names(gpu), after):
-            gviews[b].copy_(a)
+        grads, _ = step_both(cpu, key, gpu, state, g, t, sparse)
         for n, p in gparams.items():
             p.grad = grads[n]
         for o in opt_c + opt_g:
@@ -283,13 +293,8 @@ def test_layer_optimizer_steps_the_cuda_layer_as_the_cpu_one():
     gviews = device_views(gpu)
     g = torch.Generator().manual_seed(6)
     for step in range(3):
-        dev = EmuDevice()
-        x, dy = torch.randn(t, 16, generator=g), torch.randn(t, 16, generator=g)
-        cpu_step(cpu, x, dy)
+        grads, dev = step_both(cpu, key, gpu, state, g, t)
         opt_c.step()
-        _, _, grads, after, _ = gpu_step(key, gpu, dev, state, x, dy)
-        for b, a in zip(pnn._running_names(gpu), after):
-            gviews[b].copy_(a)
         for n in pnn._EXPERTS:  # coalesced, in device memory (as on a GPU)
             c = grads[n].coalesce()
             grads[n] = torch.sparse_coo_tensor(dev.put(c.indices()), dev.put(c.values()),
