@@ -1,7 +1,8 @@
 // bench_forward.cc: throughput of peer_forward, and of a training step
-// (peer_forward_train + peer_backward), on the CPU backend, measured
-// against the floor this machine allows (docs/PEER.md "Cost per token" divided
-// by the ceilings in DESIGN.md "Performance method").
+// (peer_forward_train + peer_backward), on the CPU backend, with the
+// per-token counts its floor needs (docs/PEER.md "Cost per token": MACs,
+// random expert-row bytes and their row size, streamed bytes); the floor is
+// bench/roofline.py's, from this host's ceilings measured by bench/ceilings.
 //
 // Configs: the reference layer (d=512, H=8, d_key=256, n=1024 -> 1M experts,
 // k=16), a small one (d=256, n=256 -> 64K experts), and the two steps between
@@ -19,7 +20,6 @@
 #include "common.h"
 
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -27,13 +27,6 @@
 namespace {
 
 using namespace bench;
-
-// Ceilings of the development machine (2 cores AMD Zen 4), from
-// /work/shared/DESIGN.md "Performance method": f32 FMA about 116 GFLOP/s per
-// core; random row gather 4 to 7 GB/s per thread (6 taken here).  Both scale
-// with the thread count.
-constexpr double kFlopsPerCore = 116e9;
-constexpr double kGatherBytesPerThread = 6e9;
 
 // Distinct tokens the inputs rotate over: at least this many, and at least
 // kMinBatchesInPool batches, so the rows a token selects are not cached from
@@ -46,15 +39,30 @@ constexpr Shape kSmall = {"small", 256, 256};
 // at the reference N).
 constexpr Shape kNarrow = {"d256", 256, 1024};
 
-// Per-token work (common.h) and its floor on this machine.
-struct Cost : Work {
-  Cost(const Work &w) : Work(w) {}
-  double floor_seconds(int threads) const {
-    double compute = 2.0 * macs / (kFlopsPerCore * threads);
-    double gather = expert_bytes / (kGatherBytesPerThread * threads);
-    return std::max(compute, gather);
-  }
-};
+// Bytes per token streamed in order: the query weight and the keys once per
+// call (`passes` times: forward and backward), spread over the batch, plus
+// `vectors` rows of d floats (x, y, dy, dx) and the training context
+// (written by forward_train, read by backward).
+double streamed_bytes(const peer_config &c, int64_t batch, double passes, double vectors,
+                      double ctx_bytes = 0) {
+  double G = c.shared_keys ? 1.0 : double(c.n_heads);
+  double params = double(c.n_heads * c.d_key * c.d_model) + G * double(c.n_subkeys * c.d_key);
+  return (passes * params * 4.0 + 2.0 * ctx_bytes) / double(batch) +
+         vectors * double(c.d_model) * 4.0;
+}
+
+// The counters bench/roofline.py turns into a floor: MAC/s, expert_B/s (random
+// rows), stream_B/s, and row_B (bytes of one expert row).
+void count(benchmark::State &state, const peer_config &cfg, const Work &w, double stream,
+           int64_t batch) {
+  const double tokens = double(state.iterations()) * double(batch);
+  using benchmark::Counter;
+  state.counters["tokens/s"] = Counter(tokens, Counter::kIsRate);
+  state.counters["MAC/s"] = Counter(tokens * w.macs, Counter::kIsRate);
+  state.counters["expert_B/s"] = Counter(tokens * w.expert_bytes, Counter::kIsRate);
+  state.counters["stream_B/s"] = Counter(tokens * stream, Counter::kIsRate);
+  state.counters["row_B"] = double(cfg.d_model * int64_t(peer_dtype_size(cfg.weight_dtype)));
+}
 
 peer_options cpu_options() {
   peer_options opt;
@@ -101,28 +109,7 @@ void forward(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t bat
     ++next;
   }
 
-  const Cost cost = forward_work(cfg);
-  const double tokens = double(state.iterations()) * double(batch);
-  using benchmark::Counter;
-  state.counters["tokens/s"] = Counter(tokens, Counter::kIsRate);
-  state.counters["expert_B/s"] = Counter(tokens * cost.expert_bytes, Counter::kIsRate);
-  state.counters["MAC/s"] = Counter(tokens * cost.macs, Counter::kIsRate);
-  // tokens * floor_seconds / elapsed = achieved tokens/s over floor tokens/s.
-  state.counters["floor_frac"] = Counter(tokens * cost.floor_seconds(threads), Counter::kIsRate);
-  char label[96];
-  std::snprintf(
-      label, sizeof label, "floor %.1f us/token (%s bound)", 1e6 * cost.floor_seconds(threads),
-      2.0 * cost.macs / kFlopsPerCore > cost.expert_bytes / kGatherBytesPerThread ? "compute"
-                                                                                  : "gather");
-  state.SetLabel(label);
-}
-
-// A training step also writes one f32 gradient row pair per distinct expert
-// the batch used: counted as H*k per token (every row distinct).
-Work train_cost_of(const peer_config &c) {
-  Work w = train_work(c);
-  w.expert_bytes += 2.0 * double(c.n_heads * c.top_k * c.d_model) * 4.0;
-  return w;
+  count(state, cfg, forward_work(cfg), streamed_bytes(cfg, batch, 1, 2), batch);
 }
 
 void train_step(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t batch,
@@ -177,18 +164,15 @@ void train_step(benchmark::State &state, Shape shape, peer_dtype dtype, int64_t 
   }
   peer_context_free(ctx);
 
-  const Cost cost = train_cost_of(cfg);
-  const double tokens = double(state.iterations()) * double(batch);
-  using benchmark::Counter;
-  state.counters["tokens/s"] = Counter(tokens, Counter::kIsRate);
-  state.counters["MAC/s"] = Counter(tokens * cost.macs, Counter::kIsRate);
-  state.counters["floor_frac"] = Counter(tokens * cost.floor_seconds(threads), Counter::kIsRate);
+  // Streamed: the parameters read in both passes and their gradients written
+  // once, and one f32 gradient row pair per distinct expert the batch used,
+  // written as a list (counted as H*k per token: every row distinct).
+  const double grad_rows = 2.0 * double(hk * d) * 4.0;
+  count(state, cfg, train_work(cfg),
+        streamed_bytes(cfg, batch, 3, 4, double(ctx_bytes)) + grad_rows, batch);
   // Training context per token (what forward_train keeps for backward, plus
   // the backward's scratch), not counting the sparse gradient rows.
   state.counters["ctx_KiB/token"] = double(ctx_bytes) / 1024.0 / double(batch);
-  char label[96];
-  std::snprintf(label, sizeof label, "floor %.1f us/token", 1e6 * cost.floor_seconds(threads));
-  state.SetLabel(label);
 }
 
 using Runner = void (*)(benchmark::State &, Shape, peer_dtype, int64_t, int);

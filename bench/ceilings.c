@@ -10,7 +10,12 @@
 // Prints "key=value" lines (lines starting with '#' are for people); --json
 // FILE writes the same keys as one JSON object.  Each number is the best of
 // --reps timed runs of --seconds each (the machine is shared: the best run
-// is the one least disturbed); the human lines give the median too.
+// is the one least disturbed); the human lines give the median too.  A run
+// counts only if every thread was on a core for at least 90% of it (its CPU
+// time against the wall time); when no run of a measurement was, the number
+// is work over CPU time instead, and `contended_measurements` counts those
+// (for several threads that overstates what they share, such as bandwidth:
+// measure again on a quieter machine).
 #define _GNU_SOURCE
 #include <immintrin.h>
 #include <omp.h>
@@ -59,7 +64,16 @@ typedef double (*body_fn)(void *ctx, int tid, int nt, double deadline);
 
 typedef struct {
   double best, median; // work per second, over the reps
+  double share;        // least CPU time / wall time of a thread in the best run
 } rate;
+
+static double thread_cpu_seconds(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int contended_measurements;
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -70,26 +84,38 @@ static double opt_seconds = 0.25;
 static int opt_reps = 5;
 
 // All `nt` threads start together after a barrier and stop at one deadline;
-// the rate is their summed work over the time until the last one stopped.
+// the rate is their summed work over the time until the last one stopped,
+// from the runs in which every thread held a core (else over CPU time).
 static rate measure(body_fn body, void *ctx, int nt) {
-  double r[64];
-  int reps = opt_reps < 64 ? opt_reps : 64;
+  double r[64], by_cpu[64], share[64];
+  int reps = opt_reps < 64 ? opt_reps : 64, clean = 0;
   for (int rep = 0; rep < reps; rep++) {
-    double work = 0, t0 = 0, t1 = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : work)
+    double work = 0, t0 = 0, t1 = 0, cpu_min = 1e30, cpu_max = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : work) reduction(min : cpu_min) \
+    reduction(max : cpu_max)
     {
 #pragma omp barrier
 #pragma omp single
       t0 = now();
+      const double c0 = thread_cpu_seconds();
       work = body(ctx, omp_get_thread_num(), nt, t0 + opt_seconds);
+      cpu_min = cpu_max = thread_cpu_seconds() - c0;
 #pragma omp barrier
 #pragma omp single
       t1 = now();
     }
-    r[rep] = work / (t1 - t0);
+    share[rep] = cpu_min / (t1 - t0);
+    by_cpu[rep] = work / cpu_max;
+    if (share[rep] >= 0.9) r[clean++] = work / (t1 - t0);
   }
-  qsort(r, (size_t)reps, sizeof r[0], cmp_double);
-  return (rate){r[reps - 1], r[(reps - 1) / 2]};
+  if (!clean) { // every run lost its core part of the time
+    contended_measurements++;
+    for (int rep = 0; rep < reps; rep++)
+      r[clean++] = by_cpu[rep];
+  }
+  qsort(r, (size_t)clean, sizeof r[0], cmp_double);
+  qsort(share, (size_t)reps, sizeof share[0], cmp_double);
+  return (rate){r[clean - 1], r[(clean - 1) / 2], share[reps - 1]};
 }
 
 // ---------------------------------------------------------------- arithmetic
@@ -609,6 +635,17 @@ int main(int argc, char **argv) {
   munmap(table, tbytes);
   free(offs);
   free(cc);
+  const double *load = NULL;
+  double la[3];
+  FILE *lf = fopen("/proc/loadavg", "r");
+  if (lf && fscanf(lf, "%lf %lf %lf", &la[0], &la[1], &la[2]) == 3) load = la;
+  if (lf) fclose(lf);
+  if (load) put(load[0], "load_average_1min_at_end");
+  put(contended_measurements, "contended_measurements");
+  if (contended_measurements)
+    printf("# %d measurement(s) had no run with every thread on a core 90%% of the time: "
+           "those are work over CPU time (see the file's head)\n",
+           contended_measurements);
   if (json) write_json(json, cpu, isa);
   return 0;
 }

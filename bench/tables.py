@@ -6,6 +6,10 @@ Usage:
   build/bin/bench_retrieval --benchmark_out=retrieval.json --benchmark_out_format=json
   build/bin/bench_cuda --benchmark_out=cuda.json --benchmark_out_format=json   # with a GPU
   python3 bench/tables.py forward.json retrieval.json cuda.json
+  python3 bench/tables.py --ceilings ceilings.json forward.json   # with floor columns
+
+The CPU floor columns need this host's ceilings (build/bin/ceilings --json
+ceilings.json); the floor is bench/roofline.py's floor_of.
 
 The CUDA tables appear only when CUDA results are given (bench_cuda writes no
 JSON without a device).
@@ -94,8 +98,11 @@ def retrieval_tables(results, out):
 SHAPES = "ref: d=512, n=1024 (N=1M); small: d=256, n=256; n512: d=512, n=512; d256: d=256, n=1024; all H=8, k=16, d_key=256"
 
 
-def step_tables(results, out, kind, title):
-    """Forward or training-step rows of bench_forward."""
+def step_tables(results, out, kind, title, ceil=None):
+    """Forward or training-step rows of bench_forward; floor columns from the
+    ceilings (roofline.Ceilings) when given, else "-"."""
+    if ceil:
+        from roofline import floor_of, step_cost
     rows = []
     for name, r in results.items():
         k, words, f = parse_name(name)
@@ -114,14 +121,14 @@ def step_tables(results, out, kind, title):
             out.write(f"| {cfg} | {dtype} | {threads} | {-neg_batch} | error: {r['error']} |||||\n")
             continue
         tps = r.get("tokens/s")
-        frac = r.get("floor_frac")
-        floor = tps / frac if tps and frac else None
+        floor = 1.0 / floor_of(step_cost(r), ceil, threads)[0] if ceil and tps else None
+        frac = f"{tps / floor:.2f}" if floor else "-"
         ms = r["real_time"] * {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[r.get("time_unit", "ns")]
         cv = f" ({100 * r['cv']:.0f}%)" if "cv" in r else ""
         tail = (f" | {r.get('ctx_KiB/token', 0):.1f} |" if train else
                 f" | {r.get('expert_B/s', 0) / 1e9:.2f} | {r.get('MAC/s', 0) / 1e9:.1f} |")
         out.write(f"| {cfg} | {dtype} | {threads} | {-neg_batch} | {ms:.3g}{cv} | {fmt(tps)} | {fmt(floor)}"
-                  f" | {frac:.2f}{tail}\n")
+                  f" | {frac}{tail}\n")
     out.write("\n")
 
 
@@ -226,10 +233,15 @@ def cuda_tables(results, devices, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="--benchmark_out files (json format)")
+    ap.add_argument("--ceilings", help="bench/ceilings --json output: floor columns of the CPU tables")
     args = ap.parse_args()
     results = load(args.json)
-    step_tables(results, sys.stdout, "forward", "Forward")
-    step_tables(results, sys.stdout, "train_step", "Training step (forward_train + backward)")
+    ceil = None
+    if args.ceilings:
+        from roofline import Ceilings
+        ceil = Ceilings(args.ceilings)
+    step_tables(results, sys.stdout, "forward", "Forward", ceil)
+    step_tables(results, sys.stdout, "train_step", "Training step (forward_train + backward)", ceil)
     pieces_tables(results, sys.stdout)
     retrieval_tables(results, sys.stdout)
     cuda_tables(results, cuda_devices(args.json), sys.stdout)
