@@ -160,6 +160,10 @@ def _running_names(layer):
     return [n for n in layer.tensors if _SLOTS[n][2]]
 
 
+def _grown(n):
+    return n + (n + 3) // 4
+
+
 class _CudaState:
     """What the CUDA path keeps per layer between calls.  The layer's device
     scratch: a byte tensor from torch's caching allocator, registered with
@@ -175,6 +179,7 @@ class _CudaState:
     def __init__(self, key, layer):
         self.layer = layer
         self._free = []
+        self._most = 0  # the largest context made
         self._lock = threading.Lock()
         self._workspace, self._workspace_tokens = None, 0
         self._running = None
@@ -197,8 +202,13 @@ class _CudaState:
                 self._free.remove(ctx)
                 return ctx
             # The batch grew: pooled contexts are too small (freeing them waits
-            # for the device, once per growth).
+            # for the device), and new ones grow by a quarter at least, so that
+            # batches growing a little at a time cause few such waits.
             smaller, self._free = self._free, []
+            if n_tokens > self._most:
+                n_tokens = self._most = max(n_tokens, _grown(self._most))
+            else:
+                n_tokens = self._most
         del smaller
         return core.Context(self.layer, n_tokens)
 
@@ -211,6 +221,7 @@ class _CudaState:
         the old buffer goes back to torch's allocator, stream-ordered)."""
         if n_tokens <= self._workspace_tokens:
             return
+        n_tokens = max(n_tokens, _grown(self._workspace_tokens))
         size = ctypes.c_size_t()
         check(lib.peer_cuda_workspace_size(self.layer.handle, n_tokens, ctypes.byref(size)))
         buf = dev.empty((max(size.value, 1),), torch.uint8)
