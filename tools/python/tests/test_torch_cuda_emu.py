@@ -231,6 +231,10 @@ def test_contexts_are_pooled_not_freed():
     big = dev.put(torch.randn(2 * t, 16))
     _, token, _ = pnn._forward_train(key, big, dev, state)  # grown: the small ones go
     assert state._free == [] and pnn._Saved.find(token).ctx.max_tokens == 2 * t
+    del token
+    one_more = dev.put(torch.randn(2 * t + 1, 16))  # grows by a quarter at least
+    _, token, _ = pnn._forward_train(key, one_more, dev, state)
+    assert pnn._Saved.find(token).ctx.max_tokens == 2 * t + (2 * t + 3) // 4
 
 
 def test_workspace_is_the_callers_buffer_and_grows():
@@ -246,6 +250,8 @@ def test_workspace_is_the_callers_buffer_and_grows():
     assert state._workspace is ws
     pnn._forward_train(key, dev.put(torch.randn(3 * t, 16)), dev, state)
     assert state._workspace is not ws and state._workspace_tokens == 3 * t
+    pnn._forward_train(key, dev.put(torch.randn(3 * t + 1, 16)), dev, state)
+    assert state._workspace_tokens == 3 * t + (3 * t + 3) // 4
 
 
 @pytest.mark.parametrize("sparse", [True, False])
