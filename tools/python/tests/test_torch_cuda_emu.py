@@ -312,3 +312,17 @@ def test_layer_optimizer_steps_the_cuda_layer_as_the_cpu_one():
         for n, p in cpu.state_dict().items():
             torch.testing.assert_close(gviews[n], p, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, n=n, s=step: f"step {s}: {n}: {m}")
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_empty_batch(sparse):
+    config, _ = CONFIGS[1]
+    cpu, gpu, key, state = pair(config)
+    cpu.sparse_grads = sparse
+    x = torch.empty(0, 16)
+    _, dx_c, grads_c = cpu_step(cpu, x, x)
+    y, dx, grads, after, _ = gpu_step(key, gpu, EmuDevice(), state, x, x, sparse)
+    assert y.shape == dx.shape == dx_c.shape == (0, 16) and after == []
+    assert_grads_equal(grads_c, grads)
+    for n, g in grads.items():
+        assert not g.to_dense().any(), n
