@@ -319,11 +319,29 @@ class _Saved:
 
 @torch.library.custom_op("peerlayer::forward", mutates_args=())
 def _forward_op(key: int, x: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:
-    """Inference forward: y [T, d] for x [T, d] f32 CPU (batch norm on running
+    """Inference forward: y [T, d] for x [T, d] f32 (batch norm on running
     statistics).  params are the layer's trainable tensors (read by the library
-    from its own memory, which they are)."""
+    from its own memory, which they are).  The CPU kernel; CUDA's is below."""
     y = torch.empty_like(x)
     _layer(key).forward(x.detach().numpy(), out=y.numpy())
+    return y
+
+
+@_forward_op.register_kernel("cuda")
+def _(key, x, params):
+    return _cuda_forward(key, x, _TorchCuda(x.device))
+
+
+def _cuda_forward(key, x, dev):
+    """The inference forward on a CUDA layer: peer_cuda_forward on dev's
+    stream, then peer_cuda_check, which waits for the stream: a non-finite
+    score (or a CUDA error) is raised here, as on the CPU."""
+    layer = _layer(key)
+    _CudaState.of(key).workspace(x.shape[0], dev)
+    y = dev.empty(x.shape, torch.float32)
+    layer._call(lib.peer_cuda_forward, x.shape[0], x.data_ptr(), y.data_ptr(), None, None,
+                dev.stream)
+    layer._call(lib.peer_cuda_check, dev.stream)
     return y
 
 
@@ -749,8 +767,6 @@ class PEER(nn.Module):
         elif self.training and self._batchnorm:
             # Training-mode batch norm updates the running statistics, as torch's does.
             y = self._forward_train(x2, params)
-        elif self._cuda:
-            y = self._forward_cuda(x2)
         else:
             y = torch.ops.peerlayer.forward(self._key, x2, params)
         y = y.reshape(*lead, d).to(dtype)
@@ -765,16 +781,6 @@ class PEER(nn.Module):
         with torch.no_grad():
             for b, value in zip(buffers, running):
                 b.copy_(value)
-        return y
-
-    def _forward_cuda(self, x):
-        dev = _TorchCuda(x.device)
-        self._cuda_state.workspace(x.shape[0], dev)
-        y = dev.empty(x.shape, torch.float32)
-        self.layer._call(lib.peer_cuda_forward, x.shape[0], x.data_ptr(), y.data_ptr(), None,
-                         None, dev.stream)
-        # Surfaces a non-finite score (or a CUDA error) now, at the cost of a sync.
-        self.check()
         return y
 
     def check(self):
