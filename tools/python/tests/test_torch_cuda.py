@@ -14,6 +14,7 @@ cuBLAS's products); forward and gradients agree to rtol 1e-5 / atol 1e-5
 (relative to values of order 1), parameters after three Adam steps to
 rtol 1e-4 / atol 1e-5.  Ids are compared exactly."""
 
+import copy
 import ctypes
 import os
 
@@ -235,3 +236,42 @@ def _saved(tmp_path, sd):
     path = tmp_path / "sd.pt"
     torch.save(sd, path)
     return path
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1]])
+def test_opcheck_on_cuda(config):
+    m = PEER(config, seed=4, device="cuda")
+    params = m._params()
+    running = [getattr(owner, attr) for owner, attr in m._running]
+    x = torch.randn(7, 32, device="cuda", requires_grad=True)
+    for sparse in (True, False):
+        torch.library.opcheck(torch.ops.peerlayer.forward_train.default,
+                              (m._key, x, params, running, sparse))
+    torch.library.opcheck(torch.ops.peerlayer.forward.default,
+                          (m._key, x.detach(), [p.detach() for p in params]))
+
+
+def test_compile_fullgraph_on_cuda_trains_as_eager_does():
+    from test_torch_ops import grads_of, two_block_model
+    torch.manual_seed(0)
+    eager = two_block_model().cuda()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    opts = [peerlayer.optim.AdamW(m, lr=1e-2, weight_decay=0.1) for m in (eager, compiled_model)]
+    tokens = torch.randint(0, 11, (3, 5), device="cuda")
+    for _ in range(2):
+        y_e, y_c = eager(tokens), compiled(tokens)
+        torch.testing.assert_close(y_c, y_e, **TOL)
+        y_e.square().mean().backward()
+        y_c.square().mean().backward()
+        ge, gc = grads_of(eager), grads_of(compiled_model)
+        assert ge.keys() == gc.keys() and "1.ffn.experts.down" in ge
+        for n in ge:
+            torch.testing.assert_close(gc[n], ge[n], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, n=n: f"{n}: {m}")
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    eager.eval(), compiled_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), eager(tokens), **TOL)

@@ -326,3 +326,17 @@ def test_empty_batch(sparse):
     assert_grads_equal(grads_c, grads)
     for n, g in grads.items():
         assert not g.to_dense().any(), n
+
+
+def test_inference_forward_matches_cpu():
+    config, _ = CONFIGS[0]  # batch norm: running statistics in inference
+    cpu, gpu, key, state = pair(config)
+    views = device_views(gpu)
+    for n in pnn._running_names(gpu):  # statistics that are not the initial ones
+        views[n].uniform_(0.5, 1.5)
+        getattr(cpu.query.norm, n.rsplit(".", 1)[1]).copy_(views[n])
+    dev = EmuDevice()
+    x = torch.randn(30, 16)
+    with torch.no_grad():
+        y_c = cpu.eval()(x)
+    torch.testing.assert_close(pnn._cuda_forward(key, dev.put(x), dev), y_c, **TOL)
