@@ -55,24 +55,38 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 class EmuDevice:
     """_TorchCuda's interface (empty, wrap, stream) over emulated device
     memory: a bump allocator in the expert tables of a CUDA layer made for it,
-    256-byte aligned as cudaMalloc is; views are CPU tensors."""
+    256-byte aligned as cudaMalloc is; views are CPU tensors.  A buffer starts
+    as 0xff bytes (NaN, -1: what torch.empty may give, so nothing relies on
+    zeroed memory) and is followed by 256 guard bytes, which check_guards()
+    verifies (a write past a buffer the module sized)."""
 
     stream = None
+    GUARD = 0xA5
 
     def __init__(self, n_rows=4096, d=256):
         self.arena = Layer(f"d_model={d},n_heads=1,d_key=2,n_subkeys={int(n_rows ** 0.5)},"
                            "top_k=1", backend="cuda")
         self.base, shape, _ = self.arena.tensors["experts.down"]
         self.size = int(np.prod(shape)) * 4
+        self.bytes = self.wrap(self.base, (self.size,), np.uint8, self.arena)
         self.used = 0
+        self.guards = []
 
     def empty(self, shape, dtype):
         nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         off = -(-self.used // 256) * 256
-        assert off + nbytes <= self.size, "EmuDevice: arena too small"
-        self.used = off + nbytes
+        assert off + nbytes + 256 <= self.size, "EmuDevice: arena too small"
+        self.bytes[off:off + nbytes] = 0xFF
+        self.bytes[off + nbytes:off + nbytes + 256] = self.GUARD
+        self.guards.append((off + nbytes, off + nbytes + 256))
+        self.used = off + nbytes + 256
         np_dtype = {torch.float32: np.float32, torch.int64: np.int64, torch.uint8: np.uint8}
         return self.wrap(self.base + off, shape, np_dtype[dtype], self.arena)
+
+    def check_guards(self):
+        for a, b in self.guards:
+            assert bool((self.bytes[a:b] == self.GUARD).all()), \
+                f"EmuDevice: bytes {a}..{b} written: a buffer was too small"
 
     @staticmethod
     def wrap(ptr, shape, dtype, owner):
@@ -115,6 +129,7 @@ def gpu_step(key, layer, dev, state, x, dy, sparse=True):
     xd, dyd = dev.put(x), dev.put(dy)
     y, token, after = pnn._forward_train(key, xd, dev, state)
     dx, dense, rows, down, up = pnn._cuda_backward(key, token, xd, dyd, not sparse, dev)
+    dev.check_guards()
     names = pnn._trainable_names(layer)
     views = device_views(layer)
     dense = iter(dense)
@@ -340,3 +355,4 @@ def test_inference_forward_matches_cpu():
     with torch.no_grad():
         y_c = cpu.eval()(x)
     torch.testing.assert_close(pnn._cuda_forward(key, dev.put(x), dev), y_c, **TOL)
+    dev.check_guards()
