@@ -664,7 +664,9 @@ PEER_API peer_status peer_shard_load(peer_shard *shard, peer_shard_optimizer *op
                                      const char *path);
 /* Load an unsharded weight file or checkpoint (peer_layer_save,
  * peer_checkpoint_save) into a shard: the replicated tensors and this rank's
- * columns.  Reads each expert tensor whole into a temporary buffer. */
+ * columns, and with opt the optimizer's state (its expert tables' columns
+ * too) and step, refused as peer_checkpoint_load refuses.  Reads each expert
+ * tensor whole into a temporary buffer. */
 PEER_API peer_status peer_shard_load_full(peer_shard *shard, peer_shard_optimizer *opt,
                                           const char *path);
 /* File to files: split an unsharded weight file or checkpoint into `world`

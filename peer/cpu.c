@@ -474,6 +474,7 @@ static const peer_backend_i cpu_backend = {
 const peer_cpu_impl peer_cpu_variant = {
     .name = PEER_CPU_STR(PEER_CPU_VARIANT),
     .backend = &cpu_backend,
+    .train = &peer_cpu_train_variant,
     .gemm_nt = peer_cpu_gemm_nt,
     .layout = peer_cpu_layout,
     .thread_pack = peer_cpu_thread_pack,

@@ -31,6 +31,7 @@
 #define peer_cpu_forward_train PEER_CPU_V(peer_cpu_forward_train)
 #define peer_cpu_backward PEER_CPU_V(peer_cpu_backward)
 #define peer_cpu_variant PEER_CPU_V(peer_cpu_variant)
+#define peer_cpu_train_variant PEER_CPU_V(peer_cpu_train_variant)
 #define peer_cpu_keys16_ready PEER_CPU_V(peer_cpu_keys16_ready)
 #define peer_cpu_bf16_scratch_bytes PEER_CPU_V(peer_cpu_bf16_scratch_bytes)
 #define peer_cpu_bf16_lists PEER_CPU_V(peer_cpu_bf16_lists)
@@ -264,12 +265,70 @@ peer_status peer_cpu_forward_train(peer_layer *layer, peer_context *ctx, int64_t
 peer_status peer_cpu_backward(peer_layer *layer, peer_context *ctx, const float *dy, float *dx,
                               peer_grads *grads);
 
-/* One variant: its name, its backend table and the entry points that
- * programs outside the backend (bench_pieces) reach through the plain names.
- * Each variant defines one (peer_cpu_variant, suffixed). */
+/* Training's arrays, carved out of a context's memory (cpu_train.c; the
+ * sharded layer's contexts hold them too). */
+typedef struct peer_cpu_train_mem {
+  float *q;      /* [T, dq] queries as used for retrieval (after norm) */
+  float *qhat;   /* [T, dq] normalised, before the affine (batch norm only) */
+  float *mean;   /* [dq] batch mean */
+  float *invstd; /* [dq] 1 / sqrt(batch var + eps) */
+  int64_t *ids;  /* [T, H, k] */
+  float *scores, *gates, *z;         /* [T, H, k]; z = u_i . x */
+  float *dq;                         /* [T, dq] */
+  float *cdown, *cup, *ds;           /* [T, H, k] per-entry coefficients */
+  float *dqT, *xT, *WqT, *tmp;       /* transposes and a [T, d] temporary */
+  uint32_t *key, *val, *key2, *val2; /* radix sort, 2*T*H*k + 1 each */
+  char *per_thread;                  /* packing and row scratch, >= 2d floats a thread */
+  size_t per_thread_bytes;
+} peer_cpu_train_mem;
+
+/* The passes of one variant's training (cpu_train.c) that the sharded layer
+ * (shard.c, shard_train.c) runs between its collectives, as the unsharded
+ * layer runs them: those of the variant the process chose (its
+ * peer_cpu_impl's train). */
+typedef struct peer_cpu_train_impl {
+  /* Lays out m for T tokens and P threads from base (NULL: only counts);
+   * returns the bytes. */
+  size_t (*layout)(const peer_layer *L, int64_t T, int P, char *base, peer_cpu_train_mem *m);
+  /* Smallest token whose row of d values holds NaN or infinity, or T. */
+  int64_t (*first_nonfinite_row)(const float *x, int64_t T, int64_t d, int P);
+  /* The training forward before the expert phase: x checked, m->q (batch
+   * norm: batch statistics), retrieval into m->ids, scores, gates. */
+  peer_status (*queries)(peer_layer *L, int64_t T, const float *x, const cpu_ws *w,
+                         peer_cpu_train_mem *m, int P);
+  /* Batch norm's running statistics from the batch's (after success). */
+  void (*update_running)(peer_layer *L, int64_t T, const peer_cpu_train_mem *m);
+  /* z[e] = table[ids[e]] . x[t, col0 .. col0 + cols) for T*H*k entries, the
+   * table (`slot`, experts.down or .up) holding rows of cols values; x rows
+   * of d.  Per-thread scratch of >= cols floats at scratch + thread * stride. */
+  void (*expert_dots)(const peer_layer *L, int slot, int64_t col0, int64_t cols, int64_t T,
+                      const float *x, const int64_t *ids, float *z, char *scratch, size_t stride,
+                      int P);
+  /* out[t, 0..cols) = sum over token t's entries of c_e * table[ids[e]], with
+   * c_e = coef[e] * act(z[e]) (the forward: coef the gates) or, z NULL,
+   * coef[e]. */
+  void (*expert_combine)(const peer_layer *L, int slot, int64_t cols, int64_t T,
+                         const int64_t *ids, const float *coef, const float *z, float *out,
+                         char *scratch, size_t stride, int P);
+  /* From vd[e] = v_i . dy: m->cdown, m->cup, and m->ds (d loss / d score). */
+  void (*entry_coefficients)(const peer_layer *L, int64_t T, const float *vd,
+                             peer_cpu_train_mem *m, int P);
+  /* Expert gradient rows over columns [col0, col0 + cols) of x and dy. */
+  void (*expert_grads)(const peer_layer *L, int64_t T, const float *x, const float *dy,
+                       int64_t col0, int64_t cols, peer_cpu_train_mem *m, peer_grads *gr, int P);
+  /* Query, norm and sub-key gradients and dx's query part (added), from m->ds. */
+  void (*dense_grads)(const peer_layer *L, int64_t T, const float *x, float *dx,
+                      peer_cpu_train_mem *m, peer_grads *gr, int P);
+} peer_cpu_train_impl;
+
+/* One variant: its name, its backend table, its training passes (for the
+ * sharded layer) and the entry points that programs outside the backend
+ * (bench_pieces) reach through the plain names.  Each variant defines one
+ * (peer_cpu_variant, suffixed). */
 typedef struct peer_cpu_impl {
   const char *name;
   const peer_backend_i *backend;
+  const peer_cpu_train_impl *train;
   void (*gemm_nt)(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B,
                   int64_t ldb, float *C, int64_t ldc, float *pack);
   void (*layout)(const peer_layer *layer, int64_t T, void *base, cpu_ws *w);
@@ -284,6 +343,7 @@ typedef struct peer_cpu_impl {
 
 #ifdef PEER_CPU_VARIANT
 extern const peer_cpu_impl peer_cpu_variant;
+extern const peer_cpu_train_impl peer_cpu_train_variant;
 #endif
 
 /* The variant this process uses (cpu_dispatch.c): chosen at first use from

@@ -1,5 +1,8 @@
 /* cpu_train.c: training on the CPU: the training forward (batch-norm batch
- * statistics, recording what backward needs) and the backward pass.
+ * statistics, recording what backward needs) and the backward pass.  The
+ * sharded layer (shard_train.c) runs the same passes on its own arrays
+ * through this variant's peer_cpu_train_impl (cpu.h), with the expert phase
+ * on its columns (expert_dots, expert_combine) in place of the fused one.
  *
  * Determinism: every sum over tokens or entries runs in a fixed order.  Sums
  * that scatter into shared rows (sub-key and expert gradients) first sort the
@@ -10,23 +13,7 @@
 
 #include <omp.h>
 
-/* Everything a context holds, carved out of ctx->mem. */
-typedef struct ctx_mem {
-  float *q;      /* [T, dq] queries as used for retrieval (after norm) */
-  float *qhat;   /* [T, dq] normalised, before the affine (batch norm only) */
-  float *mean;   /* [dq] batch mean */
-  float *invstd; /* [dq] 1 / sqrt(batch var + eps) */
-  int64_t *ids;  /* [T, H, k] */
-  float *scores, *gates, *z;   /* [T, H, k]; z = u_i . x */
-  float *dq;                   /* [T, dq] */
-  float *cdown, *cup, *ds;     /* [T, H, k] per-entry coefficients */
-  float *dqT, *xT, *WqT, *tmp; /* transposes and a [T, d] temporary */
-  uint32_t *key, *val, *key2, *val2; /* radix sort, 2*T*H*k + 1 each */
-  char *per_thread;
-  size_t per_thread_bytes;
-} ctx_mem;
-
-static size_t ctx_layout(const peer_layer *L, int64_t T, int P, char *base, ctx_mem *m) {
+static size_t ctx_layout(const peer_layer *L, int64_t T, int P, char *base, peer_cpu_train_mem *m) {
   const peer_dims *D = &L->dims;
   const size_t t = (size_t)T, dq = (size_t)D->dq, d = (size_t)D->d;
   const size_t hk = t * (size_t)(D->H * D->k);
@@ -59,7 +46,7 @@ static size_t ctx_layout(const peer_layer *L, int64_t T, int P, char *base, ctx_
 }
 
 size_t peer_cpu_context_bytes(const peer_layer *L, int64_t T) {
-  ctx_mem m;
+  peer_cpu_train_mem m;
   return ctx_layout(L, T, peer_context_threads(L), NULL, &m);
 }
 
@@ -68,7 +55,7 @@ static int threads_for(const peer_layer *L, const peer_context *c) {
   return P < c->n_threads ? P : c->n_threads;
 }
 
-static float *pack_of(const ctx_mem *m) {
+static float *pack_of(const peer_cpu_train_mem *m) {
   return (float *)(m->per_thread + (size_t)omp_get_thread_num() * m->per_thread_bytes);
 }
 
@@ -81,7 +68,7 @@ static float *pack_of(const ctx_mem *m) {
 #define BN_BLOCK 32
 
 /* Batch statistics (two passes, token order), q normalised in place. */
-static void batch_norm_train(const peer_layer *L, int64_t T, ctx_mem *m, int P) {
+static void batch_norm_train(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, int P) {
   const int64_t dq = L->dims.dq, nblk = (dq + BN_BLOCK - 1) / BN_BLOCK;
   const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
 #pragma omp parallel for schedule(static) num_threads(P)
@@ -118,7 +105,7 @@ static void batch_norm_train(const peer_layer *L, int64_t T, ctx_mem *m, int P) 
 
 /* After a successful batch: running = (1 - m) running + m batch, with the
  * unbiased variance recovered from invstd. */
-static void update_running(peer_layer *L, int64_t T, const ctx_mem *m) {
+static void update_running(peer_layer *L, int64_t T, const peer_cpu_train_mem *m) {
   float *rm = L->slot[PEER_P_NORM_MEAN].data, *rv = L->slot[PEER_P_NORM_VAR].data;
   const float mo = L->norm_momentum;
   for (int64_t f = 0; f < L->dims.dq; f++) {
@@ -129,25 +116,89 @@ static void update_running(peer_layer *L, int64_t T, const ctx_mem *m) {
   }
 }
 
+/* The training forward up to the expert phase: x checked, the queries
+ * projected and batch-normalised with batch statistics (m->q, m->qhat, the
+ * statistics), retrieval into m->ids, m->scores and m->gates. */
+static peer_status train_queries(peer_layer *L, int64_t T, const float *x, const cpu_ws *w,
+                                 peer_cpu_train_mem *m, int P) {
+  int64_t bad = peer_cpu_first_nonfinite_row(x, T, L->dims.d, P);
+  if (bad < T)
+    return peer_fail(PEER_ERR_NONFINITE, "token %lld: x holds NaN or infinity", (long long)bad);
+  peer_cpu_project(L, T, x, m->q, L->dims.dq, w, P);
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) batch_norm_train(L, T, m, P);
+  retrieve_out out = {m->ids, m->scores, m->gates};
+  return peer_cpu_retrieve_all(L, T, m->q, L->dims.dq, false, out, w, P);
+}
+
 peer_status peer_cpu_forward_train(peer_layer *L, peer_context *c, int64_t T, const float *x,
                                    float *y, void *ws) {
   int P = threads_for(L, c);
   cpu_ws w;
   peer_cpu_layout(L, T, ws, &w);
-  ctx_mem m;
+  peer_cpu_train_mem m;
   ctx_layout(L, c->max_tokens, c->n_threads, c->mem, &m);
-  int64_t bad = peer_cpu_first_nonfinite_row(x, T, L->dims.d, P);
-  if (bad < T)
-    return peer_fail(PEER_ERR_NONFINITE, "token %lld: x holds NaN or infinity", (long long)bad);
-  peer_cpu_project(L, T, x, m.q, L->dims.dq, &w, P);
-  bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
-  if (bn) batch_norm_train(L, T, &m, P);
-  retrieve_out out = {m.ids, m.scores, m.gates};
-  peer_status st = peer_cpu_retrieve_all(L, T, m.q, L->dims.dq, false, out, &w, P);
+  peer_status st = train_queries(L, T, x, &w, &m, P);
   if (st) return st;
-  if (bn) update_running(L, T, &m);
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) update_running(L, T, &m);
   peer_cpu_apply_experts(L, T, x, y, m.ids, m.gates, m.z, &w, P);
   return PEER_OK;
+}
+
+/* ---------------------------------------- the expert phase on columns */
+
+/* z[e] = u[ids[e]] . x[t, col0 .. col0 + cols) for the T*H*k entries, u the
+ * table in `slot` with rows of cols values: the unsharded apply_experts'
+ * dots, restricted to columns.  Per-thread scratch (bf16: x split) at
+ * scratch + thread * stride, at least cols floats. */
+static void expert_dots(const peer_layer *L, int slot, int64_t col0, int64_t cols, int64_t T,
+                        const float *x, const int64_t *ids, float *z, char *scratch, size_t stride,
+                        int P) {
+  const int64_t d = L->dims.d, hk = L->dims.H * L->dims.k;
+  const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
+  const size_t row_bytes = (size_t)cols * (bf16 ? 2 : 4);
+  const char *table = L->slot[slot].data;
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t t = 0; t < T; t++) {
+    const float *xt = x + t * d + col0;
+    if (bf16) {
+      float *xs = (float *)(scratch + (size_t)omp_get_thread_num() * stride);
+      split_pairs(xt, cols, xs);
+      xt = xs;
+    }
+    for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
+      const char *u = table + (size_t)ids[e] * row_bytes;
+      z[e] = bf16 ? dot_row_bf16((const uint16_t *)u, xt, cols)
+                  : dot_row_f32((const float *)u, xt, cols);
+    }
+  }
+}
+
+/* out[t, 0..cols) = sum over token t's entries e of c_e * v[ids[e]], v the
+ * table in `slot` with rows of cols values, c_e = coef[e] * act(z[e]) (as
+ * apply_experts weighs them) or, z NULL, coef[e].  Scratch as expert_dots. */
+static void expert_combine(const peer_layer *L, int slot, int64_t cols, int64_t T,
+                           const int64_t *ids, const float *coef, const float *z, float *out,
+                           char *scratch, size_t stride, int P) {
+  const int64_t hk = L->dims.H * L->dims.k;
+  const int act = (int)L->cfg.activation;
+  const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
+  const size_t row_bytes = (size_t)cols * (bf16 ? 2 : 4);
+  const char *table = L->slot[slot].data;
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t t = 0; t < T; t++) {
+    float *ot = bf16 ? (float *)(scratch + (size_t)omp_get_thread_num() * stride) : out + t * cols;
+    memset(ot, 0, (size_t)cols * sizeof(float));
+    for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
+      const char *v = table + (size_t)ids[e] * row_bytes;
+      float a = z ? coef[e] * peer_activate(act, z[e]) : coef[e];
+      if (bf16) axpy_row_bf16(a, (const uint16_t *)v, ot, cols);
+      else axpy_row_f32(a, (const float *)v, ot, cols);
+    }
+    if (bf16) {
+      unsplit_pairs(ot, cols);
+      memcpy(out + t * cols, ot, (size_t)cols * sizeof(float));
+    }
+  }
 }
 
 /* ------------------------------------------------------------ backward */
@@ -192,13 +243,32 @@ static void transpose(const float *src, int64_t rows, int64_t cols, float *dst, 
     for (int64_t r = 0; r < rows; r++) dst[c * rows + r] = src[r * cols + c];
 }
 
+/* Entry e's backward from vd = v_i . dy: d loss / d gate (into m->ds, turned
+ * into d score by gates_backward) and the coefficients of its expert
+ * gradient rows and of dx. */
+static inline void entry_backward(int act, peer_cpu_train_mem *m, int64_t e, float vd) {
+  float z = m->z[e], g = m->gates[e], a = peer_activate(act, z);
+  m->ds[e] = a * vd;
+  m->cup[e] = g * a;
+  m->cdown[e] = g * vd * peer_activate_grad(act, z);
+}
+
+/* Token t's gate backward, head by head: m->ds from d gate to d score. */
+static void gates_backward(const peer_layer *L, int64_t t, peer_cpu_train_mem *m) {
+  const int64_t k = L->dims.k, hk = L->dims.H * k;
+  for (int64_t h = 0; h < L->dims.H; h++) {
+    int64_t o = t * hk + h * k;
+    peer_gates_grad((int)L->cfg.gate, m->scores + o, m->gates + o, m->ds + o, (int)k, m->ds + o);
+  }
+}
+
 /* Per entry: the expert's share of dx and the coefficients of its gradient
  * rows; per head: the gate backward into the kept scores (m->ds). */
 static void experts_backward(const peer_layer *L, int64_t T, const float *dy, float *dx,
-                             ctx_mem *m, int P) {
+                             peer_cpu_train_mem *m, int P) {
   const peer_dims *D = &L->dims;
-  const int64_t d = D->d, hk = D->H * D->k, k = D->k;
-  const int act = (int)L->cfg.activation, gate = (int)L->cfg.gate;
+  const int64_t d = D->d, hk = D->H * D->k;
+  const int act = (int)L->cfg.activation;
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const void *down = L->slot[PEER_P_EXPERTS_DOWN].data, *up = L->slot[PEER_P_EXPERTS_UP].data;
   const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4), ne = (size_t)(T * hk);
@@ -218,27 +288,34 @@ static void experts_backward(const peer_layer *L, int64_t T, const float *dy, fl
       if ((size_t)(e + PREFETCH_AHEAD) < ne && e + PREFETCH_AHEAD < (t + 1) * hk)
         prefetch_expert(down, up, m->ids[e + PREFETCH_AHEAD], row_bytes);
       int64_t id = m->ids[e];
-      float vd = bf16 ? dot_row_bf16((const uint16_t *)up + id * d, dyt, d)
-                      : dot_row_f32((const float *)up + id * d, dyt, d);
-      float z = m->z[e], g = m->gates[e], a = peer_activate(act, z);
-      m->ds[e] = a * vd; /* d loss / d gate, turned into d score below */
-      m->cup[e] = g * a;
-      m->cdown[e] = g * vd * peer_activate_grad(act, z);
+      entry_backward(act, m, e,
+                     bf16 ? dot_row_bf16((const uint16_t *)up + id * d, dyt, d)
+                          : dot_row_f32((const float *)up + id * d, dyt, d));
       if (dxt) {
         if (bf16) axpy_row_bf16(m->cdown[e], (const uint16_t *)down + id * d, dxt, d);
         else axpy_row_f32(m->cdown[e], (const float *)down + id * d, dxt, d);
       }
     }
     if (bf16 && dxt) unsplit_pairs(dxt, d);
-    for (int64_t h = 0; h < D->H; h++) {
-      int64_t o = t * hk + h * k;
-      peer_gates_grad(gate, m->scores + o, m->gates + o, m->ds + o, (int)k, m->ds + o);
-    }
+    gates_backward(L, t, m);
+  }
+}
+
+/* experts_backward's coefficients and gate backward from given vd (the
+ * sharded layer's all-reduced partial dots), without the dx part. */
+static void entry_coefficients(const peer_layer *L, int64_t T, const float *vd,
+                               peer_cpu_train_mem *m, int P) {
+  const int64_t hk = L->dims.H * L->dims.k;
+  const int act = (int)L->cfg.activation;
+#pragma omp parallel for schedule(static) num_threads(P)
+  for (int64_t t = 0; t < T; t++) {
+    for (int64_t e = t * hk; e < (t + 1) * hk; e++) entry_backward(act, m, e, vd[e]);
+    gates_backward(L, t, m);
   }
 }
 
 /* d loss / d q: each kept score s1[a] + s2[b] sends ds * C1[a] and ds * C2[b]. */
-static void query_grad(const peer_layer *L, int64_t T, ctx_mem *m, int P) {
+static void query_grad(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, int P) {
   const peer_dims *D = &L->dims;
   const float *keys = L->slot[PEER_P_KEYS].data;
   const int64_t k = D->k, half = D->half, n = D->n;
@@ -258,7 +335,7 @@ static void query_grad(const peer_layer *L, int64_t T, ctx_mem *m, int P) {
 }
 
 /* Sub-key gradients: row (g, p, a) gets ds * q_half of every entry that kept it. */
-static void keys_grad(const peer_layer *L, int64_t T, ctx_mem *m, float *gk, int P) {
+static void keys_grad(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, float *gk, int P) {
   const peer_dims *D = &L->dims;
   const int64_t n = D->n, half = D->half, H = D->H, k = D->k;
   const size_t ne = (size_t)(T * H * k);
@@ -288,7 +365,8 @@ static void keys_grad(const peer_layer *L, int64_t T, ctx_mem *m, float *gk, int
 
 /* Through batch norm (batch statistics): dq becomes d loss / d (Wq x + b).
  * Blocks of features, tokens in memory order, as batch_norm_train. */
-static void norm_backward(const peer_layer *L, int64_t T, ctx_mem *m, peer_grads *gr, int P) {
+static void norm_backward(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, peer_grads *gr,
+                          int P) {
   const int64_t dq = L->dims.dq, nblk = (dq + BN_BLOCK - 1) / BN_BLOCK;
   const float *nw = L->slot[PEER_P_NORM_WEIGHT].data;
 #pragma omp parallel for schedule(static) num_threads(P)
@@ -323,7 +401,7 @@ static void norm_backward(const peer_layer *L, int64_t T, ctx_mem *m, peer_grads
 
 /* Query projection: dWq = dq^T X, db = column sums, dx += dq Wq. */
 static void projection_backward(const peer_layer *L, int64_t T, const float *x, float *dx,
-                                ctx_mem *m, peer_grads *gr, int P) {
+                                peer_cpu_train_mem *m, peer_grads *gr, int P) {
   const peer_dims *D = &L->dims;
   const int64_t dq = D->dq, d = D->d;
   if (gr->query_bias) {
@@ -357,11 +435,12 @@ static void projection_backward(const peer_layer *L, int64_t T, const float *x, 
   }
 }
 
-/* Expert rows: each distinct id sums its entries' c_down x and c_up dy. */
+/* Expert gradient rows over columns [col0, col0 + cols) (all d of them
+ * unsharded): each distinct id sums its entries' c_down x and c_up dy. */
 static void expert_grads(const peer_layer *L, int64_t T, const float *x, const float *dy,
-                         ctx_mem *m, peer_grads *gr, int P) {
+                         int64_t col0, int64_t cols, peer_cpu_train_mem *m, peer_grads *gr, int P) {
   const peer_dims *D = &L->dims;
-  const int64_t d = D->d, hk = D->H * D->k;
+  const int64_t d = D->d, c = cols, hk = D->H * D->k;
   const size_t ne = (size_t)(T * hk);
   for (size_t e = 0; e < ne; e++) {
     m->key[e] = (uint32_t)m->ids[e];
@@ -375,20 +454,29 @@ static void expert_grads(const peer_layer *L, int64_t T, const float *x, const f
   for (size_t r = 0; r < runs; r++) {
     int64_t id = m->key[starts[r]];
     gr->expert_rows[r] = id;
-    float *gd = gr->experts_down + (gr->experts_dense ? (size_t)id : r) * (size_t)d;
-    float *gu = gr->experts_up + (gr->experts_dense ? (size_t)id : r) * (size_t)d;
-    float *acc_d = pack_of(m), *acc_u = acc_d + d; /* kmax * TB >= 2d floats */
+    float *gd = gr->experts_down + (gr->experts_dense ? (size_t)id : r) * (size_t)c;
+    float *gu = gr->experts_up + (gr->experts_dense ? (size_t)id : r) * (size_t)c;
+    float *acc_d = pack_of(m), *acc_u = acc_d + c; /* kmax * TB >= 2d floats */
     float *sd = gr->experts_dense ? acc_d : gd, *su = gr->experts_dense ? acc_u : gu;
-    memset(sd, 0, (size_t)d * sizeof(float));
-    memset(su, 0, (size_t)d * sizeof(float));
+    memset(sd, 0, (size_t)c * sizeof(float));
+    memset(su, 0, (size_t)c * sizeof(float));
     for (uint32_t i = starts[r]; i < starts[r + 1]; i++) {
       size_t e = m->val[i], t = e / (size_t)hk;
-      axpy_row_f32(m->cdown[e], x + t * (size_t)d, sd, d);
-      axpy_row_f32(m->cup[e], dy + t * (size_t)d, su, d);
+      axpy_row_f32(m->cdown[e], x + t * (size_t)d + col0, sd, c);
+      axpy_row_f32(m->cup[e], dy + t * (size_t)d + col0, su, c);
     }
     if (gr->experts_dense)
-      for (int64_t i = 0; i < d; i++) gd[i] += sd[i], gu[i] += su[i];
+      for (int64_t i = 0; i < c; i++) gd[i] += sd[i], gu[i] += su[i];
   }
+}
+
+/* The replicated parameters' gradients and dx's query part, from m->ds. */
+static void dense_grads(const peer_layer *L, int64_t T, const float *x, float *dx,
+                        peer_cpu_train_mem *m, peer_grads *gr, int P) {
+  query_grad(L, T, m, P);
+  if (gr->keys) keys_grad(L, T, m, gr->keys, P);
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) norm_backward(L, T, m, gr, P);
+  projection_backward(L, T, x, dx, m, gr, P);
 }
 
 peer_status peer_cpu_backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
@@ -396,16 +484,27 @@ peer_status peer_cpu_backward(peer_layer *L, peer_context *c, const float *dy, f
   const int64_t T = c->n_tokens;
   const float *x = c->x;
   int P = threads_for(L, c);
-  ctx_mem m;
+  peer_cpu_train_mem m;
   ctx_layout(L, c->max_tokens, c->n_threads, c->mem, &m);
   int64_t bad = peer_cpu_first_nonfinite_row(dy, T, L->dims.d, P);
   if (bad < T)
     return peer_fail(PEER_ERR_NONFINITE, "token %lld: dy holds NaN or infinity", (long long)bad);
   experts_backward(L, T, dy, dx, &m, P);
-  if (gr->experts_down) expert_grads(L, T, x, dy, &m, gr, P);
-  query_grad(L, T, &m, P);
-  if (gr->keys) keys_grad(L, T, &m, gr->keys, P);
-  if (L->cfg.query_norm == PEER_NORM_BATCHNORM) norm_backward(L, T, &m, gr, P);
-  projection_backward(L, T, x, dx, &m, gr, P);
+  if (gr->experts_down) expert_grads(L, T, x, dy, 0, L->dims.d, &m, gr, P);
+  dense_grads(L, T, x, dx, &m, gr, P);
   return PEER_OK;
 }
+
+/* ------------------------------------------------------------ the table */
+
+const peer_cpu_train_impl peer_cpu_train_variant = {
+    .layout = ctx_layout,
+    .first_nonfinite_row = peer_cpu_first_nonfinite_row,
+    .queries = train_queries,
+    .update_running = update_running,
+    .expert_dots = expert_dots,
+    .expert_combine = expert_combine,
+    .entry_coefficients = entry_coefficients,
+    .expert_grads = expert_grads,
+    .dense_grads = dense_grads,
+};

@@ -212,6 +212,12 @@ const char *peer_grad_name(int slot);
 peer_status peer_optimizer_step_device(peer_optimizer *o, const peer_grads *g,
                                        const int64_t *d_n_rows, void *stream, const char *what);
 
+/* A checkpoint's optimizer metadata: its kinds must be o's; *step its step
+ * count (the sharded layer's loads, shard_file.c, as checkpoint_load's). */
+peer_status peer_optimizer_file_meta(const peer_safetensors *f, const char *path,
+                                     const peer_optimizer *o, int64_t *step);
+void peer_optimizer_set_step(peer_optimizer *o, int64_t step);
+
 /* A training context: the generic part; `mem` is laid out by the backend. */
 struct peer_context {
   const peer_layer *layer;

@@ -238,6 +238,8 @@ peer_status peer_optimizer_set_lr(peer_optimizer *o, float lr, float expert_lr) 
 
 int64_t peer_optimizer_step_count(const peer_optimizer *o) { return o ? o->step : 0; }
 
+void peer_optimizer_set_step(peer_optimizer *o, int64_t step) { o->step = step; }
+
 int peer_optimizer_n_states(const peer_optimizer *o) { return o ? o->n_states : 0; }
 
 peer_status peer_optimizer_state(peer_optimizer *o, int i, peer_tensor *out) {
@@ -603,8 +605,8 @@ static peer_status checkpoint_save(const peer_layer *L, const peer_optimizer *o,
 }
 
 /* The optimizer's kinds and the step, from metadata. */
-static peer_status check_optim_meta(const peer_safetensors *f, const char *path,
-                                    const peer_optimizer *o, int64_t *step) {
+peer_status peer_optimizer_file_meta(const peer_safetensors *f, const char *path,
+                                     const peer_optimizer *o, int64_t *step) {
   const char *s = peer_safetensors_metadata(f, STEP_KEY);
   if (!s)
     return peer_fail(PEER_ERR_FORMAT,
@@ -632,7 +634,7 @@ static peer_status load_checked(peer_layer *L, peer_optimizer *o, const peer_saf
                                 const char *path) {
   peer_status st = peer_file_same_config(f, path, &L->cfg);
   int64_t step = 0;
-  if (st || (o && (st = check_optim_meta(f, path, o, &step)))) return st;
+  if (st || (o && (st = peer_optimizer_file_meta(f, path, o, &step)))) return st;
   peer_tensor want[PEER_P_COUNT + MAX_STATES];
   int n = 0;
   for (int i = 0; i < L->n_params; i++)

@@ -8,7 +8,6 @@
  * files shard_file.c. */
 #include "shard.h"
 
-#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -140,6 +139,7 @@ peer_status peer_shard_create(peer_shard **out, const peer_config *cfg, const pe
     free(S);
     return st;
   }
+  S->cpu = peer_cpu_select()->train; /* chosen when the layer was created */
   *out = S;
   return PEER_OK;
 }
@@ -200,54 +200,7 @@ peer_status peer_shard_scratch(peer_shard *S, size_t bytes, void **out) {
 /* ------------------------------------------------------- the expert phase */
 
 size_t peer_shard_split_bytes(const peer_shard *S) {
-  return round64((size_t)(2 * S->cols + 2 * VW) * sizeof(float));
-}
-
-void peer_shard_partial_dots(const peer_shard *S, int slot, int64_t T, const float *x,
-                             const int64_t *ids, float *z, char *scratch, size_t stride, int P) {
-  const peer_layer *L = S->L;
-  const int64_t d = L->dims.d, c = S->cols, hk = L->dims.H * L->dims.k;
-  const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
-  const size_t row_bytes = (size_t)c * (bf16 ? 2 : 4);
-  const char *down = L->slot[slot].data;
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t t = 0; t < T; t++) {
-    const float *xt = x + t * d + S->col0;
-    if (bf16) {
-      float *xs = (float *)(scratch + (size_t)omp_get_thread_num() * stride);
-      split_pairs(xt, c, xs);
-      xt = xs;
-    }
-    for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
-      const char *u = down + (size_t)ids[e] * row_bytes;
-      z[e] = bf16 ? dot_row_bf16((const uint16_t *)u, xt, c) : dot_row_f32((const float *)u, xt, c);
-    }
-  }
-}
-
-void peer_shard_combine(const peer_shard *S, int slot, int64_t T, const int64_t *ids,
-                        const float *coef, float *out, char *scratch, size_t stride, int P) {
-  const peer_layer *L = S->L;
-  const int64_t c = S->cols, hk = L->dims.H * L->dims.k;
-  const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
-  const size_t row_bytes = (size_t)c * (bf16 ? 2 : 4);
-  const char *table = L->slot[slot].data;
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t t = 0; t < T; t++) {
-    float *ot = bf16 ? (float *)(scratch + (size_t)omp_get_thread_num() * stride) : out + t * c;
-    memset(ot, 0, (size_t)c * sizeof(float));
-    for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
-      const char *v = table + (size_t)ids[e] * row_bytes;
-      if (bf16)
-        axpy_row_bf16(coef[e], (const uint16_t *)v, ot, c);
-      else
-        axpy_row_f32(coef[e], (const float *)v, ot, c);
-    }
-    if (bf16) {
-      unsplit_pairs(ot, c);
-      memcpy(out + t * c, ot, (size_t)c * sizeof(float));
-    }
-  }
+  return round64((size_t)S->cols * sizeof(float));
 }
 
 /* ------------------------------------------------------------ inference */
@@ -267,9 +220,9 @@ peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *
   const int P = peer_layer_threads(L);
   const size_t thk = (size_t)T * (size_t)(L->dims.H * L->dims.k), tc = (size_t)T * (size_t)S->cols;
   const size_t sb = peer_shard_split_bytes(S);
-  /* ids, gates, z, coefficients, this rank's y columns, every rank's, and
-   * the per-thread split rows of bf16 */
-  size_t bytes = round64(thk * 8) + 3 * round64(thk * 4) + round64(tc * 4) +
+  /* ids, gates, z, this rank's y columns, every rank's, and the per-thread
+   * rows of the expert phase */
+  size_t bytes = round64(thk * 8) + 2 * round64(thk * 4) + round64(tc * 4) +
                  round64(tc * 4 * (size_t)S->world) + sb * (size_t)P;
   void *buf = NULL;
   peer_status st = peer_shard_scratch(S, bytes, &buf);
@@ -277,16 +230,13 @@ peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *
   char *p = buf;
   int64_t *ids = (int64_t *)p;
   p += round64(thk * 8);
-  float *g = (float *)p, *z = g + round64(thk * 4) / 4, *coef = z + round64(thk * 4) / 4;
-  float *mine = coef + round64(thk * 4) / 4, *all = mine + round64(tc * 4) / 4;
+  float *g = (float *)p, *z = g + round64(thk * 4) / 4;
+  float *mine = z + round64(thk * 4) / 4, *all = mine + round64(tc * 4) / 4;
   float *split = all + round64(tc * 4 * (size_t)S->world) / 4;
   if ((st = peer_retrieve(S->L, T, x, ids, NULL, g))) return st;
-  peer_shard_partial_dots(S, PEER_P_EXPERTS_DOWN, T, x, ids, z, (char *)split, sb, P);
+  S->cpu->expert_dots(L, PEER_P_EXPERTS_DOWN, S->col0, S->cols, T, x, ids, z, (char *)split, sb, P);
   if ((st = peer_shard_allreduce(S, z, (int64_t)thk, "shard_forward"))) return st;
-  const int act = (int)L->cfg.activation;
-  for (size_t e = 0; e < thk; e++)
-    coef[e] = g[e] * peer_activate(act, z[e]);
-  peer_shard_combine(S, PEER_P_EXPERTS_UP, T, ids, coef, mine, (char *)split, sb, P);
+  S->cpu->expert_combine(L, PEER_P_EXPERTS_UP, S->cols, T, ids, g, z, mine, (char *)split, sb, P);
   if ((st = peer_shard_gather_rows(S, T, mine, all, y, "shard_forward"))) return st;
   if (indices) memcpy(indices, ids, thk * sizeof *ids);
   if (gates) memcpy(gates, g, thk * sizeof *g);

@@ -1,13 +1,14 @@
 /* shard.h: what the sharded layer's files (shard.c, shard_train.c,
- * shard_optim.c, shard_file.c) share: the object and the column-slice expert
- * phase. */
+ * shard_optim.c, shard_file.c) share: the object, its transport calls and
+ * scratch. */
 #ifndef PEER_SHARD_H
 #define PEER_SHARD_H
 
 #include "cpu.h"
 
 struct peer_shard {
-  peer_layer *L; /* full config; expert tables hold columns [col0, col0 + cols) */
+  peer_layer *L;                  /* full config; expert tables hold columns [col0, col0 + cols) */
+  const peer_cpu_train_impl *cpu; /* the CPU variant's passes, as the unsharded layer's */
   peer_comm comm;
   int rank, world;
   int64_t col0, cols;
@@ -34,18 +35,8 @@ void peer_shard_interleave(const peer_shard *S, int64_t T, const float *parts, f
 /* Grow the shard's scratch to `bytes`. */
 peer_status peer_shard_scratch(peer_shard *S, size_t bytes, void **out);
 
-/* Per-thread bytes a bf16 row split needs (split_pairs of cols values); the
- * expert phase below takes per-thread scratch at scratch + thread * stride,
- * stride at least this. */
+/* Per-thread scratch bytes the expert phase (cpu->expert_dots,
+ * cpu->expert_combine) needs: a row of cols floats, rounded up. */
 size_t peer_shard_split_bytes(const peer_shard *S);
-/* z[e] = table[ids[e]][cols] . x[t, cols] (table: the experts.down or
- * experts.up slot) for the T*H*k entries (this rank's
- * part of each dot). */
-void peer_shard_partial_dots(const peer_shard *S, int slot, int64_t T, const float *x,
-                             const int64_t *ids, float *z, char *scratch, size_t stride, int P);
-/* out[t, 0..cols) = sum over token t's entries e of coef[e] * table[ids[e]]
- * (table: the experts.down or experts.up slot). */
-void peer_shard_combine(const peer_shard *S, int slot, int64_t T, const int64_t *ids,
-                        const float *coef, float *out, char *scratch, size_t stride, int P);
 
 #endif

@@ -136,23 +136,6 @@ peer_status peer_shard_load(peer_shard *S, peer_shard_optimizer *so, const char 
   return peer_checkpoint_load(S->L, so ? peer_shard_optimizer_inner(so) : NULL, path);
 }
 
-/* The file's config metadata is exactly the layer's. */
-static peer_status same_config(const peer_safetensors *f, const char *path, const peer_config *c) {
-  peer_layer_meta lm;
-  peer_status st = peer_layer_meta_of(c, &lm);
-  if (st) return st;
-  for (int i = 0; i < lm.n_pairs; i++) {
-    const char *have = peer_safetensors_metadata(f, lm.pair[2 * i]);
-    if (!have)
-      return peer_fail(PEER_ERR_FORMAT, "%s: metadata '%s' is missing (not a peer file?)", path,
-                       lm.pair[2 * i]);
-    if (strcmp(have, lm.pair[2 * i + 1]) != 0)
-      return peer_fail(PEER_ERR_FORMAT, "%s: the file has %s = '%.40s', the shard has '%s'", path,
-                       lm.pair[2 * i], have, lm.pair[2 * i + 1]);
-  }
-  return PEER_OK;
-}
-
 /* Columns [col0, col0 + cols) of full [rows, width] into out [rows, cols]. */
 static void take_columns(const char *full, int64_t rows, int64_t width, int64_t col0, int64_t cols,
                          size_t esize, char *out) {
@@ -168,73 +151,61 @@ static void put_columns(const char *part, int64_t rows, int64_t width, int64_t c
            (size_t)cols * esize);
 }
 
-static peer_status load_full(peer_shard *S, const peer_safetensors *f, const char *path) {
+/* An unsharded checkpoint into the shard: every tensor the shard's layer and
+ * optimizer o (or NULL) hold, checked as the file holds it (the expert
+ * tables and their state with d_model columns) before anything is read;
+ * the sliced ones read through a staging buffer, this rank's columns kept. */
+static peer_status load_full(peer_shard *S, peer_optimizer *o, const peer_safetensors *f,
+                             const char *path) {
   peer_layer *L = S->L;
   if (peer_safetensors_metadata(f, PEER_SHARD_META_WORLD))
     return peer_fail(PEER_ERR_FORMAT, "%s: a shard file; load it with peer_shard_load", path);
-  peer_status st = same_config(f, path, &L->cfg);
-  if (st) return st;
-  for (int i = 0; i < peer_safetensors_count(f); i++) {
-    peer_tensor t;
-    if ((st = peer_safetensors_info(f, i, &t))) return st;
-    if (strncmp(t.name, "optim.", 6) == 0) continue;
-    peer_tensor mine;
-    if (peer_layer_param_by_name(L, t.name, &mine))
-      return peer_fail(PEER_ERR_FORMAT, "%s: tensor '%s' is not a parameter of this layer", path,
-                       t.name);
-  }
-  /* Check every shape first, then read. */
-  for (int pass = 0; pass < 2; pass++) {
-    for (int i = 0; i < L->n_params; i++) {
-      const peer_tensor *want = &L->slot[L->param_slot[i]];
-      peer_tensor full = *want, have;
-      bool sliced = is_sliced(want->name);
-      if (sliced) {
-        full.shape[1] = L->dims.d;
-        full.nbytes = want->nbytes / (size_t)S->cols * (size_t)L->dims.d;
-      }
-      if (pass == 0) {
-        if (peer_safetensors_find(f, want->name, &have))
-          return peer_fail(PEER_ERR_FORMAT, "%s: tensor '%s' is missing", path, want->name);
-        if (!peer_tensor_same_layout(&full, &have)) {
-          char ws[96], hs[96];
-          peer_tensor_format_layout(ws, sizeof ws, &full);
-          peer_tensor_format_layout(hs, sizeof hs, &have);
-          return peer_fail(PEER_ERR_SHAPE, "%s: tensor '%s' is %s, the config needs %s", path,
-                           want->name, hs, ws);
-        }
-        continue;
-      }
-      if (!sliced) {
-        if ((st = peer_safetensors_read(f, want->name, want->data, want->nbytes))) return st;
-        continue;
-      }
-      char *tmp = peer_alloc(full.nbytes);
-      if (!tmp)
-        return peer_fail(PEER_ERR_OUT_OF_MEMORY, "shard_load_full: cannot stage %s (%zu bytes)",
-                         want->name, full.nbytes);
-      if (!(st = peer_safetensors_read(f, want->name, tmp, full.nbytes)))
-        take_columns(tmp, L->dims.N, L->dims.d, S->col0, S->cols, peer_dtype_size(want->dtype),
-                     want->data);
-      peer_free(tmp, full.nbytes);
-      if (st) return st;
+  int64_t step = 0;
+  peer_status st = peer_file_same_config(f, path, &L->cfg);
+  if (st || (o && (st = peer_optimizer_file_meta(f, path, o, &step)))) return st;
+  peer_tensor mine[PEER_FILE_WANT_MAX], full[PEER_FILE_WANT_MAX];
+  int n = 0;
+  for (int i = 0; i < L->n_params; i++)
+    mine[n++] = L->slot[L->param_slot[i]];
+  for (int i = 0; o && i < peer_optimizer_n_states(o); i++)
+    if ((st = peer_optimizer_state(o, i, &mine[n++]))) return st;
+  for (int i = 0; i < n; i++) {
+    full[i] = mine[i];
+    if (is_sliced(mine[i].name)) {
+      full[i].shape[1] = L->dims.d;
+      full[i].nbytes = mine[i].nbytes / (size_t)S->cols * (size_t)L->dims.d;
     }
   }
-  return PEER_OK;
+  const peer_file_want w = {.t = full,
+                            .n = n,
+                            .skip_prefix = o ? NULL : "optim.",
+                            .layer_desc = "the sharded layer",
+                            .state_desc = o ? "this optimizer" : NULL};
+  if ((st = peer_file_check(f, path, &w))) return st;
+  for (int i = 0; i < n && !st; i++) {
+    if (!is_sliced(mine[i].name)) {
+      st = peer_safetensors_read(f, mine[i].name, mine[i].data, mine[i].nbytes);
+      continue;
+    }
+    char *tmp = peer_alloc(full[i].nbytes);
+    if (!tmp)
+      return peer_fail(PEER_ERR_OUT_OF_MEMORY, "shard_load_full: cannot stage %s (%zu bytes)",
+                       mine[i].name, full[i].nbytes);
+    if (!(st = peer_safetensors_read(f, mine[i].name, tmp, full[i].nbytes)))
+      take_columns(tmp, full[i].shape[0], L->dims.d, S->col0, S->cols,
+                   peer_dtype_size(mine[i].dtype), mine[i].data);
+    peer_free(tmp, full[i].nbytes);
+  }
+  if (!st && o) peer_optimizer_set_step(o, step);
+  return st;
 }
 
 peer_status peer_shard_load_full(peer_shard *S, peer_shard_optimizer *so, const char *path) {
   if (!S || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_load_full: NULL argument");
-  if (so)
-    return peer_fail(PEER_ERR_UNSUPPORTED,
-                     "shard_load_full: %s: optimizer state is loaded from shard files only: "
-                     "split the checkpoint (peer_shard_split, `peer shard --split`) and use "
-                     "peer_shard_load",
-                     path);
   peer_safetensors *f = NULL;
   peer_status st = peer_safetensors_open(&f, path);
   if (st) return st;
-  st = load_full(S, f, path);
+  st = load_full(S, so ? peer_shard_optimizer_inner(so) : NULL, f, path);
   peer_safetensors_close(f);
   return st;
 }

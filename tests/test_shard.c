@@ -8,6 +8,7 @@
  * Also the refusals at creation (configs that differ between ranks, d_model
  * not divisible).  This is where the ASan build checks the sharded code for
  * leaks: the MPI tests cannot (Open MPI's own allocations at exit). */
+#define _GNU_SOURCE
 #include <criterion/criterion.h>
 
 #include <math.h>
@@ -18,7 +19,10 @@
 #include <string.h>
 
 #include "peer.h"
+#include "tempdir.h"
 
+/* Within 1e-6 relative; exact with one rank, where the shard runs the very
+ * passes of the unsharded layer (the CPU variant the process chose). */
 #define TOL 1e-6
 #define MAXW 8
 
@@ -66,7 +70,9 @@ static int gather(void *h, const void *send, void *recv, size_t bytes) {
 typedef struct job {
   member m;
   const char *config;
-  int mixed; /* 1: the last rank uses another top_k */
+  int mixed;      /* 1: the last rank uses another top_k */
+  int pretrained; /* steps the unsharded layer takes alone before the shard
+                     loads its checkpoint (peer_shard_load_full) */
   atomic_int *failures;
   char first[512];
 } job;
@@ -115,6 +121,43 @@ static float *as_f32(const peer_tensor *t) {
   return out;
 }
 
+/* Every parameter of S against F's (the expert tables as S's columns):
+ * differences within tol, or the name of the first that is not. */
+static const char *params_differ(peer_shard *S, peer_layer *F, double tol, double *err) {
+  int64_t c0, cols;
+  peer_shard_columns(S, &c0, &cols);
+  for (int i = 0; i < peer_shard_n_params(S); i++) {
+    peer_tensor ta, tb;
+    peer_shard_param(S, i, &ta);
+    peer_layer_param_by_name(F, ta.name, &tb);
+    bool sliced = strncmp(ta.name, "experts.", 8) == 0;
+    int64_t n = (int64_t)(tb.nbytes / peer_dtype_size(tb.dtype)), d = tb.shape[1];
+    float *pa = as_f32(&ta), *pb = as_f32(&tb);
+    *err = sliced ? rel(pa, cols, pb, d, c0, tb.shape[0], cols) : rel(pa, n, pb, n, 0, 1, n);
+    free(pa), free(pb);
+    if (*err > tol) return ta.name;
+  }
+  return NULL;
+}
+
+/* As params_differ, for the optimizer states (as S's columns where sliced). */
+static const char *states_differ(peer_shard *S, peer_shard_optimizer *oa, peer_optimizer *ob,
+                                 double tol, double *err) {
+  int64_t c0, cols;
+  peer_shard_columns(S, &c0, &cols);
+  for (int i = 0; i < peer_optimizer_n_states(ob); i++) {
+    peer_tensor ta, tb;
+    peer_optimizer_state(ob, i, &tb);
+    if (peer_shard_optimizer_state_by_name(oa, tb.name, &ta)) return tb.name;
+    bool sliced = strncmp(tb.name, "optim.experts.", 14) == 0;
+    int64_t n = (int64_t)(tb.nbytes / 4), d = tb.shape[1];
+    *err = sliced ? rel(ta.data, cols, tb.data, d, c0, tb.shape[0], cols)
+                  : rel(ta.data, n, tb.data, n, 0, 1, n);
+    if (*err > tol) return tb.name;
+  }
+  return NULL;
+}
+
 static void *rank_main(void *arg) {
   job *j = arg;
   peer_comm comm = {&j->m, j->m.rank, j->m.g->world, sum, gather};
@@ -156,7 +199,8 @@ static void *rank_main(void *arg) {
   peer_shard_forward(S, T, x, ya, ia, NULL);
   peer_forward(F, T, x, yb, ib, NULL);
   if (memcmp(ia, ib, (size_t)(T * hk) * 8)) FAILED(j, "rank %d: forward ids differ", j->m.rank);
-  if (rel(ya, d, yb, d, 0, T, d) > TOL) FAILED(j, "rank %d: forward y differs", j->m.rank);
+  const double tol = comm.world == 1 ? 0.0 : TOL;
+  if (rel(ya, d, yb, d, 0, T, d) > tol) FAILED(j, "rank %d: forward y differs", j->m.rank);
 
   peer_context *ca = NULL, *cb = NULL;
   peer_shard_context_create(&ca, S, T);
@@ -171,7 +215,23 @@ static void *rank_main(void *arg) {
   int64_t *ra = calloc((size_t)(T * hk), 8), *rb = calloc((size_t)(T * hk), 8);
   float *eda = calloc((size_t)(T * hk * cols), 4), *eua = calloc((size_t)(T * hk * cols), 4);
   float *edb = calloc((size_t)(T * hk * d), 4), *eub = calloc((size_t)(T * hk * d), 4);
-  for (int step = 0; step < 3; step++) {
+  /* steps before 0: F trains alone; its checkpoint (weights, state, step)
+   * then loads into S */
+  for (int step = -j->pretrained; step < 3; step++) {
+    if (step == 0 && j->pretrained) {
+      char path[128];
+      snprintf(path, sizeof path, "%s/full-%d-of-%d.safetensors", test_dir, j->m.rank, comm.world);
+      double err = 0;
+      const char *name;
+      if (peer_checkpoint_save(F, ob, path) || peer_shard_load_full(S, oa, path))
+        FAILED(j, "rank %d: checkpoint into the shard: %s", j->m.rank, peer_last_error());
+      else if ((name = params_differ(S, F, 0.0, &err)) ||
+               (name = states_differ(S, oa, ob, 0.0, &err)))
+        FAILED(j, "rank %d: %s of the loaded checkpoint differs by %.3g", j->m.rank, name, err);
+      else if (peer_shard_optimizer_step_count(oa) != j->pretrained)
+        FAILED(j, "rank %d: loaded step count %lld", j->m.rank,
+               (long long)peer_shard_optimizer_step_count(oa));
+    }
     fill(x, T * d, 1.0f, &seed);
     fill(dy, T * d, 0.1f, &seed);
     peer_grads ga = {.query_weight = qa,
@@ -186,6 +246,12 @@ static void *rank_main(void *arg) {
                      .expert_rows = rb,
                      .experts_down = edb,
                      .experts_up = eub};
+    if (step < 0) {
+      if (peer_forward_train(F, cb, T, x, yb) || peer_backward(F, cb, dy, dxb, &gb) ||
+          peer_optimizer_step(ob, &gb))
+        FAILED(j, "rank %d: unsharded training failed: %s", j->m.rank, peer_last_error());
+      continue;
+    }
     if (peer_shard_forward_train(S, ca, T, x, ya) || peer_forward_train(F, cb, T, x, yb) ||
         peer_shard_backward(S, ca, dy, dxa, &ga) || peer_backward(F, cb, dy, dxb, &gb)) {
       FAILED(j, "rank %d: training call failed: %s", j->m.rank, peer_last_error());
@@ -198,7 +264,7 @@ static void *rank_main(void *arg) {
                    rel(eda, cols, edb, d, c0, gb.n_expert_rows, cols),
                    rel(eua, cols, eub, d, c0, gb.n_expert_rows, cols)};
     for (int i = 0; i < 6; i++)
-      if (e[i] > TOL)
+      if (e[i] > tol)
         FAILED(j, "rank %d, step %d: quantity %d (y, dx, dWq, dkeys, dU, dV) differs by %.3g",
                j->m.rank, step, i, e[i]);
     if (ga.n_expert_rows != gb.n_expert_rows || memcmp(ra, rb, (size_t)gb.n_expert_rows * 8) != 0)
@@ -211,19 +277,14 @@ static void *rank_main(void *arg) {
     ga.query_weight = qb, ga.keys = kb;
     peer_shard_optimizer_step(oa, &ga);
     peer_optimizer_step(ob, &gb);
-    for (int i = 0; i < peer_shard_n_params(S); i++) {
-      peer_tensor ta, tb;
-      peer_shard_param(S, i, &ta);
-      peer_layer_param_by_name(F, ta.name, &tb);
-      bool sliced = strncmp(ta.name, "experts.", 8) == 0;
-      int64_t n = (int64_t)(tb.nbytes / peer_dtype_size(tb.dtype));
-      float *pa = as_f32(&ta), *pb = as_f32(&tb);
-      double er = sliced ? rel(pa, cols, pb, d, c0, tb.shape[0], cols) : rel(pa, n, pb, n, 0, 1, n);
-      free(pa), free(pb);
-      if (er > TOL) FAILED(j, "rank %d, step %d: %s differs by %.3g", j->m.rank, step, ta.name, er);
-    }
+    double er = 0;
+    const char *name = params_differ(S, F, tol, &er);
+    if (!name) name = states_differ(S, oa, ob, tol, &er);
+    if (name) FAILED(j, "rank %d, step %d: %s differs by %.3g", j->m.rank, step, name, er);
   }
-  if (peer_shard_optimizer_step_count(oa) != 3) FAILED(j, "rank %d: step count", j->m.rank);
+  if (peer_shard_optimizer_step_count(oa) != j->pretrained + 3)
+    FAILED(j, "rank %d: step count %lld", j->m.rank,
+           (long long)peer_shard_optimizer_step_count(oa));
   free(qa), free(qb), free(ka), free(kb), free(ra), free(rb), free(eda), free(eua), free(edb),
       free(eub);
   peer_shard_optimizer_free(oa);
@@ -237,14 +298,19 @@ static void *rank_main(void *arg) {
 }
 
 /* Run `config` on `world` threads; the number of failed checks. */
-static int run_group(int world, const char *config, int mixed, char *first, size_t n) {
+static int run_group(int world, const char *config, int mixed, int pretrained, char *first,
+                     size_t n) {
   group g = {.world = world};
   pthread_barrier_init(&g.bar, NULL, (unsigned)world);
   atomic_int failures = 0;
   job jobs[MAXW];
   pthread_t th[MAXW];
   for (int r = 0; r < world; r++) {
-    jobs[r] = (job){.m = {&g, r}, .config = config, .mixed = mixed, .failures = &failures};
+    jobs[r] = (job){.m = {&g, r},
+                    .config = config,
+                    .mixed = mixed,
+                    .pretrained = pretrained,
+                    .failures = &failures};
     pthread_create(&th[r], NULL, rank_main, &jobs[r]);
   }
   first[0] = '\0';
@@ -255,6 +321,8 @@ static int run_group(int world, const char *config, int mixed, char *first, size
   pthread_barrier_destroy(&g.bar);
   return atomic_load(&failures);
 }
+
+static void make_dir(void) { test_dir_make("shard"); }
 
 static const char *const configs[] = {
     "d_model=48,n_heads=2,d_key=16,n_subkeys=16,top_k=4,query_bias=0",
@@ -268,7 +336,19 @@ Test(shard, matches_unsharded_on_1_to_4_ranks) {
   char first[512];
   for (int w = 1; w <= 4; w++)
     for (size_t i = 0; i < sizeof configs / sizeof configs[0]; i++) {
-      int f = run_group(w, configs[i], 0, first, sizeof first);
+      int f = run_group(w, configs[i], 0, 0, first, sizeof first);
+      cr_expect_eq(f, 0, "%d ranks, %s: %d failed checks, first: %s", w, configs[i], f, first);
+    }
+}
+
+/* Train unsharded 2 steps, checkpoint, load the checkpoint with its
+ * optimizer state into the shards, and go on 3 steps next to the unsharded
+ * layer: the shards' weights and state follow its. */
+Test(shard, continues_an_unsharded_checkpoint, .init = make_dir, .fini = test_dir_remove) {
+  char first[512];
+  for (int w = 1; w <= 4; w++)
+    for (size_t i = 0; i < sizeof configs / sizeof configs[0]; i++) {
+      int f = run_group(w, configs[i], 0, 2, first, sizeof first);
       cr_expect_eq(f, 0, "%d ranks, %s: %d failed checks, first: %s", w, configs[i], f, first);
     }
 }
@@ -276,8 +356,8 @@ Test(shard, matches_unsharded_on_1_to_4_ranks) {
 Test(shard, creation_refusals) {
   char first[512];
   int f =
-      run_group(3, "d_model=48,n_heads=2,d_key=16,n_subkeys=16,top_k=4", 1, first, sizeof first);
+      run_group(3, "d_model=48,n_heads=2,d_key=16,n_subkeys=16,top_k=4", 1, 0, first, sizeof first);
   cr_expect_eq(f, 0, "mixed configs: %s", first);
-  f = run_group(4, "d_model=50,n_heads=2,d_key=16,n_subkeys=16,top_k=4", 0, first, sizeof first);
+  f = run_group(4, "d_model=50,n_heads=2,d_key=16,n_subkeys=16,top_k=4", 0, 0, first, sizeof first);
   cr_expect_eq(f, 0, "d not divisible: %s", first);
 }
