@@ -638,6 +638,15 @@ class PEER(nn.Module):
     training (as the dropout that ends a transformer's MLP).  Computes in
     float32; other input dtypes are cast in and out."""
 
+    def __new__(cls, *args, **kwargs):
+        """PEER(..., process_group=pg) is the layer sharded over a
+        torch.distributed group (None: the default group): a
+        peerlayer.shard.ShardedPEER, README "Sharding"."""
+        if cls is PEER and "process_group" in kwargs:
+            from .shard import ShardedPEER
+            cls = ShardedPEER
+        return super().__new__(cls)
+
     def __init__(self, config=None, *, seed=None, threads=0, device="cpu", sparse_grads=True,
                  dropout=0.0, layer=None, **overrides):
         super().__init__()

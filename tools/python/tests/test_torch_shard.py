@@ -70,7 +70,7 @@ def _worker(rank, init_file, out_dir):
         expect(rel(gs.experts_up, gf.experts_up[:, c0:c1]) <= TOL, "expert grads differ")
         of.step(gf)
         osh.step(gs)
-        for name, arr in shard.tensors.items():
+        for name, arr in shard.params.items():
             ref = full.params[name]
             ref = ref[:, c0:c1] if name.startswith("experts.") else ref
             expect(rel(arr, ref) <= TOL, f"step {step}: {name} differs by {rel(arr, ref):.3g}")
