@@ -67,9 +67,10 @@ class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
             module, [name for name, _ in tables])
         super().__init__(module, *args, **kwargs)
         self.expert_group = expert_group if expert_group is not None else dist.new_group()
+        src = dist.get_global_rank(self.expert_group, 0)  # broadcast's src is a global rank
         with torch.no_grad():
             for _, p in tables:
-                dist.broadcast(p.data, src=0, group=self.expert_group)
+                dist.broadcast(p.data, src=src, group=self.expert_group)
         for _, p in tables:
             p.register_post_accumulate_grad_hook(self._average_expert_grad)
 
