@@ -832,9 +832,11 @@ class PEER(nn.Module):
         unsupported target is refused here, at the call, not at the next
         forward."""
         try:
-            # On the module's device: a dtype-only conversion keeps a CUDA
-            # module on its GPU.
-            probe = fn(torch.zeros(1, dtype=torch.float32, device=self.experts.down.device))
+            # The expert tables' own device and dtype: a dtype-only conversion
+            # keeps a CUDA module on its GPU, a device-only move keeps bf16
+            # tables bf16.
+            probe = fn(torch.zeros(1, dtype=self.experts.down.dtype,
+                                   device=self.experts.down.device))
         except (RuntimeError, AssertionError) as e:  # e.g. .cuda() where torch has no GPU
             if lib.has_cuda:
                 raise

@@ -192,6 +192,17 @@ def test_bfloat16_maps_to_bf16_expert_tables_and_float_maps_back():
     opt.step()
 
 
+def test_device_only_moves_keep_bf16_expert_tables():
+    m = PEER(SMALL + ",weight_dtype=bf16", seed=5)
+    down = m.experts.down.detach().clone()
+    for move in (m.cpu, lambda: m.to("cpu"), lambda: torch.nn.Sequential(m).to("cpu")):
+        move()
+        assert m.layer.config["weight_dtype"] == "bf16" and m.experts.down.dtype == torch.bfloat16
+        assert torch.equal(m.experts.down, down)
+    m.float()
+    assert m.layer.config["weight_dtype"] == "f32"
+
+
 def test_unsupported_moves_are_refused_at_the_call():
     m = PEER(SMALL, seed=5)
     for move in (m.double, m.half, lambda: m.to(torch.float16)):
