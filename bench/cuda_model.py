@@ -80,15 +80,19 @@ def kernels(T, wbytes, design, train):
     # 32 scores; a warp step runs the shift loop to the longest lane (about
     # 16 iterations of 3 loads + 3 stores of 4-byte words), shared memory
     # issuing one warp instruction per clock per SM; plus k' pop rounds of
-    # 5 shuffles.  After: threshold filter in registers (a compare per score),
-    # ballot-compacted candidates merged into a register queue; expected
-    # candidates per row k'(1 + ln(n/k')) ~ 83, each costing a warp merge step
-    # of about 10 shuffles: shuffles issue one warp instruction per clock per SM.
+    # 5 shuffles.  After (kernels/retrieval.cu): a warp-wide threshold (the
+    # k'-th best kept) filters each chunk of 32 scores; candidates are
+    # ballot-compacted into a shared buffer of 64 keys, and a full buffer is
+    # bitonic-sorted (21 stages of 2 shared loads and 2 stores per lane) down
+    # to k'.  Counted under emulation (test_cuda emu/topk_selection_work),
+    # random rows at n = 1024, k' = 16: 152 candidates and 207 keys sorted
+    # (3.2 sorts) per row.  Chunk steps (about 15 instructions) issue at
+    # 4 warp instructions per clock per SM, shared memory at one.
     if after:
-        per_row_ops = 32 * 2 / 4 + 10 * 25  # ALU at 4/clk/SM; ~10 merges of ~25 shuffles
-        add("fwd", "subkey_topk", s_bytes + rows * kp * 8,
+        per_row_ops = 32 * 15 / 4 + 3.2 * 21 * 4
+        add("fwd", "subkey_topk", s_bytes + rows * kp * 12,
             serial=lambda g: rows * per_row_ops / (g["sms"] * g["clock"]),
-            note="threshold + ballot compaction; shuffle issue bound")
+            note="threshold + ballot compaction, warp bitonic sorts; issue bound")
     else:
         per_row_smem = 32 * 16 * 6 + kp * (5 + 6)
         add("fwd", "subkey_topk", s_bytes + rows * kp * 12,

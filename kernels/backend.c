@@ -480,13 +480,11 @@ static peer_status cuda_upload(peer_layer *L, void *dst, const void *src, size_t
  * experts.h). */
 static peer_status check_supported(const peer_layer *L) {
   const peer_dims *D = &L->dims;
-  if (peer_k_topk_warp_smem(D->n, D->kp) > PEER_K_SMEM_MAX) {
-    const long long cap = (long long)peer_k_topk_cap_max();
+  if (peer_k_topk_warp_smem(D->kp) > PEER_K_SMEM_MAX)
     return peer_fail(PEER_ERR_UNSUPPORTED,
-                     "backend cuda: n_subkeys %lld with subkey_top_k %lld is beyond the top-k' "
-                     "kernel's shared memory (keep subkey_top_k <= %lld or n_subkeys <= %lld)",
-                     (long long)D->n, (long long)D->kp, cap, 32 * cap);
-  }
+                     "backend cuda: subkey_top_k %lld is beyond the top-k' kernel's shared "
+                     "memory (at most %lld)",
+                     (long long)D->kp, (long long)peer_k_topk_kp_max());
   if (peer_k_merge_thread_smem(D->k) > PEER_K_SMEM_MAX)
     return peer_fail(PEER_ERR_UNSUPPORTED,
                      "backend cuda: top_k %lld is beyond the merge kernel's shared memory (at "

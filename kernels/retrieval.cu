@@ -2,9 +2,10 @@
  * the expert kernel:
  *   bias_norm    q += bias; running batch norm (one thread per element);
  *   subkey_topk  one warp per (token, head, half) row of n sub-key scores:
- *                each lane keeps a sorted list of its strided slice
- *                (peer_list_insert, in shared memory), then kp rounds of a
- *                warp arg-max by the tie rule pop the row's top-k';
+ *                scores beating the row's running k'-th best (a warp-wide
+ *                threshold) are ballot-compacted into a shared-memory
+ *                buffer; a full buffer is sorted (warp bitonic network),
+ *                keeps its k' best and raises the threshold;
  *   merge        one thread per (token, head): peer_merge_candidates over the
  *                two halves' lists, then peer_gates;
  *   brute_topk   one block per (token, head): each thread scans its columns
@@ -16,17 +17,11 @@
 #include "common.cuh"
 #include "retrieval.h"
 
-/* Lane lists are padded to an odd stride so that lanes reading the same
+/* Lists are padded to an odd stride so that threads reading the same
  * position hit different banks. */
-static __host__ __device__ inline int64_t lane_cap(int64_t n, int64_t kp) {
-  int64_t slice = (n + 31) / 32; /* a lane sees at most this many scores */
-  return kp < slice ? kp : slice;
-}
 static __host__ __device__ inline int64_t odd_stride(int64_t c) { return c | 1; }
 
-/* Bytes of one list entry: (score, id) in the top-k' lists; (hi, lo, id)
- * in the merge's and brute force's. */
-#define TOPK_ENTRY (sizeof(int64_t) + sizeof(float))
+/* Bytes of one list entry of the merge and brute force: (hi, lo, id). */
 #define PAIR_ENTRY (sizeof(int64_t) + 2 * sizeof(float))
 
 /* The longest list for which `fixed` bytes plus `lists` lists of entries of
@@ -37,11 +32,26 @@ static int64_t odd_list_max(size_t fixed, size_t lists, size_t entry) {
   return stride ? (int64_t)((stride - 1) | 1) : 0;
 }
 
-extern "C" size_t peer_k_topk_warp_smem(int64_t n, int64_t kp) {
-  return (size_t)32 * (size_t)odd_stride(lane_cap(n, kp)) * TOPK_ENTRY;
+/* The top-k' buffer of one warp, in keys (a power of two, for the sort):
+ * room for the k' best so far and a chunk of 32 candidates, and where
+ * PEER_K_SMEM_MAX allows for 2k', so that a sort frees k' places or more
+ * (at most about n / k' sorts per row however the scores come). */
+static int64_t topk_buffer(int64_t kp) {
+  int64_t b = 64;
+  while (b < kp + 32) b <<= 1;
+  while (b < 2 * kp && 2 * b * sizeof(uint64_t) <= PEER_K_SMEM_MAX) b <<= 1;
+  return b;
 }
 
-extern "C" int64_t peer_k_topk_cap_max(void) { return odd_list_max(0, 32, TOPK_ENTRY); }
+extern "C" size_t peer_k_topk_warp_smem(int64_t kp) {
+  return (size_t)topk_buffer(kp) * sizeof(uint64_t);
+}
+
+extern "C" int64_t peer_k_topk_kp_max(void) {
+  int64_t b = 64;
+  while (2 * b * sizeof(uint64_t) <= PEER_K_SMEM_MAX) b <<= 1;
+  return b - 32;
+}
 
 extern "C" size_t peer_k_merge_thread_smem(int64_t k) { return (size_t)odd_stride(k) * PAIR_ENTRY; }
 
@@ -76,84 +86,109 @@ extern "C" peer_status peer_k_bias_norm(float *q, int64_t T, int64_t dq, const f
 
 /* ------------------------------------------------------------ top-k' */
 
-/* Does candidate (sb, ib, vb) beat (sa, ia, va)?  A valid entry beats an
- * empty one; two valid ones follow the tie rule. */
-static __device__ inline bool takes_over(float sa, int64_t ia, int va, float sb, int64_t ib,
-                                         int vb) {
-  return vb && (!va || peer_beats(sb, ib, sa, ia));
+/* The selection compares and sorts rowops.h's peer_order_key: one integer
+ * per (score, index) whose unsigned order is the tie rule.  Indices differ,
+ * so keys differ and the order is total; 0, below every key, marks an
+ * empty place. */
+
+/* keys[0, p) in descending order, p a power of two: a bitonic network whose
+ * compare-exchanges are spread over the warp's lanes, a __syncwarp after
+ * each stage (the first one publishes the callers' writes). */
+static __device__ void warp_sort_desc(uint64_t *keys, int p, int lane) {
+  __syncwarp();
+  for (int k = 2; k <= p; k <<= 1)
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int t = lane; t < p >> 1; t += 32) {
+        const int i = (t & ~(j - 1)) << 1 | (t & (j - 1)), l = i + j;
+        const uint64_t a = keys[i], b = keys[l];
+        if ((a < b) == !(i & k)) { /* descending where bit k of i is clear */
+          keys[i] = b;
+          keys[l] = a;
+        }
+      }
+      __syncwarp();
+    }
+  PEER_K_COUNT(topk_sorted, lane == 0 ? p : 0);
+}
+
+/* Sorts the count keys in keys[0, p) (p a power of two >= count, the rest
+ * emptied first) so that keys[0, kp) are the best kp, in order.  The
+ * caller's writes below count and the sort's reads are ordered by the
+ * sort's first __syncwarp. */
+static __device__ void warp_keep_best(uint64_t *keys, int count, int p, int lane) {
+  for (int i = count + lane; i < p; i += 32) keys[i] = 0;
+  warp_sort_desc(keys, p, lane);
 }
 
 __global__ void subkey_topk_kernel(const float *__restrict__ S, int64_t rows, int64_t n,
-                                   int kp, int cap, int stride, float *__restrict__ out_s,
+                                   int kp, int buffer, float *__restrict__ out_s,
                                    int64_t *__restrict__ out_id, unsigned long long *bad) {
-  extern __shared__ int64_t topk_smem[]; /* ids [warps][32][stride], then scores */
+  extern __shared__ uint64_t topk_smem[]; /* [warps][buffer] keys */
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
-  int64_t *my_id = topk_smem + ((int64_t)warp * 32 + lane) * stride;
-  float *my_s = (float *)(topk_smem + (int64_t)wpb * 32 * stride) +
-                ((int64_t)warp * 32 + lane) * stride;
-  /* Rows are warp-uniform, so whole warps loop and exit together (the
-   * shuffles below need every lane). */
+  const unsigned lanes_below = (1u << lane) - 1u;
+  uint64_t *keys = topk_smem + (int64_t)warp * buffer;
+  /* Rows are warp-uniform, so whole warps loop and exit together; count and
+   * the threshold come from ballots and the sorted buffer, so they are
+   * warp-uniform too. */
   for (int64_t row = (int64_t)blockIdx.x * wpb + warp; row < rows;
        row += (int64_t)gridDim.x * wpb) {
     const float *s = S + row * n;
     int count = 0, nonfinite = 0;
-    /* Indices rise within a lane, so a tie with the list's worst never
-     * enters (the entry already there has the smaller index). */
-    for (int64_t i = lane; i < n; i += 32) {
-      float v = s[i];
-      nonfinite |= !isfinite(v);
-      if (count < cap || v > my_s[cap - 1]) peer_list_insert(my_s, my_id, cap, &count, v, i);
+    /* the k'-th best key kept so far once a sort has run, else 0 (every
+     * score passes until then) */
+    uint64_t threshold = 0;
+    for (int64_t base = 0; base < n; base += 32) {
+      const int64_t i = base + lane;
+      uint64_t key = 0;
+      if (i < n) {
+        const float v = s[i];
+        nonfinite |= !isfinite(v);
+        key = peer_order_key(v, i);
+      }
+      unsigned pass = __ballot_sync(PEER_FULL_MASK, key > threshold);
+      if (!pass) continue;
+      if (count + __popc(pass) > buffer) {
+        /* full: keep the best kp (count > buffer - 32 >= kp), raise the
+         * threshold, and filter this chunk again */
+        warp_keep_best(keys, count, buffer, lane);
+        threshold = keys[kp - 1];
+        count = kp;
+        pass = __ballot_sync(PEER_FULL_MASK, key > threshold);
+      }
+      if (key > threshold) keys[count + __popc(pass & lanes_below)] = key;
+      count += __popc(pass);
+      if (lane == 0) PEER_K_COUNT(topk_candidates, __popc(pass));
     }
-    /* Pop the best head of the 32 lane lists kp times.  The lanes hold at
-     * least min(n, kp) entries in all, so a valid winner always exists; lane
-     * 0's result is broadcast so that every lane agrees even when NaN makes
-     * the order partial, and the winner's owner is its index mod 32. */
-    int ptr = 0;
-    for (int r = 0; r < kp; r++) {
-      int valid = ptr < count;
-      float cs = valid ? my_s[ptr] : 0.0f;
-      int64_t cid = valid ? my_id[ptr] : 0;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        float os = __shfl_xor_sync(PEER_FULL_MASK, cs, off);
-        int64_t oid = __shfl_xor_sync(PEER_FULL_MASK, cid, off);
-        int ov = __shfl_xor_sync(PEER_FULL_MASK, valid, off);
-        if (takes_over(cs, cid, valid, os, oid, ov)) {
-          cs = os;
-          cid = oid;
-          valid = 1;
-        }
-      }
-      cs = __shfl_sync(PEER_FULL_MASK, cs, 0);
-      cid = __shfl_sync(PEER_FULL_MASK, cid, 0);
-      if (lane == (int)(cid & 31)) ptr++;
-      if (lane == 0) {
-        out_s[row * kp + r] = cs;
-        out_id[row * kp + r] = cid;
-      }
+    /* count >= kp: no sort ran and count = n >= kp, or one did and left kp */
+    int p = 1;
+    while (p < count) p <<= 1;
+    warp_keep_best(keys, count, p, lane);
+    for (int r = lane; r < kp; r += 32) {
+      const int64_t id = peer_order_key_id(keys[r]);
+      out_id[row * kp + r] = id;
+      out_s[row * kp + r] = s[id]; /* the score's own bits (-0, NaN) */
     }
     if (__any_sync(PEER_FULL_MASK, nonfinite) && lane == 0)
       atomicMin(bad, (unsigned long long)(row / 2));
-    /* The next row's inserts reuse this lane's own list only: no other lane
-     * reads it, so no barrier is needed. */
+    __syncwarp(); /* every lane has read the buffer before the next row writes it */
   }
 }
 
 extern "C" peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t kp,
                                           float *out_s, int64_t *out_id,
                                           unsigned long long *bad, cudaStream_t stream) {
-  if (rows == 0) return PEER_OK;
-  size_t per_warp = peer_k_topk_warp_smem(n, kp);
-  if (per_warp > PEER_K_SMEM_MAX)
+  if (kp > peer_k_topk_kp_max())
     return peer_fail(PEER_ERR_UNSUPPORTED,
-                     "subkey_topk: n=%lld, k'=%lld need %zu bytes of shared memory per warp",
-                     (long long)n, (long long)kp, per_warp);
+                     "subkey_topk: subkey_top_k %lld is beyond the kernel's shared memory (at "
+                     "most %lld)",
+                     (long long)kp, (long long)peer_k_topk_kp_max());
+  if (rows == 0) return PEER_OK;
+  const size_t per_warp = peer_k_topk_warp_smem(kp);
   int wpb = (int)(PEER_K_SMEM_MAX / per_warp);
   if (wpb > 4) wpb = 4;
-  int cap = (int)lane_cap(n, kp);
   PEER_LAUNCH(peer_k_blocks(rows, wpb), 32 * wpb, per_warp * (size_t)wpb, stream,
               subkey_topk_kernel)
-  (S, rows, n, (int)kp, cap, (int)odd_stride(cap), out_s, out_id, bad);
+  (S, rows, n, (int)kp, (int)topk_buffer(kp), out_s, out_id, bad);
   return peer_k_launched("subkey_topk");
 }
 

@@ -23,13 +23,13 @@ extern "C" {
 
 /* Shared memory of one warp of the top-k' kernel, and of one thread of the
  * merge kernel; the backend refuses configs where these exceed
- * PEER_K_SMEM_MAX.  The same limits as sizes of the config: a lane's list
- * holds min(k', ceil(n / 32)) entries, at most peer_k_topk_cap_max() (127:
- * k' <= 127 or n <= 32 * 127 = 4064); the merge takes top_k up to
- * peer_k_merge_k_max() (3071). */
-size_t peer_k_topk_warp_smem(int64_t n, int64_t kp);
+ * PEER_K_SMEM_MAX.  The same limits as sizes of the config: the top-k'
+ * kernel takes k' up to peer_k_topk_kp_max() (4064: its buffer of 8-byte
+ * keys, a power of two >= k' + 32, within 32 KiB), any n; the merge takes
+ * top_k up to peer_k_merge_k_max() (3071). */
+size_t peer_k_topk_warp_smem(int64_t kp);
 size_t peer_k_merge_thread_smem(int64_t k);
-int64_t peer_k_topk_cap_max(void);
+int64_t peer_k_topk_kp_max(void);
 int64_t peer_k_merge_k_max(void);
 
 /* q [T, dq] in place: q += bias (if bias), then, if mean, the running batch
@@ -40,7 +40,9 @@ peer_status peer_k_bias_norm(float *q, int64_t T, int64_t dq, const float *bias,
 
 /* Rows r in [0, rows) of S [rows, n] (row r = (t*H + h)*2 + half): the kp
  * best (score, index) by the tie rule, sorted, into out_s / out_id
- * [rows, kp].  A row holding a non-finite score lowers *bad to (t*H + h). */
+ * [rows, kp] (a NaN ranks below every number).  A row holding a non-finite
+ * score lowers *bad to (t*H + h).  PEER_ERR_UNSUPPORTED for kp beyond
+ * peer_k_topk_kp_max(); 1 <= kp <= n < 2^31 otherwise. */
 peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t kp,
                                float *out_s, int64_t *out_id, unsigned long long *bad,
                                cudaStream_t stream);

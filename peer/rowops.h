@@ -20,6 +20,27 @@ PEER_HD int peer_beats(float sa, int64_t ia, float sb, int64_t ib) {
   return sa > sb || (sa == sb && ia < ib);
 }
 
+/* peer_beats as one integer, for selections that compare and sort plain
+ * keys (the CUDA top-k'): for scores that are not NaN and ids in [0, 2^31),
+ * (sa, ia) beats (sb, ib) exactly when peer_order_key(sa, ia) >
+ * peer_order_key(sb, ib) as unsigned numbers.  The score's bits made
+ * monotone (positives with the sign bit set, negatives complemented; -0
+ * read as +0, which peer_beats ties with it) above ~id; a NaN, which beats
+ * nothing, sorts below every number.  Distinct ids give distinct keys, and
+ * every key is above 0. */
+PEER_HD uint64_t peer_order_key(float s, int64_t id) {
+  union {
+    float f;
+    uint32_t u;
+  } v;
+  v.f = s == 0.0f ? 0.0f : s;
+  const uint32_t u = s != s ? 0u : (v.u & 0x80000000u) ? ~v.u : v.u | 0x80000000u;
+  return (uint64_t)u << 32 | (uint32_t) ~(uint32_t)id;
+}
+
+/* The id a peer_order_key carries. */
+PEER_HD int64_t peer_order_key_id(uint64_t key) { return (int64_t)(uint32_t) ~(uint32_t)key; }
+
 /* Insert (s, id) into the sorted list (sc, ids) of *count entries and room
  * for cap; the worst entry falls off when full.  The caller has checked that
  * the newcomer beats the current worst when the list is full. */

@@ -24,6 +24,7 @@
  * so the parent never initialises CUDA before Criterion forks its workers. */
 #include "peer.h"
 
+#include <float.h>
 #include <stdio.h>
 
 #ifndef PEER_USE_CUDA
@@ -35,6 +36,8 @@ int main(void) {
 
 #include "internal.h" /* peer_layer_enter: a call of another thread, in the busy test */
 #include "peer_cuda.h"
+#include "../kernels/retrieval.h" /* the top-k' kernel, run on crafted rows */
+#include "rowops.h"
 #include "reference_train.h"
 
 #include <criterion/criterion.h>
@@ -299,6 +302,139 @@ Test(cuda, exact_ties_follow_the_tie_rule) {
 Test(cuda, million_experts) {
   check_config("d_model=64,n_heads=4,d_key=64,n_subkeys=1024,top_k=16", 64, 0);
   check_config("d_model=64,n_heads=2,d_key=64,n_subkeys=1024,top_k=8,subkey_top_k=32,weight_dtype=bf16", 32, 0);
+}
+
+/* ------------------------------------------------- top-k' on crafted rows */
+
+/* The top-k' kernel (kernels/retrieval.h) run directly on rows built to
+ * break a threshold selection: every score equal, rising rows (each score
+ * beats all before it) and falling ones (none does), few distinct values, a
+ * run of ties at the k'-th place, signed zeros, infinities and the largest
+ * floats.  Ids and scores must be peer_topk_scan's (rowops.h, the CPU
+ * backend's) and a plain sort's by the tie rule, bit for bit.  A row with a
+ * NaN gets distinct ids in range.  The record holds the first (t, h) = row / 2
+ * with a non-finite score. */
+enum {
+  ROW_RANDOM,
+  ROW_EQUAL,
+  ROW_RISING,
+  ROW_FALLING,
+  ROW_FEW_VALUES,
+  ROW_THRESHOLD_TIES,
+  ROW_SIGNED_ZEROS,
+  ROW_EXTREMES,
+  ROW_NAN,
+  ROW_KINDS
+};
+
+static void fill_row(float *s, int64_t n, int64_t kp, int kind, ref_rng *rng) {
+  static const float extremes[] = {-INFINITY, -FLT_MAX, -1.0f,   -0.0f,   0.0f,
+                                   0x1p-149f, 1.0f,     FLT_MAX, INFINITY};
+  for (int64_t i = 0; i < n; i++) switch (kind) {
+    case ROW_EQUAL: s[i] = 0.5f; break;
+    case ROW_RISING: s[i] = (float)i - 0.5f * (float)n; break;
+    case ROW_FALLING: s[i] = -(float)i; break;
+    case ROW_FEW_VALUES: s[i] = (float)ref_int(rng, 0, 3); break;
+    case ROW_THRESHOLD_TIES: s[i] = 1.0f; break;
+    case ROW_SIGNED_ZEROS: s[i] = ref_int(rng, 0, 1) ? 0.0f : -0.0f; break;
+    case ROW_EXTREMES: s[i] = extremes[ref_int(rng, 0, 8)]; break;
+    default: s[i] = (float)ref_uniform(rng, -1, 1); break;
+    }
+  /* k'/2 winners over a sea of equal scores: the rest of the top-k' is the
+   * ties with the smallest ids */
+  if (kind == ROW_THRESHOLD_TIES)
+    for (int64_t j = 0; j < kp / 2; j++) s[ref_int(rng, 0, n - 1)] = 2.0f + (float)j;
+  if (kind == ROW_NAN)
+    for (int64_t j = 0; j < 1 + n / 50; j++) s[ref_int(rng, 0, n - 1)] = NAN;
+}
+
+static const float *sorted_row; /* by_tie_rule's scores */
+static int by_tie_rule(const void *a, const void *b) {
+  const int64_t i = *(const int64_t *)a, j = *(const int64_t *)b;
+  const float x = sorted_row[i], y = sorted_row[j];
+  if (x != y) return x > y ? -1 : 1;
+  return i < j ? -1 : i > j;
+}
+
+static int row_finite(const float *s, int64_t n) {
+  for (int64_t i = 0; i < n; i++)
+    if (!isfinite(s[i])) return 0;
+  return 1;
+}
+
+/* per_kind rows of each kind, n scores each, top kp. */
+static void check_topk_rows(int64_t n, int64_t kp, int64_t per_kind, uint64_t seed) {
+  ref_rng rng = {seed};
+  const int64_t rows = ROW_KINDS * per_kind;
+  float *S = malloc((size_t)(rows * n) * 4), *gs = malloc((size_t)(rows * kp) * 4);
+  int64_t *gid = malloc((size_t)(rows * kp) * 8), *order = malloc((size_t)n * 8);
+  float *cs = malloc((size_t)kp * 4);
+  int64_t *cid = malloc((size_t)kp * 8);
+  char *seen = malloc((size_t)n);
+  unsigned long long want_bad = ~0ull, bad = 0;
+  for (int64_t r = 0; r < rows; r++) {
+    fill_row(S + r * n, n, kp, (int)(r / per_kind), &rng);
+    if (want_bad == ~0ull && !row_finite(S + r * n, n)) want_bad = (unsigned long long)(r / 2);
+  }
+  float *dS = dev_copy_of(S, (size_t)(rows * n) * 4), *ds = dev_alloc((size_t)(rows * kp) * 4);
+  int64_t *did = dev_alloc((size_t)(rows * kp) * 8);
+  unsigned long long *dbad = dev_alloc(8);
+  cr_assert_eq(cudaMemset(dbad, 0xff, 8), cudaSuccess);
+  cr_assert_eq(peer_k_subkey_topk(dS, rows, n, kp, ds, did, dbad, 0), PEER_OK,
+               "n=%lld k'=%lld: %s", (long long)n, (long long)kp, peer_last_error());
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  to_host(gs, ds, (size_t)(rows * kp) * 4);
+  to_host(gid, did, (size_t)(rows * kp) * 8);
+  to_host(&bad, dbad, 8);
+  cr_assert_eq(bad, want_bad, "n=%lld k'=%lld seed=%llu: record %llu, want %llu", (long long)n,
+               (long long)kp, (unsigned long long)seed, bad, want_bad);
+  for (int64_t r = 0; r < rows; r++) {
+    const float *s = S + r * n;
+    const int kind = (int)(r / per_kind);
+    const int64_t *g = gid + r * kp;
+    if (kind == ROW_NAN) {
+      memset(seen, 0, (size_t)n);
+      for (int64_t j = 0; j < kp; j++) {
+        cr_assert(g[j] >= 0 && g[j] < n && !seen[g[j]], "NaN row %lld: id %lld", (long long)r,
+                  (long long)g[j]);
+        seen[g[j]] = 1;
+      }
+      continue;
+    }
+    peer_topk_scan(s, (int)n, (int)kp, cs, cid);
+    for (int64_t i = 0; i < n; i++) order[i] = i;
+    sorted_row = s;
+    qsort(order, (size_t)n, 8, by_tie_rule);
+    for (int64_t j = 0; j < kp; j++) {
+      cr_assert(g[j] == cid[j] && g[j] == order[j],
+                "n=%lld k'=%lld seed=%llu row %lld (kind %d) place %lld: id %lld, cpu %lld, "
+                "sort %lld",
+                (long long)n, (long long)kp, (unsigned long long)seed, (long long)r, kind,
+                (long long)j, (long long)g[j], (long long)cid[j], (long long)order[j]);
+      cr_assert(memcmp(&gs[r * kp + j], &cs[j], 4) == 0, "row %lld place %lld: score %.9g, cpu %.9g",
+                (long long)r, (long long)j, (double)gs[r * kp + j], (double)cs[j]);
+    }
+  }
+  cudaFree(dS), cudaFree(ds), cudaFree(did), cudaFree(dbad);
+  free(S), free(gs), free(gid), free(order), free(cs), free(cid), free(seen);
+}
+
+Test(cuda_topk, crafted_rows_match_the_cpu_and_a_sort) {
+  /* n, k', rows of each kind */
+  static const int64_t cases[][3] = {{1, 1, 2},     {2, 1, 2},       {5, 5, 2},
+                                     {31, 1, 2},    {32, 32, 2},     {33, 16, 3},
+                                     {64, 64, 2},   {65, 33, 2},     {100, 7, 16},
+                                     {300, 100, 2}, {1024, 1, 2},    {1024, 16, 16},
+                                     {1000, 24, 4}, {1024, 1024, 1}, {4096, 4064, 1}};
+  const uint64_t seed = ref_test_seed();
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+    check_topk_rows(cases[c][0], cases[c][1], cases[c][2], seed + c);
+}
+
+Test(cuda_topk, beyond_the_buffer_is_refused) {
+  const int64_t kp = peer_k_topk_kp_max() + 1;
+  cr_assert_eq(peer_k_subkey_topk(NULL, 2, kp, kp, NULL, NULL, NULL, 0), PEER_ERR_UNSUPPORTED);
+  cr_assert(strstr(peer_last_error(), "subkey_top_k") != NULL, "%s", peer_last_error());
 }
 
 /* ------------------------------------------------------------- brute force */
@@ -1209,15 +1345,13 @@ static void check_cuda_limit(const char *config, const char *want) {
   peer_layer_free(L);
 }
 
-/* Each shared-memory limit at its edge, with its own message: a lane's
- * top-k' list holds min(k', ceil(n / 32)) <= 127 entries, the merge takes
- * top_k <= 3071, the expert kernel H*k <= 4096. */
+/* Each shared-memory limit at its edge, with its own message: the top-k'
+ * kernel takes k' <= 4064 (any n), the merge top_k <= 3071, the expert
+ * kernel H*k <= 4096. */
 Test(cuda_limits, subkey_lists_merge_and_experts) {
-  const char *topk_msg = "keep subkey_top_k <= 127 or n_subkeys <= 4064";
-  check_cuda_limit("d_model=2,n_heads=1,d_key=2,n_subkeys=4064,top_k=1,subkey_top_k=128", NULL);
-  check_cuda_limit("d_model=2,n_heads=1,d_key=2,n_subkeys=4065,top_k=1,subkey_top_k=128", topk_msg);
-  check_cuda_limit("d_model=2,n_heads=1,d_key=2,n_subkeys=4096,top_k=1,subkey_top_k=127", NULL);
-  check_cuda_limit("d_model=2,n_heads=1,d_key=2,n_subkeys=4096,top_k=1,subkey_top_k=128", topk_msg);
+  check_cuda_limit("d_model=2,n_heads=1,d_key=2,n_subkeys=4065,top_k=1,subkey_top_k=4064", NULL);
+  check_cuda_limit("d_model=2,n_heads=1,d_key=2,n_subkeys=4065,top_k=1,subkey_top_k=4065",
+                   "subkey_top_k 4065 is beyond the top-k' kernel's shared memory (at most 4064)");
   check_cuda_limit("d_model=1,n_heads=1,d_key=2,n_subkeys=4064,top_k=3071", NULL);
   check_cuda_limit("d_model=1,n_heads=1,d_key=2,n_subkeys=4064,top_k=3072",
                    "top_k 3072 is beyond the merge kernel's shared memory (at most 3071)");
@@ -1994,6 +2128,45 @@ Test(cuda_api, device_calls_on_a_busy_layer_are_refused) {
   dev_step_free(&s);
   free(x), free(dy);
   free_pair(&p);
+}
+
+/* The top-k' selection's work as the emulator counts it (PEER_K_COUNT):
+ * per row at the reference config's n = 1024, k' = 16, the scores written
+ * to its candidate buffer and the keys through its warp sort.  On random
+ * rows a threshold that followed the running k'-th best exactly would pass
+ * about k' (1 + ln(n / k')) = 83 scores; the kernel's lags (it moves when
+ * the buffer is sorted), so the bound is twice that.  Rising rows are the
+ * worst case: every score is a candidate. */
+static void topk_work(int kind, int64_t rows, double *candidates, double *sorted) {
+  const int64_t n = 1024, kp = 16;
+  ref_rng rng = {ref_test_seed()};
+  float *S = malloc((size_t)(rows * n) * 4);
+  for (int64_t r = 0; r < rows; r++) fill_row(S + r * n, n, kp, kind, &rng);
+  float *dS = dev_copy_of(S, (size_t)(rows * n) * 4), *ds = dev_alloc((size_t)(rows * kp) * 4);
+  int64_t *did = dev_alloc((size_t)(rows * kp) * 8);
+  unsigned long long *dbad = dev_alloc(8);
+  peer_emu_counts before, after;
+  peer_emu_get_counts(&before);
+  cr_assert_eq(peer_k_subkey_topk(dS, rows, n, kp, ds, did, dbad, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  peer_emu_get_counts(&after);
+  *candidates = (double)(after.topk_candidates - before.topk_candidates) / (double)rows;
+  *sorted = (double)(after.topk_sorted - before.topk_sorted) / (double)rows;
+  cudaFree(dS), cudaFree(ds), cudaFree(did), cudaFree(dbad);
+  free(S);
+}
+
+Test(emu, topk_selection_work) {
+  double rand_c, rand_s, rise_c, rise_s;
+  topk_work(ROW_RANDOM, 256, &rand_c, &rand_s);
+  topk_work(ROW_RISING, 8, &rise_c, &rise_s);
+  fprintf(stderr,
+          "emu/topk_selection_work: n=1024 k'=16, per row: random rows %.1f candidates, %.1f "
+          "keys sorted; rising rows %.1f candidates, %.1f keys sorted\n",
+          rand_c, rand_s, rise_c, rise_s);
+  cr_assert(rand_c <= 2 * 16 * (1 + log(1024.0 / 16)), "%.1f candidates per random row", rand_c);
+  cr_assert_eq(rise_c, 1024.0, "%.1f candidates per rising row", rise_c);
 }
 
 Test(emu, steady_loop_never_syncs_or_allocates) {

@@ -4,12 +4,16 @@
  * shared keys, k = 1, k = n and k' > k; ties built on purpose (duplicated
  * sub-key rows, coarsely quantised values, sums that round to one f32) must
  * follow PEER.md's order (exact sums descending, exactly equal sums to the
- * smaller id); gates must be the gate function of the scores. */
+ * smaller id); gates must be the gate function of the scores; rowops.h's
+ * peer_order_key must order pairs as the tie rule does. */
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 
 #include "cases.h"
 #include "reference.h"
+#include "rowops.h"
+
+#include <float.h>
 
 /* The case's layer with the given gate and expert dtype (zeroed parameters). */
 static peer_layer *make_layer(const layer_case *c, peer_gate gate, peer_dtype dtype) {
@@ -584,4 +588,30 @@ Test(retrieval, thread_count_does_not_change_bits) {
   result_free(&rn);
   free(x);
   peer_layer_free(L);
+}
+
+/* rowops.h's peer_order_key, which the CUDA top-k' compares and sorts,
+ * orders pairs as peer_beats does: scores from a set with signed zeros,
+ * infinities, the largest and smallest floats (so that ties are common),
+ * ids to 2^31 - 1; a NaN below every number; every key above 0 (the
+ * kernel's empty place); the id comes back. */
+Test(retrieval, order_key_is_the_tie_rule) {
+  static const float v[] = {-INFINITY, -FLT_MAX, -1.5f, -1.0f,   -0x1p-149f, -0.0f,
+                            0.0f,      0x1p-149f, 1.0f,  1.5f,   FLT_MAX,    INFINITY};
+  static const int64_t ids[] = {0, 1, 2, 1000, 4095, 0x7fffffff};
+  const int nv = (int)(sizeof v / sizeof v[0]), ni = (int)(sizeof ids / sizeof ids[0]);
+  for (int a = 0; a < nv; a++)
+    for (int ia = 0; ia < ni; ia++) {
+      const uint64_t ka = peer_order_key(v[a], ids[ia]);
+      cr_assert_eq(peer_order_key_id(ka), ids[ia]);
+      cr_assert(ka > peer_order_key(NAN, ids[ia]) && peer_order_key(NAN, ids[ia]) > 0);
+      for (int b = 0; b < nv; b++)
+        for (int ib = 0; ib < ni; ib++) {
+          if (ib == ia) continue;
+          const uint64_t kb = peer_order_key(v[b], ids[ib]);
+          cr_assert_eq(ka > kb, peer_beats(v[a], ids[ia], v[b], ids[ib]) != 0,
+                       "(%g, %lld) against (%g, %lld)", (double)v[a], (long long)ids[ia],
+                       (double)v[b], (long long)ids[ib]);
+        }
+    }
 }
