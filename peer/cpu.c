@@ -299,9 +299,10 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
   int64_t bad_token = T;
   int bad_head = 0;
 #ifdef __AVX512BF16__
-  const bool bf16 = !brute && peer_cpu_keys16_ready(L, T, P);
+  const int64_t last_nt = T - (n_tb - 1) * TB; /* only the last block can be short */
+  const bool bf16_ok = !brute && last_nt <= PEER_CPU_BF16_MAX_NT && peer_cpu_keys16_ready(L, P);
 #else
-  const bool bf16 = false;
+  const bool bf16_ok = false;
 #endif
   int64_t n_bf16 = 0, n_fallback = 0;
   /* Heads outermost: a thread's consecutive tasks share one head's sub-keys,
@@ -321,6 +322,7 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
 
       int64_t t0 = tb * TB, nt = T - t0 < TB ? T - t0 : TB;
       int64_t g = L->cfg.shared_keys ? 0 : h;
+      const bool bf16 = bf16_ok && nt <= PEER_CPU_BF16_MAX_NT;
       float *lists_s = NULL;
       int64_t *lists_id = NULL;
       int bad16[TB] = {0};

@@ -239,11 +239,15 @@ void peer_cpu_apply_experts(const peer_layer *layer, int64_t T, const float *x, 
                             int P);
 
 /* bf16 sub-key scoring with exact re-ranking (cpu_bf16.c), in variants built
- * with AVX512-BF16 (__AVX512BF16__).  peer_cpu_keys16_ready makes the
- * layer's bf16 copy of the keys current and says whether a retrieval of T
- * tokens takes this path (config, keys finite, and for keys the caller may
- * have written in place, a batch large enough to pay for re-making it). */
-bool peer_cpu_keys16_ready(peer_layer *layer, int64_t T, int P);
+ * with AVX512-BF16 (__AVX512BF16__), for token blocks of at most
+ * PEER_CPU_BF16_MAX_NT tokens: there the f32 product (tokens in vector lanes)
+ * leaves lanes idle and streams twice the bytes, while for full blocks it is
+ * as fast as vdpbf16ps on the host measured (bench/README.md, "bf16 scoring
+ * with exact re-ranking").  peer_cpu_keys16_ready makes the layer's bf16 copy
+ * of the keys current and says whether the path may run (config, keys
+ * finite and not exposed to in-place writes, memory). */
+#define PEER_CPU_BF16_MAX_NT 16
+bool peer_cpu_keys16_ready(peer_layer *layer, int P);
 /* Per-thread scratch that peer_cpu_bf16_lists needs besides S. */
 size_t peer_cpu_bf16_scratch_bytes(const peer_dims *D);
 /* Both halves' top-k' lists of head h for the nt <= TB tokens whose queries

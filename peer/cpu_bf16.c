@@ -1,5 +1,6 @@
 /* cpu_bf16.c: exact top-k' of sub-key scores from a bf16 first pass, in the
- * CPU variants built with AVX512-BF16.  The layer keeps a bf16 copy of the
+ * CPU variants built with AVX512-BF16, for token blocks of at most
+ * PEER_CPU_BF16_MAX_NT tokens (small batches; cpu.h says why).  The layer keeps a bf16 copy of the
  * sub-keys with their norms (peer_keys16, re-made when keys_gen moves); each
  * (token, head, half) scores all n sub-keys in bf16 (vdpbf16ps), brackets
  * every f32 score the f32 path would compute between s16 - e and s16 + e,
@@ -48,17 +49,18 @@
  * 6 x 4 accumulators, 4 key vectors and a broadcast fit 32 registers. */
 #define KT 64
 #define TT 6
-/* Lower ends are kept as maxima over groups of this many keys. */
-#define LGROUP (KT / 16)
-/* Keys the caller may write in place (keys_exposed) make every call re-make
- * the copy: below this many tokens the f32 path is cheaper. */
-#define EXPOSED_MIN_T 128
-
+/* Lower ends are kept as maxima over groups of 16 keys: lane l of the w-th
+ * vector of maxima covers keys w*256 + 16i + l (i < 16), which 4 tiles
+ * fill.  Fewer maxima make the k'-th largest cheaper to find, at the price of
+ * a slightly lower threshold (a few more survivors). */
+#define GROUP_SPAN 256
+static int64_t n_maxima(int64_t n) { return (n + GROUP_SPAN - 1) / GROUP_SPAN * 16; }
 /* Survivors re-scored per half; more take the f32 path. */
 static int cand_cap(int64_t kp) { return (int)(2 * kp + 64); }
 
 static bool eligible(const peer_dims *D) {
-  return D->half % 2 == 0 && D->n % KT == 0 && D->kp * 8 <= D->n && D->half < (1 << 20);
+  return D->half % 2 == 0 && D->n % KT == 0 && D->kp * 8 <= D->n && D->kp <= n_maxima(D->n) &&
+         D->half < (1 << 20);
 }
 
 /* One key set (g, p): pairs [n/16][m/2][16] of 32-bit words, each two bf16
@@ -120,11 +122,14 @@ static int fill_block(const float *C, int64_t half, int64_t jb, uint16_t *pairs,
   return ok;
 }
 
-bool peer_cpu_keys16_ready(peer_layer *L, int64_t T, int P) {
+/* Keys the caller may have written in place since any call (keys_exposed)
+ * would need the copy re-made per call, which costs more than the small
+ * batches this path serves save: such layers take the f32 path. */
+bool peer_cpu_keys16_ready(peer_layer *L, int P) {
   const peer_dims *D = &L->dims;
   peer_keys16 *K = &L->keys16;
-  if (!eligible(D) || (L->keys_exposed && T < EXPOSED_MIN_T)) return false;
-  if (K->mem && K->gen == L->keys_gen && !L->keys_exposed) return K->valid;
+  if (!eligible(D) || L->keys_exposed) return false;
+  if (K->mem && K->gen == L->keys_gen) return K->valid;
   const size_t bytes = (size_t)(D->G * 2) * set_bytes(D);
   if (!K->mem) {
     K->mem = peer_alloc(bytes);
@@ -150,7 +155,7 @@ bool peer_cpu_keys16_ready(peer_layer *L, int64_t T, int P) {
 /* ------------------------------------------------------------ scratch */
 
 typedef struct bscratch {
-  float *lmax;   /* [TB][2][n / LGROUP] group maxima of lower ends */
+  float *lmax;   /* [TB][2][n_maxima(n)] group maxima of lower ends */
   uint32_t *qp;  /* [TB][2][m/2] query halves as bf16 pairs */
   float *coef;   /* [TB][2][4] A, B, C, D of the bound */
   int *fall;     /* [TB][2] this half takes the f32 path */
@@ -162,7 +167,7 @@ typedef struct bscratch {
 
 static size_t carve(const peer_dims *D, char *base, bscratch *b) {
   const size_t th = (size_t)TB * 2, cap = (size_t)cand_cap(D->kp);
-  size_t sz[8] = {th * (size_t)(D->n / LGROUP) * 4,
+  size_t sz[8] = {th * (size_t)n_maxima(D->n) * 4,
                   th * (size_t)(D->half / 2) * 4,
                   th * 16,
                   th * sizeof(int),
@@ -195,9 +200,39 @@ size_t peer_cpu_bf16_scratch_bytes(const peer_dims *D) {
 /* The query half as bf16 pairs and the bound's coefficients (see the top):
  * e_j = A |c'_j| + B |dc_j| + C |c_j| + D.  0 if something is not finite. */
 static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4]) {
-  double s0 = 0, s1 = 0, s2 = 0;
-  int ok = 1;
-  for (int64_t i = 0; i < m; i += 2) {
+  /* 16 components at a time: flush, round to nearest even (integer
+   * arithmetic, as peer_f32_to_bf16 for finite values; a non-finite one
+   * fails the check below whatever its rounding), and the three sums of
+   * squares in double */
+  const int64_t m16 = m - m % 16;
+  __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0;
+  __mmask16 bad = 0;
+  const __m512 tiny = _mm512_set1_ps(0x1p-126f);
+  const __m512i ones = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff),
+                top = _mm512_set1_epi32((int)0xffff0000u);
+  for (int64_t i = 0; i < m16; i += 16) {
+    __m512 v = _mm512_loadu_ps(qh + i);
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(_mm512_abs_ps(v), tiny, _CMP_LT_OQ),
+                           _mm512_setzero_ps());
+    __m512i u = _mm512_castps_si512(v);
+    u = _mm512_add_epi32(u,
+                         _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), ones)));
+    __m512 f = _mm512_castsi512_ps(_mm512_and_si512(u, top)), d = _mm512_sub_ps(v, f);
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(f, f), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    _mm256_storeu_si256((__m256i *)(qp + i / 2), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    const __m512 x[3] = {_mm512_loadu_ps(qh + i), f, d};
+    __m512d *acc[3] = {&a0, &a1, &a2};
+    for (int j = 0; j < 3; j++) {
+      __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x[j]));
+      __m512d hi =
+          _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x[j]), 1)));
+      *acc[j] = _mm512_fmadd_pd(lo, lo, _mm512_fmadd_pd(hi, hi, *acc[j]));
+    }
+  }
+  double s0 = _mm512_reduce_add_pd(a0), s1 = _mm512_reduce_add_pd(a1),
+         s2 = _mm512_reduce_add_pd(a2);
+  int ok = bad == 0;
+  for (int64_t i = m16; i < m; i += 2) {
     uint16_t b0 = bf16_ftz(qh[i]), b1 = bf16_ftz(qh[i + 1]);
     float f0 = peer_bf16_to_f32(b0), f1 = peer_bf16_to_f32(b1);
     float d0 = qh[i] - f0, d1 = qh[i + 1] - f1;
@@ -221,13 +256,14 @@ static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4]) {
 }
 
 /* bf16 scores of tokens 0..nt_-1 against the KT keys of one tile, and from
- * them each key's upper end U (stored at U + t*ldU) and each group of
- * LGROUP keys' largest lower end (at lm + t*ldL).  fall[t*2] is set where a
- * value is not finite. */
+ * them each key's upper end U (stored at U + t*ldU) and the lower ends'
+ * group maxima (the vector at lm + t*ldL: stored by the first tile of a
+ * GROUP_SPAN, raised by the others).  fall[t*2] is set where a value is not
+ * finite. */
 static inline __attribute__((always_inline)) void
 tile(int nt_, int64_t hp, const uint32_t *qp, int64_t ldqp, const uint32_t *kb, const float *nc1,
      const float *ndc, const float *nc, const float *coef, float *U, int64_t ldU, float *lm,
-     int64_t ldL, int *fall) {
+     int64_t ldL, bool first, int *fall) {
   __m512 acc[TT][4];
   for (int t = 0; t < nt_; t++)
     for (int v = 0; v < 4; v++)
@@ -264,24 +300,40 @@ tile(int nt_, int64_t hp, const uint32_t *qp, int64_t ldqp, const uint32_t *kb, 
       bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(up, up), zero, _CMP_NEQ_UQ) |
              _mm512_cmp_ps_mask(_mm512_sub_ps(lo, lo), zero, _CMP_NEQ_UQ);
     }
+    if (!first) lmax = _mm512_max_ps(lmax, _mm512_loadu_ps(lm + t * ldL));
     _mm512_storeu_ps(lm + t * ldL, lmax);
     fall[t * 2] |= bad != 0;
   }
 }
 
-/* The kp-th largest of v[0..m) (values only; m >= kp). */
-static float kth_largest(const float *v, int64_t m, int kp, float *best) {
-  for (int i = 0; i < kp; i++)
-    best[i] = -INFINITY;
-  for (int64_t i = 0; i < m; i++) {
-    float x = v[i];
-    if (!(x > best[kp - 1])) continue;
-    int pos = kp - 1;
-    while (pos > 0 && x > best[pos - 1])
-      best[pos] = best[pos - 1], pos--;
-    best[pos] = x;
+/* A lower bound on the kp-th largest of the nv*16 finite values v (which it
+ * overwrites), exact to
+ * 2^-15 relative: floats mapped to unsigned integers in the same order, the
+ * largest key with at least kp values >= it is found bit by bit from the
+ * top (vector compares and counts; no data-dependent branches), and its
+ * untried low bits are left 0, which only lowers it. */
+static float kth_largest(float *v, int64_t nv, int kp) {
+  uint32_t *key = (uint32_t *)v; /* in place */
+  for (int64_t w = 0; w < nv; w++) {
+    __m512i i = _mm512_loadu_si512(v + 16 * w);
+    __m512i flip = _mm512_srli_epi32(_mm512_srai_epi32(i, 31), 1); /* 0x7fffffff if negative */
+    i = _mm512_xor_si512(_mm512_xor_si512(i, flip), _mm512_set1_epi32((int)0x80000000u));
+    _mm512_storeu_si512(key + 16 * w, i);
   }
-  return best[kp - 1];
+  uint32_t res = 0;
+  for (int b = 31; b >= 8; b--) {
+    const uint32_t cand = res | 1u << b;
+    const __m512i c = _mm512_set1_epi32((int)cand);
+    int count = 0;
+    for (int64_t w = 0; w < nv; w++)
+      count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(key + 16 * w), c));
+    if (count >= kp) res = cand;
+  }
+  uint32_t i = res ^ 0x80000000u;
+  i ^= (uint32_t)((int32_t)i >> 31) >> 1;
+  float f;
+  memcpy(&f, &i, sizeof f);
+  return f;
 }
 
 /* Survivors: the keys whose U >= tau, ascending; -1 if more than cap. */
@@ -303,27 +355,20 @@ static int survivors(const float *U, int64_t n, float tau, int32_t *cand, int ca
 /* The f32 path's scores of the candidates: one chain of FMAs per score in
  * component order from 0, as peer_cpu_gemm_nt computes every element (the
  * product is commutative, so fma(q, c, acc) is its fma(a, b, acc)).  Eight
- * chains at a time keep the FMA units busy. */
+ * chains at a time keep the FMA units busy; a last group of fewer repeats
+ * its last candidate rather than run latency-bound single chains. */
 static void rescore(const float *qh, const float *C, int64_t m, const int32_t *cand, int cnt,
                     float *out) {
-  int i = 0;
-  for (; i + 8 <= cnt; i += 8) {
+  for (int i = 0; i < cnt; i += 8) {
     const float *c[8];
     float s[8] = {0};
     for (int r = 0; r < 8; r++)
-      c[r] = C + (int64_t)cand[i + r] * m;
+      c[r] = C + (int64_t)cand[i + r < cnt ? i + r : cnt - 1] * m;
     for (int64_t k = 0; k < m; k++)
       for (int r = 0; r < 8; r++)
         s[r] = fmaf(qh[k], c[r][k], s[r]);
-    for (int r = 0; r < 8; r++)
+    for (int r = 0; r < 8 && i + r < cnt; r++)
       out[i + r] = s[r];
-  }
-  for (; i < cnt; i++) {
-    const float *c = C + (int64_t)cand[i] * m;
-    float s = 0;
-    for (int64_t k = 0; k < m; k++)
-      s = fmaf(qh[k], c[k], s);
-    out[i] = s;
   }
 }
 
@@ -331,7 +376,7 @@ void peer_cpu_bf16_lists(const peer_layer *L, int64_t h, int64_t nt, const float
                          float *S, int64_t ldS, char *scratch, float **ls_out, int64_t **lid_out,
                          int *bad, float *pack, int64_t *n_bf16, int64_t *n_fallback) {
   const peer_dims *D = &L->dims;
-  const int64_t n = D->n, m = D->half, hp = m / 2, nl = n / LGROUP;
+  const int64_t n = D->n, m = D->half, hp = m / 2, nl = n_maxima(n);
   const int kp = (int)D->kp, cap = cand_cap(kp);
   const int64_t g = L->cfg.shared_keys ? 0 : h;
   bscratch b;
@@ -351,13 +396,13 @@ void peer_cpu_bf16_lists(const peer_layer *L, int64_t h, int64_t nt, const float
         const int64_t r = t0 * 2 + p;
         const uint32_t *qp = b.qp + r * hp;
         const float *coef = b.coef + r * 4;
-        float *U = S + t0 * ldS + p * n + j0, *lm = b.lmax + r * nl + j0 / LGROUP;
+        float *U = S + t0 * ldS + p * n + j0, *lm = b.lmax + r * nl + j0 / GROUP_SPAN * 16;
         int *fall = b.fall + r;
         switch (nt - t0 < TT ? nt - t0 : TT) {
 #define TILE(c)                                                                                    \
   case c:                                                                                          \
     tile(c, hp, qp, 2 * hp, kb, K.nc1 + j0, K.ndc + j0, K.nc + j0, coef, U, ldS, lm, 2 * nl,       \
-         fall);                                                                                    \
+         j0 % GROUP_SPAN == 0, fall);                                                              \
     break;
           TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6)
 #undef TILE
@@ -373,8 +418,7 @@ void peer_cpu_bf16_lists(const peer_layer *L, int64_t h, int64_t nt, const float
       float *U = S + t * ldS + p * n, *ls = b.ls + r * kp;
       int64_t *lid = b.lid + r * kp;
       int cnt = -1;
-      if (!b.fall[r]) /* b.cs holds kth_largest's list until rescore */
-        cnt = survivors(U, n, kth_largest(b.lmax + r * nl, nl, kp, b.cs), b.cand, cap);
+      if (!b.fall[r]) cnt = survivors(U, n, kth_largest(b.lmax + r * nl, nl / 16, kp), b.cand, cap);
       if (cnt < 0) { /* the f32 path, as peer_cpu_retrieve_all takes it */
         peer_cpu_gemm_nt(1, n, m, qh, m, K.c, m, U, n, pack);
         bad[t] |= peer_cpu_topk_scan(U, (int)n, kp, ls, lid);
