@@ -259,6 +259,12 @@ peer_status peer_train_begin(const peer_layer *layer, peer_context *ctx, int64_t
 void peer_train_end(peer_context *ctx, int64_t n_tokens, const float *x);
 peer_status peer_backward_check(const peer_layer *layer, const peer_context *ctx, const void *dy,
                                 const peer_grads *grads, const char *what);
+/* A host backward's start (peer.h's, the sharded layer's): peer_backward_check,
+ * dx refused where it overlaps dy or the forward's x (read after dx is
+ * written), then no expert rows yet and, for an empty batch, the dense
+ * gradients zeroed: the backend runs only when ctx->n_tokens > 0. */
+peer_status peer_backward_begin(const peer_layer *layer, const peer_context *ctx, const float *dy,
+                                const float *dx, peer_grads *grads, const char *what);
 
 /* Threads a new context is sized for (per-thread scratch). */
 int peer_context_threads(const peer_layer *layer);

@@ -133,18 +133,9 @@ static peer_status backward(peer_shard *S, peer_context *c, const float *dy, flo
 peer_status peer_shard_backward(peer_shard *S, peer_context *c, const float *dy, float *dx,
                                 peer_grads *g) {
   if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_backward: NULL shard");
-  peer_status st = peer_backward_check(S->L, c, dy, g, "shard_backward");
+  peer_status st = peer_backward_begin(S->L, c, dy, dx, g, "shard_backward");
   if (st) return st;
-  g->n_expert_rows = 0;
-  if (c->n_tokens == 0) {
-    float *bufs[] = {g->query_weight, g->query_bias, g->norm_weight, g->norm_bias, g->keys};
-    int slots[] = {PEER_P_QUERY_WEIGHT, PEER_P_QUERY_BIAS, PEER_P_NORM_WEIGHT, PEER_P_NORM_BIAS,
-                   PEER_P_KEYS};
-    for (int i = 0; i < 5; i++)
-      if (bufs[i]) memset(bufs[i], 0, S->L->slot[slots[i]].nbytes);
-  } else if ((st = backward(S, c, dy, dx, g))) {
-    return st;
-  }
+  if (c->n_tokens > 0 && (st = backward(S, c, dy, dx, g))) return st;
   c->ready = false;
   return PEER_OK;
 }

@@ -151,21 +151,25 @@ peer_status peer_backward_check(const peer_layer *L, const peer_context *c, cons
   return PEER_OK;
 }
 
-static peer_status backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
-                            peer_grads *g) {
-  peer_status st = peer_backward_check(L, c, dy, g, "backward");
+peer_status peer_backward_begin(const peer_layer *L, const peer_context *c, const float *dy,
+                                const float *dx, peer_grads *g, const char *what) {
+  peer_status st = peer_backward_check(L, c, dy, g, what);
   if (st) return st;
   /* dx written over dy, or over the x that backward still reads */
   const size_t rows = (size_t)c->n_tokens * (size_t)L->dims.d * sizeof(float);
-  if ((st = peer_check_disjoint("backward", dx, rows, "dx", dy, rows, "dy")) ||
-      (st = peer_check_disjoint("backward", dx, rows, "dx", c->x, rows,
-                                "the x of the training forward")))
+  if ((st = peer_check_disjoint(what, dx, rows, "dx", dy, rows, "dy")) ||
+      (st = peer_check_disjoint(what, dx, rows, "dx", c->x, rows, "the x of the training forward")))
     return st;
   g->n_expert_rows = 0;
-  if (c->n_tokens == 0)
-    zero_dense_grads(L, g);
-  else if ((st = L->backend->backward(L, c, dy, dx, g)))
-    return st;
+  if (c->n_tokens == 0) zero_dense_grads(L, g);
+  return PEER_OK;
+}
+
+static peer_status backward(peer_layer *L, peer_context *c, const float *dy, float *dx,
+                            peer_grads *g) {
+  peer_status st = peer_backward_begin(L, c, dy, dx, g, "backward");
+  if (st) return st;
+  if (c->n_tokens > 0 && (st = L->backend->backward(L, c, dy, dx, g))) return st;
   c->ready = false; /* one backward per training forward; a failed one may be retried */
   return PEER_OK;
 }

@@ -252,8 +252,15 @@ static void *rank_main(void *arg) {
         FAILED(j, "rank %d: unsharded training failed: %s", j->m.rank, peer_last_error());
       continue;
     }
-    if (peer_shard_forward_train(S, ca, T, x, ya) || peer_forward_train(F, cb, T, x, yb) ||
-        peer_shard_backward(S, ca, dy, dxa, &ga) || peer_backward(F, cb, dy, dxb, &gb)) {
+    if (peer_shard_forward_train(S, ca, T, x, ya) || peer_forward_train(F, cb, T, x, yb)) {
+      FAILED(j, "rank %d: training call failed: %s", j->m.rank, peer_last_error());
+      break;
+    }
+    /* dx over dy (or x) is refused on every rank before any collective */
+    if (peer_shard_backward(S, ca, dy, dy, &ga) != PEER_ERR_INVALID_ARGUMENT ||
+        peer_shard_backward(S, ca, dy, (float *)x, &ga) != PEER_ERR_INVALID_ARGUMENT)
+      FAILED(j, "rank %d: dx over dy or x was not refused", j->m.rank);
+    if (peer_shard_backward(S, ca, dy, dxa, &ga) || peer_backward(F, cb, dy, dxb, &gb)) {
       FAILED(j, "rank %d: training call failed: %s", j->m.rank, peer_last_error());
       break;
     }
