@@ -241,6 +241,78 @@ PEER_API peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
 PEER_API peer_status peer_cuda_optimizer_step(peer_optimizer *opt, const peer_grads *d_grads,
                                               const int64_t *d_n_expert_rows, cudaStream_t stream);
 
+/* ------------------------------------------------------------- sharding */
+
+/* A CUDA layer's expert tables split by columns over the P ranks of a group,
+ * as peer.h's peer_shard (README "Sharding"): rank r holds columns
+ * [r*d/P, (r+1)*d/P) of experts.down and experts.up in its device's memory;
+ * the query projection, batch norm and sub-keys are replicated, and every
+ * rank retrieves the same ids (the same kernels on the same inputs).  The
+ * transport is the caller's, on device pointers: include/peer_nccl.h builds
+ * one from an ncclComm_t.  Inference only so far (forward, retrieval). */
+typedef struct peer_cuda_comm {
+  void *handle; /* the transport's own state, passed back to every call */
+  int rank;     /* this process (or device), 0 <= rank < world */
+  int world;    /* ranks in the group */
+  /* d_data[0 .. count), device memory, becomes its sum over the ranks, in
+   * place, queued on `stream` (ordered after the work queued on it before,
+   * and before the work queued after).  Every rank must get the same bits
+   * (ncclAllReduce does).  0 on success; anything else is reported as
+   * PEER_ERR_IO. */
+  int (*allreduce_sum)(void *handle, float *d_data, int64_t count, cudaStream_t stream);
+  /* d_recv[r*bytes .. (r+1)*bytes) = rank r's d_send[0 .. bytes) for every
+   * r, device memory, queued on `stream`; 0 on success. */
+  int (*allgather)(void *handle, const void *d_send, void *d_recv, size_t bytes,
+                   cudaStream_t stream);
+} peer_cuda_comm;
+
+typedef struct peer_cuda_shard peer_cuda_shard;
+
+/* Collective.  Create this rank's shard of a CUDA layer (options->backend
+ * must be PEER_BACKEND_CUDA; options->device is this rank's device, the
+ * communicator's) with zeroed parameters.  The communicator is copied (its
+ * handle must outlive the shard).  Refused on every rank alike, as
+ * peer_shard_create: d_model not divisible by world (PEER_ERR_CONFIG), a
+ * config or world size that differs between ranks, or duplicate ranks
+ * (PEER_ERR_CONFIG naming the rank and both configs), a failure of the local
+ * checks on any rank (the status of the lowest failing rank).  The
+ * agreement runs over the communicator on the layer's stream, and waits. */
+PEER_API peer_status peer_cuda_shard_create(peer_cuda_shard **out, const peer_config *cfg,
+                                            const peer_options *opt, const peer_cuda_comm *comm);
+/* Free the shard (NULL is accepted); waits for the device as
+ * peer_layer_free. */
+PEER_API void peer_cuda_shard_free(peer_cuda_shard *shard);
+PEER_API const peer_config *peer_cuda_shard_config(const peer_cuda_shard *shard);
+/* This rank's columns of the expert tables: [*col0, *col0 + *cols). */
+PEER_API void peer_cuda_shard_columns(const peer_cuda_shard *shard, int64_t *col0, int64_t *cols);
+/* Parameters as peer_layer_param (device pointers): the replicated ones in
+ * full, experts.down and experts.up as this rank's [N, d/P] columns. */
+PEER_API int peer_cuda_shard_n_params(const peer_cuda_shard *shard);
+PEER_API peer_status peer_cuda_shard_param(peer_cuda_shard *shard, int i, peer_tensor *out);
+PEER_API peer_status peer_cuda_shard_param_by_name(peer_cuda_shard *shard, const char *name,
+                                                   peer_tensor *out);
+/* Local: the values peer_layer_init(seed) gives the unsharded layer (the
+ * expert tables' columns of this rank); ordered as peer_layer_init. */
+PEER_API peer_status peer_cuda_shard_init(peer_cuda_shard *shard, uint64_t seed);
+
+/* Collective.  As peer_cuda_forward: d_x [T, d] (the same on every rank),
+ * d_y [T, d] (gathered: the same on every rank), optional d_indices and
+ * d_gates [T, H, k]; device pointers, queued on `stream` (we do not own
+ * it), which the communicator's calls are queued on too.  The shard keeps
+ * device scratch for the largest T seen (grown as the layer's: a wait for
+ * the device, then cudaMalloc; no allocation otherwise).  Non-finite
+ * scores are recorded for peer_cuda_shard_check. */
+PEER_API peer_status peer_cuda_shard_forward(peer_cuda_shard *shard, int64_t n_tokens,
+                                             const float *d_x, float *d_y, int64_t *d_indices,
+                                             float *d_gates, cudaStream_t stream);
+/* Local (no communication): as peer_cuda_retrieve. */
+PEER_API peer_status peer_cuda_shard_retrieve(peer_cuda_shard *shard, int64_t n_tokens,
+                                              const float *d_x, int64_t *d_indices,
+                                              float *d_scores, float *d_gates,
+                                              cudaStream_t stream);
+/* As peer_cuda_check, for the shard's layer. */
+PEER_API peer_status peer_cuda_shard_check(peer_cuda_shard *shard, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif
