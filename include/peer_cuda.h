@@ -276,7 +276,10 @@ typedef struct peer_cuda_shard peer_cuda_shard;
  * config or world size that differs between ranks, or duplicate ranks
  * (PEER_ERR_CONFIG naming the rank and both configs), a failure of the local
  * checks on any rank (the status of the lowest failing rank).  The
- * agreement runs over the communicator on the layer's stream, and waits. */
+ * agreement is an all-gather on the legacy default stream, waited for; a
+ * rank refused before it (NULL arguments, a communicator without its calls
+ * or with a rank out of range, options.device not a device:
+ * PEER_ERR_NO_DEVICE) returns at once and leaves the others waiting. */
 PEER_API peer_status peer_cuda_shard_create(peer_cuda_shard **out, const peer_config *cfg,
                                             const peer_options *opt, const peer_cuda_comm *comm);
 /* Free the shard (NULL is accepted); waits for the device as
