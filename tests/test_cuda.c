@@ -874,6 +874,11 @@ Test(cuda, training_bf16_relu_gates_odd_width) {
                  "activation=gelu", 33);
   check_training(SMALL ",activation=gelu_tanh,query_norm=batchnorm", 40);
 }
+/* d not a multiple of 4: the scalar backward expert kernels (f32, bf16) */
+Test(cuda, training_scalar_width) {
+  check_training("d_model=37,n_heads=3,d_key=10,n_subkeys=33,top_k=5", 31);
+  check_training("d_model=37,n_heads=3,d_key=10,n_subkeys=33,top_k=5,weight_dtype=bf16", 31);
+}
 
 /* Every combination of the forward and training options (activation, gate,
  * query norm, query bias, expert dtype, shared keys), each on both backends,
