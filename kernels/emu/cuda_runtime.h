@@ -106,6 +106,7 @@ struct launch_config {
   dim3 grid, block;
   size_t smem;
   cudaStream_t stream;
+  const void *kernel; /* the instance (PEER_EMU_KERNELS) */
 };
 void launch(const launch_config &cfg, void (*body)(void *), void *ctx);
 /* A non-NULL pointer argument outside device memory fails the launch. */
@@ -148,7 +149,7 @@ template <class... P> struct kernel_launch {
 template <class... P>
 kernel_launch<P...> make_launch(const char *name, dim3 grid, dim3 block, size_t smem,
                                 cudaStream_t stream, void (*kernel)(P...)) {
-  return kernel_launch<P...>{kernel, {name, grid, block, smem, stream}};
+  return kernel_launch<P...>{kernel, {name, grid, block, smem, stream, (const void *)kernel}};
 }
 
 } // namespace peer_emu

@@ -15,11 +15,18 @@
  * what orders memory on a GPU does here: __syncthreads (every thread's
  * arrival before every thread's departure), __syncwarp among its lanes, the
  * start and end of a block (shuffles and votes order nothing).  So a missing
- * barrier is a data race TSan reports. */
+ * barrier is a data race TSan reports.  This file is never instrumented by
+ * TSan (CMakeLists.txt: -fno-sanitize=thread): the scheduler's bookkeeping
+ * passes between fibers that TSan must see as unordered, and is not the
+ * kernels' memory.  (Hiding it access by access with TSan's ignore
+ * annotations cost a stack-depot insertion per threadIdx read: 70% of a TSan
+ * run.)  So TSan is detected at run time: its runtime's entry points are
+ * weak references here, null unless it is linked. */
 #include "emu_internal.h"
 
 #include "cuda_runtime.h"
 
+#include <dlfcn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,50 +34,40 @@
 #include <sys/mman.h>
 
 #include <mutex>
+#include <set>
 #include <vector>
 
 #if defined(__has_feature)
 #if __has_feature(address_sanitizer)
 #define EMU_ASAN 1
 #endif
-#if __has_feature(thread_sanitizer)
-#define EMU_TSAN 1
-#endif
 #endif
 #if defined(__SANITIZE_ADDRESS__)
 #define EMU_ASAN 1
-#endif
-#if defined(__SANITIZE_THREAD__)
-#define EMU_TSAN 1
 #endif
 
 #ifdef EMU_ASAN
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
-#ifdef EMU_TSAN
-#include <sanitizer/tsan_interface.h>
-/* The emulator's own bookkeeping (states, results, the scheduler's fields)
- * passes between fibers that TSan must see as unordered; its accesses are
- * hidden from TSan, so only the kernels' own memory is checked. */
-extern "C" void AnnotateIgnoreReadsBegin(const char *file, int line);
-extern "C" void AnnotateIgnoreReadsEnd(const char *file, int line);
-extern "C" void AnnotateIgnoreWritesBegin(const char *file, int line);
-extern "C" void AnnotateIgnoreWritesEnd(const char *file, int line);
-struct emu_only {
-  emu_only() {
-    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
-    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
-  }
-  ~emu_only() {
-    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
-    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-  }
-};
-#define EMU_ONLY emu_only emu_only_scope
-#else
-#define EMU_ONLY
-#endif
+/* ThreadSanitizer's fiber and synchronisation calls
+ * (sanitizer/tsan_interface.h), null without its runtime. */
+extern "C" {
+__attribute__((weak)) void *__tsan_get_current_fiber(void);
+__attribute__((weak)) void *__tsan_create_fiber(unsigned flags);
+__attribute__((weak)) void __tsan_destroy_fiber(void *fiber);
+__attribute__((weak)) void __tsan_switch_to_fiber(void *fiber, unsigned flags);
+__attribute__((weak)) void __tsan_acquire(void *addr);
+__attribute__((weak)) void __tsan_release(void *addr);
+}
+static const unsigned tsan_no_sync = 1; /* __tsan_switch_to_fiber_no_sync */
+static const bool emu_tsan = __tsan_create_fiber != nullptr;
+static inline void tsan_acquire(void *addr) {
+  if (emu_tsan) __tsan_acquire(addr);
+}
+static inline void tsan_release(void *addr) {
+  if (emu_tsan) __tsan_release(addr);
+}
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -210,9 +207,7 @@ struct host_thread {
   size_t sched_size = 0;
   ~host_thread() {
     for (fiber *f : pool) {
-#ifdef EMU_TSAN
       if (f->tsan) __tsan_destroy_fiber(f->tsan);
-#endif
       munmap(f->stack - guard_bytes, stack_bytes + guard_bytes);
       delete f;
     }
@@ -235,9 +230,7 @@ void switch_to(fiber *f) {
 #ifdef EMU_ASAN
   __sanitizer_start_switch_fiber(&ht.sched_fake, f->stack, stack_bytes);
 #endif
-#ifdef EMU_TSAN
-  __tsan_switch_to_fiber(f->tsan, __tsan_switch_to_fiber_no_sync);
-#endif
+  if (emu_tsan) __tsan_switch_to_fiber(f->tsan, tsan_no_sync);
 #if defined(__x86_64__)
   peer_emu_switch(&ht.sched_sp, f->sp);
 #else
@@ -258,9 +251,7 @@ void to_scheduler(bool final) {
 #else
   (void) final;
 #endif
-#ifdef EMU_TSAN
-  __tsan_switch_to_fiber(ht.sched_tsan, __tsan_switch_to_fiber_no_sync);
-#endif
+  if (emu_tsan) __tsan_switch_to_fiber(ht.sched_tsan, tsan_no_sync);
 #if defined(__x86_64__)
   peer_emu_switch(&f->sp, ht.sched_sp);
 #else
@@ -275,24 +266,11 @@ void fiber_main() {
 #ifdef EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &ht.sched_bottom, &ht.sched_size);
 #endif
-  fiber *f;
-  void (*body)(void *);
-  void *ctx;
-  {
-    EMU_ONLY;
-    f = ht.cur, body = ht.body, ctx = ht.body_ctx;
-#ifdef EMU_TSAN
-    __tsan_acquire(&ht.blk->start_sync);
-#endif
-  }
-  body(ctx);
-  {
-    EMU_ONLY;
-#ifdef EMU_TSAN
-    __tsan_release(&ht.blk->end_sync);
-#endif
-    f->state = DONE;
-  }
+  fiber *f = ht.cur;
+  tsan_acquire(&ht.blk->start_sync);
+  ht.body(ht.body_ctx);
+  tsan_release(&ht.blk->end_sync);
+  f->state = DONE;
   to_scheduler(true);
   abort(); /* a finished fiber is never resumed */
 }
@@ -307,9 +285,7 @@ fiber *new_fiber() {
   }
   mprotect(m, guard_bytes, PROT_NONE); /* a stack overflow faults */
   f->stack = m + guard_bytes;
-#ifdef EMU_TSAN
-  f->tsan = __tsan_create_fiber(0);
-#endif
+  if (emu_tsan) f->tsan = __tsan_create_fiber(0);
   return f;
 }
 
@@ -323,12 +299,10 @@ void prepare(fiber *f) {
   else
     __asan_unpoison_memory_region(f->stack + stack_bytes - 8192, 8192);
 #endif
-#ifdef EMU_TSAN
-  if (f->dirty) {
+  if (emu_tsan && f->dirty) {
     __tsan_destroy_fiber(f->tsan);
     f->tsan = __tsan_create_fiber(0);
   }
-#endif
   f->dirty = false;
   f->asan_fake = nullptr;
 #if defined(__x86_64__)
@@ -373,11 +347,9 @@ __attribute__((format(printf, 3, 4))) void block_fail(block_run *b, const fiber 
 /* The calling fiber broke a rule: report, and never run it again. */
 [[noreturn]] void fiber_fail_here() {
   ht.cur->state = FAILED;
-#ifdef EMU_TSAN
-  /* the caller's EMU_ONLY scope never ends: close it (see EMU_ONLY_CLOSE) */
-  AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
-  AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-#endif
+  /* its report (block_fail's snprintf, which TSan sees) before the launcher
+   * reads it */
+  tsan_release(&ht.blk->end_sync);
   to_scheduler(false);
   abort();
 }
@@ -484,12 +456,10 @@ uint64_t lane_result(const block_run *b, const warp_run &w, const pending &p, in
 } // namespace
 
 thread_ctx *self() {
-  EMU_ONLY;
   return &ht.cur->ctx;
 }
 
 unsigned active_mask() {
-  EMU_ONLY;
   fiber *f = ht.cur;
   block_run *b = ht.blk;
   unsigned m = 0;
@@ -501,7 +471,6 @@ unsigned active_mask() {
 }
 
 uint64_t warp_collective(warp_op op, unsigned mask, uint64_t value, int param, int width) {
-  EMU_ONLY;
   fiber *f = ht.cur;
   block_run *b = ht.blk;
   warp_run &w = b->warps[f->warp];
@@ -540,9 +509,7 @@ uint64_t warp_collective(warp_op op, unsigned mask, uint64_t value, int param, i
   f->sync_slot = p->sync_slot;
   f->state = AT_WARP;
   p->arrived |= me;
-#ifdef EMU_TSAN
-  if (op == W_SYNC) __tsan_release(&w.sync[f->sync_slot]);
-#endif
+  if (op == W_SYNC) tsan_release(&w.sync[f->sync_slot]);
   if (p->arrived == p->mask) {
     /* the last lane in: every lane's result, then all run on */
     pending done = *p;
@@ -569,14 +536,11 @@ uint64_t warp_collective(warp_op op, unsigned mask, uint64_t value, int param, i
   } else {
     to_scheduler(false);
   }
-#ifdef EMU_TSAN
-  if (op == W_SYNC) __tsan_acquire(&w.sync[f->sync_slot]);
-#endif
+  if (op == W_SYNC) tsan_acquire(&w.sync[f->sync_slot]);
   return f->result;
 }
 
 int block_barrier(bar_op op, int pred) {
-  EMU_ONLY;
   fiber *f = ht.cur;
   block_run *b = ht.blk;
   /* Which __syncthreads in the source is not checked: the compiler may
@@ -592,9 +556,7 @@ int block_barrier(bar_op op, int pred) {
   const int gen = b->bar_gen & 1;
   f->pred = pred;
   f->state = AT_BARRIER;
-#ifdef EMU_TSAN
-  __tsan_release(&b->bar_sync[gen]);
-#endif
+  tsan_release(&b->bar_sync[gen]);
   if (++b->bar_arrived == b->n) {
     int r = op == B_AND ? 1 : 0;
     for (int i = 0; i < b->n; i++) {
@@ -613,9 +575,7 @@ int block_barrier(bar_op op, int pred) {
   } else {
     to_scheduler(false);
   }
-#ifdef EMU_TSAN
-  __tsan_acquire(&b->bar_sync[gen]);
-#endif
+  tsan_acquire(&b->bar_sync[gen]);
   return b->bar_result[gen];
 }
 
@@ -660,9 +620,7 @@ bool smem_overrun(size_t size, size_t *at) {
 
 bool run_block(block_run &b, size_t smem) {
   fresh_smem(smem);
-#ifdef EMU_TSAN
-  __tsan_release(&b.start_sync);
-#endif
+  tsan_release(&b.start_sync);
   for (;;) {
     bool ran = false;
     for (int i = 0; i < b.n && !b.failed; i++)
@@ -682,9 +640,7 @@ bool run_block(block_run &b, size_t smem) {
       break;
     }
   }
-#ifdef EMU_TSAN
-  __tsan_acquire(&b.end_sync);
-#endif
+  tsan_acquire(&b.end_sync);
   size_t at = 0;
   if (!b.failed && smem_overrun(smem, &at)) {
     b.failed = true;
@@ -694,6 +650,23 @@ bool run_block(block_run &b, size_t smem) {
              b.cfg->name, b.bidx.x, b.bidx.y, b.bidx.z, smem, at);
   }
   return !b.failed;
+}
+
+/* PEER_EMU_KERNELS=file: the first launch of each kernel instance appends
+ * "<offset in its object> <object> <launch spelling>" to the file, so that
+ * a run can be checked to have launched every kernel of the binary
+ * (tools/emu-tsan).  Called under launch_lock. */
+void note_kernel(const launch_config &cfg) {
+  static const char *const path = getenv("PEER_EMU_KERNELS");
+  static std::set<const void *> seen;
+  Dl_info info;
+  if (!path || !cfg.kernel || !seen.insert(cfg.kernel).second || !dladdr(cfg.kernel, &info))
+    return;
+  FILE *f = fopen(path, "a");
+  if (!f) return;
+  fprintf(f, "%zx %s %s\n", (size_t)((const char *)cfg.kernel - (const char *)info.dli_fbase),
+          info.dli_fname, cfg.name);
+  fclose(f);
 }
 
 } // namespace
@@ -710,7 +683,6 @@ bool pointer_arg_ok(const launch_config &cfg, int index, const void *p) {
 }
 
 void launch(const launch_config &cfg, void (*body)(void *), void *ctx) {
-  EMU_ONLY; /* the scheduler runs no kernel code itself */
   count_launch();
   const dim3 g = cfg.grid, bl = cfg.block;
   const unsigned long long threads = (unsigned long long)bl.x * bl.y * bl.z;
@@ -728,6 +700,7 @@ void launch(const launch_config &cfg, void (*body)(void *), void *ctx) {
     return;
   }
   std::lock_guard<std::mutex> hold(launch_lock);
+  note_kernel(cfg);
   if (n_regions < 0) n_regions = dynamic_smem_regions(smem_regions, 64);
   const int n = (int)threads;
   while ((int)ht.pool.size() < n) {
@@ -738,9 +711,7 @@ void launch(const launch_config &cfg, void (*body)(void *), void *ctx) {
     }
     ht.pool.push_back(f);
   }
-#ifdef EMU_TSAN
-  ht.sched_tsan = __tsan_get_current_fiber();
-#endif
+  if (emu_tsan) ht.sched_tsan = __tsan_get_current_fiber();
   std::vector<fiber> fibers(n);
   block_run b;
   b.cfg = &cfg;
