@@ -1,10 +1,11 @@
 /* cpu_bf16.c: exact top-k' of sub-key scores from a bf16 first pass, in the
  * CPU variants built with AVX512-BF16, for token blocks of at most
- * PEER_CPU_BF16_MAX_NT tokens (small batches; cpu.h says why).  The layer keeps a bf16 copy of the
- * sub-keys with their norms (peer_keys16, re-made when keys_gen moves); each
- * (token, head, half) scores all n sub-keys in bf16 (vdpbf16ps), brackets
- * every f32 score the f32 path would compute between s16 - e and s16 + e,
- * keeps the keys whose bracket can reach the k'-th largest lower end,
+ * PEER_CPU_BF16_MAX_NT tokens (small batches; cpu.h says why).  The layer
+ * keeps a bf16 copy of the sub-keys with their norms (peer_keys16, re-made
+ * when keys_gen moves); each (token, head, half) scores all n sub-keys in
+ * bf16 (vdpbf16ps), brackets every f32 score the f32 path would compute
+ * between s16 - e and s16 + e, keeps the keys whose bracket can reach the
+ * k'-th largest lower end,
  * re-scores exactly those with the f32 path's own arithmetic, and selects
  * from the re-scored values by the tie rule.  The result is the f32 path's,
  * ids and score bits; when too many keys survive, the f32 scores are computed
@@ -34,7 +35,8 @@
  * with every norm rounded up (sums of squares in double, then a margin)
  * and the coefficients and e inflated by 2^-16 for their own roundings (all
  * terms are positive).  If L_j = fl(s16_j - e_j) and tau is at most the k'-th
- * largest L (the k'-th largest of maxima over disjoint groups of 4 keys is),
+ * largest L (the k'-th largest of maxima over disjoint groups of 16 keys
+ * is, and kth_largest's value is at most that),
  * k' keys have f32 scores >= tau, so every key of the f32 top-k' has
  * s32 >= tau, hence U_j = fl(s16_j + e_j) >= tau: keeping all keys with
  * U_j >= tau keeps the f32 top-k' (rounding to nearest is monotone, and the
