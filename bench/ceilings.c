@@ -24,8 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <time.h>
+
+#include "internal.h" // peer_alloc: large buffers as the layer's tables get them
 
 // ---------------------------------------------------------------- results
 
@@ -123,31 +124,34 @@ static rate measure(body_fn body, void *ctx, int nt) {
 static volatile float sink_f = 0, in_a = 0.9999999f, in_b = 1e-7f;
 
 // Twelve independent accumulators: FMA latency (4 cycles) times two FMA ports
-// needs eight in flight; twelve leave a margin.
-#define REP12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+// needs eight in flight; twelve leave a margin.  RUN_CHAINS(VEC, SET1, ADD,
+// STEP) runs c = STEP(c) on each until the deadline and leaves their sum in
+// `s` and the iterations in `iters`; the caller's STEP names its operands.
 #define CHUNK 4096L // iterations between clock reads
+#define RUN_CHAINS(VEC, SET1, ADD, STEP)                                                         \
+  VEC c0 = SET1(0.f), c1 = SET1(1.f), c2 = SET1(2.f), c3 = SET1(3.f), c4 = SET1(4.f),          \
+      c5 = SET1(5.f), c6 = SET1(6.f), c7 = SET1(7.f), c8 = SET1(8.f), c9 = SET1(9.f),          \
+      c10 = SET1(10.f), c11 = SET1(11.f);                                                      \
+  double iters = 0;                                                                            \
+  do {                                                                                         \
+    for (long i = 0; i < CHUNK; i++) {                                                         \
+      c0 = STEP(c0), c1 = STEP(c1), c2 = STEP(c2), c3 = STEP(c3), c4 = STEP(c4);              \
+      c5 = STEP(c5), c6 = STEP(c6), c7 = STEP(c7), c8 = STEP(c8), c9 = STEP(c9);              \
+      c10 = STEP(c10), c11 = STEP(c11);                                                        \
+    }                                                                                          \
+    iters += CHUNK;                                                                            \
+  } while (now() < deadline);                                                                  \
+  VEC s = ADD(ADD(ADD(ADD(c0, c1), ADD(c2, c3)), ADD(ADD(c4, c5), ADD(c6, c7))),               \
+              ADD(ADD(c8, c9), ADD(c10, c11)))
 
 __attribute__((target("avx512f"))) static double fma_avx512(void *ctx, int tid, int nt,
                                                               double deadline) {
   (void)ctx, (void)tid, (void)nt;
   const __m512 a = _mm512_set1_ps(in_a), b = _mm512_set1_ps(in_b);
-#define DECL(i) __m512 c##i = _mm512_set1_ps((float)(i));
-#define STEP(i) c##i = _mm512_fmadd_ps(c##i, a, b);
-#define SUM(i) s = _mm512_add_ps(s, c##i);
-  REP12(DECL)
-  double iters = 0;
-  do {
-    for (long i = 0; i < CHUNK; i++) {
-      REP12(STEP)
-    }
-    iters += CHUNK;
-  } while (now() < deadline);
-  __m512 s = _mm512_setzero_ps();
-  REP12(SUM)
-  sink_f = _mm512_reduce_add_ps(s);
-#undef DECL
+#define STEP(c) _mm512_fmadd_ps(c, a, b)
+  RUN_CHAINS(__m512, _mm512_set1_ps, _mm512_add_ps, STEP);
 #undef STEP
-#undef SUM
+  sink_f = _mm512_reduce_add_ps(s);
   return iters * 12 * 16 * 2; // FLOPs: an FMA is two
 }
 
@@ -156,49 +160,23 @@ __attribute__((target("avx512f,avx512bf16"))) static double dot_bf16(void *ctx, 
   (void)ctx, (void)tid, (void)nt;
   const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(in_a), _mm512_set1_ps(in_a));
   const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(in_b), _mm512_set1_ps(in_b));
-#define DECL(i) __m512 c##i = _mm512_set1_ps((float)(i));
-#define STEP(i) c##i = _mm512_dpbf16_ps(c##i, a, b);
-#define SUM(i) s = _mm512_add_ps(s, c##i);
-  REP12(DECL)
-  double iters = 0;
-  do {
-    for (long i = 0; i < CHUNK; i++) {
-      REP12(STEP)
-    }
-    iters += CHUNK;
-  } while (now() < deadline);
-  __m512 s = _mm512_setzero_ps();
-  REP12(SUM)
-  sink_f = _mm512_reduce_add_ps(s);
-#undef DECL
+#define STEP(c) _mm512_dpbf16_ps(c, a, b)
+  RUN_CHAINS(__m512, _mm512_set1_ps, _mm512_add_ps, STEP);
 #undef STEP
-#undef SUM
-  return iters * 12 * 32 * 2; // 32 bf16 pairs multiplied and added per lane pair
+  sink_f = _mm512_reduce_add_ps(s);
+  return iters * 12 * 32 * 2; // 32 bf16 pairs multiplied and added per instruction
 }
 
 __attribute__((target("avx2,fma"))) static double fma_avx2(void *ctx, int tid, int nt,
                                                            double deadline) {
   (void)ctx, (void)tid, (void)nt;
   const __m256 a = _mm256_set1_ps(in_a), b = _mm256_set1_ps(in_b);
-#define DECL(i) __m256 c##i = _mm256_set1_ps((float)(i));
-#define STEP(i) c##i = _mm256_fmadd_ps(c##i, a, b);
-#define SUM(i) s = _mm256_add_ps(s, c##i);
-  REP12(DECL)
-  double iters = 0;
-  do {
-    for (long i = 0; i < CHUNK; i++) {
-      REP12(STEP)
-    }
-    iters += CHUNK;
-  } while (now() < deadline);
-  __m256 s = _mm256_setzero_ps();
-  REP12(SUM)
+#define STEP(c) _mm256_fmadd_ps(c, a, b)
+  RUN_CHAINS(__m256, _mm256_set1_ps, _mm256_add_ps, STEP);
+#undef STEP
   float out[8];
   _mm256_storeu_ps(out, s);
   sink_f = out[0] + out[7];
-#undef DECL
-#undef STEP
-#undef SUM
   return iters * 12 * 8 * 2;
 }
 
@@ -206,23 +184,10 @@ __attribute__((target("avx2,fma"))) static double fma_avx2(void *ctx, int tid, i
 static double mul_add_sse2(void *ctx, int tid, int nt, double deadline) {
   (void)ctx, (void)tid, (void)nt;
   const __m128 a = _mm_set1_ps(in_a), b = _mm_set1_ps(in_b);
-#define DECL(i) __m128 c##i = _mm_set1_ps((float)(i));
-#define STEP(i) c##i = _mm_add_ps(_mm_mul_ps(c##i, a), b);
-#define SUM(i) s = _mm_add_ps(s, c##i);
-  REP12(DECL)
-  double iters = 0;
-  do {
-    for (long i = 0; i < CHUNK; i++) {
-      REP12(STEP)
-    }
-    iters += CHUNK;
-  } while (now() < deadline);
-  __m128 s = _mm_setzero_ps();
-  REP12(SUM)
-  sink_f = _mm_cvtss_f32(s);
-#undef DECL
+#define STEP(c) _mm_add_ps(_mm_mul_ps(c, a), b)
+  RUN_CHAINS(__m128, _mm_set1_ps, _mm_add_ps, STEP);
 #undef STEP
-#undef SUM
+  sink_f = _mm_cvtss_f32(s);
   return iters * 12 * 4 * 2;
 }
 
@@ -264,17 +229,6 @@ static uint64_t read_sse2(const char *p, size_t bytes) {
 }
 
 static uint64_t (*read_block)(const char *, size_t) = read_sse2;
-
-// Large buffers as the layer's expert tables get them (peer_alloc): anonymous
-// mmap with transparent huge pages where the kernel allows them.
-static char *big_alloc(size_t bytes) {
-  void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return NULL;
-#ifdef MADV_HUGEPAGE
-  madvise(p, bytes, MADV_HUGEPAGE);
-#endif
-  return p;
-}
 
 typedef struct {
   const char *buf;
@@ -545,7 +499,7 @@ int main(int argc, char **argv) {
 
   // Streaming read bandwidth.
   size_t sbytes = stream_mib << 20;
-  char *sbuf = big_alloc(sbytes);
+  char *sbuf = peer_alloc(sbytes);
   if (!sbuf) {
     fprintf(stderr, "ceilings: cannot map %zu MiB\n", stream_mib);
     return 1;
@@ -558,11 +512,11 @@ int main(int argc, char **argv) {
            counts[c], r.best / 1e9, r.median / 1e9);
     put(r.best / 1e9, "stream_read_gbs_t%d", counts[c]);
   }
-  munmap(sbuf, sbytes);
+  peer_free(sbuf, sbytes);
 
   // Random rows.
   size_t tbytes = table_mib << 20;
-  char *table = big_alloc(tbytes);
+  char *table = peer_alloc(tbytes);
   chase_ctx *cc = calloc(1, sizeof *cc);
   const size_t n_lines = (size_t)1 << 20; // latency chain: one random line per slot
   uint64_t *offs = malloc((tbytes / 1024 > n_lines ? tbytes / 1024 : n_lines) * sizeof *offs);
@@ -632,7 +586,7 @@ int main(int argc, char **argv) {
       put(best * rb / 64 * line_ns * 1e-9, "random_row%d_lines_in_flight_t%d", rb, nt);
     }
   }
-  munmap(table, tbytes);
+  peer_free(table, tbytes);
   free(offs);
   free(cc);
   const double *load = NULL;
