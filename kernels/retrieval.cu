@@ -174,6 +174,11 @@ __global__ void subkey_topk_kernel(const float *__restrict__ S, int64_t rows, in
   }
 }
 
+/* About two waves of 4-warp blocks on an H100 (132 SMs x 16 resident);
+ * beyond 16,384 rows each warp takes several, so tests of a few thousand
+ * tokens run the row loop as large batches do. */
+#define TOPK_MAX_BLOCKS 4096u
+
 extern "C" peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t kp,
                                           float *out_s, int64_t *out_id,
                                           unsigned long long *bad, cudaStream_t stream) {
@@ -186,8 +191,9 @@ extern "C" peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t 
   const size_t per_warp = peer_k_topk_warp_smem(kp);
   int wpb = (int)(PEER_K_SMEM_MAX / per_warp);
   if (wpb > 4) wpb = 4;
-  PEER_LAUNCH(peer_k_blocks(rows, wpb), 32 * wpb, per_warp * (size_t)wpb, stream,
-              subkey_topk_kernel)
+  unsigned blocks = peer_k_blocks(rows, wpb);
+  if (blocks > TOPK_MAX_BLOCKS) blocks = TOPK_MAX_BLOCKS;
+  PEER_LAUNCH(blocks, 32 * wpb, per_warp * (size_t)wpb, stream, subkey_topk_kernel)
   (S, rows, n, (int)kp, (int)topk_buffer(kp), out_s, out_id, bad);
   return peer_k_launched("subkey_topk");
 }

@@ -425,7 +425,8 @@ Test(cuda_topk, crafted_rows_match_the_cpu_and_a_sort) {
                                      {31, 1, 2},    {32, 32, 2},     {33, 16, 3},
                                      {64, 64, 2},   {65, 33, 2},     {100, 7, 16},
                                      {300, 100, 2}, {1024, 1, 2},    {1024, 16, 16},
-                                     {1000, 24, 4}, {1024, 1024, 1}, {4096, 4064, 1}};
+                                     {1000, 24, 4}, {1024, 1024, 1}, {4096, 4064, 1},
+                                     {40, 4, 1900}}; /* the last: warps take several rows */
   const uint64_t seed = ref_test_seed();
   for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
     check_topk_rows(cases[c][0], cases[c][1], cases[c][2], seed + c);
