@@ -583,7 +583,10 @@ int block_barrier(bar_op op, int pred) {
 
 namespace {
 
-unsigned char *smem_regions[64];
+/* The launching thread's own dynamic shared memory arrays (thread_local, as
+ * the arrays are: launches from several host threads each refill and poison
+ * their own). */
+thread_local unsigned char *smem_regions[64];
 thread_local int n_regions = -1;
 
 /* The dynamic shared memory of a new block: [0, size) and the canary past
