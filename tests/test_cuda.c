@@ -875,6 +875,14 @@ Test(cuda, training_bf16_relu_gates_odd_width) {
                  "activation=gelu", 33);
   check_training(SMALL ",activation=gelu_tanh,query_norm=batchnorm", 40);
 }
+/* The reductions over tokens in many chunks, the last one short (16 tokens
+ * each at these sizes: 19 for the bias gradient, 7 for batch norm), run
+ * starts over 19 tiles of 1024 sorted keys. */
+Test(cuda, training_many_chunks_and_tiles) {
+  check_training(SMALL ",query_bias=1", 300);
+  check_training("d_model=32,n_heads=1,d_key=32,n_subkeys=16,top_k=2,query_norm=batchnorm,"
+                 "query_bias=1", 100);
+}
 /* d not a multiple of 4: the scalar backward expert kernels (f32, bf16) */
 Test(cuda, training_scalar_width) {
   check_training("d_model=37,n_heads=3,d_key=10,n_subkeys=33,top_k=5", 31);
