@@ -323,18 +323,21 @@ static void step_dense(peer_optimizer *o, int slot, const float *g, const rule *
   }
 }
 
-/* Lazy update of the listed rows of one expert table. */
+/* Lazy update of the listed rows of one expert table.  Rows are as wide as
+ * the table: d_model, or a shard's d/P columns (peer_shard_optimizer_step),
+ * whose gradient rows are as wide; the rules are elementwise, so a shard's
+ * step is that slice of the unsharded one. */
 static void step_experts(peer_optimizer *o, int slot, const peer_grads *gr, const float *g,
                          const rule *r, int P) {
   const peer_tensor *t = &o->layer->slot[slot];
-  const size_t d = (size_t)o->layer->dims.d;
+  const size_t w = (size_t)t->shape[1];
   float *m = o->m[slot], *v = o->v[slot];
   const int64_t R = gr->n_expert_rows;
-#pragma omp parallel for schedule(static) num_threads(P) if (R * (int64_t)d > PAR_MIN)
+#pragma omp parallel for schedule(static) num_threads(P) if (R * (int64_t)w > PAR_MIN)
   for (int64_t j = 0; j < R; j++) {
-    size_t row = (size_t)gr->expert_rows[j], at = row * d;
-    const float *grow = g + (gr->experts_dense ? row : (size_t)j) * d;
-    update_span(r, t, at, grow, m ? m + at : NULL, v ? v + at : NULL, d);
+    size_t row = (size_t)gr->expert_rows[j], at = row * w;
+    const float *grow = g + (gr->experts_dense ? row : (size_t)j) * w;
+    update_span(r, t, at, grow, m ? m + at : NULL, v ? v + at : NULL, w);
   }
 }
 
@@ -369,8 +372,13 @@ static peer_status check_dense_grads(const peer_optimizer *o, const peer_grads *
   return PEER_OK;
 }
 
+/* The expert triple: rows strictly ascending in [0, N), gradient rows as
+ * wide as the tables (step_experts) and finite; a bad element is named by
+ * its column of the unsharded table. */
 static peer_status check_expert_grads(const peer_optimizer *o, const peer_grads *g, int P) {
-  const peer_dims *D = &o->layer->dims;
+  const peer_layer *L = o->layer;
+  const peer_dims *D = &L->dims;
+  const int64_t w = L->slot[PEER_P_EXPERTS_DOWN].shape[1];
   if (!g->experts_down || !g->experts_up || !g->expert_rows)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT,
                      "optimizer_step: expert_rows, experts_down and experts_up go together");
@@ -392,10 +400,10 @@ static peer_status check_expert_grads(const peer_optimizer *o, const peer_grads 
   const float *tables[2] = {g->experts_down, g->experts_up};
   for (int s = 0; s < 2; s++) {
     int64_t bad_j = -1, bad_i = 0;
-#pragma omp parallel for schedule(static) num_threads(P) if (R * D->d > PAR_MIN)
+#pragma omp parallel for schedule(static) num_threads(P) if (R * w > PAR_MIN)
     for (int64_t j = 0; j < R; j++) {
-      const float *row = tables[s] + (g->experts_dense ? g->expert_rows[j] : j) * D->d;
-      for (int64_t i = 0; i < D->d; i++)
+      const float *row = tables[s] + (g->experts_dense ? g->expert_rows[j] : j) * w;
+      for (int64_t i = 0; i < w; i++)
         if (!isfinite(row[i])) {
 #pragma omp critical(peer_optim_nonfinite)
           if (bad_j < 0 || j < bad_j) bad_j = j, bad_i = i;
@@ -407,7 +415,7 @@ static peer_status check_expert_grads(const peer_optimizer *o, const peer_grads 
                        "optimizer_step: grads.%s of expert %lld, element %lld, is not finite; "
                        "nothing was updated",
                        peer_grad_name(expert_slots[s]), (long long)g->expert_rows[bad_j],
-                       (long long)bad_i);
+                       (long long)(L->expert_col0 + bad_i));
   }
   return PEER_OK;
 }
