@@ -571,7 +571,8 @@ PEER_API peer_status peer_usage_accumulate(double *z, int64_t n_experts,
  * the group, in the same order, with the same sizes and replicated inputs,
  * as with MPI; a rank that fails before a collective step leaves the others
  * waiting, so arguments that could differ between ranks are the caller's to
- * keep equal. */
+ * keep equal.  A shard takes one call at a time, as a layer does
+ * (PEER_ERR_BUSY). */
 typedef struct peer_comm {
   void *handle; /* the transport's own state, passed back to every call */
   int rank;     /* this process, 0 <= rank < world */

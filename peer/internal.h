@@ -122,6 +122,10 @@ struct peer_layer {
  * compare-and-swap: two layers on two threads never wait for each other. */
 peer_status peer_layer_enter(const peer_layer *layer, const char *what);
 void peer_layer_leave(const peer_layer *layer);
+/* peer_retrieve (its checks, then the retrieval) for a caller that holds the
+ * layer: a call that retrieves and then goes on (peer_shard_forward). */
+peer_status peer_retrieve_held(peer_layer *layer, int64_t n_tokens, const float *x,
+                               int64_t *indices, float *scores, float *gates);
 
 /* PEER_ERR_INVALID_ARGUMENT naming `what`, `a_name` and `b_name` when the byte
  * ranges [a, a + a_bytes) and [b, b + b_bytes) overlap (aliasing checks). */

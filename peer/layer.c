@@ -105,9 +105,10 @@ static atomic_uint_fast64_t next_layer_id = 1;
 /* Calls that never write the keys; any other call entering the layer may,
  * and makes derived copies of them (peer_keys16) stale. */
 __attribute__((noinline)) static bool keeps_keys(const char *what) {
-  static const char *const readers[] = {"forward",         "retrieve",   "retrieve_brute",
-                                        "forward_train",   "backward",   "layer_save",
-                                        "checkpoint_save", "set_workspace"};
+  static const char *const readers[] = {
+      "forward",       "retrieve",   "retrieve_brute",      "forward_train",
+      "backward",      "layer_save", "checkpoint_save",     "set_workspace",
+      "shard_forward", "shard_save", "shard_forward_train", "shard_backward"};
   for (size_t i = 0; i < sizeof readers / sizeof readers[0]; i++)
     if (!strcmp(what, readers[i])) return true;
   return false;
@@ -487,26 +488,44 @@ peer_status peer_forward(peer_layer *L, int64_t n_tokens, const float *x, float 
   return st;
 }
 
-static peer_status retrieve(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
-                            float *scores, float *gates, bool brute) {
-  const char *what = brute ? "retrieve_brute" : "retrieve";
+static peer_status retrieve_args(const peer_layer *L, int64_t n_tokens, const float *x,
+                                 const int64_t *indices, const float *scores, const float *gates,
+                                 const char *what) {
   peer_status st = check_batch(L, n_tokens, x, what);
   if (st) return st;
   if (n_tokens > 0 && !indices)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: indices is NULL", what);
-  if (n_tokens == 0) return PEER_OK;
   const size_t thk = (size_t)n_tokens * (size_t)(L->dims.H * L->dims.k);
   const void *bufs[] = {x, indices, scores, gates};
-  const size_t bytes[] = {(size_t)n_tokens * (size_t)L->dims.d * sizeof *x,
-                          thk * sizeof *indices, thk * sizeof *scores, thk * sizeof *gates};
+  const size_t bytes[] = {(size_t)n_tokens * (size_t)L->dims.d * sizeof *x, thk * sizeof *indices,
+                          thk * sizeof *scores, thk * sizeof *gates};
   const char *names[] = {"x", "indices", "scores", "gates"};
-  if ((st = check_buffers(what, 4, bufs, bytes, names))) return st;
-  if ((st = peer_layer_enter(L, what))) return st;
+  return check_buffers(what, 4, bufs, bytes, names);
+}
+
+static peer_status retrieve_run(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
+                                float *scores, float *gates, bool brute) {
   void *ws;
-  if (!(st = peer_layer_scratch(L, n_tokens, &ws)))
-    st = L->backend->retrieve(L, n_tokens, x, indices, scores, gates, brute, ws);
+  peer_status st = peer_layer_scratch(L, n_tokens, &ws);
+  return st ? st : L->backend->retrieve(L, n_tokens, x, indices, scores, gates, brute, ws);
+}
+
+static peer_status retrieve(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
+                            float *scores, float *gates, bool brute) {
+  const char *what = brute ? "retrieve_brute" : "retrieve";
+  peer_status st = retrieve_args(L, n_tokens, x, indices, scores, gates, what);
+  if (st || n_tokens == 0) return st;
+  if ((st = peer_layer_enter(L, what))) return st;
+  st = retrieve_run(L, n_tokens, x, indices, scores, gates, brute);
   peer_layer_leave(L);
   return st;
+}
+
+peer_status peer_retrieve_held(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
+                               float *scores, float *gates) {
+  peer_status st = retrieve_args(L, n_tokens, x, indices, scores, gates, "retrieve");
+  if (st || n_tokens == 0) return st;
+  return retrieve_run(L, n_tokens, x, indices, scores, gates, false);
 }
 
 peer_status peer_retrieve(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
@@ -514,7 +533,7 @@ peer_status peer_retrieve(peer_layer *L, int64_t n_tokens, const float *x, int64
   return retrieve(L, n_tokens, x, indices, scores, gates, false);
 }
 
-peer_status peer_retrieve_brute(peer_layer *L, int64_t n_tokens, const float *x,
-                                int64_t *indices, float *scores, float *gates) {
+peer_status peer_retrieve_brute(peer_layer *L, int64_t n_tokens, const float *x, int64_t *indices,
+                                float *scores, float *gates) {
   return retrieve(L, n_tokens, x, indices, scores, gates, true);
 }

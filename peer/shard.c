@@ -211,11 +211,9 @@ peer_status peer_shard_retrieve(peer_shard *S, int64_t T, const float *x, int64_
   return peer_retrieve(S->L, T, x, indices, scores, gates);
 }
 
-peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *y, int64_t *indices,
-                               float *gates) {
-  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward: NULL shard");
-  if (T > 0 && !y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward: y is NULL");
-  if (T <= 0) return peer_retrieve(S->L, T, x, indices, NULL, gates);
+static peer_status shard_forward(peer_shard *S, int64_t T, const float *x, float *y,
+                                 int64_t *indices, float *gates) {
+  if (T <= 0) return peer_retrieve_held(S->L, T, x, indices, NULL, gates);
   const peer_layer *L = S->L;
   const int P = peer_layer_threads(L);
   const size_t thk = (size_t)T * (size_t)(L->dims.H * L->dims.k), tc = (size_t)T * (size_t)S->cols;
@@ -233,7 +231,7 @@ peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *
   float *g = (float *)p, *z = g + round64(thk * 4) / 4;
   float *mine = z + round64(thk * 4) / 4, *all = mine + round64(tc * 4) / 4;
   float *split = all + round64(tc * 4 * (size_t)S->world) / 4;
-  if ((st = peer_retrieve(S->L, T, x, ids, NULL, g))) return st;
+  if ((st = peer_retrieve_held(S->L, T, x, ids, NULL, g))) return st;
   S->cpu->expert_dots(L, PEER_P_EXPERTS_DOWN, S->col0, S->cols, T, x, ids, z, (char *)split, sb, P);
   if ((st = peer_shard_allreduce(S, z, (int64_t)thk, "shard_forward"))) return st;
   S->cpu->expert_combine(L, PEER_P_EXPERTS_UP, S->cols, T, ids, g, z, mine, (char *)split, sb, P);
@@ -241,4 +239,17 @@ peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *
   if (indices) memcpy(indices, ids, thk * sizeof *ids);
   if (gates) memcpy(gates, g, thk * sizeof *g);
   return PEER_OK;
+}
+
+/* The layer is held for the whole call, as peer_forward holds it: the
+ * shard's scratch and the layer's are this call's alone. */
+peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *y, int64_t *indices,
+                               float *gates) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward: NULL shard");
+  if (T > 0 && !y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward: y is NULL");
+  peer_status st = peer_layer_enter(S->L, "shard_forward");
+  if (st) return st;
+  st = shard_forward(S, T, x, y, indices, gates);
+  peer_layer_leave(S->L);
+  return st;
 }

@@ -39,8 +39,8 @@ static const char *kind_name(peer_optim_kind k) { return k == PEER_OPTIM_SGD ? "
 
 /* ------------------------------------------------------------ save, load */
 
-peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so, const char *path) {
-  if (!S || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_save: NULL argument");
+static peer_status shard_save(const peer_shard *S, const peer_shard_optimizer *so,
+                              const char *path) {
   const peer_layer *L = S->L;
   peer_layer_meta lm;
   peer_status st = peer_layer_meta_of(&L->cfg, &lm);
@@ -78,6 +78,17 @@ peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so,
   for (int i = 0; o && i < peer_optimizer_n_states(o); i++)
     if ((st = peer_optimizer_state((peer_optimizer *)o, i, &tensors[n++]))) return st;
   return peer_safetensors_write(path, tensors, n, meta, n_meta);
+}
+
+/* Held as peer_checkpoint_save holds the layer: a step on another thread
+ * would tear the saved values. */
+peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so, const char *path) {
+  if (!S || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_save: NULL argument");
+  peer_status st = peer_layer_enter(S->L, "shard_save");
+  if (st) return st;
+  st = shard_save(S, so, path);
+  peer_layer_leave(S->L);
+  return st;
 }
 
 /* A shard key's value as an integer in [lo, hi]. */
@@ -205,7 +216,10 @@ peer_status peer_shard_load_full(peer_shard *S, peer_shard_optimizer *so, const 
   peer_safetensors *f = NULL;
   peer_status st = peer_safetensors_open(&f, path);
   if (st) return st;
-  st = load_full(S, so ? peer_shard_optimizer_inner(so) : NULL, f, path);
+  if (!(st = peer_layer_enter(S->L, "shard_load_full"))) {
+    st = load_full(S, so ? peer_shard_optimizer_inner(so) : NULL, f, path);
+    peer_layer_leave(S->L);
+  }
   peer_safetensors_close(f);
   return st;
 }

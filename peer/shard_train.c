@@ -89,14 +89,17 @@ static peer_status forward_train(peer_shard *S, peer_context *c, int64_t T, cons
   return peer_shard_gather_rows(S, T, s.mine, s.all, y, "shard_forward_train");
 }
 
+/* As peer_forward_train: the layer is held before the context is looked at. */
 peer_status peer_shard_forward_train(peer_shard *S, peer_context *c, int64_t T, const float *x,
                                      float *y) {
   if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward_train: NULL shard");
-  peer_status st = peer_train_begin(S->L, c, T, x, y, "shard_forward_train");
+  peer_status st = peer_layer_enter(S->L, "shard_forward_train");
   if (st) return st;
-  if (T > 0 && (st = forward_train(S, c, T, x, y))) return st;
-  peer_train_end(c, T, x);
-  return PEER_OK;
+  if (!(st = peer_train_begin(S->L, c, T, x, y, "shard_forward_train")) && T > 0)
+    st = forward_train(S, c, T, x, y);
+  if (!st) peer_train_end(c, T, x);
+  peer_layer_leave(S->L);
+  return st;
 }
 
 /* ------------------------------------------------------------ backward */
@@ -133,9 +136,11 @@ static peer_status backward(peer_shard *S, peer_context *c, const float *dy, flo
 peer_status peer_shard_backward(peer_shard *S, peer_context *c, const float *dy, float *dx,
                                 peer_grads *g) {
   if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_backward: NULL shard");
-  peer_status st = peer_backward_begin(S->L, c, dy, dx, g, "shard_backward");
+  peer_status st = peer_layer_enter(S->L, "shard_backward");
   if (st) return st;
-  if (c->n_tokens > 0 && (st = backward(S, c, dy, dx, g))) return st;
-  c->ready = false;
-  return PEER_OK;
+  if (!(st = peer_backward_begin(S->L, c, dy, dx, g, "shard_backward")) && c->n_tokens > 0)
+    st = backward(S, c, dy, dx, g);
+  if (!st) c->ready = false;
+  peer_layer_leave(S->L);
+  return st;
 }

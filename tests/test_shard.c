@@ -6,9 +6,10 @@
  * relative; the parameters and optimizer state after Adam or SGD steps
  * identical bit for bit (the shard stepping with the unsharded gradients'
  * columns, as tests/mpi/test_shard_mpi.c explains).  Also the refusals at
- * creation (configs that differ between ranks, d_model not divisible).
- * This is where the ASan build checks the sharded code for leaks: the MPI
- * tests cannot (Open MPI's own allocations at exit). */
+ * creation (configs that differ between ranks, d_model not divisible), and
+ * PEER_ERR_BUSY for a call on a shard another thread is in.  This is where
+ * the ASan build checks the sharded code for leaks: the MPI tests cannot
+ * (Open MPI's own allocations at exit). */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
 
@@ -375,4 +376,129 @@ Test(shard, creation_refusals) {
   f = run_group(4, "d_model=50,n_heads=2,d_key=16,n_subkeys=16,top_k=4", 0, 0, 0, first,
                 sizeof first);
   cr_expect_eq(f, 0, "d not divisible: %s", first);
+}
+
+/* ------------------------------------------------------------ one shard, two threads */
+
+/* A one-rank communicator whose first all-reduce after `armed` waits until
+ * the test releases it: the call making it is then inside the shard. */
+typedef struct gate {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  bool armed, inside, released;
+} gate;
+
+static int gate_sum(void *h, float *data, int64_t count) {
+  (void)data, (void)count; /* one rank: the sum is the data */
+  gate *g = h;
+  pthread_mutex_lock(&g->mu);
+  if (g->armed && !g->inside) {
+    g->inside = true;
+    pthread_cond_broadcast(&g->cv);
+    while (!g->released)
+      pthread_cond_wait(&g->cv, &g->mu);
+  }
+  pthread_mutex_unlock(&g->mu);
+  return 0;
+}
+
+static int gate_gather(void *h, const void *send, void *recv, size_t bytes) {
+  (void)h;
+  memcpy(recv, send, bytes);
+  return 0;
+}
+
+typedef struct held_call {
+  peer_shard *S;
+  peer_context *ctx;
+  const float *x;
+  float *y;
+  peer_status st;
+} held_call;
+
+static void *forward_train_thread(void *arg) {
+  held_call *c = arg;
+  c->st = peer_shard_forward_train(c->S, c->ctx, 4, c->x, c->y);
+  return NULL;
+}
+
+static void expect_busy(peer_status st, const char *call) {
+  cr_expect_eq(st, PEER_ERR_BUSY, "%s while another thread is in shard_forward_train: %s (%s)",
+               call, peer_status_string(st), st ? peer_last_error() : "no error");
+  if (st == PEER_ERR_BUSY)
+    cr_expect(strstr(peer_last_error(), "another thread is in shard_forward_train"), "%s",
+              peer_last_error());
+}
+
+/* While one thread is inside peer_shard_forward_train (held in its
+ * all-reduce), every other call on the shard from another thread is refused
+ * with PEER_ERR_BUSY and writes nothing; the held call then completes and
+ * the shard takes calls again. */
+Test(shard, a_busy_shard_refuses_other_calls, .init = make_dir, .fini = test_dir_remove) {
+  gate g = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+  peer_comm comm = {&g, 0, 1, gate_sum, gate_gather};
+  peer_config c;
+  peer_config_default(&c);
+  cr_assert_eq(peer_config_parse(&c, configs[0]), PEER_OK);
+  peer_shard *S = NULL;
+  cr_assert_eq(peer_shard_create(&S, &c, NULL, &comm), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_shard_init(S, 3), PEER_OK);
+  const int64_t T = 4, d = c.d_model, thk = T * c.n_heads * c.top_k;
+  float *x = malloc((size_t)(T * d) * 4), *y = calloc((size_t)(T * d), 4);
+  float *y2 = calloc((size_t)(T * d), 4), *dy = malloc((size_t)(T * d) * 4);
+  float *dx = calloc((size_t)(T * d), 4), *eg = calloc((size_t)(thk * d), 4);
+  float *eg2 = calloc((size_t)(thk * d), 4);
+  int64_t *rows = calloc((size_t)thk, 8), *ids = calloc((size_t)thk, 8);
+  uint64_t seed = 7;
+  fill(x, T * d, 1.0f, &seed);
+  fill(dy, T * d, 0.1f, &seed);
+  peer_context *ctx = NULL, *ctx2 = NULL;
+  cr_assert_eq(peer_shard_context_create(&ctx, S, T), PEER_OK);
+  cr_assert_eq(peer_shard_context_create(&ctx2, S, T), PEER_OK);
+  peer_optim_config oc = peer_optim_config_default();
+  peer_shard_optimizer *o = NULL;
+  cr_assert_eq(peer_shard_optimizer_create(&o, S, &oc), PEER_OK);
+  peer_grads gr = {
+      .expert_capacity = thk, .expert_rows = rows, .experts_down = eg, .experts_up = eg2};
+  const char *path = test_path("s.safetensors");
+  cr_assert_eq(peer_shard_save(S, o, path), PEER_OK, "%s", peer_last_error());
+
+  g.armed = true;
+  held_call hc = {S, ctx, x, y, PEER_OK};
+  pthread_t th;
+  pthread_create(&th, NULL, forward_train_thread, &hc);
+  pthread_mutex_lock(&g.mu);
+  while (!g.inside)
+    pthread_cond_wait(&g.cv, &g.mu);
+  pthread_mutex_unlock(&g.mu);
+
+  expect_busy(peer_shard_forward(S, T, x, y2, ids, NULL), "shard_forward");
+  expect_busy(peer_shard_forward_train(S, ctx2, T, x, y2), "shard_forward_train");
+  expect_busy(peer_shard_backward(S, ctx, dy, dx, &gr), "shard_backward");
+  expect_busy(peer_shard_retrieve(S, T, x, ids, NULL, NULL), "shard_retrieve");
+  expect_busy(peer_shard_optimizer_step(o, &gr), "shard_optimizer_step");
+  expect_busy(peer_shard_init(S, 4), "shard_init");
+  expect_busy(peer_shard_save(S, o, path), "shard_save");
+  expect_busy(peer_shard_load(S, o, path), "shard_load");
+  expect_busy(peer_shard_load_full(S, o, path), "shard_load_full");
+  for (int64_t i = 0; i < T * d; i++)
+    cr_assert(y2[i] == 0.0f && dx[i] == 0.0f, "a refused call wrote its output");
+  for (int64_t i = 0; i < thk; i++)
+    cr_assert_eq(ids[i], 0, "a refused call wrote indices");
+
+  pthread_mutex_lock(&g.mu);
+  g.released = true;
+  pthread_cond_broadcast(&g.cv);
+  pthread_mutex_unlock(&g.mu);
+  pthread_join(th, NULL);
+  cr_assert_eq(hc.st, PEER_OK, "the held call failed: %s", peer_status_string(hc.st));
+  cr_assert_eq(peer_shard_backward(S, ctx, dy, dx, &gr), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_shard_optimizer_step(o, &gr), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_shard_forward(S, T, x, y2, ids, NULL), PEER_OK, "%s", peer_last_error());
+
+  peer_shard_optimizer_free(o);
+  peer_context_free(ctx);
+  peer_context_free(ctx2);
+  peer_shard_free(S);
+  free(x), free(y), free(y2), free(dy), free(dx), free(eg), free(eg2), free(rows), free(ids);
 }
