@@ -289,7 +289,7 @@ Test(cuda_shard, argument_errors_and_nonfinite_x) {
   peer_cuda_shard *S = NULL;
   cr_assert_eq(peer_cuda_shard_create(&S, &c, &o, &bad_rank), PEER_ERR_INVALID_ARGUMENT);
   cr_assert_eq(peer_cuda_shard_create(&S, &c, &o, &no_fn), PEER_ERR_INVALID_ARGUMENT);
-  cr_assert_null(S);
+  cr_assert(S == NULL);
   o.device = 99;
   cr_assert_eq(peer_cuda_shard_create(&S, &c, &o, &comm), PEER_ERR_NO_DEVICE);
   o.device = 0;
