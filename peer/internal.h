@@ -222,6 +222,17 @@ peer_status peer_optimizer_file_meta(const peer_safetensors *f, const char *path
                                      const peer_optimizer *o, int64_t *step);
 void peer_optimizer_set_step(peer_optimizer *o, int64_t step);
 
+/* A checkpoint's optimizer metadata, as checkpoint_save and a shard file
+ * write it: the keys (the seven hyperparameters, the two kinds, the step)
+ * and o's values for them, as key, value pairs. */
+#define PEER_OPTIM_META_N 10
+extern const char *const peer_optim_meta_keys[PEER_OPTIM_META_N];
+typedef struct peer_optim_meta {
+  const char *pair[2 * PEER_OPTIM_META_N];
+  char value[PEER_OPTIM_META_N][32];
+} peer_optim_meta;
+void peer_optimizer_meta_of(const peer_optimizer *o, peer_optim_meta *m);
+
 /* A training context: the generic part; `mem` is laid out by the backend. */
 struct peer_context {
   const peer_layer *layer;

@@ -23,8 +23,6 @@
 #define MAX_FIELDS PEER_CONFIG_FIELDS_MAX
 /* State tensors: at most two per trainable parameter. */
 #define MAX_STATES (2 * PEER_P_COUNT)
-/* Hyperparameters written to a checkpoint's metadata (besides the kinds). */
-#define N_HYPER 7
 
 /* The parameters an optimizer trains: dense ones with their gradient field,
  * then the two expert tables. */
@@ -564,40 +562,43 @@ peer_status peer_checkpoint_save(const peer_layer *L, const peer_optimizer *o, c
   return st;
 }
 
+const char *const peer_optim_meta_keys[PEER_OPTIM_META_N] = {
+    META_PREFIX "optim.lr", META_PREFIX "optim.momentum", META_PREFIX "optim.beta1",
+    META_PREFIX "optim.beta2", META_PREFIX "optim.eps", META_PREFIX "optim.weight_decay",
+    META_PREFIX "optim.expert_lr", KIND_KEY, EXPERT_KIND_KEY, STEP_KEY};
+
+void peer_optimizer_meta_of(const peer_optimizer *o, peer_optim_meta *m) {
+  const peer_optim_config *c = &o->cfg;
+  const float hyper[] = {c->lr,  c->momentum,     c->beta1,    c->beta2,
+                         c->eps, c->weight_decay, c->expert_lr};
+  const int n_hyper = (int)(sizeof hyper / sizeof hyper[0]);
+  _Static_assert(sizeof hyper / sizeof hyper[0] + 3 == PEER_OPTIM_META_N,
+                 "the hyperparameters, the two kinds and the step");
+  for (int i = 0; i < n_hyper; i++)
+    snprintf(m->value[i], sizeof m->value[i], "%.9g", (double)hyper[i]);
+  snprintf(m->value[n_hyper], sizeof m->value[0], "%s", kind_name(c->kind));
+  snprintf(m->value[n_hyper + 1], sizeof m->value[0], "%s", kind_name(c->expert_kind));
+  snprintf(m->value[n_hyper + 2], sizeof m->value[0], "%lld", (long long)o->step);
+  for (int i = 0; i < PEER_OPTIM_META_N; i++) {
+    m->pair[2 * i] = peer_optim_meta_keys[i];
+    m->pair[2 * i + 1] = m->value[i];
+  }
+}
+
 static peer_status checkpoint_save(const peer_layer *L, const peer_optimizer *o, const char *path) {
   peer_layer_meta lm;
   peer_status st = peer_layer_meta_of(&L->cfg, &lm);
   if (st) return st;
 
-  /* the layer's pairs, the hyperparameters, the two kinds and the step */
-  const char *meta[2 * (MAX_FIELDS + 1 + N_HYPER + 3)];
+  /* the layer's pairs, then the optimizer's */
+  const char *meta[2 * (MAX_FIELDS + 1 + PEER_OPTIM_META_N)];
   memcpy(meta, lm.pair, sizeof(char *) * 2 * (size_t)lm.n_pairs);
   int n_meta = lm.n_pairs;
-  char values[N_HYPER + 1][32];
+  peer_optim_meta om;
   if (o) {
-    const peer_optim_config *c = &o->cfg;
-    const struct {
-      const char *key;
-      float v;
-    } hyper[] = {{META_PREFIX "optim.lr", c->lr},
-                 {META_PREFIX "optim.momentum", c->momentum},
-                 {META_PREFIX "optim.beta1", c->beta1},
-                 {META_PREFIX "optim.beta2", c->beta2},
-                 {META_PREFIX "optim.eps", c->eps},
-                 {META_PREFIX "optim.weight_decay", c->weight_decay},
-                 {META_PREFIX "optim.expert_lr", c->expert_lr}};
-    const int n_hyper = (int)(sizeof hyper / sizeof hyper[0]);
-    _Static_assert(sizeof hyper / sizeof hyper[0] == N_HYPER, "N_HYPER counts hyper[]");
-    for (int i = 0; i < n_hyper; i++) {
-      snprintf(values[i], sizeof values[i], "%.9g", (double)hyper[i].v);
-      meta[2 * n_meta] = hyper[i].key;
-      meta[2 * n_meta++ + 1] = values[i];
-    }
-    snprintf(values[n_hyper], sizeof values[0], "%lld", (long long)o->step);
-    const char *tail[] = {KIND_KEY, kind_name(c->kind), EXPERT_KIND_KEY, kind_name(c->expert_kind),
-                          STEP_KEY, values[n_hyper]};
-    memcpy(meta + 2 * n_meta, tail, sizeof tail);
-    n_meta += 3;
+    peer_optimizer_meta_of(o, &om);
+    memcpy(meta + 2 * n_meta, om.pair, sizeof om.pair);
+    n_meta += PEER_OPTIM_META_N;
   }
 
   peer_tensor tensors[PEER_P_COUNT + MAX_STATES];

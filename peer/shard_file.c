@@ -12,30 +12,16 @@
 
 peer_optimizer *peer_shard_optimizer_inner(const peer_shard_optimizer *so);
 
-/* Metadata a checkpoint may carry besides the config (optim.c writes them). */
-static const char *const optim_keys[] = {PEER_META_PREFIX "step",
-                                         PEER_META_PREFIX "optim.kind",
-                                         PEER_META_PREFIX "optim.expert_kind",
-                                         PEER_META_PREFIX "optim.lr",
-                                         PEER_META_PREFIX "optim.momentum",
-                                         PEER_META_PREFIX "optim.beta1",
-                                         PEER_META_PREFIX "optim.beta2",
-                                         PEER_META_PREFIX "optim.eps",
-                                         PEER_META_PREFIX "optim.weight_decay",
-                                         PEER_META_PREFIX "optim.expert_lr"};
-#define N_OPTIM_KEYS ((int)(sizeof optim_keys / sizeof optim_keys[0]))
 static const char *const shard_keys[] = {PEER_SHARD_META_RANK, PEER_SHARD_META_WORLD,
                                          PEER_SHARD_META_COL0, PEER_SHARD_META_COLS};
 /* Metadata pairs a file of ours can have. */
-#define MAX_META (PEER_CONFIG_FIELDS_MAX + 1 + N_OPTIM_KEYS + 4)
+#define MAX_META (PEER_CONFIG_FIELDS_MAX + 1 + PEER_OPTIM_META_N + 4)
 
 /* Tensors split by columns: the expert tables and their optimizer state. */
 static bool is_sliced(const char *name) {
   return strcmp(name, "experts.down") == 0 || strcmp(name, "experts.up") == 0 ||
          strncmp(name, "optim.experts.", 14) == 0;
 }
-
-static const char *kind_name(peer_optim_kind k) { return k == PEER_OPTIM_SGD ? "sgd" : "adam"; }
 
 /* ------------------------------------------------------------ save, load */
 
@@ -48,28 +34,19 @@ static peer_status shard_save(const peer_shard *S, const peer_shard_optimizer *s
   const char *meta[2 * MAX_META];
   memcpy(meta, lm.pair, sizeof(char *) * 2 * (size_t)lm.n_pairs);
   int n_meta = lm.n_pairs;
-  char values[N_OPTIM_KEYS + 4][32];
-  int nv = 0;
+  peer_optim_meta om;
   const peer_optimizer *o = so ? peer_shard_optimizer_inner(so) : NULL;
   if (o) {
-    const peer_optim_config *c = peer_optimizer_config(o);
-    snprintf(values[nv++], 32, "%lld", (long long)peer_optimizer_step_count(o));
-    snprintf(values[nv++], 32, "%s", kind_name(c->kind));
-    snprintf(values[nv++], 32, "%s", kind_name(c->expert_kind));
-    const float hyper[] = {c->lr,  c->momentum,     c->beta1,    c->beta2,
-                           c->eps, c->weight_decay, c->expert_lr};
-    for (int i = 0; i < 7; i++)
-      snprintf(values[nv++], 32, "%.9g", (double)hyper[i]);
-    for (int i = 0; i < N_OPTIM_KEYS; i++) {
-      meta[2 * n_meta] = optim_keys[i];
-      meta[2 * n_meta++ + 1] = values[i];
-    }
+    peer_optimizer_meta_of(o, &om);
+    memcpy(meta + 2 * n_meta, om.pair, sizeof om.pair);
+    n_meta += PEER_OPTIM_META_N;
   }
+  char values[4][32];
   const long long shard_values[4] = {S->rank, S->world, (long long)S->col0, (long long)S->cols};
   for (int i = 0; i < 4; i++) {
-    snprintf(values[nv], 32, "%lld", shard_values[i]);
+    snprintf(values[i], sizeof values[i], "%lld", shard_values[i]);
     meta[2 * n_meta] = shard_keys[i];
-    meta[2 * n_meta++ + 1] = values[nv++];
+    meta[2 * n_meta++ + 1] = values[i];
   }
   peer_tensor tensors[PEER_P_COUNT + 2 * PEER_P_COUNT];
   int n = 0;
@@ -239,10 +216,10 @@ static int copy_meta(const peer_safetensors *f, peer_layer_meta *lm, const char 
       meta[2 * n] = lm->pair[2 * i];
       meta[2 * n++ + 1] = v;
     }
-  for (int i = 0; i < N_OPTIM_KEYS; i++) {
-    const char *v = peer_safetensors_metadata(f, optim_keys[i]);
+  for (int i = 0; i < PEER_OPTIM_META_N; i++) {
+    const char *v = peer_safetensors_metadata(f, peer_optim_meta_keys[i]);
     if (!v) continue;
-    meta[2 * n] = optim_keys[i];
+    meta[2 * n] = peer_optim_meta_keys[i];
     meta[2 * n++ + 1] = v;
   }
   return n;
