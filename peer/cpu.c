@@ -151,8 +151,9 @@ void peer_cpu_project(const peer_layer *L, int64_t T, const float *x, float *q, 
   const float *bias = L->slot[PEER_P_QUERY_BIAS].data;
   int64_t n_tb = (T + TB - 1) / TB, n_cb = (D->dq + QCOLS - 1) / QCOLS;
   /* Column blocks outermost: a thread's consecutive tasks share a block of
-   * Wq, which stays in cache across token blocks. */
-#pragma omp parallel for collapse(2) schedule(static) num_threads(P)
+   * Wq, which stays in cache across token blocks.  Dynamic: a thread that
+   * loses its core holds back only the task it is in. */
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(P)
   for (int64_t cb = 0; cb < n_cb; cb++) {
     for (int64_t tb = 0; tb < n_tb; tb++) {
       int64_t t0 = tb * TB, c0 = cb * QCOLS;
@@ -307,7 +308,7 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
   int64_t n_bf16 = 0, n_fallback = 0;
   /* Heads outermost: a thread's consecutive tasks share one head's sub-keys,
    * which stay in cache across token blocks. */
-#pragma omp parallel for collapse(2) schedule(static) num_threads(P) \
+#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(P) \
     reduction(+ : n_bf16, n_fallback)
   for (int64_t h = 0; h < H; h++) {
     for (int64_t tb = 0; tb < n_tb; tb++) {
@@ -376,7 +377,8 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
 /* Smallest token whose x row holds NaN or infinity, or T. */
 int64_t peer_cpu_first_nonfinite_row(const float *x, int64_t T, int64_t d, int P) {
   int64_t first = T;
-#pragma omp parallel for reduction(min : first) schedule(static) num_threads(P)
+#pragma omp parallel for reduction(min : first) schedule(static) num_threads(P) \
+    if (T * d >= 65536)
   for (int64_t t = 0; t < T; t++) {
     int ok = 1;
     for (int64_t i = 0; i < d; i++) ok &= isfinite(x[t * d + i]) != 0;
@@ -408,7 +410,7 @@ void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, floa
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4);
   const char *down = L->slot[PEER_P_EXPERTS_DOWN].data, *up = L->slot[PEER_P_EXPERTS_UP].data;
-#pragma omp parallel for schedule(static) num_threads(P)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(P) if (T > 1)
   for (int64_t t = 0; t < T; t++) {
     const float *xt = x + t * d;
     float *yt = y + t * d;

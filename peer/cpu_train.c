@@ -272,7 +272,7 @@ static void experts_backward(const peer_layer *L, int64_t T, const float *dy, fl
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const void *down = L->slot[PEER_P_EXPERTS_DOWN].data, *up = L->slot[PEER_P_EXPERTS_UP].data;
   const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4), ne = (size_t)(T * hk);
-#pragma omp parallel for schedule(static) num_threads(P)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(P) if (T > 1)
   for (int64_t t = 0; t < T; t++) {
     const float *dyt = dy + t * d;
     float *dxt = dx ? dx + t * d : NULL;
@@ -319,7 +319,7 @@ static void query_grad(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, in
   const peer_dims *D = &L->dims;
   const float *keys = L->slot[PEER_P_KEYS].data;
   const int64_t k = D->k, half = D->half, n = D->n;
-#pragma omp parallel for schedule(static) num_threads(P)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(P) if (T > 1)
   for (int64_t t = 0; t < T; t++) {
     for (int64_t h = 0; h < D->H; h++) {
       int64_t g = L->cfg.shared_keys ? 0 : h;
@@ -415,7 +415,7 @@ static void projection_backward(const peer_layer *L, int64_t T, const float *x, 
   if (gr->query_weight) {
     transpose(m->dq, T, dq, m->dqT, P);
     transpose(x, T, d, m->xT, P);
-#pragma omp parallel for schedule(static) num_threads(P)
+#pragma omp parallel for schedule(dynamic) num_threads(P)
     for (int64_t j0 = 0; j0 < dq; j0 += TB) {
       int64_t nj = dq - j0 < TB ? dq - j0 : TB;
       peer_cpu_gemm_nt(nj, d, T, m->dqT + j0 * T, T, m->xT, T, gr->query_weight + j0 * d, d,
@@ -424,7 +424,7 @@ static void projection_backward(const peer_layer *L, int64_t T, const float *x, 
   }
   if (dx) {
     transpose(L->slot[PEER_P_QUERY_WEIGHT].data, dq, d, m->WqT, P);
-#pragma omp parallel for schedule(static) num_threads(P)
+#pragma omp parallel for schedule(dynamic) num_threads(P) if (T > TB)
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
       int64_t nt = T - t0 < TB ? T - t0 : TB;
       peer_cpu_gemm_nt(nt, d, dq, m->dq + t0 * dq, dq, m->WqT, dq, m->tmp + t0 * d, d,
