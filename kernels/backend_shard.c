@@ -48,13 +48,6 @@ static peer_status comm_allgather(const peer_cuda_comm *c, const void *send, voi
 
 /* ------------------------------------------------------------ creation */
 
-/* What each rank tells the others at creation (as peer_shard_create's). */
-typedef struct agree_rec {
-  int32_t status, rank, world, pad;
-  char config[PEER_CONFIG_TEXT_MAX];
-  char message[256];
-} agree_rec;
-
 static peer_status local_checks(const peer_config *cfg, const peer_options *opt, int world) {
   peer_status st = peer_config_validate(cfg);
   if (st) return st;
@@ -68,10 +61,11 @@ static peer_status local_checks(const peer_config *cfg, const peer_options *opt,
   return PEER_OK;
 }
 
-/* Every rank's record through the device communicator (on the legacy
- * stream, waited for). */
-static peer_status exchange(const peer_cuda_comm *c, const agree_rec *mine, agree_rec *all) {
-  const size_t one = sizeof *mine, bytes = one * (size_t)(c->world + 1);
+/* The agreement's all-gather through the device communicator (on the
+ * legacy stream, waited for). */
+static peer_status exchange(const void *comm, const void *mine, void *all, size_t one) {
+  const peer_cuda_comm *c = comm;
+  const size_t bytes = one * (size_t)(c->world + 1);
   const char *what = "cuda_shard_create: agreement";
   char *d = NULL;
   cudaError_t e = cudaMalloc((void **)&d, bytes);
@@ -88,57 +82,14 @@ static peer_status exchange(const peer_cuda_comm *c, const agree_rec *mine, agre
   return st;
 }
 
-/* The same outcome on every rank: the lowest failing rank's status, then
- * ranks out of order, then configs that differ from rank 0's. */
-static peer_status agree(const peer_cuda_comm *c, const agree_rec *all) {
-  for (int r = 0; r < c->world; r++)
-    if (all[r].status)
-      return peer_fail((peer_status)all[r].status, "%.255s (on rank %d)", all[r].message, r);
-  for (int r = 0; r < c->world; r++) {
-    if (all[r].world != c->world || all[r].rank != r)
-      return peer_fail(PEER_ERR_CONFIG,
-                       "cuda_shard_create: the process at position %d of the group says rank "
-                       "%d of %d; this one says rank %d of %d (ranks must be 0..world-1 in order)",
-                       r, all[r].rank, all[r].world, c->rank, c->world);
-    if (strcmp(all[r].config, all[0].config) != 0)
-      return peer_fail(PEER_ERR_CONFIG,
-                       "cuda_shard_create: rank %d's config differs from rank 0's: rank 0 has "
-                       "\"%.300s\", rank %d has \"%.300s\"",
-                       r, all[0].config, r, all[r].config);
-  }
-  return PEER_OK;
-}
-
-static peer_status agreement(const peer_config *cfg, const peer_options *opt,
-                             const peer_cuda_comm *c) {
-  agree_rec *rec = calloc((size_t)c->world + 1, sizeof *rec);
-  if (!rec) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "cuda_shard_create: out of memory");
-  agree_rec *mine = &rec[c->world];
-  mine->rank = c->rank;
-  mine->world = c->world;
-  mine->status = (int32_t)local_checks(cfg, opt, c->world);
-  if (mine->status)
-    snprintf(mine->message, sizeof mine->message, "%s", peer_last_error());
-  else
-    peer_config_format(cfg, mine->config, sizeof mine->config);
-  peer_status st = exchange(c, mine, rec);
-  if (!st) st = agree(c, rec);
-  free(rec);
-  return st;
-}
-
 peer_status peer_cuda_shard_create(peer_cuda_shard **out, const peer_config *cfg,
                                    const peer_options *opt, const peer_cuda_comm *comm) {
   if (!out || !cfg || !comm)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_shard_create: NULL argument");
   *out = NULL;
-  if (!comm->allreduce_sum || !comm->allgather)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                     "cuda_shard_create: the communicator lacks allreduce_sum or allgather");
-  if (comm->world < 1 || comm->rank < 0 || comm->rank >= comm->world)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                     "cuda_shard_create: rank %d is not in [0, world %d)", comm->rank,
-                     comm->world);
+  peer_status st = peer_shard_check_comm(
+      "cuda_shard_create", comm->allreduce_sum && comm->allgather, comm->rank, comm->world);
+  if (st) return st;
   /* The agreement needs this rank's device; without it the rank cannot
    * take part (the others then wait in the communicator). */
   const int count = peer_cuda_device_count(), device = opt ? opt->device : 0;
@@ -147,8 +98,9 @@ peer_status peer_cuda_shard_create(peer_cuda_shard **out, const peer_config *cfg
                      count);
   cudaError_t e = cudaSetDevice(device);
   if (e != cudaSuccess) return peer_k_cuda_fail(e, "cuda_shard_create: cudaSetDevice");
-  peer_status st = agreement(cfg, opt, comm);
-  if (st) return st;
+  if ((st = peer_shard_agree("cuda_shard_create", comm->rank, comm->world,
+                             local_checks(cfg, opt, comm->world), cfg, exchange, comm)))
+    return st;
 
   peer_cuda_shard *S = calloc(1, sizeof *S);
   if (!S) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "cuda_shard_create: out of memory");

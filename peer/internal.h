@@ -257,6 +257,22 @@ struct peer_context {
 peer_status peer_layer_create_cols(peer_layer **out, const peer_config *cfg,
                                    const peer_options *opt, int64_t col0, int64_t cols);
 
+/* A sharded layer's communicator at creation: both collectives present
+ * (`collectives`) and rank in [0, world); PEER_ERR_INVALID_ARGUMENT naming
+ * `what` otherwise. */
+peer_status peer_shard_check_comm(const char *what, bool collectives, int rank, int world);
+/* The config agreement at a sharded layer's creation (peer_shard_create,
+ * peer_cuda_shard_create): every rank's outcome of its local checks
+ * (`local`, its message the calling thread's last error) or, when they
+ * passed, its config goes to every rank through `gather` (each rank's
+ * `bytes` from `mine` into all[rank]; a failure returns its own status), so
+ * that all return the same: the lowest failing rank's status, then ranks out
+ * of order, then a config that differs from rank 0's.  `what` names the call. */
+typedef peer_status (*peer_agree_gather)(const void *comm, const void *mine, void *all,
+                                         size_t bytes);
+peer_status peer_shard_agree(const char *what, int rank, int world, peer_status local,
+                             const peer_config *cfg, peer_agree_gather gather, const void *comm);
+
 extern const peer_backend_i peer_backend_cpu;
 #ifdef PEER_USE_CUDA
 extern const peer_backend_i peer_backend_cuda;

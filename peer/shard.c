@@ -50,20 +50,13 @@ peer_status peer_shard_gather_rows(const peer_shard *S, int64_t T, const float *
 
 /* ------------------------------------------------------------ creation */
 
-/* What each rank tells the others at creation. */
-typedef struct agree_rec {
-  int32_t status, rank, world, pad;
-  char config[PEER_CONFIG_TEXT_MAX];
-  char message[256];
-} agree_rec;
-
-static peer_status check_comm(const peer_comm *c) {
-  if (!c->allreduce_sum || !c->allgather)
+peer_status peer_shard_check_comm(const char *what, bool collectives, int rank, int world) {
+  if (!collectives)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT,
-                     "shard_create: the communicator lacks allreduce_sum or allgather");
-  if (c->world < 1 || c->rank < 0 || c->rank >= c->world)
-    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_create: rank %d is not in [0, world %d)",
-                     c->rank, c->world);
+                     "%s: the communicator lacks allreduce_sum or allgather", what);
+  if (world < 1 || rank < 0 || rank >= world)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: rank %d is not in [0, world %d)", what, rank,
+                     world);
   return PEER_OK;
 }
 
@@ -82,26 +75,58 @@ static peer_status local_checks(const peer_config *cfg, const peer_options *opt,
   return PEER_OK;
 }
 
-/* Every rank's record: the same outcome everywhere. */
-static peer_status agree(const peer_comm *c, const agree_rec *mine, agree_rec *all) {
-  int rc = c->allgather(c->handle, mine, all, sizeof *mine);
-  if (rc)
-    return peer_fail(PEER_ERR_IO, "shard_create: the communicator's all-gather failed (%d)", rc);
-  for (int r = 0; r < c->world; r++)
+/* What each rank tells the others at creation. */
+typedef struct agree_rec {
+  int32_t status, rank, world, pad;
+  char config[PEER_CONFIG_TEXT_MAX];
+  char message[256];
+} agree_rec;
+
+/* The same outcome on every rank: the lowest failing rank's status, then
+ * ranks out of order, then configs that differ from rank 0's. */
+static peer_status agree_outcome(const char *what, int rank, int world, const agree_rec *all) {
+  for (int r = 0; r < world; r++)
     if (all[r].status)
       return peer_fail((peer_status)all[r].status, "%.255s (on rank %d)", all[r].message, r);
-  for (int r = 0; r < c->world; r++) {
-    if (all[r].world != c->world || all[r].rank != r)
+  for (int r = 0; r < world; r++) {
+    if (all[r].world != world || all[r].rank != r)
       return peer_fail(PEER_ERR_CONFIG,
-                       "shard_create: the process at position %d of the group says rank %d of "
+                       "%s: the process at position %d of the group says rank %d of "
                        "%d; this one says rank %d of %d (ranks must be 0..world-1 in order)",
-                       r, all[r].rank, all[r].world, c->rank, c->world);
+                       what, r, all[r].rank, all[r].world, rank, world);
     if (strcmp(all[r].config, all[0].config) != 0)
       return peer_fail(PEER_ERR_CONFIG,
-                       "shard_create: rank %d's config differs from rank 0's: rank 0 has "
+                       "%s: rank %d's config differs from rank 0's: rank 0 has "
                        "\"%.300s\", rank %d has \"%.300s\"",
-                       r, all[0].config, r, all[r].config);
+                       what, r, all[0].config, r, all[r].config);
   }
+  return PEER_OK;
+}
+
+peer_status peer_shard_agree(const char *what, int rank, int world, peer_status local,
+                             const peer_config *cfg, peer_agree_gather gather, const void *comm) {
+  agree_rec *rec = calloc((size_t)world + 1, sizeof *rec);
+  if (!rec) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "%s: out of memory", what);
+  agree_rec *mine = &rec[world];
+  mine->rank = rank;
+  mine->world = world;
+  mine->status = (int32_t)local;
+  if (local)
+    snprintf(mine->message, sizeof mine->message, "%s", peer_last_error());
+  else
+    peer_config_format(cfg, mine->config, sizeof mine->config);
+  peer_status st = gather(comm, mine, rec, sizeof *mine);
+  if (!st) st = agree_outcome(what, rank, world, rec);
+  free(rec);
+  return st;
+}
+
+/* The agreement's all-gather over a host communicator. */
+static peer_status host_gather(const void *comm, const void *mine, void *all, size_t bytes) {
+  const peer_comm *c = comm;
+  int rc = c->allgather(c->handle, mine, all, bytes);
+  if (rc)
+    return peer_fail(PEER_ERR_IO, "shard_create: the communicator's all-gather failed (%d)", rc);
   return PEER_OK;
 }
 
@@ -110,21 +135,12 @@ peer_status peer_shard_create(peer_shard **out, const peer_config *cfg, const pe
   if (!out || !cfg || !comm)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_create: NULL argument");
   *out = NULL;
-  peer_status st = check_comm(comm);
+  peer_status st = peer_shard_check_comm("shard_create", comm->allreduce_sum && comm->allgather,
+                                         comm->rank, comm->world);
   if (st) return st;
-  agree_rec *rec = calloc((size_t)comm->world + 1, sizeof *rec);
-  if (!rec) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "shard_create: out of memory");
-  agree_rec *mine = &rec[comm->world];
-  mine->rank = comm->rank;
-  mine->world = comm->world;
-  mine->status = (int32_t)local_checks(cfg, opt, comm);
-  if (mine->status)
-    snprintf(mine->message, sizeof mine->message, "%s", peer_last_error());
-  else
-    peer_config_format(cfg, mine->config, sizeof mine->config);
-  st = agree(comm, mine, rec);
-  free(rec);
-  if (st) return st;
+  if ((st = peer_shard_agree("shard_create", comm->rank, comm->world, local_checks(cfg, opt, comm),
+                             cfg, host_gather, comm)))
+    return st;
 
   peer_shard *S = calloc(1, sizeof *S);
   if (!S) return peer_fail(PEER_ERR_OUT_OF_MEMORY, "shard_create: out of memory");
