@@ -34,6 +34,7 @@ int main(void) {
 }
 #else
 
+#include "cuda_test_util.h"
 #include "internal.h" /* peer_layer_enter: a call of another thread, in the busy test */
 #include "peer_cuda.h"
 #include "../kernels/retrieval.h" /* the top-k' kernel, run on crafted rows */
@@ -46,8 +47,6 @@ int main(void) {
 #include <cublas_v2.h>
 #include <peer_emu.h>
 #endif
-#include <sys/wait.h>
-#include <unistd.h>
 
 /* Relative tolerance of scores and y between backends: f32 sums of up to
  * max(d, d_key/2) products in different orders. */
@@ -2317,17 +2316,6 @@ Test(emu, cublas_rules_and_column_major_product) {
   cudaFree(da), cudaFree(db), cudaFree(dc);
 }
 #endif
-
-/* 1 if a device is usable, probed in a child so that this process never
- * initialises CUDA before Criterion forks. */
-static int device_usable(void) {
-  pid_t pid = fork();
-  if (pid < 0) return 0;
-  if (pid == 0) _exit(peer_cuda_device_count() > 0 ? 0 : 1);
-  int status = 0;
-  if (waitpid(pid, &status, 0) != pid) return 0;
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
-}
 
 int main(int argc, char *argv[]) {
   const int device = device_usable();

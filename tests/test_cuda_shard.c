@@ -1,8 +1,9 @@
 /* test_cuda_shard.c: the CUDA sharded layer (peer_cuda.h "sharding") without
  * NCCL: P threads of one process play the ranks, all on device 0, each with
- * its own stream, over a device communicator written here (each rank's
- * device data copied to the host on its stream, summed in rank order so
- * every rank gets the same bits, or gathered, and copied back).  For world
+ * its own stream, over a device communicator written here on
+ * tests/thread_comm.h's (each rank's device data copied to the host on its
+ * stream, summed in rank order so every rank gets the same bits, or
+ * gathered, and copied back).  For world
  * sizes 1, 2 and 4 every rank's forward is checked against the unsharded
  * CUDA layer and the unsharded CPU layer on the same weights
  * (peer_layer_init with one seed everywhere): ids identical to the CUDA
@@ -29,32 +30,18 @@ int main(void) {
 #else
 
 #include "cuda_shard_ref.h"
+#include "cuda_test_util.h"
 #include "peer_cuda.h"
+#include "thread_comm.h"
 
 #include <criterion/criterion.h>
 #include <cuda_runtime_api.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #define MAXW 4
 
 /* ------------------------------------------------------- the communicator */
-
-typedef struct group {
-  int world;
-  pthread_barrier_t bar;
-  const void *part[MAXW]; /* each rank's host copy */
-} group;
-
-typedef struct member {
-  group *g;
-  int rank;
-  int fail; /* 1: this rank's communicator reports a failure */
-} member;
 
 static int to_host(void *dst, const void *d_src, size_t bytes, cudaStream_t s) {
   return cudaMemcpyAsync(dst, d_src, bytes, cudaMemcpyDeviceToHost, s) != cudaSuccess ||
@@ -66,32 +53,25 @@ static int to_device(void *d_dst, const void *src, size_t bytes, cudaStream_t s)
          cudaStreamSynchronize(s) != cudaSuccess;
 }
 
+/* The device data through a host copy and the threads' group. */
 static int sum(void *h, float *d_data, int64_t count, cudaStream_t s) {
   member *m = h;
-  group *g = m->g;
-  float *mine = malloc((size_t)count * sizeof *mine), *acc = calloc((size_t)count, sizeof *acc);
+  float *mine = malloc((size_t)count * sizeof *mine + 1);
   int rc = to_host(mine, d_data, (size_t)count * sizeof *mine, s);
-  g->part[m->rank] = mine;
-  pthread_barrier_wait(&g->bar);
-  for (int r = 0; r < g->world; r++)
-    for (int64_t i = 0; i < count; i++) acc[i] += ((const float *)g->part[r])[i];
-  pthread_barrier_wait(&g->bar); /* everyone has read every part */
-  rc |= to_device(d_data, acc, (size_t)count * sizeof *acc, s);
-  free(mine), free(acc);
+  group_sum(m, mine, count);
+  rc |= to_device(d_data, mine, (size_t)count * sizeof *mine, s);
+  free(mine);
   return rc || m->fail;
 }
 
 static int gather(void *h, const void *d_send, void *d_recv, size_t bytes, cudaStream_t s) {
   member *m = h;
-  group *g = m->g;
-  void *mine = malloc(bytes + 1);
+  const size_t all = bytes * (size_t)m->g->world;
+  void *mine = malloc(bytes + 1), *every = malloc(all + 1);
   int rc = to_host(mine, d_send, bytes, s);
-  g->part[m->rank] = mine;
-  pthread_barrier_wait(&g->bar);
-  for (int r = 0; r < g->world; r++)
-    rc |= to_device((char *)d_recv + (size_t)r * bytes, g->part[r], bytes, s);
-  pthread_barrier_wait(&g->bar);
-  free(mine);
+  group_gather(m, mine, every, bytes);
+  rc |= to_device(d_recv, every, all, s);
+  free(mine), free(every);
   return rc || m->fail;
 }
 
@@ -109,12 +89,6 @@ typedef struct job {
   atomic_int *failures;
   char first[512];
 } job;
-
-#define FAILED(j, ...)                                                                             \
-  do {                                                                                             \
-    if (atomic_fetch_add((j)->failures, 1) == 0 || !(j)->first[0])                                 \
-      snprintf((j)->first, sizeof(j)->first, __VA_ARGS__);                                         \
-  } while (0)
 
 static void forward_checks(job *j, peer_cuda_shard *S, cudaStream_t s) {
   const shard_ref *R = j->R;
@@ -318,17 +292,6 @@ Test(cuda_shard, argument_errors_and_nonfinite_x) {
   peer_cuda_shard_free(S);
   peer_cuda_shard_free(NULL);
   pthread_barrier_destroy(&g.bar);
-}
-
-/* 1 if a device is usable, probed in a child so that this process never
- * initialises CUDA before Criterion forks. */
-static int device_usable(void) {
-  pid_t pid = fork();
-  if (pid < 0) return 0;
-  if (pid == 0) _exit(peer_cuda_device_count() > 0 ? 0 : 1);
-  int status = 0;
-  if (waitpid(pid, &status, 0) != pid) return 0;
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
 int main(int argc, char *argv[]) {

@@ -1,7 +1,7 @@
 /* test_shard.c: the sharded layer (peer.h "sharding") without MPI: P threads
- * of one process play the ranks, over a communicator written here (sums and
- * gathers through shared memory, in rank order, so every rank gets the same
- * bits).  Each rank checks its shard against an unsharded layer of its own
+ * of one process play the ranks, over tests/thread_comm.h's communicator
+ * (sums and gathers through shared memory, in rank order, so every rank gets
+ * the same bits).  Each rank checks its shard against an unsharded layer of its own
  * on the same data: ids identical; y, dx and every gradient within 1e-6
  * relative; the parameters and optimizer state after Adam or SGD steps
  * identical bit for bit (the shard stepping with the unsharded gradients'
@@ -22,48 +22,22 @@
 
 #include "peer.h"
 #include "tempdir.h"
+#include "thread_comm.h"
 
 /* Within 1e-6 relative; exact with one rank, where the shard runs the very
  * passes of the unsharded layer (the CPU variant the process chose). */
 #define TOL 1e-6
-#define MAXW 8
+#define MAXW THREAD_COMM_MAXW
 
 /* ------------------------------------------------------- the communicator */
 
-typedef struct group {
-  int world;
-  pthread_barrier_t bar;
-  const void *part[MAXW];
-} group;
-
-typedef struct member {
-  group *g;
-  int rank;
-} member;
-
 static int sum(void *h, float *data, int64_t count) {
-  member *m = h;
-  group *g = m->g;
-  g->part[m->rank] = data;
-  pthread_barrier_wait(&g->bar);
-  float *acc = calloc((size_t)count + 1, sizeof *acc);
-  for (int r = 0; r < g->world; r++)
-    for (int64_t i = 0; i < count; i++)
-      acc[i] += ((const float *)g->part[r])[i];
-  pthread_barrier_wait(&g->bar); /* everyone has read every part */
-  memcpy(data, acc, (size_t)count * sizeof *acc);
-  free(acc);
+  group_sum(h, data, count);
   return 0;
 }
 
 static int gather(void *h, const void *send, void *recv, size_t bytes) {
-  member *m = h;
-  group *g = m->g;
-  g->part[m->rank] = send;
-  pthread_barrier_wait(&g->bar);
-  for (int r = 0; r < g->world; r++)
-    memcpy((char *)recv + (size_t)r * bytes, g->part[r], bytes);
-  pthread_barrier_wait(&g->bar);
+  group_gather(h, send, recv, bytes);
   return 0;
 }
 
@@ -79,12 +53,6 @@ typedef struct job {
   atomic_int *failures;
   char first[512];
 } job;
-
-#define FAILED(j, ...)                                                                             \
-  do {                                                                                             \
-    if (atomic_fetch_add((j)->failures, 1) == 0 || !(j)->first[0])                                 \
-      snprintf((j)->first, sizeof(j)->first, __VA_ARGS__);                                         \
-  } while (0)
 
 static uint64_t next(uint64_t *s) {
   *s ^= *s << 13, *s ^= *s >> 7, *s ^= *s << 17;
@@ -318,7 +286,7 @@ static int run_group(int world, const char *config, int mixed, int pretrained, i
   job jobs[MAXW];
   pthread_t th[MAXW];
   for (int r = 0; r < world; r++) {
-    jobs[r] = (job){.m = {&g, r},
+    jobs[r] = (job){.m = {&g, r, 0},
                     .config = config,
                     .mixed = mixed,
                     .pretrained = pretrained,
