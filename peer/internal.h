@@ -127,6 +127,12 @@ void peer_layer_leave(const peer_layer *layer);
 peer_status peer_retrieve_held(peer_layer *layer, int64_t n_tokens, const float *x,
                                int64_t *indices, float *scores, float *gates);
 
+/* peer_forward's argument checks (`what` names the call): the batch, y, and
+ * no two of x, y, indices, gates overlapping (for peer_shard_forward too). */
+peer_status peer_forward_check(const peer_layer *layer, int64_t n_tokens, const float *x,
+                               const float *y, const int64_t *indices, const float *gates,
+                               const char *what);
+
 /* PEER_ERR_INVALID_ARGUMENT naming `what`, `a_name` and `b_name` when the byte
  * ranges [a, a + a_bytes) and [b, b + b_bytes) overlap (aliasing checks). */
 peer_status peer_check_disjoint(const char *what, const void *a, size_t a_bytes,

@@ -468,18 +468,24 @@ static peer_status check_buffers(const char *what, int n, const void *const *buf
   return PEER_OK;
 }
 
-peer_status peer_forward(peer_layer *L, int64_t n_tokens, const float *x, float *y,
-                         int64_t *indices, float *gates) {
-  peer_status st = check_batch(L, n_tokens, x, "forward");
+peer_status peer_forward_check(const peer_layer *L, int64_t n_tokens, const float *x,
+                               const float *y, const int64_t *indices, const float *gates,
+                               const char *what) {
+  peer_status st = check_batch(L, n_tokens, x, what);
   if (st) return st;
-  if (n_tokens > 0 && !y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "forward: y is NULL");
-  if (n_tokens == 0) return PEER_OK;
+  if (n_tokens > 0 && !y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: y is NULL", what);
   const size_t rows = (size_t)n_tokens * (size_t)L->dims.d * sizeof(float),
                thk = (size_t)n_tokens * (size_t)(L->dims.H * L->dims.k);
   const void *bufs[] = {x, y, indices, gates};
   const size_t bytes[] = {rows, rows, thk * sizeof *indices, thk * sizeof *gates};
   const char *names[] = {"x", "y", "indices", "gates"};
-  if ((st = check_buffers("forward", 4, bufs, bytes, names))) return st;
+  return check_buffers(what, 4, bufs, bytes, names);
+}
+
+peer_status peer_forward(peer_layer *L, int64_t n_tokens, const float *x, float *y,
+                         int64_t *indices, float *gates) {
+  peer_status st = peer_forward_check(L, n_tokens, x, y, indices, gates, "forward");
+  if (st || n_tokens == 0) return st;
   if ((st = peer_layer_enter(L, "forward"))) return st;
   void *ws;
   if (!(st = peer_layer_scratch(L, n_tokens, &ws)))

@@ -229,7 +229,6 @@ peer_status peer_shard_retrieve(peer_shard *S, int64_t T, const float *x, int64_
 
 static peer_status shard_forward(peer_shard *S, int64_t T, const float *x, float *y,
                                  int64_t *indices, float *gates) {
-  if (T <= 0) return peer_retrieve_held(S->L, T, x, indices, NULL, gates);
   const peer_layer *L = S->L;
   const int P = peer_layer_threads(L);
   const size_t thk = (size_t)T * (size_t)(L->dims.H * L->dims.k), tc = (size_t)T * (size_t)S->cols;
@@ -262,9 +261,9 @@ static peer_status shard_forward(peer_shard *S, int64_t T, const float *x, float
 peer_status peer_shard_forward(peer_shard *S, int64_t T, const float *x, float *y, int64_t *indices,
                                float *gates) {
   if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward: NULL shard");
-  if (T > 0 && !y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_forward: y is NULL");
-  peer_status st = peer_layer_enter(S->L, "shard_forward");
-  if (st) return st;
+  peer_status st = peer_forward_check(S->L, T, x, y, indices, gates, "shard_forward");
+  if (st || T == 0) return st;
+  if ((st = peer_layer_enter(S->L, "shard_forward"))) return st;
   st = shard_forward(S, T, x, y, indices, gates);
   peer_layer_leave(S->L);
   return st;

@@ -376,6 +376,17 @@ static int gate_gather(void *h, const void *send, void *recv, size_t bytes) {
   return 0;
 }
 
+/* A one-rank shard of configs[0] over g, initialised; its config in *c. */
+static peer_shard *one_rank_shard(gate *g, peer_config *c) {
+  peer_comm comm = {g, 0, 1, gate_sum, gate_gather};
+  peer_config_default(c);
+  cr_assert_eq(peer_config_parse(c, configs[0]), PEER_OK);
+  peer_shard *S = NULL;
+  cr_assert_eq(peer_shard_create(&S, c, NULL, &comm), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_shard_init(S, 3), PEER_OK);
+  return S;
+}
+
 typedef struct held_call {
   peer_shard *S;
   peer_context *ctx;
@@ -404,13 +415,8 @@ static void expect_busy(peer_status st, const char *call) {
  * the shard takes calls again. */
 Test(shard, a_busy_shard_refuses_other_calls, .init = make_dir, .fini = test_dir_remove) {
   gate g = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
-  peer_comm comm = {&g, 0, 1, gate_sum, gate_gather};
   peer_config c;
-  peer_config_default(&c);
-  cr_assert_eq(peer_config_parse(&c, configs[0]), PEER_OK);
-  peer_shard *S = NULL;
-  cr_assert_eq(peer_shard_create(&S, &c, NULL, &comm), PEER_OK, "%s", peer_last_error());
-  cr_assert_eq(peer_shard_init(S, 3), PEER_OK);
+  peer_shard *S = one_rank_shard(&g, &c);
   const int64_t T = 4, d = c.d_model, thk = T * c.n_heads * c.top_k;
   float *x = malloc((size_t)(T * d) * 4), *y = calloc((size_t)(T * d), 4);
   float *y2 = calloc((size_t)(T * d), 4), *dy = malloc((size_t)(T * d) * 4);
@@ -469,4 +475,49 @@ Test(shard, a_busy_shard_refuses_other_calls, .init = make_dir, .fini = test_dir
   peer_context_free(ctx2);
   peer_shard_free(S);
   free(x), free(y), free(y2), free(dy), free(dx), free(eg), free(eg2), free(rows), free(ids);
+}
+
+/* ------------------------------------------------------------ argument checks */
+
+static void expect_refused(peer_status st, const char *want, const char *what) {
+  cr_expect_eq(st, PEER_ERR_INVALID_ARGUMENT, "%s: %s (%s)", what, peer_status_string(st),
+               st ? peer_last_error() : "no error");
+  if (st)
+    cr_expect(strncmp(peer_last_error(), "shard_forward: ", 15) == 0 &&
+                  strstr(peer_last_error(), want),
+              "%s: the message should start with shard_forward: and say \"%s\": %s", what, want,
+              peer_last_error());
+}
+
+/* peer_shard_forward checks its arguments as peer_forward does, before it
+ * sizes scratch or communicates: a batch too large to address is an invalid
+ * argument (not out of memory), and y, indices or gates over x or each
+ * other are refused; a refused call writes nothing. */
+Test(shard, forward_checks_arguments_first) {
+  gate g = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+  peer_config c;
+  peer_shard *S = one_rank_shard(&g, &c);
+  const int64_t T = 4, d = c.d_model, thk = T * c.n_heads * c.top_k;
+  float *x = malloc((size_t)(T * d) * 4), *y = calloc((size_t)(T * d), 4);
+  float *gates = calloc((size_t)thk, 4);
+  int64_t *ids = calloc((size_t)thk, 8);
+  uint64_t seed = 11;
+  fill(x, T * d, 1.0f, &seed);
+
+  expect_refused(peer_shard_forward(S, ((int64_t)1 << 40) / d + 1, x, y, NULL, NULL), "too large",
+                 "a batch too large to address");
+  expect_refused(peer_shard_forward(S, -1, x, y, NULL, NULL), "negative", "a negative batch");
+  expect_refused(peer_shard_forward(S, T, x, x, NULL, NULL), "overlap", "y = x");
+  expect_refused(peer_shard_forward(S, T, x, y, (int64_t *)(void *)x, NULL), "overlap",
+                 "indices over x");
+  expect_refused(peer_shard_forward(S, T, x, y, ids, y + 1), "overlap", "gates over y");
+  for (int64_t i = 0; i < T * d; i++)
+    cr_assert(y[i] == 0.0f, "a refused call wrote y");
+  for (int64_t i = 0; i < thk; i++)
+    cr_assert(ids[i] == 0 && gates[i] == 0.0f, "a refused call wrote indices or gates");
+  cr_assert_eq(peer_shard_forward(S, T, x, y, ids, gates), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_shard_forward(S, 0, NULL, NULL, NULL, NULL), PEER_OK, "%s", peer_last_error());
+
+  peer_shard_free(S);
+  free(x), free(y), free(gates), free(ids);
 }
