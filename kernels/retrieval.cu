@@ -182,6 +182,9 @@ __global__ void subkey_topk_kernel(const float *__restrict__ S, int64_t rows, in
 extern "C" peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t kp,
                                           float *out_s, int64_t *out_id,
                                           unsigned long long *bad, cudaStream_t stream) {
+  if (kp < 1 || kp > n) /* the final sort would read past the row (layer configs never do) */
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "subkey_topk: subkey_top_k %lld not in [1, %lld]",
+                     (long long)kp, (long long)n);
   if (kp > peer_k_topk_kp_max())
     return peer_fail(PEER_ERR_UNSUPPORTED,
                      "subkey_topk: subkey_top_k %lld is beyond the kernel's shared memory (at "

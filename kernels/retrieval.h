@@ -41,8 +41,8 @@ peer_status peer_k_bias_norm(float *q, int64_t T, int64_t dq, const float *bias,
 /* Rows r in [0, rows) of S [rows, n] (row r = (t*H + h)*2 + half): the kp
  * best (score, index) by the tie rule, sorted, into out_s / out_id
  * [rows, kp] (a NaN ranks below every number).  A row holding a non-finite
- * score lowers *bad to (t*H + h).  PEER_ERR_UNSUPPORTED for kp beyond
- * peer_k_topk_kp_max(); 1 <= kp <= n < 2^31 otherwise. */
+ * score lowers *bad to (t*H + h).  n < 2^31; PEER_ERR_INVALID_ARGUMENT for
+ * kp outside [1, n], PEER_ERR_UNSUPPORTED for kp beyond peer_k_topk_kp_max(). */
 peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t kp,
                                float *out_s, int64_t *out_id, unsigned long long *bad,
                                cudaStream_t stream);

@@ -437,6 +437,19 @@ Test(cuda_topk, beyond_the_buffer_is_refused) {
   cr_assert(strstr(peer_last_error(), "subkey_top_k") != NULL, "%s", peer_last_error());
 }
 
+/* k' outside [1, n] is refused before anything is launched (with k' > n the
+ * final sort would leave empty keys in the output and read S far outside
+ * the row; found by review, it crashed the emulator). */
+Test(cuda_topk, kp_outside_one_to_n_is_refused) {
+  const int64_t bad[][2] = {{5, 7}, {5, 0}, {1, 2}, {64, -1}};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    cr_assert_eq(peer_k_subkey_topk(NULL, 2, bad[i][0], bad[i][1], NULL, NULL, NULL, 0),
+                 PEER_ERR_INVALID_ARGUMENT, "n %lld k' %lld", (long long)bad[i][0],
+                 (long long)bad[i][1]);
+    cr_assert(strstr(peer_last_error(), "not in [1,") != NULL, "%s", peer_last_error());
+  }
+}
+
 /* ------------------------------------------------------------- brute force */
 
 /* Brute force on the CUDA layer against its product-key search (ids and
