@@ -15,6 +15,7 @@ gradient rows, the weights once) over peak HBM bandwidth.
 
     python3 bench/cuda_model.py            # markdown tables for kernels/README.md
     python3 bench/cuda_model.py --design   # the per-kernel assumptions
+    python3 bench/cuda_model.py --summary  # sums against the floor, every T and dtype
 
 Every number comes from the formulas below; change an assumption here, not
 in the README.
@@ -87,9 +88,12 @@ def kernels(T, wbytes, design, train):
     # to k'.  Counted under emulation (test_cuda emu/topk_selection_work),
     # random rows at n = 1024, k' = 16: 152 candidates and 207 keys sorted
     # (3.2 sorts) per row.  Chunk steps (about 15 instructions) issue at
-    # 4 warp instructions per clock per SM, shared memory at one.
+    # 4 warp instructions per clock per SM, shared memory at one; the 16
+    # sort stages with partner distance below 32 touch 32 eight-byte keys
+    # over 512 bytes, two wavefronts per access instead of one (a review's
+    # count of bank conflicts), so they cost twice.
     if after:
-        per_row_ops = 32 * 15 / 4 + 3.2 * 21 * 4
+        per_row_ops = 32 * 15 / 4 + 3.2 * (16 * 4 * 2 + 5 * 4)
         add("fwd", "subkey_topk", s_bytes + rows * kp * 12,
             serial=lambda g: rows * per_row_ops / (g["sms"] * g["clock"]),
             note="threshold + ballot compaction, warp bitonic sorts; issue bound")
@@ -217,7 +221,35 @@ def table(T, wbytes, phase_set, label):
     return "\n".join(lines)
 
 
+def summary():
+    """One line per (step, T, tables): predicted sums before and after, the
+    HBM floor, and their ratios, H100 / H200."""
+    print("| step | T | tables | before (us) | after (us) | HBM floor (us) "
+          "| after / floor |")
+    print("|---|---|---|---|---|---|---|")
+    for train in (False, True):
+        for T in (4096, 32768):
+            for wbytes in (4, 2):
+                tot = {}
+                for design in ("before", "after"):
+                    for gname in ("H100", "H200"):
+                        tot[design, gname] = sum(predict(k, GPUS[gname])[0]
+                                                 for k in kernels(T, wbytes, design, train))
+                fl = {g: floor_bytes(T, wbytes, train) / GPUS[g]["bw"] for g in ("H100", "H200")}
+                cell = lambda f: " / ".join(f"{f(g):,.0f}" for g in ("H100", "H200"))
+                ratio = lambda t, f: " / ".join(f"{t['after', g] / f[g]:.2f}"
+                                                for g in ("H100", "H200"))
+                print(f"| {'training step' if train else 'forward'} | {T} | "
+                      f"{'f32' if wbytes == 4 else 'bf16'} | "
+                      f"{cell(lambda g: tot['before', g] * 1e6)} | "
+                      f"{cell(lambda g: tot['after', g] * 1e6)} | {cell(lambda g: fl[g] * 1e6)} | "
+                      f"{ratio(tot, fl)} |")
+
+
 def main():
+    if "--summary" in sys.argv:
+        summary()
+        return
     if "--design" in sys.argv:
         for kern in kernels(4096, 4, "before", True):
             print(f"before {kern['name']}: {kern['note']}")
