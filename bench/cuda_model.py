@@ -59,11 +59,12 @@ def kernels(T, wbytes, design, train):
 
     add("fwd", "query GEMM (cuBLAS)", f * (T * d + H * dk * d + T * H * dk),
         2.0 * T * d * H * dk, "gemm")
-    # Batch norm statistics: mean pass, centred variance pass, then q and qhat
-    # written: 4 passes over [T, H*dk].  Before: dq/32 = 64 blocks of 32
+    # Batch norm statistics: q read for the mean, read for the centred
+    # variance, read again and qhat and q written: 5 passes over [T, H*dk]
+    # (before and after).  Before: dq/32 = 64 blocks of 32
     # features x 8 token lanes, each lane walking T/8 tokens with one load in
     # flight: Little's law gives 64 blocks * 8 warps * 128 B / latency.
-    bn_bytes = 4 * f * T * H * dk
+    bn_bytes = 5 * f * T * H * dk
     if not train:
         add("fwd", "bias_norm (running statistics)", 2 * f * T * H * dk,
             note="elementwise, grid-strided")
@@ -143,7 +144,9 @@ def kernels(T, wbytes, design, train):
     add("bwd", "query_grad", f * T * H * dk + T * H * k * 12, 2.0 * T * H * k * dk)
     krows = min(distinct(2 * T * H * k, H * 2 * n), H * 2 * n)
     add("bwd", "keys_grad", f * krows * dk // 2 + f * T * H * dk, 2.0 * T * H * k * dk)
-    nb_bytes = 4 * f * T * H * dk
+    # Norm backward (g and qhat read for the sums, read again, dq written)
+    # and the bias's column sums (dq read): 6 passes.
+    nb_bytes = 6 * f * T * H * dk
     if after:
         add("bwd", "norm_backward + column_sums", nb_bytes, note="two-level")
     else:
