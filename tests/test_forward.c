@@ -130,16 +130,16 @@ Test(forward, wide_layers_match_reference) {
   ref_rng rng = {seed};
   const int quick = ref_quick();
   const case_spec cases[] = {
-      {"d_model=512,n_heads=8,d_key=64,n_subkeys=64,top_k=16,subkey_top_k=16", quick ? 7 : 70},
+      {"d_model=512,n_heads=8,d_key=64,n_subkeys=64,top_k=16,subkey_top_k=16", quick ? 14 : 70},
       {"d_model=257,n_heads=4,d_key=96,n_subkeys=50,top_k=8,subkey_top_k=20,shared_keys=1,"
        "activation=silu,gate=sigmoid,query_norm=batchnorm,query_bias=1,weight_dtype=bf16",
-       quick ? 5 : 41},
+       quick ? 10 : 41},
       {"d_model=100,n_heads=3,d_key=256,n_subkeys=33,top_k=5,subkey_top_k=9,activation=gelu_tanh,"
        "gate=relu,query_norm=batchnorm",
-       quick ? 5 : 65},
+       quick ? 10 : 65},
       {"d_model=64,n_heads=6,d_key=32,n_subkeys=128,top_k=32,subkey_top_k=64,activation=relu,query_"
        "bias=1,weight_dtype=bf16",
-       quick ? 3 : 33},
+       quick ? 6 : 33},
   };
   int64_t checked = 0, total = 0;
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -154,7 +154,10 @@ Test(forward, wide_layers_match_reference) {
   }
   cr_log_info("ids compared on %lld of %lld tokens; worst |err| / tolerance = %.3f",
               (long long)checked, (long long)total, worst_ratio);
-  cr_assert(checked * 10 >= total * 6, "seed=%llu: only %lld of %lld tokens free of near-ties",
+  /* About 3/4 of these tokens are free of near-ties; the bound only guards
+   * against a test that compares almost nothing (40 tokens in quick mode:
+   * at 20, one seed in 150 fell below 60%). */
+  cr_assert(checked * 2 >= total, "seed=%llu: only %lld of %lld tokens free of near-ties",
             (unsigned long long)seed, (long long)checked, (long long)total);
 }
 
