@@ -6,7 +6,8 @@
  * dimension below the rows it must hold, a negative batch count:
  * CUBLAS_STATUS_INVALID_VALUE; no handle: NOT_INITIALIZED), and what a
  * product reads and writes must lie in device memory (else the call fails
- * with EXECUTION_FAILED and a kernel error, as a GPU's illegal address). */
+ * with EXECUTION_FAILED and a kernel error, as a GPU's illegal address).
+ * The product runs in the order of the handle's stream (runtime.cc). */
 #include "cublas_v2.h"
 
 #include "emu_internal.h"
@@ -73,22 +74,29 @@ cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb
   const bool product = *alpha != 0.0f && k > 0;
   const int cols_a = ta == CUBLAS_OP_N ? k : m, cols_b = tb == CUBLAS_OP_N ? n : k;
   for (int b = 0; b < batch; b++) {
-    const float *a = A + b * sa, *bb = B + b * sb;
-    float *c = C + b * sc;
-    if (product && !in_device(a, rows_a, cols_a, lda)) return outside(what, "A");
-    if (product && !in_device(bb, rows_b, cols_b, ldb)) return outside(what, "B");
-    if (!in_device(c, m, n, ldc)) return outside(what, "C");
-    for (long long j = 0; j < n; j++)
-      for (long long i = 0; i < m; i++) {
-        float acc = 0.0f;
-        if (product)
-          for (long long l = 0; l < k; l++)
-            acc += at(a, ta, lda, i, l) * at(bb, tb, ldb, l, j);
-        float &out = c[i + j * (long long)ldc];
-        const float ab = product ? *alpha * acc : 0.0f;
-        out = *beta == 0.0f ? ab : ab + *beta * out;
-      }
+    if (product && !in_device(A + b * sa, rows_a, cols_a, lda)) return outside(what, "A");
+    if (product && !in_device(B + b * sb, rows_b, cols_b, ldb)) return outside(what, "B");
+    if (!in_device(C + b * sc, m, n, ldc)) return outside(what, "C");
   }
+  /* alpha and beta are host values, read at the call; the product runs in
+   * the stream's order */
+  const float al = *alpha, be = *beta;
+  peer_emu::enqueue(h->stream, [=] {
+    for (int b = 0; b < batch; b++) {
+      const float *a = A + b * sa, *bb = B + b * sb;
+      float *c = C + b * sc;
+      for (long long j = 0; j < n; j++)
+        for (long long i = 0; i < m; i++) {
+          float acc = 0.0f;
+          if (product)
+            for (long long l = 0; l < k; l++)
+              acc += at(a, ta, lda, i, l) * at(bb, tb, ldb, l, j);
+          float &out = c[i + j * (long long)ldc];
+          const float ab = product ? al * acc : 0.0f;
+          out = be == 0.0f ? ab : ab + be * out;
+        }
+    }
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 

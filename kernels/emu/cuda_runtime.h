@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -98,9 +99,11 @@ template <class T> static inline T from_bits(uint64_t b) {
   return v;
 }
 
-/* Launching (simt.cc): checks the configuration, runs every block, and
- * turns a kernel error into the launch's error (cudaGetLastError, and the
- * next synchronisation). */
+/* Launching (simt.cc): checks the configuration, queues the grid on the
+ * stream (every block runs, in the stream's order: runtime.cc), and turns
+ * a kernel error into an error of the next synchronisation (and of
+ * cudaGetLastError when the grid ran at once).  ctx (the parameters) lives
+ * as long as the queued grid. */
 struct launch_config {
   const char *name;
   dim3 grid, block;
@@ -108,7 +111,7 @@ struct launch_config {
   cudaStream_t stream;
   const void *kernel; /* the instance (PEER_EMU_KERNELS) */
 };
-void launch(const launch_config &cfg, void (*body)(void *), void *ctx);
+void launch(const launch_config &cfg, void (*body)(void *), std::shared_ptr<void> ctx);
 /* A non-NULL pointer argument outside device memory fails the launch. */
 bool pointer_arg_ok(const launch_config &cfg, int index, const void *p);
 
@@ -124,25 +127,26 @@ template <class... P> struct kernel_launch {
     static_assert(sizeof...(A) == sizeof...(P), "kernel launch: wrong number of arguments");
     /* one copy of the arguments, as the launch's parameter buffer; every
      * thread gets its own copies of it */
-    std::tuple<typename std::decay<P>::type...> params(std::forward<A>(args)...);
+    typedef std::tuple<typename std::decay<P>::type...> params;
+    struct frame {
+      void (*k)(P...);
+      params p;
+    };
+    auto f = std::make_shared<frame>(frame{kernel, params(std::forward<A>(args)...)});
     bool ok = std::apply(
         [&](const auto &...v) {
           int i = 0;
           return (arg_ok(cfg, i++, v) && ...);
         },
-        params);
+        f->p);
     if (!ok) return;
-    struct frame {
-      void (*k)(P...);
-      decltype(params) *p;
-    } f{kernel, &params};
     launch(
         cfg,
         [](void *c) {
           frame *fr = (frame *)c;
-          std::apply(fr->k, *fr->p);
+          std::apply(fr->k, fr->p);
         },
-        &f);
+        f);
   }
 };
 

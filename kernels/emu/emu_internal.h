@@ -9,6 +9,8 @@
 
 #include <stddef.h>
 
+#include <functional>
+
 namespace peer_emu {
 
 /* Is [p, p + bytes) inside one live cudaMalloc allocation? */
@@ -25,6 +27,11 @@ cudaError_t set_error(cudaError_t e);
  * printed with PEER_EMU_REPORT=1, fatal with PEER_EMU_ABORT=1. */
 void kernel_error(const char *msg);
 void count_launch();
+/* Work on a stream, in its order (runtime.cc: at once, or with lazy
+ * streams when something needs it).  Checks of arguments belong before
+ * this, in the call; what the work finds (a kernel error) is reported by
+ * the next synchronisation. */
+void enqueue(cudaStream_t stream, std::function<void()> op);
 /* A cuBLAS product on cuBLAS's default workspace (peer_emu_counts). */
 void count_blas_default_workspace();
 

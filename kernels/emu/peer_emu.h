@@ -40,6 +40,21 @@ void peer_emu_get_counts(peer_emu_counts *out);
  * PEER_EMU_FAIL_MALLOC=n does the same from the first call. */
 void peer_emu_fail_malloc(long n);
 
+/* Lazy streams.  on = 1: work queued on the streams the program created
+ * runs only when something needs it (a synchronisation of the stream, the
+ * device or an event behind it; a wait for such an event on the legacy
+ * stream, or on a stream that runs; work on the legacy stream, which waits
+ * for the blocking streams; a cudaFree; a copy into pageable memory; see
+ * runtime.cc), later than a GPU would run it, so that work which reads
+ * another stream's results without a cudaStreamWaitEvent for them reads
+ * stale memory.  on = 2: the same, and before each entry of a stream the
+ * host waits for, every other stream runs as far as its waits allow, so
+ * that a stream which should have waited for that stream's earlier work
+ * (a fork without its wait) runs too early.  0: work runs when it is
+ * queued (the default).  What is queued runs before the mode changes.
+ * PEER_EMU_LAZY_STREAMS=1 or 2 in the environment sets it from the start. */
+void peer_emu_lazy_streams(int on);
+
 /* The message of the last kernel error, "" if none yet. */
 const char *peer_emu_last_kernel_error(void);
 

@@ -3,8 +3,20 @@
  * asked for, so that ASan sees overruns) and tracks it, so that
  * cudaPointerGetAttributes, cudaMemGetInfo and a free of an unknown or
  * already freed pointer behave as the real runtime's; copies and memsets
- * check that their device side is device memory.  Streams run their work
- * when it is queued, in order, so synchronising only reports errors.
+ * check that their device side is device memory.  Work queued on a stream
+ * (kernels, cuBLAS products, CUB sorts, asynchronous copies and memsets)
+ * goes through enqueue(): by default it runs at once, in order, so
+ * synchronising only reports errors.  With lazy streams
+ * (peer_emu_lazy_streams, PEER_EMU_LAZY_STREAMS=1) work queued on a stream
+ * the program created waits in the stream's queue and runs only when
+ * something needs it: a synchronisation of the stream, the device or an
+ * event recorded behind it, a cudaStreamWaitEvent on the legacy stream, a
+ * stream that waits for that event and is itself run, any work on the
+ * legacy stream (which waits for the blocking streams), a cudaFree (which
+ * waits for the device, as the real one does in practice), a copy into
+ * pageable host memory.  That is later than any GPU would run it, so a
+ * missing cudaStreamWaitEvent (work that reads another stream's results
+ * without waiting for them) reads stale memory and a test sees it.
  * Errors follow the runtime's rules: a failed call sets the last error
  * (cudaGetLastError returns and clears it); a kernel error (simt.cc) is
  * also returned by the next synchronisation.  Counters and an injected
@@ -17,17 +29,32 @@
 #include <time.h>
 
 #include <atomic>
+#include <deque>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <vector>
 
+/* One entry of a lazy stream's queue: work, or a wait for another stream's
+ * first `until` entries (cudaStreamWaitEvent). */
+struct queued_op {
+  std::function<void()> run;
+  CUstream_st *wait_on;
+  unsigned long long until;
+};
 struct CUstream_st {
   unsigned flags;
+  std::deque<queued_op> ops; /* not yet run (lazy streams only) */
+  unsigned long long queued, done;
 };
 struct CUevent_st {
   double ms; /* when it was recorded */
   bool recorded;
+  CUstream_st *stream; /* complete once stream->done >= at; null: complete */
+  unsigned long long at;
 };
 
 namespace peer_emu {
@@ -48,10 +75,99 @@ std::atomic<unsigned long long> n_device_syncs{0}, n_stream_syncs{0}, n_mallocs{
     n_launches{0}, n_kernel_errors{0}, n_blas_default_workspace{0};
 peer_emu_counts work_counts; /* the kernels' (count_work), added to atomically */
 std::atomic<long> fail_countdown{-1};
+/* Lazy streams: the queues, their runs and the events' positions in them
+ * (recursive: running a queue may run the queues it waits for). */
+std::recursive_mutex stream_lock;
+std::atomic<int> lazy{0}; /* peer_emu_lazy_streams' mode */
 
 thread_local cudaError_t last_error = cudaSuccess;
 std::atomic<int> pending_sync_error{cudaSuccess}; /* a kernel error, for the next sync */
 thread_local int current_device = 0;
+
+void init_lazy() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const char *e = getenv("PEER_EMU_LAZY_STREAMS");
+    if (e && atoi(e) > 0) lazy = atoi(e) == 2 ? 2 : 1;
+  });
+}
+
+bool default_stream(cudaStream_t s) {
+  return s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread;
+}
+
+/* Run s's queue until `target` entries of it have run (under stream_lock).
+ * No cycle: a wait names entries queued before it. */
+void run_until(CUstream_st *s, unsigned long long target) {
+  while (s->done < target && !s->ops.empty()) {
+    queued_op op = std::move(s->ops.front());
+    s->ops.pop_front();
+    if (op.wait_on) run_until(op.wait_on, op.until);
+    if (op.run) op.run();
+    s->done++;
+  }
+}
+
+/* Run o's queue up to its first wait for work not yet run; whether it ran
+ * anything. */
+bool advance(CUstream_st *o) {
+  bool moved = false;
+  while (!o->ops.empty()) {
+    queued_op &front = o->ops.front();
+    if (front.wait_on && front.wait_on->done < front.until) break;
+    queued_op op = std::move(front);
+    o->ops.pop_front();
+    if (op.run) op.run();
+    o->done++;
+    moved = true;
+  }
+  return moved;
+}
+
+std::vector<CUstream_st *> all_streams() {
+  std::lock_guard<std::mutex> hold(mem_lock);
+  return std::vector<CUstream_st *>(streams.begin(), streams.end());
+}
+
+/* The host waits for s's first `target` entries.  Mode 1: only those and
+ * what they wait for run; mode 2: before each of them, every other stream
+ * runs as far as its waits allow (so a stream that should have waited for
+ * s's earlier work runs before it). */
+void force(CUstream_st *s, unsigned long long target) {
+  if (lazy != 2) return run_until(s, target);
+  while (s->done < target && !s->ops.empty()) {
+    const std::vector<CUstream_st *> all = all_streams();
+    for (bool moved = true; moved;) {
+      moved = false;
+      for (CUstream_st *o : all)
+        if (o != s && advance(o)) moved = true;
+    }
+    run_until(s, s->done + 1);
+  }
+}
+
+/* Run every created stream's queue (blocking ones only: what the legacy
+ * stream waits for), under stream_lock. */
+void run_streams(bool blocking_only) {
+  for (CUstream_st *s : all_streams())
+    if (!blocking_only || !(s->flags & cudaStreamNonBlocking)) force(s, s->queued);
+}
+
+/* Run what a stream's work must follow before work on `stream` that runs at
+ * once: the legacy stream waits for the blocking streams. */
+void before_immediate(cudaStream_t stream) {
+  if (stream == nullptr || stream == cudaStreamLegacy) run_streams(true);
+}
+
+/* Everything queued before work that the host waits for (a stream, an
+ * event, a copy into pageable memory) has run. */
+void run_stream(cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> hold(stream_lock);
+  if (default_stream(stream))
+    before_immediate(stream);
+  else
+    force(stream, stream->queued);
+}
 
 void init_fail_countdown() {
   static std::once_flag once;
@@ -157,6 +273,21 @@ void count_work(unsigned long long peer_emu_counts::*counter, unsigned long long
   __atomic_fetch_add(&(work_counts.*counter), n, __ATOMIC_RELAXED);
 }
 
+void enqueue(cudaStream_t stream, std::function<void()> op) {
+  init_lazy();
+  std::lock_guard<std::recursive_mutex> hold(stream_lock);
+  if (default_stream(stream)) {
+    before_immediate(stream);
+    op();
+  } else if (!lazy && stream->ops.empty()) {
+    op();
+    stream->queued++, stream->done++;
+  } else {
+    stream->ops.push_back({std::move(op), nullptr, 0});
+    stream->queued++;
+  }
+}
+
 } // namespace peer_emu
 
 using namespace peer_emu;
@@ -173,6 +304,13 @@ void peer_emu_get_counts(peer_emu_counts *out) {
   out->blas_default_workspace = n_blas_default_workspace;
   out->topk_candidates = __atomic_load_n(&work_counts.topk_candidates, __ATOMIC_RELAXED);
   out->topk_sorted = __atomic_load_n(&work_counts.topk_sorted, __ATOMIC_RELAXED);
+}
+
+void peer_emu_lazy_streams(int on) {
+  init_lazy();
+  std::lock_guard<std::recursive_mutex> hold(stream_lock);
+  run_streams(false);
+  lazy = on == 2 ? 2 : on != 0;
 }
 
 void peer_emu_fail_malloc(long n) {
@@ -340,6 +478,10 @@ cudaError_t cudaDeviceGetAttribute(int *value, enum cudaDeviceAttr attr, int dev
 
 cudaError_t cudaDeviceSynchronize(void) {
   n_device_syncs++;
+  {
+    std::lock_guard<std::recursive_mutex> hold(stream_lock);
+    run_streams(false);
+  }
   return sync_result();
 }
 
@@ -377,6 +519,10 @@ cudaError_t cudaMalloc(void **ptr, size_t size) {
 cudaError_t cudaFree(void *ptr) {
   if (!ptr) return cudaSuccess;
   n_frees++;
+  {
+    std::lock_guard<std::recursive_mutex> hold(stream_lock);
+    run_streams(false); /* in practice cudaFree waits for the device */
+  }
   {
     std::lock_guard<std::mutex> hold(mem_lock);
     auto it = allocations.find((uintptr_t)ptr);
@@ -434,6 +580,7 @@ cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes *a, const void
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, enum cudaMemcpyKind kind) {
   cudaError_t e = copy_check(dst, src, n, kind);
   if (e != cudaSuccess) return set_error(e);
+  run_stream(nullptr); /* a copy on the legacy stream */
   if (n) memmove(dst, src, n);
   return sync_result(); /* a blocking copy waits for earlier work */
 }
@@ -443,7 +590,26 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, enum cudaMemcp
   if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
   cudaError_t e = copy_check(dst, src, n, kind);
   if (e != cudaSuccess) return set_error(e);
-  if (n) memmove(dst, src, n);
+  if (n == 0) return cudaSuccess;
+  bool to_pageable = false, from_pageable = false;
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    uintptr_t b;
+    size_t sz;
+    const bool dst_host = !find(dst, false, &b, &sz), src_host = !find(src, false, &b, &sz);
+    to_pageable = dst_host && !host_allocations.count((uintptr_t)dst);
+    from_pageable = src_host && !host_allocations.count((uintptr_t)src);
+  }
+  if (to_pageable) { /* returns once the copy is done: after the stream's work */
+    run_stream(stream);
+    memmove(dst, src, n);
+  } else if (from_pageable && lazy && !default_stream(stream)) { /* staged at the call */
+    auto staged = std::make_shared<std::vector<unsigned char>>((const unsigned char *)src,
+                                                               (const unsigned char *)src + n);
+    enqueue(stream, [dst, staged] { memmove(dst, staged->data(), staged->size()); });
+  } else {
+    enqueue(stream, [dst, src, n] { memmove(dst, src, n); });
+  }
   return cudaSuccess;
 }
 
@@ -451,7 +617,7 @@ cudaError_t cudaMemsetAsync(void *ptr, int value, size_t n, cudaStream_t stream)
   if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
   if (n == 0) return cudaSuccess;
   if (!device_range(ptr, n)) return set_error(cudaErrorInvalidValue);
-  memset(ptr, value, n);
+  enqueue(stream, [ptr, value, n] { memset(ptr, value, n); });
   return cudaSuccess;
 }
 
@@ -461,7 +627,7 @@ cudaError_t cudaMemset(void *ptr, int value, size_t n) {
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
   if (!stream || flags > cudaStreamNonBlocking) return set_error(cudaErrorInvalidValue);
-  CUstream_st *s = new CUstream_st{flags};
+  CUstream_st *s = new CUstream_st{flags, {}, 0, 0};
   std::lock_guard<std::mutex> hold(mem_lock);
   streams.insert(s);
   *stream = s;
@@ -472,9 +638,20 @@ cudaError_t cudaStreamCreate(cudaStream_t *stream) {
   return cudaStreamCreateWithFlags(stream, cudaStreamDefault);
 }
 
+/* The stream's queued work still runs (as on a GPU): here, before it goes;
+ * nothing may point at it afterwards. */
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> run_hold(stream_lock);
+  if (!stream_ok(stream) || default_stream(stream))
+    return set_error(cudaErrorInvalidResourceHandle);
+  run_until(stream, stream->queued);
   std::lock_guard<std::mutex> hold(mem_lock);
-  if (!streams.erase(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  streams.erase(stream);
+  for (CUstream_st *s : streams)
+    for (queued_op &op : s->ops)
+      if (op.wait_on == stream) op.wait_on = nullptr;
+  for (CUevent_st *ev : events)
+    if (ev->stream == stream) ev->stream = nullptr;
   delete stream;
   return cudaSuccess;
 }
@@ -482,26 +659,41 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   n_stream_syncs++;
   if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  run_stream(stream);
   return sync_result();
 }
 
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
   if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
-  return cudaSuccess;
+  std::lock_guard<std::recursive_mutex> hold(stream_lock);
+  return default_stream(stream) || stream->ops.empty() ? cudaSuccess : cudaErrorNotReady;
 }
 
+/* The wait covers the event's last record before this call (later records
+ * do not move it). */
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
   (void)flags;
   if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
-  std::lock_guard<std::mutex> hold(mem_lock);
-  if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+  std::lock_guard<std::recursive_mutex> run_hold(stream_lock);
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+  }
+  CUstream_st *on = event->stream;
+  if (!on || on->done >= event->at) return cudaSuccess;
+  if (default_stream(stream)) {
+    run_until(on, event->at);
+  } else {
+    stream->ops.push_back({nullptr, on, event->at});
+    stream->queued++;
+  }
   return cudaSuccess;
 }
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
   (void)flags;
   if (!event) return set_error(cudaErrorInvalidValue);
-  CUevent_st *ev = new CUevent_st{0.0, false};
+  CUevent_st *ev = new CUevent_st{0.0, false, nullptr, 0};
   std::lock_guard<std::mutex> hold(mem_lock);
   events.insert(ev);
   *event = ev;
@@ -513,41 +705,57 @@ cudaError_t cudaEventCreate(cudaEvent_t *event) {
 }
 
 cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  std::lock_guard<std::recursive_mutex> run_hold(stream_lock);
   std::lock_guard<std::mutex> hold(mem_lock);
   if (!events.erase(event)) return set_error(cudaErrorInvalidResourceHandle);
   delete event;
   return cudaSuccess;
 }
 
+/* The event completes when the work queued on the stream before it has
+ * run; its time is taken then. */
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
-  std::lock_guard<std::mutex> hold(mem_lock);
-  if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
-  event->ms = now_ms();
+  std::lock_guard<std::recursive_mutex> run_hold(stream_lock);
+  {
+    std::lock_guard<std::mutex> hold(mem_lock);
+    if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+  }
   event->recorded = true;
+  enqueue(stream, [event] { event->ms = now_ms(); });
+  event->stream = default_stream(stream) ? nullptr : stream;
+  event->at = event->stream ? stream->queued : 0;
   return cudaSuccess;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   n_stream_syncs++;
   {
-    std::lock_guard<std::mutex> hold(mem_lock);
-    if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+    std::lock_guard<std::recursive_mutex> run_hold(stream_lock);
+    {
+      std::lock_guard<std::mutex> hold(mem_lock);
+      if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
+    }
+    if (event->stream) force(event->stream, event->at);
   }
   return sync_result();
 }
 
 cudaError_t cudaEventQuery(cudaEvent_t event) {
+  std::lock_guard<std::recursive_mutex> run_hold(stream_lock);
   std::lock_guard<std::mutex> hold(mem_lock);
   if (!events.count(event)) return set_error(cudaErrorInvalidResourceHandle);
-  return cudaSuccess;
+  return !event->stream || event->stream->done >= event->at ? cudaSuccess : cudaErrorNotReady;
 }
 
 cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) {
   if (!ms) return set_error(cudaErrorInvalidValue);
+  std::lock_guard<std::recursive_mutex> run_hold(stream_lock);
   std::lock_guard<std::mutex> hold(mem_lock);
   if (!events.count(start) || !events.count(end)) return set_error(cudaErrorInvalidResourceHandle);
   if (!start->recorded || !end->recorded) return set_error(cudaErrorInvalidResourceHandle);
+  for (const CUevent_st *ev : {start, end})
+    if (ev->stream && ev->stream->done < ev->at) return set_error(cudaErrorNotReady);
   *ms = (float)(end->ms - start->ms);
   return cudaSuccess;
 }

@@ -685,23 +685,11 @@ bool pointer_arg_ok(const launch_config &cfg, int index, const void *p) {
   return false;
 }
 
-void launch(const launch_config &cfg, void (*body)(void *), void *ctx) {
-  count_launch();
+namespace {
+
+void run_grid(const launch_config &cfg, void (*body)(void *), void *ctx) {
   const dim3 g = cfg.grid, bl = cfg.block;
   const unsigned long long threads = (unsigned long long)bl.x * bl.y * bl.z;
-  if (!g.x || !g.y || !g.z || !threads || threads > 1024 || bl.x > 1024 || bl.y > 1024 ||
-      bl.z > 64 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
-    set_error(cudaErrorInvalidConfiguration);
-    return;
-  }
-  if (cfg.smem > smem_max) {
-    set_error(cudaErrorInvalidValue);
-    return;
-  }
-  if (!stream_ok(cfg.stream)) {
-    set_error(cudaErrorInvalidResourceHandle);
-    return;
-  }
   std::lock_guard<std::mutex> hold(launch_lock);
   note_kernel(cfg);
   if (n_regions < 0) n_regions = dynamic_smem_regions(smem_regions, 64);
@@ -762,6 +750,30 @@ void launch(const launch_config &cfg, void (*body)(void *), void *ctx) {
       }
   ht.blk = nullptr;
   if (!ok) kernel_error(b.msg);
+}
+
+} // namespace
+
+/* The configuration is checked at the launch (its error is the launch's);
+ * the grid runs in the stream's order (runtime.cc's enqueue). */
+void launch(const launch_config &cfg, void (*body)(void *), std::shared_ptr<void> ctx) {
+  count_launch();
+  const dim3 g = cfg.grid, bl = cfg.block;
+  const unsigned long long threads = (unsigned long long)bl.x * bl.y * bl.z;
+  if (!g.x || !g.y || !g.z || !threads || threads > 1024 || bl.x > 1024 || bl.y > 1024 ||
+      bl.z > 64 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
+    set_error(cudaErrorInvalidConfiguration);
+    return;
+  }
+  if (cfg.smem > smem_max) {
+    set_error(cudaErrorInvalidValue);
+    return;
+  }
+  if (!stream_ok(cfg.stream)) {
+    set_error(cudaErrorInvalidResourceHandle);
+    return;
+  }
+  enqueue(cfg.stream, [cfg, body, ctx] { run_grid(cfg, body, ctx.get()); });
 }
 
 } // namespace peer_emu

@@ -4,7 +4,8 @@
  * buffer smaller than that it returns cudaErrorInvalidValue.  The sort is
  * stable and orders by key bits [begin_bit, end_bit) only (other bits are
  * ignored, as CUB's), LSD passes of up to 8 bits through the temp buffer,
- * which must be device memory, as keys and values must be. */
+ * which must be device memory, as keys and values must be.  The sort runs
+ * in the stream's order (runtime.cc). */
 #ifndef PEER_EMU_CUB_DEVICE_RADIX_SORT_CUH
 #define PEER_EMU_CUB_DEVICE_RADIX_SORT_CUH
 
@@ -43,31 +44,33 @@ struct DeviceRadixSort {
         !peer_emu::device_range(d_values_out, n * sizeof(V)))
       return peer_emu::set_error(cudaErrorInvalidValue);
     char *t = (char *)d_temp_storage;
-    K *ka = d_keys_out, *kb = (K *)t;
-    V *va = d_values_out, *vb = (V *)(t + keys_alt);
-    size_t *count = (size_t *)(t + keys_alt + vals_alt);
-    memmove(ka, d_keys_in, n * sizeof(K));
-    memmove(va, d_values_in, n * sizeof(V));
-    for (int bit = begin_bit; bit < end_bit; bit += 8) {
-      const int w = end_bit - bit < 8 ? end_bit - bit : 8;
-      const K mask = (K)((1u << w) - 1);
-      memset(count, 0, 256 * sizeof(size_t));
-      for (size_t i = 0; i < n; i++)
-        count[(ka[i] >> bit) & mask]++;
-      size_t run = 0;
-      for (int d = 0; d < 256; d++) {
-        const size_t c = count[d];
-        count[d] = run;
-        run += c;
+    peer_emu::enqueue(stream, [=] {
+      K *ka = d_keys_out, *kb = (K *)t;
+      V *va = d_values_out, *vb = (V *)(t + keys_alt);
+      size_t *count = (size_t *)(t + keys_alt + vals_alt);
+      memmove(ka, d_keys_in, n * sizeof(K));
+      memmove(va, d_values_in, n * sizeof(V));
+      for (int bit = begin_bit; bit < end_bit; bit += 8) {
+        const int w = end_bit - bit < 8 ? end_bit - bit : 8;
+        const K mask = (K)((1u << w) - 1);
+        memset(count, 0, 256 * sizeof(size_t));
+        for (size_t i = 0; i < n; i++)
+          count[(ka[i] >> bit) & mask]++;
+        size_t run = 0;
+        for (int d = 0; d < 256; d++) {
+          const size_t c = count[d];
+          count[d] = run;
+          run += c;
+        }
+        for (size_t i = 0; i < n; i++) {
+          const size_t at = count[(ka[i] >> bit) & mask]++;
+          kb[at] = ka[i];
+          vb[at] = va[i];
+        }
+        memcpy(ka, kb, n * sizeof(K));
+        memcpy(va, vb, n * sizeof(V));
       }
-      for (size_t i = 0; i < n; i++) {
-        const size_t at = count[(ka[i] >> bit) & mask]++;
-        kb[at] = ka[i];
-        vb[at] = va[i];
-      }
-      memcpy(ka, kb, n * sizeof(K));
-      memcpy(va, vb, n * sizeof(V));
-    }
+    });
     return cudaSuccess;
   }
 
