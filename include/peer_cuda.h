@@ -122,6 +122,23 @@ PEER_API peer_status peer_cuda_forward(peer_layer *layer, int64_t n_tokens, cons
                                        float *d_y, int64_t *d_indices, float *d_gates,
                                        cudaStream_t stream);
 
+/* The forward's pipeline (peer_cuda_forward, and peer_forward on a CUDA
+ * layer): the batch splits into `chunks` runs of consecutive tokens; the
+ * retrieval of a chunk (query projection, sub-key scores, selection) runs
+ * on a stream of the layer's own, beside the expert kernel of the chunk
+ * before it on the caller's stream.  Events order them: the layer's stream
+ * starts after the work queued on the caller's stream before the call, and
+ * the caller's stream waits for each chunk's retrieval before its experts,
+ * so the call stays ordered on `stream` as one stream would be; nothing
+ * waits on the host, nothing is allocated.  Every token goes through the
+ * same kernels as without chunks (the emulated build gives the same bits;
+ * on a GPU, cuBLAS may pick another algorithm for a chunk's size).
+ * chunks: 0 automatic (one per 512 tokens, at most 8; the default), 1 no
+ * pipeline, at most PEER_CUDA_MAX_CHUNKS (PEER_ERR_INVALID_ARGUMENT
+ * otherwise); a batch of T tokens takes at most T chunks. */
+#define PEER_CUDA_MAX_CHUNKS 16
+PEER_API peer_status peer_cuda_set_chunks(peer_layer *layer, int chunks);
+
 /* Retrieval only, as peer_retrieve, on device pointers: d_indices [T, H, k]
  * (required), d_scores and d_gates [T, H, k] (optional).  Stream and error
  * reporting as peer_cuda_forward. */

@@ -8,7 +8,8 @@
  *   candidate top-k, gates           peer_k_merge
  *   experts                          peer_k_experts
  * all queued on one stream (brute force replaces the two selections with
- * peer_k_brute_topk).  Every pass is written once, on device pointers
+ * peer_k_brute_topk); a forward in chunks queues each chunk's retrieval on
+ * the layer's side stream and its experts on the caller's (run_chunks).  Every pass is written once, on device pointers
  * (run_forward, dev_retrieve, dev_forward_train, dev_backward); peer.h's
  * host-pointer calls are wrappers that wait for the device, copy in, call it
  * on the layer's own stream, copy out and synchronise (their training copies
@@ -165,6 +166,57 @@ static peer_status dev_retrieve(peer_layer *L, int64_t T, const float *d_x, int6
                        stream, &w);
 }
 
+/* Chunks of a batch of T tokens: the layer's setting, or one per 512 tokens
+ * up to 8 (bench/cuda_model.py: the fill and drain of the pipeline against
+ * smaller GEMMs and more launches), never more than T. */
+static int64_t chunk_count(const cuda_state *st, int64_t T) {
+  int64_t c = st->chunks ? st->chunks : T / 512;
+  if (!st->chunks && c > 8) c = 8;
+  if (c > T) c = T;
+  return c < 1 ? 1 : c;
+}
+
+static peer_status record_wait(cudaEvent_t ev, cudaStream_t from, cudaStream_t to) {
+  cudaError_t e = cudaEventRecord(ev, from);
+  if (e == cudaSuccess) e = cudaStreamWaitEvent(to, ev, 0);
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "forward: stream order");
+}
+
+/* The experts of tokens [t0, t1) of the batch (ids and gates per token). */
+static peer_status chunk_experts(peer_layer *L, int64_t t0, int64_t t1, const float *d_x,
+                                 float *d_y, const int64_t *ids, const float *gates,
+                                 cudaStream_t stream) {
+  const peer_dims *D = &L->dims;
+  const int64_t at = t0 * D->d, hk = D->H * D->k;
+  return peer_k_experts(d_x + at, d_y + at, L->slot[PEER_P_EXPERTS_DOWN].data,
+                        L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16,
+                        ids + t0 * hk, gates + t0 * hk, NULL, t1 - t0, D->d, hk,
+                        (int)L->cfg.activation, stream);
+}
+
+/* The forward in chunks: chunk c's retrieval on the layer's side stream
+ * (after the caller's earlier work: ev_fork), its experts on the caller's
+ * stream after it (ev_chunk[c]), so chunk c+1's retrieval may run beside
+ * chunk c's experts.  Every chunk reuses q, S and the lists of the scratch
+ * (the side stream runs the chunks in order) and writes its own rows of
+ * ids, scores and gates, which the caller's stream reads.  After a failure
+ * the caller's stream still waits for what the side stream queued. */
+static peer_status run_chunks(peer_layer *L, int64_t T, int64_t C, const float *d_x, float *d_y,
+                              int64_t *ids, float *gates, cudaStream_t stream, const dev_ws *w) {
+  cuda_state *st = state_of(L);
+  const int64_t hk = L->dims.H * L->dims.k;
+  peer_status s = record_wait(st->ev_fork, stream, st->side);
+  for (int64_t c = 0; c < C && !s; c++) {
+    const int64_t t0 = T * c / C, t1 = T * (c + 1) / C;
+    s = run_retrieval(L, t1 - t0, d_x + t0 * L->dims.d, ids + t0 * hk, w->scores + t0 * hk,
+                      gates + t0 * hk, false, st->side, w);
+    peer_status j = record_wait(st->ev_chunk[c], st->side, stream);
+    if (!s) s = j;
+    if (!s) s = chunk_experts(L, t0, t1, d_x, d_y, ids, gates, stream);
+  }
+  return s;
+}
+
 static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
                                int64_t *d_indices, float *d_gates, cudaStream_t stream) {
   dev_ws w;
@@ -172,11 +224,10 @@ static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float
   if (s) return s;
   int64_t *ids = d_indices ? d_indices : w.ids;
   float *gates = d_gates ? d_gates : w.gates;
+  const int64_t C = chunk_count(state_of(L), T);
+  if (C > 1) return run_chunks(L, T, C, d_x, d_y, ids, gates, stream, &w);
   if ((s = run_retrieval(L, T, d_x, ids, w.scores, gates, false, stream, &w))) return s;
-  const peer_dims *D = &L->dims;
-  return peer_k_experts(d_x, d_y, L->slot[PEER_P_EXPERTS_DOWN].data,
-                        L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16, ids,
-                        gates, NULL, T, D->d, D->H * D->k, (int)L->cfg.activation, stream);
+  return chunk_experts(L, 0, T, d_x, d_y, ids, gates, stream);
 }
 
 /* Read the records behind the stream's work, then report and clear them: a
@@ -273,6 +324,22 @@ peer_status peer_cuda_set_workspace(peer_layer *L, void *d_buffer, size_t bytes)
   peer_status s = peer_cb_busy(L, "cuda_set_workspace");
   if (s) return s;
   s = set_workspace_call(L, d_buffer, bytes);
+  peer_cb_idle(L);
+  return s;
+}
+
+peer_status peer_cuda_set_chunks(peer_layer *L, int chunks) {
+  peer_status s = peer_cb_busy(L, "cuda_set_chunks");
+  if (s) return s;
+  if (!L)
+    s = peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_set_chunks: NULL layer");
+  else if (L->opt.backend != PEER_BACKEND_CUDA)
+    s = peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_set_chunks: not a CUDA layer");
+  else if (chunks < 0 || chunks > PEER_CUDA_MAX_CHUNKS)
+    s = peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_set_chunks: %d chunks not in [0, %d]", chunks,
+                  PEER_CUDA_MAX_CHUNKS);
+  else
+    state_of(L)->chunks = chunks;
   peer_cb_idle(L);
   return s;
 }
@@ -507,6 +574,10 @@ static void cuda_close(peer_layer *L) {
   if (cudaSetDevice(st->device) == cudaSuccess) (void)cudaDeviceSynchronize();
   if (st->blas) cublasDestroy(st->blas);
   if (st->own) cudaStreamDestroy(st->own);
+  if (st->side) cudaStreamDestroy(st->side);
+  if (st->ev_fork) cudaEventDestroy(st->ev_fork);
+  for (int c = 0; c < PEER_CUDA_MAX_CHUNKS; c++)
+    if (st->ev_chunk[c]) cudaEventDestroy(st->ev_chunk[c]);
   if (st->d_bad) cudaFree(st->d_bad);
   if (st->ws_owned && st->ws) cudaFree(st->ws);
   if (st->io) cudaFree(st->io);
@@ -514,6 +585,24 @@ static void cuda_close(peer_layer *L) {
   (void)cudaGetLastError(); /* a teardown reports nothing, and leaves no error behind */
   free(st);
   L->backend_data = NULL;
+}
+
+/* The chunked forward's stream and events (handles stay NULL on failure). */
+static peer_status open_pipeline(cuda_state *st) {
+  cudaError_t e = cudaStreamCreateWithFlags(&st->side, cudaStreamNonBlocking);
+  if (e != cudaSuccess) {
+    st->side = NULL;
+    return peer_k_cuda_fail(e, "backend cuda: cudaStreamCreate");
+  }
+  cudaEvent_t *ev[PEER_CUDA_MAX_CHUNKS + 1] = {&st->ev_fork};
+  for (int c = 0; c < PEER_CUDA_MAX_CHUNKS; c++)
+    ev[c + 1] = &st->ev_chunk[c];
+  for (int i = 0; i <= PEER_CUDA_MAX_CHUNKS; i++)
+    if ((e = cudaEventCreateWithFlags(ev[i], cudaEventDisableTiming)) != cudaSuccess) {
+      *ev[i] = NULL;
+      return peer_k_cuda_fail(e, "backend cuda: cudaEventCreate");
+    }
+  return PEER_OK;
 }
 
 static peer_status cuda_open(peer_layer *L) {
@@ -540,6 +629,7 @@ static peer_status cuda_open(peer_layer *L) {
   else if ((e = cudaStreamCreateWithFlags(&st->own, cudaStreamNonBlocking)) != cudaSuccess) {
     st->own = NULL;
     s = peer_k_cuda_fail(e, "backend cuda: cudaStreamCreate");
+  } else if ((s = open_pipeline(st))) {
   } else if ((e = cudaMalloc((void **)&st->d_bad, REC_COUNT * sizeof *st->d_bad)) != cudaSuccess) {
     st->d_bad = NULL;
     s = peer_k_cuda_fail(e, "backend cuda: cudaMalloc");

@@ -43,6 +43,12 @@ typedef struct cuda_state {
   void *io; /* device copies of the host-pointer path's inputs and outputs */
   size_t io_bytes;
   void *blas_ws; /* cuBLAS's workspace, the layer's own (BLAS_WORKSPACE bytes) */
+  /* The chunked forward (backend.c, run_forward): retrieval on `side`,
+   * forked from the caller's stream at ev_fork, each chunk's end recorded
+   * in ev_chunk[c] for the caller's stream; chunks 0: automatic. */
+  cudaStream_t side;
+  cudaEvent_t ev_fork, ev_chunk[PEER_CUDA_MAX_CHUNKS];
+  int chunks;
 } cuda_state;
 
 /* cuBLAS's recommended workspace on Hopper (4 MiB before it); set with

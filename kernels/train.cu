@@ -535,7 +535,11 @@ extern "C" peer_status peer_k_sorted_runs(const uint32_t *key_in, const uint32_t
                                           uint32_t *starts, uint32_t *runs, int64_t items,
                                           uint32_t max_key, void *temp, size_t temp_bytes,
                                           cudaStream_t stream) {
-  if (items == 0) return PEER_OK;
+  if (items == 0) { /* no runs: the count and the closing start all the same */
+    cudaError_t e = cudaMemsetAsync(runs, 0, sizeof *runs, stream);
+    if (e == cudaSuccess) e = cudaMemsetAsync(starts, 0, sizeof *starts, stream);
+    return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "sorted runs: no items");
+  }
   const size_t counts_bytes = run_counts_bytes(items);
   if (temp_bytes < counts_bytes)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "sorted runs: %zu bytes of scratch for %lld items",

@@ -38,6 +38,7 @@ int main(void) {
 #include "internal.h" /* peer_layer_enter: a call of another thread, in the busy test */
 #include "peer_cuda.h"
 #include "../kernels/retrieval.h" /* the top-k' kernel, run on crafted rows */
+#include "../kernels/train.h"     /* sorted runs of an empty list */
 #include "rowops.h"
 #include "reference_train.h"
 
@@ -2090,6 +2091,120 @@ Test(cuda_io, checkpoint_round_trip_and_training_continues) {
   free_pair(&p), free_pair(&q), free_pair(&other);
 }
 
+/* One forward on device pointers on `st`, x first written on st itself by
+ * a copy from src (work the layer's own stream must wait for), y and gates
+ * NaN and ids 0 before it (so outputs not written, or written from another
+ * batch's retrieval, differ); the results into y, ids, g on the host. */
+static void forward_on(const pair *p, int64_t T, const float *src, float *d_x, float *d_y,
+                       int64_t *d_ids, float *d_g, cudaStream_t st, float *y, int64_t *ids,
+                       float *g) {
+  peer_layer *L = p->gpu;
+  const size_t xb = (size_t)(T * p->cfg.d_model) * 4,
+               e = (size_t)(T * p->cfg.n_heads * p->cfg.top_k);
+  cr_assert_eq(cudaMemcpyAsync(d_x, src, xb, cudaMemcpyDeviceToDevice, st), cudaSuccess);
+  cr_assert_eq(cudaMemsetAsync(d_y, 0xff, xb, st), cudaSuccess);
+  cr_assert_eq(cudaMemsetAsync(d_g, 0xff, e * 4, st), cudaSuccess);
+  cr_assert_eq(cudaMemsetAsync(d_ids, 0, e * 8, st), cudaSuccess);
+  cr_assert_eq(peer_cuda_forward(L, T, d_x, d_y, d_ids, d_g, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(cudaMemcpyAsync(y, d_y, xb, cudaMemcpyDeviceToHost, st), cudaSuccess);
+  cr_assert_eq(cudaMemcpyAsync(ids, d_ids, e * 8, cudaMemcpyDeviceToHost, st), cudaSuccess);
+  cr_assert_eq(cudaMemcpyAsync(g, d_g, e * 4, cudaMemcpyDeviceToHost, st), cudaSuccess);
+  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+  cr_assert_eq(peer_cuda_check(L, st), PEER_OK, "%s", peer_last_error());
+}
+
+/* The chunked forward (peer_cuda_set_chunks) gives the bits of one chunk:
+ * y, ids and gates, for chunk counts that do not divide T (and more chunks
+ * than tokens), batches alternating between two inputs (a chunk that read
+ * another batch's ids or gates would differ), device and host paths.  The
+ * emulator runs it twice more with lazy streams (peer_emu.h): mode 1 runs
+ * the layer's retrieval stream only when the caller's stream waits for it
+ * (a missing wait before a chunk's experts reads stale ids), mode 2 runs it
+ * before the caller's earlier work (a missing wait at the fork reads the
+ * previous x). */
+Test(cuda, chunked_forward_matches_one_chunk) {
+  pair p = make_pair(SMALL ",query_norm=batchnorm,query_bias=1,activation=silu");
+  cr_assert_eq(peer_layer_init(p.gpu, 41), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 37, d = p.cfg.d_model, e = T * p.cfg.n_heads * p.cfg.top_k;
+  const size_t xb = (size_t)(T * d) * 4;
+  ref_rng rng = {42};
+  float *hx[2] = {ref_random_x(&rng, T, d), ref_random_x(&rng, T, d)};
+  float *src[2] = {dev_copy_of(hx[0], xb), dev_copy_of(hx[1], xb)};
+  float *d_x = dev_alloc(xb), *d_y = dev_alloc(xb), *d_g = dev_alloc((size_t)e * 4);
+  int64_t *d_ids = dev_alloc((size_t)e * 8);
+  float *ry[2], *rg[2], *y = malloc(xb), *g = malloc((size_t)e * 4);
+  int64_t *rid[2], *ids = malloc((size_t)e * 8);
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  cr_assert_eq(peer_cuda_set_chunks(p.gpu, 1), PEER_OK, "%s", peer_last_error());
+  for (int i = 0; i < 2; i++) {
+    ry[i] = malloc(xb), rg[i] = malloc((size_t)e * 4), rid[i] = malloc((size_t)e * 8);
+    forward_on(&p, T, src[i], d_x, d_y, d_ids, d_g, st, ry[i], rid[i], rg[i]);
+  }
+  int modes = 1;
+#ifdef PEER_CUDA_EMULATED
+  modes = 3;
+#endif
+  const int counts[] = {2, 3, 5, 16, 0};
+  for (int mode = 0; mode < modes; mode++) {
+#ifdef PEER_CUDA_EMULATED
+    peer_emu_lazy_streams(mode);
+#endif
+    for (size_t c = 0; c < sizeof counts / sizeof counts[0]; c++) {
+      cr_assert_eq(peer_cuda_set_chunks(p.gpu, counts[c]), PEER_OK, "%s", peer_last_error());
+      for (int i = 0; i < 2; i++) {
+        forward_on(&p, T, src[i], d_x, d_y, d_ids, d_g, st, y, ids, g);
+        cr_assert(!memcmp(y, ry[i], xb), "lazy mode %d, %d chunks, input %d: y differs", mode,
+                  counts[c], i);
+        cr_assert(!memcmp(ids, rid[i], (size_t)e * 8), "mode %d, %d chunks: ids differ", mode,
+                  counts[c]);
+        cr_assert(!memcmp(g, rg[i], (size_t)e * 4), "mode %d, %d chunks: gates differ", mode,
+                  counts[c]);
+        /* the host path, on the layer's own stream */
+        cr_assert_eq(peer_forward(p.gpu, T, hx[i], y, ids, g), PEER_OK, "%s", peer_last_error());
+        cr_assert(!memcmp(y, ry[i], xb), "mode %d, %d chunks, host path: y differs", mode,
+                  counts[c]);
+        cr_assert(!memcmp(ids, rid[i], (size_t)e * 8), "host path: ids differ");
+      }
+    }
+  }
+#ifdef PEER_CUDA_EMULATED
+  peer_emu_lazy_streams(0);
+#endif
+  /* a batch with fewer tokens than chunks */
+  cr_assert_eq(peer_cuda_set_chunks(p.gpu, 16), PEER_OK);
+  forward_on(&p, 3, src[0], d_x, d_y, d_ids, d_g, st, y, ids, g);
+  cr_assert(!memcmp(y, ry[0], (size_t)(3 * d) * 4), "3 tokens in 16 chunks: y differs");
+  cr_assert_eq(peer_cuda_set_chunks(p.gpu, -1), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_set_chunks(p.gpu, PEER_CUDA_MAX_CHUNKS + 1), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert(strstr(peer_last_error(), "17 chunks"), "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_set_chunks(p.cpu, 2), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_set_chunks(NULL, 2), PEER_ERR_INVALID_ARGUMENT);
+  cudaStreamDestroy(st);
+  for (int i = 0; i < 2; i++) {
+    free(hx[i]), free(ry[i]), free(rg[i]), free(rid[i]);
+    cudaFree(src[i]);
+  }
+  cudaFree(d_x), cudaFree(d_y), cudaFree(d_g), cudaFree(d_ids);
+  free(y), free(g), free(ids);
+  free_pair(&p);
+}
+
+/* Sorted runs of no items still write the run count (0) and the closing
+ * start, which the gradient kernels read. */
+Test(cuda, sorted_runs_of_nothing_are_written) {
+  uint32_t *d = dev_alloc(256), h[2];
+  cr_assert_eq(cudaMemset(d, 0xff, 256), cudaSuccess);
+  cr_assert_eq(peer_k_sorted_runs(d, d, d, d, d + 8, d + 16, 0, 1, d + 32, 64, 0), PEER_OK, "%s",
+               peer_last_error());
+  to_host(&h[0], d + 16, 4);
+  to_host(&h[1], d + 8, 4);
+  cr_assert_eq(h[0], 0u, "runs %u", h[0]);
+  cr_assert_eq(h[1], 0u, "starts[0] %u", h[1]);
+  cudaFree(d);
+}
+
 #ifdef PEER_CUDA_EMULATED
 /* ------------------------------------------------- the emulator's own rules */
 
@@ -2209,6 +2324,7 @@ Test(emu, steady_loop_never_syncs_or_allocates) {
   cr_assert_eq(peer_context_create(&ctx, p.gpu, T), PEER_OK, "%s", peer_last_error());
   cudaStream_t st;
   cr_assert_eq(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  cr_assert_eq(peer_cuda_set_chunks(p.gpu, 3), PEER_OK); /* the forward's pipeline too */
   cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess); /* dev_step_new's copies */
   peer_emu_counts before, after;
   for (int pass = 0; pass < 2; pass++) {
