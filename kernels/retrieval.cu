@@ -91,13 +91,21 @@ extern "C" peer_status peer_k_bias_norm(float *q, int64_t T, int64_t dq, const f
  * so keys differ and the order is total; 0, below every key, marks an
  * empty place. */
 
-/* keys[0, p) in descending order, p a power of two: a bitonic network whose
- * compare-exchanges are spread over the warp's lanes, a __syncwarp after
- * each stage (the first one publishes the callers' writes). */
+/* keys[0, p) in descending order, p a power of two: a bitonic network.
+ * Stages whose partners are 32 or more apart go through shared memory,
+ * compare-exchanges spread over the lanes, a __syncwarp after each; the
+ * stages under 32 apart that follow them run in registers, 32 keys at a
+ * time (lane l holds key base + l, its partner is lane l ^ j's), then one
+ * __syncwarp.  So every shared-memory access of the sort reads or writes
+ * 32 keys at consecutive or 32-aligned places: two wavefronts, no bank
+ * conflict (pairs under 16 apart through shared memory hit 8 of the 16
+ * eight-byte bank pairs, four wavefronts).  The first __syncwarp publishes
+ * the callers' writes. */
 static __device__ void warp_sort_desc(uint64_t *keys, int p, int lane) {
   __syncwarp();
-  for (int k = 2; k <= p; k <<= 1)
-    for (int j = k >> 1; j > 0; j >>= 1) {
+  for (int k = 2; k <= p; k <<= 1) {
+    int j = k >> 1;
+    for (; j >= 32; j >>= 1) {
       for (int t = lane; t < p >> 1; t += 32) {
         const int i = (t & ~(j - 1)) << 1 | (t & (j - 1)), l = i + j;
         const uint64_t a = keys[i], b = keys[l];
@@ -108,6 +116,18 @@ static __device__ void warp_sort_desc(uint64_t *keys, int p, int lane) {
       }
       __syncwarp();
     }
+    for (int base = 0; base < p; base += 32) { /* p < 32: lanes from p pair among themselves */
+      const int x = base + lane;
+      uint64_t v = x < p ? keys[x] : 0;
+      for (int h = j; h > 0; h >>= 1) {
+        const uint64_t o = __shfl_xor_sync(PEER_FULL_MASK, v, h);
+        const bool desc = !(x & k), lower = !(x & h); /* bit k of x is bit k of the pair's i */
+        if (lower ? (v < o) == desc : (o < v) == desc) v = o;
+      }
+      if (x < p) keys[x] = v;
+    }
+    __syncwarp();
+  }
   PEER_K_COUNT(topk_sorted, lane == 0 ? p : 0);
 }
 
