@@ -470,22 +470,30 @@ class Grads:
         return {k: v for k, v in names.items() if v is not None}
 
 
+def optim_config(kind="adam", expert_kind="adam", **hyper):
+    """A peer_optim_config: the library's defaults, kind / expert_kind "sgd"
+    or "adam", hyperparameters as its fields (lr, momentum, beta1, beta2, eps,
+    weight_decay, expert_lr)."""
+    cfg = lib.peer_optim_config_default()
+    for name, value in (("kind", kind), ("expert_kind", expert_kind)):
+        if value not in OPTIM_KINDS:
+            raise ValueError(f"Optimizer: {name} {value!r} is not one of "
+                             f"{', '.join(repr(k) for k in OPTIM_KINDS)}")
+    cfg.kind, cfg.expert_kind = OPTIM_KINDS[kind], OPTIM_KINDS[expert_kind]
+    for key, value in hyper.items():
+        if key not in ("lr", "momentum", "beta1", "beta2", "eps", "weight_decay", "expert_lr"):
+            raise TypeError(f"Optimizer: unknown hyperparameter {key!r}")
+        setattr(cfg, key, float(value))
+    return cfg
+
+
 class Optimizer:
     """peer_optimizer: updates a layer's parameters in place from Grads.
     kind / expert_kind: "sgd" or "adam"; other keywords as peer_optim_config
     (lr, momentum, beta1, beta2, eps, weight_decay, expert_lr)."""
 
     def __init__(self, layer, *, kind="adam", expert_kind="adam", **hyper):
-        cfg = lib.peer_optim_config_default()
-        for name, value in (("kind", kind), ("expert_kind", expert_kind)):
-            if value not in OPTIM_KINDS:
-                raise ValueError(f"Optimizer: {name} {value!r} is not one of "
-                                 f"{', '.join(repr(k) for k in OPTIM_KINDS)}")
-        cfg.kind, cfg.expert_kind = OPTIM_KINDS[kind], OPTIM_KINDS[expert_kind]
-        for key, value in hyper.items():
-            if key not in ("lr", "momentum", "beta1", "beta2", "eps", "weight_decay", "expert_lr"):
-                raise TypeError(f"Optimizer: unknown hyperparameter {key!r}")
-            setattr(cfg, key, float(value))
+        cfg = optim_config(kind, expert_kind, **hyper)
         h = ctypes.c_void_p()
         with layer._lock:
             check(lib.peer_optimizer_create(ctypes.byref(h), layer.handle, ctypes.byref(cfg)))

@@ -37,6 +37,7 @@ expert tables as bf16 (compute stays f32), .float() back as f32; other dtypes
 are refused when .to() is called.
 """
 
+import contextlib
 import ctypes
 import itertools
 import threading
@@ -101,6 +102,15 @@ class _Host:
         """A tensor over memory at ptr that keeps `owner` alive."""
         return torch.from_numpy(np.asarray(core._View(ptr, shape, dtype, owner)))
 
+    @staticmethod
+    def operand(t):
+        """t, contiguous, as the library reads it (host memory)."""
+        return t.contiguous()
+
+    @staticmethod
+    def on_stream(stream):
+        return contextlib.nullcontext()
+
 
 class _TorchCuda:
     """Buffers and stream of the CUDA path: torch's caching allocator and
@@ -116,6 +126,28 @@ class _TorchCuda:
     def wrap(self, ptr, shape, dtype, owner):
         return torch.as_tensor(_CudaView(ptr, shape, dtype, owner), device=self.device)
 
+    def operand(self, t):
+        """t, contiguous, where the library reads it: refused unless on this
+        device (torch made it there: an input, autograd's dy, a gradient)."""
+        if t.device != torch.device(self.device):
+            raise RuntimeError(f"peerlayer: a tensor on {t.device} where the layer on "
+                               f"{self.device} reads device memory")
+        return t.contiguous()
+
+    def on_stream(self, stream):
+        """A context in which `stream` (a cudaStream_t the library hands a
+        callback; 0 or None: the legacy default stream) is torch's current
+        stream on this device, so that torch work there (a collective of
+        torch.distributed, which NCCL runs on a stream of its own ordered
+        after the current one and before what follows on it) is ordered
+        with the library's."""
+        ptr = stream or 0
+        if ptr == torch.cuda.current_stream(self.device).cuda_stream:
+            return contextlib.nullcontext()
+        s = (torch.cuda.default_stream(self.device) if ptr == 0 else
+             torch.cuda.ExternalStream(ptr, device=self.device))
+        return torch.cuda.stream(s)
+
 
 _HOST = _Host()
 
@@ -125,7 +157,7 @@ def _wrap(layer, name, device):
     if layer.backend == "cpu":
         t = torch.from_numpy(layer.params[name])
     else:
-        t = torch.as_tensor(_CudaView(ptr, shape, dt, layer), device=device)
+        t = _TorchCuda(device).wrap(ptr, shape, dt, layer)
     if dt == np.uint16:  # bf16 expert table: same bits, torch's bfloat16
         t = t.view(torch.bfloat16)
     return t
@@ -210,7 +242,7 @@ class _CudaState:
             else:
                 n_tokens = self._most
         del smaller
-        return core.Context(self.layer, n_tokens)
+        return self.layer.context(n_tokens)
 
     def give_back(self, ctx):
         with self._lock:
@@ -420,32 +452,52 @@ def _cuda_backward(key, context, x, dy, dense_experts, dev):
     saved = _Saved.find(context)
     if saved.used:
         saved.redo_forward(dev)
-    c = layer.config
-    t, d, n = x.shape[0], c["d_model"], layer.n_experts
-    cap = t * c["n_heads"] * c["top_k"]
-    g = _lib.peer_grads()
-    dense = []
-    for name in _trainable_names(layer):
-        if name in _GRAD_FIELD:
-            buf = dev.empty(layer.tensors[name][1], torch.float32)
-            setattr(g, _GRAD_FIELD[name], buf.data_ptr())
-            dense.append(buf)
-    rows = dev.empty((max(cap, 1),), torch.int64)
-    shape = (n, d) if dense_experts else (max(cap, 1), d)
-    down, up = dev.empty(shape, torch.float32), dev.empty(shape, torch.float32)
-    listed = n if dense_experts else min(cap, n)  # no more distinct rows than that
-    down[:listed].zero_()  # dense: backward adds; sparse: the rows past the count
-    up[:listed].zero_()
-    count = dev.empty((1,), torch.int64)
-    g.experts_dense, g.expert_capacity = int(dense_experts), cap
-    g.expert_rows, g.experts_down, g.experts_up = rows.data_ptr(), down.data_ptr(), up.data_ptr()
-    dx = dev.empty((t, d), torch.float32)
+    g = _CudaGrads(layer, x.shape[0], dense_experts, dev, layer.config["d_model"])
+    dx = dev.empty(x.shape, torch.float32)
     layer._call(lib.peer_cuda_backward, saved.ctx.handle, dy.data_ptr(), dx.data_ptr(),
-                ctypes.byref(g), count.data_ptr(), dev.stream)
+                ctypes.byref(g.s), g.count.data_ptr(), dev.stream)
     saved.used = True
-    if dense_experts:
-        return dx, dense, rows[:0], down, up
-    return dx, dense, _pad_rows(rows[:listed], count), down[:listed], up[:listed]
+    return g.outputs(dx)
+
+
+class _CudaGrads:
+    """Device buffers (from dev) for a CUDA backward of t tokens and the
+    peer_grads over them (`s`): the layer's dense gradients, and expert
+    gradient rows `width` wide (d, or a shard's d/P columns): [T*H*k] sparse
+    rows or, dense_experts, [N] rows that the backward adds into (zeroed);
+    `count` receives the row count on the device."""
+
+    def __init__(self, layer, t, dense_experts, dev, width):
+        c = layer.config
+        n, cap = layer.n_experts, t * c["n_heads"] * c["top_k"]
+        s = _lib.peer_grads()
+        self.dense = []
+        for name in _trainable_names(layer):
+            if name in _GRAD_FIELD:
+                buf = dev.empty(layer.tensors[name][1], torch.float32)
+                setattr(s, _GRAD_FIELD[name], buf.data_ptr())
+                self.dense.append(buf)
+        self.rows = dev.empty((max(cap, 1),), torch.int64)
+        shape = (n, width) if dense_experts else (max(cap, 1), width)
+        self.down, self.up = dev.empty(shape, torch.float32), dev.empty(shape, torch.float32)
+        # no more distinct rows than that
+        self.listed = n if dense_experts else min(cap, n)
+        self.down[:self.listed].zero_()  # dense: backward adds; sparse: the rows past the count
+        self.up[:self.listed].zero_()
+        self.count = dev.empty((1,), torch.int64)
+        s.experts_dense, s.expert_capacity = int(dense_experts), cap
+        s.expert_rows, s.experts_down, s.experts_up = (self.rows.data_ptr(), self.down.data_ptr(),
+                                                       self.up.data_ptr())
+        self.s, self.dense_experts = s, dense_experts
+
+    def outputs(self, dx):
+        """(dx, dense gradients in the layer's order, expert rows, down, up) as
+        the backward op returns them (sparse rows padded: _pad_rows)."""
+        if self.dense_experts:
+            return dx, self.dense, self.rows[:0], self.down, self.up
+        listed = self.listed
+        return (dx, self.dense, _pad_rows(self.rows[:listed], self.count), self.down[:listed],
+                self.up[:listed])
 
 
 def _pad_rows(rows, count):
@@ -581,21 +633,22 @@ class LayerOptimizer:
             raise RuntimeError("peerlayer.LayerOptimizer: the module was moved (.to()) since "
                                "this optimizer was made; make a new one")
         grads = {name: p.grad for name, (_, _, p) in zip(m._trainable, m._own)}
-        g, keep = _layer_grads(m.layer, grads)
-        stream = _TorchCuda(m.experts.down.device).stream if m._cuda else None
-        self.optimizer.step_pointers(g, stream)
+        dev = _TorchCuda(m.experts.down.device) if m._cuda else _HOST
+        g, keep = _layer_grads(m.layer, grads, dev)
+        self.optimizer.step_pointers(g, dev.stream)
         del keep  # the step has read them (CPU) or is queued on the stream (CUDA)
 
 
-def _layer_grads(layer, grads):
-    """A peer_grads over torch gradients (name -> tensor or None), and the
-    tensors it points to (converted ones included: keep them alive)."""
+def _layer_grads(layer, grads, dev=_HOST):
+    """A peer_grads over torch gradients (name -> tensor or None) where the
+    library reads them (dev.operand), and the tensors it points to
+    (converted ones included: keep them alive)."""
     g = _lib.peer_grads()
     keep = []
     for name, field in _GRAD_FIELD.items():
         t = grads.get(name)
         if t is not None:
-            t = t.to_dense().float().contiguous()
+            t = dev.operand(t.to_dense().float())
             setattr(g, field, t.data_ptr())
             keep.append(t)
     down, up = (grads.get(n) for n in _EXPERTS)
@@ -614,7 +667,7 @@ def _layer_grads(layer, grads):
             rows = torch.arange(layer.n_experts, device=down.device)
             down, up = down.to_dense(), up.to_dense()
             g.experts_dense = 1
-        down, up = down.float().contiguous(), up.float().contiguous()
+        rows, down, up = dev.operand(rows), dev.operand(down.float()), dev.operand(up.float())
         g.expert_capacity = g.n_expert_rows = rows.numel()
         g.expert_rows, g.experts_down, g.experts_up = (rows.data_ptr(), down.data_ptr(),
                                                        up.data_ptr())
@@ -758,9 +811,9 @@ class PEER(nn.Module):
         if x.shape[-1] != d:
             raise ValueError(f"peerlayer.PEER: input's last dimension is {x.shape[-1]}, "
                              f"d_model is {d}")
-        if x.is_cuda != self._cuda:
+        if x.device.type != self.experts.down.device.type:
             raise RuntimeError(f"peerlayer.PEER: input on {x.device}, layer on "
-                               f"{'cuda' if self._cuda else 'cpu'}; move one of them "
+                               f"{self.experts.down.device.type}; move one of them "
                                "(module.to(device) rebuilds the layer there)")
         params = self._params()
         lead, dtype = x.shape[:-1], x.dtype
@@ -777,11 +830,14 @@ class PEER(nn.Module):
             # Training-mode batch norm updates the running statistics, as torch's does.
             y = self._forward_train(x2, params)
         else:
-            y = torch.ops.peerlayer.forward(self._key, x2, params)
+            y = self._forward_infer(x2, params)
         y = y.reshape(*lead, d).to(dtype)
         if self.dropout and self.training:
             y = nn.functional.dropout(y, self.dropout, training=True)
         return y
+
+    def _forward_infer(self, x2, params):
+        return torch.ops.peerlayer.forward(self._key, x2, params)
 
     def _forward_train(self, x2, params):
         buffers = [getattr(owner, attr) for owner, attr in self._running]

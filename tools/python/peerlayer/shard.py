@@ -1,20 +1,26 @@
 """A sharded PEER layer over torch.distributed (README "Sharding").
 
-The C library's sharded layer (peer.h, peer_shard_*) splits the expert tables
-by columns over the ranks of a process group: rank r holds columns
-[r*d/P, (r+1)*d/P) of experts.down and experts.up; retrieval is replicated.
-Its communicator (peer_comm) is built here from a torch.distributed process
-group: the library's all-reduce and all-gather call back into Python and run
-dist.all_reduce / dist.all_gather on tensors over the library's own buffers
-(gloo on CPU).  Every call that communicates is collective: every rank of the
-group makes it with the same x (and dy).
+The C library's sharded layers split the expert tables by columns over the
+ranks of a process group: rank r holds columns [r*d/P, (r+1)*d/P) of
+experts.down and experts.up; retrieval is replicated.  Their communicator is
+built here from a torch.distributed process group: the library's all-reduce
+and all-gather call back into Python and run dist.all_reduce /
+dist.all_gather_into_tensor on tensors over the library's own buffers.  On
+the CPU backend (peer.h, peer_shard_*: a peer_comm) those are host memory
+(gloo); on the CUDA backend (peer_cuda.h, peer_cuda_shard_*: a
+peer_cuda_comm) they are device memory, and each collective runs with the
+stream the library names (torch's current stream, where the module queues
+its calls) made torch's current stream, so NCCL, which torch runs on a
+stream of its own ordered after the current one, is ordered with the
+library's kernels.  Every call that communicates is collective: every rank
+of the group makes it with the same x (and dy).
 
 Two levels.  ShardedPEER, what peerlayer.nn.PEER(..., process_group=pg)
-returns, is the torch module: parameters are views of this rank's shard
-(its [N, d/P] expert columns, the replicated rest in full), autograd runs the
-shard's collective training forward and backward, expert gradients are
-sparse rows (or dense) as nn.PEER's, state_dict is per rank.  Below it, the
-numpy-level layer:
+returns (device="cuda" for the CUDA backend), is the torch module:
+parameters are views of this rank's shard (its [N, d/P] expert columns, the
+replicated rest in full), autograd runs the shard's collective training
+forward and backward, expert gradients are sparse rows (or dense) as
+nn.PEER's, state_dict is per rank.  Below it, the numpy-level CPU layer:
 
     dist.init_process_group("gloo", ...)
     layer = ShardedLayer(d_model=512, seed=0)          # process_group=None: WORLD
@@ -26,8 +32,8 @@ numpy-level layer:
     opt.step(grads)
     layer.save(f"shard-{rank}.safetensors", opt)       # peer_shard_save
 
-The CUDA backend and NCCL are not supported (the C library shards CPU layers
-only).
+and CudaShardedLayer, the CUDA one on torch tensors (forward, retrieve,
+train_forward, train_backward, check; CudaShardedOptimizer; the same files).
 """
 
 import ctypes
@@ -37,19 +43,29 @@ import torch
 import torch.distributed as dist
 
 from . import _lib
+from . import nn as _nn
 from .core import (_NP_DTYPE, Grads, _config_dict, _config_struct, _input, _options, _output,
-                   _ptr, _View, check, lib)
-from .nn import _EXPERTS, _SLOTS, PEER, LayerOptimizer
+                   _ptr, _View, check, lib, optim_config)
+from .nn import _EXPERTS, PEER, LayerOptimizer
 
-_ALLREDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
-                              ctypes.c_int64)
+_ALLREDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 _ALLGATHER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_size_t)
+# peer_cuda.h's: the same, on device pointers, with the stream to queue on
+_CUDA_ALLREDUCE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_void_p)
+_CUDA_ALLGATHER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 
 
 class peer_comm(ctypes.Structure):
     _fields_ = [("handle", ctypes.c_void_p), ("rank", ctypes.c_int), ("world", ctypes.c_int),
                 ("allreduce_sum", _ALLREDUCE), ("allgather", _ALLGATHER)]
+
+
+class peer_cuda_comm(ctypes.Structure):
+    _fields_ = [("handle", ctypes.c_void_p), ("rank", ctypes.c_int), ("world", ctypes.c_int),
+                ("allreduce_sum", _CUDA_ALLREDUCE), ("allgather", _CUDA_ALLGATHER)]
 
 
 _vp, _i64 = ctypes.c_void_p, ctypes.c_int64
@@ -90,47 +106,85 @@ def merge(paths, out_path):
     check(lib.peer_shard_merge(arr, len(paths), str(out_path).encode()))
 
 
-for _name, (_res, _args) in _PROTOS.items():
-    _fn = getattr(lib, _name)
-    _fn.restype, _fn.argtypes = _res, _args
+# peer_cuda.h "sharding": present in libraries built with the CUDA backend
+_CUDA_PROTOS = {
+    "peer_cuda_shard_create": (ctypes.c_int, [ctypes.POINTER(_vp), _vp, _vp,
+                                              ctypes.POINTER(peer_cuda_comm)]),
+    "peer_cuda_shard_free": (None, [_vp]),
+    "peer_cuda_shard_init": (ctypes.c_int, [_vp, ctypes.c_uint64]),
+    "peer_cuda_shard_columns": (None, [_vp, ctypes.POINTER(_i64), ctypes.POINTER(_i64)]),
+    "peer_cuda_shard_n_params": (ctypes.c_int, [_vp]),
+    "peer_cuda_shard_param": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_lib.peer_tensor)]),
+    "peer_cuda_shard_forward": (ctypes.c_int, [_vp, _i64, _vp, _vp, _vp, _vp, _vp]),
+    "peer_cuda_shard_retrieve": (ctypes.c_int, [_vp, _i64, _vp, _vp, _vp, _vp, _vp]),
+    "peer_cuda_shard_check": (ctypes.c_int, [_vp, _vp]),
+    "peer_cuda_shard_context_create": (ctypes.c_int, [ctypes.POINTER(_vp), _vp, _i64]),
+    "peer_cuda_shard_forward_train": (ctypes.c_int, [_vp, _vp, _i64, _vp, _vp, _vp]),
+    "peer_cuda_shard_backward": (ctypes.c_int, [_vp, _vp, _vp, _vp,
+                                                ctypes.POINTER(_lib.peer_grads), _vp, _vp]),
+    "peer_cuda_shard_optimizer_create": (ctypes.c_int, [ctypes.POINTER(_vp), _vp,
+                                                        ctypes.POINTER(_lib.peer_optim_config)]),
+    "peer_cuda_shard_save": (ctypes.c_int, [_vp, _vp, ctypes.c_char_p]),
+    "peer_cuda_shard_load": (ctypes.c_int, [_vp, _vp, ctypes.c_char_p]),
+    "peer_cuda_shard_load_full": (ctypes.c_int, [_vp, _vp, ctypes.c_char_p]),
+}
+HAS_CUDA = lib.has_cuda and hasattr(lib, "peer_cuda_shard_create")
+for _name, (_res, _args) in {**_PROTOS, **(_CUDA_PROTOS if HAS_CUDA else {})}.items():
+    if _name in _PROTOS or hasattr(lib, _name):  # a library older than training lacks some
+        _fn = getattr(lib, _name)
+        _fn.restype, _fn.argtypes = _res, _args
 
 
 class _TorchComm:
-    """A peer_comm over a torch.distributed process group.  The callbacks
-    keep any Python exception for the caller, and return nonzero."""
+    """A communicator over a torch.distributed process group: a peer_comm on
+    host buffers (device None), or a peer_cuda_comm on `device`'s memory whose
+    collectives run with the stream the library names as torch's current
+    stream (NCCL: torch queues the collective after the work on that stream
+    and the work queued there next after the collective).  The library's
+    buffers are wrapped as tensors, not copied: dist.all_reduce sums in
+    place, dist.all_gather_into_tensor writes the receive buffer.  The
+    callbacks keep any Python exception for the caller, and return nonzero."""
 
-    def __init__(self, group):
-        self.group = group
+    def __init__(self, group, device=None):
+        self.group, self.device = group, device
         self.error = None
-        self._reduce = _ALLREDUCE(self._allreduce)
-        self._gather = _ALLGATHER(self._allgather)
-        self.c = peer_comm(None, dist.get_rank(group), dist.get_world_size(group),
-                           self._reduce, self._gather)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        reduce_t, gather_t, comm_t = ((_ALLREDUCE, _ALLGATHER, peer_comm) if device is None else
+                                      (_CUDA_ALLREDUCE, _CUDA_ALLGATHER, peer_cuda_comm))
+        self._reduce, self._gather = reduce_t(self._allreduce), gather_t(self._allgather)
+        self.c = comm_t(None, rank, world, self._reduce, self._gather)
 
-    def _allreduce(self, _handle, data, count):
+    def dev(self):
+        """The buffers and views of this communicator's memory (nn._HOST, or
+        nn._TorchCuda on its device)."""
+        return _nn._HOST if self.device is None else _nn._TorchCuda(self.device)
+
+    @staticmethod
+    def _view(dev, ptr, n, dtype):
+        t = dev.wrap(ptr, (n,), dtype, None)
+        if n and t.data_ptr() != ptr:  # a copy would leave the library's buffer as it was
+            raise RuntimeError("peerlayer.shard: torch copied a buffer it was to wrap")
+        return t
+
+    def _collective(self, stream, run):
         try:
-            buf = np.ctypeslib.as_array(data, shape=(count,))
-            dist.all_reduce(torch.from_numpy(buf), op=dist.ReduceOp.SUM, group=self.group)
+            dev = self.dev()
+            with dev.on_stream(stream):
+                run(dev)
             return 0
         except BaseException as e:  # noqa: BLE001 (reported by the caller)
             self.error = e
             return 1
 
-    def _allgather(self, _handle, send, recv, nbytes):
-        try:
-            world = self.c.world
-            src = np.ctypeslib.as_array(ctypes.cast(send, ctypes.POINTER(ctypes.c_uint8)),
-                                        shape=(nbytes,))
-            dst = np.ctypeslib.as_array(ctypes.cast(recv, ctypes.POINTER(ctypes.c_uint8)),
-                                        shape=(world * nbytes,))
-            parts = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(world)]
-            dist.all_gather(parts, torch.from_numpy(src.copy()), group=self.group)
-            for r, p in enumerate(parts):
-                dst[r * nbytes:(r + 1) * nbytes] = p.numpy()
-            return 0
-        except BaseException as e:  # noqa: BLE001
-            self.error = e
-            return 1
+    def _allreduce(self, _handle, data, count, stream=None):
+        return self._collective(stream, lambda dev: dist.all_reduce(
+            self._view(dev, data, count, np.float32), op=dist.ReduceOp.SUM, group=self.group))
+
+    def _allgather(self, _handle, send, recv, nbytes, stream=None):
+        world = self.c.world
+        return self._collective(stream, lambda dev: dist.all_gather_into_tensor(
+            self._view(dev, recv, world * nbytes, np.uint8),
+            self._view(dev, send, nbytes, np.uint8), group=self.group))
 
     def check(self, status):
         """check(status), raising the callback's own exception first."""
@@ -142,27 +196,30 @@ class _TorchComm:
 
 class _ShardHandle:
     """Owns a C shard (and the communicator it calls) until the layer and
-    every numpy view of its parameters have let go."""
+    every view of its parameters have let go; `free` is its backend's
+    peer_shard_free or peer_cuda_shard_free."""
 
-    def __init__(self, h, comm):
-        self.h, self.comm = h, comm
+    def __init__(self, h, comm, free):
+        self.h, self.comm, self.free = h, comm, free
 
     def __del__(self):
         if getattr(self, "h", None):
-            lib.peer_shard_free(self.h)
+            self.free(self.h)
             self.h = None
 
 
-def _common_seed(seed, group, what, *, draw):
-    """The seed every rank of `group` uses.  Collective.  An int given alike on
-    every rank is used; None on every rank gives None, or with draw=True rank
-    0's draw from torch's default generator.  Anything else is refused on
-    every rank alike: the replicated parameters would differ between ranks."""
+def _common_seed(seed, group, what, *, draw, dev=_nn._HOST):
+    """The seed every rank of `group` uses.  Collective (on tensors from
+    `dev`: CUDA ones for NCCL).  An int given alike on every rank is used;
+    None on every rank gives None, or with draw=True rank 0's draw from
+    torch's default generator.  Anything else is refused on every rank alike:
+    the replicated parameters would differ between ranks."""
     given = seed is not None
     value = int(seed) % 2**64 if given else \
         int(torch.randint(0, 2**62, (1,)).item()) if draw else 0
-    mine = torch.tensor([int(given), value >> 32, value & 0xFFFFFFFF], dtype=torch.int64)
-    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    mine = dev.empty((3,), torch.int64)
+    mine.copy_(torch.tensor([int(given), value >> 32, value & 0xFFFFFFFF], dtype=torch.int64))
+    rows = [dev.empty((3,), torch.int64) for _ in range(dist.get_world_size(group))]
     dist.all_gather(rows, mine, group=group)
     rows = [r.tolist() for r in rows]
     if not any(r[0] for r in rows):
@@ -176,59 +233,94 @@ def _common_seed(seed, group, what, *, draw):
     return value
 
 
-class ShardedLayer:
-    """This rank's shard of a PEER layer (config as peerlayer.Layer: a
-    "key=value" string, a dict or keywords).  Collective to create: refused
-    on every rank alike when d_model is not divisible by the group's size or
-    the ranks' configs or seeds differ.  `params` and `tensors` are as
-    peerlayer.Layer's, with experts.* as this rank's [N, d/P] columns."""
+class _Shard:
+    """What the two backends' shards share: collective creation (refused on
+    every rank alike when d_model is not divisible by the group's size or
+    the ranks' configs or seeds differ), parameters, init, contexts, files.
+    `tensors` is as peerlayer.Layer's, with experts.* as this rank's [N, d/P]
+    columns."""
 
-    backend = "cpu"
+    _api = None  # the C library's calls for this backend: peer_shard_, peer_cuda_shard_
 
     def __init__(self, config=None, *, seed=0, threads=0, process_group=None, **overrides):
         self.group = process_group if process_group is not None else dist.group.WORLD
         cfg = _config_struct(config, **overrides)
         self.config = _config_dict(cfg)
         self.n_experts = self.config["n_subkeys"] ** 2
-        self.comm = _TorchComm(self.group)
-        opt = _options("cpu", threads, 0)
+        self.comm = _TorchComm(self.group, self.device)
+        opt = _options(self.backend, threads, 0 if self.device is None else self.device.index)
         h = ctypes.c_void_p()
-        self.comm.check(lib.peer_shard_create(ctypes.byref(h), ctypes.byref(cfg),
-                                              ctypes.byref(opt), ctypes.byref(self.comm.c)))
+        self.comm.check(self._fn("create")(ctypes.byref(h), ctypes.byref(cfg), ctypes.byref(opt),
+                                           ctypes.byref(self.comm.c)))
         self._h = h
-        self._owner = _ShardHandle(h, self.comm)
+        self._owner = _ShardHandle(h, self.comm, self._fn("free"))
         c0, cols = _i64(), _i64()
-        lib.peer_shard_columns(h, ctypes.byref(c0), ctypes.byref(cols))
+        self._fn("columns")(h, ctypes.byref(c0), ctypes.byref(cols))
         self.col0, self.cols = c0.value, cols.value
         self.rank, self.world = self.comm.c.rank, self.comm.c.world
         self.tensors = {}  # name -> (pointer, shape, numpy dtype), as Layer.tensors
-        for i in range(lib.peer_shard_n_params(h)):
+        for i in range(self._fn("n_params")(h)):
             t = _lib.peer_tensor()
-            check(lib.peer_shard_param(h, i, ctypes.byref(t)))
+            check(self._fn("param")(h, i, ctypes.byref(t)))
             self.tensors[t.name.decode()] = (t.data, tuple(t.shape[: t.ndim]), _NP_DTYPE[t.dtype])
-        # numpy views of the shard's memory; each keeps the shard alive
-        self.params = {name: np.asarray(_View(ptr, shape, dt, self._owner))
-                       for name, (ptr, shape, dt) in self.tensors.items()}
-        seed = _common_seed(seed, self.group, "ShardedLayer", draw=False)
+        # numpy views of the shard's memory (host shards); each keeps the shard alive
+        self.params = {} if self.backend != "cpu" else {
+            name: np.asarray(_View(ptr, shape, dt, self._owner))
+            for name, (ptr, shape, dt) in self.tensors.items()}
+        seed = _common_seed(seed, self.group, "ShardedLayer", draw=False, dev=self.comm.dev())
         if seed is not None:
             self.init(seed)
+
+    def _fn(self, name):
+        return getattr(lib, self._api + name)
 
     def init(self, seed):
         """Local: this rank's part of peer_layer_init(seed) (the same seed on
         every rank, or the replicated parameters differ)."""
-        check(lib.peer_shard_init(self._h, ctypes.c_uint64(int(seed))))
+        check(self._fn("init")(self._h, ctypes.c_uint64(int(seed))))
 
     @property
     def n_parameters(self):
         """As peer_layer_n_parameters, for what this rank holds: the
         replicated tensors and its expert columns."""
-        return sum(a.size for a in self.params.values())
+        return sum(int(np.prod(shape)) for _, shape, _ in self.tensors.values())
 
     @property
     def n_active_parameters(self):
         """As peer_layer_n_active_parameters, for this rank's columns."""
         c = self.config
         return self.n_parameters + 2 * (c["n_heads"] * c["top_k"] - self.n_experts) * self.cols
+
+    def context(self, max_tokens):
+        return ShardedContext(self, max_tokens)
+
+    def save(self, path, optimizer=None):
+        """This rank's shard file (with the optimizer's state and step)."""
+        check(self._fn("save")(self._h, optimizer._h if optimizer else None,
+                               str(path).encode()))
+
+    def load(self, path, optimizer=None):
+        check(self._fn("load")(self._h, optimizer._h if optimizer else None,
+                               str(path).encode()))
+
+    def load_full(self, path, optimizer=None):
+        """An unsharded weight file or checkpoint: the replicated tensors and
+        this rank's columns (with the optimizer's state and step)."""
+        check(self._fn("load_full")(self._h, optimizer._h if optimizer else None,
+                                    str(path).encode()))
+
+
+
+
+class ShardedLayer(_Shard):
+    """This rank's shard of a PEER layer on the CPU backend (config as
+    peerlayer.Layer: a "key=value" string, a dict or keywords; collective to
+    create).  `params` and `tensors` are as peerlayer.Layer's, with experts.*
+    as this rank's [N, d/P] columns."""
+
+    backend = "cpu"
+    device = None  # host memory
+    _api = "peer_shard_"
 
     def _x(self, x):
         x = _input(x, np.float32, None, "x")
@@ -246,9 +338,6 @@ class ShardedLayer:
         self.comm.check(lib.peer_shard_forward(self._h, x.shape[0], _ptr(x), _ptr(y), _ptr(ids),
                                                None))
         return (y, ids) if indices else y
-
-    def context(self, max_tokens):
-        return ShardedContext(self, max_tokens)
 
     def grads(self, max_tokens, *, experts_dense=False):
         """Gradient buffers: dense ones in full, expert rows [R, d/P] (or,
@@ -276,24 +365,137 @@ class ShardedLayer:
         grads.n_expert_rows = int(grads._s.n_expert_rows)
         return dx, grads
 
-    def save(self, path, optimizer=None):
-        check(lib.peer_shard_save(self._h, optimizer._h if optimizer else None,
-                                  str(path).encode()))
+    # The torch module's training calls (ShardedPEER), on tensors; `dev` is
+    # nn._HOST here.
+    def train_forward(self, ctx, x, dev):
+        """y of forward_train(ctx, x), as a tensor."""
+        return torch.from_numpy(self.forward_train(ctx, x.detach().numpy()))
 
-    def load(self, path, optimizer=None):
-        check(lib.peer_shard_load(self._h, optimizer._h if optimizer else None,
-                                  str(path).encode()))
+    def train_backward(self, ctx, dy, dense_experts, dev):
+        """backward(ctx, dy) as tensors: (dx, dense gradients in the
+        parameters' order, expert rows, their down and up gradient rows)."""
+        grads = self.grads(ctx.max_tokens, experts_dense=dense_experts)
+        dx, grads = self.backward(ctx, dy.detach().contiguous().numpy(), grads)
+        dense = grads.dense()
+        return (torch.from_numpy(dx),
+                [torch.from_numpy(dense[n]) for n in _nn._trainable_names(self) if n in dense],
+                *(torch.from_numpy(a) for a in (grads.expert_rows, grads.experts_down,
+                                                grads.experts_up)))
 
-    def load_full(self, path):
-        """An unsharded weight file: the replicated tensors and this rank's columns."""
-        check(lib.peer_shard_load_full(self._h, None, str(path).encode()))
+    def optimizer(self, **settings):
+        """The library's optimizer of this shard (ShardedOptimizer)."""
+        return ShardedOptimizer(self, **settings)
+
+def _cuda_device(device):
+    """torch.device("cuda", i) for "cuda[:i]", an index or None (torch's
+    current device; 0 where torch sees no GPU: the emulated library)."""
+    device = torch.device("cuda") if device is None else \
+        torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"peerlayer.shard: device {device} is not a CUDA device")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device()
+                              if torch.cuda.is_available() else 0)
+    return device
+
+
+class CudaShardedLayer(_Shard):
+    """This rank's shard of a CUDA layer (peer_cuda.h "sharding"), as
+    ShardedLayer, on `device` (this rank's GPU: "cuda:i", an index, or None
+    for torch's current device): parameters in device memory (`tensors`
+    holds device pointers; `params` is empty), collectives over the group on
+    that device's memory (NCCL).  The calls take tensors on the device and
+    `dev`, an nn._TorchCuda made for the call (torch's caching allocator and
+    current stream); they queue their work, collectives included, on
+    dev.stream and wait for nothing (check() waits and reports non-finite
+    values)."""
+
+    backend = "cuda"
+    _api = "peer_cuda_shard_"
+
+    def __init__(self, config=None, *, device=None, seed=0, process_group=None, **overrides):
+        if not HAS_CUDA:
+            raise RuntimeError(f"peerlayer.shard: {lib.path} was built without the CUDA backend "
+                               "(or its sharded layer): rebuild it with -DPEER_CUDA=ON")
+        self.device = _cuda_device(device)
+        super().__init__(config, seed=seed, threads=0, process_group=process_group, **overrides)
+
+    def _x(self, x, dev):
+        if x.dim() != 2 or x.shape[1] != self.config["d_model"] or x.dtype != torch.float32:
+            raise ValueError(f"x: shape {tuple(x.shape)} {x.dtype}, expected float32 "
+                             f"[T, {self.config['d_model']}]")
+        return dev.operand(x)
+
+    def _thk(self, x, dev, dtype):
+        return dev.empty((x.shape[0], self.config["n_heads"], self.config["top_k"]), dtype)
+
+    def forward(self, x, dev, *, indices=False):
+        """y [T, d] (gathered: the same on every rank); with indices=True,
+        (y, indices [T, H, k])."""
+        x = self._x(x, dev)
+        y = dev.empty(x.shape, torch.float32)
+        ids = self._thk(x, dev, torch.int64) if indices else None
+        self.comm.check(lib.peer_cuda_shard_forward(
+            self._h, x.shape[0], x.data_ptr(), y.data_ptr(),
+            None if ids is None else ids.data_ptr(), None, dev.stream))
+        return (y, ids) if indices else y
+
+    def retrieve(self, x, dev):
+        """Local: (indices [T, H, k], scores, gates), as Layer.retrieve."""
+        x = self._x(x, dev)
+        ids, scores, gates = (self._thk(x, dev, t) for t in
+                              (torch.int64, torch.float32, torch.float32))
+        check(lib.peer_cuda_shard_retrieve(self._h, x.shape[0], x.data_ptr(), ids.data_ptr(),
+                                           scores.data_ptr(), gates.data_ptr(), dev.stream))
+        return ids, scores, gates
+
+    def check(self, dev):
+        """Wait for dev.stream; PeerError for a non-finite value a call met
+        (peer_cuda_shard_check)."""
+        check(lib.peer_cuda_shard_check(self._h, dev.stream))
+
+    def optimizer(self, **settings):
+        """The library's optimizer of this shard (CudaShardedOptimizer)."""
+        return CudaShardedOptimizer(self, **settings)
+
+    def train_forward(self, ctx, x, dev):
+        """Collective: y [T, d] of the training forward (batch norm on the
+        batch's statistics, running ones updated); ctx keeps x (which must
+        not change until the backward) and what the backward needs."""
+        x = self._x(x.detach(), dev)
+        y = dev.empty(x.shape, torch.float32)
+        self.comm.check(lib.peer_cuda_shard_forward_train(self._h, ctx._h, x.shape[0],
+                                                          x.data_ptr(), y.data_ptr(), dev.stream))
+        ctx.x = x
+        return y
+
+    def train_backward(self, ctx, dy, dense_experts, dev):
+        """Collective: the backward of the last train_forward on ctx, into
+        buffers from dev: (dx, dense gradients in the parameters' order,
+        expert rows, down and up gradient rows [R, d/P]; R = min(T*H*k, N)
+        with the rows past the count padded as nn._pad_rows; or, dense_experts,
+        [N, d/P] tables)."""
+        if ctx.x is None:
+            raise ValueError("backward: ctx holds no forward_train")
+        dy = dev.operand(dy)
+        if dy.shape != ctx.x.shape:
+            raise ValueError(f"dy: shape {tuple(dy.shape)}, expected {tuple(ctx.x.shape)}")
+        g = _nn._CudaGrads(self, ctx.x.shape[0], dense_experts, dev, self.cols)
+        dx = dev.empty(dy.shape, torch.float32)
+        self.comm.check(lib.peer_cuda_shard_backward(self._h, ctx._h, dy.data_ptr(), dx.data_ptr(),
+                                                     ctypes.byref(g.s), g.count.data_ptr(),
+                                                     dev.stream))
+        return g.outputs(dx)
 
 
 class ShardedContext:
+    """A training context of a shard (peer_shard_context_create, or
+    peer_cuda_shard_context_create: device memory) for up to max_tokens."""
+
     def __init__(self, layer, max_tokens):
         self.layer, self.max_tokens, self.x = layer, int(max_tokens), None
         h = ctypes.c_void_p()
-        check(lib.peer_shard_context_create(ctypes.byref(h), layer._h, self.max_tokens))
+        check(layer._fn("context_create")(ctypes.byref(h), layer._h, self.max_tokens))
         self._h = h
 
     def __del__(self):
@@ -334,18 +536,12 @@ class ShardedGrads(Grads):
 
 class ShardedOptimizer:
     """peer_shard_optimizer: peerlayer.Optimizer's rules on a shard (local: no
-    communication)."""
+    communication); settings as peerlayer.Optimizer's."""
 
     def __init__(self, layer, *, kind="adam", expert_kind="adam", **hyper):
-        cfg = lib.peer_optim_config_default()
-        kinds = {"sgd": 0, "adam": 1}
-        cfg.kind, cfg.expert_kind = kinds[kind], kinds[expert_kind]
-        for k, v in hyper.items():
-            if not hasattr(cfg, k):
-                raise ValueError(f"optimizer: unknown hyperparameter {k!r}")
-            setattr(cfg, k, float(v))
+        cfg = optim_config(kind, expert_kind, **hyper)
         h = ctypes.c_void_p()
-        check(lib.peer_shard_optimizer_create(ctypes.byref(h), layer._h, ctypes.byref(cfg)))
+        check(layer._fn("optimizer_create")(ctypes.byref(h), layer._h, ctypes.byref(cfg)))
         self.layer, self._h = layer, h
 
     def step(self, grads):
@@ -371,75 +567,126 @@ class ShardedOptimizer:
             self._h = None
 
 
+class CudaShardedOptimizer(ShardedOptimizer):
+    """A CUDA shard's optimizer (peer_cuda_shard_optimizer_create: a
+    peer_optimizer whose state is device memory, [N, d/P] for the expert
+    tables), stepped on device gradients; local."""
+
+    def step(self, grads):
+        raise TypeError("CudaShardedOptimizer: step_pointers takes the device gradients")
+
+    def step_pointers(self, grads, stream=None):
+        """One step (peer_cuda_optimizer_step) from a _lib.peer_grads of
+        device pointers (expert rows [R, d/P], strictly ascending, R in
+        grads.n_expert_rows) that stay valid until the step has run on
+        `stream` (a cudaStream_t; None: the legacy default stream); queued,
+        not waited for."""
+        check(lib.peer_cuda_optimizer_step(self._h, ctypes.byref(grads), None, stream))
+
+    def set_lr(self, lr, expert_lr=0.0):
+        check(lib.peer_optimizer_set_lr(self._h, float(lr), float(expert_lr)))
+
+    @property
+    def step_count(self):
+        return int(lib.peer_optimizer_step_count(self._h))
+
+    def __del__(self):
+        if getattr(self, "_h", None):
+            lib.peer_optimizer_free(self._h)
+            self._h = None
+
+
 # ------------------------------------------------------------ the torch module
 
 class _TrainRun:
     """One collective training forward of a shard, kept for its backward: the
-    context and x (which the context points into)."""
+    context (from the module's pool on CUDA, _CudaState) and x (which the
+    context points into)."""
 
-    def __init__(self, layer, x):
-        self.layer, self.x = layer, x.detach().numpy()
-        self.ctx = layer.context(max(self.x.shape[0], 1))
-        self.y = layer.forward_train(self.ctx, self.x)
+    def __init__(self, module, x, dev):
+        layer = self.layer = module.layer
+        self.state = module._cuda_state
+        self.running = [getattr(owner, attr) for owner, attr in module._running]
+        n = max(x.shape[0], 1)
+        self.ctx = self.state.take(n) if self.state is not None else layer.context(n)
+        self.x = x.detach()
+        self.y = layer.train_forward(self.ctx, self.x, dev)
         self.used = False
 
-    def backward(self, dy, experts_dense):
-        """(dx, ShardedGrads).  A second backward of one forward
-        (retain_graph=True) runs the forward again on a fresh context, as the
-        library consumes one per backward; the running statistics that forward
-        would update again are put back."""
-        layer = self.layer
+    def backward(self, dy, experts_dense, dev):
+        """The layer's train_backward.  A second backward of one forward
+        (retain_graph=True) runs the forward again (on the CPU on a fresh
+        context), as the library consumes the forward with its backward; the
+        running statistics that forward would update again are put back."""
         if self.used:
-            running = {n: a.copy() for n, a in layer.params.items() if _SLOTS[n][2]}
-            self.ctx = layer.context(self.ctx.max_tokens)
+            before = [b.clone() for b in self.running]
+            if self.state is None:
+                self.ctx = self.layer.context(self.ctx.max_tokens)
             try:
-                layer.forward_train(self.ctx, self.x)
+                self.layer.train_forward(self.ctx, self.x, dev)
             finally:
-                for n, a in running.items():
-                    layer.params[n][...] = a
-        grads = layer.grads(self.ctx.max_tokens, experts_dense=experts_dense)
-        dx, grads = layer.backward(self.ctx, dy.detach().contiguous().numpy(), grads)
+                for b, value in zip(self.running, before):
+                    b.copy_(value)
+        out = self.layer.train_backward(self.ctx, dy, experts_dense, dev)
         self.used = True
-        return dx, grads
+        return out
+
+    def __del__(self):
+        if getattr(self, "state", None) is not None and getattr(self, "ctx", None) is not None:
+            self.state.give_back(self.ctx)
 
 
 class _ShardedTrain(torch.autograd.Function):
     """y = the shard's training forward of x; the backward is the shard's
-    (collective: every rank of the group runs it, as it runs the forward)."""
+    (collective: every rank of the group runs it, as it runs the forward).
+    On CUDA both run on torch's current stream when called (autograd runs a
+    backward on its forward's stream)."""
 
     @staticmethod
     def forward(ctx, module, x, *params):
-        ctx.run = _TrainRun(module.layer, x)
-        ctx.sparse = module.sparse_grads
-        ctx.slots = [(name, p.shape, p.dtype) for name, p in zip(module._trainable, params)]
-        return torch.from_numpy(ctx.run.y)
+        ctx.run = _TrainRun(module, x, module._dev())
+        ctx.module, ctx.params = module, params
+        return ctx.run.y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        dx, g = ctx.run.backward(dy, experts_dense=not ctx.sparse)
-        dense = g.dense()
-        experts = {"experts.down": g.experts_down, "experts.up": g.experts_up}
-        rows = torch.from_numpy(g.expert_rows).unsqueeze(0)
-        out = []
-        for name, shape, dtype in ctx.slots:
-            if name not in experts:
-                out.append(torch.from_numpy(dense[name]))
-                continue
-            t = torch.from_numpy(experts[name])
-            if ctx.sparse:
-                t = torch.sparse_coo_tensor(rows, t, shape, is_coalesced=True,
-                                            check_invariants=False)
-            out.append(t.to(dtype))
-        return (None, torch.from_numpy(dx), *out)
+        m = ctx.module
+        dx, dense, rows, down, up = ctx.run.backward(dy, not m.sparse_grads, m._dev())
+        dense, experts = iter(dense), {"experts.down": down, "experts.up": up}
+        out = [_nn._expert_grad(experts[name], rows, p, m.sparse_grads, padded=m._cuda)
+               if name in experts else next(dense) for name, p in zip(m._trainable, ctx.params)]
+        return (None, dx, *out)
 
 
 class _ShardedLayerOptimizer(LayerOptimizer):
-    """LayerOptimizer stepping a ShardedPEER with its ShardedOptimizer."""
+    """LayerOptimizer stepping a ShardedPEER with its shard's optimizer."""
 
     def __init__(self, module, **settings):  # noqa: D107 (LayerOptimizer's, another optimizer)
         self.module = module
-        self.optimizer = ShardedOptimizer(module.layer, **settings)
+        self.optimizer = module.layer.optimizer(**settings)
+
+
+def _shard_device(device):
+    """None for the CPU backend, the torch.device("cuda", i) of a CUDA shard
+    (refused, before anything collective, where the library has none)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        raise RuntimeError(f"peerlayer.PEER(process_group=...): no backend for device {device}; "
+                           "the sharded layer runs on the CPU (gloo) or CUDA (NCCL)")
+    if not HAS_CUDA:
+        raise RuntimeError(f"peerlayer.PEER(process_group=...): device {device}: {lib.path} "
+                           "was built without the CUDA backend (or its sharded layer): rebuild "
+                           "it with -DPEER_CUDA=ON")
+    return _cuda_device(device)
+
+
+def _sharded_layer(config, seed, threads, device, group, **overrides):
+    if device is None:
+        return ShardedLayer(config, seed=seed, threads=threads, process_group=group, **overrides)
+    return CudaShardedLayer(config, device=device, seed=seed, process_group=group, **overrides)
 
 
 class ShardedPEER(PEER):
@@ -455,8 +702,12 @@ class ShardedPEER(PEER):
     with sparse_grads=False); torch optimizers step each rank's parameters
     locally.  Creation is collective and refused on every rank alike when
     d_model is not divisible by P or the ranks' configs or seeds differ (seed
-    None: rank 0's draw from torch's generator, used by all).  CPU (gloo)
-    only.  state_dict() is this rank's (with an "_extra_state" entry naming
+    None: rank 0's draw from torch's generator, used by all).  device="cpu"
+    (gloo) or "cuda[:i]" (NCCL; "cuda": torch's current device, so call
+    torch.cuda.set_device first): on CUDA the calls run on torch's current
+    stream without waiting, as nn.PEER's (the inference forward checks, and
+    waits; check() does for training), and sparse expert gradients are
+    uncoalesced as nn.PEER's on CUDA.  state_dict() is this rank's (with an "_extra_state" entry naming
     the rank, world size and columns, checked on load); load_state_dict also
     takes an unsharded state_dict (nn.PEER's, or full_state_dict()'s) and
     keeps this rank's columns.  Dropout masks come from each rank's torch
@@ -465,16 +716,15 @@ class ShardedPEER(PEER):
 
     def __init__(self, config=None, *, process_group=None, seed=None, threads=0, device="cpu",
                  sparse_grads=True, dropout=0.0, layer=None, **overrides):
-        if torch.device(device).type != "cpu":
-            raise RuntimeError(f"peerlayer.PEER(process_group=...): device {device}: the "
-                               "sharded layer runs on the CPU backend only (gloo; the library "
-                               "has no NCCL adapter)")
         if layer is None:
             group = process_group if process_group is not None else dist.group.WORLD
-            seed = _common_seed(seed, group, "peerlayer.PEER(process_group=...)", draw=True)
-            layer = ShardedLayer(config, seed=seed, threads=threads, process_group=group,
-                                 **overrides)
-        super().__init__(layer=layer, sparse_grads=sparse_grads, dropout=dropout)
+            device = _shard_device(device)
+            dev = _nn._HOST if device is None else _nn._TorchCuda(device)
+            seed = _common_seed(seed, group, "peerlayer.PEER(process_group=...)", draw=True,
+                                dev=dev)
+            layer = _sharded_layer(config, seed, threads, device, group, **overrides)
+        super().__init__(layer=layer, device=layer.device or "cpu", sparse_grads=sparse_grads,
+                         dropout=dropout)
 
     @classmethod
     def from_file(cls, path, *, process_group=None, threads=0, device="cpu", sparse_grads=True,
@@ -483,10 +733,10 @@ class ShardedPEER(PEER):
         checkpoint's) replicated tensors and this rank's columns.  Collective."""
         cfg = _lib.peer_config()
         check(lib.peer_layer_check_file(str(path).encode(), ctypes.byref(cfg)))
-        layer = ShardedLayer(_config_dict(cfg), seed=None, threads=threads,
-                             process_group=process_group)
+        layer = _sharded_layer(_config_dict(cfg), None, threads, _shard_device(device),
+                               process_group)
         layer.load_full(path)
-        return cls(layer=layer, device=device, sparse_grads=sparse_grads, dropout=dropout)
+        return cls(layer=layer, sparse_grads=sparse_grads, dropout=dropout)
 
     def save(self, path):
         """This rank's shard file (peer_shard_save: its columns, metadata
@@ -521,17 +771,41 @@ class ShardedPEER(PEER):
         return super().extra_repr() + f", rank={self.rank}, world={self.world}"
 
     def layer_optimizer(self, **settings):
-        """The library's optimizer over this rank's shard (peer_shard_optimizer:
-        local; the replicated parameters step alike on every rank), with
-        LayerOptimizer's interface; settings as peerlayer.Optimizer's.  No
-        set_lr (the C shard optimizer has none)."""
+        """The library's optimizer over this rank's shard (local; the
+        replicated parameters step alike on every rank), with
+        LayerOptimizer's interface; settings as peerlayer.Optimizer's.  CPU:
+        peer_shard_optimizer, without set_lr (the C shard optimizer has
+        none).  CUDA: peer_cuda_shard_optimizer_create's, stepped on torch's
+        current stream (peer_cuda_optimizer_step)."""
         return _ShardedLayerOptimizer(self, **settings)
+
+    def _dev(self):
+        """Buffers and stream of a call now: nn._HOST, or nn._TorchCuda on the
+        shard's device (torch's current stream)."""
+        return _nn._TorchCuda(self.layer.device) if self._cuda else _nn._HOST
+
+    def _forward_infer(self, x2, params):
+        # CPU: peerlayer::forward, whose kernel calls the shard's collective
+        # forward.  CUDA: that forward on torch's current stream, then the
+        # check (which waits), as nn.PEER's CUDA inference.
+        if not self._cuda:
+            return super()._forward_infer(x2, params)
+        dev = self._dev()
+        y = self.layer.forward(x2, dev)
+        self.layer.check(dev)
+        return y
 
     def _forward_train(self, x2, params):
         # PEER.forward's training branch (gradients, or batch norm's running
-        # statistics); its inference branch runs peerlayer::forward, which
-        # calls the shard's collective forward.
+        # statistics).
         return _ShardedTrain.apply(self, x2, *params)
+
+    def check(self):
+        """As PEER.check: CUDA, wait for torch's current stream and raise
+        PeerError if a call on this shard not checked yet met a NaN or
+        infinity (peer_cuda_shard_check); CPU, nothing to do."""
+        if self._cuda:
+            self.layer.check(self._dev())
 
     # -- state
     def _shard_info(self):
@@ -592,17 +866,18 @@ class ShardedPEER(PEER):
         return out if me == rank else None
 
     def _apply(self, fn, recurse=True):
-        """.to(), .float(), .cpu(), ...: the shard stays on the CPU with the
-        weight_dtype it was made with; asking for that is a no-op, anything
-        else is refused here."""
-        have = self.layer.config["weight_dtype"]
-        probe = fn(torch.zeros(1, dtype=torch.bfloat16 if have == "bf16" else torch.float32))
+        """.to(), .float(), .cuda(), ...: the shard stays on its device with
+        the weight_dtype it was made with; asking for that is a no-op,
+        anything else is refused here."""
+        have, where = self.layer.config["weight_dtype"], self.experts.down.device
+        probe = fn(torch.zeros(1, dtype=torch.bfloat16 if have == "bf16" else torch.float32,
+                               device=where))
         want = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(probe.dtype)
-        if probe.device.type != "cpu" or want != have:
+        if probe.device != where or want != have:
             raise RuntimeError(
                 f"peerlayer.PEER(process_group=...): cannot move to {probe.device} / "
-                f"{probe.dtype}: a sharded layer stays on the CPU with its weight_dtype "
-                f"({have}); create it with the weight_dtype "
+                f"{probe.dtype}: a sharded layer stays on {self.layer.device or 'the CPU'} "
+                f"with its weight_dtype ({have}); create it where and with the weight_dtype "
                 "you want")
         return self
 

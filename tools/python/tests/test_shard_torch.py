@@ -7,7 +7,7 @@ Adam, SparseAdam, peerlayer.optim.AdamW and the library's optimizer
 (layer_optimizer); state_dict per rank, unsharded state_dicts and weight
 files sliced in, full_state_dict and merged shard files back out; the
 refusals (d_model not divisible by the world size, configs or seeds that
-differ between ranks, CUDA, moves, pickling).
+differ between ranks, CUDA from a library without it, moves, pickling).
 
 The two ranks are spawned once (module fixture); each scenario's failures
 are written per rank and asserted by its own test."""
@@ -31,6 +31,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 import peerlayer  # noqa: E402
 import peerlayer.optim  # noqa: E402
+import peerlayer.shard  # noqa: E402
 from peerlayer.nn import PEER  # noqa: E402
 
 WORLD, TOL, STEPS = 2, 1e-6, 3
@@ -272,7 +273,8 @@ def scenario_refusals(rank, expect, out_dir):
     refused(expect, "seeds differ", make(BASE, seed=rank), ValueError, "different seeds")
     refused(expect, "one rank without a seed", make(BASE, seed=None if rank else 1), ValueError,
             "different seeds")
-    refused(expect, "cuda", make(BASE, device="cuda"), RuntimeError, "CPU backend only")
+    if not peerlayer.shard.HAS_CUDA:  # (with CUDA: test_shard_torch_cuda.py)
+        refused(expect, "cuda", make(BASE, device="cuda"), RuntimeError, "without the CUDA")
     m = PEER(BASE, threads=1, process_group=None)  # the group still works
     refused(expect, ".to(bfloat16)", lambda: m.to(torch.bfloat16), RuntimeError, "weight_dtype")
     refused(expect, "deepcopy", lambda: __import__("copy").deepcopy(m), TypeError, "state_dict")
