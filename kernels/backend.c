@@ -46,6 +46,8 @@ static size_t dev_layout(const peer_layer *L, int64_t T, char *base, dev_ws *w) 
   const part parts[] = {
       {(void **)&w->q, t * (size_t)D->dq * 4},
       {(void **)&w->S, t * (size_t)(D->H * 2 * D->n) * 4},
+      {(void **)&w->q16, t * (size_t)D->dq * 2},
+      {(void **)&w->coef, t * (size_t)(D->H * 2 * 4) * 4},
       {(void **)&w->list_s, lists * 4},
       {(void **)&w->list_id, lists * 8},
       {(void **)&w->ids, thk * 8},
@@ -113,6 +115,97 @@ peer_status peer_cb_project_query(peer_layer *L, int64_t T, const float *d_x, fl
       norm ? L->slot[PEER_P_NORM_VAR].data : NULL, stream);
 }
 
+/* ------------------------------------------------------------ bf16 scores */
+
+bool peer_cb_bf16_scores(const peer_layer *L) {
+  const cuda_state *st = state_of(L);
+  return st->keys16 && !st->f32_scores;
+}
+
+peer_status peer_cb_set_f32_scores(peer_layer *L, bool f32) {
+  if (!L || L->opt.backend != PEER_BACKEND_CUDA)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "set_f32_scores: not a CUDA layer");
+  state_of(L)->f32_scores = f32;
+  return PEER_OK;
+}
+
+peer_status peer_cb_retrieval_stats(const peer_layer *L, peer_retrieval_stats *out) {
+  if (!L || !out || L->opt.backend != PEER_BACKEND_CUDA)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "retrieval_stats: not a CUDA layer");
+  const cuda_state *st = state_of(L);
+  unsigned long long fb = 0;
+  peer_status s = device_idle("retrieval_stats");
+  if (!s && st->fallbacks) {
+    cudaError_t e = cudaMemcpy(&fb, st->fallbacks, sizeof fb, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) s = peer_k_cuda_fail(e, "retrieval_stats");
+  }
+  out->fallback = (int64_t)fb;
+  out->bf16 = st->bf16_rows - (int64_t)fb;
+  return s;
+}
+
+/* The bf16 copy of the keys, remade when a call that may write the keys
+ * has entered the layer since (keys_gen), or for every call while the keys
+ * are exposed (peer_layer_param: the caller may write them at any time). */
+static peer_status keys16_fresh(peer_layer *L, cudaStream_t stream) {
+  cuda_state *st = state_of(L);
+  if (st->keys16_made && st->keys16_gen == L->keys_gen && !L->keys_exposed) return PEER_OK;
+  const peer_dims *D = &L->dims;
+  peer_status s = peer_k_keys16(L->slot[PEER_P_KEYS].data, D->G * 2 * D->n, D->half, st->keys16,
+                                st->norms16, stream);
+  if (s) return s;
+  st->keys16_made = true;
+  st->keys16_gen = L->keys_gen;
+  return PEER_OK;
+}
+
+/* The first pass's scores S [T, H, 2, n] on tensor cores: bf16 queries and
+ * keys, f32 accumulation and output (cuBLAS's default math mode for this
+ * product: its pedantic mode, the layer's setting for the f32 products,
+ * may keep it off the tensor cores). */
+static peer_status bf16_scores(peer_layer *L, int64_t T, const float *q, const dev_ws *w,
+                               cudaStream_t stream) {
+  cuda_state *st = state_of(L);
+  const peer_dims *D = &L->dims;
+  const float one = 1.0f, zero = 0.0f;
+  peer_status s;
+  if ((s = keys16_fresh(L, stream)) ||
+      (s = peer_k_query16(q, T, D->H, D->dk, D->half, peer_k_bf16_gamma(D->half), w->q16, w->coef,
+                          stream)))
+    return s;
+  cublasStatus_t bs = cublasSetMathMode(st->blas, CUBLAS_DEFAULT_MATH);
+  const long long key_stride = L->cfg.shared_keys ? 0 : 2 * D->n * D->half;
+  for (int p = 0; p < 2 && bs == CUBLAS_STATUS_SUCCESS; p++)
+    bs = cublasGemmStridedBatchedEx(
+        st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->n, (int)T, (int)D->half, &one,
+        st->keys16 + p * D->n * D->half, CUDA_R_16BF, (int)D->half, key_stride,
+        w->q16 + p * D->half, CUDA_R_16BF, (int)D->dq, (long long)D->dk, &zero, w->S + p * D->n,
+        CUDA_R_32F, (int)(2 * D->H * D->n), 2 * D->n, (int)D->H, CUBLAS_COMPUTE_32F,
+        CUBLAS_GEMM_DEFAULT);
+  cublasStatus_t ms = cublasSetMathMode(st->blas, CUBLAS_PEDANTIC_MATH);
+  if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: bf16 sub-key scores");
+  return ms == CUBLAS_STATUS_SUCCESS ? PEER_OK : blas_fail(ms, "forward: cublasSetMathMode");
+}
+
+/* The bf16 first pass's buffers, where the layer is eligible (d_key/2 a
+ * multiple of 8: tensor-core operands of whole 16-byte rows, and the
+ * re-score's 16-byte loads; its shared memory within the limit). */
+static peer_status open_bf16(const peer_layer *L, cuda_state *st) {
+  const peer_dims *D = &L->dims;
+  if (D->half % 8 || peer_k_topk_bf16_warp_smem(D->kp, D->half) > PEER_K_SMEM_MAX) return PEER_OK;
+  const size_t rows = (size_t)(D->G * 2 * D->n);
+  cudaError_t e;
+  if ((e = cudaMalloc((void **)&st->keys16, rows * (size_t)D->half * 2)) != cudaSuccess)
+    st->keys16 = NULL;
+  else if ((e = cudaMalloc((void **)&st->norms16, rows * 3 * sizeof(float))) != cudaSuccess)
+    st->norms16 = NULL;
+  else if ((e = cudaMalloc((void **)&st->fallbacks, sizeof *st->fallbacks)) != cudaSuccess)
+    st->fallbacks = NULL;
+  else
+    e = cudaMemset(st->fallbacks, 0, sizeof *st->fallbacks);
+  return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "backend cuda: bf16 copy of the keys");
+}
+
 /* From the final queries q [T, dq] to ids, scores and gates [T, H, k]: the
  * sub-key scores, then the product-key search (top-k' per half, exact merge)
  * or, with brute, the top-k of all n*n sums.  A non-finite score lowers
@@ -124,24 +217,40 @@ peer_status peer_cb_search(peer_layer *L, int64_t T, const float *q, int64_t *id
   const peer_dims *D = &L->dims;
   const float one = 1.0f, zero = 0.0f;
   cublasStatus_t bs;
-  peer_status s;
+  peer_status s = PEER_OK;
   /* Per half p, one batch entry per head h:
    *   S[((t*H + h)*2 + p)*n + a] = sum_j q[t*dq + h*dk + p*half + j] * C_g,p[a, j]
    * with C_g,p = keys + ((g*2 + p)*n)*half and g = h, or 0 with shared keys. */
   const float *keys = L->slot[PEER_P_KEYS].data;
   long long key_stride = L->cfg.shared_keys ? 0 : 2 * D->n * D->half;
-  for (int p = 0; p < 2; p++) {
-    bs = cublasSgemmStridedBatched(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->n, (int)T,
-                                   (int)D->half, &one, keys + p * D->n * D->half, (int)D->half,
-                                   key_stride, q + p * D->half, (int)D->dq, (long long)D->dk, &zero,
-                                   w->S + p * D->n, (int)(2 * D->H * D->n), 2 * D->n, (int)D->H);
-    if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: sub-key scores");
+  const bool bf16 = peer_cb_bf16_scores(L);
+  if (bf16 && brute) {
+    s = peer_k_exact_scores(q, keys, T, D->H, D->dk, D->n, L->cfg.shared_keys, w->S, stream);
+  } else if (bf16) {
+    s = bf16_scores(L, T, q, w, stream);
+  } else {
+    for (int p = 0; p < 2; p++) {
+      bs = cublasSgemmStridedBatched(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)D->n, (int)T,
+                                     (int)D->half, &one, keys + p * D->n * D->half, (int)D->half,
+                                     key_stride, q + p * D->half, (int)D->dq, (long long)D->dk,
+                                     &zero, w->S + p * D->n, (int)(2 * D->H * D->n), 2 * D->n,
+                                     (int)D->H);
+      if (bs != CUBLAS_STATUS_SUCCESS) return blas_fail(bs, "forward: sub-key scores");
+    }
   }
+  if (s) return s;
   if (brute)
     return peer_k_brute_topk(w->S, T * D->H, D->n, D->k, (int)L->cfg.gate, scores, ids, gates, bad,
                              stream);
-  if ((s = peer_k_subkey_topk(w->S, T * D->H * 2, D->n, D->kp, w->list_s, w->list_id, bad, stream)))
-    return s;
+  if (bf16) {
+    st->bf16_rows += T * D->H * 2;
+    s = peer_k_subkey_topk_bf16(w->S, q, keys, st->norms16, w->coef, T, D->H, D->dk, D->n, D->kp,
+                                L->cfg.shared_keys, w->list_s, w->list_id, bad, st->fallbacks,
+                                stream);
+  } else {
+    s = peer_k_subkey_topk(w->S, T * D->H * 2, D->n, D->kp, w->list_s, w->list_id, bad, stream);
+  }
+  if (s) return s;
   return peer_k_merge(w->list_s, w->list_id, T * D->H, D->kp, D->k, D->n, (int)L->cfg.gate, scores,
                       ids, gates, bad, stream);
 }
@@ -582,6 +691,9 @@ static void cuda_close(peer_layer *L) {
   if (st->ws_owned && st->ws) cudaFree(st->ws);
   if (st->io) cudaFree(st->io);
   if (st->blas_ws) cudaFree(st->blas_ws);
+  if (st->keys16) cudaFree(st->keys16);
+  if (st->norms16) cudaFree(st->norms16);
+  if (st->fallbacks) cudaFree(st->fallbacks);
   (void)cudaGetLastError(); /* a teardown reports nothing, and leaves no error behind */
   free(st);
   L->backend_data = NULL;
@@ -636,6 +748,7 @@ static peer_status cuda_open(peer_layer *L) {
   } else if ((e = cudaMalloc(&st->blas_ws, BLAS_WORKSPACE)) != cudaSuccess) {
     st->blas_ws = NULL;
     s = peer_k_cuda_fail(e, "backend cuda: cudaMalloc of cuBLAS's workspace");
+  } else if ((s = open_bf16(L, st))) {
   } else if ((e = cudaMemset(st->d_bad, 0xff, REC_COUNT * sizeof *st->d_bad)) != cudaSuccess)
     s = peer_k_cuda_fail(e, "backend cuda: cudaMemset");
   else

@@ -43,6 +43,18 @@ typedef struct cuda_state {
   void *io; /* device copies of the host-pointer path's inputs and outputs */
   size_t io_bytes;
   void *blas_ws; /* cuBLAS's workspace, the layer's own (BLAS_WORKSPACE bytes) */
+  /* The bf16 first pass of the sub-key scores (kernels/README.md "bf16
+   * sub-key scores"), NULL where the layer is not eligible: the keys in
+   * bf16 [G, 2, n, d_key/2] and their norms [3][G*2*n], made from the keys
+   * at keys_gen == keys16_gen (remade for every call while the keys are
+   * exposed); fallbacks: device count of rows the first pass could not
+   * bound (peer_cb_retrieval_stats); bf16_rows: rows sent through it. */
+  uint16_t *keys16;
+  float *norms16;
+  uint64_t keys16_gen;
+  bool keys16_made, f32_scores;
+  unsigned long long *fallbacks;
+  int64_t bf16_rows;
   /* The chunked forward (backend.c, run_forward): retrieval on `side`,
    * forked from the caller's stream at ev_fork, each chunk's end recorded
    * in ev_chunk[c] for the caller's stream; chunks 0: automatic. */
@@ -133,6 +145,8 @@ static inline size_t carve(const part *parts, size_t count, char *base) {
 typedef struct dev_ws {
   float *q;      /* [T, dq] */
   float *S;      /* [T, H, 2, n] sub-key scores */
+  uint16_t *q16; /* [T, dq] the queries in bf16 (the bf16 first pass) */
+  float *coef;   /* [T, H, 2, 4] its bounds' coefficients */
   float *list_s; /* [T, H, 2, k'] */
   int64_t *list_id;
   int64_t *ids;  /* [T, H, k] when the caller gives none */
@@ -167,6 +181,15 @@ peer_status peer_cb_project_query(peer_layer *L, int64_t T, const float *d_x, fl
 peer_status peer_cb_search(peer_layer *L, int64_t T, const float *q, int64_t *ids, float *scores,
                            float *gates, bool brute, unsigned long long *bad, cudaStream_t stream,
                            const dev_ws *w);
+/* How the sub-key scores are computed: by f32 cuBLAS products, or by the
+ * bf16 first pass with exact re-scoring, the default where the layer is
+ * eligible (d_key/2 a multiple of 8).  peer_cb_set_f32_scores forces the
+ * f32 products (tests, comparisons); peer_cb_retrieval_stats waits for the
+ * device and gives the rows the bf16 pass selected and those it left to
+ * its fallback. */
+bool peer_cb_bf16_scores(const peer_layer *L);
+peer_status peer_cb_set_f32_scores(peer_layer *L, bool f32);
+peer_status peer_cb_retrieval_stats(const peer_layer *L, peer_retrieval_stats *out);
 
 /* backend_train.c: the training entries of the backend table */
 size_t peer_cb_cuda_host_workspace(const peer_layer *L, int64_t T);

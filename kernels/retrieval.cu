@@ -140,22 +140,51 @@ static __device__ void warp_keep_best(uint64_t *keys, int count, int p, int lane
   warp_sort_desc(keys, p, lane);
 }
 
+/* One chunk step of the warp's selection: each lane offers one key (0 for
+ * none).  Keys above the threshold, the k'-th best kept so far once a sort
+ * has run (0 before: every key passes), are ballot-compacted into the
+ * buffer; when they would overflow it, the buffer is sorted first, keeps its
+ * kp best (count > buffer - 32 >= kp) and raises the threshold, and the
+ * chunk is filtered again.  count and threshold come from ballots and the
+ * sorted buffer, so they stay warp-uniform.  Exact: a key at or below the
+ * threshold is beaten by kp kept keys. */
+static __device__ __forceinline__ void topk_offer(uint64_t key, uint64_t *keys, int &count,
+                                                  uint64_t &threshold, int kp, int buffer,
+                                                  int lane) {
+  const unsigned lanes_below = (1u << lane) - 1u;
+  unsigned pass = __ballot_sync(PEER_FULL_MASK, key > threshold);
+  if (!pass) return;
+  if (count + __popc(pass) > buffer) {
+    warp_keep_best(keys, count, buffer, lane);
+    threshold = keys[kp - 1];
+    count = kp;
+    pass = __ballot_sync(PEER_FULL_MASK, key > threshold);
+  }
+  if (key > threshold) keys[count + __popc(pass & lanes_below)] = key;
+  count += __popc(pass);
+  if (lane == 0) PEER_K_COUNT(topk_candidates, __popc(pass));
+}
+
+/* After the last offer, count >= kp keys in the buffer (no sort ran and
+ * count = every key offered, at least kp, or one did and left kp): one sort
+ * of the next power of two leaves the best kp in keys[0, kp), in order. */
+static __device__ __forceinline__ void topk_finish(uint64_t *keys, int count, int lane) {
+  int p = 1;
+  while (p < count) p <<= 1;
+  warp_keep_best(keys, count, p, lane);
+}
+
 __global__ void subkey_topk_kernel(const float *__restrict__ S, int64_t rows, int64_t n,
                                    int kp, int buffer, float *__restrict__ out_s,
                                    int64_t *__restrict__ out_id, unsigned long long *bad) {
   extern __shared__ uint64_t topk_smem[]; /* [warps][buffer] keys */
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
-  const unsigned lanes_below = (1u << lane) - 1u;
   uint64_t *keys = topk_smem + (int64_t)warp * buffer;
-  /* Rows are warp-uniform, so whole warps loop and exit together; count and
-   * the threshold come from ballots and the sorted buffer, so they are
-   * warp-uniform too. */
+  /* Rows are warp-uniform, so whole warps loop and exit together. */
   for (int64_t row = (int64_t)blockIdx.x * wpb + warp; row < rows;
        row += (int64_t)gridDim.x * wpb) {
     const float *s = S + row * n;
     int count = 0, nonfinite = 0;
-    /* the k'-th best key kept so far once a sort has run, else 0 (every
-     * score passes until then) */
     uint64_t threshold = 0;
     for (int64_t base = 0; base < n; base += 32) {
       const int64_t i = base + lane;
@@ -165,24 +194,9 @@ __global__ void subkey_topk_kernel(const float *__restrict__ S, int64_t rows, in
         nonfinite |= !isfinite(v);
         key = peer_order_key(v, i);
       }
-      unsigned pass = __ballot_sync(PEER_FULL_MASK, key > threshold);
-      if (!pass) continue;
-      if (count + __popc(pass) > buffer) {
-        /* full: keep the best kp (count > buffer - 32 >= kp), raise the
-         * threshold, and filter this chunk again */
-        warp_keep_best(keys, count, buffer, lane);
-        threshold = keys[kp - 1];
-        count = kp;
-        pass = __ballot_sync(PEER_FULL_MASK, key > threshold);
-      }
-      if (key > threshold) keys[count + __popc(pass & lanes_below)] = key;
-      count += __popc(pass);
-      if (lane == 0) PEER_K_COUNT(topk_candidates, __popc(pass));
+      topk_offer(key, keys, count, threshold, kp, buffer, lane);
     }
-    /* count >= kp: no sort ran and count = n >= kp, or one did and left kp */
-    int p = 1;
-    while (p < count) p <<= 1;
-    warp_keep_best(keys, count, p, lane);
+    topk_finish(keys, count, lane);
     for (int r = lane; r < kp; r += 32) {
       const int64_t id = peer_order_key_id(keys[r]);
       out_id[row * kp + r] = id;
@@ -219,6 +233,298 @@ extern "C" peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t 
   PEER_LAUNCH(blocks, 32 * wpb, per_warp * (size_t)wpb, stream, subkey_topk_kernel)
   (S, rows, n, (int)kp, (int)topk_buffer(kp), out_s, out_id, bad);
   return peer_k_launched("subkey_topk");
+}
+
+/* ------------------------------------------------------------ bf16 first pass */
+
+/* The bf16 first pass with exact re-scoring (kernels/README.md "bf16 sub-key
+ * scores"): bf16 copies of the keys and queries (keys16, query16), their
+ * scores S16 by cuBLAS on tensor cores (the backend), then subkey_topk_bf16
+ * brackets each exact score (the f32 FMA chain below) by S16 -+ e, keeps the
+ * keys whose bracket can reach the k'-th largest lower end, re-scores those
+ * with the chain and selects from the re-scored values. */
+
+/* The exact score of one sub-key: one FMA chain in component order from 0,
+ * as the CPU's f32 path (peer_cpu_gemm_nt) computes every element, so the
+ * two give the same bits for the same query.  m % 4 == 0 and c 16-byte
+ * aligned (the bf16 path's eligibility). */
+static __device__ __forceinline__ float exact_score(const float *qs, const float *c, int64_t m) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < m; k += 4) {
+    const float4 v = *(const float4 *)(c + k);
+    acc = fmaf(qs[k], v.x, acc);
+    acc = fmaf(qs[k + 1], v.y, acc);
+    acc = fmaf(qs[k + 2], v.z, acc);
+    acc = fmaf(qs[k + 3], v.w, acc);
+  }
+  return acc;
+}
+
+/* The sum of v over the warp, the same bits on every lane and every run (a
+ * fixed butterfly; a + b == b + a). */
+static __device__ __forceinline__ double warp_sum(double v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(PEER_FULL_MASK, v, off);
+  return v;
+}
+
+/* Row r of x (m floats) to bf16 (peer_bf16_ftz) at x16, and the rounded-up
+ * norms |x|, |x'|, |x - x'| (sums of squares in double). */
+static __device__ __forceinline__ void to_bf16_row(const float *x, uint16_t *x16, int64_t m,
+                                                   int lane, float norms[3]) {
+  double s0 = 0, s1 = 0, s2 = 0;
+  for (int64_t i = lane; i < m; i += 32) {
+    const float v = x[i];
+    const uint16_t b = peer_bf16_ftz(v);
+    const float vb = peer_bf16_to_f32(b), dv = v - vb;
+    x16[i] = b;
+    s0 += (double)v * v;
+    s1 += (double)vb * vb;
+    s2 += (double)dv * dv;
+  }
+  norms[0] = peer_norm_up(warp_sum(s0));
+  norms[1] = peer_norm_up(warp_sum(s1));
+  norms[2] = peer_norm_up(warp_sum(s2));
+}
+
+__global__ void keys16_kernel(const float *__restrict__ keys, int64_t rows, int64_t m,
+                              uint16_t *__restrict__ k16, float *__restrict__ norms) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+  for (int64_t r = (int64_t)blockIdx.x * wpb + warp; r < rows; r += (int64_t)gridDim.x * wpb) {
+    float nr[3];
+    to_bf16_row(keys + r * m, k16 + r * m, m, lane, nr);
+    if (lane == 0) {
+      norms[r] = nr[1];            /* |c'| */
+      norms[rows + r] = nr[2];     /* |dc| */
+      norms[2 * rows + r] = nr[0]; /* |c| */
+    }
+  }
+}
+
+extern "C" peer_status peer_k_keys16(const float *keys, int64_t rows, int64_t m, uint16_t *k16,
+                                     float *norms, cudaStream_t stream) {
+  if (rows == 0) return PEER_OK;
+  PEER_LAUNCH(peer_k_blocks(rows, 4), 128, 0, stream, keys16_kernel)(keys, rows, m, k16, norms);
+  return peer_k_launched("keys16");
+}
+
+__global__ void query16_kernel(const float *__restrict__ q, int64_t rows, int64_t H, int64_t dk,
+                               int64_t dq, int64_t m, float g, uint16_t *__restrict__ q16,
+                               float *__restrict__ coef) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+  for (int64_t r = (int64_t)blockIdx.x * wpb + warp; r < rows; r += (int64_t)gridDim.x * wpb) {
+    const int64_t t = r / (2 * H), h = (r >> 1) % H, p = r & 1;
+    const int64_t at = t * dq + h * dk + p * m;
+    float nr[3];
+    to_bf16_row(q + at, q16 + at, m, lane, nr);
+    if (lane == 0) peer_bf16_bound_coefs(nr[0], nr[1], nr[2], m, g, coef + r * 4);
+  }
+}
+
+extern "C" peer_status peer_k_query16(const float *q, int64_t T, int64_t H, int64_t dk, int64_t m,
+                                      float g, uint16_t *q16, float *coef, cudaStream_t stream) {
+  const int64_t rows = T * H * 2;
+  if (rows == 0) return PEER_OK;
+  PEER_LAUNCH(peer_k_blocks(rows, 4), 128, 0, stream, query16_kernel)
+  (q, rows, H, dk, H * dk, m, g, q16, coef);
+  return peer_k_launched("query16");
+}
+
+extern "C" float peer_k_bf16_gamma(int64_t m) {
+  /* 3m 2^-23 / (1 - 3m 2^-23): the model of kernels/README.md ("bf16
+   * sub-key scores"), which covers gamma_m of the f32 chain too */
+  const double u = 3.0 * (double)m * 0x1p-23;
+  return peer_round_up(u / (1.0 - u) * (1.0 + 0x1p-30));
+}
+
+/* The survivors re-scored per row at most; more re-score the whole row
+ * (the fallback, counted). */
+static __host__ __device__ inline int bf16_cap(int64_t kp) { return (int)(2 * kp + 64); }
+
+/* Shared memory of one warp of subkey_topk_bf16: the key buffer, the query
+ * half and 32 pending survivors. */
+static size_t bf16_warp_smem(int64_t kp, int64_t m) {
+  return (size_t)topk_buffer(kp) * sizeof(uint64_t) + (size_t)m * sizeof(float) +
+         32 * sizeof(int32_t);
+}
+
+extern "C" size_t peer_k_topk_bf16_warp_smem(int64_t kp, int64_t m) { return bf16_warp_smem(kp, m); }
+
+/* The bracket's half-width e_j = A |c'_j| + B |dc_j| + C |c_j| + D, one fixed
+ * expression (so every pass computes the same bits for a key). */
+struct bf16_bound {
+  float A, B, C, D;
+  const float *nc1, *ndc, *nc;
+  __device__ __forceinline__ float at(int64_t j) const {
+    return fmaf(A, nc1[j], fmaf(B, ndc[j], fmaf(C, nc[j], D)));
+  }
+};
+
+/* Pending survivors (ids in pend[0, pending)): each lane re-scores one, and
+ * the warp offers the exact scores to its selection. */
+static __device__ __forceinline__ void rescore_pending(const int32_t *pend, int &pending,
+                                                       const float *qs, const float *C, int64_t m,
+                                                       uint64_t *keys, int &count,
+                                                       uint64_t &threshold, int kp, int buffer,
+                                                       int lane, int &nonfinite) {
+  __syncwarp(); /* pend and qs written by other lanes */
+  uint64_t key = 0;
+  if (lane < pending) {
+    const int32_t j = pend[lane];
+    const float v = exact_score(qs, C + (int64_t)j * m, m);
+    nonfinite |= !isfinite(v);
+    key = peer_order_key(v, j);
+  }
+  if (lane == 0) PEER_K_COUNT(topk_rescored, pending);
+  __syncwarp(); /* pend read before it is refilled */
+  pending = 0;
+  topk_offer(key, keys, count, threshold, kp, buffer, lane);
+}
+
+/* The score a peer_order_key carries, but for the sign of a zero (read as
+ * +0) and a NaN's payload (its row is recorded). */
+static __device__ __forceinline__ float order_key_score(uint64_t key) {
+  const uint32_t u = (uint32_t)(key >> 32);
+  return __uint_as_float((u & 0x80000000u) ? u & 0x7fffffffu : ~u);
+}
+
+__global__ void subkey_topk_bf16_kernel(const float *__restrict__ S16, const float *__restrict__ q,
+                                        const float *__restrict__ keys_f32,
+                                        const float *__restrict__ norms,
+                                        const float *__restrict__ coef, int64_t rows, int64_t n,
+                                        int64_t m, int64_t H, int64_t dk, int shared_keys, int kp,
+                                        int buffer, float *__restrict__ out_s,
+                                        int64_t *__restrict__ out_id, unsigned long long *bad,
+                                        unsigned long long *fallbacks) {
+  extern __shared__ uint64_t topk16_smem[]; /* per warp: keys [buffer], q [m], pend [32] */
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+  const size_t per_warp = ((size_t)buffer * 8 + (size_t)m * 4 + 128) / 8;
+  uint64_t *keys = topk16_smem + (int64_t)warp * per_warp;
+  float *qs = (float *)(keys + buffer);
+  int32_t *pend = (int32_t *)(qs + m);
+  const int64_t sets = (shared_keys ? 1 : H) * 2, dq = H * dk;
+  const int cap = bf16_cap(kp);
+  for (int64_t row = (int64_t)blockIdx.x * wpb + warp; row < rows;
+       row += (int64_t)gridDim.x * wpb) {
+    const int64_t t = row / (2 * H), h = (row >> 1) % H, p = row & 1;
+    const int64_t set = (shared_keys ? 0 : h) * 2 + p;
+    const float *s = S16 + row * n, *C = keys_f32 + set * n * m;
+    const bf16_bound e = {coef[row * 4],     coef[row * 4 + 1],       coef[row * 4 + 2],
+                          coef[row * 4 + 3], norms + set * n,         norms + (sets + set) * n,
+                          norms + (2 * sets + set) * n};
+    for (int64_t i = lane; i < m; i += 32) qs[i] = q[t * dq + h * dk + p * m + i];
+    /* pass 1: tau, the exact k'-th largest lower end (a non-finite bracket
+     * anywhere sends the row to the fallback) */
+    int count = 0, odd = 0;
+    uint64_t threshold = 0;
+    for (int64_t base = 0; base < n; base += 32) {
+      const int64_t i = base + lane;
+      uint64_t key = 0;
+      if (i < n) {
+        const float w = e.at(i), lo = s[i] - w, hi = s[i] + w;
+        odd |= !isfinite(lo) || !isfinite(hi);
+        key = peer_order_key(lo, i);
+      }
+      topk_offer(key, keys, count, threshold, kp, buffer, lane);
+    }
+    bool fall = __any_sync(PEER_FULL_MASK, odd);
+    float tau = -INFINITY;
+    if (!fall) {
+      topk_finish(keys, count, lane);
+      const int64_t id = peer_order_key_id(keys[kp - 1]);
+      tau = s[id] - e.at(id);
+      int survivors = 0;
+      for (int64_t base = 0; base < n; base += 32) {
+        const int64_t i = base + lane;
+        survivors += __popc(__ballot_sync(PEER_FULL_MASK, i < n && s[i] + e.at(i) >= tau));
+      }
+      fall = survivors > cap;
+    }
+    if (fall && lane == 0) atomicAdd(fallbacks, 1ull);
+    __syncwarp(); /* every lane has read the buffer */
+    /* pass 2: the survivors (every key in the fallback), re-scored exactly,
+     * 32 at a time, into a fresh selection */
+    count = 0;
+    threshold = 0;
+    int pending = 0, nonfinite = 0;
+    for (int64_t base = 0; base < n; base += 32) {
+      const int64_t i = base + lane;
+      const bool keep = i < n && (fall || s[i] + e.at(i) >= tau);
+      const unsigned pass = __ballot_sync(PEER_FULL_MASK, keep);
+      if (pending + __popc(pass) > 32)
+        rescore_pending(pend, pending, qs, C, m, keys, count, threshold, kp, buffer, lane,
+                        nonfinite);
+      if (keep) pend[pending + __popc(pass & ((1u << lane) - 1u))] = (int32_t)i;
+      pending += __popc(pass);
+    }
+    if (pending > 0)
+      rescore_pending(pend, pending, qs, C, m, keys, count, threshold, kp, buffer, lane,
+                      nonfinite);
+    topk_finish(keys, count, lane);
+    for (int r = lane; r < kp; r += 32) {
+      const int64_t id = peer_order_key_id(keys[r]);
+      const float v = order_key_score(keys[r]);
+      out_id[row * kp + r] = id;
+      /* a chain can end at -0 (products that underflow); its own bits */
+      out_s[row * kp + r] = v == 0.0f ? exact_score(qs, C + id * m, m) : v;
+    }
+    if (__any_sync(PEER_FULL_MASK, nonfinite) && lane == 0)
+      atomicMin(bad, (unsigned long long)(row / 2));
+    __syncwarp(); /* every lane has read the buffer and qs before the next row writes them */
+  }
+}
+
+extern "C" peer_status peer_k_subkey_topk_bf16(const float *S16, const float *q,
+                                               const float *keys, const float *norms,
+                                               const float *coef, int64_t T, int64_t H, int64_t dk,
+                                               int64_t n, int64_t kp, int shared_keys,
+                                               float *out_s, int64_t *out_id,
+                                               unsigned long long *bad,
+                                               unsigned long long *fallbacks, cudaStream_t stream) {
+  const int64_t rows = T * H * 2, m = dk / 2;
+  if (kp < 1 || kp > n || m % 4)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT,
+                     "subkey_topk_bf16: subkey_top_k %lld not in [1, %lld] or d_key/2 = %lld not "
+                     "a multiple of 4",
+                     (long long)kp, (long long)n, (long long)m);
+  const size_t per_warp = bf16_warp_smem(kp, m);
+  if (per_warp > PEER_K_SMEM_MAX)
+    return peer_fail(PEER_ERR_UNSUPPORTED,
+                     "subkey_topk_bf16: subkey_top_k %lld and d_key %lld need %zu bytes of shared "
+                     "memory per warp",
+                     (long long)kp, (long long)dk, per_warp);
+  if (rows == 0) return PEER_OK;
+  int wpb = (int)(PEER_K_SMEM_MAX / per_warp);
+  if (wpb > 4) wpb = 4;
+  unsigned blocks = peer_k_blocks(rows, wpb);
+  if (blocks > TOPK_MAX_BLOCKS) blocks = TOPK_MAX_BLOCKS;
+  PEER_LAUNCH(blocks, 32 * wpb, per_warp * (size_t)wpb, stream, subkey_topk_bf16_kernel)
+  (S16, q, keys, norms, coef, rows, n, m, H, dk, shared_keys, (int)kp, (int)topk_buffer(kp), out_s,
+   out_id, bad, fallbacks);
+  return peer_k_launched("subkey_topk_bf16");
+}
+
+/* Every sub-key score by exact_score (thread per score), for brute force on
+ * layers whose product-key search takes the bf16 path: the same bits. */
+__global__ void exact_scores_kernel(const float *__restrict__ q, const float *__restrict__ keys,
+                                    int64_t total, int64_t n, int64_t m, int64_t H, int64_t dk,
+                                    int shared_keys, float *__restrict__ S) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t row = i / n, j = i % n;
+    const int64_t t = row / (2 * H), h = (row >> 1) % H, p = row & 1;
+    const int64_t set = (shared_keys ? 0 : h) * 2 + p;
+    S[i] = exact_score(q + t * H * dk + h * dk + p * m, keys + (set * n + j) * m, m);
+  }
+}
+
+extern "C" peer_status peer_k_exact_scores(const float *q, const float *keys, int64_t T, int64_t H,
+                                           int64_t dk, int64_t n, int shared_keys, float *S,
+                                           cudaStream_t stream) {
+  const int64_t total = T * H * 2 * n;
+  if (total == 0) return PEER_OK;
+  PEER_LAUNCH(peer_k_blocks(total, 256), 256, 0, stream, exact_scores_kernel)
+  (q, keys, total, n, dk / 2, H, dk, shared_keys, S);
+  return peer_k_launched("exact_scores");
 }
 
 /* ------------------------------------------------------------ merge */

@@ -47,6 +47,41 @@ peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t 
                                float *out_s, int64_t *out_id, unsigned long long *bad,
                                cudaStream_t stream);
 
+/* The bf16 first pass (kernels/README.md "bf16 sub-key scores").
+ * peer_k_keys16: each of `rows` key rows of m floats to bf16 (nearest even,
+ * |x| < 2^-126 flushed) into k16 [rows, m], and norms [3][rows]: |c'|,
+ * |c - c'|, |c| rounded up.  peer_k_query16: the same for every query half
+ * of q [T, H*dk] (m = dk/2) into q16 (q's layout), and per row
+ * (t*H + h)*2 + half the bound's coefficients coef [rows][4]
+ * (peer_bf16_bound_coefs, g = peer_k_bf16_gamma(m)). */
+peer_status peer_k_keys16(const float *keys, int64_t rows, int64_t m, uint16_t *k16, float *norms,
+                          cudaStream_t stream);
+peer_status peer_k_query16(const float *q, int64_t T, int64_t H, int64_t dk, int64_t m, float g,
+                           uint16_t *q16, float *coef, cudaStream_t stream);
+/* The relative error bound g of both sums of m products (the tensor cores'
+ * and the exact FMA chain's), rounded up. */
+float peer_k_bf16_gamma(int64_t m);
+size_t peer_k_topk_bf16_warp_smem(int64_t kp, int64_t m);
+
+/* As peer_k_subkey_topk, from the first pass's scores S16 [T, H, 2, n]: per
+ * row the kp best exact scores (one FMA chain in component order per key,
+ * the CPU f32 path's bits) of q [T, H*dk] against keys [G, 2, n, dk/2],
+ * re-scoring only the keys whose bracket S16 -+ e (norms, coef as above)
+ * can reach the kp-th largest lower end; a row whose bracket is not finite
+ * or keeps more than 2kp + 64 keys re-scores all n and adds 1 to
+ * *fallbacks.  dk/2 % 4 == 0. */
+peer_status peer_k_subkey_topk_bf16(const float *S16, const float *q, const float *keys,
+                                    const float *norms, const float *coef, int64_t T, int64_t H,
+                                    int64_t dk, int64_t n, int64_t kp, int shared_keys,
+                                    float *out_s, int64_t *out_id, unsigned long long *bad,
+                                    unsigned long long *fallbacks, cudaStream_t stream);
+
+/* Every sub-key score S [T, H, 2, n] as subkey_topk_bf16 computes the
+ * exact ones (for brute force on such layers). */
+peer_status peer_k_exact_scores(const float *q, const float *keys, int64_t T, int64_t H,
+                                int64_t dk, int64_t n, int shared_keys, float *S,
+                                cudaStream_t stream);
+
 /* Per (t, h) in [0, TH): the k best of the kp x kp candidates from the two
  * halves' lists (lists [TH, 2, kp]), expert id a*n + b, sorted by the tie
  * rule, into scores / ids [TH, k]; gates [TH, k] by peer_gates.  A non-finite

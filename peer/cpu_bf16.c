@@ -88,20 +88,6 @@ static key_set set_of(const peer_layer *L, int64_t g, int p) {
   return k;
 }
 
-/* An f32 no smaller than sqrt(ss), ss a sum of at most 2^20 squares of floats
- * in double (relative error < 2^-33, which the 2^-30 margin covers). */
-static float round_up(double r) {
-  float f = (float)r;
-  if ((double)f < r) f = nextafterf(f, INFINITY);
-  return f;
-}
-
-static float norm_up(double ss) { return round_up(sqrt(ss) * (1.0 + 0x1p-30)); }
-
-static inline uint16_t bf16_ftz(float x) {
-  return fabsf(x) < 0x1p-126f ? (uint16_t)0 : peer_f32_to_bf16(x);
-}
-
 /* Keys jb*16 .. jb*16+15 of a set: bf16 pairs and norms.  0 if non-finite. */
 static int fill_block(const float *C, int64_t half, int64_t jb, uint16_t *pairs, float *nc1,
                       float *ndc, float *nc) {
@@ -110,7 +96,7 @@ static int fill_block(const float *C, int64_t half, int64_t jb, uint16_t *pairs,
     double s0 = 0, s1 = 0, s2 = 0;
     for (int64_t i = 0; i < half; i++) {
       float c = C[j * half + i];
-      uint16_t b = bf16_ftz(c);
+      uint16_t b = peer_bf16_ftz(c);
       float cb = peer_bf16_to_f32(b), dc = c - cb;
       ok &= isfinite(cb) != 0;
       s0 += (double)c * c;
@@ -118,7 +104,7 @@ static int fill_block(const float *C, int64_t half, int64_t jb, uint16_t *pairs,
       s2 += (double)dc * dc;
       pairs[((jb * (half / 2) + i / 2) * 16 + j % 16) * 2 + i % 2] = b;
     }
-    nc[j] = norm_up(s0), nc1[j] = norm_up(s1), ndc[j] = norm_up(s2);
+    nc[j] = peer_norm_up(s0), nc1[j] = peer_norm_up(s1), ndc[j] = peer_norm_up(s2);
     ok &= isfinite(nc[j]) && isfinite(nc1[j]) && isfinite(ndc[j]);
   }
   return ok;
@@ -235,7 +221,7 @@ static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4]) {
          s2 = _mm512_reduce_add_pd(a2);
   int ok = bad == 0;
   for (int64_t i = m16; i < m; i += 2) {
-    uint16_t b0 = bf16_ftz(qh[i]), b1 = bf16_ftz(qh[i + 1]);
+    uint16_t b0 = peer_bf16_ftz(qh[i]), b1 = peer_bf16_ftz(qh[i + 1]);
     float f0 = peer_bf16_to_f32(b0), f1 = peer_bf16_to_f32(b1);
     float d0 = qh[i] - f0, d1 = qh[i + 1] - f1;
     ok &= isfinite(f0) && isfinite(f1);
@@ -245,13 +231,8 @@ static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4]) {
     qp[i / 2] = (uint32_t)b0 | (uint32_t)b1 << 16;
   }
   const double u2m = 2.0 * (double)m * 0x1p-24;
-  const float g = round_up(u2m / (1.0 - u2m) * (1.0 + 0x1p-30)); /* gamma_2m */
-  const float nq = norm_up(s0), nq1 = norm_up(s1), ndq = norm_up(s2), mf = (float)m;
-  const float infl = 1.0f + 0x1p-16f;
-  coef[0] = (ndq + g * nq1) * infl;
-  coef[1] = (nq1 + ndq) * infl;
-  coef[2] = (g * nq + mf * 0x1p-126f) * infl;
-  coef[3] = (mf * 0x1p-124f + mf * 0x1p-126f * nq) * infl;
+  const float g = peer_round_up(u2m / (1.0 - u2m) * (1.0 + 0x1p-30)); /* gamma_2m */
+  peer_bf16_bound_coefs(peer_norm_up(s0), peer_norm_up(s1), peer_norm_up(s2), m, g, coef);
   for (int i = 0; i < 4; i++)
     ok &= isfinite(coef[i]) != 0;
   return ok;

@@ -108,7 +108,10 @@ __attribute__((noinline)) static bool keeps_keys(const char *what) {
   static const char *const readers[] = {
       "forward",       "retrieve",   "retrieve_brute",      "forward_train",
       "backward",      "layer_save", "checkpoint_save",     "set_workspace",
-      "shard_forward", "shard_save", "shard_forward_train", "shard_backward"};
+      "shard_forward", "shard_save", "shard_forward_train", "shard_backward",
+      "cuda_forward",  "cuda_retrieve", "cuda_retrieve_brute", "cuda_forward_train",
+      "cuda_backward", "cuda_check",    "cuda_set_workspace",  "cuda_shard_forward",
+      "cuda_shard_forward_train", "cuda_shard_backward"};
   for (size_t i = 0; i < sizeof readers / sizeof readers[0]; i++)
     if (!strcmp(what, readers[i])) return true;
   return false;

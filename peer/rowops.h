@@ -222,4 +222,42 @@ PEER_HD uint16_t peer_f32_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
+/* ------------------------------------------------- bf16 first pass, bound */
+
+/* The bf16 first pass of the sub-key scores (peer/cpu_bf16.c on the CPU,
+ * kernels/retrieval.cu's subkey_topk_bf16 on the GPU) rounds query halves and
+ * sub-keys with peer_bf16_ftz: to nearest even, |x| < 2^-126 flushed to 0
+ * (so a hardware's flush of subnormal inputs changes nothing). */
+PEER_HD uint16_t peer_bf16_ftz(float x) {
+  return fabsf(x) < 0x1p-126f ? (uint16_t)0 : peer_f32_to_bf16(x);
+}
+
+/* An f32 no smaller than r. */
+PEER_HD float peer_round_up(double r) {
+  float f = (float)r;
+  if ((double)f < r) f = nextafterf(f, INFINITY);
+  return f;
+}
+
+/* An f32 no smaller than sqrt(ss), ss a sum of at most 2^20 squares of floats
+ * in double (relative error < 2^-33, which the 2^-30 margin covers). */
+PEER_HD float peer_norm_up(double ss) { return peer_round_up(sqrt(ss) * (1.0 + 0x1p-30)); }
+
+/* The coefficients of the first pass's per-key error bound (derived in
+ * peer/cpu_bf16.c's opening comment; kernels/README.md "bf16 sub-key
+ * scores" for the GPU's accumulation): for a query half of m components
+ * with norms nq = |q|, nq1 = |q'|, ndq = |q - q'| (rounded up) and g a bound
+ * on the relative error of both sums (the first pass's and the f32 path's),
+ * every key c satisfies |s16 - s32| <= e = coef[0] |c'| + coef[1] |dc| +
+ * coef[2] |c| + coef[3].  Inflated by 2^-16 for their own roundings and
+ * those of e (all terms are positive). */
+PEER_HD void peer_bf16_bound_coefs(float nq, float nq1, float ndq, int64_t m, float g,
+                                   float coef[4]) {
+  const float mf = (float)m, infl = 1.0f + 0x1p-16f;
+  coef[0] = (ndq + g * nq1) * infl;
+  coef[1] = (nq1 + ndq) * infl;
+  coef[2] = (g * nq + mf * 0x1p-126f) * infl;
+  coef[3] = (mf * 0x1p-124f + mf * 0x1p-126f * nq) * infl;
+}
+
 #endif

@@ -11,6 +11,7 @@
  * take the f32 path, tested on their own with stale copies. */
 #include <criterion/criterion.h>
 
+#include "bf16_cases.h"
 #include "cases.h"
 #include "cpu.h"
 #include "reference.h"
@@ -130,50 +131,14 @@ static direct direct_layer(const char *extra) {
   return D;
 }
 
-/* Traps: the query's components round to bf16 by nearly half an ulp, down
- * on the set P (even components) and up on Q (odd ones); the trap key is 1 on
- * P, the decoys 1 on Q plus extra mass on some of Q.  In f32 the trap beats
- * a decoy unless the extra is large; in bf16 the decoy wins by the extra, up
- * to about the bound's size (each decoy's extra is drawn across that range).
- * Random filler keys score far below.  With k' = 1 the f32 path keeps the
- * trap where the first pass ranks it below decoys by nearly twice the bound:
- * a bound half as large loses it. */
+/* bf16_cases.h's traps: the f32 top-1 ranks below decoys in bf16 by nearly
+ * twice the bound. */
 Test(bf16_retrieval, traps_within_the_error_bound) {
   ref_rng rng = {ref_test_seed()};
   direct D = direct_layer("n_subkeys=256,subkey_top_k=1,top_k=1,d_key=128,d_model=128");
   const int64_t m = D.m, n = D.n, T = 64;
   float *x = malloc((size_t)(T * 2 * m) * sizeof(float));
-  for (int64_t t = 0; t < T; t++)
-    for (int64_t i = 0; i < 2 * m; i++) {
-      double frac = ref_uniform(&rng, 0.90, 0.999);
-      x[t * 2 * m + i] = (float)(i % 2 == 0 ? 1.0 + frac * 0x1p-8 : 1.0 - frac * 0x1p-9);
-    }
-  int traps = 0;
-  for (int p = 0; p < 2; p++) {
-    float *C = D.keys + p * n * m;
-    for (int64_t j = 0; j < n; j++) {
-      float *c = C + j * m;
-      int kind = (int)(j % 32); /* 0: trap, 1..3: decoys, else filler */
-      for (int64_t i = 0; i < m; i++) {
-        if (kind == 0)
-          c[i] = i % 2 == 0 ? 1.0f : 0.0f;
-        else if (kind <= 3)
-          c[i] = i % 2 == 1 ? 1.0f : 0.0f;
-        else
-          c[i] = (float)ref_uniform(&rng, -0.5, 0.5);
-      }
-      if (kind >= 1 && kind <= 3) { /* extra mass 2^-7 on r odd components */
-        int64_t r = ref_int(&rng, 19, 22);
-        for (int64_t i = 0; i < r; i++)
-          c[2 * i + 1] += 0x1p-7f;
-      }
-      if (kind == 0) {
-        /* one trap per 32 keys, each a little different so they do not tie */
-        c[2 * ref_int(&rng, 0, m / 2 - 1)] += (float)(j / 32) * 0x1p-20f;
-        traps++;
-      }
-    }
-  }
+  int traps = bf16_traps(D.keys, x, 2, n, m, T, &rng);
   cr_assert(traps > 0);
   peer_layer *L = reloaded(D.A);
   check_exact(L, T, x, "traps");
@@ -183,9 +148,7 @@ Test(bf16_retrieval, traps_within_the_error_bound) {
   peer_layer_free(L);
 }
 
-/* Keys all within the error bound of each other: exact ties (duplicated
- * rows), rows differing in their last bits, and a cluster just above random
- * filler; large and tiny norms. */
+/* bf16_cases.h's near-ties, exact ties and extreme norms. */
 Test(bf16_retrieval, near_ties_exact_ties_and_extreme_norms) {
   ref_rng rng = {ref_test_seed()};
   static const struct {
@@ -201,31 +164,8 @@ Test(bf16_retrieval, near_ties_exact_ties_and_extreme_norms) {
   for (size_t s = 0; s < sizeof cases / sizeof cases[0]; s++) {
     direct D = direct_layer(cases[s].config);
     const int64_t m = D.m, n = D.n, T = 48;
-    float base[256];
-    for (int64_t i = 0; i < m; i++)
-      base[i] = (float)ref_uniform(&rng, -1.0, 1.0);
-    for (int64_t r = 0; r < D.H * 2; r++) { /* key sets */
-      float *C = D.keys + r * n * m;
-      for (int64_t j = 0; j < n; j++) {
-        float *c = C + j * m;
-        int kind = (int)(j % 4);
-        for (int64_t i = 0; i < m; i++) {
-          float v = base[i];
-          if (kind == 1) v = nextafterf(v, j % 8 == 1 ? INFINITY : -INFINITY); /* last bits */
-          if (kind == 2) v = base[i] + (float)(j % 16) * 0x1p-12f * base[i];   /* near */
-          if (kind == 3) v = (float)ref_uniform(&rng, -1.0, 1.0) * 0.5f;       /* filler */
-          c[i] = (float)(v * cases[s].key_scale);
-        }
-        if (kind == 0 && j % 8 == 4) memcpy(c, C + (j - 4) * m, (size_t)m * sizeof *c); /* tie */
-      }
-    }
     float *x = malloc((size_t)(T * D.H * 2 * m) * sizeof(float));
-    for (int64_t t = 0; t < T; t++)
-      for (int64_t i = 0; i < D.H * 2 * m; i++) {
-        /* the base direction plus a little noise: all keys score alike */
-        double v = base[i % m] + ref_uniform(&rng, -0.01, 0.01) * (t % 3);
-        x[t * D.H * 2 * m + i] = (float)(v * cases[s].x_scale);
-      }
+    bf16_near_ties(D.keys, x, D.H * 2, n, m, T, cases[s].key_scale, cases[s].x_scale, &rng);
     peer_layer *L = reloaded(D.A);
     check_exact(L, T, x, cases[s].config);
     free(x);

@@ -37,13 +37,16 @@ int main(void) {
 #include "cuda_test_util.h"
 #include "internal.h" /* peer_layer_enter: a call of another thread, in the busy test */
 #include "peer_cuda.h"
+#include "../kernels/backend.h"   /* the bf16 scores' switch and counts */
 #include "../kernels/retrieval.h" /* the top-k' kernel, run on crafted rows */
 #include "../kernels/train.h"     /* sorted runs of an empty list */
 #include "rowops.h"
 #include "reference_train.h"
+#include "bf16_cases.h"
 
 #include <criterion/criterion.h>
 #include <cuda_runtime_api.h>
+#include <unistd.h>
 #ifdef PEER_CUDA_EMULATED
 #include <cublas_v2.h>
 #include <peer_emu.h>
@@ -302,6 +305,211 @@ Test(cuda, exact_ties_follow_the_tie_rule) {
 Test(cuda, million_experts) {
   check_config("d_model=64,n_heads=4,d_key=64,n_subkeys=1024,top_k=16", 64, 0);
   check_config("d_model=64,n_heads=2,d_key=64,n_subkeys=1024,top_k=8,subkey_top_k=32,weight_dtype=bf16", 32, 0);
+}
+
+/* ------------------------------------------------- bf16 sub-key scores */
+
+/* The bf16 first pass with exact re-scoring (kernels/README.md "bf16 sub-key
+ * scores"), on layers whose queries are their input (query.weight the
+ * identity, d_model = H * d_key), so that both backends score the same
+ * queries: the GPU's ids and score bits must be the CPU's (whose f32 path
+ * is the same FMA chain), its brute force's (peer_k_exact_scores) and, with
+ * the f32 cuBLAS products forced, within the f32 path's tolerance.  The
+ * emulated GemmEx truncates within the bound's model (cublas_v2.h), so a
+ * bound that assumed round-to-nearest sums could fail here. */
+
+/* A CPU layer of config (plus d_model = H * d_key) with random parameters
+ * and query.weight the identity. */
+static peer_layer *identity_layer(const char *config, ref_rng *rng) {
+  peer_config c;
+  peer_config_default(&c);
+  cr_assert_eq(peer_config_parse(&c, config), PEER_OK, "%s: %s", config, peer_last_error());
+  c.d_model = c.n_heads * c.d_key;
+  peer_layer *L;
+  cr_assert_eq(peer_layer_create(&L, &c, NULL), PEER_OK, "%s", peer_last_error());
+  ref_fill_layer(L, rng);
+  peer_tensor w;
+  cr_assert_eq(peer_layer_param_by_name(L, "query.weight", &w), PEER_OK);
+  float *W = w.data;
+  memset(W, 0, w.nbytes);
+  for (int64_t i = 0; i < c.d_model; i++) W[i * c.d_model + i] = 1.0f;
+  return L;
+}
+
+/* A CUDA copy of L through a weight file, so its keys were never exposed. */
+static peer_layer *cuda_reloaded(peer_layer *L) {
+  char path[] = "/tmp/peer_cuda_bf16_XXXXXX";
+  int fd = mkstemp(path);
+  cr_assert(fd >= 0);
+  close(fd);
+  cr_assert_eq(peer_layer_save(L, path), PEER_OK, "%s", peer_last_error());
+  peer_options o;
+  peer_options_default(&o);
+  o.backend = PEER_BACKEND_CUDA;
+  peer_layer *G = NULL;
+  cr_assert_eq(peer_layer_load(&G, path, &o), PEER_OK, "%s", peer_last_error());
+  unlink(path);
+  return G;
+}
+
+/* G (CUDA) against C (CPU) on T tokens of x: see the section's comment.
+ * Returns the rows (token, head, half) the bf16 pass left to its fallback. */
+static int64_t check_bf16(peer_layer *C, peer_layer *G, int64_t T, const float *x,
+                          const char *what) {
+  const peer_config *c = peer_layer_config(C);
+  const int64_t rows = T * c->n_heads * 2, ne = T * c->n_heads * c->top_k;
+  cr_assert(peer_cb_bf16_scores(G), "%s: the layer does not take the bf16 path", what);
+  outs g = outs_new(T, c), cc = outs_new(T, c), b = outs_new(T, c), f = outs_new(T, c);
+  peer_retrieval_stats s0, s1;
+  cr_assert_eq(peer_cb_retrieval_stats(G, &s0), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_retrieve(G, T, x, g.ids, g.sc, g.g), PEER_OK, "%s: %s", what,
+               peer_last_error());
+  cr_assert_eq(peer_cb_retrieval_stats(G, &s1), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq((s1.bf16 - s0.bf16) + (s1.fallback - s0.fallback), rows, "%s: rows counted", what);
+  cr_assert_eq(peer_retrieve(C, T, x, cc.ids, cc.sc, cc.g), PEER_OK, "%s: %s", what,
+               peer_last_error());
+  cr_assert_eq(peer_retrieve_brute(G, T, x, b.ids, b.sc, b.g), PEER_OK, "%s: %s", what,
+               peer_last_error());
+  for (int64_t e = 0; e < ne; e++) {
+    cr_assert(g.ids[e] == cc.ids[e] && !memcmp(&g.sc[e], &cc.sc[e], 4),
+              "%s: entry %lld (token %lld): gpu id %lld score %a, cpu id %lld score %a", what,
+              (long long)e, (long long)(e / (ne / T)), (long long)g.ids[e], (double)g.sc[e],
+              (long long)cc.ids[e], (double)cc.sc[e]);
+    cr_assert(g.ids[e] == b.ids[e] && !memcmp(&g.sc[e], &b.sc[e], 4),
+              "%s: entry %lld: product keys id %lld score %a, brute force id %lld score %a", what,
+              (long long)e, (long long)g.ids[e], (double)g.sc[e], (long long)b.ids[e],
+              (double)b.sc[e]);
+  }
+  /* the f32 cuBLAS path on the same layer: the CPU's within its tolerance */
+  cr_assert_eq(peer_cb_set_f32_scores(G, true), PEER_OK);
+  cr_assert(!peer_cb_bf16_scores(G));
+  cr_assert_eq(peer_retrieve(G, T, x, f.ids, f.sc, f.g), PEER_OK, "%s: %s", what,
+               peer_last_error());
+  cr_assert_eq(peer_cb_set_f32_scores(G, false), PEER_OK);
+  pair p = {C, G, *c};
+  char *swapped = calloc((size_t)T, 1);
+  compare_retrieval(&p, T, &cc, &f, 0, swapped, what);
+  free(swapped);
+  outs_free(&g), outs_free(&cc), outs_free(&b), outs_free(&f);
+  return s1.fallback - s0.fallback;
+}
+
+static float *keys_of(peer_layer *L) {
+  peer_tensor t;
+  cr_assert_eq(peer_layer_param_by_name(L, "keys", &t), PEER_OK);
+  return t.data;
+}
+
+Test(cuda_bf16, random_layers_match_the_cpu_bits) {
+  static const char *const configs[] = {
+      "n_heads=2,d_key=32,n_subkeys=128,top_k=4",
+      "n_heads=4,d_key=16,n_subkeys=64,top_k=8,subkey_top_k=16,shared_keys=1",
+      "n_heads=1,d_key=64,n_subkeys=256,top_k=2,subkey_top_k=64,gate=sigmoid",
+      "n_heads=2,d_key=16,n_subkeys=16,top_k=4,subkey_top_k=16", /* k' = n */
+  };
+  ref_rng rng = {ref_test_seed()};
+  for (size_t i = 0; i < sizeof configs / sizeof configs[0]; i++) {
+    peer_layer *C = identity_layer(configs[i], &rng);
+    peer_layer *G = cuda_reloaded(C);
+    const int64_t T = 40;
+    float *x = ref_random_x(&rng, T, peer_layer_config(C)->d_model);
+    cr_assert_eq(check_bf16(C, G, T, x, configs[i]), 0, "%s: random rows fell back", configs[i]);
+    free(x);
+    peer_layer_free(C);
+    peer_layer_free(G);
+  }
+}
+
+Test(cuda_bf16, traps_near_ties_and_extreme_norms) {
+  ref_rng rng = {ref_test_seed()};
+  {
+    const char *config = "n_heads=1,d_key=128,n_subkeys=256,subkey_top_k=1,top_k=1";
+    peer_layer *C = identity_layer(config, &rng);
+    const int64_t T = 24, m = 64, n = 256;
+    float *x = malloc((size_t)(T * 2 * m) * 4);
+    cr_assert(bf16_traps(keys_of(C), x, 2, n, m, T, &rng) > 0);
+    peer_layer *G = cuda_reloaded(C);
+    check_bf16(C, G, T, x, "traps");
+    free(x);
+    peer_layer_free(C);
+    peer_layer_free(G);
+  }
+  static const struct {
+    const char *config;
+    double key_scale, x_scale;
+  } cases[] = {
+      {"n_heads=1,d_key=64,n_subkeys=128,subkey_top_k=4,top_k=4", 1.0, 1.0},
+      {"n_heads=1,d_key=64,n_subkeys=128,subkey_top_k=16,top_k=8", 0x1p60, 0x1p40},
+      {"n_heads=1,d_key=64,n_subkeys=128,subkey_top_k=2,top_k=2", 0x1p-60, 0x1p-50},
+      {"n_heads=1,d_key=64,n_subkeys=128,subkey_top_k=1,top_k=1", 0x1p-70, 0x1p-70},
+      {"n_heads=2,d_key=64,n_subkeys=128,subkey_top_k=8,top_k=3", 1.0, 1.0},
+  };
+  for (size_t s = 0; s < sizeof cases / sizeof cases[0]; s++) {
+    peer_layer *C = identity_layer(cases[s].config, &rng);
+    const peer_config *c = peer_layer_config(C);
+    const int64_t T = 24, m = c->d_key / 2, sets = c->n_heads * 2;
+    float *x = malloc((size_t)(T * sets * m) * 4);
+    bf16_near_ties(keys_of(C), x, sets, c->n_subkeys, m, T, cases[s].key_scale, cases[s].x_scale,
+                   &rng);
+    peer_layer *G = cuda_reloaded(C);
+    check_bf16(C, G, T, x, cases[s].config);
+    free(x);
+    peer_layer_free(C);
+    peer_layer_free(G);
+  }
+}
+
+/* Every key the same: every score ties, every row keeps all n keys past the
+ * first pass (more than 2k' + 64) and takes the fallback; ids by the tie
+ * rule. */
+Test(cuda_bf16, all_keys_tied_take_the_fallback) {
+  ref_rng rng = {ref_test_seed()};
+  peer_layer *C = identity_layer("n_heads=2,d_key=32,n_subkeys=128,top_k=4", &rng);
+  const int64_t m = 16, n = 128, T = 16;
+  float *K = keys_of(C);
+  for (int64_t r = 1; r < 4 * n; r++) memcpy(K + r * m, K, (size_t)m * 4);
+  peer_layer *G = cuda_reloaded(C);
+  float *x = ref_random_x(&rng, T, 64);
+  cr_assert_eq(check_bf16(C, G, T, x, "all keys tied"), T * 2 * 2, "every row falls back");
+  free(x);
+  peer_layer_free(C);
+  peer_layer_free(G);
+}
+
+/* The bf16 copy of the keys follows them: keys rewritten by a call that may
+ * write them (peer_layer_init: keys_gen), and keys exposed and written in
+ * place (remade for every call). */
+Test(cuda_bf16, a_stale_copy_is_never_used) {
+  ref_rng rng = {ref_test_seed()};
+  peer_layer *C = identity_layer("n_heads=2,d_key=32,n_subkeys=128,top_k=4", &rng);
+  peer_layer *G = cuda_reloaded(C);
+  const int64_t T = 24, d = 64;
+  float *x = ref_random_x(&rng, T, d);
+  check_bf16(C, G, T, x, "loaded");
+  cr_assert_eq(peer_layer_init(C, 99), PEER_OK);
+  cr_assert_eq(peer_layer_init(G, 99), PEER_OK);
+  peer_tensor wc, wg;
+  cr_assert_eq(peer_layer_param_by_name(C, "query.weight", &wc), PEER_OK);
+  cr_assert_eq(peer_layer_param_by_name(G, "query.weight", &wg), PEER_OK);
+  float *W = wc.data;
+  memset(W, 0, wc.nbytes);
+  for (int64_t i = 0; i < d; i++) W[i * d + i] = 1.0f;
+  cr_assert_eq(cudaMemcpy(wg.data, W, wc.nbytes, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert(!G->keys_exposed);
+  check_bf16(C, G, T, x, "after layer_init");
+  peer_tensor kc, kg;
+  cr_assert_eq(peer_layer_param_by_name(C, "keys", &kc), PEER_OK);
+  cr_assert_eq(peer_layer_param_by_name(G, "keys", &kg), PEER_OK);
+  float *K = kc.data;
+  for (size_t i = 0; i < kc.nbytes / 4; i++) K[i] = -1.5f * K[i];
+  cr_assert_eq(cudaMemcpy(kg.data, K, kc.nbytes, cudaMemcpyHostToDevice), cudaSuccess);
+  check_bf16(C, G, T, x, "keys exposed and written");
+  for (size_t i = 0; i < kc.nbytes / 4; i++) K[i] = 0.5f * K[i] + 0.25f;
+  cr_assert_eq(cudaMemcpy(kg.data, K, kc.nbytes, cudaMemcpyHostToDevice), cudaSuccess);
+  check_bf16(C, G, T, x, "keys written again");
+  free(x);
+  peer_layer_free(C);
+  peer_layer_free(G);
 }
 
 /* ------------------------------------------------- top-k' on crafted rows */
@@ -2308,6 +2516,43 @@ Test(emu, topk_selection_work) {
           rand_c, rand_s, rise_c, rise_s);
   cr_assert(rand_c <= 2 * 16 * (1 + log(1024.0 / 16)), "%.1f candidates per random row", rand_c);
   cr_assert_eq(rise_c, 1024.0, "%.1f candidates per rising row", rise_c);
+}
+
+/* The bf16 path's re-scoring as the emulator counts it: exact scores per
+ * row (topk_rescored) at the reference config's n = 1024, k' = 16,
+ * d_key = 256 (keys and queries as peer_layer_init and random x make
+ * them), through the emulated GemmEx's truncating sums.  The model
+ * (bench/cuda_model.py) takes its survivors per row from this line. */
+Test(emu, bf16_rescore_work) {
+  ref_rng rng = {ref_test_seed()};
+  peer_layer *C = identity_layer("n_heads=1,d_key=256,n_subkeys=1024,top_k=16", &rng);
+  cr_assert_eq(peer_layer_init(C, ref_test_seed()), PEER_OK);
+  peer_tensor w;
+  cr_assert_eq(peer_layer_param_by_name(C, "query.weight", &w), PEER_OK);
+  float *W = w.data;
+  memset(W, 0, w.nbytes);
+  for (int64_t i = 0; i < 256; i++) W[i * 256 + i] = 1.0f;
+  peer_layer *G = cuda_reloaded(C);
+  const int64_t T = 32, rows = T * 2;
+  float *x = ref_random_x(&rng, T, 256);
+  int64_t *ids = malloc((size_t)(T * 16) * 8);
+  peer_emu_counts before, after;
+  peer_retrieval_stats s0, s1;
+  cr_assert_eq(peer_cb_retrieval_stats(G, &s0), PEER_OK);
+  peer_emu_get_counts(&before);
+  cr_assert_eq(peer_retrieve(G, T, x, ids, NULL, NULL), PEER_OK, "%s", peer_last_error());
+  peer_emu_get_counts(&after);
+  cr_assert_eq(peer_cb_retrieval_stats(G, &s1), PEER_OK);
+  const double per_row = (double)(after.topk_rescored - before.topk_rescored) / (double)rows;
+  fprintf(stderr,
+          "emu/bf16_rescore_work: n=1024 k'=16 d_key=256, per row: %.1f scores re-scored, "
+          "%lld of %lld rows fell back\n",
+          per_row, (long long)(s1.fallback - s0.fallback), (long long)rows);
+  cr_assert(per_row >= 16 && per_row <= 2 * 16 + 64, "%.1f re-scored per row", per_row);
+  cr_assert_eq(s1.fallback - s0.fallback, 0);
+  free(ids), free(x);
+  peer_layer_free(C);
+  peer_layer_free(G);
 }
 
 Test(emu, steady_loop_never_syncs_or_allocates) {

@@ -1,7 +1,8 @@
 /* cublas.cc: the emulated cuBLAS.  SGEMM computes the column-major product
  * plainly: each C element one float sum over k in order (the FMA
  * contraction is the compiler's, not cuBLAS's blocking), then alpha and
- * beta; beta = 0 does not read C (as cuBLAS).  Arguments are checked as
+ * beta; beta = 0 does not read C (as cuBLAS).  The bf16 GemmEx sums as a
+ * tensor core at its worst (cublas_v2.h).  Arguments are checked as
  * cuBLAS checks them (a negative size, an unknown operation, a leading
  * dimension below the rows it must hold, a negative batch count:
  * CUBLAS_STATUS_INVALID_VALUE; no handle: NOT_INITIALIZED), and what a
@@ -14,6 +15,9 @@
 
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
+
+#include <cmath>
 
 #include <mutex>
 #include <set>
@@ -38,18 +42,85 @@ bool op_ok(cublasOperation_t op) {
   return op == CUBLAS_OP_N || op == CUBLAS_OP_T || op == CUBLAS_OP_C;
 }
 
+/* bf16 storage (cuda_bf16.h's __nv_bfloat16) as the products read it. */
+struct bf16 {
+  uint16_t bits;
+};
+
+inline float value(float x) { return x; }
+inline float value(bf16 x) {
+  const uint32_t u = (uint32_t)x.bits << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
 /* The element (i, j) of op(X) for X column-major with leading dimension ld. */
-inline float at(const float *x, cublasOperation_t op, int ld, long long i, long long j) {
-  return op == CUBLAS_OP_N ? x[i + j * (long long)ld] : x[j + i * (long long)ld];
+template <class E>
+inline float at(const E *x, cublasOperation_t op, int ld, long long i, long long j) {
+  return value(op == CUBLAS_OP_N ? x[i + j * (long long)ld] : x[j + i * (long long)ld]);
 }
 
 /* Does the rows x cols matrix at p (leading dimension ld) lie in device
  * memory? */
-bool in_device(const float *p, long long rows, long long cols, int ld) {
+template <class E> bool in_device(const E *p, long long rows, long long cols, int ld) {
   if (rows == 0 || cols == 0) return true;
   const long long last = (cols - 1) * (long long)ld + rows;
-  return peer_emu::device_range(p, (size_t)last * sizeof(float));
+  return peer_emu::device_range(p, (size_t)last * sizeof(E));
 }
+
+/* SGEMM's sum: one float sum over l in order. */
+struct plain_sum {
+  template <class E>
+  float operator()(const E *a, cublasOperation_t ta, int lda, const E *b, cublasOperation_t tb,
+                   int ldb, long long i, long long j, int k) const {
+    float acc = 0.0f;
+    for (long long l = 0; l < k; l++) acc += at(a, ta, lda, i, l) * at(b, tb, ldb, l, j);
+    return acc;
+  }
+};
+
+/* x cut toward zero to a multiple of ulp (a power of two). */
+inline double cut(double x, double ulp) { return std::trunc(x / ulp) * ulp; }
+
+/* The double r cut toward zero to f32, and flushed to 0 below 2^-126. */
+inline float cut_to_float(double r) {
+  float f = (float)r;
+  if (std::fabs((double)f) > std::fabs(r)) f = std::nextafter(f, 0.0f);
+  return std::fabs(f) < 0x1p-126f ? 0.0f : f;
+}
+
+/* A tensor core's sum at its worst within the model (cublas_v2.h says
+ * which): 8 exact products (double holds them) per step, from the last
+ * down, with the accumulator, aligned to the largest term with 24
+ * significant bits and no guard bits, then the step's exact sum cut to f32. */
+struct truncating_sum {
+  template <class E>
+  float operator()(const E *a, cublasOperation_t ta, int lda, const E *b, cublasOperation_t tb,
+                   int ldb, long long i, long long j, int k) const {
+    const int group = 8;
+    float acc = 0.0f;
+    for (long long hi = k; hi > 0; hi -= group) {
+      const long long lo = hi > group ? hi - group : 0;
+      double terms[group + 1];
+      int nt = 0;
+      terms[nt++] = acc;
+      for (long long l = hi - 1; l >= lo; l--)
+        terms[nt++] = (double)at(a, ta, lda, i, l) * (double)at(b, tb, ldb, l, j);
+      double big = 0.0, plain = 0.0;
+      for (int t = 0; t < nt; t++) big = std::fmax(big, std::fabs(terms[t])), plain += terms[t];
+      if (!std::isfinite(plain) || big == 0.0) { /* infinities and NaN as IEEE sums give them */
+        acc = (float)plain;
+        continue;
+      }
+      const double ulp = std::ldexp(1.0, std::ilogb(big) - 23);
+      double sum = 0.0; /* exact: multiples of ulp below 2^28 ulp */
+      for (int t = 0; t < nt; t++) sum += cut(terms[t], ulp);
+      acc = cut_to_float(sum);
+    }
+    return acc;
+  }
+};
 
 cublasStatus_t outside(const char *what, const char *which) {
   char msg[256];
@@ -58,10 +129,11 @@ cublasStatus_t outside(const char *what, const char *which) {
   return CUBLAS_STATUS_EXECUTION_FAILED;
 }
 
+template <class E, class Sum>
 cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n,
-                    int k, const float *alpha, const float *A, int lda, long long sa,
-                    const float *B, int ldb, long long sb, const float *beta, float *C, int ldc,
-                    long long sc, int batch, const char *what) {
+                    int k, const float *alpha, const E *A, int lda, long long sa, const E *B,
+                    int ldb, long long sb, const float *beta, float *C, int ldc, long long sc,
+                    int batch, const char *what, Sum sum) {
   if (!live(h)) return CUBLAS_STATUS_NOT_INITIALIZED;
   if (!op_ok(ta) || !op_ok(tb) || m < 0 || n < 0 || k < 0 || batch < 0)
     return CUBLAS_STATUS_INVALID_VALUE;
@@ -83,14 +155,11 @@ cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb
   const float al = *alpha, be = *beta;
   peer_emu::enqueue(h->stream, [=] {
     for (int b = 0; b < batch; b++) {
-      const float *a = A + b * sa, *bb = B + b * sb;
+      const E *a = A + b * sa, *bb = B + b * sb;
       float *c = C + b * sc;
       for (long long j = 0; j < n; j++)
         for (long long i = 0; i < m; i++) {
-          float acc = 0.0f;
-          if (product)
-            for (long long l = 0; l < k; l++)
-              acc += at(a, ta, lda, i, l) * at(bb, tb, ldb, l, j);
+          const float acc = product ? sum(a, ta, lda, bb, tb, ldb, i, j, k) : 0.0f;
           float &out = c[i + j * (long long)ldc];
           const float ab = product ? al * acc : 0.0f;
           out = be == 0.0f ? ab : ab + be * out;
@@ -217,7 +286,7 @@ cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa,
                            const float *A, int lda, const float *B, int ldb, const float *beta,
                            float *C, int ldc) {
   return gemm(handle, transa, transb, m, n, k, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1,
-              "cublasSgemm");
+              "cublasSgemm", plain_sum());
 }
 
 cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_t transa,
@@ -227,7 +296,24 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_
                                          long long strideB, const float *beta, float *C, int ldc,
                                          long long strideC, int batchCount) {
   return gemm(handle, transa, transb, m, n, k, alpha, A, lda, strideA, B, ldb, strideB, beta, C,
-              ldc, strideC, batchCount, "cublasSgemmStridedBatched");
+              ldc, strideC, batchCount, "cublasSgemmStridedBatched", plain_sum());
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa,
+                                          cublasOperation_t transb, int m, int n, int k,
+                                          const void *alpha, const void *A, cudaDataType_t Atype,
+                                          int lda, long long strideA, const void *B,
+                                          cudaDataType_t Btype, int ldb, long long strideB,
+                                          const void *beta, void *C, cudaDataType_t Ctype, int ldc,
+                                          long long strideC, int batchCount,
+                                          cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
+  if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (Atype != CUDA_R_16BF || Btype != CUDA_R_16BF || Ctype != CUDA_R_32F ||
+      computeType != CUBLAS_COMPUTE_32F || algo != CUBLAS_GEMM_DEFAULT)
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+  return gemm(handle, transa, transb, m, n, k, (const float *)alpha, (const bf16 *)A, lda, strideA,
+              (const bf16 *)B, ldb, strideB, (const float *)beta, (float *)C, ldc, strideC,
+              batchCount, "cublasGemmStridedBatchedEx", truncating_sum());
 }
 
 } // extern "C"

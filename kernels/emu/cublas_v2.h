@@ -34,6 +34,12 @@ typedef enum {
 
 typedef struct cublasContext *cublasHandle_t;
 
+/* library_types.h's and cublas_api.h's values, those the backend uses */
+typedef enum { CUDA_R_32F = 0, CUDA_R_16BF = 14 } cudaDataType_t;
+typedef cudaDataType_t cudaDataType;
+typedef enum { CUBLAS_COMPUTE_32F = 68 } cublasComputeType_t;
+typedef enum { CUBLAS_GEMM_DEFAULT = -1 } cublasGemmAlgo_t;
+
 cublasStatus_t cublasCreate(cublasHandle_t *handle);
 cublasStatus_t cublasDestroy(cublasHandle_t handle);
 cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream);
@@ -56,6 +62,22 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_
                                          long long strideA, const float *B, int ldb,
                                          long long strideB, const float *beta, float *C, int ldc,
                                          long long strideC, int batchCount);
+
+/* As cublasSgemmStridedBatched for A and B in bf16 (CUDA_R_16BF), C in f32,
+ * f32 compute (alpha, beta floats); other types: NOT_SUPPORTED.  The sums
+ * are a tensor core's at its worst within kernels/README.md's model
+ * ("bf16 sub-key scores"), on purpose: groups of 8 products from the last
+ * k down, each step aligning its 9 terms to the largest with the bits below
+ * 24 significant ones cut (no guard bits), the step's sum cut toward zero
+ * to f32, results under 2^-126 flushed to zero. */
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa,
+                                          cublasOperation_t transb, int m, int n, int k,
+                                          const void *alpha, const void *A, cudaDataType_t Atype,
+                                          int lda, long long strideA, const void *B,
+                                          cudaDataType_t Btype, int ldb, long long strideB,
+                                          const void *beta, void *C, cudaDataType_t Ctype, int ldc,
+                                          long long strideC, int batchCount,
+                                          cublasComputeType_t computeType, cublasGemmAlgo_t algo);
 
 #ifdef __cplusplus
 }

@@ -27,9 +27,11 @@ typedef struct peer_emu_counts {
   /* Work the kernels count (PEER_K_COUNT, kernels/common.cuh): sub-key
    * scores the top-k' selection wrote into its candidate buffer (past its
    * threshold), and keys it passed through its warp sort (the sort's size,
-   * a power of two, per sort). */
+   * a power of two, per sort); sub-key scores the bf16 path re-scored
+   * exactly (subkey_topk_bf16). */
   unsigned long long topk_candidates;
   unsigned long long topk_sorted;
+  unsigned long long topk_rescored;
 } peer_emu_counts;
 
 /* The counts since the process started. */

@@ -304,6 +304,7 @@ void peer_emu_get_counts(peer_emu_counts *out) {
   out->blas_default_workspace = n_blas_default_workspace;
   out->topk_candidates = __atomic_load_n(&work_counts.topk_candidates, __ATOMIC_RELAXED);
   out->topk_sorted = __atomic_load_n(&work_counts.topk_sorted, __ATOMIC_RELAXED);
+  out->topk_rescored = __atomic_load_n(&work_counts.topk_rescored, __ATOMIC_RELAXED);
 }
 
 void peer_emu_lazy_streams(int on) {
