@@ -266,7 +266,15 @@ PEER_API peer_status peer_cuda_optimizer_step(peer_optimizer *opt, const peer_gr
  * the query projection, batch norm and sub-keys are replicated, and every
  * rank retrieves the same ids (the same kernels on the same inputs).  The
  * transport is the caller's, on device pointers: include/peer_nccl.h builds
- * one from an ncclComm_t.  Inference only so far (forward, retrieval). */
+ * one from an ncclComm_t.  Forward, retrieval, training (forward_train,
+ * backward, the CUDA layer's device optimizer on the rank's columns) and
+ * shard files (peer.h's format: `peer shard --merge` joins them).
+ *
+ * Every call marked "collective" must be made by every rank, in the same
+ * order, with the same n_tokens, replicated x (dy) and the same NULL-ness of
+ * optional outputs, as peer.h's peer_shard_* calls; a rank refused before a
+ * collective step (an argument error only it makes) leaves the others
+ * waiting in the communicator. */
 typedef struct peer_cuda_comm {
   void *handle; /* the transport's own state, passed back to every call */
   int rank;     /* this process (or device), 0 <= rank < world */
@@ -332,6 +340,67 @@ PEER_API peer_status peer_cuda_shard_retrieve(peer_cuda_shard *shard, int64_t n_
                                               cudaStream_t stream);
 /* As peer_cuda_check, for the shard's layer. */
 PEER_API peer_status peer_cuda_shard_check(peer_cuda_shard *shard, cudaStream_t stream);
+
+/* Training.  Local: a context for this shard's training calls, as
+ * peer_context_create on a CUDA layer (device memory; peer_context_size's
+ * size for the unsharded layer of this config), freed with
+ * peer_context_free.  It also grows the layer's and the shard's device
+ * scratch to max_tokens (a wait for the device, then cudaMalloc), so that
+ * the training calls allocate nothing for batches up to max_tokens. */
+PEER_API peer_status peer_cuda_shard_context_create(peer_context **out, peer_cuda_shard *shard,
+                                                    int64_t max_tokens);
+
+/* Collective.  As peer_cuda_forward_train: d_x [T, d] (the same on every
+ * rank; kept by reference for the backward), d_y [T, d] (gathered: the same
+ * on every rank); queued on `stream` with the communicator's calls, no
+ * host-device copy, no allocation for T up to the context's max_tokens.
+ * Non-finite x or scores are recorded for peer_cuda_shard_check (and leave
+ * the running statistics alone).  Argument errors as
+ * peer_cuda_forward_train. */
+PEER_API peer_status peer_cuda_shard_forward_train(peer_cuda_shard *shard, peer_context *ctx,
+                                                   int64_t n_tokens, const float *d_x, float *d_y,
+                                                   cudaStream_t stream);
+
+/* Collective.  As peer_cuda_backward, on this rank's columns: d_dy [T, d]
+ * (the same on every rank), d_dx [T, d] (gathered: the same on every rank;
+ * NULL on every rank or on none), dense gradients replicated (the same on
+ * every rank), expert gradient rows of this rank's columns: sparse
+ * [expert_capacity, d/P] (rows listed in expert_rows, count in
+ * *d_n_expert_rows, the same on every rank) or, with experts_dense, added
+ * into [N, d/P] buffers.  One all-reduce of T*H*k floats (and with dx one
+ * all-gather of T*d floats), queued on `stream`.  A non-finite dy is
+ * recorded for peer_cuda_shard_check.  State rules as peer_cuda_backward. */
+PEER_API peer_status peer_cuda_shard_backward(peer_cuda_shard *shard, peer_context *ctx,
+                                              const float *d_dy, float *d_dx,
+                                              peer_grads *d_grads, int64_t *d_n_expert_rows,
+                                              cudaStream_t stream);
+
+/* Local.  An optimizer of the shard's parameters: a peer_optimizer (state
+ * in device memory, the expert tables' [N, d/P]), stepped with
+ * peer_cuda_optimizer_step on peer_cuda_shard_backward's gradients (or
+ * peer_optimizer_step on host ones), read with peer_optimizer_state*,
+ * freed with peer_optimizer_free.  Each rank steps its own parameters; the
+ * rules are elementwise, so a rank's columns step as the unsharded layer's
+ * would, and the replicated parameters stay the same bits on every rank. */
+PEER_API peer_status peer_cuda_shard_optimizer_create(peer_optimizer **out,
+                                                      peer_cuda_shard *shard,
+                                                      const peer_optim_config *cfg);
+
+/* Files, local, as peer_shard_save / peer_shard_load / peer_shard_load_full
+ * (peer.h): this rank's shard file (metadata "peer.shard.*"; written
+ * atomically), opt (from peer_cuda_shard_optimizer_create on this shard, or
+ * NULL) saved or loaded with it.  Through host staging as peer_layer_save
+ * on a CUDA layer (waits for the whole device; a host copy of each tensor).
+ * load refuses a file of another world size, rank or column range, or an
+ * unsharded file; load_full takes an unsharded weight file or checkpoint
+ * (each expert table read whole into host memory, then this rank's columns
+ * uploaded). */
+PEER_API peer_status peer_cuda_shard_save(const peer_cuda_shard *shard, const peer_optimizer *opt,
+                                          const char *path);
+PEER_API peer_status peer_cuda_shard_load(peer_cuda_shard *shard, peer_optimizer *opt,
+                                          const char *path);
+PEER_API peer_status peer_cuda_shard_load_full(peer_cuda_shard *shard, peer_optimizer *opt,
+                                               const char *path);
 
 #ifdef __cplusplus
 }

@@ -368,8 +368,10 @@ peer_status peer_cb_check_stream(peer_layer *L, cudaStream_t stream) {
     const int slot = (int)(rec[REC_GRAD] >> PEER_K_GRAD_SLOT_SHIFT);
     const long long at = (long long)(rec[REC_GRAD] & ((1ull << PEER_K_GRAD_SLOT_SHIFT) - 1));
     char where[64];
+    const int64_t w = L->slot[slot].shape[1]; /* a shard's rows are its columns */
     if (slot == PEER_P_EXPERTS_DOWN || slot == PEER_P_EXPERTS_UP)
-      snprintf(where, sizeof where, "of expert %lld, element %lld", at / D->d, at % D->d);
+      snprintf(where, sizeof where, "of expert %lld, element %lld", at / w,
+               at % w + (long long)L->expert_col0);
     else
       snprintf(where, sizeof where, "element %lld", at);
     return peer_fail(PEER_ERR_NONFINITE,

@@ -191,6 +191,23 @@ bool peer_cb_bf16_scores(const peer_layer *L);
 peer_status peer_cb_set_f32_scores(peer_layer *L, bool f32);
 peer_status peer_cb_retrieval_stats(const peer_layer *L, peer_retrieval_stats *out);
 
+/* A training context's device buffer (backend_train.c), carved for its
+ * max_tokens T; E = T*H*k entries. */
+typedef struct train_mem {
+  float *q, *qhat, *dq;      /* [T, dq]: final queries, normalised (batch norm), grad */
+  float *mean, *invstd;      /* [dq] batch statistics */
+  int64_t *ids;              /* [E] */
+  float *scores, *gates, *z; /* [E]; z = u_i . x */
+  float *ds, *cup, *cdown;   /* [E] per-entry coefficients */
+  uint32_t *key, *val, *key2, *val2, *starts; /* sorts: 2E (+1) each */
+  uint32_t *runs;                             /* distinct rows of the last sort */
+  unsigned long long *rec; /* [REC_BATCH] this batch's REC_SCORE, REC_X records */
+  void *temp;              /* the sorts' scratch (run counts, CUB) */
+  size_t temp_bytes;
+  void *red;               /* the reductions over tokens' partial sums */
+  size_t red_bytes;
+} train_mem;
+
 /* backend_train.c: the training entries of the backend table */
 size_t peer_cb_cuda_host_workspace(const peer_layer *L, int64_t T);
 size_t peer_cb_cuda_context_bytes(const peer_layer *L, int64_t T);
@@ -201,6 +218,25 @@ peer_status peer_cb_cuda_forward_train(peer_layer *L, peer_context *ctx, int64_t
                                        float *y, void *host_ws);
 peer_status peer_cb_cuda_backward(peer_layer *L, peer_context *ctx, const float *dy, float *dx,
                                   peer_grads *g);
+/* The passes of a device training step that a sharded layer
+ * (backend_shard.c) shares with the unsharded one: ctx's buffers; the
+ * forward's queries and retrieval, and its end (running statistics,
+ * records, x kept); the backward's expert gradient rows (w columns of x and
+ * dy from the given addresses, rows ld apart) and its replicated part
+ * (query, sub-key, norm, bias and projection gradients, dx += dq Wq). */
+peer_status peer_cb_context_mem(const peer_layer *L, const peer_context *c, train_mem *m);
+peer_status peer_cb_train_queries(peer_layer *L, int64_t T, const float *d_x, const train_mem *m,
+                                  cudaStream_t stream);
+peer_status peer_cb_train_finish(peer_layer *L, peer_context *ctx, int64_t T, const float *d_x,
+                                 const train_mem *m, cudaStream_t stream);
+peer_status peer_cb_expert_rows(const peer_layer *L, int64_t T, const train_mem *m, const float *x,
+                                const float *dy, int64_t ld, int64_t w, const peer_grads *g,
+                                int64_t *n_rows, cudaStream_t stream);
+peer_status peer_cb_query_backward(peer_layer *L, int64_t T, const train_mem *m, const float *x,
+                                   float *d_dx, const peer_grads *g, cudaStream_t stream);
+/* An empty batch's backward: dense gradients zeroed, no expert rows. */
+peer_status peer_cb_backward_empty(const peer_layer *L, const peer_grads *g, int64_t *n_rows,
+                                   cudaStream_t stream);
 
 /* backend_optim.c: the optimizer step and download entries */
 peer_status peer_cb_cuda_optimizer_step(peer_layer *L, const peer_optim_plan *p, void **stage,

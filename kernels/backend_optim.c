@@ -32,7 +32,8 @@ static peer_status queue_check(peer_layer *L, const peer_optim_plan *p, unsigned
   for (int i = 0; i < 2 && p->grad[PEER_P_EXPERTS_DOWN]; i++)
     if ((s = peer_k_optim_check_rows(p->grad[expert_slots[i]], p->experts_dense, p->expert_rows,
                                      p->d_n_expert_rows, p->n_expert_rows, p->expert_capacity,
-                                     L->dims.d, expert_slots[i], rec, stream)))
+                                     L->slot[expert_slots[i]].shape[1], expert_slots[i], rec,
+                                     stream)))
       return s;
   return PEER_OK;
 }
@@ -57,7 +58,8 @@ static peer_status queue_step(peer_layer *L, const peer_optim_plan *p,
     const int slot = expert_slots[i];
     if ((s = peer_k_optim_rows(&p->rows, L->slot[slot].data, bf16, p->grad[slot], p->experts_dense,
                                p->m[slot], p->v[slot], p->expert_rows, p->d_n_expert_rows,
-                               p->n_expert_rows, p->expert_capacity, L->dims.d, refused, stream)))
+                               p->n_expert_rows, p->expert_capacity, L->slot[slot].shape[1],
+                               refused, stream)))
       return s;
   }
   return PEER_OK;
@@ -83,7 +85,8 @@ static peer_status host_step(peer_layer *L, const peer_optim_plan *p, void **sta
   const char *what = "optimizer_step";
   cuda_state *st = state_of(L);
   const bool experts = p->grad[PEER_P_EXPERTS_DOWN] != NULL;
-  const size_t d = (size_t)L->dims.d, R = experts ? (size_t)p->n_expert_rows : 0;
+  const size_t d = (size_t)L->slot[PEER_P_EXPERTS_DOWN].shape[1];
+  const size_t R = experts ? (size_t)p->n_expert_rows : 0;
   peer_optim_plan dp = *p;
   float *dg[PEER_P_COUNT] = {0};
   int64_t *rows = NULL;

@@ -1,15 +1,24 @@
 /* backend_shard.c: the CUDA sharded layer of peer_cuda.h ("sharding"): a
  * CUDA layer whose expert tables hold this rank's columns
  * (peer_layer_create_cols), the config agreement at creation over the
- * caller's device communicator, and the inference forward:
+ * caller's device communicator, the forward:
  *   retrieval (replicated)          the layer's own passes (backend.c)
  *   z = u_i[cols] . x[cols]         peer_k_shard_dots
  *   z summed over the ranks         the communicator's all-reduce, T*H*k floats
  *   y[:, cols] = sum c_i v_i[cols]  peer_k_shard_combine
  *   every rank's y columns          the communicator's all-gather, T*d floats
  *   into y [T, d]                   peer_k_shard_interleave
+ * the training forward (the same, with backend_train.c's queries and batch
+ * statistics, z kept in the context), and the backward:
+ *   vd = v_i[cols] . dy[cols]       peer_k_shard_dots on the up table
+ *   vd summed over the ranks        the all-reduce, T*H*k floats
+ *   ds, cup, cdown (replicated)     peer_k_shard_coefficients
+ *   dx[:, cols] = sum cdown u_i     peer_k_shard_combine, all-gathered as y
+ *   expert rows of the rank's cols  backend_train.c's sorted rows
+ *   query, key, norm grads, dq Wq   backend_train.c's (replicated: no traffic)
  * all queued on the caller's stream.  With one rank the combine writes y
- * and nothing is gathered. */
+ * (dx) and nothing is gathered.  The optimizer is the CUDA layer's (its
+ * expert rows as wide as the tables), the files shard_file.c's. */
 #include "backend.h"
 #include "shard.h"
 
@@ -174,7 +183,7 @@ static size_t shard_layout(const peer_cuda_shard *S, int64_t T, char *base, shar
 static peer_status shard_scratch(peer_cuda_shard *S, int64_t T, shard_ws *w) {
   const size_t need = shard_layout(S, T, NULL, w);
   if (need > S->ws_bytes) {
-    const char *what = "cuda_shard_forward: scratch";
+    const char *what = "cuda_shard: device scratch";
     peer_status st = S->ws ? device_idle(what) : PEER_OK;
     if (st) return st;
     if (S->ws) cudaFree(S->ws);
@@ -191,6 +200,40 @@ static peer_status shard_scratch(peer_cuda_shard *S, int64_t T, shard_ws *w) {
   return PEER_OK;
 }
 
+/* out [T, d] = sum over the entries of coef * row_ids[cols] of `table`, each
+ * rank its columns, gathered: with z, coef = gates * act(z) (y); without,
+ * coef = gates (dx's expert part, gates = cdown). */
+static peer_status combine_gather(peer_cuda_shard *S, int64_t T, const float *z,
+                                  const float *gates, const int64_t *ids, int table, float *out,
+                                  const shard_ws *sw, cudaStream_t stream, const char *what) {
+  const peer_layer *L = S->L;
+  const int world = S->comm.world;
+  float *mine = world > 1 ? sw->mine : out;
+  peer_status st = peer_k_shard_combine(z, gates, ids, L->slot[table].data,
+                                        L->cfg.weight_dtype == PEER_BF16, S->cols, T,
+                                        L->dims.H * L->dims.k, (int)L->cfg.activation, mine, stream);
+  if (st || world == 1) return st;
+  if ((st = comm_allgather(&S->comm, mine, sw->all, (size_t)(T * S->cols) * sizeof(float), stream,
+                           what)))
+    return st;
+  return peer_k_shard_interleave(sw->all, world, T, S->cols, out, stream);
+}
+
+/* The forward's expert phase: z = the all-reduced partial dots of x with
+ * the down table's columns, then y. */
+static peer_status expert_forward(peer_cuda_shard *S, int64_t T, const float *d_x,
+                                  const int64_t *ids, const float *gates, float *z, float *d_y,
+                                  const shard_ws *sw, cudaStream_t stream, const char *what) {
+  const peer_layer *L = S->L;
+  const int64_t hk = L->dims.H * L->dims.k;
+  peer_status st;
+  if ((st = peer_k_shard_dots(d_x, L->dims.d, S->col0, L->slot[PEER_P_EXPERTS_DOWN].data,
+                              L->cfg.weight_dtype == PEER_BF16, S->cols, ids, T, hk, z, stream)) ||
+      (st = comm_allreduce(S, z, T * hk, stream, what)))
+    return st;
+  return combine_gather(S, T, z, gates, ids, PEER_P_EXPERTS_UP, d_y, sw, stream, what);
+}
+
 static peer_status forward_call(peer_cuda_shard *S, int64_t T, const float *d_x, float *d_y,
                                 int64_t *d_indices, float *d_gates, cudaStream_t stream) {
   const char *what = "cuda_shard_forward";
@@ -202,26 +245,13 @@ static peer_status forward_call(peer_cuda_shard *S, int64_t T, const float *d_x,
   dev_ws w;
   shard_ws sw;
   if ((st = peer_cb_device_scratch(L, T, &w)) || (st = shard_scratch(S, T, &sw))) return st;
-  const peer_dims *D = &L->dims;
-  const int64_t hk = D->H * D->k;
-  const int bf16 = L->cfg.weight_dtype == PEER_BF16, world = S->comm.world;
   int64_t *ids = d_indices ? d_indices : w.ids;
   float *gates = d_gates ? d_gates : w.gates;
-  float *mine = world > 1 ? sw.mine : d_y;
   if ((st = peer_cb_project_query(L, T, d_x, w.q, true, stream)) ||
       (st = peer_cb_search(L, T, w.q, ids, w.scores, gates, false, state_of(L)->d_bad + REC_SCORE,
-                           stream, &w)) ||
-      (st = peer_k_shard_dots(d_x, D->d, S->col0, L->slot[PEER_P_EXPERTS_DOWN].data, bf16, S->cols,
-                              ids, T, hk, sw.z, stream)) ||
-      (st = comm_allreduce(S, sw.z, T * hk, stream, what)) ||
-      (st = peer_k_shard_combine(sw.z, gates, ids, L->slot[PEER_P_EXPERTS_UP].data, bf16, S->cols,
-                                 T, hk, (int)L->cfg.activation, mine, stream)))
+                           stream, &w)))
     return st;
-  if (world == 1) return PEER_OK;
-  if ((st = comm_allgather(&S->comm, mine, sw.all, (size_t)(T * S->cols) * sizeof(float), stream,
-                           what)))
-    return st;
-  return peer_k_shard_interleave(sw.all, world, T, S->cols, d_y, stream);
+  return expert_forward(S, T, d_x, ids, gates, sw.z, d_y, &sw, stream, what);
 }
 
 peer_status peer_cuda_shard_forward(peer_cuda_shard *S, int64_t T, const float *d_x, float *d_y,
@@ -244,4 +274,143 @@ peer_status peer_cuda_shard_retrieve(peer_cuda_shard *S, int64_t T, const float 
 peer_status peer_cuda_shard_check(peer_cuda_shard *S, cudaStream_t stream) {
   if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_shard_check: NULL shard");
   return peer_cuda_check(S->L, stream);
+}
+
+/* ------------------------------------------------------------ training */
+
+peer_status peer_cuda_shard_context_create(peer_context **out, peer_cuda_shard *S,
+                                           int64_t max_tokens) {
+  const char *what = "cuda_shard_context_create";
+  if (!out || !S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL argument", what);
+  *out = NULL;
+  peer_status st = peer_cb_busy(S->L, what);
+  if (st) return st;
+  peer_context *c = NULL;
+  dev_ws w;
+  shard_ws sw;
+  /* the training calls then allocate nothing for T up to max_tokens */
+  if (!(st = peer_cb_enter(S->L, 0, NULL, what)) &&
+      !(st = peer_context_create(&c, S->L, max_tokens)) && max_tokens > 0 &&
+      !(st = peer_cb_device_scratch(S->L, max_tokens, &w)))
+    st = shard_scratch(S, max_tokens, &sw);
+  peer_cb_idle(S->L);
+  if (st) {
+    peer_context_free(c);
+    return st;
+  }
+  *out = c;
+  return PEER_OK;
+}
+
+static peer_status forward_train_call(peer_cuda_shard *S, peer_context *ctx, int64_t T,
+                                      const float *d_x, float *d_y, cudaStream_t stream) {
+  const char *what = "cuda_shard_forward_train";
+  peer_layer *L = S->L;
+  /* peer_train_begin first: it marks ctx not ready, so that no argument
+   * error leaves a backward to use the previous batch */
+  peer_status st = peer_train_begin(L, ctx, T, d_x, d_y, what);
+  if (st || (st = peer_cb_enter(L, T, d_x, what))) return st;
+  if (T > 0) {
+    train_mem m;
+    shard_ws sw;
+    if ((st = peer_cb_context_mem(L, ctx, &m)) || (st = shard_scratch(S, T, &sw)) ||
+        (st = peer_cb_train_queries(L, T, d_x, &m, stream)) ||
+        (st = expert_forward(S, T, d_x, m.ids, m.gates, m.z, d_y, &sw, stream, what)) ||
+        (st = peer_cb_train_finish(L, ctx, T, d_x, &m, stream)))
+      return st;
+  }
+  peer_train_end(ctx, T, d_x);
+  return PEER_OK;
+}
+
+peer_status peer_cuda_shard_forward_train(peer_cuda_shard *S, peer_context *ctx, int64_t T,
+                                          const float *d_x, float *d_y, cudaStream_t stream) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_shard_forward_train: NULL shard");
+  peer_status st = peer_cb_busy(S->L, "cuda_shard_forward_train");
+  if (st) return st;
+  st = forward_train_call(S, ctx, T, d_x, d_y, stream);
+  peer_cb_idle(S->L);
+  return st;
+}
+
+/* The backward of ctx's training forward on device pointers, queued on
+ * `stream` (see the opening comment); expert rows of this rank's columns. */
+static peer_status dev_backward(peer_cuda_shard *S, peer_context *ctx, const float *d_dy,
+                                float *d_dx, const peer_grads *g, int64_t *n_rows,
+                                cudaStream_t stream, const char *what) {
+  peer_layer *L = S->L;
+  const peer_dims *D = &L->dims;
+  const int64_t T = ctx->n_tokens, hk = D->H * D->k;
+  const float *x = ctx->x_dev;
+  train_mem m;
+  shard_ws sw;
+  peer_status st;
+  if ((st = peer_cb_context_mem(L, ctx, &m)) || (st = shard_scratch(S, T, &sw)) ||
+      (st = peer_k_first_nonfinite_row(d_dy, T, D->d, state_of(L)->d_bad + REC_DY, stream)) ||
+      (st = peer_k_shard_dots(d_dy, D->d, S->col0, L->slot[PEER_P_EXPERTS_UP].data,
+                              L->cfg.weight_dtype == PEER_BF16, S->cols, m.ids, T, hk, m.ds,
+                              stream)) ||
+      (st = comm_allreduce(S, m.ds, T * hk, stream, what)) ||
+      (st = peer_k_shard_coefficients(m.z, m.gates, m.scores, m.ds, m.cup, m.cdown, T, D->H, D->k,
+                                      (int)L->cfg.activation, (int)L->cfg.gate, stream)))
+    return st;
+  if (d_dx && (st = combine_gather(S, T, NULL, m.cdown, m.ids, PEER_P_EXPERTS_DOWN, d_dx, &sw,
+                                   stream, what)))
+    return st;
+  if ((st = peer_cb_expert_rows(L, T, &m, x + S->col0, d_dy + S->col0, D->d, S->cols, g, n_rows,
+                                stream)))
+    return st;
+  return peer_cb_query_backward(L, T, &m, x, d_dx, g, stream);
+}
+
+static peer_status backward_call(peer_cuda_shard *S, peer_context *ctx, const float *d_dy,
+                                 float *d_dx, peer_grads *d_grads, int64_t *d_n_expert_rows,
+                                 cudaStream_t stream) {
+  const char *what = "cuda_shard_backward";
+  peer_layer *L = S->L;
+  peer_status st = peer_cb_enter(L, 0, NULL, what);
+  if (st || (st = peer_backward_check(L, ctx, d_dy, d_grads, what))) return st;
+  if (ctx->n_tokens == 0)
+    st = peer_cb_backward_empty(L, d_grads, d_n_expert_rows, stream);
+  else
+    st = dev_backward(S, ctx, d_dy, d_dx, d_grads, d_n_expert_rows, stream, what);
+  if (st) return st;
+  ctx->ready = false; /* one backward per training forward */
+  return PEER_OK;
+}
+
+peer_status peer_cuda_shard_backward(peer_cuda_shard *S, peer_context *ctx, const float *d_dy,
+                                     float *d_dx, peer_grads *d_grads, int64_t *d_n_expert_rows,
+                                     cudaStream_t stream) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_shard_backward: NULL shard");
+  peer_status st = peer_cb_busy(S->L, "cuda_shard_backward");
+  if (st) return st;
+  st = backward_call(S, ctx, d_dy, d_dx, d_grads, d_n_expert_rows, stream);
+  peer_cb_idle(S->L);
+  return st;
+}
+
+peer_status peer_cuda_shard_optimizer_create(peer_optimizer **out, peer_cuda_shard *S,
+                                             const peer_optim_config *cfg) {
+  if (!out || !S)
+    return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_shard_optimizer_create: NULL argument");
+  return peer_optimizer_create(out, S->L, cfg);
+}
+
+/* ------------------------------------------------------------ files */
+
+peer_status peer_cuda_shard_save(const peer_cuda_shard *S, const peer_optimizer *opt,
+                                 const char *path) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_shard_save: NULL shard");
+  return peer_shard_file_save(S->L, opt, S->comm.rank, S->comm.world, path, "cuda_shard_save");
+}
+
+peer_status peer_cuda_shard_load(peer_cuda_shard *S, peer_optimizer *opt, const char *path) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_shard_load: NULL shard");
+  return peer_shard_file_load(S->L, opt, S->comm.rank, S->comm.world, path, "cuda_shard_load");
+}
+
+peer_status peer_cuda_shard_load_full(peer_cuda_shard *S, peer_optimizer *opt, const char *path) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "cuda_shard_load_full: NULL shard");
+  return peer_shard_file_load_full(S->L, opt, path, "cuda_shard_load_full");
 }

@@ -28,22 +28,6 @@ typedef struct cuda_context {
   void *stage;
 } cuda_context;
 
-/* The context's `dev` buffer, carved for its max_tokens T; E = T*H*k
- * entries. */
-typedef struct train_mem {
-  float *q, *qhat, *dq;      /* [T, dq]: final queries, normalised (batch norm), grad */
-  float *mean, *invstd;      /* [dq] batch statistics */
-  int64_t *ids;              /* [E] */
-  float *scores, *gates, *z; /* [E]; z = u_i . x */
-  float *ds, *cup, *cdown;   /* [E] per-entry coefficients */
-  uint32_t *key, *val, *key2, *val2, *starts; /* sorts: 2E (+1) each */
-  uint32_t *runs;                             /* distinct rows of the last sort */
-  unsigned long long *rec; /* [REC_BATCH] this batch's REC_SCORE, REC_X records */
-  void *temp;              /* the sorts' scratch (run counts, CUB) */
-  size_t temp_bytes;
-  void *red;               /* the reductions over tokens' partial sums */
-  size_t red_bytes;
-} train_mem;
 
 static size_t train_layout(const peer_layer *L, int64_t T, size_t temp_bytes, char *base,
                            train_mem *m) {
@@ -161,7 +145,7 @@ void peer_cb_cuda_context_free(void *mem, size_t bytes) {
 }
 
 /* The context's layout; fails if CUB now wants more scratch than it has. */
-static peer_status context_mem(const peer_layer *L, const peer_context *c, train_mem *m) {
+peer_status peer_cb_context_mem(const peer_layer *L, const peer_context *c, train_mem *m) {
   size_t temp = 0;
   peer_status s = sort_temp(L, c->max_tokens, &temp);
   if (s) return s;
@@ -189,44 +173,136 @@ static peer_status context_stage(const peer_layer *L, peer_context *c, host_stag
   return PEER_OK;
 }
 
-/* The training forward on device pointers, queued on `stream`: queries with
- * batch statistics (kept in the context), retrieval into the context's ids,
- * scores and gates, experts keeping z; then the running statistics, which
- * the device leaves alone when this batch met a non-finite x or score (as
- * the CPU, which fails before updating them); then this batch's records
- * join the layer's.  The backward will read x from d_x.  T is within the
- * context (peer_train_begin), whose size cuda_context_check accepted, so the
- * backward's sorts fit CUB's counts. */
+/* The training forward's queries and retrieval, queued on `stream`:
+ * this batch's records cleared, x checked, queries with batch statistics
+ * (kept in the context), retrieval into the context's ids, scores and
+ * gates.  T is within the context (peer_train_begin), whose size
+ * cuda_context_check accepted, so the backward's sorts fit CUB's counts. */
+peer_status peer_cb_train_queries(peer_layer *L, int64_t T, const float *d_x, const train_mem *m,
+                                  cudaStream_t stream) {
+  const peer_dims *D = &L->dims;
+  dev_ws w;
+  peer_status s = peer_cb_device_scratch(L, T, &w);
+  if (s) return s;
+  cudaError_t e = cudaMemsetAsync(m->rec, 0xff, REC_BATCH * sizeof *m->rec, stream);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "forward_train: cudaMemsetAsync");
+  if ((s = peer_k_first_nonfinite_row(d_x, T, D->d, m->rec + REC_X, stream)) ||
+      (s = peer_cb_project_query(L, T, d_x, m->q, false, stream)))
+    return s;
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM &&
+      (s = peer_k_batch_norm_train(m->q, m->qhat, m->mean, m->invstd, T, D->dq,
+                                   L->slot[PEER_P_NORM_WEIGHT].data,
+                                   L->slot[PEER_P_NORM_BIAS].data, m->red, m->red_bytes, stream)))
+    return s;
+  return peer_cb_search(L, T, m->q, m->ids, m->scores, m->gates, false, m->rec + REC_SCORE, stream,
+                        &w);
+}
+
+/* After the expert phase: the running statistics, which the device leaves
+ * alone when this batch met a non-finite x or score (as the CPU, which
+ * fails before updating them); then this batch's records join the layer's.
+ * The backward will read x from d_x. */
+peer_status peer_cb_train_finish(peer_layer *L, peer_context *ctx, int64_t T, const float *d_x,
+                                 const train_mem *m, cudaStream_t stream) {
+  peer_status s;
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM &&
+      (s = peer_k_running_update(L->slot[PEER_P_NORM_MEAN].data, L->slot[PEER_P_NORM_VAR].data,
+                                 m->mean, m->invstd, T, L->dims.dq, L->norm_momentum, m->rec,
+                                 REC_BATCH, stream)))
+    return s;
+  if ((s = peer_k_record_fold(state_of(L)->d_bad, m->rec, REC_BATCH, stream))) return s;
+  ctx->x_dev = d_x;
+  return PEER_OK;
+}
+
+/* The training forward on device pointers, queued on `stream`: queries and
+ * retrieval, the experts keeping z, the running statistics and records. */
 static peer_status dev_forward_train(peer_layer *L, peer_context *ctx, int64_t T, const float *d_x,
                                      float *d_y, cudaStream_t stream) {
   const peer_dims *D = &L->dims;
-  const bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
   train_mem m;
-  dev_ws w;
   peer_status s;
-  if ((s = context_mem(L, ctx, &m)) || (s = peer_cb_device_scratch(L, T, &w))) return s;
-  cudaError_t e = cudaMemsetAsync(m.rec, 0xff, REC_BATCH * sizeof *m.rec, stream);
-  if (e != cudaSuccess) return peer_k_cuda_fail(e, "forward_train: cudaMemsetAsync");
-  if ((s = peer_k_first_nonfinite_row(d_x, T, D->d, m.rec + REC_X, stream)) ||
-      (s = peer_cb_project_query(L, T, d_x, m.q, false, stream)))
-    return s;
-  if (bn && (s = peer_k_batch_norm_train(m.q, m.qhat, m.mean, m.invstd, T, D->dq,
-                                         L->slot[PEER_P_NORM_WEIGHT].data,
-                                         L->slot[PEER_P_NORM_BIAS].data, m.red, m.red_bytes,
-                                         stream)))
-    return s;
-  if ((s = peer_cb_search(L, T, m.q, m.ids, m.scores, m.gates, false, m.rec + REC_SCORE, stream,
-                          &w)) ||
+  if ((s = peer_cb_context_mem(L, ctx, &m)) || (s = peer_cb_train_queries(L, T, d_x, &m, stream)) ||
       (s = peer_k_experts(d_x, d_y, L->slot[PEER_P_EXPERTS_DOWN].data,
                           L->slot[PEER_P_EXPERTS_UP].data, L->cfg.weight_dtype == PEER_BF16, m.ids,
                           m.gates, m.z, T, D->d, D->H * D->k, (int)L->cfg.activation, stream)))
     return s;
-  if (bn && (s = peer_k_running_update(L->slot[PEER_P_NORM_MEAN].data,
-                                       L->slot[PEER_P_NORM_VAR].data, m.mean, m.invstd, T, D->dq,
-                                       L->norm_momentum, m.rec, REC_BATCH, stream)))
+  return peer_cb_train_finish(L, ctx, T, d_x, &m, stream);
+}
+
+/* The expert gradient rows of a backward (g's expert triple; nothing when
+ * it is NULL, and *n_rows = 0), from the context's cdown and cup: the w
+ * columns of x and dy that start at x, dy (rows ld apart). */
+peer_status peer_cb_expert_rows(const peer_layer *L, int64_t T, const train_mem *m, const float *x,
+                                const float *dy, int64_t ld, int64_t w, const peer_grads *g,
+                                int64_t *n_rows, cudaStream_t stream) {
+  const peer_dims *D = &L->dims;
+  const int64_t hk = D->H * D->k, E = T * hk;
+  if (!g->experts_down) {
+    cudaError_t e = n_rows ? cudaMemsetAsync(n_rows, 0, sizeof *n_rows, stream) : cudaSuccess;
+    return e == cudaSuccess ? PEER_OK : peer_k_cuda_fail(e, "backward: cudaMemsetAsync");
+  }
+  /* The distinct rows of the sort: at most its entries, and at most the
+   * rows there are (the kernel's grid is sized by this bound). */
+  const int64_t expert_rows = E < D->N ? E : D->N;
+  peer_status s;
+  if ((s = peer_k_expert_sort_keys(m->ids, E, m->key, m->val, stream)) ||
+      (s = peer_k_sorted_runs(m->key, m->val, m->key2, m->val2, m->starts, m->runs, E,
+                              (uint32_t)(D->N - 1), m->temp, m->temp_bytes, stream)))
     return s;
-  if ((s = peer_k_record_fold(state_of(L)->d_bad, m.rec, REC_BATCH, stream))) return s;
-  ctx->x_dev = d_x;
+  return peer_k_expert_grads(m->key2, m->val2, m->starts, m->runs, expert_rows, m->cdown, m->cup, x,
+                             dy, ld, w, hk, g->experts_dense ? 1 : 0, g->experts_down,
+                             g->experts_up, g->expert_rows, n_rows, stream);
+}
+
+/* The replicated part of a backward, from the context's score gradients
+ * ds: the query gradient, the sub-key, norm, bias and projection gradients
+ * g asks for, and dx += dq Wq when d_dx (its expert part already there). */
+peer_status peer_cb_query_backward(peer_layer *L, int64_t T, const train_mem *m, const float *x,
+                                   float *d_dx, const peer_grads *g, cudaStream_t stream) {
+  cuda_state *st = state_of(L);
+  const peer_dims *D = &L->dims;
+  const int64_t E = T * D->H * D->k;
+  const int64_t key_rows = 2 * E < D->G * 2 * D->n ? 2 * E : D->G * 2 * D->n;
+  const float *keys = L->slot[PEER_P_KEYS].data;
+  peer_status s;
+  cudaError_t e;
+  if ((s = peer_k_query_grad(m->ids, m->ds, keys, T, D->H, D->k, D->n, D->dk,
+                             L->cfg.shared_keys ? 1 : 0, m->dq, stream)))
+    return s;
+  if (g->keys) {
+    if ((e = cudaMemsetAsync(g->keys, 0, L->slot[PEER_P_KEYS].nbytes, stream)) != cudaSuccess)
+      return peer_k_cuda_fail(e, "backward: cudaMemsetAsync");
+    if ((s = peer_k_subkey_sort_keys(m->ids, T, D->H, D->k, D->n, L->cfg.shared_keys ? 1 : 0,
+                                     m->key, m->val, stream)) ||
+        (s = peer_k_sorted_runs(m->key, m->val, m->key2, m->val2, m->starts, m->runs, 2 * E,
+                                (uint32_t)(D->G * 2 * D->n - 1), m->temp, m->temp_bytes, stream)) ||
+        (s = peer_k_keys_grad(m->key2, m->val2, m->starts, m->runs, key_rows, m->ds, m->q, D->H,
+                              D->k, D->dk, g->keys, stream)))
+      return s;
+  }
+  if (L->cfg.query_norm == PEER_NORM_BATCHNORM &&
+      (s = peer_k_norm_backward(m->dq, m->qhat, m->invstd, L->slot[PEER_P_NORM_WEIGHT].data, T,
+                                D->dq, g->norm_weight, g->norm_bias, m->red, m->red_bytes,
+                                stream)))
+    return s;
+  if (g->query_bias &&
+      (s = peer_k_column_sums(m->dq, T, D->dq, g->query_bias, m->red, m->red_bytes, stream)))
+    return s;
+  const float one = 1.0f, zero = 0.0f;
+  if ((s = blas_on(st, stream, "backward: cublasSetStream"))) return s;
+  cublasStatus_t bs;
+  /* dWq [dq, d] row-major = dq^T X: column-major dWq' [d, dq] = X' dq'^T */
+  if (g->query_weight &&
+      (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)D->d, (int)D->dq, (int)T, &one, x,
+                        (int)D->d, m->dq, (int)D->dq, &zero, g->query_weight, (int)D->d)) !=
+          CUBLAS_STATUS_SUCCESS)
+    return blas_fail(bs, "backward: query weight gradient");
+  /* dx [T, d] += dq Wq: column-major dx' [d, T] += Wq' dq' */
+  if (d_dx && (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)D->d, (int)T, (int)D->dq,
+                                &one, L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, m->dq,
+                                (int)D->dq, &one, d_dx, (int)D->d)) != CUBLAS_STATUS_SUCCESS)
+    return blas_fail(bs, "backward: dx through the query projection");
   return PEER_OK;
 }
 
@@ -238,14 +314,14 @@ static peer_status dev_forward_train(peer_layer *L, peer_context *ctx, int64_t T
  * *n_rows if not NULL. */
 static peer_status dev_backward(peer_layer *L, peer_context *ctx, const float *d_dy, float *d_dx,
                                 const peer_grads *g, int64_t *n_rows, cudaStream_t stream) {
-  cuda_state *st = state_of(L);
   const peer_dims *D = &L->dims;
-  const int64_t T = ctx->n_tokens, hk = D->H * D->k, E = T * hk;
-  const bool bn = L->cfg.query_norm == PEER_NORM_BATCHNORM;
+  const int64_t T = ctx->n_tokens, hk = D->H * D->k;
   const float *x = ctx->x_dev;
   train_mem m;
-  peer_status s = context_mem(L, ctx, &m);
-  if (s || (s = peer_k_first_nonfinite_row(d_dy, T, D->d, st->d_bad + REC_DY, stream))) return s;
+  peer_status s = peer_cb_context_mem(L, ctx, &m);
+  if (s ||
+      (s = peer_k_first_nonfinite_row(d_dy, T, D->d, state_of(L)->d_bad + REC_DY, stream)))
+    return s;
   peer_k_expert_args a = {0};
   a.in = d_dy, a.out = d_dx;
   a.first = L->slot[PEER_P_EXPERTS_UP].data, a.second = L->slot[PEER_P_EXPERTS_DOWN].data;
@@ -253,66 +329,16 @@ static peer_status dev_backward(peer_layer *L, peer_context *ctx, const float *d
   a.ds = m.ds, a.cup = m.cup, a.cdown = m.cdown;
   a.T = T, a.d = D->d, a.hk = (int)hk, a.k = (int)D->k, a.act = (int)L->cfg.activation,
   a.gate = (int)L->cfg.gate;
-  if ((s = peer_k_experts_backward(&a, L->cfg.weight_dtype == PEER_BF16, stream))) return s;
-  /* The distinct rows of a sort: at most its entries, and at most the rows
-   * there are (the kernels' grids are sized by these bounds). */
-  const int64_t expert_rows = E < D->N ? E : D->N;
-  const int64_t key_rows = 2 * E < D->G * 2 * D->n ? 2 * E : D->G * 2 * D->n;
-  cudaError_t e;
-  if (g->experts_down) {
-    if ((s = peer_k_expert_sort_keys(m.ids, E, m.key, m.val, stream)) ||
-        (s = peer_k_sorted_runs(m.key, m.val, m.key2, m.val2, m.starts, m.runs, E,
-                                (uint32_t)(D->N - 1), m.temp, m.temp_bytes, stream)) ||
-        (s = peer_k_expert_grads(m.key2, m.val2, m.starts, m.runs, expert_rows, m.cdown, m.cup, x,
-                                 d_dy, D->d, hk, g->experts_dense ? 1 : 0, g->experts_down,
-                                 g->experts_up, g->expert_rows, n_rows, stream)))
-      return s;
-  } else if (n_rows && (e = cudaMemsetAsync(n_rows, 0, sizeof *n_rows, stream)) != cudaSuccess) {
-    return peer_k_cuda_fail(e, "backward: cudaMemsetAsync");
-  }
-  const float *keys = L->slot[PEER_P_KEYS].data;
-  if ((s = peer_k_query_grad(m.ids, m.ds, keys, T, D->H, D->k, D->n, D->dk,
-                             L->cfg.shared_keys ? 1 : 0, m.dq, stream)))
+  if ((s = peer_k_experts_backward(&a, L->cfg.weight_dtype == PEER_BF16, stream)) ||
+      (s = peer_cb_expert_rows(L, T, &m, x, d_dy, D->d, D->d, g, n_rows, stream)))
     return s;
-  if (g->keys) {
-    if ((e = cudaMemsetAsync(g->keys, 0, L->slot[PEER_P_KEYS].nbytes, stream)) != cudaSuccess)
-      return peer_k_cuda_fail(e, "backward: cudaMemsetAsync");
-    if ((s = peer_k_subkey_sort_keys(m.ids, T, D->H, D->k, D->n, L->cfg.shared_keys ? 1 : 0, m.key,
-                                     m.val, stream)) ||
-        (s = peer_k_sorted_runs(m.key, m.val, m.key2, m.val2, m.starts, m.runs, 2 * E,
-                                (uint32_t)(D->G * 2 * D->n - 1), m.temp, m.temp_bytes, stream)) ||
-        (s = peer_k_keys_grad(m.key2, m.val2, m.starts, m.runs, key_rows, m.ds, m.q, D->H, D->k,
-                              D->dk, g->keys, stream)))
-      return s;
-  }
-  if (bn && (s = peer_k_norm_backward(m.dq, m.qhat, m.invstd, L->slot[PEER_P_NORM_WEIGHT].data, T,
-                                      D->dq, g->norm_weight, g->norm_bias, m.red, m.red_bytes,
-                                      stream)))
-    return s;
-  if (g->query_bias &&
-      (s = peer_k_column_sums(m.dq, T, D->dq, g->query_bias, m.red, m.red_bytes, stream)))
-    return s;
-  const float one = 1.0f, zero = 0.0f;
-  if ((s = blas_on(st, stream, "backward: cublasSetStream"))) return s;
-  cublasStatus_t bs;
-  /* dWq [dq, d] row-major = dq^T X: column-major dWq' [d, dq] = X' dq'^T */
-  if (g->query_weight &&
-      (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)D->d, (int)D->dq, (int)T, &one, x,
-                        (int)D->d, m.dq, (int)D->dq, &zero, g->query_weight, (int)D->d)) !=
-          CUBLAS_STATUS_SUCCESS)
-    return blas_fail(bs, "backward: query weight gradient");
-  /* dx [T, d] += dq Wq: column-major dx' [d, T] += Wq' dq' */
-  if (d_dx && (bs = cublasSgemm(st->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)D->d, (int)T, (int)D->dq,
-                                &one, L->slot[PEER_P_QUERY_WEIGHT].data, (int)D->d, m.dq,
-                                (int)D->dq, &one, d_dx, (int)D->d)) != CUBLAS_STATUS_SUCCESS)
-    return blas_fail(bs, "backward: dx through the query projection");
-  return PEER_OK;
+  return peer_cb_query_backward(L, T, &m, x, d_dx, g, stream);
 }
 
 /* An empty batch's backward: dense gradients zeroed (as peer_backward
  * does), no expert rows. */
-static peer_status dev_backward_empty(const peer_layer *L, const peer_grads *g, int64_t *n_rows,
-                                      cudaStream_t stream) {
+peer_status peer_cb_backward_empty(const peer_layer *L, const peer_grads *g, int64_t *n_rows,
+                                   cudaStream_t stream) {
   float *bufs[] = {g->query_weight, g->query_bias, g->norm_weight, g->norm_bias, g->keys};
   int slots[] = {PEER_P_QUERY_WEIGHT, PEER_P_QUERY_BIAS, PEER_P_NORM_WEIGHT, PEER_P_NORM_BIAS,
                  PEER_P_KEYS};
@@ -351,7 +377,7 @@ static peer_status backward_call(peer_layer *L, peer_context *ctx, const float *
   peer_status s = peer_cb_enter(L, 0, NULL, what);
   if (s || (s = peer_backward_check(L, ctx, d_dy, d_grads, what))) return s;
   if (ctx->n_tokens == 0)
-    s = dev_backward_empty(L, d_grads, d_n_expert_rows, stream);
+    s = peer_cb_backward_empty(L, d_grads, d_n_expert_rows, stream);
   else
     s = dev_backward(L, ctx, d_dy, d_dx, d_grads, d_n_expert_rows, stream);
   if (s) return s;

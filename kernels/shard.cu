@@ -6,11 +6,16 @@
  *                     x's, cub::WarpReduce sums (fixed shuffle order), lane
  *                     0 writes z;
  *   shard_combine:    one block per token: coefficients gate * act(z) into
- *                     shared memory, one barrier, then each thread owns
- *                     columns of the rank's part of y and sums coef[e] * v_i
+ *                     shared memory (or given ones: the backward's cdown),
+ *                     one barrier, then each thread owns columns of the
+ *                     rank's part of y (dx) and sums coef[e] * v_i (u_i)
  *                     over e in order, in a register;
  *   shard_interleave: every rank's gathered [T, cols] part into its columns
- *                     of y [T, d], thread per element.
+ *                     of y [T, d], thread per element;
+ *   shard_coefficients: the backward's per-entry coefficients from the
+ *                     all-reduced v_i . dy, thread per (token, head), the
+ *                     same expressions as the unsharded backward's phase 1
+ *                     (experts.cu) and the same peer_gates_grad.
  * Every output element is one fixed sequence of operations: reruns give the
  * same bits; no atomics.  Loads are scalar (lanes read consecutive
  * columns, so a warp's reads are coalesced); a rank's row is cols = d/P
@@ -67,7 +72,7 @@ __global__ void __launch_bounds__(SHARD_THREADS)
     for (int e = threadIdx.x; e < hk; e += SHARD_THREADS) {
       const int64_t te = t * hk + e;
       row_id[e] = ids[te];
-      coef[e] = gates[te] * peer_activate(act, z[te]);
+      coef[e] = z ? gates[te] * peer_activate(act, z[te]) : gates[te];
     }
     __syncthreads(); /* coef, row_id complete */
     for (int64_t c = threadIdx.x; c < cols; c += SHARD_THREADS) {
@@ -88,6 +93,24 @@ __global__ void __launch_bounds__(256)
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t t = i / d, c = i % d, r = c / cols;
     y[i] = parts[(r * T + t) * cols + c % cols];
+  }
+}
+
+__global__ void __launch_bounds__(256)
+    shard_coefficients(const float *z, const float *gates, const float *scores, float *ds,
+                       float *cup, float *cdown, int64_t heads, int k, int act, int gate) {
+  for (int64_t th = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; th < heads;
+       th += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t o = th * k;
+    for (int j = 0; j < k; j++) {
+      const int64_t te = o + j;
+      /* ds holds v_i . dy here; z = u_i . x from the training forward */
+      const float vd = ds[te], zz = z[te], g = gates[te], a = peer_activate(act, zz);
+      ds[te] = a * vd; /* d loss / d gate; the gate backward follows */
+      cup[te] = g * a;
+      cdown[te] = g * vd * peer_activate_grad(act, zz);
+    }
+    peer_gates_grad(gate, scores + o, gates + o, ds + o, k, ds + o);
   }
 }
 
@@ -132,4 +155,15 @@ extern "C" peer_status peer_k_shard_interleave(const float *parts, int world, in
   PEER_LAUNCH(peer_k_blocks(total, 256), 256, 0, stream, shard_interleave)(parts, T, cols, total,
                                                                            y);
   return peer_k_launched("shard_interleave");
+}
+
+extern "C" peer_status peer_k_shard_coefficients(const float *z, const float *gates,
+                                                 const float *scores, float *ds, float *cup,
+                                                 float *cdown, int64_t T, int64_t H, int64_t k,
+                                                 int act, int gate, cudaStream_t stream) {
+  const int64_t heads = T * H;
+  if (heads == 0) return PEER_OK;
+  PEER_LAUNCH(peer_k_blocks(heads, 256), 256, 0, stream, shard_coefficients)(
+      z, gates, scores, ds, cup, cdown, heads, (int)k, act, gate);
+  return peer_k_launched("shard_coefficients");
 }

@@ -28,7 +28,9 @@ peer_status peer_k_shard_dots(const float *x, int64_t d, int64_t col0, const voi
                               float *z, cudaStream_t stream);
 
 /* out [T, cols] = sum over e < hk, in order, of gates[t,e] * act(z[t,e]) *
- * v_ids[t,e][0 .. cols); act: peer_activation. */
+ * v_ids[t,e][0 .. cols); act: peer_activation.  z NULL: the coefficients are
+ * gates[t,e] themselves (the backward's dx: cdown, with `up` the down
+ * table). */
 peer_status peer_k_shard_combine(const float *z, const float *gates, const int64_t *ids,
                                  const void *up, int bf16, int64_t cols, int64_t T, int64_t hk,
                                  int act, float *out, cudaStream_t stream);
@@ -36,6 +38,14 @@ peer_status peer_k_shard_combine(const float *z, const float *gates, const int64
 /* y [T, world * cols]: y[t, r*cols + j] = parts[(r*T + t)*cols + j]. */
 peer_status peer_k_shard_interleave(const float *parts, int world, int64_t T, int64_t cols,
                                     float *y, cudaStream_t stream);
+
+/* The backward's entry coefficients for T tokens of H heads of k entries,
+ * from ds [T, H*k] holding the all-reduced v_i . dy (overwritten): as the
+ * unsharded backward (experts.h), cup = g act(z), cdown = g vd act'(z),
+ * ds = act(z) vd turned into d score by peer_gates_grad per head. */
+peer_status peer_k_shard_coefficients(const float *z, const float *gates, const float *scores,
+                                      float *ds, float *cup, float *cdown, int64_t T, int64_t H,
+                                      int64_t k, int act, int gate, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -575,7 +575,7 @@ __global__ void __launch_bounds__(ROW_THREADS)
                         const uint32_t *__restrict__ starts, const uint32_t *__restrict__ runs,
                         int64_t max_runs, const float *__restrict__ cdown,
                         const float *__restrict__ cup, const float *__restrict__ x,
-                        const float *__restrict__ dy, int64_t d, int64_t hk,
+                        const float *__restrict__ dy, int64_t ld, int64_t w, int64_t hk,
                         float *__restrict__ gdown, float *__restrict__ gup,
                         int64_t *__restrict__ rows, int64_t *__restrict__ n_rows) {
   const int64_t nr = (int64_t)*runs < max_runs ? (int64_t)*runs : max_runs;
@@ -585,14 +585,14 @@ __global__ void __launch_bounds__(ROW_THREADS)
     const int64_t id = key[s], out = DENSE ? id : r;
     const uint32_t hk32 = (uint32_t)hk;
     if (threadIdx.x == 0) rows[r] = id;
-    float *od = gdown + out * d, *ou = gup + out * d;
-    for (int64_t c = threadIdx.x; c < d; c += ROW_THREADS) {
+    float *od = gdown + out * w, *ou = gup + out * w;
+    for (int64_t c = threadIdx.x; c < w; c += ROW_THREADS) {
       const float *xc = x + c, *dyc = dy + c;
       float sd = 0.0f, su = 0.0f;
       for (uint32_t i = s; i < end; i++) {
         /* 32-bit division: entries < 2^31 (the backend checks) */
         const uint32_t e = val[i];
-        const size_t off = (size_t)(e / hk32) * (size_t)d;
+        const size_t off = (size_t)(e / hk32) * (size_t)ld;
         sd += cdown[e] * xc[off];
         su += cup[e] * dyc[off];
       }
@@ -607,16 +607,17 @@ extern "C" peer_status peer_k_expert_grads(const uint32_t *key, const uint32_t *
                                            const uint32_t *starts, const uint32_t *runs,
                                            int64_t max_runs, const float *cdown,
                                            const float *cup, const float *x, const float *dy,
-                                           int64_t d, int64_t hk, int dense, float *gdown,
+                                           int64_t ld, int64_t w, int64_t hk, int dense,
+                                           float *gdown,
                                            float *gup, int64_t *rows, int64_t *n_rows,
                                            cudaStream_t stream) {
   if (max_runs == 0) return PEER_OK;
   if (dense)
     PEER_LAUNCH(peer_k_blocks(max_runs, 1), ROW_THREADS, 0, stream, expert_grads_kernel<true>)
-    (key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows, n_rows);
+    (key, val, starts, runs, max_runs, cdown, cup, x, dy, ld, w, hk, gdown, gup, rows, n_rows);
   else
     PEER_LAUNCH(peer_k_blocks(max_runs, 1), ROW_THREADS, 0, stream, expert_grads_kernel<false>)
-    (key, val, starts, runs, max_runs, cdown, cup, x, dy, d, hk, gdown, gup, rows, n_rows);
+    (key, val, starts, runs, max_runs, cdown, cup, x, dy, ld, w, hk, gdown, gup, rows, n_rows);
   return peer_k_launched("expert_grads");
 }
 

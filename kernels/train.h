@@ -96,14 +96,16 @@ peer_status peer_k_sorted_runs(const uint32_t *key_in, const uint32_t *val_in, u
 
 /* Expert gradient rows, one block per run r (at most max_runs): the run's
  * entries e in order add cdown[e] x_t into the down row and cup[e] dy_t into
- * the up row.  dense: rows id of [N, d] buffers get += ; else row r of
- * [max_runs, d] is written.  rows[r] = the expert id; *n_rows (if not NULL)
- * = the number of rows. */
+ * the up row, w elements of each: x_t = x + t*ld, dy_t = dy + t*ld (a
+ * shard passes its first column's address, ld = d, w = its columns).
+ * dense: rows id of [N, w] buffers get += ; else row r of [max_runs, w] is
+ * written.  rows[r] = the expert id; *n_rows (if not NULL) = the number of
+ * rows. */
 peer_status peer_k_expert_grads(const uint32_t *key, const uint32_t *val, const uint32_t *starts,
                                 const uint32_t *runs, int64_t max_runs, const float *cdown,
-                                const float *cup, const float *x, const float *dy, int64_t d,
-                                int64_t hk, int dense, float *gdown, float *gup, int64_t *rows,
-                                int64_t *n_rows, cudaStream_t stream);
+                                const float *cup, const float *x, const float *dy, int64_t ld,
+                                int64_t w, int64_t hk, int dense, float *gdown, float *gup,
+                                int64_t *rows, int64_t *n_rows, cudaStream_t stream);
 
 /* Sub-key gradient rows (gk pre-zeroed [G*2*n, half]), one warp per run:
  * row key += ds[e] * q_t's half p of head h, entries in order. */

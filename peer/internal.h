@@ -222,6 +222,11 @@ const char *peer_grad_name(int slot);
 peer_status peer_optimizer_step_device(peer_optimizer *o, const peer_grads *g,
                                        const int64_t *d_n_rows, void *stream, const char *what);
 
+/* o (NULL passes) is an optimizer of L: PEER_ERR_INVALID_ARGUMENT naming
+ * `what` otherwise. */
+peer_status peer_optimizer_check_layer(const peer_optimizer *o, const peer_layer *L,
+                                       const char *what);
+
 /* A checkpoint's optimizer metadata: its kinds must be o's; *step its step
  * count (the sharded layer's loads, shard_file.c, as checkpoint_load's). */
 peer_status peer_optimizer_file_meta(const peer_safetensors *f, const char *path,
@@ -278,6 +283,17 @@ typedef peer_status (*peer_agree_gather)(const void *comm, const void *mine, voi
                                          size_t bytes);
 peer_status peer_shard_agree(const char *what, int rank, int world, peer_status local,
                              const peer_config *cfg, peer_agree_gather gather, const void *comm);
+/* A sharded layer's files (shard_file.c), for both sharded layers: L is the
+ * shard's layer (its expert columns expert_col0, expert_cols) on rank `rank`
+ * of `world`, o its optimizer or NULL; `what` names the call.  Saving and
+ * load_full hold L (peer_layer_enter) and stage storage that is not host
+ * memory through the host; load goes through peer_checkpoint_load. */
+peer_status peer_shard_file_save(const peer_layer *L, const peer_optimizer *o, int rank, int world,
+                                 const char *path, const char *what);
+peer_status peer_shard_file_load(peer_layer *L, peer_optimizer *o, int rank, int world,
+                                 const char *path, const char *what);
+peer_status peer_shard_file_load_full(peer_layer *L, peer_optimizer *o, const char *path,
+                                      const char *what);
 
 extern const peer_backend_i peer_backend_cpu;
 #ifdef PEER_USE_CUDA

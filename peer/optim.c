@@ -542,10 +542,17 @@ static peer_status optimizer_step(peer_optimizer *o, const peer_grads *g) {
 
 /* The stamp catches an optimizer of a freed layer whose address a new layer
  * took over; o->layer itself is never read here. */
-static peer_status check_pair(const peer_layer *L, const peer_optimizer *o, const char *what) {
-  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer", what);
+peer_status peer_optimizer_check_layer(const peer_optimizer *o, const peer_layer *L,
+                                       const char *what) {
   if (o && (o->layer != L || o->layer_id != L->id))
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: the optimizer belongs to another layer", what);
+  return PEER_OK;
+}
+
+static peer_status check_pair(const peer_layer *L, const peer_optimizer *o, const char *what) {
+  if (!L) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL layer", what);
+  peer_status st = peer_optimizer_check_layer(o, L, what);
+  if (st) return st;
   if (L->backend->download && L->backend->upload) return PEER_OK; /* staged through the host */
   return check_host_layer(L, what);
 }

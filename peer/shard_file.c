@@ -1,9 +1,10 @@
-/* shard_file.c: a sharded layer's files.  A shard file is a checkpoint of
- * the shard's layer (the expert tables and their optimizer state as this
- * rank's [N, d/P] columns) with "peer.shard.*" metadata saying which columns
- * of which world size it holds.  Loading goes through peer_checkpoint_load,
- * after the shard metadata is checked; split and merge convert between one
- * unsharded file and world shard files. */
+/* shard_file.c: a sharded layer's files, the CPU shard's (peer_shard_*) and
+ * the CUDA shard's (peer_cuda_shard_*, through host staging).  A shard file
+ * is a checkpoint of the shard's layer (the expert tables and their
+ * optimizer state as this rank's [N, d/P] columns) with "peer.shard.*"
+ * metadata saying which columns of which world size it holds.  Loading goes
+ * through peer_checkpoint_load, after the shard metadata is checked; split
+ * and merge convert between one unsharded file and world shard files. */
 #include "shard.h"
 
 #include <stdio.h>
@@ -25,9 +26,8 @@ static bool is_sliced(const char *name) {
 
 /* ------------------------------------------------------------ save, load */
 
-static peer_status shard_save(const peer_shard *S, const peer_shard_optimizer *so,
+static peer_status shard_save(const peer_layer *L, const peer_optimizer *o, int rank, int world,
                               const char *path) {
-  const peer_layer *L = S->L;
   peer_layer_meta lm;
   peer_status st = peer_layer_meta_of(&L->cfg, &lm);
   if (st) return st;
@@ -35,14 +35,14 @@ static peer_status shard_save(const peer_shard *S, const peer_shard_optimizer *s
   memcpy(meta, lm.pair, sizeof(char *) * 2 * (size_t)lm.n_pairs);
   int n_meta = lm.n_pairs;
   peer_optim_meta om;
-  const peer_optimizer *o = so ? peer_shard_optimizer_inner(so) : NULL;
   if (o) {
     peer_optimizer_meta_of(o, &om);
     memcpy(meta + 2 * n_meta, om.pair, sizeof om.pair);
     n_meta += PEER_OPTIM_META_N;
   }
   char values[4][32];
-  const long long shard_values[4] = {S->rank, S->world, (long long)S->col0, (long long)S->cols};
+  const long long shard_values[4] = {rank, world, (long long)L->expert_col0,
+                                     (long long)L->expert_cols};
   for (int i = 0; i < 4; i++) {
     snprintf(values[i], sizeof values[i], "%lld", shard_values[i]);
     meta[2 * n_meta] = shard_keys[i];
@@ -54,18 +54,28 @@ static peer_status shard_save(const peer_shard *S, const peer_shard_optimizer *s
     tensors[n++] = L->slot[L->param_slot[i]];
   for (int i = 0; o && i < peer_optimizer_n_states(o); i++)
     if ((st = peer_optimizer_state((peer_optimizer *)o, i, &tensors[n++]))) return st;
-  return peer_safetensors_write(path, tensors, n, meta, n_meta);
+  if ((st = peer_tensors_to_host(L, tensors, n, "shard_save"))) return st;
+  st = peer_safetensors_write(path, tensors, n, meta, n_meta);
+  peer_tensors_host_free(L, tensors, n);
+  return st;
 }
 
 /* Held as peer_checkpoint_save holds the layer: a step on another thread
  * would tear the saved values. */
-peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so, const char *path) {
-  if (!S || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_save: NULL argument");
-  peer_status st = peer_layer_enter(S->L, "shard_save");
-  if (st) return st;
-  st = shard_save(S, so, path);
-  peer_layer_leave(S->L);
+peer_status peer_shard_file_save(const peer_layer *L, const peer_optimizer *o, int rank, int world,
+                                 const char *path, const char *what) {
+  if (!path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL path", what);
+  peer_status st = peer_optimizer_check_layer(o, L, what);
+  if (st || (st = peer_layer_enter(L, what))) return st;
+  st = shard_save(L, o, rank, world, path);
+  peer_layer_leave(L);
   return st;
+}
+
+peer_status peer_shard_save(const peer_shard *S, const peer_shard_optimizer *so, const char *path) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_save: NULL argument");
+  return peer_shard_file_save(S->L, so ? peer_shard_optimizer_inner(so) : NULL, S->rank, S->world,
+                              path, "shard_save");
 }
 
 /* A shard key's value as an integer in [lo, hi]. */
@@ -101,8 +111,9 @@ static peer_status read_shard_info(const peer_safetensors *f, const char *path, 
   return PEER_OK;
 }
 
-peer_status peer_shard_load(peer_shard *S, peer_shard_optimizer *so, const char *path) {
-  if (!S || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_load: NULL argument");
+peer_status peer_shard_file_load(peer_layer *L, peer_optimizer *o, int rank, int world,
+                                 const char *path, const char *what) {
+  if (!path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL path", what);
   peer_safetensors *f = NULL;
   peer_status st = peer_safetensors_open(&f, path);
   if (st) return st;
@@ -110,18 +121,25 @@ peer_status peer_shard_load(peer_shard *S, peer_shard_optimizer *so, const char 
   st = read_shard_info(f, path, &s);
   peer_safetensors_close(f);
   if (st) return st;
-  if (s.world != S->world)
+  const int64_t col0 = L->expert_col0, cols = L->expert_cols;
+  if (s.world != world)
     return peer_fail(PEER_ERR_FORMAT,
                      "%s: a shard file of world size %lld; this group has %d ranks (re-shard "
                      "with `peer shard --merge` then `--split %d`)",
-                     path, (long long)s.world, S->world, S->world);
-  if (s.rank != S->rank || s.col0 != S->col0 || s.cols != S->cols)
+                     path, (long long)s.world, world, world);
+  if (s.rank != rank || s.col0 != col0 || s.cols != cols)
     return peer_fail(PEER_ERR_FORMAT,
                      "%s: the shard of rank %lld (columns %lld..%lld); this is rank %d (columns "
                      "%lld..%lld)",
                      path, (long long)s.rank, (long long)s.col0, (long long)(s.col0 + s.cols),
-                     S->rank, (long long)S->col0, (long long)(S->col0 + S->cols));
-  return peer_checkpoint_load(S->L, so ? peer_shard_optimizer_inner(so) : NULL, path);
+                     rank, (long long)col0, (long long)(col0 + cols));
+  return peer_checkpoint_load(L, o, path);
+}
+
+peer_status peer_shard_load(peer_shard *S, peer_shard_optimizer *so, const char *path) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_load: NULL argument");
+  return peer_shard_file_load(S->L, so ? peer_shard_optimizer_inner(so) : NULL, S->rank, S->world,
+                              path, "shard_load");
 }
 
 /* Columns [col0, col0 + cols) of full [rows, width] into out [rows, cols]. */
@@ -143,9 +161,9 @@ static void put_columns(const char *part, int64_t rows, int64_t width, int64_t c
  * optimizer o (or NULL) hold, checked as the file holds it (the expert
  * tables and their state with d_model columns) before anything is read;
  * the sliced ones read through a staging buffer, this rank's columns kept. */
-static peer_status load_full(peer_shard *S, peer_optimizer *o, const peer_safetensors *f,
+static peer_status load_full(peer_layer *L, peer_optimizer *o, const peer_safetensors *f,
                              const char *path) {
-  peer_layer *L = S->L;
+  const int64_t col0 = L->expert_col0, cols = L->expert_cols;
   if (peer_safetensors_metadata(f, PEER_SHARD_META_WORLD))
     return peer_fail(PEER_ERR_FORMAT, "%s: a shard file; load it with peer_shard_load", path);
   int64_t step = 0;
@@ -161,7 +179,7 @@ static peer_status load_full(peer_shard *S, peer_optimizer *o, const peer_safete
     full[i] = mine[i];
     if (is_sliced(mine[i].name)) {
       full[i].shape[1] = L->dims.d;
-      full[i].nbytes = mine[i].nbytes / (size_t)S->cols * (size_t)L->dims.d;
+      full[i].nbytes = mine[i].nbytes / (size_t)cols * (size_t)L->dims.d;
     }
   }
   const peer_file_want w = {.t = full,
@@ -170,35 +188,51 @@ static peer_status load_full(peer_shard *S, peer_optimizer *o, const peer_safete
                             .layer_desc = "the sharded layer",
                             .state_desc = o ? "this optimizer" : NULL};
   if ((st = peer_file_check(f, path, &w))) return st;
+  /* Storage that is not host memory (a CUDA shard) takes the columns
+   * through a host buffer and the backend's upload. */
+  const bool staged = L->backend->upload != NULL;
   for (int i = 0; i < n && !st; i++) {
     if (!is_sliced(mine[i].name)) {
-      st = peer_safetensors_read(f, mine[i].name, mine[i].data, mine[i].nbytes);
+      const peer_file_want one = {.t = &mine[i], .n = 1};
+      st = peer_file_read_into(L, f, &one);
       continue;
     }
-    char *tmp = peer_alloc(full[i].nbytes);
+    const size_t extra = staged ? mine[i].nbytes : 0;
+    char *tmp = peer_alloc(full[i].nbytes + extra);
     if (!tmp)
       return peer_fail(PEER_ERR_OUT_OF_MEMORY, "shard_load_full: cannot stage %s (%zu bytes)",
-                       mine[i].name, full[i].nbytes);
-    if (!(st = peer_safetensors_read(f, mine[i].name, tmp, full[i].nbytes)))
-      take_columns(tmp, full[i].shape[0], L->dims.d, S->col0, S->cols,
-                   peer_dtype_size(mine[i].dtype), mine[i].data);
-    peer_free(tmp, full[i].nbytes);
+                       mine[i].name, full[i].nbytes + extra);
+    char *part = staged ? tmp + full[i].nbytes : mine[i].data;
+    if (!(st = peer_safetensors_read(f, mine[i].name, tmp, full[i].nbytes))) {
+      take_columns(tmp, full[i].shape[0], L->dims.d, col0, cols, peer_dtype_size(mine[i].dtype),
+                   part);
+      if (staged) st = L->backend->upload(L, mine[i].data, part, mine[i].nbytes);
+    }
+    peer_free(tmp, full[i].nbytes + extra);
   }
   if (!st && o) peer_optimizer_set_step(o, step);
   return st;
 }
 
-peer_status peer_shard_load_full(peer_shard *S, peer_shard_optimizer *so, const char *path) {
-  if (!S || !path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_load_full: NULL argument");
-  peer_safetensors *f = NULL;
-  peer_status st = peer_safetensors_open(&f, path);
+peer_status peer_shard_file_load_full(peer_layer *L, peer_optimizer *o, const char *path,
+                                      const char *what) {
+  if (!path) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: NULL path", what);
+  peer_status st = peer_optimizer_check_layer(o, L, what);
   if (st) return st;
-  if (!(st = peer_layer_enter(S->L, "shard_load_full"))) {
-    st = load_full(S, so ? peer_shard_optimizer_inner(so) : NULL, f, path);
-    peer_layer_leave(S->L);
+  peer_safetensors *f = NULL;
+  if ((st = peer_safetensors_open(&f, path))) return st;
+  if (!(st = peer_layer_enter(L, what))) {
+    st = load_full(L, o, f, path);
+    peer_layer_leave(L);
   }
   peer_safetensors_close(f);
   return st;
+}
+
+peer_status peer_shard_load_full(peer_shard *S, peer_shard_optimizer *so, const char *path) {
+  if (!S) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "shard_load_full: NULL argument");
+  return peer_shard_file_load_full(S->L, so ? peer_shard_optimizer_inner(so) : NULL, path,
+                                   "shard_load_full");
 }
 
 /* ------------------------------------------------------------ split, merge */
