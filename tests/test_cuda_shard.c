@@ -719,6 +719,258 @@ TRAIN_TEST(training_one_rank, 1)
 TRAIN_TEST(training_two_ranks, 2)
 TRAIN_TEST(training_four_ranks, 4)
 
+/* A one-rank shard whose all-reduce can be held (gate): while another
+ * thread is inside a collective call, every call on the shard is refused
+ * with PEER_ERR_BUSY. */
+typedef struct gate {
+  member m;
+  int hold;                   /* 1: the next all-reduce waits at `bar` twice */
+  pthread_barrier_t bar;      /* the caller and the held thread */
+} gate;
+
+static int gate_sum(void *h, float *d_data, int64_t count, cudaStream_t s) {
+  gate *g = h;
+  if (g->hold) {
+    g->hold = 0;
+    pthread_barrier_wait(&g->bar); /* inside the call */
+    pthread_barrier_wait(&g->bar); /* the other thread has tried */
+  }
+  return sum(&g->m, d_data, count, s);
+}
+
+static int gate_gather(void *h, const void *d_send, void *d_recv, size_t bytes, cudaStream_t s) {
+  return gather(&((gate *)h)->m, d_send, d_recv, bytes, s);
+}
+
+typedef struct held_call {
+  peer_cuda_shard *S;
+  peer_context *ctx;
+  const float *x;
+  float *y;
+  peer_status st;
+} held_call;
+
+static void *forward_train_thread(void *arg) {
+  held_call *c = arg;
+  c->st = peer_cuda_shard_forward_train(c->S, c->ctx, 8, c->x, c->y, 0);
+  return NULL;
+}
+
+Test(cuda_shard, training_refusals_and_busy, .init = make_dir, .fini = test_dir_remove) {
+  group grp = {.world = 1};
+  pthread_barrier_init(&grp.bar, NULL, 1);
+  gate g = {.m = {&grp, 0, 0}};
+  pthread_barrier_init(&g.bar, NULL, 2);
+  peer_cuda_comm comm = {&g, 0, 1, gate_sum, gate_gather};
+  peer_config c;
+  peer_config_default(&c);
+  cr_assert_eq(peer_config_parse(&c, train_cases[0].config), PEER_OK);
+  peer_options o;
+  peer_options_default(&o);
+  o.backend = PEER_BACKEND_CUDA;
+  peer_cuda_shard *S = NULL;
+  cr_assert_eq(peer_cuda_shard_create(&S, &c, &o, &comm), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_init(S, 5), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 8, d = c.d_model;
+  peer_context *ctx = NULL;
+  cr_assert_eq(peer_cuda_shard_context_create(NULL, S, T), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_shard_context_create(&ctx, NULL, T), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_shard_context_create(&ctx, S, T), PEER_OK, "%s", peer_last_error());
+  float *x = calloc((size_t)(T * d), 4);
+  uint64_t seed = 3;
+  fill(x, T * d, 1.0f, &seed);
+  float *d_x = dzalloc((size_t)(T * d) * 4), *d_y = dzalloc((size_t)(T * d) * 4);
+  float *d_dx = dzalloc((size_t)(T * d) * 4);
+  cudaMemcpy(d_x, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice);
+  dgrads gr = dgrads_new(&c, T, d, 0);
+  /* no forward yet; batches beyond the context; batch norm with one token */
+  cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_dx, &gr.g, gr.n_rows, 0), PEER_ERR_STATE,
+               "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_forward_train(S, ctx, T + 1, d_x, d_y, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_shard_forward_train(S, ctx, 1, d_x, d_y, 0), PEER_ERR_INVALID_ARGUMENT);
+  cr_assert(strstr(peer_last_error(), "batch norm"), "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_forward_train(NULL, ctx, T, d_x, d_y, 0), PEER_ERR_INVALID_ARGUMENT);
+  /* the busy flag: a forward_train held inside its all-reduce */
+  held_call hc = {S, ctx, d_x, d_y, PEER_ERR_STATE};
+  g.hold = 1;
+  pthread_t th;
+  pthread_create(&th, NULL, forward_train_thread, &hc);
+  pthread_barrier_wait(&g.bar);
+  peer_status busy[4] = {
+      peer_cuda_shard_backward(S, ctx, d_y, d_dx, &gr.g, gr.n_rows, 0),
+      peer_cuda_shard_forward_train(S, ctx, T, d_x, d_y, 0),
+      peer_cuda_shard_save(S, NULL, test_path("busy.safetensors")),
+      peer_cuda_shard_context_create(&(peer_context *){NULL}, S, T),
+  };
+  pthread_barrier_wait(&g.bar);
+  pthread_join(th, NULL);
+  for (int i = 0; i < 4; i++) cr_assert_eq(busy[i], PEER_ERR_BUSY, "call %d: %s", i, peer_status_string(busy[i]));
+  cr_assert_eq(hc.st, PEER_OK, "%s", peer_last_error());
+  /* too small an expert capacity: refused, and the forward stays */
+  gr.g.expert_capacity = T * c.n_heads * c.top_k - 1;
+  cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_dx, &gr.g, gr.n_rows, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  gr.g.expert_capacity += 1;
+  cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_dx, &gr.g, gr.n_rows, 0), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_shard_check(S, 0), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_dx, &gr.g, gr.n_rows, 0), PEER_ERR_STATE);
+  /* a non-finite dy is recorded and reported by the check */
+  x[3 * d + 1] = INFINITY;
+  float *d_bad = dzalloc((size_t)(T * d) * 4);
+  cudaMemcpy(d_bad, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice);
+  cr_assert_eq(peer_cuda_shard_forward_train(S, ctx, T, d_x, d_y, 0), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_bad, d_dx, &gr.g, gr.n_rows, 0), PEER_OK);
+  cr_assert_eq(peer_cuda_shard_check(S, 0), PEER_ERR_NONFINITE);
+  cr_assert(strstr(peer_last_error(), "token 3: dy"), "%s", peer_last_error());
+  /* a shard file of another world size */
+  peer_layer *F = NULL;
+  cr_assert_eq(peer_layer_create(&F, &c, &o), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_layer_init(F, 5), PEER_OK);
+  char full[512], parts[2][512];
+  snprintf(full, sizeof full, "%s", test_path("full.safetensors"));
+  snprintf(parts[0], sizeof parts[0], "%s", test_path("w-0-of-2.safetensors"));
+  snprintf(parts[1], sizeof parts[1], "%s", test_path("w-1-of-2.safetensors"));
+  const char *outs[2] = {parts[0], parts[1]};
+  cr_assert_eq(peer_layer_save(F, full), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_shard_split(full, 2, outs), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_load(S, NULL, parts[0]), PEER_ERR_FORMAT);
+  cr_assert(strstr(peer_last_error(), "world size 2"), "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_load_full(S, NULL, full), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(state_differs(S, NULL, F, NULL), NULL);
+  peer_layer_free(F);
+  dgrads_free(&gr);
+  cudaFree(d_x), cudaFree(d_y), cudaFree(d_dx), cudaFree(d_bad);
+  free(x);
+  peer_context_free(ctx);
+  peer_cuda_shard_free(S);
+  pthread_barrier_destroy(&g.bar);
+  pthread_barrier_destroy(&grp.bar);
+}
+
+#ifdef PEER_CUDA_EMULATED
+/* The hot loop of a sharded training step (forward_train, backward, a
+ * device optimizer step) on 2 ranks: after one warm-up step, no
+ * cudaDeviceSynchronize, cudaMalloc or cudaFree, and no stream
+ * synchronisation but the test communicator's own (it stages through the
+ * host, 2 per collective). */
+static atomic_ullong comm_syncs;
+
+static int counted_sum(void *h, float *d_data, int64_t count, cudaStream_t s) {
+  atomic_fetch_add(&comm_syncs, 2);
+  return sum(h, d_data, count, s);
+}
+
+static int counted_gather(void *h, const void *d_send, void *d_recv, size_t bytes,
+                          cudaStream_t s) {
+  atomic_fetch_add(&comm_syncs, 2);
+  return gather(h, d_send, d_recv, bytes, s);
+}
+
+typedef struct steady_job {
+  member m;
+  pthread_barrier_t *start; /* all ranks warmed up: counting begins */
+  peer_emu_counts *before;
+  atomic_int *failures;
+  char first[512];
+} steady_job;
+
+static void *steady_main(void *arg) {
+  steady_job *j = arg;
+  const int rank = j->m.rank;
+  peer_cuda_comm comm = {&j->m, rank, j->m.g->world, counted_sum, counted_gather};
+  peer_config c;
+  peer_config_default(&c);
+  peer_config_parse(&c, train_cases[0].config);
+  peer_options o;
+  peer_options_default(&o);
+  o.backend = PEER_BACKEND_CUDA;
+  peer_cuda_shard *S = NULL;
+  peer_context *ctx = NULL;
+  peer_optimizer *opt = NULL;
+  const peer_optim_config oc = train_optim(&train_cases[0]);
+  const int64_t T = 16, d = c.d_model;
+  if (peer_cuda_shard_create(&S, &c, &o, &comm) || peer_cuda_shard_init(S, 2) ||
+      peer_cuda_shard_context_create(&ctx, S, T) || peer_cuda_shard_optimizer_create(&opt, S, &oc))
+    FAILED(j, "rank %d: set-up: %s", rank, peer_last_error());
+  int64_t c0, cols;
+  peer_cuda_shard_columns(S, &c0, &cols);
+  float *x = malloc((size_t)(T * d) * 4);
+  uint64_t seed = 9;
+  fill(x, T * d, 1.0f, &seed);
+  float *d_x = dzalloc((size_t)(T * d) * 4), *d_y = dzalloc((size_t)(T * d) * 4);
+  float *d_dy = dzalloc((size_t)(T * d) * 4), *d_dx = dzalloc((size_t)(T * d) * 4);
+  cudaMemcpy(d_x, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice);
+  fill(x, T * d, 0.1f, &seed);
+  cudaMemcpy(d_dy, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice);
+  dgrads gr = dgrads_new(&c, T, cols, 0);
+  cudaStream_t s;
+  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  cudaDeviceSynchronize();
+  for (int pass = 0; pass < 2; pass++) {
+    if (pass == 1) {
+      pthread_barrier_wait(j->start);
+      if (rank == 0) peer_emu_get_counts(j->before), atomic_store(&comm_syncs, 0);
+      pthread_barrier_wait(j->start);
+    }
+    for (int i = 0; i < (pass ? 2 : 1); i++)
+      for (int64_t tb = T; tb >= T / 2; tb -= T / 2)
+        if (peer_cuda_shard_forward_train(S, ctx, tb, d_x, d_y, s) ||
+            peer_cuda_shard_backward(S, ctx, d_dy, d_dx, &gr.g, gr.n_rows, s) ||
+            peer_cuda_optimizer_step(opt, &gr.g, gr.n_rows, s))
+          FAILED(j, "rank %d: step: %s", rank, peer_last_error());
+  }
+  pthread_barrier_wait(j->start); /* every rank's loop is done: the caller counts */
+  pthread_barrier_wait(j->start);
+  if (peer_cuda_shard_check(S, s)) FAILED(j, "rank %d: check: %s", rank, peer_last_error());
+  cudaStreamSynchronize(s);
+  cudaStreamDestroy(s);
+  dgrads_free(&gr);
+  cudaFree(d_x), cudaFree(d_y), cudaFree(d_dy), cudaFree(d_dx);
+  free(x);
+  peer_optimizer_free(opt);
+  peer_context_free(ctx);
+  peer_cuda_shard_free(S);
+  return NULL;
+}
+
+Test(cuda_shard, steady_training_loop_never_syncs_or_allocates) {
+  const int world = 2;
+  group g = {.world = world};
+  pthread_barrier_init(&g.bar, NULL, (unsigned)world);
+  pthread_barrier_t start;
+  pthread_barrier_init(&start, NULL, (unsigned)world + 1);
+  atomic_int failures = 0;
+  peer_emu_counts before, after;
+  steady_job jobs[2];
+  pthread_t th[2];
+  for (int r = 0; r < world; r++) {
+    jobs[r] = (steady_job){.m = {&g, r, 0}, .start = &start, .before = &before, .failures = &failures};
+    pthread_create(&th[r], NULL, steady_main, &jobs[r]);
+  }
+  pthread_barrier_wait(&start); /* warmed up */
+  pthread_barrier_wait(&start); /* counting */
+  pthread_barrier_wait(&start); /* loops done */
+  peer_emu_get_counts(&after);
+  const unsigned long long comm = atomic_load(&comm_syncs);
+  pthread_barrier_wait(&start);
+  for (int r = 0; r < world; r++) pthread_join(th[r], NULL);
+  pthread_barrier_destroy(&start);
+  pthread_barrier_destroy(&g.bar);
+  cr_assert_eq(atomic_load(&failures), 0, "%s", jobs[0].first[0] ? jobs[0].first : jobs[1].first);
+  cr_assert_eq(after.device_syncs - before.device_syncs, 0, "cudaDeviceSynchronize calls");
+  cr_assert_eq(after.mallocs - before.mallocs, 0, "cudaMalloc calls");
+  cr_assert_eq(after.frees - before.frees, 0, "cudaFree calls");
+  cr_assert_eq(after.stream_syncs - before.stream_syncs, comm,
+               "stream synchronisations besides the test communicator's %llu", comm);
+  cr_assert_eq(after.blas_default_workspace - before.blas_default_workspace, 0,
+               "cuBLAS products on cuBLAS's own workspace");
+  cr_assert_gt(comm, 0, "the loop communicated");
+  cr_assert_gt(after.launches - before.launches, 2 * 4 * 10, "the loop launched kernels");
+}
+#endif
+
 int main(int argc, char *argv[]) {
   if (!device_usable()) {
     fprintf(stderr, "test_cuda_shard: skipped: no CUDA device\n");
