@@ -25,14 +25,24 @@ import sys
 
 GPUS = {
     # peak HBM bytes/s, f32 non-tensor FLOP/s, SMs, clock (Hz), L2 bytes
-    "H100": dict(bw=3.35e12, flops=67e12, sms=132, clock=1.98e9, l2=50e6),
-    "H200": dict(bw=4.8e12, flops=67e12, sms=132, clock=1.98e9, l2=50e6),
+    # (tc: dense bf16 tensor-core FLOP/s; l2bw: L2 read bandwidth, an
+    # assumption: about 5.5 TB/s reported by microbenchmarks on H100)
+    "H100": dict(bw=3.35e12, flops=67e12, sms=132, clock=1.98e9, l2=50e6, tc=989e12, l2bw=5.5e12),
+    "H200": dict(bw=4.8e12, flops=67e12, sms=132, clock=1.98e9, l2=50e6, tc=989e12, l2bw=5.5e12),
 }
 # Efficiencies (assumptions, stated once): streaming kernels reach 85% of peak
 # HBM, random 1-2 KiB rows 70%, cuBLAS SGEMM (pedantic, no TF32) 75% of f32
 # peak; a kernel boundary costs 2 us (drain and fill of the GPU).
 EFF_STREAM, EFF_GATHER, EFF_GEMM, LAUNCH_S = 0.85, 0.70, 0.75, 2e-6
 LATENCY_S = 700e-9  # one dependent global load (HBM miss), for serial chains
+# The bf16 GemmEx of the sub-key scores: 50% of the dense bf16 tensor-core
+# peak (K = d_key/2 = 128 is short: each output tile does few MMAs per byte
+# it writes); it is HBM-bound on writing S anyway.
+EFF_TC = 0.50
+# Exact re-scores per selection row on the bf16 path, random rows at the
+# reference config (test_cuda emu/bf16_rescore_work, emulated truncating
+# tensor-core sums): 19.7, no fallbacks.
+RESCORED_PER_ROW = 19.7
 
 CFG = dict(d=512, H=8, k=16, kp=16, dk=256, n=1024)
 
@@ -53,9 +63,10 @@ def kernels(T, wbytes, design, train):
     rows = 2 * T * H  # (token, head, half) selection rows
     out = []
 
-    def add(phase, name, nbytes, flops=0.0, kind="stream", serial=lambda g: 0.0, note=""):
+    def add(phase, name, nbytes, flops=0.0, kind="stream", serial=lambda g: 0.0, note="",
+            absent=False):
         out.append(dict(phase=phase, name=name, bytes=nbytes, flops=flops, kind=kind,
-                        serial=serial, note=note))
+                        serial=serial, note=note, absent=absent))
 
     add("fwd", "query GEMM (cuBLAS)", f * (T * d + H * dk * d + T * H * dk),
         2.0 * T * d * H * dk, "gemm")
@@ -75,8 +86,22 @@ def kernels(T, wbytes, design, train):
             serial=lambda g: bn_bytes / (64 * 8 * 128 / LATENCY_S),
             note="64 blocks, one load in flight per warp")
     s_bytes = f * T * H * 2 * n  # the [T, H, 2, n] score matrix
-    add("fwd", "sub-key GEMMs (cuBLAS)", f * (T * H * dk + H * n * dk) + s_bytes,
-        2.0 * T * H * n * dk, "gemm")
+    m = dk // 2
+    # After: the bf16 first pass (kernels/README.md "bf16 sub-key scores").
+    # keys16 (the keys' bf16 copy and norms, remade when the keys change:
+    # every training step, so counted per call) and query16 (q to bf16, per
+    # row the bound's 4 coefficients); then cuBLAS GemmEx on tensor cores,
+    # f32 output (bf16 output would halve S but widen every bracket by the
+    # output's rounding, about as much as the inputs' already cost).
+    add("fwd", "keys16 + query16 (bf16 copies, norms)",
+        f * H * n * dk + 2 * H * n * dk + 3 * f * H * 2 * n + f * T * H * dk + 2 * T * H * dk
+        + 16 * rows, absent=not after, note="warp per row, sums of squares in double")
+    if after:
+        add("fwd", "sub-key GEMMs (cuBLAS GemmEx, bf16)", 2 * (T * H * dk + H * n * dk) + s_bytes,
+            2.0 * T * H * n * dk, "tc", note="tensor cores, f32 accumulate and output")
+    else:
+        add("fwd", "sub-key GEMMs (cuBLAS)", f * (T * H * dk + H * n * dk) + s_bytes,
+            2.0 * T * H * n * dk, "gemm")
     # Selection.  Before: per lane a sorted shared-memory list of up to 16;
     # on random rows each lane inserts sum_{i<=32} min(1, 16/i) = 26.8 of its
     # 32 scores; a warp step runs the shift loop to the longest lane (about
@@ -93,11 +118,24 @@ def kernels(T, wbytes, design, train):
     # sort stages with partner distance below 32 touch 32 eight-byte keys
     # over 512 bytes, two wavefronts per access instead of one (a review's
     # count of bank conflicts), so they cost twice.
+    # After, subkey_topk_bf16 (kernels/retrieval.cu): pass 1 is the same
+    # selection over the lower ends s16 - e (e: 3 FMAs and 3 loads of key
+    # norms per key, from L1/L2); a count of the survivors s16 + e >= tau
+    # (32 chunks of ~12 instructions) and pass 2 (32 chunks of ~14: the
+    # same test, ballot compaction of survivors); per 32 survivors one round
+    # of exact chains (per lane m FMAs, m/4 16-byte loads of the key row
+    # from L2, m shared loads of q: ~2.5 m instructions) and one sort of 64.
+    # The key rows come from L2 (8 MiB of keys stay there): survivors * m * 4
+    # bytes per row.
     if after:
-        per_row_ops = 32 * 15 / 4 + 3.2 * (16 * 4 * 2 + 5 * 4)
-        add("fwd", "subkey_topk", s_bytes + rows * kp * 12,
-            serial=lambda g: rows * per_row_ops / (g["sms"] * g["clock"]),
-            note="threshold + ballot compaction, warp bitonic sorts; issue bound")
+        sort64 = 16 * 4 * 2 + 5 * 4
+        per_row_ops = (32 * 15 / 4 + 3.2 * sort64 + 3 * 32 * 6 / 4 + 32 * 12 / 4 + 32 * 14 / 4
+                       + math.ceil(RESCORED_PER_ROW / 32) * (2.5 * m / 4 + sort64))
+        l2_bytes = rows * RESCORED_PER_ROW * m * f
+        add("fwd", "subkey_topk_bf16 (bound, exact re-score)", s_bytes + rows * kp * 12,
+            serial=lambda g: max(rows * per_row_ops / (g["sms"] * g["clock"]),
+                                 l2_bytes / g["l2bw"]),
+            note=f"two passes over the row, {RESCORED_PER_ROW} exact chains per row; issue bound")
     else:
         per_row_smem = 32 * 16 * 6 + kp * (5 + 6)
         add("fwd", "subkey_topk", s_bytes + rows * kp * 12,
@@ -167,10 +205,13 @@ def optimizer(T, wbytes):
 
 
 def predict(kern, g):
-    eff = {"stream": EFF_STREAM, "gather": EFF_GATHER, "gemm": EFF_STREAM}[kern["kind"]]
+    if kern["absent"]:
+        return 0.0, "-"
+    eff = {"stream": EFF_STREAM, "gather": EFF_GATHER, "gemm": EFF_STREAM,
+           "tc": EFF_STREAM}[kern["kind"]]
     t_bytes = kern["bytes"] / (g["bw"] * eff)
     t_flops = kern["flops"] / (g["flops"] * EFF_GEMM) if kern["kind"] == "gemm" else \
-        kern["flops"] / g["flops"]
+        kern["flops"] / (g["tc"] * EFF_TC) if kern["kind"] == "tc" else kern["flops"] / g["flops"]
     t_serial = kern["serial"](g)
     t = max(t_bytes, t_flops, t_serial) + LAUNCH_S
     bound = max((t_bytes, "HBM"), (t_flops, "FLOP"), (t_serial, "latency/issue"))[1]
@@ -209,7 +250,8 @@ def table(T, wbytes, phase_set, label):
                 if gname == "H100":
                     bounds.append(bound)
             cells.append(f"{ts[0] * 1e6:,.0f} / {ts[1] * 1e6:,.0f}")
-        lines.append(f"| {kb['name']} | {kb['bytes'] / 1e6:,.1f} | {kb['flops'] / 1e9:,.1f} | "
+        name = kb["name"] if kb["name"] == ka["name"] else f"{kb['name']} / {ka['name']}"
+        lines.append(f"| {name} | {ka['bytes'] / 1e6:,.1f} | {ka['flops'] / 1e9:,.1f} | "
                      f"{' / '.join(bounds)} | {cells[0]} | {cells[1]} |")
     fb = floor_bytes(T, wbytes, train)
     fl = [fb / GPUS[g]["bw"] for g in ("H100", "H200")]
