@@ -171,13 +171,8 @@ void peer_cpu_project(const peer_layer *L, int64_t T, const float *x, float *q, 
 
 /* Inference batch norm: the running statistics. */
 static void normalize_running(const peer_layer *L, int64_t T, float *q, int64_t ldq, int P) {
-  const int64_t dq = L->dims.dq;
-  const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
-  const float *mean = L->slot[PEER_P_NORM_MEAN].data, *var = L->slot[PEER_P_NORM_VAR].data;
 #pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t t = 0; t < T; t++)
-    for (int64_t f = 0; f < dq; f++)
-      q[t * ldq + f] = (q[t * ldq + f] - mean[f]) / sqrtf(var[f] + 1e-5f) * nw[f] + nb[f];
+  for (int64_t t = 0; t < T; t++) peer_cpu_norm_running(L, q + t * ldq, 0, L->dims.dq);
 }
 
 /* ------------------------------------------------------------ phase 2 */
@@ -366,11 +361,7 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
   }
   L->retrieval_stats.bf16 += n_bf16;
   L->retrieval_stats.fallback += n_fallback;
-  if (bad_token < T)
-    return peer_fail(PEER_ERR_NONFINITE,
-                     "token %lld, head %d: non-finite sub-key score (NaN or infinity in x, "
-                     "query weights, norm or keys)",
-                     (long long)bad_token, bad_head);
+  if (bad_token < T) return peer_cpu_fail_nonfinite_score(bad_token, bad_head);
   return PEER_OK;
 }
 
@@ -454,6 +445,9 @@ static peer_status cpu_forward(peer_layer *L, int64_t T, const float *x, float *
   cpu_layout(L, T, ws, &w);
   int P = peer_cpu_threads(L);
   retrieve_out out = {indices ? indices : w.ids, w.scores, gates ? gates : w.gates};
+#ifdef __AVX512BF16__
+  if (peer_cpu_decode_ready(L, T, P)) return peer_cpu_decode_forward(L, T, x, y, out, &w, P);
+#endif
   peer_status st = queries_and_retrieval(L, T, x, false, out, &w, P);
   if (st) return st;
   peer_cpu_apply_experts(L, T, x, y, out.ids, out.gates, NULL, &w, P);

@@ -35,6 +35,8 @@
 #define peer_cpu_keys16_ready PEER_CPU_V(peer_cpu_keys16_ready)
 #define peer_cpu_bf16_scratch_bytes PEER_CPU_V(peer_cpu_bf16_scratch_bytes)
 #define peer_cpu_bf16_lists PEER_CPU_V(peer_cpu_bf16_lists)
+#define peer_cpu_decode_ready PEER_CPU_V(peer_cpu_decode_ready)
+#define peer_cpu_decode_forward PEER_CPU_V(peer_cpu_decode_forward)
 #endif
 
 #include <string.h>
@@ -195,6 +197,23 @@ static inline int64_t peer_cpu_q_stride(const peer_dims *D) { return D->dq + 16;
  * into one L1 set (2n floats is a multiple of 4 KiB when n >= 512). */
 static inline int64_t peer_cpu_s_stride(int64_t n) { return 2 * n + 16; }
 
+/* Inference batch norm (running statistics) of features [f0, f1) of one
+ * token's query q. */
+static inline void peer_cpu_norm_running(const peer_layer *L, float *q, int64_t f0, int64_t f1) {
+  const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
+  const float *mean = L->slot[PEER_P_NORM_MEAN].data, *var = L->slot[PEER_P_NORM_VAR].data;
+  for (int64_t f = f0; f < f1; f++)
+    q[f] = (q[f] - mean[f]) / sqrtf(var[f] + 1e-5f) * nw[f] + nb[f];
+}
+
+/* The retrieval's error for the first (token, head) whose scores were not finite. */
+static inline peer_status peer_cpu_fail_nonfinite_score(int64_t token, int head) {
+  return peer_fail(PEER_ERR_NONFINITE,
+                   "token %lld, head %d: non-finite sub-key score (NaN or infinity in x, "
+                   "query weights, norm or keys)",
+                   (long long)token, head);
+}
+
 /* C[i, j] = sum over k of A[i, k] * B[j, k] for i < M <= TB, j < N; see cpu.c. */
 void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
                       const float *B, int64_t ldb, float *C, int64_t ldc, float *pack);
@@ -261,6 +280,16 @@ void peer_cpu_bf16_lists(const peer_layer *layer, int64_t h, int64_t nt, const f
                          int64_t ldq, float *S, int64_t ldS, char *scratch, float **ls,
                          int64_t **lid, int *bad, float *pack, int64_t *n_bf16,
                          int64_t *n_fallback);
+
+/* The forward of T <= PEER_CPU_DECODE_MAX_T tokens in one parallel region
+ * with one barrier (cpu_decode.c, AVX512-BF16 variants): same results as the
+ * batch path.  peer_cpu_decode_ready says whether it may run (batch size,
+ * config, the bf16 keys, the layer's Wq copy, which it makes current). */
+#define PEER_CPU_DECODE_MAX_T 16
+bool peer_cpu_decode_ready(peer_layer *layer, int64_t T, int P);
+/* out.scores is overwritten with the experts' coefficients. */
+peer_status peer_cpu_decode_forward(peer_layer *layer, int64_t T, const float *x, float *y,
+                                    retrieve_out out, const cpu_ws *w, int P);
 
 /* Training (cpu_train.c). */
 size_t peer_cpu_context_bytes(const peer_layer *layer, int64_t T);

@@ -113,6 +113,11 @@ struct peer_layer {
   uint64_t keys_gen;
   bool keys_exposed;
   peer_keys16 keys16;
+  /* The CPU backend's copy of query.weight laid out for small batches
+   * (peer/cpu_decode.c), kept by the same rule as keys16 (gen, keys_gen);
+   * query_exposed: peer_layer_param has handed out query.weight. */
+  peer_keys16 wq_blocks;
+  bool query_exposed;
   peer_retrieval_stats retrieval_stats;
 };
 

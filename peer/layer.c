@@ -227,6 +227,7 @@ void peer_layer_free(peer_layer *L) {
   if (L->backend->close) L->backend->close(L);
   if (L->ws_owned) peer_free(L->ws, L->ws_bytes);
   peer_free(L->keys16.mem, L->keys16.bytes);
+  peer_free(L->wq_blocks.mem, L->wq_blocks.bytes);
   free(L);
 }
 
@@ -247,13 +248,20 @@ int peer_layer_threads(const peer_layer *L) {
 
 int peer_layer_n_params(const peer_layer *L) { return L ? L->n_params : 0; }
 
+/* A parameter handed out may be written in place at any time: derived copies
+ * of it (keys16, wq_blocks) can no longer be trusted. */
+static void note_exposed(peer_layer *L, int slot) {
+  if (slot == PEER_P_KEYS) L->keys_exposed = true;
+  if (slot == PEER_P_QUERY_WEIGHT) L->query_exposed = true;
+}
+
 peer_status peer_layer_param(peer_layer *L, int i, peer_tensor *out) {
   if (!L || !out) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_param: NULL argument");
   if (i < 0 || i >= L->n_params)
     return peer_fail(PEER_ERR_INVALID_ARGUMENT, "layer_param: index %d not in [0, %d)", i,
                      L->n_params);
   *out = L->slot[L->param_slot[i]];
-  if (L->param_slot[i] == PEER_P_KEYS) L->keys_exposed = true;
+  note_exposed(L, L->param_slot[i]);
   return PEER_OK;
 }
 
@@ -264,7 +272,7 @@ peer_status peer_layer_param_by_name(peer_layer *L, const char *name, peer_tenso
     const peer_tensor *t = &L->slot[L->param_slot[i]];
     if (strcmp(t->name, name) == 0) {
       *out = *t;
-      if (L->param_slot[i] == PEER_P_KEYS) L->keys_exposed = true;
+      note_exposed(L, L->param_slot[i]);
       return PEER_OK;
     }
   }

@@ -15,6 +15,8 @@
 
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 typedef struct layer_case {
   peer_config cfg;
@@ -85,6 +87,21 @@ static inline peer_layer *case_layer(const layer_case *c) {
   peer_status st = peer_layer_create(&L, &c->cfg, NULL);
   cr_assert_eq(st, PEER_OK, "create %s: %s", case_text(c), peer_last_error());
   return L;
+}
+
+/* A copy of L made through a weight file: none of its parameters was ever
+ * handed out (peer_layer_param), so the CPU backend may keep derived copies
+ * of them (bf16 keys, the small-batch Wq layout).  Freed by the caller. */
+static inline peer_layer *case_reloaded(peer_layer *L) {
+  char path[] = "/tmp/peer_case_XXXXXX";
+  int fd = mkstemp(path);
+  cr_assert(fd >= 0);
+  close(fd);
+  cr_assert_eq(peer_layer_save(L, path), PEER_OK, "%s", peer_last_error());
+  peer_layer *B = NULL;
+  cr_assert_eq(peer_layer_load(&B, path, NULL), PEER_OK, "%s", peer_last_error());
+  unlink(path);
+  return B;
 }
 
 #endif

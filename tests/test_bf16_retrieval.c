@@ -18,24 +18,10 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 static bool bf16_variant(void) {
   const peer_cpu_impl *impl = peer_cpu_select();
   return impl && !strcmp(impl->name, "avx512bf16");
-}
-
-/* A copy of L made through a weight file: its keys were never exposed. */
-static peer_layer *reloaded(peer_layer *L) {
-  char path[] = "/tmp/peer_bf16_test_XXXXXX";
-  int fd = mkstemp(path);
-  cr_assert(fd >= 0);
-  close(fd);
-  cr_assert_eq(peer_layer_save(L, path), PEER_OK, "%s", peer_last_error());
-  peer_layer *B = NULL;
-  cr_assert_eq(peer_layer_load(&B, path, NULL), PEER_OK, "%s", peer_last_error());
-  unlink(path);
-  return B;
 }
 
 /* peer_retrieve against peer_retrieve_brute on L: ids and score bits, for
@@ -101,7 +87,7 @@ Test(bf16_retrieval, random_layers_match_the_f32_path) {
     layer_case c = case_of(&specs[s]);
     peer_layer *A = case_layer(&c);
     ref_fill_layer(A, &rng);
-    peer_layer *L = reloaded(A);
+    peer_layer *L = case_reloaded(A);
     float *x = ref_random_x(&rng, c.T, c.d);
     check_exact(L, c.T, x, case_text(&c));
     check_exact(L, 1, x, case_text(&c)); /* batch 1 */
@@ -140,7 +126,7 @@ Test(bf16_retrieval, traps_within_the_error_bound) {
   float *x = malloc((size_t)(T * 2 * m) * sizeof(float));
   int traps = bf16_traps(D.keys, x, 2, n, m, T, &rng);
   cr_assert(traps > 0);
-  peer_layer *L = reloaded(D.A);
+  peer_layer *L = case_reloaded(D.A);
   check_exact(L, T, x, "traps");
   check_took_bf16(L, "traps");
   free(x);
@@ -166,7 +152,7 @@ Test(bf16_retrieval, near_ties_exact_ties_and_extreme_norms) {
     const int64_t m = D.m, n = D.n, T = 48;
     float *x = malloc((size_t)(T * D.H * 2 * m) * sizeof(float));
     bf16_near_ties(D.keys, x, D.H * 2, n, m, T, cases[s].key_scale, cases[s].x_scale, &rng);
-    peer_layer *L = reloaded(D.A);
+    peer_layer *L = case_reloaded(D.A);
     check_exact(L, T, x, cases[s].config);
     free(x);
     peer_layer_free(D.A);
@@ -193,7 +179,7 @@ Test(bf16_retrieval, a_stale_copy_is_never_used) {
   check_exact(A, c.T, x, "exposed, keys written in place");
   check_exact(A, 3, x, "exposed, a small batch");
 
-  peer_layer *L = reloaded(A);
+  peer_layer *L = case_reloaded(A);
   check_exact(L, 5, x, "reloaded");
   cr_assert_eq(peer_layer_init(L, 12345), PEER_OK);
   check_exact(L, 5, x, "reloaded, then layer_init");
