@@ -201,6 +201,56 @@ static void expert_combine(const peer_layer *L, int slot, int64_t cols, int64_t 
   }
 }
 
+/* ------------------------------------------ streamed gradient rows */
+
+/* The sparse expert gradient rows (512 KiB a token at the reference config,
+ * as many bytes as the forward's gather) are written once and not read again
+ * by the backward, so they go out with non-temporal stores: no read for
+ * ownership of the lines they overwrite whole, and they do not evict x, dy
+ * and the context from the caches.  The stores are weakly ordered, so every
+ * thread that streamed calls stream_fence() before the region's barrier. */
+#if defined(__SSE2__) && !defined(__AVX__)
+#include <emmintrin.h>
+#endif
+
+static inline void stream_vec(float *p, vf v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+  _mm256_stream_ps(p, (__m256)v);
+#elif defined(__SSE2__)
+  __m128 q[VW / 4];
+  memcpy(q, &v, sizeof q);
+  for (int i = 0; i < VW / 4; i++) _mm_stream_ps(p + 4 * i, q[i]);
+#else
+  memcpy(p, &v, sizeof v);
+#endif
+}
+
+static inline void stream_fence(void) {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+/* out[0 .. d) = 0 + a v: axpy_row_f32 into a zeroed row, the same operations
+ * and so the same bits, streamed where out is aligned to a vector. */
+static inline void stream_scaled_row(float a, const float *v, float *out, int64_t d) {
+  const vf zero = {0};
+  int64_t i = 0;
+  for (; i < d && (uintptr_t)(out + i) % sizeof(vf) != 0; i++) out[i] = 0.0f + a * v[i];
+  for (; i + VW <= d; i += VW) stream_vec(out + i, zero + a * loadv(v + i));
+  for (; i < d; i++) out[i] = 0.0f + a * v[i];
+}
+
+/* out[0 .. d) = src[0 .. d), streamed as stream_scaled_row. */
+static inline void stream_row(const float *src, float *out, int64_t d) {
+  int64_t i = 0;
+  for (; i < d && (uintptr_t)(out + i) % sizeof(vf) != 0; i++) out[i] = src[i];
+  for (; i + VW <= d; i += VW) stream_vec(out + i, loadv(src + i));
+  for (; i < d; i++) out[i] = src[i];
+}
+
 /* ------------------------------------------------------------ backward */
 
 /* Stable LSD radix sort of (key, val) pairs by key, 8 bits a pass, only as
@@ -237,10 +287,20 @@ static size_t run_starts(const uint32_t *key, size_t n, uint32_t *starts) {
   return r;
 }
 
+/* dst [cols, rows] = src [rows, cols] transposed, in tiles of TR x TR: a
+ * column at a time reads a new cache line per element (a 1024-row column
+ * spans 64 KiB), a tile reads and writes TR lines of TR floats each. */
+#define TR 16
 static void transpose(const float *src, int64_t rows, int64_t cols, float *dst, int P) {
 #pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t c = 0; c < cols; c++)
-    for (int64_t r = 0; r < rows; r++) dst[c * rows + r] = src[r * cols + c];
+  for (int64_t c0 = 0; c0 < cols; c0 += TR) {
+    const int64_t c1 = cols - c0 < TR ? cols : c0 + TR;
+    for (int64_t r0 = 0; r0 < rows; r0 += TR) {
+      const int64_t r1 = rows - r0 < TR ? rows : r0 + TR;
+      for (int64_t c = c0; c < c1; c++)
+        for (int64_t r = r0; r < r1; r++) dst[c * rows + r] = src[r * cols + c];
+    }
+  }
 }
 
 /* Entry e's backward from vd = v_i . dy: d loss / d gate (into m->ds, turned
@@ -263,41 +323,55 @@ static void gates_backward(const peer_layer *L, int64_t t, peer_cpu_train_mem *m
 }
 
 /* Per entry: the expert's share of dx and the coefficients of its gradient
- * rows; per head: the gate backward into the kept scores (m->ds). */
-static void experts_backward(const peer_layer *L, int64_t T, const float *dy, float *dx,
-                             peer_cpu_train_mem *m, int P) {
+ * rows; per head: the gate backward into the kept scores (m->ds).  With
+ * `rows` (sparse expert gradients, sorted by sort_expert_entries), an entry
+ * whose expert no other entry of the batch used also writes that expert's
+ * gradient rows, streamed, while its token's x and dy are at hand: row
+ * m->val2[e] of the list, or none (NO_ROW). */
+#define NO_ROW UINT32_MAX
+static void experts_backward(const peer_layer *L, int64_t T, const float *x, const float *dy,
+                             float *dx, peer_cpu_train_mem *m, peer_grads *rows, int P) {
   const peer_dims *D = &L->dims;
   const int64_t d = D->d, hk = D->H * D->k;
   const int act = (int)L->cfg.activation;
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const void *down = L->slot[PEER_P_EXPERTS_DOWN].data, *up = L->slot[PEER_P_EXPERTS_UP].data;
   const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4), ne = (size_t)(T * hk);
-#pragma omp parallel for schedule(dynamic, 4) num_threads(P) if (T > 1)
-  for (int64_t t = 0; t < T; t++) {
-    const float *dyt = dy + t * d;
-    float *dxt = dx ? dx + t * d : NULL;
-    if (dxt) memset(dxt, 0, (size_t)d * sizeof(float));
-    if (bf16) { /* bf16 rows meet dy and dx split (split_pairs) */
-      float *dys = pack_of(m);
-      split_pairs(dyt, d, dys);
-      dyt = dys;
-    }
-    for (int64_t e = t * hk; e < t * hk + PREFETCH_AHEAD && e < (t + 1) * hk; e++)
-      prefetch_expert(down, up, m->ids[e], row_bytes);
-    for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
-      if ((size_t)(e + PREFETCH_AHEAD) < ne && e + PREFETCH_AHEAD < (t + 1) * hk)
-        prefetch_expert(down, up, m->ids[e + PREFETCH_AHEAD], row_bytes);
-      int64_t id = m->ids[e];
-      entry_backward(act, m, e,
-                     bf16 ? dot_row_bf16((const uint16_t *)up + id * d, dyt, d)
-                          : dot_row_f32((const float *)up + id * d, dyt, d));
-      if (dxt) {
-        if (bf16) axpy_row_bf16(m->cdown[e], (const uint16_t *)down + id * d, dxt, d);
-        else axpy_row_f32(m->cdown[e], (const float *)down + id * d, dxt, d);
+#pragma omp parallel num_threads(P) if (T > 1)
+  {
+#pragma omp for schedule(dynamic, 4) nowait
+    for (int64_t t = 0; t < T; t++) {
+      const float *dyt = dy + t * d;
+      float *dxt = dx ? dx + t * d : NULL;
+      if (dxt) memset(dxt, 0, (size_t)d * sizeof(float));
+      if (bf16) { /* bf16 rows meet dy and dx split (split_pairs) */
+        float *dys = pack_of(m);
+        split_pairs(dyt, d, dys);
+        dyt = dys;
       }
+      for (int64_t e = t * hk; e < t * hk + PREFETCH_AHEAD && e < (t + 1) * hk; e++)
+        prefetch_expert(down, up, m->ids[e], row_bytes);
+      for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
+        if ((size_t)(e + PREFETCH_AHEAD) < ne && e + PREFETCH_AHEAD < (t + 1) * hk)
+          prefetch_expert(down, up, m->ids[e + PREFETCH_AHEAD], row_bytes);
+        int64_t id = m->ids[e];
+        entry_backward(act, m, e,
+                       bf16 ? dot_row_bf16((const uint16_t *)up + id * d, dyt, d)
+                            : dot_row_f32((const float *)up + id * d, dyt, d));
+        if (dxt) {
+          if (bf16) axpy_row_bf16(m->cdown[e], (const uint16_t *)down + id * d, dxt, d);
+          else axpy_row_f32(m->cdown[e], (const float *)down + id * d, dxt, d);
+        }
+        if (rows && m->val2[e] != NO_ROW) {
+          size_t r = m->val2[e];
+          stream_scaled_row(m->cdown[e], x + t * d, rows->experts_down + r * (size_t)d, d);
+          stream_scaled_row(m->cup[e], dy + t * d, rows->experts_up + r * (size_t)d, d);
+        }
+      }
+      if (bf16 && dxt) unsplit_pairs(dxt, d);
+      gates_backward(L, t, m);
     }
-    if (bf16 && dxt) unsplit_pairs(dxt, d);
-    gates_backward(L, t, m);
+    if (rows) stream_fence();
   }
 }
 
@@ -435,39 +509,74 @@ static void projection_backward(const peer_layer *L, int64_t T, const float *x, 
   }
 }
 
-/* Expert gradient rows over columns [col0, col0 + cols) (all d of them
- * unsharded): each distinct id sums its entries' c_down x and c_up dy. */
-static void expert_grads(const peer_layer *L, int64_t T, const float *x, const float *dy,
-                         int64_t col0, int64_t cols, peer_cpu_train_mem *m, peer_grads *gr, int P) {
-  const peer_dims *D = &L->dims;
-  const int64_t d = D->d, c = cols, hk = D->H * D->k;
-  const size_t ne = (size_t)(T * hk);
+/* The entries sorted by expert id (stable: entry order within an id), into
+ * m->key (ids) and m->val (entries), the starts of the runs of one id in
+ * m->key2; the list of distinct ids into gr->expert_rows.  With `mark`,
+ * m->val2[e] = the row of entry e's id if no other entry has it, else NO_ROW
+ * (experts_backward's rows).  Returns the number of runs. */
+static size_t sort_expert_entries(const peer_layer *L, int64_t T, peer_cpu_train_mem *m,
+                                  peer_grads *gr, bool mark) {
+  const size_t ne = (size_t)(T * L->dims.H * L->dims.k);
   for (size_t e = 0; e < ne; e++) {
     m->key[e] = (uint32_t)m->ids[e];
     m->val[e] = (uint32_t)e;
   }
-  radix_sort(m->key, m->val, m->key2, m->val2, ne, (uint32_t)(D->N - 1));
+  radix_sort(m->key, m->val, m->key2, m->val2, ne, (uint32_t)(L->dims.N - 1));
   uint32_t *starts = m->key2;
   size_t runs = run_starts(m->key, ne, starts);
   gr->n_expert_rows = (int64_t)runs;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(P)
   for (size_t r = 0; r < runs; r++) {
-    int64_t id = m->key[starts[r]];
-    gr->expert_rows[r] = id;
-    float *gd = gr->experts_down + (gr->experts_dense ? (size_t)id : r) * (size_t)c;
-    float *gu = gr->experts_up + (gr->experts_dense ? (size_t)id : r) * (size_t)c;
-    float *acc_d = pack_of(m), *acc_u = acc_d + c; /* kmax * TB >= 2d floats */
-    float *sd = gr->experts_dense ? acc_d : gd, *su = gr->experts_dense ? acc_u : gu;
-    memset(sd, 0, (size_t)c * sizeof(float));
-    memset(su, 0, (size_t)c * sizeof(float));
-    for (uint32_t i = starts[r]; i < starts[r + 1]; i++) {
-      size_t e = m->val[i], t = e / (size_t)hk;
-      axpy_row_f32(m->cdown[e], x + t * (size_t)d + col0, sd, c);
-      axpy_row_f32(m->cup[e], dy + t * (size_t)d + col0, su, c);
-    }
-    if (gr->experts_dense)
-      for (int64_t i = 0; i < c; i++) gd[i] += sd[i], gu[i] += su[i];
+    gr->expert_rows[r] = m->key[starts[r]];
+    if (mark)
+      for (uint32_t i = starts[r]; i < starts[r + 1]; i++)
+        m->val2[m->val[i]] = starts[r + 1] - starts[r] == 1 ? (uint32_t)r : NO_ROW;
   }
+  return runs;
+}
+
+/* Expert gradient rows over columns [col0, col0 + cols) (all d of them
+ * unsharded) from the sorted entries: each distinct id sums its entries'
+ * c_down x and c_up dy in entry order, in a buffer that then goes to the
+ * list (streamed) or is added to the dense row.  shared_only: only the ids
+ * that several entries used (experts_backward wrote the others). */
+static void sum_expert_rows(const peer_layer *L, size_t runs, const float *x, const float *dy,
+                        int64_t col0, int64_t cols, peer_cpu_train_mem *m, peer_grads *gr,
+                        bool shared_only, int P) {
+  const int64_t d = L->dims.d, c = cols, hk = L->dims.H * L->dims.k;
+  const uint32_t *starts = m->key2;
+#pragma omp parallel num_threads(P)
+  {
+#pragma omp for schedule(dynamic, 16) nowait
+    for (size_t r = 0; r < runs; r++) {
+      if (shared_only && starts[r + 1] - starts[r] == 1) continue;
+      int64_t id = m->key[starts[r]];
+      float *acc_d = pack_of(m), *acc_u = acc_d + c; /* kmax * TB >= 2d floats */
+      memset(acc_d, 0, (size_t)c * sizeof(float));
+      memset(acc_u, 0, (size_t)c * sizeof(float));
+      for (uint32_t i = starts[r]; i < starts[r + 1]; i++) {
+        size_t e = m->val[i], t = e / (size_t)hk;
+        axpy_row_f32(m->cdown[e], x + t * (size_t)d + col0, acc_d, c);
+        axpy_row_f32(m->cup[e], dy + t * (size_t)d + col0, acc_u, c);
+      }
+      if (gr->experts_dense) {
+        float *gd = gr->experts_down + (size_t)id * (size_t)c;
+        float *gu = gr->experts_up + (size_t)id * (size_t)c;
+        for (int64_t i = 0; i < c; i++) gd[i] += acc_d[i], gu[i] += acc_u[i];
+      } else {
+        stream_row(acc_d, gr->experts_down + r * (size_t)c, c);
+        stream_row(acc_u, gr->experts_up + r * (size_t)c, c);
+      }
+    }
+    if (!gr->experts_dense) stream_fence();
+  }
+}
+
+/* Expert gradient rows over columns [col0, col0 + cols) (the sharded
+ * layer's, after entry_coefficients). */
+static void expert_grads(const peer_layer *L, int64_t T, const float *x, const float *dy,
+                         int64_t col0, int64_t cols, peer_cpu_train_mem *m, peer_grads *gr, int P) {
+  size_t runs = sort_expert_entries(L, T, m, gr, false);
+  sum_expert_rows(L, runs, x, dy, col0, cols, m, gr, false, P);
 }
 
 /* The replicated parameters' gradients and dx's query part, from m->ds. */
@@ -489,8 +598,12 @@ peer_status peer_cpu_backward(peer_layer *L, peer_context *c, const float *dy, f
   int64_t bad = peer_cpu_first_nonfinite_row(dy, T, L->dims.d, P);
   if (bad < T)
     return peer_fail(PEER_ERR_NONFINITE, "token %lld: dy holds NaN or infinity", (long long)bad);
-  experts_backward(L, T, dy, dx, &m, P);
-  if (gr->experts_down) expert_grads(L, T, x, dy, 0, L->dims.d, &m, gr, P);
+  /* Sparse rows: those of ids one entry used are written by experts_backward,
+   * the others summed after it. */
+  const bool stream = gr->experts_down && !gr->experts_dense;
+  size_t runs = gr->experts_down ? sort_expert_entries(L, T, &m, gr, stream) : 0;
+  experts_backward(L, T, x, dy, dx, &m, stream ? gr : NULL, P);
+  if (gr->experts_down) sum_expert_rows(L, runs, x, dy, 0, L->dims.d, &m, gr, stream, P);
   dense_grads(L, T, x, dx, &m, gr, P);
   return PEER_OK;
 }
