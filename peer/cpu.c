@@ -2,7 +2,8 @@
  * with OpenMP over independent pieces of work:
  *   1. queries:  Q = X Wq^T (+ b, batch norm), a blocked matrix product;
  *   2. retrieval: per (token block, head), the sub-key scores S = Q_half C^T
- *      (blocked matrix product), top-k' per half, exact Cartesian merge, gates;
+ *      (blocked matrix product), top-k' per half (for k' <= 64 selected from
+ *      the product's registers, S never stored), exact Cartesian merge, gates;
  *   3. experts:  per token, gather the H*k rows u_i, v_i and accumulate.
  * Every output element is computed by the same sequence of operations
  * whatever the blocking or thread count, so results are bitwise identical
@@ -16,14 +17,14 @@
 #error "cpu.c is compiled once per instruction-set variant, with PEER_CPU_VARIANT set (cpu.h)"
 #endif
 
-/* One register tile of the product below: rows j0..j0+mr of B against nv
- * vectors of packed tokens.  Inlined with constant mr, nv so that the
- * accumulators live in registers. */
-static inline __attribute__((always_inline)) void gemm_tile(int mr, int nv, int64_t M,
-                                                            int64_t K, const float *pack,
-                                                            const float *B, int64_t ldb,
-                                                            float *C, int64_t ldc) {
-  vf acc[MRK][NVT];
+/* One register tile of the products: rows j0..j0+mr of B against nv vectors
+ * of packed tokens, into acc.  Inlined with constant mr, nv so that the
+ * accumulators live in registers.  The one home of the scores' FMA chain:
+ * the matrix product and the fused selection below both call it. */
+static inline __attribute__((always_inline)) void tile_products(int mr, int nv, int64_t K,
+                                                                const float *pack,
+                                                                const float *B, int64_t ldb,
+                                                                vf acc[MRK][NVT]) {
   for (int r = 0; r < mr; r++)
     for (int v = 0; v < nv; v++) acc[r][v] = (vf){0};
   for (int64_t k = 0; k < K; k++) {
@@ -34,6 +35,14 @@ static inline __attribute__((always_inline)) void gemm_tile(int mr, int nv, int6
       for (int v = 0; v < nv; v++) acc[r][v] = vfma(a[v], b, acc[r][v]);
     }
   }
+}
+
+static inline __attribute__((always_inline)) void gemm_tile(int mr, int nv, int64_t M,
+                                                            int64_t K, const float *pack,
+                                                            const float *B, int64_t ldb,
+                                                            float *C, int64_t ldc) {
+  vf acc[MRK][NVT];
+  tile_products(mr, nv, K, pack, B, ldb, acc);
   /* Scatter to C[token][row]; full vectors without per-lane bound checks. */
   for (int v = 0; v < nv; v++) {
     float *Cv = C + (int64_t)v * VW * ldc;
@@ -53,11 +62,16 @@ static inline __attribute__((always_inline)) void gemm_tile(int mr, int nv, int6
  * so blocking and batch position never change a result's bits.  The block's
  * rows of A are first packed transposed into `pack` (K x TB floats) so the
  * tile vectorises over tokens and broadcasts B. */
-void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                    const float *B, int64_t ldb, float *C, int64_t ldc, float *pack) {
+static void pack_tokens(int64_t M, int64_t K, const float *A, int64_t lda, float *pack) {
   int nv = (int)((M + VW - 1) / VW);
   for (int64_t k = 0; k < K; k++)
     for (int64_t i = 0; i < nv * VW; i++) pack[k * TB + i] = i < M ? A[i * lda + k] : 0.0f;
+}
+
+void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                    const float *B, int64_t ldb, float *C, int64_t ldc, float *pack) {
+  int nv = (int)((M + VW - 1) / VW);
+  pack_tokens(M, K, A, lda, pack);
   for (int64_t j = 0; j < N; j += MRK) {
     int mr = N - j < MRK ? (int)(N - j) : MRK;
     const float *Bj = B + j * ldb;
@@ -75,6 +89,19 @@ void peer_cpu_gemm_nt(int64_t M, int64_t N, int64_t K, const float *A, int64_t l
 
 /* ------------------------------------------------------------- workspace */
 
+/* The f32 path fuses top-k' selection into the sub-key scoring for k' up to
+ * FUSED_KP_MAX (score_select below); a block's lists then take S's place. */
+#define FUSED_KP_MAX 64
+
+/* Entries between two lists: k' rounded up to whole vectors. */
+static inline int64_t fused_list_stride(int64_t kp) { return (kp + VW - 1) / VW * VW; }
+
+/* Bytes of one block's lists: TB tokens x 2 halves, scores and ids. */
+static size_t fused_lists_bytes(const peer_dims *D) {
+  if (D->kp > FUSED_KP_MAX) return 0;
+  return round64((size_t)(TB * 2 * fused_list_stride(D->kp)) * (sizeof(float) + sizeof(int64_t)));
+}
+
 int peer_cpu_threads(const peer_layer *L) { return peer_layer_threads(L); }
 
 
@@ -87,10 +114,15 @@ static size_t pack_bytes(const peer_dims *D) {
   return round64((size_t)K * TB * sizeof(float));
 }
 
-/* S, then the lists, then cpu_bf16.c's scratch where this variant has it. */
+/* S (or, in its place, the fused path's lists), then the lists, then
+ * cpu_bf16.c's scratch where this variant has it. */
+static size_t s_bytes(const peer_dims *D) {
+  size_t s = round64((size_t)TB * (size_t)peer_cpu_s_stride(D->n) * sizeof(float));
+  return s > fused_lists_bytes(D) ? s : fused_lists_bytes(D);
+}
+
 static size_t s_and_lists_bytes(const peer_dims *D) {
-  return round64((size_t)TB * (size_t)peer_cpu_s_stride(D->n) * sizeof(float)) +
-         3 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t)));
+  return s_bytes(D) + 3 * round64((size_t)D->kp * (sizeof(float) + sizeof(int64_t)));
 }
 
 static size_t thread_scratch_bytes(const peer_dims *D) {
@@ -258,6 +290,112 @@ int peer_cpu_topk_scan(const float *s, int n, int kp, float *out_s, int64_t *out
   return bad | any_lane(badv);
 }
 
+/* ------------------------------------------- scores fused with top-k' */
+
+/* For k' up to FUSED_KP_MAX the f32 path selects each half's top-k' while the
+ * sub-key scores are still in the product's registers (issue 15 item 3),
+ * instead of storing S and scanning it.  Every token (a vector lane of the
+ * tile) keeps a running top-k' list sorted by the tie rule and its last score
+ * as a threshold; a tile compares its scores against the thresholds of its
+ * lanes, and only the lanes above enter their token's list.  Sub-keys arrive
+ * in index order (tiles by rising j, rows within a tile in order), so a
+ * newcomer's id is larger than every listed id and it beats an entry exactly
+ * when its score is larger: peer_topk_scan's rule, hence its ids and scores.
+ * The lists start full of -infinity (ids 0..k'-1, in range whatever comes),
+ * which every finite score beats. */
+/* Sub-key j with score x enters the list (sc, id) of kp entries if it beats
+ * the last one (see above); returns the list's new last score. */
+static inline float fused_insert(float *sc, int64_t *id, int kp, float x, int64_t j) {
+#if defined(__AVX512F__)
+  if (kp <= VW) { /* the list is one vector: shift its tail by one lane */
+    __m512 L = _mm512_loadu_ps(sc), xv = _mm512_set1_ps(x);
+    __mmask16 gt = _mm512_cmp_ps_mask(xv, L, _CMP_GT_OQ) & (__mmask16)((1u << kp) - 1u);
+    if (!gt) return sc[kp - 1];
+    unsigned at = 1u << __builtin_ctz(gt);
+    __m512i Li = _mm512_castps_si512(L);
+    L = _mm512_mask_mov_ps(L, gt, _mm512_castsi512_ps(_mm512_alignr_epi32(Li, Li, 15)));
+    _mm512_storeu_ps(sc, _mm512_mask_mov_ps(L, (__mmask16)at, xv));
+    __m512i I0 = _mm512_loadu_si512(id), I1 = _mm512_loadu_si512(id + 8);
+    __m512i S1 = _mm512_alignr_epi64(I1, I0, 7), S0 = _mm512_alignr_epi64(I0, I0, 7);
+    I0 = _mm512_mask_mov_epi64(I0, (__mmask8)gt, S0);
+    I1 = _mm512_mask_mov_epi64(I1, (__mmask8)(gt >> 8), S1);
+    I0 = _mm512_mask_set1_epi64(I0, (__mmask8)at, j);
+    I1 = _mm512_mask_set1_epi64(I1, (__mmask8)(at >> 8), j);
+    _mm512_storeu_si512(id, I0);
+    _mm512_storeu_si512(id + 8, I1);
+    return sc[kp - 1];
+  }
+#endif
+  if (x > sc[kp - 1]) {
+    int count = kp;
+    peer_list_insert(sc, id, kp, &count, x, j);
+  }
+  return sc[kp - 1];
+}
+
+/* One tile of the fused product: the products of rows j0..j0+mr against
+ * token vectors v0..v0+nv (tile_products), then each score above its token's
+ * threshold tau enters that token's list (token t's at ls + t*ldl, lid +
+ * t*ldl).  nan_bits collects x - x per lane: 0 for finite scores. */
+static inline __attribute__((always_inline)) void select_tile(
+    int mr, int nv, int64_t K, const float *pack, const float *B, int64_t ldb, int64_t j0,
+    int v0, const unsigned *valid, float *tau, float *ls, int64_t *lid, int64_t ldl, int kp,
+    vi *nan_bits) {
+  vf acc[MRK][NVT];
+  tile_products(mr, nv, K, pack, B, ldb, acc);
+  for (int v = 0; v < nv; v++) {
+    const int tv0 = (v0 + v) * VW;
+    const vf tv = loadv(tau + tv0);
+    for (int r = 0; r < mr; r++) {
+      nan_bits[v0 + v] |= (vi)(acc[r][v] - acc[r][v]);
+      for (unsigned m = lane_mask(acc[r][v] > tv) & valid[v0 + v]; m; m &= m - 1) {
+        const int t = tv0 + __builtin_ctz(m);
+        tau[t] = fused_insert(ls + t * ldl, lid + t * ldl, kp, acc[r][v][__builtin_ctz(m)],
+                              j0 + r);
+      }
+    }
+  }
+}
+
+/* The top-k' lists of one half for M <= TB tokens whose query halves are the
+ * rows of A (lda apart), against the n sub-keys B (K floats each): token t's
+ * list at ls + t*ldl and lid + t*ldl, exactly peer_cpu_topk_scan's result on
+ * the scores peer_cpu_gemm_nt computes.  Returns a bit per token whose
+ * scores hold a non-finite value. */
+static uint32_t score_select(int64_t M, int64_t n, int64_t K, const float *A, int64_t lda,
+                             const float *B, int kp, float *ls, int64_t *lid, int64_t ldl,
+                             float *pack) {
+  _Static_assert(TB <= 32, "one bit per token of a block");
+  const int nv = (int)((M + VW - 1) / VW);
+  pack_tokens(M, K, A, lda, pack);
+  float tau[TB] __attribute__((aligned(64)));
+  unsigned valid[NVMAX] = {0};
+  vi nan_bits[NVMAX] = {{0}};
+  for (int t = 0; t < TB; t++) tau[t] = -INFINITY;
+  for (int v = 0; v < nv; v++) {
+    int64_t lanes = M - v * VW < VW ? M - v * VW : VW;
+    valid[v] = (1u << lanes) - 1u;
+  }
+  for (int64_t t = 0; t < M; t++)
+    for (int i = 0; i < kp; i++) ls[t * ldl + i] = -INFINITY, lid[t * ldl + i] = i;
+  for (int64_t j = 0; j < n; j += MRK) {
+    int mr = n - j < MRK ? (int)(n - j) : MRK;
+    const float *Bj = B + j * K;
+    for (int v0 = 0; v0 < nv; v0 += NVT) {
+      const float *P = pack + v0 * VW;
+      if (mr == MRK && nv - v0 >= NVT)
+        select_tile(MRK, NVT, K, P, Bj, K, j, v0, valid, tau, ls, lid, ldl, kp, nan_bits);
+      else if (nv - v0 >= NVT)
+        select_tile(mr, NVT, K, P, Bj, K, j, v0, valid, tau, ls, lid, ldl, kp, nan_bits);
+      else select_tile(mr, 1, K, P, Bj, K, j, v0, valid, tau, ls, lid, ldl, kp, nan_bits);
+    }
+  }
+  uint32_t bad = 0;
+  for (int v = 0; v < nv; v++)
+    bad |= (uint32_t)(lane_mask(nan_bits[v] != 0) & valid[v]) << (v * VW);
+  return bad;
+}
+
 /* Smallest failing token, for a deterministic message. */
 static void note_bad(int64_t *bad_token, int *bad_head, int64_t t, int h) {
 #pragma omp critical(peer_bad)
@@ -310,7 +448,7 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
       char *scratch = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
       float *S = (float *)scratch; /* [nt, 2, n], rows ls apart */
       const int64_t ls = peer_cpu_s_stride(n);
-      char *lists = scratch + round64((size_t)TB * (size_t)ls * sizeof(float));
+      char *lists = scratch + s_bytes(D);
       size_t list_bytes = round64((size_t)kp * (sizeof(float) + sizeof(int64_t)));
       int64_t *a1 = (int64_t *)lists, *a2 = (int64_t *)(lists + list_bytes);
       float *s1 = (float *)(a1 + kp), *s2 = (float *)(a2 + kp);
@@ -319,13 +457,27 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
       int64_t t0 = tb * TB, nt = T - t0 < TB ? T - t0 : TB;
       int64_t g = L->cfg.shared_keys ? 0 : h;
       const bool bf16 = bf16_ok && nt <= PEER_CPU_BF16_MAX_NT;
+      const bool fused = !brute && !bf16 && kp <= FUSED_KP_MAX;
       float *lists_s = NULL;
       int64_t *lists_id = NULL;
-      int bad16[TB] = {0};
-      if (bf16) {
+      int64_t lists_ld = kp; /* entries between the lists of (token, half) */
+      int list_bad[TB] = {0};
+      if (fused) {
+        lists_ld = fused_list_stride(kp);
+        lists_s = S;
+        lists_id = (int64_t *)(S + TB * 2 * lists_ld);
+        for (int p = 0; p < 2; p++) {
+          const float *C = keys + ((g * 2 + p) * n) * half;
+          const float *A = q + t0 * ldq + h * D->dk + p * half;
+          uint32_t bad = score_select(nt, n, half, A, ldq, C, kp, lists_s + p * lists_ld,
+                                      lists_id + p * lists_ld, 2 * lists_ld,
+                                      peer_cpu_thread_pack(w, D));
+          for (int64_t t = 0; t < nt; t++) list_bad[t] |= (int)((bad >> t) & 1u);
+        }
+      } else if (bf16) {
 #ifdef __AVX512BF16__
         peer_cpu_bf16_lists(L, h, nt, q + t0 * ldq, ldq, S, ls, scratch + s_and_lists_bytes(D),
-                            &lists_s, &lists_id, bad16, peer_cpu_thread_pack(w, D), &n_bf16,
+                            &lists_s, &lists_id, list_bad, peer_cpu_thread_pack(w, D), &n_bf16,
                             &n_fallback);
 #endif
       } else {
@@ -342,11 +494,11 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
         int bad;
         if (brute) {
           bad = brute_head(row1, row2, n, k, out.scores + o, lo, out.ids + o);
-        } else if (bf16) {
-          const int64_t r = 2 * t * kp;
-          bad = bad16[t];
-          bad |= peer_merge_candidates(lists_s + r, lists_id + r, lists_s + r + kp,
-                                       lists_id + r + kp, kp, k, n, out.scores + o, lo,
+        } else if (bf16 || fused) {
+          const int64_t r = 2 * t * lists_ld;
+          bad = list_bad[t];
+          bad |= peer_merge_candidates(lists_s + r, lists_id + r, lists_s + r + lists_ld,
+                                       lists_id + r + lists_ld, kp, k, n, out.scores + o, lo,
                                        out.ids + o);
         } else {
           bad = peer_cpu_topk_scan(row1, (int)n, kp, s1, a1);
