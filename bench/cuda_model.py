@@ -16,6 +16,7 @@ gradient rows, the weights once) over peak HBM bandwidth.
     python3 bench/cuda_model.py            # markdown tables for kernels/README.md
     python3 bench/cuda_model.py --design   # the per-kernel assumptions
     python3 bench/cuda_model.py --summary  # sums against the floor, every T and dtype
+    python3 bench/cuda_model.py --chunks   # the chunked forward against its chunk count
 
 Every number comes from the formulas below; change an assumption here, not
 in the README.
@@ -50,6 +51,32 @@ CFG = dict(d=512, H=8, k=16, kp=16, dk=256, n=1024)
 def distinct(draws, N):
     """Expected number of distinct experts among `draws` uniform draws."""
     return N * (1.0 - math.exp(-draws / N))
+
+
+def sort_clocks(p, registers):
+    """SM clocks of one warp bitonic sort of p keys (8 bytes each), issue
+    bound: shared-memory accesses and shuffles at one warp instruction per
+    clock per SM, other instructions at 4.  A shared access of 32 keys at
+    consecutive or 32-aligned places is 2 wavefronts (the least for 256
+    bytes), counted 1; partners under 16 apart put the 32 keys of an
+    access on 8 of the 16 eight-byte bank pairs: 4 wavefronts, counted 2.
+    registers False: every stage through shared memory (2 loads, 2 stores
+    and about 6 instructions per pair); True (kernels/retrieval.cu now):
+    stages 32 or more apart as before, the stages under 32 that follow
+    them in registers, per 32 keys one load, one store, and per stage one
+    shuffle and about 4 instructions."""
+    clocks, blocks = 0.0, max(1, p // 32)
+    k = 2
+    while k <= p:
+        j = k // 2
+        while j >= 1:
+            if registers and j < 32:
+                clocks += blocks * (1 + 4 / 4) * int(math.log2(j) + 1) + blocks * 2
+                break
+            clocks += max(1, p // 64) * (4 * (2 if j < 16 else 1) + 6 / 4)
+            j //= 2
+        k *= 2
+    return clocks
 
 
 def kernels(T, wbytes, design, train):
@@ -114,10 +141,7 @@ def kernels(T, wbytes, design, train):
     # to k'.  Counted under emulation (test_cuda emu/topk_selection_work),
     # random rows at n = 1024, k' = 16: 152 candidates and 207 keys sorted
     # (3.2 sorts) per row.  Chunk steps (about 15 instructions) issue at
-    # 4 warp instructions per clock per SM, shared memory at one; the 16
-    # sort stages with partner distance below 32 touch 32 eight-byte keys
-    # over 512 bytes, two wavefronts per access instead of one (a review's
-    # count of bank conflicts), so they cost twice.
+    # 4 warp instructions per clock per SM; a sort costs sort_clocks.
     # After, subkey_topk_bf16 (kernels/retrieval.cu): pass 1 is the same
     # selection over the lower ends s16 - e (e: 3 FMAs and 3 loads of key
     # norms per key, from L1/L2); a count of the survivors s16 + e >= tau
@@ -128,7 +152,7 @@ def kernels(T, wbytes, design, train):
     # The key rows come from L2 (8 MiB of keys stay there): survivors * m * 4
     # bytes per row.
     if after:
-        sort64 = 16 * 4 * 2 + 5 * 4
+        sort64 = sort_clocks(64, registers=True)
         per_row_ops = (32 * 15 / 4 + 3.2 * sort64 + 3 * 32 * 6 / 4 + 32 * 12 / 4 + 32 * 14 / 4
                        + math.ceil(RESCORED_PER_ROW / 32) * (2.5 * m / 4 + sort64))
         l2_bytes = rows * RESCORED_PER_ROW * m * f
@@ -204,18 +228,68 @@ def optimizer(T, wbytes):
     return dense * 28 + 2 * runs * d * (2 * wbytes + 4 * 5)
 
 
-def predict(kern, g):
+def demand(kern, g):
+    """A kernel's time bound by HBM, by FLOPs, and by its latency or issue
+    term, alone on the GPU (all 0 for a kernel the design lacks)."""
     if kern["absent"]:
-        return 0.0, "-"
+        return 0.0, 0.0, 0.0
     eff = {"stream": EFF_STREAM, "gather": EFF_GATHER, "gemm": EFF_STREAM,
            "tc": EFF_STREAM}[kern["kind"]]
     t_bytes = kern["bytes"] / (g["bw"] * eff)
     t_flops = kern["flops"] / (g["flops"] * EFF_GEMM) if kern["kind"] == "gemm" else \
         kern["flops"] / (g["tc"] * EFF_TC) if kern["kind"] == "tc" else kern["flops"] / g["flops"]
-    t_serial = kern["serial"](g)
+    return t_bytes, t_flops, kern["serial"](g)
+
+
+def predict(kern, g):
+    if kern["absent"]:
+        return 0.0, "-"
+    t_bytes, t_flops, t_serial = demand(kern, g)
     t = max(t_bytes, t_flops, t_serial) + LAUNCH_S
     bound = max((t_bytes, "HBM"), (t_flops, "FLOP"), (t_serial, "latency/issue"))[1]
     return t, bound
+
+
+# The chunked forward (kernels/backend.c run_chunks): chunk c+1's retrieval
+# (query GEMM, bias/norm, sub-key GEMMs, subkey_topk, merge) on one stream
+# beside chunk c's expert kernel on another.  Assumptions, stated once: the
+# two share the SMs and HBM, so a pair takes the longest of either stream
+# alone, their HBM-bound times added, and their SM-bound (FLOP or issue)
+# times added, plus OVERLAP_LOSS of the shorter stream (imperfect sharing:
+# SM partitioning, L2 and issue contention; a guess, to be measured); chunks
+# of 512 tokens or more keep the GEMMs' efficiency.  The first retrieval
+# (fill) and the last experts (drain) run alone.  Each chunk is counted as a
+# call of its size, so the keys' bf16 copy (made once per call by the code)
+# is counted per chunk: about 4 us (H100) too much per extra chunk.
+OVERLAP_LOSS = 0.25
+
+
+def auto_chunks(T):
+    """backend.c chunk_count: one chunk per 1024 tokens, at most 8."""
+    return max(1, min(8, T // 1024))
+
+
+def stream_demand(kerns, g):
+    """Kernels in order on one stream: duration alone (launches included),
+    HBM-bound time, SM-bound time."""
+    dur = mem = sm = 0.0
+    for kern in kerns:
+        t_bytes, t_flops, t_serial = demand(kern, g)
+        dur += max(t_bytes, t_flops, t_serial) + LAUNCH_S
+        mem += t_bytes
+        sm += max(t_flops, t_serial)
+    return dur, mem, sm
+
+
+def pipelined(T, wbytes, g, chunks=None):
+    """Predicted inference forward in `chunks` chunks (auto_chunks when None)."""
+    c = chunks or auto_chunks(T)
+    ks = kernels(T // c, wbytes, "after", False)
+    experts = [k for k in ks if k["name"].startswith("experts")]
+    dr, mr, sr = stream_demand([k for k in ks if k not in experts], g)
+    de, me, se = stream_demand(experts, g)
+    pair = max(dr, de, mr + me, sr + se) + OVERLAP_LOSS * min(dr, de)
+    return dr + (c - 1) * pair + de
 
 
 def floor_bytes(T, wbytes, train):
@@ -258,6 +332,11 @@ def table(T, wbytes, phase_set, label):
     lines.append(f"| **sum** | | | | {tot[('before', 'H100')] * 1e6:,.0f} / "
                  f"{tot[('before', 'H200')] * 1e6:,.0f} | {tot[('after', 'H100')] * 1e6:,.0f} / "
                  f"{tot[('after', 'H200')] * 1e6:,.0f} |")
+    if not train:
+        for gname in ("H100", "H200"):
+            tot[("after", gname)] = pipelined(T, wbytes, GPUS[gname])
+        lines.append(f"| **in {auto_chunks(T)} chunks** (retrieval beside experts) | | | | | "
+                     f"{tot[('after', 'H100')] * 1e6:,.0f} / {tot[('after', 'H200')] * 1e6:,.0f} |")
     lines.append(f"| **HBM floor** ({fb / 1e6:,.0f} MB) | | | | {fl[0] * 1e6:,.0f} / "
                  f"{fl[1] * 1e6:,.0f} | |")
     lines.append(f"| **sum / floor** | | | | {tot[('before', 'H100')] / fl[0]:.2f} / "
@@ -280,6 +359,8 @@ def summary():
                     for gname in ("H100", "H200"):
                         tot[design, gname] = sum(predict(k, GPUS[gname])[0]
                                                  for k in kernels(T, wbytes, design, train))
+                        if design == "after" and not train:
+                            tot[design, gname] = pipelined(T, wbytes, GPUS[gname])
                 fl = {g: floor_bytes(T, wbytes, train) / GPUS[g]["bw"] for g in ("H100", "H200")}
                 cell = lambda f: " / ".join(f"{f(g):,.0f}" for g in ("H100", "H200"))
                 ratio = lambda t, f: " / ".join(f"{t['after', g] / f[g]:.2f}"
@@ -291,9 +372,27 @@ def summary():
                       f"{ratio(tot, fl)} |")
 
 
+def chunk_table():
+    """The chunked forward against its chunk count, T = 4096 and 32768."""
+    print("| T | tables | " + " | ".join(f"{c} chunk{'s' if c > 1 else ''}" for c in CHUNKS)
+          + " |")
+    print("|---|---|" + "---|" * len(CHUNKS))
+    for T in (4096, 32768):
+        for wbytes in (4, 2):
+            cells = [" / ".join(f"{pipelined(T, wbytes, GPUS[g], c) * 1e6:,.0f}"
+                                for g in ("H100", "H200")) for c in CHUNKS]
+            print(f"| {T} | {'f32' if wbytes == 4 else 'bf16'} | " + " | ".join(cells) + " |")
+
+
+CHUNKS = (1, 2, 4, 8, 16)
+
+
 def main():
     if "--summary" in sys.argv:
         summary()
+        return
+    if "--chunks" in sys.argv:
+        chunk_table()
         return
     if "--design" in sys.argv:
         for kern in kernels(4096, 4, "before", True):

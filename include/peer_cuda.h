@@ -133,7 +133,7 @@ PEER_API peer_status peer_cuda_forward(peer_layer *layer, int64_t n_tokens, cons
  * waits on the host, nothing is allocated.  Every token goes through the
  * same kernels as without chunks (the emulated build gives the same bits;
  * on a GPU, cuBLAS may pick another algorithm for a chunk's size).
- * chunks: 0 automatic (one per 512 tokens, at most 8; the default), 1 no
+ * chunks: 0 automatic (one per 1024 tokens, at most 8; the default), 1 no
  * pipeline, at most PEER_CUDA_MAX_CHUNKS (PEER_ERR_INVALID_ARGUMENT
  * otherwise); a batch of T tokens takes at most T chunks. */
 #define PEER_CUDA_MAX_CHUNKS 16

@@ -275,11 +275,11 @@ static peer_status dev_retrieve(peer_layer *L, int64_t T, const float *d_x, int6
                        stream, &w);
 }
 
-/* Chunks of a batch of T tokens: the layer's setting, or one per 512 tokens
- * up to 8 (bench/cuda_model.py: the fill and drain of the pipeline against
- * smaller GEMMs and more launches), never more than T. */
+/* Chunks of a batch of T tokens: the layer's setting, or one per 1024
+ * tokens up to 8 (bench/cuda_model.py --chunks: the fill and drain of the
+ * pipeline against more launches and re-read weights), never more than T. */
 static int64_t chunk_count(const cuda_state *st, int64_t T) {
-  int64_t c = st->chunks ? st->chunks : T / 512;
+  int64_t c = st->chunks ? st->chunks : T / 1024;
   if (!st->chunks && c > 8) c = 8;
   if (c > T) c = T;
   return c < 1 ? 1 : c;
