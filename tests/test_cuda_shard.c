@@ -14,6 +14,13 @@
  * bf16 tables.  Also the refusals at creation (d_model not divisible,
  * configs that differ between ranks, a CPU backend) on every rank alike,
  * argument errors, and a non-finite x reported by peer_cuda_shard_check.
+ * Training (cuda_shard_ref.h's ref_train_rank, on 1, 2 and 4 ranks, three
+ * configs): y, dx and every gradient against an unsharded CUDA layer within
+ * 1e-6 relative, parameters and optimizer state bit for bit after SGD,
+ * Adam and sparse Adam steps, merged shard files equal to the unsharded
+ * checkpoint, load and load_full; the training refusals and the busy flag;
+ * and (emulated build) a steady training loop without device
+ * synchronisation or allocation.
  *
  * Runs on a GPU and in the emulated build (PEER_CUDA=EMU), where it is part
  * of tools/test.  Without a CUDA build, or without a device, it exits 77
@@ -304,394 +311,46 @@ Test(cuda_shard, argument_errors_and_nonfinite_x) {
 
 /* ------------------------------------------------------------ training */
 
-/* Each rank trains its shard next to an unsharded CUDA layer of its own (the
- * same seed, batches and optimizer) and compares after every backward: y,
- * dx and the dense gradients (replicated) and the expert gradient rows (the
- * rank's columns; the same row list) within TRAIN_TOL relative.  Both are
- * then stepped with the unsharded layer's gradients (the shard with its
- * columns), as tests/test_shard.c does: the same rules on the same values,
- * so parameters and optimizer state stay the same bits on any world (the
- * optimizer on a slice is elementwise), which the test checks after every
- * step, and the next step's forward starts from equal weights.  At the end
- * every rank saves its shard file and the unsharded layer's checkpoint;
- * peer_shard_merge of the shard files must give the checkpoint's tensors bit
- * for bit.  A fresh shard then loads the checkpoint (load_full) and its own
- * shard file (load): equal bits again. */
-#define TRAIN_TOL 1e-6
-#define TRAIN_STEPS 3
-
-typedef struct train_case {
-  const char *config;
-  peer_optim_kind kind, expert_kind;
-  int dense_experts; /* expert gradients added into [N, d/P] buffers */
-} train_case;
-
+/* Every rank of `world` runs cuda_shard_ref.h's ref_train_rank (training
+ * next to an unsharded CUDA layer, files), then the merged files are
+ * checked. */
 typedef struct tjob {
   member m;
-  const train_case *tc;
-  atomic_int *failures;
+  const ref_train_case *tc;
+  int failures;
   char first[512];
 } tjob;
 
-static uint64_t next_rand(uint64_t *s) {
-  *s ^= *s << 13, *s ^= *s >> 7, *s ^= *s << 17;
-  return *s;
-}
-
-static void fill(float *p, int64_t n, float scale, uint64_t *s) {
-  for (int64_t i = 0; i < n; i++)
-    p[i] = scale * (float)((double)(next_rand(s) >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-
-/* max |a - b| / max |b| over rows of cols values (a's rows sa apart, b's sb
- * apart from column c0). */
-static double rel(const float *a, int64_t sa, const float *b, int64_t sb, int64_t c0, int64_t rows,
-                  int64_t cols) {
-  double diff = 0, scale = 0;
-  for (int64_t r = 0; r < rows; r++)
-    for (int64_t j = 0; j < cols; j++) {
-      double u = a[r * sa + j], v = b[r * sb + c0 + j];
-      diff = fmax(diff, isnan(u - v) ? INFINITY : fabs(u - v));
-      scale = fmax(scale, fabs(v));
-    }
-  return scale > 0 ? diff / scale : diff;
-}
-
-static void *dzalloc(size_t bytes) {
-  void *p = NULL;
-  if (cudaMalloc(&p, bytes + 4) != cudaSuccess) return NULL;
-  cudaMemset(p, 0, bytes + 4);
-  return p;
-}
-
-static float *host_f32(const void *d, size_t n) {
-  float *h = malloc(n * 4 + 4);
-  cudaMemcpy(h, d, n * 4, cudaMemcpyDeviceToHost);
-  return h;
-}
-
-/* Gradient buffers on the device: dense ones in full, expert rows `width`
- * wide (sparse [T*hk, width] or dense [N, width]). */
-typedef struct dgrads {
-  peer_grads g;
-  int64_t *n_rows;
-} dgrads;
-
-static dgrads dgrads_new(const peer_config *c, int64_t T, int64_t width, int dense) {
-  const int64_t d = c->d_model, dq = c->n_heads * c->d_key, hk = c->n_heads * c->top_k;
-  const int64_t nk = (c->shared_keys ? 1 : c->n_heads) * c->n_subkeys * c->d_key;
-  const int64_t N = c->n_subkeys * c->n_subkeys, rows = dense ? N : T * hk;
-  dgrads r = {0};
-  r.g.query_weight = dzalloc((size_t)(dq * d) * 4);
-  r.g.keys = dzalloc((size_t)nk * 4);
-  if (c->query_bias) r.g.query_bias = dzalloc((size_t)dq * 4);
-  if (c->query_norm == PEER_NORM_BATCHNORM)
-    r.g.norm_weight = dzalloc((size_t)dq * 4), r.g.norm_bias = dzalloc((size_t)dq * 4);
-  r.g.expert_capacity = T * hk;
-  r.g.experts_dense = dense;
-  r.g.expert_rows = dzalloc((size_t)(T * hk) * 8);
-  r.g.experts_down = dzalloc((size_t)(rows * width) * 4);
-  r.g.experts_up = dzalloc((size_t)(rows * width) * 4);
-  r.n_rows = dzalloc(8);
-  return r;
-}
-
-static void dgrads_free(dgrads *r) {
-  cudaFree(r->g.query_weight), cudaFree(r->g.keys), cudaFree(r->g.query_bias);
-  cudaFree(r->g.norm_weight), cudaFree(r->g.norm_bias), cudaFree(r->g.expert_rows);
-  cudaFree(r->g.experts_down), cudaFree(r->g.experts_up), cudaFree(r->n_rows);
-}
-
-/* The shard's gradients (a) against the unsharded ones (b); the first
- * quantity that differs by more than TRAIN_TOL, or NULL. */
-static const char *grads_differ(const peer_config *c, const dgrads *a, const dgrads *b, int64_t c0,
-                                int64_t cols, double *err) {
-  const int64_t d = c->d_model, dq = c->n_heads * c->d_key;
-  const int64_t nk = (c->shared_keys ? 1 : c->n_heads) * c->n_subkeys * c->d_key;
-  const int64_t N = c->n_subkeys * c->n_subkeys;
-  struct {
-    const char *name;
-    const float *pa, *pb;
-    int64_t n;
-  } dense[] = {{"query_weight", a->g.query_weight, b->g.query_weight, dq * d},
-               {"keys", a->g.keys, b->g.keys, nk},
-               {"query_bias", a->g.query_bias, b->g.query_bias, dq},
-               {"norm_weight", a->g.norm_weight, b->g.norm_weight, dq},
-               {"norm_bias", a->g.norm_bias, b->g.norm_bias, dq}};
-  /* With batch norm the query bias's gradient is zero but for rounding (the
-   * batch mean takes the bias out): it is measured against the scale of the
-   * query weight's, which the same dq makes. */
-  double wq_scale = 0;
-  for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++) {
-    if (!dense[i].pa) continue;
-    const size_t n = (size_t)dense[i].n;
-    float *ha = host_f32(dense[i].pa, n), *hb = host_f32(dense[i].pb, n);
-    double diff = 0, scale = i == 2 && c->query_norm == PEER_NORM_BATCHNORM ? wq_scale : 0;
-    for (size_t k = 0; k < n; k++) {
-      diff = fmax(diff, isnan(ha[k] - hb[k]) ? INFINITY : fabs((double)ha[k] - hb[k]));
-      scale = fmax(scale, fabs(hb[k]));
-    }
-    if (i == 0) wq_scale = scale;
-    *err = scale > 0 ? diff / scale : diff;
-    free(ha), free(hb);
-    if (!(*err <= TRAIN_TOL)) return dense[i].name;
-  }
-  int64_t na = -1, nb = -2;
-  cudaMemcpy(&na, a->n_rows, 8, cudaMemcpyDeviceToHost);
-  cudaMemcpy(&nb, b->n_rows, 8, cudaMemcpyDeviceToHost);
-  *err = (double)(na - nb);
-  if (na != nb || na <= 0) return "the expert row count";
-  int64_t *ra = malloc((size_t)na * 8), *rb = malloc((size_t)na * 8);
-  cudaMemcpy(ra, a->g.expert_rows, (size_t)na * 8, cudaMemcpyDeviceToHost);
-  cudaMemcpy(rb, b->g.expert_rows, (size_t)na * 8, cudaMemcpyDeviceToHost);
-  const char *bad = memcmp(ra, rb, (size_t)na * 8) ? "the expert rows" : NULL;
-  const bool dn = a->g.experts_dense;
-  const int64_t rows = dn ? N : na;
-  const float *ta[2] = {a->g.experts_down, a->g.experts_up}, *tb[2] = {b->g.experts_down, b->g.experts_up};
-  for (int i = 0; i < 2 && !bad; i++) {
-    float *ha = host_f32(ta[i], (size_t)(rows * cols)), *hb = host_f32(tb[i], (size_t)(rows * d));
-    *err = rel(ha, cols, hb, d, c0, rows, cols);
-    free(ha), free(hb);
-    if (!(*err <= TRAIN_TOL)) bad = i ? "experts_up" : "experts_down";
-  }
-  free(ra), free(rb);
-  return bad;
-}
-
-/* Step the shard with the unsharded gradients b: dense ones as they are,
- * expert rows as this rank's columns (into a's buffers). */
-static peer_status step_with(peer_optimizer *o, const peer_config *c, dgrads *a, const dgrads *b,
-                             int64_t c0, int64_t cols, cudaStream_t s) {
-  const int64_t d = c->d_model, N = c->n_subkeys * c->n_subkeys;
-  int64_t n = 0;
-  cudaMemcpy(&n, b->n_rows, 8, cudaMemcpyDeviceToHost);
-  const int64_t rows = a->g.experts_dense ? N : n;
-  cudaMemcpy(a->g.expert_rows, b->g.expert_rows, (size_t)n * 8, cudaMemcpyDeviceToDevice);
-  cudaMemcpy(a->n_rows, b->n_rows, 8, cudaMemcpyDeviceToDevice);
-  for (int64_t r = 0; r < rows; r++) {
-    cudaMemcpy(a->g.experts_down + r * cols, b->g.experts_down + r * d + c0, (size_t)cols * 4,
-               cudaMemcpyDeviceToDevice);
-    cudaMemcpy(a->g.experts_up + r * cols, b->g.experts_up + r * d + c0, (size_t)cols * 4,
-               cudaMemcpyDeviceToDevice);
-  }
-  peer_grads g = a->g;
-  g.query_weight = b->g.query_weight, g.keys = b->g.keys, g.query_bias = b->g.query_bias;
-  g.norm_weight = b->g.norm_weight, g.norm_bias = b->g.norm_bias;
-  return peer_cuda_optimizer_step(o, &g, a->n_rows, s);
-}
-
-/* Every parameter (and, with oa, optimizer state) of the shard against the
- * unsharded layer's, bit for bit (the expert tables as the rank's columns);
- * the first that differs, or NULL. */
-static const char *state_differs(peer_cuda_shard *S, peer_optimizer *oa, peer_layer *F,
-                                 peer_optimizer *ob) {
-  int64_t c0, cols;
-  peer_cuda_shard_columns(S, &c0, &cols);
-  for (int i = 0; i < peer_cuda_shard_n_params(S) + (oa ? peer_optimizer_n_states(ob) : 0); i++) {
-    peer_tensor ta, tb;
-    const bool param = i < peer_cuda_shard_n_params(S);
-    if (param) {
-      if (peer_cuda_shard_param(S, i, &ta) || peer_layer_param_by_name(F, ta.name, &tb))
-        return "a parameter";
-    } else if (peer_optimizer_state(ob, i - peer_cuda_shard_n_params(S), &tb) ||
-               peer_optimizer_state_by_name(oa, tb.name, &ta)) {
-      return "an optimizer state";
-    }
-    const bool sliced = strstr(ta.name, "experts.") != NULL;
-    float *ha = ref_download_f32(&ta), *hb = ref_download_f32(&tb);
-    const int64_t n = (int64_t)(tb.nbytes / peer_dtype_size(tb.dtype));
-    bool same = ha && hb;
-    for (int64_t r = 0; same && r < (sliced ? tb.shape[0] : 1); r++)
-      same = sliced ? !memcmp(ha + r * cols, hb + r * tb.shape[1] + c0, (size_t)cols * 4)
-                    : !memcmp(ha, hb, (size_t)n * 4);
-    free(ha), free(hb);
-    if (!same) return param ? ta.name : tb.name;
-  }
-  return NULL;
-}
-
-static peer_optim_config train_optim(const train_case *tc) {
-  peer_optim_config oc = peer_optim_config_default();
-  oc.kind = tc->kind, oc.expert_kind = tc->expert_kind;
-  oc.lr = 0.05f, oc.expert_lr = 0.2f;
-  if (tc->kind == PEER_OPTIM_SGD) oc.momentum = 0.9f;
-  return oc;
-}
-
 static void *train_main(void *arg) {
   tjob *j = arg;
-  const int rank = j->m.rank, world = j->m.g->world;
-  peer_cuda_comm comm = {&j->m, rank, world, sum, gather};
-  peer_config c;
-  peer_config_default(&c);
-  peer_config_parse(&c, j->tc->config);
-  peer_options o;
-  peer_options_default(&o);
-  o.backend = PEER_BACKEND_CUDA;
-  peer_cuda_shard *S = NULL;
-  peer_layer *F = NULL;
-  if (peer_cuda_shard_create(&S, &c, &o, &comm) || peer_layer_create(&F, &c, &o) ||
-      peer_cuda_shard_init(S, 11) || peer_layer_init(F, 11)) {
-    FAILED(j, "rank %d: create: %s", rank, peer_last_error());
-    peer_cuda_shard_free(S), peer_layer_free(F);
-    return NULL;
-  }
-  int64_t c0, cols;
-  peer_cuda_shard_columns(S, &c0, &cols);
-  const int64_t T = 17, d = c.d_model;
-  const size_t xb = (size_t)(T * d) * 4;
-  cudaStream_t s;
-  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
-  float *x = malloc(xb), *dy = malloc(xb);
-  float *d_x = dzalloc(xb), *d_dy = dzalloc(xb), *d_ya = dzalloc(xb), *d_yb = dzalloc(xb);
-  float *d_dxa = dzalloc(xb), *d_dxb = dzalloc(xb);
-  dgrads ga = dgrads_new(&c, T, cols, j->tc->dense_experts);
-  dgrads gb = dgrads_new(&c, T, d, j->tc->dense_experts);
-  peer_context *ca = NULL, *cb = NULL;
-  peer_optimizer *oa = NULL, *ob = NULL;
-  const peer_optim_config oc = train_optim(j->tc);
-  if (peer_cuda_shard_context_create(&ca, S, T) || peer_context_create(&cb, F, T) ||
-      peer_cuda_shard_optimizer_create(&oa, S, &oc) || peer_optimizer_create(&ob, F, &oc))
-    FAILED(j, "rank %d: context or optimizer: %s", rank, peer_last_error());
-  uint64_t seed = 0x9e3779b97f4a7c15ull;
-  /* A failed check never leaves the loop early: the ranks' collectives
-   * must stay in step (a rank that went on alone would wait forever). */
-  for (int step = 0; step < TRAIN_STEPS; step++) {
-    fill(x, T * d, 1.0f, &seed);
-    fill(dy, T * d, 0.1f, &seed);
-    cudaMemcpy(d_x, x, xb, cudaMemcpyHostToDevice);
-    cudaMemcpy(d_dy, dy, xb, cudaMemcpyHostToDevice);
-    if (peer_cuda_shard_forward_train(S, ca, T, d_x, d_ya, s) ||
-        peer_cuda_forward_train(F, cb, T, d_x, d_yb, s) ||
-        peer_cuda_shard_backward(S, ca, d_dy, d_dxa, &ga.g, ga.n_rows, s) ||
-        peer_cuda_backward(F, cb, d_dy, d_dxb, &gb.g, gb.n_rows, s) ||
-        peer_cuda_shard_check(S, s) || peer_cuda_check(F, s))
-      FAILED(j, "rank %d, step %d: training call: %s", rank, step, peer_last_error());
-    float *ya = host_f32(d_ya, (size_t)(T * d)), *yb = host_f32(d_yb, (size_t)(T * d));
-    float *dxa = host_f32(d_dxa, (size_t)(T * d)), *dxb = host_f32(d_dxb, (size_t)(T * d));
-    double ey = rel(ya, d, yb, d, 0, T, d), edx = rel(dxa, d, dxb, d, 0, T, d), eg = 0;
-    free(ya), free(yb), free(dxa), free(dxb);
-    const char *bad = grads_differ(&c, &ga, &gb, c0, cols, &eg);
-    if (!(ey <= TRAIN_TOL) || !(edx <= TRAIN_TOL) || bad)
-      FAILED(j, "rank %d of %d, step %d: y differs by %.3g, dx by %.3g; %s by %.3g", rank, world,
-             step, ey, edx, bad ? bad : "gradients agree", eg);
-    if (step_with(oa, &c, &ga, &gb, c0, cols, s) || peer_cuda_optimizer_step(ob, &gb.g, gb.n_rows, s) ||
-        peer_cuda_shard_check(S, s) || peer_cuda_check(F, s))
-      FAILED(j, "rank %d, step %d: optimizer: %s", rank, step, peer_last_error());
-    else if ((bad = state_differs(S, oa, F, ob)))
-      FAILED(j, "rank %d, step %d: after the optimizer step %s differs", rank, step, bad);
-  }
-  /* files: this rank's shard file and its unsharded twin's checkpoint */
-  char mine[64], full[64];
-  snprintf(mine, sizeof mine, "shard-%d-of-%d.safetensors", rank, world);
-  snprintf(full, sizeof full, "full-%d-of-%d.safetensors", rank, world);
-  char shard_path[512], full_path[512];
-  snprintf(shard_path, sizeof shard_path, "%s", test_path(mine));
-  snprintf(full_path, sizeof full_path, "%s", test_path(full));
-  if (peer_cuda_shard_save(S, oa, shard_path) || peer_checkpoint_save(F, ob, full_path))
-    FAILED(j, "rank %d: save: %s", rank, peer_last_error());
-  /* a fresh shard of the same group: the unsharded checkpoint, then its own file */
-  peer_cuda_shard *S2 = NULL;
-  peer_optimizer *o2 = NULL;
-  const char *bad = NULL;
-  if (peer_cuda_shard_create(&S2, &c, &o, &comm) || peer_cuda_shard_optimizer_create(&o2, S2, &oc))
-    FAILED(j, "rank %d: second shard: %s", rank, peer_last_error());
-  else if (peer_cuda_shard_load_full(S2, o2, full_path))
-    FAILED(j, "rank %d: load_full: %s", rank, peer_last_error());
-  else if ((bad = state_differs(S2, o2, F, ob)) ||
-           peer_optimizer_step_count(o2) != TRAIN_STEPS)
-    FAILED(j, "rank %d: after load_full %s differs", rank, bad ? bad : "the step count");
-  else if (peer_cuda_shard_init(S2, 99) || peer_cuda_shard_load(S2, o2, shard_path))
-    FAILED(j, "rank %d: load: %s", rank, peer_last_error());
-  else if ((bad = state_differs(S2, o2, F, ob)) || peer_optimizer_step_count(o2) != TRAIN_STEPS)
-    FAILED(j, "rank %d: after load %s differs", rank, bad ? bad : "the step count");
-  else if (peer_cuda_shard_load(S2, o2, full_path) != PEER_ERR_FORMAT ||
-           !strstr(peer_last_error(), "not a shard file"))
-    FAILED(j, "rank %d: loading an unsharded file as a shard file: %s", rank, peer_last_error());
-  else if (peer_cuda_shard_load_full(S2, o2, shard_path) != PEER_ERR_FORMAT)
-    FAILED(j, "rank %d: load_full of a shard file was not refused", rank);
-  else if (peer_cuda_shard_save(S2, ob, shard_path) != PEER_ERR_INVALID_ARGUMENT)
-    FAILED(j, "rank %d: another layer's optimizer was not refused", rank);
-  peer_optimizer_free(o2);
-  peer_cuda_shard_free(S2);
-  cudaStreamSynchronize(s);
-  cudaStreamDestroy(s);
-  dgrads_free(&ga), dgrads_free(&gb);
-  cudaFree(d_x), cudaFree(d_dy), cudaFree(d_ya), cudaFree(d_yb), cudaFree(d_dxa), cudaFree(d_dxb);
-  free(x), free(dy);
-  peer_context_free(ca), peer_context_free(cb);
-  peer_optimizer_free(oa), peer_optimizer_free(ob);
-  peer_layer_free(F);
-  peer_cuda_shard_free(S);
+  peer_cuda_comm comm = {&j->m, j->m.rank, j->m.g->world, sum, gather};
+  j->failures = ref_train_rank(&comm, 0, j->tc, test_dir, j->first, sizeof j->first);
   return NULL;
 }
 
-/* peer_shard_merge of the world shard files against rank 0's unsharded
- * checkpoint: the same tensors, bit for bit, and the same step. */
-static void check_merged(int world) {
-  const char *paths[MAXW];
-  char names[MAXW][64], bufs[MAXW][512];
-  for (int r = 0; r < world; r++) {
-    snprintf(names[r], sizeof names[r], "shard-%d-of-%d.safetensors", r, world);
-    snprintf(bufs[r], sizeof bufs[r], "%s", test_path(names[r]));
-    paths[r] = bufs[r];
-  }
-  char merged[512], full[512];
-  snprintf(merged, sizeof merged, "%s", test_path("merged.safetensors"));
-  char fname[64];
-  snprintf(fname, sizeof fname, "full-0-of-%d.safetensors", world);
-  snprintf(full, sizeof full, "%s", test_path(fname));
-  cr_assert_eq(peer_shard_merge(paths, world, merged), PEER_OK, "%s", peer_last_error());
-  peer_safetensors *a = NULL, *b = NULL;
-  cr_assert_eq(peer_safetensors_open(&a, merged), PEER_OK, "%s", peer_last_error());
-  cr_assert_eq(peer_safetensors_open(&b, full), PEER_OK, "%s", peer_last_error());
-  cr_assert_eq(peer_safetensors_count(a), peer_safetensors_count(b));
-  int states = 0;
-  for (int i = 0; i < peer_safetensors_count(b); i++) {
-    peer_tensor tb, ta;
-    cr_assert_eq(peer_safetensors_info(b, i, &tb), PEER_OK);
-    states += !strncmp(tb.name, "optim.", 6);
-    cr_assert_eq(peer_safetensors_find(a, tb.name, &ta), PEER_OK, "%s is not merged", tb.name);
-    cr_assert(ta.nbytes == tb.nbytes && ta.dtype == tb.dtype && ta.shape[1] == tb.shape[1],
-              "%s: layouts differ", tb.name);
-    void *da = malloc(ta.nbytes + 1), *db = malloc(tb.nbytes + 1);
-    cr_assert_eq(peer_safetensors_read(a, ta.name, da, ta.nbytes), PEER_OK);
-    cr_assert_eq(peer_safetensors_read(b, tb.name, db, tb.nbytes), PEER_OK);
-    cr_assert(!memcmp(da, db, ta.nbytes), "world %d: merged %s differs from the checkpoint's",
-              world, tb.name);
-    free(da), free(db);
-  }
-  cr_assert_gt(states, 0, "the checkpoint holds no optimizer state");
-  const char *keys[] = {"peer.step", "peer.optim.lr", "peer.d_model", "peer.weight_dtype"};
-  for (int i = 0; i < 4; i++) {
-    const char *sa = peer_safetensors_metadata(a, keys[i]);
-    const char *sb = peer_safetensors_metadata(b, keys[i]);
-    cr_assert(sa && sb && !strcmp(sa, sb), "%s: %s vs %s", keys[i], sa ? sa : "-", sb ? sb : "-");
-  }
-  peer_safetensors_close(a), peer_safetensors_close(b);
-}
-
-static void check_training(int world, const train_case *tc) {
+static void check_training(int world, const ref_train_case *tc) {
   group g = {.world = world};
   pthread_barrier_init(&g.bar, NULL, (unsigned)world);
-  atomic_int failures = 0;
   tjob jobs[MAXW];
   pthread_t th[MAXW];
   for (int r = 0; r < world; r++) {
-    jobs[r] = (tjob){.m = {&g, r, 0}, .tc = tc, .failures = &failures};
+    jobs[r] = (tjob){.m = {&g, r, 0}, .tc = tc};
     pthread_create(&th[r], NULL, train_main, &jobs[r]);
   }
+  int failures = 0;
   char first[512] = "";
   for (int r = 0; r < world; r++) {
     pthread_join(th[r], NULL);
+    failures += jobs[r].failures;
     if (!first[0] && jobs[r].first[0]) snprintf(first, sizeof first, "%s", jobs[r].first);
   }
   pthread_barrier_destroy(&g.bar);
-  cr_assert_eq(atomic_load(&failures), 0, "%s, world %d: %s", tc->config, world, first);
-  check_merged(world);
+  cr_assert_eq(failures, 0, "%s, world %d: %s", tc->config, world, first);
+  char err[512];
+  cr_assert_eq(ref_check_merged(test_dir, world, err, sizeof err), 0, "%s", err);
 }
 
-static const train_case train_cases[] = {
+static const ref_train_case train_cases[] = {
     {"d_model=48,n_heads=3,d_key=8,n_subkeys=12,top_k=5,query_norm=batchnorm,gate=sigmoid,"
      "activation=silu,query_bias=1",
      PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0},
@@ -778,11 +437,11 @@ Test(cuda_shard, training_refusals_and_busy, .init = make_dir, .fini = test_dir_
   cr_assert_eq(peer_cuda_shard_context_create(&ctx, S, T), PEER_OK, "%s", peer_last_error());
   float *x = calloc((size_t)(T * d), 4);
   uint64_t seed = 3;
-  fill(x, T * d, 1.0f, &seed);
-  float *d_x = dzalloc((size_t)(T * d) * 4), *d_y = dzalloc((size_t)(T * d) * 4);
-  float *d_dx = dzalloc((size_t)(T * d) * 4);
+  ref_fill(x, T * d, 1.0f, &seed);
+  float *d_x = ref_dzalloc((size_t)(T * d) * 4), *d_y = ref_dzalloc((size_t)(T * d) * 4);
+  float *d_dx = ref_dzalloc((size_t)(T * d) * 4);
   cudaMemcpy(d_x, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice);
-  dgrads gr = dgrads_new(&c, T, d, 0);
+  ref_grads gr = ref_grads_new(&c, T, d, 0);
   /* no forward yet; batches beyond the context; batch norm with one token */
   cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_dx, &gr.g, gr.n_rows, 0), PEER_ERR_STATE,
                "%s", peer_last_error());
@@ -818,7 +477,7 @@ Test(cuda_shard, training_refusals_and_busy, .init = make_dir, .fini = test_dir_
   cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_dx, &gr.g, gr.n_rows, 0), PEER_ERR_STATE);
   /* a non-finite dy is recorded and reported by the check */
   x[3 * d + 1] = INFINITY;
-  float *d_bad = dzalloc((size_t)(T * d) * 4);
+  float *d_bad = ref_dzalloc((size_t)(T * d) * 4);
   cudaMemcpy(d_bad, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice);
   cr_assert_eq(peer_cuda_shard_forward_train(S, ctx, T, d_x, d_y, 0), PEER_OK, "%s", peer_last_error());
   cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_bad, d_dx, &gr.g, gr.n_rows, 0), PEER_OK);
@@ -838,9 +497,9 @@ Test(cuda_shard, training_refusals_and_busy, .init = make_dir, .fini = test_dir_
   cr_assert_eq(peer_cuda_shard_load(S, NULL, parts[0]), PEER_ERR_FORMAT);
   cr_assert(strstr(peer_last_error(), "world size 2"), "%s", peer_last_error());
   cr_assert_eq(peer_cuda_shard_load_full(S, NULL, full), PEER_OK, "%s", peer_last_error());
-  cr_assert_eq(state_differs(S, NULL, F, NULL), NULL);
+  cr_assert_eq(ref_state_differs(S, NULL, F, NULL), NULL);
   peer_layer_free(F);
-  dgrads_free(&gr);
+  ref_grads_free(&gr);
   cudaFree(d_x), cudaFree(d_y), cudaFree(d_dx), cudaFree(d_bad);
   free(x);
   peer_context_free(ctx);
@@ -889,7 +548,7 @@ static void *steady_main(void *arg) {
   peer_cuda_shard *S = NULL;
   peer_context *ctx = NULL;
   peer_optimizer *opt = NULL;
-  const peer_optim_config oc = train_optim(&train_cases[0]);
+  const peer_optim_config oc = ref_train_optim(&train_cases[0]);
   const int64_t T = 16, d = c.d_model;
   if (peer_cuda_shard_create(&S, &c, &o, &comm) || peer_cuda_shard_init(S, 2) ||
       peer_cuda_shard_context_create(&ctx, S, T) || peer_cuda_shard_optimizer_create(&opt, S, &oc))
@@ -898,13 +557,13 @@ static void *steady_main(void *arg) {
   peer_cuda_shard_columns(S, &c0, &cols);
   float *x = malloc((size_t)(T * d) * 4);
   uint64_t seed = 9;
-  fill(x, T * d, 1.0f, &seed);
-  float *d_x = dzalloc((size_t)(T * d) * 4), *d_y = dzalloc((size_t)(T * d) * 4);
-  float *d_dy = dzalloc((size_t)(T * d) * 4), *d_dx = dzalloc((size_t)(T * d) * 4);
+  ref_fill(x, T * d, 1.0f, &seed);
+  float *d_x = ref_dzalloc((size_t)(T * d) * 4), *d_y = ref_dzalloc((size_t)(T * d) * 4);
+  float *d_dy = ref_dzalloc((size_t)(T * d) * 4), *d_dx = ref_dzalloc((size_t)(T * d) * 4);
   cudaMemcpy(d_x, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice);
-  fill(x, T * d, 0.1f, &seed);
+  ref_fill(x, T * d, 0.1f, &seed);
   cudaMemcpy(d_dy, x, (size_t)(T * d) * 4, cudaMemcpyHostToDevice);
-  dgrads gr = dgrads_new(&c, T, cols, 0);
+  ref_grads gr = ref_grads_new(&c, T, cols, 0);
   cudaStream_t s;
   cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
   cudaDeviceSynchronize();
@@ -926,7 +585,7 @@ static void *steady_main(void *arg) {
   if (peer_cuda_shard_check(S, s)) FAILED(j, "rank %d: check: %s", rank, peer_last_error());
   cudaStreamSynchronize(s);
   cudaStreamDestroy(s);
-  dgrads_free(&gr);
+  ref_grads_free(&gr);
   cudaFree(d_x), cudaFree(d_y), cudaFree(d_dy), cudaFree(d_dx);
   free(x);
   peer_optimizer_free(opt);

@@ -6,10 +6,15 @@
  * and gates identical, y within 1e-5 relative) and against the CPU layer on
  * the tokens where it chose the same ids (within test_cuda's 2e-4); y the
  * same bits on every rank; f32 and bf16 tables; configs that differ between
- * ranks refused on every rank.  Without 2 GPUs it exits 77 (ctest:
- * skipped) with the reason; tools/gpu-check runs it.  Not run yet: written
- * where there was no GPU (tests/test_cuda_shard.c runs the same checks on
- * one device, emulated, with an in-process communicator). */
+ * ranks refused on every rank.  Training, for P = 2 and P = every device:
+ * cuda_shard_ref.h's ref_train_rank on each rank (its unsharded twin on its
+ * own device; y, dx and every gradient within 1e-6 relative, parameters and
+ * optimizer state bit for bit after steps, shard files, load and load_full)
+ * and the merged shard files against the checkpoint.  Without 2 GPUs it
+ * exits 77 (ctest: skipped) with the reason; tools/gpu-check runs it.  Not
+ * run yet: written where there was no GPU (tests/test_cuda_shard.c runs the
+ * same checks on one device, emulated, with an in-process communicator). */
+#define _GNU_SOURCE
 #include "cuda_shard_ref.h"
 #include "peer_nccl.h"
 
@@ -17,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define MAXW 8
 
@@ -131,6 +137,65 @@ static int run(int world, const shard_ref *R, const char *const *configs, peer_s
   return ok;
 }
 
+/* ------------------------------------------------------------ training */
+
+typedef struct train_job {
+  ncclComm_t comm;
+  const ref_train_case *tc;
+  const char *dir;
+  int failures;
+  char first[512];
+} train_job;
+
+static void *train_main(void *arg) {
+  train_job *j = arg;
+  peer_cuda_comm comm;
+  int device = -1;
+  if (peer_nccl_comm_init(&comm, j->comm, &device)) {
+    j->failures = 1;
+    snprintf(j->first, sizeof j->first, "nccl_comm_init: %s", peer_last_error());
+    return NULL;
+  }
+  cudaSetDevice(device);
+  j->failures = ref_train_rank(&comm, device, j->tc, j->dir, j->first, sizeof j->first);
+  return NULL;
+}
+
+static void train(int world, const ref_train_case *tc) {
+  ncclComm_t comms[MAXW];
+  int devs[MAXW];
+  for (int r = 0; r < world; r++) devs[r] = r;
+  ncclResult_t nr = ncclCommInitAll(comms, world, devs);
+  if (nr != ncclSuccess) {
+    CHECK(0, "ncclCommInitAll(%d): %s", world, ncclGetErrorString(nr));
+    return;
+  }
+  char dir[] = "/tmp/peer_test_nccl_train.XXXXXX";
+  CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+  train_job jobs[MAXW];
+  pthread_t th[MAXW];
+  for (int r = 0; r < world; r++) {
+    jobs[r] = (train_job){.comm = comms[r], .tc = tc, .dir = dir};
+    pthread_create(&th[r], NULL, train_main, &jobs[r]);
+  }
+  for (int r = 0; r < world; r++) {
+    pthread_join(th[r], NULL);
+    CHECK(jobs[r].failures == 0, "%s, world %d: %s", tc->config, world, jobs[r].first);
+    ncclCommDestroy(comms[r]);
+  }
+  char err[512] = "";
+  CHECK(!ref_check_merged(dir, world, err, sizeof err), "%s, world %d: %s", tc->config, world,
+        err);
+  for (int r = 0; r < world; r++) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/shard-%d-of-%d.safetensors", dir, r, world), remove(path);
+    snprintf(path, sizeof path, "%s/full-%d-of-%d.safetensors", dir, r, world), remove(path);
+  }
+  char merged[600];
+  snprintf(merged, sizeof merged, "%s/merged-of-%d.safetensors", dir, world), remove(merged);
+  rmdir(dir);
+}
+
 int main(void) {
   const int n = peer_cuda_device_count();
   if (n < 2) {
@@ -164,6 +229,15 @@ int main(void) {
     for (int r = 0; r < world; r++) mixed[r] = configs[0];
     mixed[world - 1] = configs[1];
     run(world, NULL, mixed, PEER_ERR_CONFIG);
+    static const ref_train_case train_cases[] = {
+        {"d_model=96,n_heads=3,d_key=16,n_subkeys=24,top_k=5,query_norm=batchnorm,gate=sigmoid,"
+         "activation=silu,query_bias=1",
+         PEER_OPTIM_ADAM, PEER_OPTIM_ADAM, 0},
+        {"d_model=128,n_heads=2,d_key=16,n_subkeys=32,top_k=4,weight_dtype=bf16,shared_keys=1",
+         PEER_OPTIM_SGD, PEER_OPTIM_ADAM, 1},
+    };
+    for (size_t i = 0; i < sizeof train_cases / sizeof train_cases[0]; i++)
+      train(world, &train_cases[i]);
   }
   fprintf(stderr, "test_cuda_shard_nccl: %s (%d devices)\n", failures ? "FAILED" : "passed", n);
   return failures ? 1 : 0;
