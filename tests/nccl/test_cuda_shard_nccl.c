@@ -49,16 +49,23 @@ typedef struct job {
   float *y;
 } job;
 
+/* This thread's rank: its communicator from NCCL's, its device current.
+ * 0 on success. */
+static int rank_comm(ncclComm_t nc, peer_cuda_comm *comm, int *device) {
+  *device = -1;
+  if (peer_nccl_comm_init(comm, nc, device)) return 1;
+  return cudaSetDevice(*device) != cudaSuccess;
+}
+
 static void *rank_main(void *arg) {
   job *j = arg;
   peer_cuda_comm comm;
-  int device = -1;
-  if (peer_nccl_comm_init(&comm, j->comm, &device)) {
+  int device;
+  if (rank_comm(j->comm, &comm, &device)) {
     CHECK(0, "nccl_comm_init: %s", peer_last_error());
     j->created = PEER_ERR_IO;
     return NULL;
   }
-  cudaSetDevice(device);
   peer_config c;
   peer_config_default(&c);
   peer_config_parse(&c, j->config);
@@ -150,13 +157,12 @@ typedef struct train_job {
 static void *train_main(void *arg) {
   train_job *j = arg;
   peer_cuda_comm comm;
-  int device = -1;
-  if (peer_nccl_comm_init(&comm, j->comm, &device)) {
+  int device;
+  if (rank_comm(j->comm, &comm, &device)) {
     j->failures = 1;
     snprintf(j->first, sizeof j->first, "nccl_comm_init: %s", peer_last_error());
     return NULL;
   }
-  cudaSetDevice(device);
   j->failures = ref_train_rank(&comm, device, j->tc, j->dir, j->first, sizeof j->first);
   return NULL;
 }
