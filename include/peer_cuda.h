@@ -369,7 +369,9 @@ PEER_API peer_status peer_cuda_shard_forward_train(peer_cuda_shard *shard, peer_
  * *d_n_expert_rows, the same on every rank) or, with experts_dense, added
  * into [N, d/P] buffers.  One all-reduce of T*H*k floats (and with dx one
  * all-gather of T*d floats), queued on `stream`.  A non-finite dy is
- * recorded for peer_cuda_shard_check.  State rules as peer_cuda_backward. */
+ * recorded for peer_cuda_shard_check.  State rules as peer_cuda_backward;
+ * d_dx overlapping d_dy or the forward's d_x is refused
+ * (PEER_ERR_INVALID_ARGUMENT), as peer_shard_backward refuses it. */
 PEER_API peer_status peer_cuda_shard_backward(peer_cuda_shard *shard, peer_context *ctx,
                                               const float *d_dy, float *d_dx,
                                               peer_grads *d_grads, int64_t *d_n_expert_rows,

@@ -370,6 +370,12 @@ static peer_status backward_call(peer_cuda_shard *S, peer_context *ctx, const fl
   peer_layer *L = S->L;
   peer_status st = peer_cb_enter(L, 0, NULL, what);
   if (st || (st = peer_backward_check(L, ctx, d_dy, d_grads, what))) return st;
+  /* dx is written before dy and x are read for the last time (the expert
+   * rows), as on the CPU shard */
+  const size_t rows = (size_t)ctx->n_tokens * (size_t)L->dims.d * sizeof(float);
+  if (d_dx && ((st = peer_check_disjoint(what, d_dx, rows, "dx", d_dy, rows, "dy")) ||
+               (st = peer_check_disjoint(what, d_dx, rows, "dx", ctx->x_dev, rows, "x"))))
+    return st;
   if (ctx->n_tokens == 0)
     st = peer_cb_backward_empty(L, d_grads, d_n_expert_rows, stream);
   else

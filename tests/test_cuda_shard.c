@@ -466,7 +466,12 @@ Test(cuda_shard, training_refusals_and_busy, .init = make_dir, .fini = test_dir_
   pthread_join(th, NULL);
   for (int i = 0; i < 4; i++) cr_assert_eq(busy[i], PEER_ERR_BUSY, "call %d: %s", i, peer_status_string(busy[i]));
   cr_assert_eq(hc.st, PEER_OK, "%s", peer_last_error());
-  /* too small an expert capacity: refused, and the forward stays */
+  /* dx over dy or over the forward's x; too small an expert capacity:
+   * refused, and the forward stays */
+  cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_y, &gr.g, gr.n_rows, 0),
+               PEER_ERR_INVALID_ARGUMENT);
+  cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_x, &gr.g, gr.n_rows, 0),
+               PEER_ERR_INVALID_ARGUMENT);
   gr.g.expert_capacity = T * c.n_heads * c.top_k - 1;
   cr_assert_eq(peer_cuda_shard_backward(S, ctx, d_y, d_dx, &gr.g, gr.n_rows, 0),
                PEER_ERR_INVALID_ARGUMENT);
