@@ -130,9 +130,8 @@ _CUDA_PROTOS = {
 }
 HAS_CUDA = lib.has_cuda and hasattr(lib, "peer_cuda_shard_create")
 for _name, (_res, _args) in {**_PROTOS, **(_CUDA_PROTOS if HAS_CUDA else {})}.items():
-    if _name in _PROTOS or hasattr(lib, _name):  # a library older than training lacks some
-        _fn = getattr(lib, _name)
-        _fn.restype, _fn.argtypes = _res, _args
+    _fn = getattr(lib, _name)
+    _fn.restype, _fn.argtypes = _res, _args
 
 
 class _TorchComm:
@@ -386,6 +385,7 @@ class ShardedLayer(_Shard):
         """The library's optimizer of this shard (ShardedOptimizer)."""
         return ShardedOptimizer(self, **settings)
 
+
 def _cuda_device(device):
     """torch.device("cuda", i) for "cuda[:i]", an index or None (torch's
     current device; 0 where torch sees no GPU: the emulated library)."""
@@ -557,13 +557,15 @@ class ShardedOptimizer:
                                   "for a shard's optimizer (peer_shard_optimizer_* has no "
                                   "set_lr); make a new optimizer, or use a torch optimizer")
 
+    _count, _free = "peer_shard_optimizer_step_count", "peer_shard_optimizer_free"
+
     @property
     def step_count(self):
-        return int(lib.peer_shard_optimizer_step_count(self._h))
+        return int(getattr(lib, self._count)(self._h))
 
     def __del__(self):
         if getattr(self, "_h", None):
-            lib.peer_shard_optimizer_free(self._h)
+            getattr(lib, self._free)(self._h)
             self._h = None
 
 
@@ -586,14 +588,7 @@ class CudaShardedOptimizer(ShardedOptimizer):
     def set_lr(self, lr, expert_lr=0.0):
         check(lib.peer_optimizer_set_lr(self._h, float(lr), float(expert_lr)))
 
-    @property
-    def step_count(self):
-        return int(lib.peer_optimizer_step_count(self._h))
-
-    def __del__(self):
-        if getattr(self, "_h", None):
-            lib.peer_optimizer_free(self._h)
-            self._h = None
+    _count, _free = "peer_optimizer_step_count", "peer_optimizer_free"
 
 
 # ------------------------------------------------------------ the torch module
@@ -601,17 +596,22 @@ class CudaShardedOptimizer(ShardedOptimizer):
 class _TrainRun:
     """One collective training forward of a shard, kept for its backward: the
     context (from the module's pool on CUDA, _CudaState) and x (which the
-    context points into)."""
+    context points into).  Not y: autograd's record of the forward keeps
+    this, and y keeps that record (a cycle, which the garbage collector
+    would end in any order: the context freed, then handed back)."""
 
-    def __init__(self, module, x, dev):
+    def __init__(self, module, x):
         layer = self.layer = module.layer
         self.state = module._cuda_state
         self.running = [getattr(owner, attr) for owner, attr in module._running]
         n = max(x.shape[0], 1)
         self.ctx = self.state.take(n) if self.state is not None else layer.context(n)
         self.x = x.detach()
-        self.y = layer.train_forward(self.ctx, self.x, dev)
         self.used = False
+
+    def forward(self, dev):
+        """y of the training forward."""
+        return self.layer.train_forward(self.ctx, self.x, dev)
 
     def backward(self, dy, experts_dense, dev):
         """The layer's train_backward.  A second backward of one forward
@@ -623,7 +623,7 @@ class _TrainRun:
             if self.state is None:
                 self.ctx = self.layer.context(self.ctx.max_tokens)
             try:
-                self.layer.train_forward(self.ctx, self.x, dev)
+                self.forward(dev)
             finally:
                 for b, value in zip(self.running, before):
                     b.copy_(value)
@@ -644,9 +644,9 @@ class _ShardedTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module, x, *params):
-        ctx.run = _TrainRun(module, x, module._dev())
+        ctx.run = _TrainRun(module, x)
         ctx.module, ctx.params = module, params
-        return ctx.run.y
+        return ctx.run.forward(module._dev())
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -45,8 +45,8 @@ SCENARIOS = ["matches_unsharded", "optimizers", "state_dict", "refusals", "modul
 
 
 def rel(a, b):
-    a, b = (np.asarray(t.detach().double().numpy() if torch.is_tensor(t) else t, np.float64)
-            for t in (a, b))
+    a, b = (np.asarray(t.detach().cpu().double().numpy() if torch.is_tensor(t) else t,
+                       np.float64) for t in (a, b))
     scale = np.abs(b).max() if b.size else 0.0
     diff = np.abs(a - b).max() if b.size else 0.0
     return diff / scale if scale > 0 else diff
@@ -135,27 +135,36 @@ def scenario_matches_unsharded(rank, expect, out_dir):
 EPS = 1e-3
 
 
+def sgd(m):
+    return [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)]
+
+
+def adam(m):
+    return [torch.optim.Adam(m.parameters(), lr=1e-3, eps=EPS)]
+
+
+def sparse_adam(m):
+    return [torch.optim.Adam(m.dense_parameters(), lr=1e-3, eps=EPS),
+            torch.optim.SparseAdam(m.sparse_parameters(), lr=1e-3, eps=EPS)]
+
+
+def adamw(m):
+    return [peerlayer.optim.AdamW(m, lr=1e-3, eps=EPS, weight_decay=0.1)]
+
+
+def library(m):
+    return [m.layer_optimizer(kind="adam", expert_kind="adam", lr=1e-3, eps=EPS)]
+
+
+# (optimizers of a module, sparse expert gradients) that the scenarios step
+OPTIMIZERS = ((sgd, True), (adam, False), (sparse_adam, True), (adamw, True), (library, True),
+              (library, False))
+
+
 def scenario_optimizers(rank, expect, out_dir):
-    def sgd(m):
-        return [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)]
-
-    def adam(m):
-        return [torch.optim.Adam(m.parameters(), lr=1e-3, eps=EPS)]
-
-    def sparse_adam(m):
-        return [torch.optim.Adam(m.dense_parameters(), lr=1e-3, eps=EPS),
-                torch.optim.SparseAdam(m.sparse_parameters(), lr=1e-3, eps=EPS)]
-
-    def adamw(m):
-        return [peerlayer.optim.AdamW(m, lr=1e-3, eps=EPS, weight_decay=0.1)]
-
-    def library(m):
-        return [m.layer_optimizer(kind="adam", expert_kind="adam", lr=1e-3, eps=EPS)]
-
     g = torch.Generator().manual_seed(9)
     config = CONFIGS[0]
-    for make, sparse in ((sgd, True), (adam, False), (sparse_adam, True), (adamw, True),
-                         (library, True), (library, False)):
+    for make, sparse in OPTIMIZERS:
         full, shard = pair(config, 4, sparse_grads=sparse)
         opts = [make(full), make(shard)]
         for step in range(STEPS):
@@ -167,14 +176,17 @@ def scenario_optimizers(rank, expect, out_dir):
                 for o in os_:
                     o.step()
             compare_params(full, shard, expect, f"{make.__name__} step {step}")
-        # the replicated parameters hold the same bits on every rank
-        for name, p in shard.named_parameters():
-            if name.startswith("experts."):
-                continue
-            got = [torch.empty_like(p) for _ in range(WORLD)]
-            dist.all_gather(got, p.detach().contiguous())
-            expect(all(torch.equal(t, got[0]) for t in got),
-                   f"{make.__name__}: {name} differs between ranks")
+        expect_replicated(shard, expect, make.__name__)
+
+
+def expect_replicated(shard, expect, what):
+    """The replicated parameters hold the same bits on every rank."""
+    for name, p in shard.named_parameters():
+        if name.startswith("experts."):
+            continue
+        got = [torch.empty_like(p) for _ in range(WORLD)]
+        dist.all_gather(got, p.detach().contiguous())
+        expect(all(torch.equal(t, got[0]) for t in got), f"{what}: {name} differs between ranks")
 
 
 def scenario_state_dict(rank, expect, out_dir):
@@ -192,22 +204,8 @@ def scenario_state_dict(rank, expect, out_dir):
     torch.save(shard.state_dict(), path)
     dist.barrier()
 
-    # this rank's state_dict, back into a new module
     other = PEER(config, seed=99, threads=1, process_group=None)
-    other.load_state_dict(torch.load(path))
-    for (name, a), (_, b) in zip(other.state_dict().items(), shard.state_dict().items()):
-        expect(name == "_extra_state" or torch.equal(a, b), f"load_state_dict: {name} differs")
-    x = torch.randn(8, 32, generator=g)
-    expect(torch.equal(other(x), shard(x)), "load_state_dict: forward differs")
-
-    # another rank's state_dict is refused before anything is copied
-    before = other.experts.down.detach().clone()
-    try:
-        other.load_state_dict(torch.load(os.path.join(out_dir, f"sd{1 - rank}.pt")))
-        expect(False, "another rank's state_dict was loaded")
-    except RuntimeError as e:
-        expect("another shard's" in str(e), f"wrong refusal: {e}")
-    expect(torch.equal(other.experts.down, before), "a refused load changed the experts")
+    expect_state_dicts(shard, other, torch.randn(8, 32, generator=g), rank, out_dir, expect)
 
     # an unsharded state_dict is sliced in
     cols = slice(shard.columns.start, shard.columns.stop)
@@ -252,6 +250,23 @@ def scenario_state_dict(rank, expect, out_dir):
         expect(torch.equal(from_file.state_dict()[name],
                            t[:, cols] if name.startswith("experts.") else t),
                f"from_file(unsharded): {name}")
+
+
+def expect_state_dicts(shard, other, x, rank, out_dir, expect):
+    """The ranks' state_dicts of shard, saved as out_dir/sd{rank}.pt: this
+    rank's loads into `other` (a module of the same config) and gives the
+    same forward of x; another rank's is refused before anything is copied."""
+    other.load_state_dict(torch.load(os.path.join(out_dir, f"sd{rank}.pt")))
+    for (name, a), (_, b) in zip(other.state_dict().items(), shard.state_dict().items()):
+        expect(name == "_extra_state" or torch.equal(a, b), f"load_state_dict: {name} differs")
+    expect(torch.equal(other(x), shard(x)), "load_state_dict: forward differs")
+    before = other.experts.down.detach().clone()
+    try:
+        other.load_state_dict(torch.load(os.path.join(out_dir, f"sd{1 - rank}.pt")))
+        expect(False, "another rank's state_dict was loaded")
+    except RuntimeError as e:
+        expect("another shard's" in str(e), f"wrong refusal: {e}")
+    expect(torch.equal(other.experts.down, before), "a refused load changed the experts")
 
 
 def refused(expect, what, fn, error, words):
@@ -306,12 +321,12 @@ def scenario_module(rank, expect, out_dir):
     expect(torch.equal(dense(shard.experts.down.grad), first), "retain_graph: second backward")
 
 
-def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+def run_scenarios(rank, out_dir, scenarios):
+    """Run each scenario(expect) of the dict name -> callable on this rank,
+    collect what it expected in vain (and any exception) and write the
+    report (name -> list of failures) that assert_clean reads."""
     report = {}
-    for name in SCENARIOS:
+    for name, scenario in scenarios.items():
         errors = []
 
         def expect(ok, what, errors=errors):
@@ -320,25 +335,41 @@ def _worker(rank, init_file, out_dir):
 
         start = time.perf_counter()
         try:
-            globals()[f"scenario_{name}"](rank, expect, out_dir)
+            scenario(expect)
         except Exception:  # noqa: BLE001 (reported by the test of this scenario)
             errors.append(traceback.format_exc())
         report[name] = errors
         print(f"rank {rank}: {name} {time.perf_counter() - start:.1f} s", flush=True)
     with open(os.path.join(out_dir, f"report{rank}.json"), "w") as f:
         json.dump(report, f)
+
+
+def spawn_ranks(worker, args, out_dir):
+    """Run worker(rank, *args) in WORLD spawned processes; their reports."""
+    mp.start_processes(worker, args=args, nprocs=WORLD, join=True, start_method="spawn")
+    return [json.loads((out_dir / f"report{r}.json").read_text()) for r in range(WORLD)]
+
+
+def assert_clean(reports, scenario):
+    for rank, report in enumerate(reports):
+        assert report[scenario] == [], f"rank {rank}:\n" + "\n".join(report[scenario])
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    run_scenarios(rank, out_dir, {name: lambda expect, name=name: globals()[f"scenario_{name}"](
+        rank, expect, out_dir) for name in SCENARIOS})
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("shard_torch")
-    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True,
-                       start_method="spawn")
-    return [json.loads((out / f"report{r}.json").read_text()) for r in range(WORLD)]
+    return spawn_ranks(_worker, (str(out / "init"), str(out)), out)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_sharded_module(reports, scenario):
-    for rank, report in enumerate(reports):
-        assert report[scenario] == [], f"rank {rank}:\n" + "\n".join(report[scenario])
+    assert_clean(reports, scenario)
