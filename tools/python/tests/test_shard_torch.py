@@ -207,13 +207,8 @@ def scenario_state_dict(rank, expect, out_dir):
     other = PEER(config, seed=99, threads=1, process_group=None)
     expect_state_dicts(shard, other, torch.randn(8, 32, generator=g), rank, out_dir, expect)
 
-    # an unsharded state_dict is sliced in
+    expect_sliced_in(other, full, expect)
     cols = slice(shard.columns.start, shard.columns.stop)
-    other.load_state_dict(full.state_dict())
-    for name, p in full.state_dict().items():
-        mine = other.state_dict()[name]
-        expect(torch.equal(mine, p[:, cols] if name.startswith("experts.") else p),
-               f"unsharded state_dict: {name}")
 
     # and back out: full_state_dict on rank 0, loadable by nn.PEER
     whole = shard.full_state_dict()
@@ -267,6 +262,17 @@ def expect_state_dicts(shard, other, x, rank, out_dir, expect):
     except RuntimeError as e:
         expect("another shard's" in str(e), f"wrong refusal: {e}")
     expect(torch.equal(other.experts.down, before), "a refused load changed the experts")
+
+
+def expect_sliced_in(other, full, expect):
+    """An unsharded state_dict (full's) loads into the sharded module
+    `other`, sliced to its columns."""
+    cols = slice(other.columns.start, other.columns.stop)
+    other.load_state_dict(full.state_dict())
+    for name, p in full.state_dict().items():
+        mine = other.state_dict()[name].cpu()
+        expect(torch.equal(mine, p[:, cols] if name.startswith("experts.") else p),
+               f"unsharded state_dict: {name}")
 
 
 def refused(expect, what, fn, error, words):

@@ -54,7 +54,8 @@ from peerlayer.nn import PEER  # noqa: E402
 # and harness (ranks spawned once, per-rank reports of each scenario).
 from test_shard_torch import (BASE, BF16, CONFIGS, EPS, OPTIMIZERS, SCENARIOS, STEPS,  # noqa: E402
                               WORLD, assert_clean, compare_params, dense, expect_replicated,
-                              expect_state_dicts, refused, rel, run_scenarios, spawn_ranks)
+                              expect_sliced_in, expect_state_dicts, refused, rel, run_scenarios,
+                              spawn_ranks)
 from test_torch_cuda_emu import EmuDevice, clear_x, emulated_library  # noqa: E402
 
 TOL, T = 1e-5, 24
@@ -251,12 +252,7 @@ def scenario_state_dict(env, expect, out_dir):
     other = PEER(config, seed=99, process_group=None, device=env.device)
     expect_state_dicts(shard, other, env.to(clear_x(full, 8, g)), rank, out_dir, expect)
 
-    # an unsharded (CPU) state_dict is sliced in
-    other.load_state_dict(full.state_dict())
-    for name, p in full.state_dict().items():
-        mine = other.state_dict()[name].cpu()
-        expect(torch.equal(mine, p[:, cols_of(shard)] if name.startswith("experts.") else p),
-               f"unsharded state_dict: {name}")
+    expect_sliced_in(other, full, expect)  # a CPU state_dict
 
     # and back out: full_state_dict on rank 0, loadable by nn.PEER
     whole = shard.full_state_dict()
