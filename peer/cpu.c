@@ -1,5 +1,5 @@
 /* cpu.c: the CPU backend.  A batch goes through three phases, each threaded
- * with OpenMP over independent pieces of work:
+ * over independent pieces of work (peer/pool.h):
  *   1. queries:  Q = X Wq^T (+ b, batch norm), a blocked matrix product;
  *   2. retrieval: per (token block, head), the sub-key scores S = Q_half C^T
  *      (blocked matrix product), top-k' per half (for k' <= 64 selected from
@@ -9,6 +9,7 @@
  * whatever the blocking or thread count, so results are bitwise identical
  * for any number of threads. */
 #include "cpu.h"
+#include "pool.h"
 #include "rowops.h"
 
 #include <omp.h>
@@ -170,41 +171,67 @@ void peer_cpu_layout(const peer_layer *L, int64_t T, void *base, cpu_ws *w) {
 }
 
 float *peer_cpu_thread_pack(const cpu_ws *w, const peer_dims *D) {
-  char *mine = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
+  /* The slot of a pool item (pool.h), or the thread of an OpenMP region
+   * (cpu_train.c and cpu_decode.c still run some): never both at once. */
+  const int slot = peer_parallel_slot() + omp_get_thread_num();
+  char *mine = w->per_thread + (size_t)slot * w->per_thread_bytes;
   return (float *)(mine + w->per_thread_bytes - pack_bytes(D));
 }
 
 /* ------------------------------------------------------------ phase 1 */
 
+typedef struct {
+  const peer_dims *D;
+  int64_t T, n_tb, ldq;
+  const float *x, *W, *bias;
+  float *q;
+  const cpu_ws *w;
+} project_job;
+
+static void project_item(void *job, int64_t item, int slot) {
+  const project_job *j = job;
+  const peer_dims *D = j->D;
+  (void)slot;
+  int64_t cb = item / j->n_tb, tb = item % j->n_tb;
+  int64_t t0 = tb * TB, c0 = cb * QCOLS;
+  int64_t nt = j->T - t0 < TB ? j->T - t0 : TB;
+  int64_t nc = D->dq - c0 < QCOLS ? D->dq - c0 : QCOLS;
+  float *out = j->q + t0 * j->ldq + c0;
+  peer_cpu_gemm_nt(nt, nc, D->d, j->x + t0 * D->d, D->d, j->W + c0 * D->d, D->d, out, j->ldq,
+                   peer_cpu_thread_pack(j->w, D));
+  if (j->bias)
+    for (int64_t t = 0; t < nt; t++)
+      for (int64_t c = 0; c < nc; c++) out[t * j->ldq + c] += j->bias[c0 + c];
+}
+
 void peer_cpu_project(const peer_layer *L, int64_t T, const float *x, float *q, int64_t ldq,
                       const cpu_ws *w, int P) {
   const peer_dims *D = &L->dims;
-  const float *W = L->slot[PEER_P_QUERY_WEIGHT].data;
-  const float *bias = L->slot[PEER_P_QUERY_BIAS].data;
   int64_t n_tb = (T + TB - 1) / TB, n_cb = (D->dq + QCOLS - 1) / QCOLS;
   /* Column blocks outermost: a thread's consecutive tasks share a block of
-   * Wq, which stays in cache across token blocks.  Dynamic: a thread that
-   * loses its core holds back only the task it is in. */
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(P)
-  for (int64_t cb = 0; cb < n_cb; cb++) {
-    for (int64_t tb = 0; tb < n_tb; tb++) {
-      int64_t t0 = tb * TB, c0 = cb * QCOLS;
-      int64_t nt = T - t0 < TB ? T - t0 : TB;
-      int64_t nc = D->dq - c0 < QCOLS ? D->dq - c0 : QCOLS;
-      float *out = q + t0 * ldq + c0;
-      peer_cpu_gemm_nt(nt, nc, D->d, x + t0 * D->d, D->d, W + c0 * D->d, D->d, out, ldq,
-                       peer_cpu_thread_pack(w, D));
-      if (bias)
-        for (int64_t t = 0; t < nt; t++)
-          for (int64_t c = 0; c < nc; c++) out[t * ldq + c] += bias[c0 + c];
-    }
-  }
+   * Wq, which stays in cache across token blocks.  A thread that loses its
+   * core holds back only the task it is in (pool.h). */
+  project_job j = {D, T, n_tb, ldq, x, L->slot[PEER_P_QUERY_WEIGHT].data,
+                   L->slot[PEER_P_QUERY_BIAS].data, q, w};
+  peer_parallel(P, n_cb * n_tb, project_item, &j);
+}
+
+typedef struct {
+  const peer_layer *L;
+  float *q;
+  int64_t ldq;
+} normalize_job;
+
+static void normalize_tokens(void *job, int64_t t0, int64_t t1, int slot) {
+  const normalize_job *j = job;
+  (void)slot;
+  for (int64_t t = t0; t < t1; t++) peer_cpu_norm_running(j->L, j->q + t * j->ldq, 0, j->L->dims.dq);
 }
 
 /* Inference batch norm: the running statistics. */
 static void normalize_running(const peer_layer *L, int64_t T, float *q, int64_t ldq, int P) {
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t t = 0; t < T; t++) peer_cpu_norm_running(L, q + t * ldq, 0, L->dims.dq);
+  normalize_job j = {L, q, ldq};
+  peer_parallel_ranges(P, T, 16, normalize_tokens, &j);
 }
 
 /* ------------------------------------------------------------ phase 2 */
@@ -396,12 +423,11 @@ static uint32_t score_select(int64_t M, int64_t n, int64_t K, const float *A, in
   return bad;
 }
 
-/* Smallest failing token, for a deterministic message. */
-static void note_bad(int64_t *bad_token, int *bad_head, int64_t t, int h) {
-#pragma omp critical(peer_bad)
-  if (t < *bad_token || (t == *bad_token && h < *bad_head)) {
-    *bad_token = t;
-    *bad_head = h;
+/* The smallest failing (token, head) as token * H + head: a deterministic
+ * message whichever thread meets which failure first. */
+static void note_bad(_Atomic int64_t *bad, int64_t th) {
+  int64_t cur = atomic_load_explicit(bad, memory_order_relaxed);
+  while (th < cur && !atomic_compare_exchange_weak(bad, &cur, th)) {
   }
 }
 
@@ -422,95 +448,114 @@ static int brute_head(const float *s1, const float *s2, int64_t n, int k, float 
   return bad;
 }
 
+typedef struct {
+  peer_layer *L;
+  int64_t T, n_tb, ldq;
+  const float *q;
+  bool brute, bf16_ok;
+  retrieve_out out;
+  const cpu_ws *w;
+  _Atomic int64_t bad, n_bf16, n_fallback;
+} retrieve_job;
+
+/* Item h * n_tb + tb: head h of token block tb.  Heads outermost: a
+ * thread's consecutive items share one head's sub-keys, which stay in cache
+ * across token blocks. */
+static void retrieve_item(void *job, int64_t item, int slot) {
+  retrieve_job *j = job;
+  peer_layer *L = j->L;
+  const peer_dims *D = &L->dims;
+  const float *keys = L->slot[PEER_P_KEYS].data, *q = j->q;
+  const int64_t n = D->n, half = D->half, H = D->H, T = j->T, ldq = j->ldq;
+  const int k = (int)D->k, kp = (int)D->kp;
+  const bool brute = j->brute, bf16_ok = j->bf16_ok;
+  const retrieve_out out = j->out;
+  const cpu_ws *w = j->w;
+  const int64_t h = item / j->n_tb, tb = item % j->n_tb;
+  int64_t n_bf16 = 0, n_fallback = 0;
+  char *scratch = w->per_thread + (size_t)slot * w->per_thread_bytes;
+  float *S = (float *)scratch; /* [nt, 2, n], rows ls apart */
+  const int64_t ls = peer_cpu_s_stride(n);
+  char *lists = scratch + s_bytes(D);
+  size_t list_bytes = round64((size_t)kp * (sizeof(float) + sizeof(int64_t)));
+  int64_t *a1 = (int64_t *)lists, *a2 = (int64_t *)(lists + list_bytes);
+  float *s1 = (float *)(a1 + kp), *s2 = (float *)(a2 + kp);
+  float *lo = (float *)(lists + 2 * list_bytes);
+
+  int64_t t0 = tb * TB, nt = T - t0 < TB ? T - t0 : TB;
+  int64_t g = L->cfg.shared_keys ? 0 : h;
+  const bool bf16 = bf16_ok && nt <= PEER_CPU_BF16_MAX_NT;
+  const bool fused = !brute && !bf16 && kp <= FUSED_KP_MAX;
+  float *lists_s = NULL;
+  int64_t *lists_id = NULL;
+  int64_t lists_ld = kp; /* entries between the lists of (token, half) */
+  int list_bad[TB] = {0};
+  if (fused) {
+    lists_ld = fused_list_stride(kp);
+    lists_s = S;
+    lists_id = (int64_t *)(S + TB * 2 * lists_ld);
+    for (int p = 0; p < 2; p++) {
+      const float *C = keys + ((g * 2 + p) * n) * half;
+      const float *A = q + t0 * ldq + h * D->dk + p * half;
+      uint32_t bad = score_select(nt, n, half, A, ldq, C, kp, lists_s + p * lists_ld,
+                                  lists_id + p * lists_ld, 2 * lists_ld,
+                                  peer_cpu_thread_pack(w, D));
+      for (int64_t t = 0; t < nt; t++) list_bad[t] |= (int)((bad >> t) & 1u);
+    }
+  } else if (bf16) {
+#ifdef __AVX512BF16__
+    peer_cpu_bf16_lists(L, h, nt, q + t0 * ldq, ldq, S, ls, scratch + s_and_lists_bytes(D),
+                        &lists_s, &lists_id, list_bad, peer_cpu_thread_pack(w, D), &n_bf16,
+                        &n_fallback);
+#endif
+  } else {
+    for (int p = 0; p < 2; p++) {
+      const float *C = keys + ((g * 2 + p) * n) * half;
+      const float *A = q + t0 * ldq + h * D->dk + p * half;
+      peer_cpu_gemm_nt(nt, n, half, A, ldq, C, half, S + p * n, ls,
+                       peer_cpu_thread_pack(w, D));
+    }
+  }
+  for (int64_t t = 0; t < nt; t++) {
+    const float *row1 = S + t * ls, *row2 = row1 + n;
+    size_t o = (size_t)((t0 + t) * H + h) * (size_t)k;
+    int bad;
+    if (brute) {
+      bad = brute_head(row1, row2, n, k, out.scores + o, lo, out.ids + o);
+    } else if (bf16 || fused) {
+      const int64_t r = 2 * t * lists_ld;
+      bad = list_bad[t];
+      bad |= peer_merge_candidates(lists_s + r, lists_id + r, lists_s + r + lists_ld,
+                                   lists_id + r + lists_ld, kp, k, n, out.scores + o, lo,
+                                   out.ids + o);
+    } else {
+      bad = peer_cpu_topk_scan(row1, (int)n, kp, s1, a1);
+      bad |= peer_cpu_topk_scan(row2, (int)n, kp, s2, a2);
+      bad |= peer_merge_candidates(s1, a1, s2, a2, kp, k, n, out.scores + o, lo,
+                                   out.ids + o);
+    }
+    if (bad) note_bad(&j->bad, (t0 + t) * H + h);
+    if (out.gates) peer_gates((int)L->cfg.gate, out.scores + o, k, out.gates + o);
+  }
+  if (n_bf16) atomic_fetch_add_explicit(&j->n_bf16, n_bf16, memory_order_relaxed);
+  if (n_fallback) atomic_fetch_add_explicit(&j->n_fallback, n_fallback, memory_order_relaxed);
+}
+
 peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int64_t ldq,
                                   bool brute,
                                   retrieve_out out, const cpu_ws *w, int P) {
-  const peer_dims *D = &L->dims;
-  const float *keys = L->slot[PEER_P_KEYS].data;
-  const int64_t n = D->n, half = D->half, H = D->H;
-  const int k = (int)D->k, kp = (int)D->kp;
-  int64_t n_tb = (T + TB - 1) / TB;
-  int64_t bad_token = T;
-  int bad_head = 0;
+  const int64_t n_tb = (T + TB - 1) / TB, H = L->dims.H;
 #ifdef __AVX512BF16__
   const int64_t last_nt = T - (n_tb - 1) * TB; /* only the last block can be short */
   const bool bf16_ok = !brute && last_nt <= PEER_CPU_BF16_MAX_NT && peer_cpu_keys16_ready(L, P);
 #else
   const bool bf16_ok = false;
 #endif
-  int64_t n_bf16 = 0, n_fallback = 0;
-  /* Heads outermost: a thread's consecutive tasks share one head's sub-keys,
-   * which stay in cache across token blocks. */
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(P) \
-    reduction(+ : n_bf16, n_fallback)
-  for (int64_t h = 0; h < H; h++) {
-    for (int64_t tb = 0; tb < n_tb; tb++) {
-      char *scratch = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
-      float *S = (float *)scratch; /* [nt, 2, n], rows ls apart */
-      const int64_t ls = peer_cpu_s_stride(n);
-      char *lists = scratch + s_bytes(D);
-      size_t list_bytes = round64((size_t)kp * (sizeof(float) + sizeof(int64_t)));
-      int64_t *a1 = (int64_t *)lists, *a2 = (int64_t *)(lists + list_bytes);
-      float *s1 = (float *)(a1 + kp), *s2 = (float *)(a2 + kp);
-      float *lo = (float *)(lists + 2 * list_bytes);
-
-      int64_t t0 = tb * TB, nt = T - t0 < TB ? T - t0 : TB;
-      int64_t g = L->cfg.shared_keys ? 0 : h;
-      const bool bf16 = bf16_ok && nt <= PEER_CPU_BF16_MAX_NT;
-      const bool fused = !brute && !bf16 && kp <= FUSED_KP_MAX;
-      float *lists_s = NULL;
-      int64_t *lists_id = NULL;
-      int64_t lists_ld = kp; /* entries between the lists of (token, half) */
-      int list_bad[TB] = {0};
-      if (fused) {
-        lists_ld = fused_list_stride(kp);
-        lists_s = S;
-        lists_id = (int64_t *)(S + TB * 2 * lists_ld);
-        for (int p = 0; p < 2; p++) {
-          const float *C = keys + ((g * 2 + p) * n) * half;
-          const float *A = q + t0 * ldq + h * D->dk + p * half;
-          uint32_t bad = score_select(nt, n, half, A, ldq, C, kp, lists_s + p * lists_ld,
-                                      lists_id + p * lists_ld, 2 * lists_ld,
-                                      peer_cpu_thread_pack(w, D));
-          for (int64_t t = 0; t < nt; t++) list_bad[t] |= (int)((bad >> t) & 1u);
-        }
-      } else if (bf16) {
-#ifdef __AVX512BF16__
-        peer_cpu_bf16_lists(L, h, nt, q + t0 * ldq, ldq, S, ls, scratch + s_and_lists_bytes(D),
-                            &lists_s, &lists_id, list_bad, peer_cpu_thread_pack(w, D), &n_bf16,
-                            &n_fallback);
-#endif
-      } else {
-        for (int p = 0; p < 2; p++) {
-          const float *C = keys + ((g * 2 + p) * n) * half;
-          const float *A = q + t0 * ldq + h * D->dk + p * half;
-          peer_cpu_gemm_nt(nt, n, half, A, ldq, C, half, S + p * n, ls,
-                           peer_cpu_thread_pack(w, D));
-        }
-      }
-      for (int64_t t = 0; t < nt; t++) {
-        const float *row1 = S + t * ls, *row2 = row1 + n;
-        size_t o = (size_t)((t0 + t) * H + h) * (size_t)k;
-        int bad;
-        if (brute) {
-          bad = brute_head(row1, row2, n, k, out.scores + o, lo, out.ids + o);
-        } else if (bf16 || fused) {
-          const int64_t r = 2 * t * lists_ld;
-          bad = list_bad[t];
-          bad |= peer_merge_candidates(lists_s + r, lists_id + r, lists_s + r + lists_ld,
-                                       lists_id + r + lists_ld, kp, k, n, out.scores + o, lo,
-                                       out.ids + o);
-        } else {
-          bad = peer_cpu_topk_scan(row1, (int)n, kp, s1, a1);
-          bad |= peer_cpu_topk_scan(row2, (int)n, kp, s2, a2);
-          bad |= peer_merge_candidates(s1, a1, s2, a2, kp, k, n, out.scores + o, lo,
-                                       out.ids + o);
-        }
-        if (bad) note_bad(&bad_token, &bad_head, t0 + t, (int)h);
-        if (out.gates) peer_gates((int)L->cfg.gate, out.scores + o, k, out.gates + o);
-      }
-    }
-  }
+  retrieve_job j = {L, T, n_tb, ldq, q, brute, bf16_ok, out, w, T * H, 0, 0};
+  peer_parallel(P, H * n_tb, retrieve_item, &j);
+  int64_t n_bf16 = atomic_load(&j.n_bf16), n_fallback = atomic_load(&j.n_fallback);
+  int64_t bad_token = atomic_load(&j.bad) / H;
+  int bad_head = (int)(atomic_load(&j.bad) % H);
   L->retrieval_stats.bf16 += n_bf16;
   L->retrieval_stats.fallback += n_fallback;
   if (bad_token < T) return peer_cpu_fail_nonfinite_score(bad_token, bad_head);
@@ -518,16 +563,30 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
 }
 
 /* Smallest token whose x row holds NaN or infinity, or T. */
-int64_t peer_cpu_first_nonfinite_row(const float *x, int64_t T, int64_t d, int P) {
-  int64_t first = T;
-#pragma omp parallel for reduction(min : first) schedule(static) num_threads(P) \
-    if (T * d >= 65536)
-  for (int64_t t = 0; t < T; t++) {
+typedef struct {
+  const float *x;
+  int64_t T, d, rows;
+  _Atomic int64_t first;
+} nonfinite_job;
+
+static void nonfinite_item(void *job, int64_t item, int slot) {
+  nonfinite_job *j = job;
+  (void)slot;
+  int64_t t1 = (item + 1) * j->rows < j->T ? (item + 1) * j->rows : j->T;
+  for (int64_t t = item * j->rows; t < t1; t++) {
     int ok = 1;
-    for (int64_t i = 0; i < d; i++) ok &= isfinite(x[t * d + i]) != 0;
-    if (!ok && t < first) first = t;
+    for (int64_t i = 0; i < j->d; i++) ok &= isfinite(j->x[t * j->d + i]) != 0;
+    if (!ok) {
+      note_bad(&j->first, t);
+      return;
+    }
   }
-  return first;
+}
+
+int64_t peer_cpu_first_nonfinite_row(const float *x, int64_t T, int64_t d, int P) {
+  nonfinite_job j = {x, T, d, 64, T};
+  peer_parallel(T * d >= 65536 ? P : 1, (T + j.rows - 1) / j.rows, nonfinite_item, &j);
+  return atomic_load(&j.first);
 }
 
 static peer_status queries_and_retrieval(peer_layer *L, int64_t T, const float *x,
@@ -544,26 +603,40 @@ static peer_status queries_and_retrieval(peer_layer *L, int64_t T, const float *
 
 /* ------------------------------------------------------------ phase 3 */
 
-void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, float *y,
-                            const int64_t *ids, const float *gates, float *z, const cpu_ws *w,
-                            int P) {
+typedef struct {
+  const peer_layer *L;
+  int64_t T;
+  const float *x;
+  float *y;
+  const int64_t *ids;
+  const float *gates;
+  float *z;
+  const cpu_ws *w;
+} experts_job;
+
+#define EXPERT_TOKENS 4 /* tokens per item */
+
+static void experts_item(void *job, int64_t item, int slot) {
+  const experts_job *j = job;
+  const peer_layer *L = j->L;
   const peer_dims *D = &L->dims;
   const int64_t d = D->d, hk = D->H * D->k;
   const int act = (int)L->cfg.activation;
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4);
   const char *down = L->slot[PEER_P_EXPERTS_DOWN].data, *up = L->slot[PEER_P_EXPERTS_UP].data;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(P) if (T > 1)
-  for (int64_t t = 0; t < T; t++) {
-    const float *xt = x + t * d;
-    float *yt = y + t * d;
+  const int64_t t1 = (item + 1) * EXPERT_TOKENS < j->T ? (item + 1) * EXPERT_TOKENS : j->T;
+  (void)slot;
+  for (int64_t t = item * EXPERT_TOKENS; t < t1; t++) {
+    const float *xt = j->x + t * d;
+    float *yt = j->y + t * d;
     if (bf16) { /* bf16 rows meet x and y split (split_pairs) */
-      float *xs = peer_cpu_thread_pack(w, D);
+      float *xs = peer_cpu_thread_pack(j->w, D);
       split_pairs(xt, d, xs);
       xt = xs;
     }
-    const int64_t *id = ids + t * hk;
-    const float *g = gates + t * hk;
+    const int64_t *id = j->ids + t * hk;
+    const float *g = j->gates + t * hk;
     memset(yt, 0, (size_t)d * sizeof(float));
     for (int64_t e = 0; e < PREFETCH_AHEAD && e < hk; e++)
       prefetch_expert(down, up, id[e], row_bytes);
@@ -572,13 +645,20 @@ void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, floa
       const char *u = down + (size_t)id[e] * row_bytes, *v = up + (size_t)id[e] * row_bytes;
       float dot = bf16 ? dot_row_bf16((const uint16_t *)u, xt, d)
                        : dot_row_f32((const float *)u, xt, d);
-      if (z) z[t * hk + e] = dot;
+      if (j->z) j->z[t * hk + e] = dot;
       float a = g[e] * peer_activate(act, dot);
       if (bf16) axpy_row_bf16(a, (const uint16_t *)v, yt, d);
       else axpy_row_f32(a, (const float *)v, yt, d);
     }
     if (bf16) unsplit_pairs(yt, d);
   }
+}
+
+void peer_cpu_apply_experts(const peer_layer *L, int64_t T, const float *x, float *y,
+                            const int64_t *ids, const float *gates, float *z, const cpu_ws *w,
+                            int P) {
+  experts_job j = {L, T, x, y, ids, gates, z, w};
+  peer_parallel(T > 1 ? P : 1, (T + EXPERT_TOKENS - 1) / EXPERT_TOKENS, experts_item, &j);
 }
 
 /* ------------------------------------------------------------ entry points */

@@ -45,7 +45,7 @@
 #include "cpu.h"
 
 #ifdef __AVX512BF16__
-#include <omp.h>
+#include "pool.h"
 
 /* Keys per tile of the first pass (4 vectors) and tokens per register tile:
  * 6 x 4 accumulators, 4 key vectors and a broadcast fit 32 registers. */
@@ -110,6 +110,27 @@ static int fill_block(const float *C, int64_t half, int64_t jb, uint16_t *pairs,
   return ok;
 }
 
+typedef struct {
+  peer_layer *L;
+  int64_t blocks;
+  _Atomic int ok;
+} keys16_job;
+
+/* Item s * blocks + jb: block jb of 16 sub-keys of set s. */
+static void keys16_item(void *job, int64_t item, int slot) {
+  keys16_job *j = job;
+  const peer_layer *L = j->L;
+  const peer_dims *D = &L->dims;
+  const int64_t s = item / j->blocks, jb = item % j->blocks;
+  char *base = (char *)L->keys16.mem + (size_t)s * set_bytes(D);
+  float *nc1 = (float *)(base + pairs_bytes(D));
+  const int64_t stride = (int64_t)(round64((size_t)D->n * sizeof(float)) / sizeof(float));
+  const float *C = (const float *)L->slot[PEER_P_KEYS].data + s * D->n * D->half;
+  (void)slot;
+  if (!fill_block(C, D->half, jb, (uint16_t *)base, nc1, nc1 + stride, nc1 + 2 * stride))
+    atomic_store_explicit(&j->ok, 0, memory_order_relaxed);
+}
+
 /* Keys the caller may have written in place since any call (keys_exposed)
  * would need the copy re-made per call, which costs more than the small
  * batches this path serves save: such layers take the f32 path. */
@@ -124,19 +145,10 @@ bool peer_cpu_keys16_ready(peer_layer *L, int P) {
     if (!K->mem) return false; /* the f32 path needs no copy */
     K->bytes = bytes;
   }
-  const int64_t sets = D->G * 2, blocks = D->n / 16;
-  int ok = 1;
-#pragma omp parallel for collapse(2) reduction(& : ok) schedule(static) num_threads(P)
-  for (int64_t s = 0; s < sets; s++)
-    for (int64_t jb = 0; jb < blocks; jb++) {
-      char *base = (char *)K->mem + (size_t)s * set_bytes(D);
-      float *nc1 = (float *)(base + pairs_bytes(D));
-      const int64_t stride = (int64_t)(round64((size_t)D->n * sizeof(float)) / sizeof(float));
-      const float *C = (const float *)L->slot[PEER_P_KEYS].data + s * D->n * D->half;
-      ok &= fill_block(C, D->half, jb, (uint16_t *)base, nc1, nc1 + stride, nc1 + 2 * stride);
-    }
+  keys16_job j = {L, D->n / 16, 1};
+  peer_parallel(P, D->G * 2 * j.blocks, keys16_item, &j);
   K->gen = L->keys_gen;
-  K->valid = ok != 0;
+  K->valid = atomic_load(&j.ok) != 0;
   return K->valid;
 }
 

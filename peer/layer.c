@@ -2,6 +2,7 @@
  * access by name, seeded initialisation, scratch memory, and the public entry
  * points that check arguments and hand the work to the layer's backend. */
 #include "internal.h"
+#include "pool.h"
 #include "rowops.h"
 
 #include <math.h>
@@ -320,20 +321,34 @@ static inline uint64_t full_index(int64_t i, int64_t col0, int64_t cols, int64_t
   return cols == width ? (uint64_t)i : (uint64_t)((i / cols) * width + col0 + i % cols);
 }
 
+typedef struct {
+  void *dst;
+  bool bf16;
+  uint64_t seed, stream;
+  float a;
+  int64_t col0, cols, width;
+} fill_job;
+
+static void fill_range(void *job, int64_t i0, int64_t i1, int slot) {
+  const fill_job *j = job;
+  (void)slot;
+  if (j->bf16) {
+    uint16_t *p = j->dst;
+    for (int64_t i = i0; i < i1; i++)
+      p[i] = peer_f32_to_bf16(
+          uniform_pm(j->seed, j->stream, full_index(i, j->col0, j->cols, j->width), j->a));
+  } else {
+    float *p = j->dst;
+    for (int64_t i = i0; i < i1; i++)
+      p[i] = uniform_pm(j->seed, j->stream, full_index(i, j->col0, j->cols, j->width), j->a);
+  }
+}
+
 static void fill_uniform(const peer_tensor *t, void *dst, uint64_t seed, uint64_t stream,
                          float a, int P, int64_t col0, int64_t cols, int64_t width) {
   int64_t count = (int64_t)(t->nbytes / peer_dtype_size(t->dtype));
-  if (t->dtype == PEER_BF16) {
-    uint16_t *p = dst;
-#pragma omp parallel for schedule(static) num_threads(P)
-    for (int64_t i = 0; i < count; i++)
-      p[i] = peer_f32_to_bf16(uniform_pm(seed, stream, full_index(i, col0, cols, width), a));
-  } else {
-    float *p = dst;
-#pragma omp parallel for schedule(static) num_threads(P)
-    for (int64_t i = 0; i < count; i++)
-      p[i] = uniform_pm(seed, stream, full_index(i, col0, cols, width), a);
-  }
+  fill_job j = {dst, t->dtype == PEER_BF16, seed, stream, a, col0, cols, width};
+  peer_parallel_ranges(P, count, 1 << 16, fill_range, &j);
 }
 
 static void fill_const(const peer_tensor *t, void *dst, float v) {

@@ -5,6 +5,7 @@
  * file, written atomically and loaded only into a layer of the same config.
  * The update rules and their choices are documented in peer.h. */
 #include "internal.h"
+#include "pool.h"
 #include "rowops.h"
 
 #include <math.h>
@@ -309,15 +310,42 @@ static inline void update_span(const rule *r, const peer_tensor *t, size_t at, c
   }
 }
 
+/* What step_dense's and step_experts' items need. */
+typedef struct {
+  const rule *r;
+  const peer_tensor *t;
+  const float *g;
+  float *m, *v;
+  size_t count, w; /* dense: elements; experts: row width */
+  const peer_grads *gr;
+} step_job;
+
+#define DENSE_CHUNK 4096 /* elements per item of a dense update */
+
+static void dense_chunk(void *job, int64_t c, int slot) {
+  const step_job *j = job;
+  size_t at = (size_t)c * DENSE_CHUNK;
+  size_t n = j->count - at < DENSE_CHUNK ? j->count - at : DENSE_CHUNK;
+  (void)slot;
+  update_span(j->r, j->t, at, j->g + at, j->m ? j->m + at : NULL, j->v ? j->v + at : NULL, n);
+}
+
 static void step_dense(peer_optimizer *o, int slot, const float *g, const rule *r, int P) {
   const peer_tensor *t = &o->layer->slot[slot];
-  float *m = o->m[slot], *v = o->v[slot];
-  const size_t count = t->nbytes / sizeof(float), chunk = 4096;
-  const int64_t n_chunks = (int64_t)((count + chunk - 1) / chunk);
-#pragma omp parallel for schedule(static) num_threads(P) if (count > PAR_MIN)
-  for (int64_t c = 0; c < n_chunks; c++) {
-    size_t at = (size_t)c * chunk, n = count - at < chunk ? count - at : chunk;
-    update_span(r, t, at, g + at, m ? m + at : NULL, v ? v + at : NULL, n);
+  step_job j = {r, t, g, o->m[slot], o->v[slot], t->nbytes / sizeof(float), 0, NULL};
+  peer_parallel(j.count > PAR_MIN ? P : 1, (int64_t)((j.count + DENSE_CHUNK - 1) / DENSE_CHUNK),
+                dense_chunk, &j);
+}
+
+static void expert_rows_range(void *job, int64_t j0, int64_t j1, int slot) {
+  const step_job *s = job;
+  const size_t w = s->w;
+  const peer_grads *gr = s->gr;
+  (void)slot;
+  for (int64_t j = j0; j < j1; j++) {
+    size_t row = (size_t)gr->expert_rows[j], at = row * w;
+    const float *grow = s->g + (gr->experts_dense ? row : (size_t)j) * w;
+    update_span(s->r, s->t, at, grow, s->m ? s->m + at : NULL, s->v ? s->v + at : NULL, w);
   }
 }
 
@@ -328,26 +356,56 @@ static void step_dense(peer_optimizer *o, int slot, const float *g, const rule *
 static void step_experts(peer_optimizer *o, int slot, const peer_grads *gr, const float *g,
                          const rule *r, int P) {
   const peer_tensor *t = &o->layer->slot[slot];
-  const size_t w = (size_t)t->shape[1];
-  float *m = o->m[slot], *v = o->v[slot];
+  step_job j = {r, t, g, o->m[slot], o->v[slot], 0, (size_t)t->shape[1], gr};
   const int64_t R = gr->n_expert_rows;
-#pragma omp parallel for schedule(static) num_threads(P) if (R * (int64_t)w > PAR_MIN)
-  for (int64_t j = 0; j < R; j++) {
-    size_t row = (size_t)gr->expert_rows[j], at = row * w;
-    const float *grow = g + (gr->experts_dense ? row : (size_t)j) * w;
-    update_span(r, t, at, grow, m ? m + at : NULL, v ? v + at : NULL, w);
-  }
+  peer_parallel_ranges(R * (int64_t)j.w > PAR_MIN ? P : 1, R, 64, expert_rows_range, &j);
 }
 
 /* ------------------------------------------------------------- the step */
 
+typedef struct {
+  const float *x;      /* values, or rows of w values: row j at rows[j] * w */
+  const int64_t *rows; /* (NULL: at j * w) */
+  int64_t w;
+  _Atomic int64_t bad; /* the smallest bad index: element, or row * w + column */
+} finite_job;
+
+static void note_first(_Atomic int64_t *bad, int64_t i) {
+  int64_t cur = atomic_load_explicit(bad, memory_order_relaxed);
+  while (i < cur && !atomic_compare_exchange_weak(bad, &cur, i)) {
+  }
+}
+
+static void finite_range(void *job, int64_t i0, int64_t i1, int slot) {
+  finite_job *j = job;
+  (void)slot;
+  for (int64_t i = i0; i < i1; i++)
+    if (!isfinite(j->x[i])) {
+      note_first(&j->bad, i);
+      return;
+    }
+}
+
 /* Index of the first non-finite value among n, or -1. */
 static int64_t first_nonfinite(const float *x, int64_t n, int P) {
-  int64_t bad = n;
-#pragma omp parallel for schedule(static) num_threads(P) reduction(min : bad) if (n > PAR_MIN)
-  for (int64_t i = 0; i < n; i++)
-    if (!isfinite(x[i]) && i < bad) bad = i;
+  finite_job j = {x, NULL, 1, n};
+  peer_parallel_ranges(n > PAR_MIN ? P : 1, n, 1 << 14, finite_range, &j);
+  int64_t bad = atomic_load(&j.bad);
   return bad < n ? bad : -1;
+}
+
+/* Rows j0..j1 of expert gradient rows (check_expert_grads). */
+static void finite_rows(void *job, int64_t j0, int64_t j1, int slot) {
+  finite_job *j = job;
+  (void)slot;
+  for (int64_t r = j0; r < j1; r++) {
+    const float *row = j->x + (j->rows ? j->rows[r] : r) * j->w;
+    for (int64_t i = 0; i < j->w; i++)
+      if (!isfinite(row[i])) {
+        note_first(&j->bad, r * j->w + i);
+        return;
+      }
+  }
 }
 
 static peer_status check_dense_grads(const peer_optimizer *o, const peer_grads *g, int P) {
@@ -397,17 +455,9 @@ static peer_status check_expert_grads(const peer_optimizer *o, const peer_grads 
   }
   const float *tables[2] = {g->experts_down, g->experts_up};
   for (int s = 0; s < 2; s++) {
-    int64_t bad_j = -1, bad_i = 0;
-#pragma omp parallel for schedule(static) num_threads(P) if (R * w > PAR_MIN)
-    for (int64_t j = 0; j < R; j++) {
-      const float *row = tables[s] + (g->experts_dense ? g->expert_rows[j] : j) * w;
-      for (int64_t i = 0; i < w; i++)
-        if (!isfinite(row[i])) {
-#pragma omp critical(peer_optim_nonfinite)
-          if (bad_j < 0 || j < bad_j) bad_j = j, bad_i = i;
-          break;
-        }
-    }
+    finite_job j = {tables[s], g->experts_dense ? g->expert_rows : NULL, w, R * w};
+    peer_parallel_ranges(R * w > PAR_MIN ? P : 1, R, 64, finite_rows, &j);
+    const int64_t bad = atomic_load(&j.bad), bad_j = bad < R * w ? bad / w : -1, bad_i = bad % w;
     if (bad_j >= 0)
       return peer_fail(PEER_ERR_NONFINITE,
                        "optimizer_step: grads.%s of expert %lld, element %lld, is not finite; "
