@@ -110,17 +110,20 @@ static void *rank_main(void *arg) {
   return NULL;
 }
 
+/* Communicators of ranks 0 .. world-1 on devices 0 .. world-1; 0 on success. */
+static int init_comms(int world, ncclComm_t *comms) {
+  int devs[MAXW];
+  for (int r = 0; r < world; r++) devs[r] = r;
+  ncclResult_t nr = ncclCommInitAll(comms, world, devs);
+  CHECK(nr == ncclSuccess, "ncclCommInitAll(%d): %s", world, ncclGetErrorString(nr));
+  return nr != ncclSuccess;
+}
+
 /* Every rank of `world` on its thread and device; configs[r] is rank r's.
  * Returns 1 if every rank's creation gave `want`. */
 static int run(int world, const shard_ref *R, const char *const *configs, peer_status want) {
   ncclComm_t comms[MAXW];
-  int devs[MAXW];
-  for (int r = 0; r < world; r++) devs[r] = r;
-  ncclResult_t nr = ncclCommInitAll(comms, world, devs);
-  if (nr != ncclSuccess) {
-    CHECK(0, "ncclCommInitAll(%d): %s", world, ncclGetErrorString(nr));
-    return 0;
-  }
+  if (init_comms(world, comms)) return 0;
   job jobs[MAXW];
   pthread_t th[MAXW];
   const size_t yb = R ? (size_t)(R->T * R->cfg.d_model) * 4 : 0;
@@ -169,13 +172,7 @@ static void *train_main(void *arg) {
 
 static void train(int world, const ref_train_case *tc) {
   ncclComm_t comms[MAXW];
-  int devs[MAXW];
-  for (int r = 0; r < world; r++) devs[r] = r;
-  ncclResult_t nr = ncclCommInitAll(comms, world, devs);
-  if (nr != ncclSuccess) {
-    CHECK(0, "ncclCommInitAll(%d): %s", world, ncclGetErrorString(nr));
-    return;
-  }
+  if (init_comms(world, comms)) return;
   char dir[] = "/tmp/peer_test_nccl_train.XXXXXX";
   CHECK(mkdtemp(dir) != NULL, "mkdtemp");
   train_job jobs[MAXW];
