@@ -200,8 +200,11 @@ static inline int64_t peer_cpu_s_stride(int64_t n) { return 2 * n + 16; }
 /* Inference batch norm (running statistics) of features [f0, f1) of one
  * token's query q. */
 static inline void peer_cpu_norm_running(const peer_layer *L, float *q, int64_t f0, int64_t f1) {
-  const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
-  const float *mean = L->slot[PEER_P_NORM_MEAN].data, *var = L->slot[PEER_P_NORM_VAR].data;
+  /* casts: bench_pieces includes this header from C++ */
+  const float *nw = (const float *)L->slot[PEER_P_NORM_WEIGHT].data;
+  const float *nb = (const float *)L->slot[PEER_P_NORM_BIAS].data;
+  const float *mean = (const float *)L->slot[PEER_P_NORM_MEAN].data;
+  const float *var = (const float *)L->slot[PEER_P_NORM_VAR].data;
   for (int64_t f = f0; f < f1; f++)
     q[f] = (q[f] - mean[f]) / sqrtf(var[f] + 1e-5f) * nw[f] + nb[f];
 }
