@@ -1,12 +1,14 @@
-"""How libpeer's OpenMP threads coexist with PyTorch's in one process.
+"""How libpeer's threads coexist with PyTorch's in one process.
 
-The policy (tools/python/README.md "Threads next to PyTorch"): libpeer and a
-PyTorch CPU build that uses GNU OpenMP share ONE libgomp (both ask for
-libgomp.so.1 and the loader gives the second the copy already loaded, in
-either import order), so there is one thread pool, not two that oversubscribe
-the cores.  A layer made with threads=0 asks that runtime at each call, so it
-follows torch.set_num_threads() (made on the same Python thread); an
-explicit thread count is kept whatever torch is set to.
+The policy (tools/python/README.md "Threads next to PyTorch"): libpeer runs
+its calls on its own workers (peer/pool.h), asleep between calls, and takes
+its thread count from OpenMP: libpeer and a PyTorch CPU build that uses GNU
+OpenMP share ONE libgomp (both ask for libgomp.so.1 and the loader gives the
+second the copy already loaded, in either import order), so a layer made
+with threads=0 asks that runtime at each call and follows
+torch.set_num_threads() (made on the same Python thread); an explicit thread
+count is kept whatever torch is set to.  After calls with n threads libpeer
+holds at most n - 1 workers, all asleep.
 """
 
 import os
@@ -81,3 +83,37 @@ def test_explicit_threads_ignore_torch(torch_threads):
     layer.threads = 1
     torch.set_num_threads(4)
     assert layer.threads == 1
+
+
+def _peer_workers():
+    """(count, awake) of libpeer's worker threads (named peer-pool)."""
+    count = awake = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith("peer-pool"):
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        count += 1
+        awake += state != "S"
+    return count, awake
+
+
+def test_workers_follow_the_count_and_sleep(torch_threads):
+    _needs_gnu_openmp()
+    import time
+    torch.set_num_threads(3)
+    layer = peerlayer.Layer(TINY, seed=1)
+    layer.forward(torch.randn(64, 64).numpy())
+    torch.randn(256, 256) @ torch.randn(256, 256)  # torch's pool runs too
+    count, awake = _peer_workers()
+    assert count <= 2, f"{count} libpeer workers for calls of 3 threads"
+    for _ in range(100):  # one just finishing its item may still be on its way
+        if awake == 0:
+            break
+        time.sleep(0.01)
+        count, awake = _peer_workers()
+    assert awake == 0, f"{awake} libpeer worker(s) awake 1 s after the call"
