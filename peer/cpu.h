@@ -288,7 +288,7 @@ void peer_cpu_bf16_lists(const peer_layer *layer, int64_t h, int64_t nt, const f
  * with one barrier (cpu_decode.c, AVX512-BF16 variants): same results as the
  * batch path.  peer_cpu_decode_ready says whether it may run (batch size,
  * config, the bf16 keys, the layer's Wq copy, which it makes current). */
-#define PEER_CPU_DECODE_MAX_T 16
+#define PEER_CPU_DECODE_MAX_T 8 /* at 16 the batch path was as fast (bench/README.md) */
 bool peer_cpu_decode_ready(peer_layer *layer, int64_t T, int P);
 /* out.scores is overwritten with the experts' coefficients. */
 peer_status peer_cpu_decode_forward(peer_layer *layer, int64_t T, const float *x, float *y,

@@ -1,4 +1,4 @@
-/* cpu_decode.c: the forward of small batches (T <= PEER_CPU_DECODE_MAX_T
+/* cpu_decode.c: the forward of small batches (T <= PEER_CPU_DECODE_MAX_T = 8
  * tokens: decoding), in the CPU variants built with AVX512-BF16.  A token
  * costs streaming the query weight (H*d_key x d f32) and the bf16 sub-keys
  * once, plus H*k random expert rows; the phases of the batch path (cpu.c)

@@ -1,7 +1,7 @@
-/* test_decode.c: the small-batch forward (peer/cpu_decode.c: T <= 16 tokens,
+/* test_decode.c: the small-batch forward (peer/cpu_decode.c: T <= 8 tokens,
  * one parallel region, on the avx512bf16 variant) gives the batch path's
  * bits: y, ids and gates of a layer whose parameters were never handed out
- * (loaded from a weight file, so the path may run), called on 1 to 16
+ * (loaded from a weight file, so the path may run), called on 1 to 13
  * tokens at a time and on 1, 2 and 3 threads, against the same layer with
  * its parameters handed out (the batch path, f32 scores) called on the whole
  * batch; over every option (bias, batch norm, gates, activations, shared
@@ -65,7 +65,7 @@ static void check_same(const layer_case *c, outputs want, outputs got, const cha
 
 /* A's batch forward (parameters handed out) against B's small calls. */
 static void check_decode(peer_layer *A, peer_layer *B, const layer_case *c, const float *x) {
-  static const int64_t steps[] = {1, 2, 4, 13, 16};
+  static const int64_t steps[] = {1, 2, 4, 8, 13};
   static const int threads[] = {1, 2, 3};
   outputs want = outputs_of(c), got = outputs_of(c);
   forward_in(A, c, x, c->T, want);
@@ -83,6 +83,18 @@ static void check_decode(peer_layer *A, peer_layer *B, const layer_case *c, cons
   if (decode_variant())
     cr_assert(B->wq_blocks.valid, "%s: the small-batch path never ran", case_text(c));
   outputs_free(want), outputs_free(got);
+}
+
+/* A random layer of case c, checked by check_decode. */
+static void check_case(const layer_case *c, ref_rng *rng) {
+  peer_layer *A = case_layer(c);
+  ref_fill_layer(A, rng);
+  peer_layer *B = case_reloaded(A);
+  float *x = ref_random_x(rng, c->T, c->d);
+  check_decode(A, B, c, x);
+  free(x);
+  peer_layer_free(A);
+  peer_layer_free(B);
 }
 
 Test(decode, every_option_gives_the_batch_path_bits) {
@@ -106,14 +118,7 @@ Test(decode, every_option_gives_the_batch_path_bits) {
   for (size_t e = 0; e < sizeof extras / sizeof extras[0]; e++) {
     layer_case c = case_make(base, 37);
     if (extras[e][0]) case_set(&c, extras[e]);
-    peer_layer *A = case_layer(&c);
-    ref_fill_layer(A, &rng);
-    peer_layer *B = case_reloaded(A);
-    float *x = ref_random_x(&rng, c.T, c.d);
-    check_decode(A, B, &c, x);
-    free(x);
-    peer_layer_free(A);
-    peer_layer_free(B);
+    check_case(&c, &rng);
   }
 }
 
@@ -122,14 +127,7 @@ Test(decode, every_option_gives_the_batch_path_bits) {
 Test(decode, reference_widths) {
   layer_case c = case_make("d_model=512,n_heads=8,d_key=256,n_subkeys=128,top_k=16", 20);
   ref_rng rng = {ref_test_seed()};
-  peer_layer *A = case_layer(&c);
-  ref_fill_layer(A, &rng);
-  peer_layer *B = case_reloaded(A);
-  float *x = ref_random_x(&rng, c.T, c.d);
-  check_decode(A, B, &c, x);
-  free(x);
-  peer_layer_free(A);
-  peer_layer_free(B);
+  check_case(&c, &rng);
 }
 
 /* The Wq copy follows the weights: re-made after peer_layer_init, and not
