@@ -12,8 +12,6 @@
 #include "pool.h"
 #include "rowops.h"
 
-#include <omp.h>
-
 #ifndef PEER_CPU_VARIANT
 #error "cpu.c is compiled once per instruction-set variant, with PEER_CPU_VARIANT set (cpu.h)"
 #endif
@@ -171,10 +169,7 @@ void peer_cpu_layout(const peer_layer *L, int64_t T, void *base, cpu_ws *w) {
 }
 
 float *peer_cpu_thread_pack(const cpu_ws *w, const peer_dims *D) {
-  /* The slot of a pool item (pool.h), or the thread of an OpenMP region
-   * (cpu_train.c and cpu_decode.c still run some): never both at once. */
-  const int slot = peer_parallel_slot() + omp_get_thread_num();
-  char *mine = w->per_thread + (size_t)slot * w->per_thread_bytes;
+  char *mine = w->per_thread + (size_t)peer_parallel_slot() * w->per_thread_bytes;
   return (float *)(mine + w->per_thread_bytes - pack_bytes(D));
 }
 

@@ -284,8 +284,8 @@ void peer_cpu_bf16_lists(const peer_layer *layer, int64_t h, int64_t nt, const f
                          int64_t **lid, int *bad, float *pack, int64_t *n_bf16,
                          int64_t *n_fallback);
 
-/* The forward of T <= PEER_CPU_DECODE_MAX_T tokens in one parallel region
- * with one barrier (cpu_decode.c, AVX512-BF16 variants): same results as the
+/* The forward of T <= PEER_CPU_DECODE_MAX_T tokens with one synchronisation
+ * point (cpu_decode.c, AVX512-BF16 variants): same results as the
  * batch path.  peer_cpu_decode_ready says whether it may run (batch size,
  * config, the bf16 keys, the layer's Wq copy, which it makes current). */
 #define PEER_CPU_DECODE_MAX_T 8 /* at 16 the batch path was as fast (bench/README.md) */

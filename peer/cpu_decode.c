@@ -3,15 +3,15 @@
  * costs streaming the query weight (H*d_key x d f32) and the bf16 sub-keys
  * once, plus H*k random expert rows; the phases of the batch path (cpu.c)
  * each end in a barrier and vectorise over tokens, which leaves 15 of 16
- * lanes idle at T = 1.  Here one parallel region does it all, with one
- * synchronisation point:
+ * lanes idle at T = 1.  Here two pool calls (pool.h) do it all, with one
+ * synchronisation point between them:
  *   A. the threads take heads (dynamic): the head's queries from a copy of
  *      Wq laid out for streaming with the tokens broadcast (columns in
  *      vector lanes), the bf16 first pass and exact re-rank
  *      (peer_cpu_bf16_lists), the merge and gates, and the dot products
  *      u_i . x of the head's experts, whose rows are prefetched as soon as
  *      the ids are known; the coefficients gate * act(u_i . x) go to scratch.
- *   B. after the one barrier, the threads take column chunks of y (dynamic)
+ *   B. once every head is done, the threads take column chunks of y (dynamic)
  *      and add every token's H*k experts' rows v_i in the batch path's order.
  * Same bits as the batch path: every query element is the same chain of FMAs
  * in input order from 0 (peer_cpu_gemm_nt's), the lists and merge are the
@@ -21,7 +21,7 @@
 #include "cpu.h"
 
 #ifdef __AVX512BF16__
-#include <omp.h>
+#include "pool.h"
 
 /* Columns per block of the Wq copy: [dq / WB][d][WB] floats, so that a
  * block streams in order while its 4 vectors of columns take broadcast
@@ -37,6 +37,19 @@ static bool eligible(const peer_layer *L) {
 
 /* Makes the layer's Wq copy current (remade when keys_gen moved, as the bf16
  * keys are); false if it cannot be had (memory). */
+/* Blocks b0..b1 of WB columns of the Wq copy. */
+static void wq_block_range(void *layer, int64_t b0, int64_t b1, int slot) {
+  const peer_layer *L = layer;
+  const float *W = L->slot[PEER_P_QUERY_WEIGHT].data;
+  float *out = L->wq_blocks.mem;
+  const int64_t d = L->dims.d;
+  (void)slot;
+  for (int64_t b = b0; b < b1; b++)
+    for (int64_t j = 0; j < WB; j++)
+      for (int64_t i = 0; i < d; i++)
+        out[(b * d + i) * WB + j] = W[(b * WB + j) * d + i];
+}
+
 static bool wq_blocks_ready(peer_layer *L, int P) {
   const peer_dims *D = &L->dims;
   peer_keys16 *C = &L->wq_blocks;
@@ -47,14 +60,7 @@ static bool wq_blocks_ready(peer_layer *L, int P) {
     if (!C->mem) return false;
     C->bytes = bytes;
   }
-  const float *W = L->slot[PEER_P_QUERY_WEIGHT].data;
-  float *out = C->mem;
-  const int64_t d = D->d, nb = D->dq / WB;
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t b = 0; b < nb; b++)
-    for (int64_t j = 0; j < WB; j++)
-      for (int64_t i = 0; i < d; i++)
-        out[(b * d + i) * WB + j] = W[(b * WB + j) * d + i];
+  peer_parallel_ranges(P, D->dq / WB, 1, wq_block_range, L);
   C->gen = L->keys_gen;
   C->valid = true;
   return true;
@@ -163,7 +169,7 @@ static int64_t head_forward(peer_layer *L, int64_t h, int64_t T, const float *x,
   const int k = (int)D->k, kp = (int)D->kp;
   /* The thread's scratch (cpu.c): S first, the lists' room after it (the
    * merge's rounding errors go there), cpu_bf16.c's scratch, then pack. */
-  char *scratch = w->per_thread + (size_t)omp_get_thread_num() * w->per_thread_bytes;
+  char *scratch = w->per_thread + (size_t)peer_parallel_slot() * w->per_thread_bytes;
   float *S = (float *)scratch;
   float *lo = (float *)(scratch + round64((size_t)TB * (size_t)ls * sizeof(float)));
   float *pack = peer_cpu_thread_pack(w, D);
@@ -231,49 +237,57 @@ static void y_chunk(const peer_layer *L, int64_t T, const int64_t *ids, const fl
   }
 }
 
+typedef struct {
+  peer_layer *L;
+  int64_t T;
+  const float *x;
+  float *y;
+  retrieve_out out;
+  const cpu_ws *w;
+  _Atomic int64_t bad; /* the first failing (token, head) as token * H + head */
+  _Atomic int64_t n_bf16, n_fallback;
+} decode_job;
+
+/* Phase A, item h: head h end to end. */
+static void head_item(void *job, int64_t h, int slot) {
+  decode_job *j = job;
+  int64_t n_bf16 = 0, n_fallback = 0;
+  (void)slot;
+  int64_t fb = head_forward(j->L, h, j->T, j->x, j->out, j->w, &n_bf16, &n_fallback);
+  if (fb < j->T) {
+    const int64_t th = fb * j->L->dims.H + h;
+    int64_t cur = atomic_load_explicit(&j->bad, memory_order_relaxed);
+    while (th < cur && !atomic_compare_exchange_weak(&j->bad, &cur, th)) {
+    }
+  }
+  atomic_fetch_add_explicit(&j->n_bf16, n_bf16, memory_order_relaxed);
+  atomic_fetch_add_explicit(&j->n_fallback, n_fallback, memory_order_relaxed);
+}
+
+/* Phase B, item c: columns [c YCOLS, (c + 1) YCOLS) of y. */
+static void y_item(void *job, int64_t c, int slot) {
+  decode_job *j = job;
+  const int64_t d = j->L->dims.d, c1 = (c + 1) * YCOLS < d ? (c + 1) * YCOLS : d;
+  (void)slot;
+  y_chunk(j->L, j->T, j->out.ids, j->out.scores, j->y, c * YCOLS, c1);
+}
+
 peer_status peer_cpu_decode_forward(peer_layer *L, int64_t T, const float *x, float *y,
                                     retrieve_out out, const cpu_ws *w, int P) {
   const peer_dims *D = &L->dims;
   int64_t bad = peer_cpu_first_nonfinite_row(x, T, D->d, 1);
   if (bad < T)
     return peer_fail(PEER_ERR_NONFINITE, "token %lld: x holds NaN or infinity", (long long)bad);
-  const int64_t H = D->H, n_chunks = (D->d + YCOLS - 1) / YCOLS;
-  int64_t bad_token = T;
-  int bad_head = 0;
-  int64_t next_head = 0, next_chunk = 0, n_bf16 = 0, n_fallback = 0;
-  int any_bad = 0;
-  if (P > H) P = (int)H;
-#pragma omp parallel num_threads(P) reduction(+ : n_bf16, n_fallback)
-  {
-    for (;;) {
-      int64_t h;
-#pragma omp atomic capture
-      h = next_head++;
-      if (h >= H) break;
-      int64_t fb = head_forward(L, h, T, x, out, w, &n_bf16, &n_fallback);
-      if (fb < T) {
-#pragma omp critical(peer_decode_bad)
-        if (fb < bad_token || (fb == bad_token && h < bad_head)) bad_token = fb, bad_head = (int)h;
-#pragma omp atomic write
-        any_bad = 1;
-      }
-    }
-#pragma omp barrier
-    int stop;
-#pragma omp atomic read
-    stop = any_bad;
-    while (!stop) {
-      int64_t c;
-#pragma omp atomic capture
-      c = next_chunk++;
-      if (c >= n_chunks) break;
-      const int64_t c1 = (c + 1) * YCOLS < D->d ? (c + 1) * YCOLS : D->d;
-      y_chunk(L, T, out.ids, out.scores, y, c * YCOLS, c1);
-    }
-  }
-  L->retrieval_stats.bf16 += n_bf16;
-  L->retrieval_stats.fallback += n_fallback;
-  if (any_bad) return peer_cpu_fail_nonfinite_score(bad_token, bad_head);
+  const int64_t H = D->H, none = T * H;
+  /* Two pool calls (pool.h): phase B starts when every head is done, and
+   * neither waits for a thread that lost its core before taking an item. */
+  decode_job j = {L, T, x, y, out, w, none, 0, 0};
+  peer_parallel(P, H, head_item, &j);
+  L->retrieval_stats.bf16 += atomic_load(&j.n_bf16);
+  L->retrieval_stats.fallback += atomic_load(&j.n_fallback);
+  const int64_t first = atomic_load(&j.bad);
+  if (first < none) return peer_cpu_fail_nonfinite_score(first / H, (int)(first % H));
+  peer_parallel(P, (D->d + YCOLS - 1) / YCOLS, y_item, &j);
   return PEER_OK;
 }
 

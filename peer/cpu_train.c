@@ -10,8 +10,29 @@
  * contributions in entry order; rows are independent, so threads never share
  * an accumulator and the bits do not depend on the thread count. */
 #include "cpu.h"
+#include "pool.h"
 
-#include <omp.h>
+/* What a pass's items need (pool.h: each parallel loop's body is a function
+ * of an index range and the caller's slot); each pass fills what it uses. */
+typedef struct {
+  const peer_layer *L;
+  int64_t T;
+  peer_cpu_train_mem *m;
+  const float *x, *dy, *coef, *z_in;
+  float *dx, *z, *out, *gk;
+  peer_grads *gr;
+  const int64_t *ids;
+  int table;              /* a parameter slot */
+  int64_t col0, cols;     /* expert columns */
+  char *scratch;          /* per-slot scratch, `stride` bytes apart */
+  size_t stride;
+  const uint32_t *starts; /* run starts of m->key */
+  size_t runs;
+  bool shared_only;
+  const float *src; /* transpose: src [rows, cols2] into dst */
+  float *dst;
+  int64_t rows, cols2;
+} pass;
 
 static size_t ctx_layout(const peer_layer *L, int64_t T, int P, char *base, peer_cpu_train_mem *m) {
   const peer_dims *D = &L->dims;
@@ -56,7 +77,7 @@ static int threads_for(const peer_layer *L, const peer_context *c) {
 }
 
 static float *pack_of(const peer_cpu_train_mem *m) {
-  return (float *)(m->per_thread + (size_t)omp_get_thread_num() * m->per_thread_bytes);
+  return (float *)(m->per_thread + (size_t)peer_parallel_slot() * m->per_thread_bytes);
 }
 
 /* ------------------------------------------------------------ forward */
@@ -68,11 +89,14 @@ static float *pack_of(const peer_cpu_train_mem *m) {
 #define BN_BLOCK 32
 
 /* Batch statistics (two passes, token order), q normalised in place. */
-static void batch_norm_train(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, int P) {
-  const int64_t dq = L->dims.dq, nblk = (dq + BN_BLOCK - 1) / BN_BLOCK;
+static void batch_norm_blocks(void *job, int64_t b0, int64_t b1, int slot) {
+  const pass *ps = job;
+  const peer_layer *L = ps->L;
+  const int64_t T = ps->T, dq = L->dims.dq;
+  peer_cpu_train_mem *m = ps->m;
   const float *nw = L->slot[PEER_P_NORM_WEIGHT].data, *nb = L->slot[PEER_P_NORM_BIAS].data;
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t b = 0; b < nblk; b++) {
+  (void)slot;
+  for (int64_t b = b0; b < b1; b++) {
     const int64_t f0 = b * BN_BLOCK, nf = dq - f0 < BN_BLOCK ? dq - f0 : BN_BLOCK;
     float sum[BN_BLOCK] = {0}, ss[BN_BLOCK] = {0}, mean[BN_BLOCK], invstd[BN_BLOCK];
     for (int64_t t = 0; t < T; t++) {
@@ -101,6 +125,11 @@ static void batch_norm_train(const peer_layer *L, int64_t T, peer_cpu_train_mem 
       }
     }
   }
+}
+
+static void batch_norm_train(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, int P) {
+  const int64_t nblk = (L->dims.dq + BN_BLOCK - 1) / BN_BLOCK;
+  peer_parallel_ranges(P, nblk, 1, batch_norm_blocks, &(pass){.L = L, .T = T, .m = m});
 }
 
 /* After a successful batch: running = (1 - m) running + m batch, with the
@@ -150,18 +179,19 @@ peer_status peer_cpu_forward_train(peer_layer *L, peer_context *c, int64_t T, co
  * table in `slot` with rows of cols values: the unsharded apply_experts'
  * dots, restricted to columns.  Per-thread scratch (bf16: x split) at
  * scratch + thread * stride, at least cols floats. */
-static void expert_dots(const peer_layer *L, int slot, int64_t col0, int64_t cols, int64_t T,
-                        const float *x, const int64_t *ids, float *z, char *scratch, size_t stride,
-                        int P) {
-  const int64_t d = L->dims.d, hk = L->dims.H * L->dims.k;
+static void expert_dots_tokens(void *job, int64_t t0, int64_t t1, int slot) {
+  const pass *j = job;
+  const peer_layer *L = j->L;
+  const int64_t d = L->dims.d, hk = L->dims.H * L->dims.k, col0 = j->col0, cols = j->cols;
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const size_t row_bytes = (size_t)cols * (bf16 ? 2 : 4);
-  const char *table = L->slot[slot].data;
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t t = 0; t < T; t++) {
-    const float *xt = x + t * d + col0;
+  const char *table = L->slot[j->table].data;
+  const int64_t *ids = j->ids;
+  float *z = j->z;
+  for (int64_t t = t0; t < t1; t++) {
+    const float *xt = j->x + t * d + col0;
     if (bf16) {
-      float *xs = (float *)(scratch + (size_t)omp_get_thread_num() * stride);
+      float *xs = (float *)(j->scratch + (size_t)slot * j->stride);
       split_pairs(xt, cols, xs);
       xt = xs;
     }
@@ -173,20 +203,30 @@ static void expert_dots(const peer_layer *L, int slot, int64_t col0, int64_t col
   }
 }
 
+static void expert_dots(const peer_layer *L, int slot, int64_t col0, int64_t cols, int64_t T,
+                        const float *x, const int64_t *ids, float *z, char *scratch, size_t stride,
+                        int P) {
+  pass j = {.L = L, .table = slot, .col0 = col0, .cols = cols, .x = x, .ids = ids, .z = z,
+            .scratch = scratch, .stride = stride};
+  peer_parallel_ranges(P, T, 4, expert_dots_tokens, &j);
+}
+
 /* out[t, 0..cols) = sum over token t's entries e of c_e * v[ids[e]], v the
  * table in `slot` with rows of cols values, c_e = coef[e] * act(z[e]) (as
  * apply_experts weighs them) or, z NULL, coef[e].  Scratch as expert_dots. */
-static void expert_combine(const peer_layer *L, int slot, int64_t cols, int64_t T,
-                           const int64_t *ids, const float *coef, const float *z, float *out,
-                           char *scratch, size_t stride, int P) {
-  const int64_t hk = L->dims.H * L->dims.k;
+static void expert_combine_tokens(void *job, int64_t t0, int64_t t1, int slot) {
+  const pass *j = job;
+  const peer_layer *L = j->L;
+  const int64_t hk = L->dims.H * L->dims.k, cols = j->cols;
   const int act = (int)L->cfg.activation;
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const size_t row_bytes = (size_t)cols * (bf16 ? 2 : 4);
-  const char *table = L->slot[slot].data;
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t t = 0; t < T; t++) {
-    float *ot = bf16 ? (float *)(scratch + (size_t)omp_get_thread_num() * stride) : out + t * cols;
+  const char *table = L->slot[j->table].data;
+  const int64_t *ids = j->ids;
+  const float *coef = j->coef, *z = j->z_in;
+  float *out = j->out;
+  for (int64_t t = t0; t < t1; t++) {
+    float *ot = bf16 ? (float *)(j->scratch + (size_t)slot * j->stride) : out + t * cols;
     memset(ot, 0, (size_t)cols * sizeof(float));
     for (int64_t e = t * hk; e < (t + 1) * hk; e++) {
       const char *v = table + (size_t)ids[e] * row_bytes;
@@ -201,6 +241,14 @@ static void expert_combine(const peer_layer *L, int slot, int64_t cols, int64_t 
   }
 }
 
+static void expert_combine(const peer_layer *L, int slot, int64_t cols, int64_t T,
+                           const int64_t *ids, const float *coef, const float *z, float *out,
+                           char *scratch, size_t stride, int P) {
+  pass j = {.L = L, .table = slot, .cols = cols, .ids = ids, .coef = coef, .z_in = z,
+            .out = out, .scratch = scratch, .stride = stride};
+  peer_parallel_ranges(P, T, 4, expert_combine_tokens, &j);
+}
+
 /* ------------------------------------------ streamed gradient rows */
 
 /* The sparse expert gradient rows (512 KiB a token at the reference config,
@@ -208,7 +256,8 @@ static void expert_combine(const peer_layer *L, int slot, int64_t cols, int64_t 
  * by the backward, so they go out with non-temporal stores: no read for
  * ownership of the lines they overwrite whole, and they do not evict x, dy
  * and the context from the caches.  The stores are weakly ordered, so every
- * thread that streamed calls stream_fence() before the region's barrier. */
+ * item that streamed ends with stream_fence(), before it counts as done
+ * (pool.h: the caller reads what the items wrote once they are done). */
 #if defined(__SSE2__) && !defined(__AVX__)
 #include <emmintrin.h>
 #endif
@@ -291,9 +340,13 @@ static size_t run_starts(const uint32_t *key, size_t n, uint32_t *starts) {
  * column at a time reads a new cache line per element (a 1024-row column
  * spans 64 KiB), a tile reads and writes TR lines of TR floats each. */
 #define TR 16
-static void transpose(const float *src, int64_t rows, int64_t cols, float *dst, int P) {
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t c0 = 0; c0 < cols; c0 += TR) {
+static void transpose_tiles(void *job, int64_t b0, int64_t b1, int slot) {
+  const pass *j = job;
+  const float *src = j->src;
+  float *dst = j->dst;
+  const int64_t rows = j->rows, cols = j->cols2;
+  (void)slot;
+  for (int64_t c0 = b0 * TR; c0 < b1 * TR && c0 < cols; c0 += TR) {
     const int64_t c1 = cols - c0 < TR ? cols : c0 + TR;
     for (int64_t r0 = 0; r0 < rows; r0 += TR) {
       const int64_t r1 = rows - r0 < TR ? rows : r0 + TR;
@@ -301,6 +354,11 @@ static void transpose(const float *src, int64_t rows, int64_t cols, float *dst, 
         for (int64_t r = r0; r < r1; r++) dst[c * rows + r] = src[r * cols + c];
     }
   }
+}
+
+static void transpose(const float *src, int64_t rows, int64_t cols, float *dst, int P) {
+  pass j = {.src = src, .dst = dst, .rows = rows, .cols2 = cols};
+  peer_parallel_ranges(P, (cols + TR - 1) / TR, 1, transpose_tiles, &j);
 }
 
 /* Entry e's backward from vd = v_i . dy: d loss / d gate (into m->ds, turned
@@ -329,18 +387,23 @@ static void gates_backward(const peer_layer *L, int64_t t, peer_cpu_train_mem *m
  * gradient rows, streamed, while its token's x and dy are at hand: row
  * m->val2[e] of the list, or none (NO_ROW). */
 #define NO_ROW UINT32_MAX
-static void experts_backward(const peer_layer *L, int64_t T, const float *x, const float *dy,
-                             float *dx, peer_cpu_train_mem *m, peer_grads *rows, int P) {
+static void experts_backward_tokens(void *job, int64_t t0, int64_t t1, int slot) {
+  const pass *j = job;
+  const peer_layer *L = j->L;
+  const int64_t T = j->T;
+  const float *x = j->x, *dy = j->dy;
+  float *dx = j->dx;
+  peer_cpu_train_mem *m = j->m;
+  peer_grads *rows = j->gr;
   const peer_dims *D = &L->dims;
   const int64_t d = D->d, hk = D->H * D->k;
   const int act = (int)L->cfg.activation;
   const bool bf16 = L->cfg.weight_dtype == PEER_BF16;
   const void *down = L->slot[PEER_P_EXPERTS_DOWN].data, *up = L->slot[PEER_P_EXPERTS_UP].data;
   const size_t row_bytes = (size_t)d * (bf16 ? 2 : 4), ne = (size_t)(T * hk);
-#pragma omp parallel num_threads(P) if (T > 1)
+  (void)slot;
   {
-#pragma omp for schedule(dynamic, 4) nowait
-    for (int64_t t = 0; t < T; t++) {
+    for (int64_t t = t0; t < t1; t++) {
       const float *dyt = dy + t * d;
       float *dxt = dx ? dx + t * d : NULL;
       if (dxt) memset(dxt, 0, (size_t)d * sizeof(float));
@@ -371,30 +434,45 @@ static void experts_backward(const peer_layer *L, int64_t T, const float *x, con
       if (bf16 && dxt) unsplit_pairs(dxt, d);
       gates_backward(L, t, m);
     }
-    if (rows) stream_fence();
+    if (rows) stream_fence(); /* before the item counts as done (pool.h) */
   }
+}
+
+static void experts_backward(const peer_layer *L, int64_t T, const float *x, const float *dy,
+                             float *dx, peer_cpu_train_mem *m, peer_grads *rows, int P) {
+  pass j = {.L = L, .T = T, .x = x, .dy = dy, .dx = dx, .m = m, .gr = rows};
+  peer_parallel_ranges(T > 1 ? P : 1, T, 4, experts_backward_tokens, &j);
 }
 
 /* experts_backward's coefficients and gate backward from given vd (the
  * sharded layer's all-reduced partial dots), without the dx part. */
-static void entry_coefficients(const peer_layer *L, int64_t T, const float *vd,
-                               peer_cpu_train_mem *m, int P) {
-  const int64_t hk = L->dims.H * L->dims.k;
-  const int act = (int)L->cfg.activation;
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t t = 0; t < T; t++) {
-    for (int64_t e = t * hk; e < (t + 1) * hk; e++) entry_backward(act, m, e, vd[e]);
-    gates_backward(L, t, m);
+static void entry_coefficients_tokens(void *job, int64_t t0, int64_t t1, int slot) {
+  const pass *j = job;
+  const int64_t hk = j->L->dims.H * j->L->dims.k;
+  const int act = (int)j->L->cfg.activation;
+  (void)slot;
+  for (int64_t t = t0; t < t1; t++) {
+    for (int64_t e = t * hk; e < (t + 1) * hk; e++) entry_backward(act, j->m, e, j->coef[e]);
+    gates_backward(j->L, t, j->m);
   }
 }
 
+static void entry_coefficients(const peer_layer *L, int64_t T, const float *vd,
+                               peer_cpu_train_mem *m, int P) {
+  pass j = {.L = L, .m = m, .coef = vd};
+  peer_parallel_ranges(P, T, 16, entry_coefficients_tokens, &j);
+}
+
 /* d loss / d q: each kept score s1[a] + s2[b] sends ds * C1[a] and ds * C2[b]. */
-static void query_grad(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, int P) {
+static void query_grad_tokens(void *job, int64_t t0, int64_t t1, int slot) {
+  const pass *ps = job;
+  const peer_layer *L = ps->L;
+  peer_cpu_train_mem *m = ps->m;
   const peer_dims *D = &L->dims;
   const float *keys = L->slot[PEER_P_KEYS].data;
   const int64_t k = D->k, half = D->half, n = D->n;
-#pragma omp parallel for schedule(dynamic, 8) num_threads(P) if (T > 1)
-  for (int64_t t = 0; t < T; t++) {
+  (void)slot;
+  for (int64_t t = t0; t < t1; t++) {
     for (int64_t h = 0; h < D->H; h++) {
       int64_t g = L->cfg.shared_keys ? 0 : h;
       float *dq1 = m->dq + t * D->dq + h * D->dk, *dq2 = dq1 + half;
@@ -404,6 +482,29 @@ static void query_grad(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, in
         axpy_row_f32(m->ds[e], keys + ((g * 2 + 0) * n + a) * half, dq1, half);
         axpy_row_f32(m->ds[e], keys + ((g * 2 + 1) * n + b) * half, dq2, half);
       }
+    }
+  }
+}
+
+static void query_grad(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, int P) {
+  peer_parallel_ranges(T > 1 ? P : 1, T, 8, query_grad_tokens, &(pass){.L = L, .m = m});
+}
+
+/* Runs r0..r1 of the sorted sub-key contributions, each into its row. */
+static void keys_grad_runs(void *job, int64_t r0, int64_t r1, int slot) {
+  const pass *j = job;
+  const peer_dims *D = &j->L->dims;
+  const peer_cpu_train_mem *m = j->m;
+  const int64_t half = D->half, H = D->H, k = D->k;
+  const uint32_t *starts = j->starts;
+  (void)slot;
+  for (int64_t r = r0; r < r1; r++) {
+    float *row = j->gk + (size_t)m->key[starts[r]] * (size_t)half;
+    for (uint32_t i = starts[r]; i < starts[r + 1]; i++) {
+      size_t e = m->val[i] / 2, p = m->val[i] % 2;
+      size_t t = e / (size_t)(H * k), h = (e / (size_t)k) % (size_t)H;
+      axpy_row_f32(m->ds[e], m->q + t * (size_t)D->dq + h * (size_t)D->dk + p * (size_t)half, row,
+                   half);
     }
   }
 }
@@ -425,26 +526,21 @@ static void keys_grad(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, flo
   radix_sort(m->key, m->val, m->key2, m->val2, 2 * ne, (uint32_t)(D->G * 2 * n - 1));
   uint32_t *starts = m->key2; /* free again after the sort */
   size_t runs = run_starts(m->key, 2 * ne, starts);
-#pragma omp parallel for schedule(dynamic, 64) num_threads(P)
-  for (size_t r = 0; r < runs; r++) {
-    float *row = gk + (size_t)m->key[starts[r]] * (size_t)half;
-    for (uint32_t i = starts[r]; i < starts[r + 1]; i++) {
-      size_t e = m->val[i] / 2, p = m->val[i] % 2;
-      size_t t = e / (size_t)(H * k), h = (e / (size_t)k) % (size_t)H;
-      axpy_row_f32(m->ds[e], m->q + t * (size_t)D->dq + h * (size_t)D->dk + p * (size_t)half, row,
-                   half);
-    }
-  }
+  pass j = {.L = L, .m = m, .gk = gk, .starts = starts};
+  peer_parallel_ranges(P, (int64_t)runs, 64, keys_grad_runs, &j);
 }
 
 /* Through batch norm (batch statistics): dq becomes d loss / d (Wq x + b).
  * Blocks of features, tokens in memory order, as batch_norm_train. */
-static void norm_backward(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, peer_grads *gr,
-                          int P) {
-  const int64_t dq = L->dims.dq, nblk = (dq + BN_BLOCK - 1) / BN_BLOCK;
+static void norm_backward_blocks(void *job, int64_t b0, int64_t b1, int slot) {
+  const pass *ps = job;
+  const peer_layer *L = ps->L;
+  peer_cpu_train_mem *m = ps->m;
+  peer_grads *gr = ps->gr;
+  const int64_t T = ps->T, dq = L->dims.dq;
   const float *nw = L->slot[PEER_P_NORM_WEIGHT].data;
-#pragma omp parallel for schedule(static) num_threads(P)
-  for (int64_t b = 0; b < nblk; b++) {
+  (void)slot;
+  for (int64_t b = b0; b < b1; b++) {
     const int64_t f0 = b * BN_BLOCK, nf = dq - f0 < BN_BLOCK ? dq - f0 : BN_BLOCK;
     float dw[BN_BLOCK] = {0}, db[BN_BLOCK] = {0}, s1[BN_BLOCK] = {0}, s2[BN_BLOCK] = {0};
     for (int64_t t = 0; t < T; t++) {
@@ -473,39 +569,67 @@ static void norm_backward(const peer_layer *L, int64_t T, peer_cpu_train_mem *m,
   }
 }
 
+static void norm_backward(const peer_layer *L, int64_t T, peer_cpu_train_mem *m, peer_grads *gr,
+                          int P) {
+  const int64_t nblk = (L->dims.dq + BN_BLOCK - 1) / BN_BLOCK;
+  peer_parallel_ranges(P, nblk, 1, norm_backward_blocks,
+                       &(pass){.L = L, .T = T, .m = m, .gr = gr});
+}
+
+/* The query bias gradient: column sums of dq, features f0..f1. */
+static void query_bias_features(void *job, int64_t f0, int64_t f1, int slot) {
+  const pass *j = job;
+  const int64_t dq = j->L->dims.dq, T = j->T;
+  (void)slot;
+  for (int64_t f = f0; f < f1; f++) {
+    float s = 0.0f;
+    for (int64_t t = 0; t < T; t++) s += j->m->dq[t * dq + f];
+    j->gr->query_bias[f] = s;
+  }
+}
+
+/* dWq's rows of blocks b0..b1 of TB query features. */
+static void query_weight_blocks(void *job, int64_t b0, int64_t b1, int slot) {
+  const pass *j = job;
+  const int64_t dq = j->L->dims.dq, d = j->L->dims.d, T = j->T;
+  const peer_cpu_train_mem *m = j->m;
+  (void)slot;
+  for (int64_t j0 = b0 * TB; j0 < b1 * TB && j0 < dq; j0 += TB) {
+    int64_t nj = dq - j0 < TB ? dq - j0 : TB;
+    peer_cpu_gemm_nt(nj, d, T, m->dqT + j0 * T, T, m->xT, T, j->gr->query_weight + j0 * d, d,
+                     pack_of(m));
+  }
+}
+
+/* dx += dq Wq for blocks b0..b1 of TB tokens. */
+static void dx_query_blocks(void *job, int64_t b0, int64_t b1, int slot) {
+  const pass *j = job;
+  const int64_t dq = j->L->dims.dq, d = j->L->dims.d, T = j->T;
+  const peer_cpu_train_mem *m = j->m;
+  (void)slot;
+  for (int64_t t0 = b0 * TB; t0 < b1 * TB && t0 < T; t0 += TB) {
+    int64_t nt = T - t0 < TB ? T - t0 : TB;
+    peer_cpu_gemm_nt(nt, d, dq, m->dq + t0 * dq, dq, m->WqT, dq, m->tmp + t0 * d, d, pack_of(m));
+    for (int64_t t = t0; t < t0 + nt; t++)
+      for (int64_t i = 0; i < d; i++) j->dx[t * d + i] += m->tmp[t * d + i];
+  }
+}
+
 /* Query projection: dWq = dq^T X, db = column sums, dx += dq Wq. */
 static void projection_backward(const peer_layer *L, int64_t T, const float *x, float *dx,
                                 peer_cpu_train_mem *m, peer_grads *gr, int P) {
   const peer_dims *D = &L->dims;
   const int64_t dq = D->dq, d = D->d;
-  if (gr->query_bias) {
-#pragma omp parallel for schedule(static) num_threads(P)
-    for (int64_t f = 0; f < dq; f++) {
-      float s = 0.0f;
-      for (int64_t t = 0; t < T; t++) s += m->dq[t * dq + f];
-      gr->query_bias[f] = s;
-    }
-  }
+  pass j = {.L = L, .T = T, .m = m, .x = x, .dx = dx, .gr = gr};
+  if (gr->query_bias) peer_parallel_ranges(P, dq, 64, query_bias_features, &j);
   if (gr->query_weight) {
     transpose(m->dq, T, dq, m->dqT, P);
     transpose(x, T, d, m->xT, P);
-#pragma omp parallel for schedule(dynamic) num_threads(P)
-    for (int64_t j0 = 0; j0 < dq; j0 += TB) {
-      int64_t nj = dq - j0 < TB ? dq - j0 : TB;
-      peer_cpu_gemm_nt(nj, d, T, m->dqT + j0 * T, T, m->xT, T, gr->query_weight + j0 * d, d,
-                       pack_of(m));
-    }
+    peer_parallel_ranges(P, (dq + TB - 1) / TB, 1, query_weight_blocks, &j);
   }
   if (dx) {
     transpose(L->slot[PEER_P_QUERY_WEIGHT].data, dq, d, m->WqT, P);
-#pragma omp parallel for schedule(dynamic) num_threads(P) if (T > TB)
-    for (int64_t t0 = 0; t0 < T; t0 += TB) {
-      int64_t nt = T - t0 < TB ? T - t0 : TB;
-      peer_cpu_gemm_nt(nt, d, dq, m->dq + t0 * dq, dq, m->WqT, dq, m->tmp + t0 * d, d,
-                       pack_of(m));
-      for (int64_t t = t0; t < t0 + nt; t++)
-        for (int64_t i = 0; i < d; i++) dx[t * d + i] += m->tmp[t * d + i];
-    }
+    peer_parallel_ranges(T > TB ? P : 1, (T + TB - 1) / TB, 1, dx_query_blocks, &j);
   }
 }
 
@@ -539,15 +663,18 @@ static size_t sort_expert_entries(const peer_layer *L, int64_t T, peer_cpu_train
  * c_down x and c_up dy in entry order, in a buffer that then goes to the
  * list (streamed) or is added to the dense row.  shared_only: only the ids
  * that several entries used (experts_backward wrote the others). */
-static void sum_expert_rows(const peer_layer *L, size_t runs, const float *x, const float *dy,
-                        int64_t col0, int64_t cols, peer_cpu_train_mem *m, peer_grads *gr,
-                        bool shared_only, int P) {
-  const int64_t d = L->dims.d, c = cols, hk = L->dims.H * L->dims.k;
+static void expert_row_runs(void *job, int64_t r0, int64_t r1, int slot) {
+  const pass *j = job;
+  const peer_layer *L = j->L;
+  const int64_t d = L->dims.d, c = j->cols, hk = L->dims.H * L->dims.k, col0 = j->col0;
+  peer_cpu_train_mem *m = j->m;
+  peer_grads *gr = j->gr;
+  const float *x = j->x, *dy = j->dy;
+  const bool shared_only = j->shared_only;
   const uint32_t *starts = m->key2;
-#pragma omp parallel num_threads(P)
+  (void)slot;
   {
-#pragma omp for schedule(dynamic, 16) nowait
-    for (size_t r = 0; r < runs; r++) {
+    for (size_t r = (size_t)r0; r < (size_t)r1; r++) {
       if (shared_only && starts[r + 1] - starts[r] == 1) continue;
       int64_t id = m->key[starts[r]];
       float *acc_d = pack_of(m), *acc_u = acc_d + c; /* kmax * TB >= 2d floats */
@@ -567,8 +694,16 @@ static void sum_expert_rows(const peer_layer *L, size_t runs, const float *x, co
         stream_row(acc_u, gr->experts_up + r * (size_t)c, c);
       }
     }
-    if (!gr->experts_dense) stream_fence();
+    if (!gr->experts_dense) stream_fence(); /* before the item counts as done (pool.h) */
   }
+}
+
+static void sum_expert_rows(const peer_layer *L, size_t runs, const float *x, const float *dy,
+                            int64_t col0, int64_t cols, peer_cpu_train_mem *m, peer_grads *gr,
+                            bool shared_only, int P) {
+  pass j = {.L = L, .m = m, .x = x, .dy = dy, .col0 = col0, .cols = cols, .gr = gr,
+            .shared_only = shared_only};
+  peer_parallel_ranges(P, (int64_t)runs, 16, expert_row_runs, &j);
 }
 
 /* Expert gradient rows over columns [col0, col0 + cols) (the sharded

@@ -6,22 +6,23 @@
  * items from `next`, whose high bits hold the generation's tag, so a worker
  * that read an old call's job and lost its core before claiming can never
  * claim an item of a newer call (compare-and-swap on tag and index together;
- * the tag wraps after 2^24 calls, far more than a descheduled thread sleeps
- * through).  The caller returns when `done` reaches n: every claimed item has
+ * the tag wraps after 2^32 calls: a worker would have to sleep through four
+ * billion calls between reading a job and claiming from it).  The caller returns when `done` reaches n: every claimed item has
  * finished, and no other thread will touch the call's ctx again. */
 #define _GNU_SOURCE
 #include "pool.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
 #define MAX_WORKERS 255
-#define ITEM_BITS 40
+#define ITEM_BITS 32
 #define ITEM_MASK ((UINT64_C(1) << ITEM_BITS) - 1)
 #define TAG_MASK ((UINT64_C(1) << (64 - ITEM_BITS)) - 1)
-#define SPINS 4000 /* the caller's polls of `done` before it sleeps (a few us) */
+#define SPINS 200 /* the caller's polls of `done` before it sleeps (3-30 us) */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
@@ -95,14 +96,15 @@ static int64_t take(_Atomic uint64_t *c, uint64_t tag, int64_t limit) {
   }
 }
 
-/* Run the generation's items until none is left; the items this thread ran. */
-static int64_t run_items(uint64_t tag, peer_item_fn fn, void *ctx, int64_t n, int slot) {
+/* Run the generation's items until none is left.  A worker's items are
+ * counted before they count as done, so the caller sees them on return. */
+static void run_items(uint64_t tag, peer_item_fn fn, void *ctx, int64_t n, int slot) {
   int saved = my_slot;
   my_slot = slot;
-  int64_t mine = 0, i;
+  int64_t i;
   while ((i = take(&pool.next, tag, n)) >= 0) {
     fn(ctx, i, slot);
-    mine++;
+    if (slot != 0) atomic_fetch_add_explicit(&pool.worker_items, 1, memory_order_relaxed);
     if (atomic_fetch_add_explicit(&pool.done, 1, memory_order_acq_rel) + 1 == n && slot != 0) {
       pthread_mutex_lock(&pool.mu); /* the caller may be asleep: wake it */
       if (pool.waiting) pthread_cond_signal(&pool.all_done);
@@ -110,7 +112,6 @@ static int64_t run_items(uint64_t tag, peer_item_fn fn, void *ctx, int64_t n, in
     }
   }
   my_slot = saved;
-  return mine;
 }
 
 static void *worker(void *arg) {
@@ -130,10 +131,7 @@ static void *worker(void *arg) {
     pthread_mutex_unlock(&pool.mu);
     wait_if_held();
     int64_t slot = take(&pool.joined, tag, P);
-    if (slot > 0) {
-      int64_t mine = run_items(tag, fn, ctx, n, (int)slot);
-      atomic_fetch_add_explicit(&pool.worker_items, mine, memory_order_relaxed);
-    }
+    if (slot > 0) run_items(tag, fn, ctx, n, (int)slot);
     pthread_mutex_lock(&pool.mu);
   }
   pthread_mutex_unlock(&pool.mu);
@@ -172,19 +170,26 @@ __attribute__((destructor)) static void stop_workers(void) {
 /* Under pool.mu: start workers until `want` exist (fewer if the system
  * refuses threads: the call then runs with those it has). */
 static void start_workers(int want) {
+  if (pool.stop) return; /* after the destructor: callers run their items alone */
   pthread_once(&atfork_once, register_atfork);
+  /* Workers take no signals (the application's handlers stay on its own
+   * threads); they inherit the first caller's CPU affinity. */
+  sigset_t all, saved;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &saved);
   while (pool.n_workers < want) {
     int i = pool.n_workers;
     pool.start_gen[i] = pool.gen;
     pthread_attr_t attr;
-    if (pthread_attr_init(&attr)) return;
+    if (pthread_attr_init(&attr)) break;
     pthread_attr_setstacksize(&attr, (size_t)8 << 20);
     int err = pthread_create(&pool.thread[i], &attr, worker, (void *)(intptr_t)(i + 1));
     pthread_attr_destroy(&attr);
-    if (err) return;
+    if (err) break;
     pthread_setname_np(pool.thread[i], "peer-pool"); /* for top, perf and the tests */
     pool.n_workers++;
   }
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
 }
 
 void peer_parallel(int P, int64_t n, peer_item_fn fn, void *ctx) {

@@ -13,14 +13,19 @@
  * needs).
  *
  * slot identifies the participant for per-thread scratch: 0 is the caller,
- * workers take 1 .. P - 1; two items running at once never share a slot.
+ * workers take 1 .. P - 1; two items of one call running at once never share
+ * a slot.  (Items of different calls may: an inline call, below, uses its
+ * thread's slot, so scratch must belong to the call's ctx, as the CPU
+ * backend's per-layer workspaces do.)
  * Which thread runs which item is not fixed, so fn must give results that do
  * not depend on it (the CPU backend's loops write disjoint outputs and sum
  * integer counts).  A call made while the pool runs another (from inside an
  * item, or from another application thread) runs all its items on the calling
  * thread, with that thread's own slot (peer_parallel_slot).  The pool never
  * fails: when a worker cannot be started the caller runs the items itself.
- * It survives fork() (the child starts new workers when it needs them). */
+ * It survives fork() (the child starts new workers when it needs them), but
+ * not a fork() from inside an item (the child would wait for items the
+ * parent's workers hold).  Workers block all signals. */
 #ifndef PEER_POOL_H
 #define PEER_POOL_H
 

@@ -3,7 +3,8 @@
  * items, workers do join, a call never waits for a worker that has not
  * arrived (one held back, as a descheduled one), late workers of an old call
  * claim nothing of a newer one, nested and concurrent calls run on their own
- * thread, and the pool works again after fork(). */
+ * thread, and the pool works again after fork(); and layers called from
+ * inside an application's own OpenMP region give the serial results. */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
 
@@ -17,7 +18,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "peer.h"
 #include "pool.h"
+
+#include <omp.h>
 
 #define MAXN 4096
 #define MAXP 8
@@ -212,4 +216,43 @@ Test(pool, idle_workers_sleep) {
     pool_threads(&count, &awake);
   }
   cr_assert_eq(awake, 0, "%d idle worker(s) still running 1 s after the call", awake);
+}
+
+/* An application that runs its own OpenMP region and calls its own layer on
+ * each thread (2 library threads each): every forward gives the serial bits.
+ * Per-thread scratch once took OpenMP's thread number there, which is the
+ * application's and not the pool's slot (wrong results, writes past the
+ * workspace with 8 application threads). */
+Test(pool, layers_inside_an_application_openmp_region) {
+  enum { T = 64, D = 64, APP = 6 };
+  peer_config cfg;
+  peer_config_default(&cfg);
+  cr_assert_eq(peer_config_parse(&cfg, "d_model=64,n_heads=2,d_key=32,n_subkeys=64,top_k=8"), PEER_OK);
+  peer_options opt;
+  peer_options_default(&opt);
+  opt.n_threads = 2;
+  static float x[T * D], ref[T * D];
+  for (int i = 0; i < T * D; i++) x[i] = (float)((i * 7919) % 1000) / 500.0f - 1.0f;
+  peer_layer *L0;
+  cr_assert_eq(peer_layer_create(&L0, &cfg, &opt), PEER_OK);
+  cr_assert_eq(peer_layer_init(L0, 1), PEER_OK);
+  cr_assert_eq(peer_forward(L0, T, x, ref, NULL, NULL), PEER_OK);
+  peer_layer_free(L0);
+  int diff = 0, failed = 0;
+#pragma omp parallel num_threads(APP) reduction(+ : diff, failed)
+  {
+    peer_layer *L = NULL;
+    static _Thread_local float y[T * D];
+    if (peer_layer_create(&L, &cfg, &opt) || peer_layer_init(L, 1)) {
+      failed++;
+    } else {
+      for (int r = 0; r < 60; r++) {
+        failed += peer_forward(L, T, x, y, NULL, NULL) != PEER_OK;
+        diff += memcmp(y, ref, sizeof y) != 0;
+      }
+    }
+    peer_layer_free(L);
+  }
+  cr_assert_eq(failed, 0);
+  cr_assert_eq(diff, 0, "%d of %d forwards differ from the serial result", diff, APP * 60);
 }
