@@ -47,7 +47,7 @@ static size_t dev_layout(const peer_layer *L, int64_t T, char *base, dev_ws *w) 
       {(void **)&w->q, t * (size_t)D->dq * 4},
       {(void **)&w->S, t * (size_t)(D->H * 2 * D->n) * 4},
       {(void **)&w->q16, t * (size_t)D->dq * 2},
-      {(void **)&w->coef, t * (size_t)(D->H * 2 * 4) * 4},
+      {(void **)&w->coef, t * (size_t)(D->H * 2 * PEER_K_BF16_COEFS) * 4},
       {(void **)&w->list_s, lists * 4},
       {(void **)&w->list_id, lists * 8},
       {(void **)&w->ids, thk * 8},
@@ -145,11 +145,21 @@ peer_status peer_cb_retrieval_stats(const peer_layer *L, peer_retrieval_stats *o
 }
 
 /* The bf16 copy of the keys, remade when a call that may write the keys
- * has entered the layer since (keys_gen), or for every call while the keys
- * are exposed (peer_layer_param: the caller may write them at any time). */
-static peer_status keys16_fresh(peer_layer *L, cudaStream_t stream) {
+ * has entered the layer since (keys_gen), for every call while the keys
+ * are exposed (peer_layer_param: the caller may write them at any time),
+ * and for every call whose stream (`caller`: the caller's, which a chunked
+ * forward forks from) is being captured into a graph (each launch of the
+ * graph must refresh it: it may follow an optimizer step or a load), but
+ * not again within a chunked forward (keys16_held).  Queued on `stream`. */
+static peer_status keys16_fresh(peer_layer *L, cudaStream_t stream, cudaStream_t caller) {
   cuda_state *st = state_of(L);
-  if (st->keys16_made && st->keys16_gen == L->keys_gen && !L->keys_exposed) return PEER_OK;
+  if (st->keys16_held) return PEER_OK;
+  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cudaError_t e = cudaStreamIsCapturing(caller, &capture);
+  if (e != cudaSuccess) return peer_k_cuda_fail(e, "forward: cudaStreamIsCapturing");
+  if (capture == cudaStreamCaptureStatusNone && st->keys16_made &&
+      st->keys16_gen == L->keys_gen && !L->keys_exposed)
+    return PEER_OK;
   const peer_dims *D = &L->dims;
   peer_status s = peer_k_keys16(L->slot[PEER_P_KEYS].data, D->G * 2 * D->n, D->half, st->keys16,
                                 st->norms16, stream);
@@ -169,7 +179,7 @@ static peer_status bf16_scores(peer_layer *L, int64_t T, const float *q, const d
   const peer_dims *D = &L->dims;
   const float one = 1.0f, zero = 0.0f;
   peer_status s;
-  if ((s = keys16_fresh(L, stream)) ||
+  if ((s = keys16_fresh(L, stream, stream)) ||
       (s = peer_k_query16(q, T, D->H, D->dk, D->half, peer_k_bf16_gamma(D->half), w->q16, w->coef,
                           stream)))
     return s;
@@ -315,6 +325,8 @@ static peer_status run_chunks(peer_layer *L, int64_t T, int64_t C, const float *
   cuda_state *st = state_of(L);
   const int64_t hk = L->dims.H * L->dims.k;
   peer_status s = record_wait(st->ev_fork, stream, st->side);
+  if (!s && peer_cb_bf16_scores(L) && !(s = keys16_fresh(L, st->side, stream)))
+    st->keys16_held = true;
   for (int64_t c = 0; c < C && !s; c++) {
     const int64_t t0 = T * c / C, t1 = T * (c + 1) / C;
     s = run_retrieval(L, t1 - t0, d_x + t0 * L->dims.d, ids + t0 * hk, w->scores + t0 * hk,
@@ -323,6 +335,7 @@ static peer_status run_chunks(peer_layer *L, int64_t T, int64_t C, const float *
     if (!s) s = j;
     if (!s) s = chunk_experts(L, t0, t1, d_x, d_y, ids, gates, stream);
   }
+  st->keys16_held = false;
   return s;
 }
 

@@ -47,12 +47,14 @@ typedef struct cuda_state {
    * sub-key scores"), NULL where the layer is not eligible: the keys in
    * bf16 [G, 2, n, d_key/2] and their norms [3][G*2*n], made from the keys
    * at keys_gen == keys16_gen (remade for every call while the keys are
-   * exposed); fallbacks: device count of rows the first pass could not
-   * bound (peer_cb_retrieval_stats); bf16_rows: rows sent through it. */
+   * exposed; keys16_held: made for the chunked forward in progress, once
+   * for all its chunks); fallbacks: device count of rows the first pass
+   * could not bound (peer_cb_retrieval_stats); bf16_rows: rows sent
+   * through it. */
   uint16_t *keys16;
   float *norms16;
   uint64_t keys16_gen;
-  bool keys16_made, f32_scores;
+  bool keys16_made, keys16_held, f32_scores;
   unsigned long long *fallbacks;
   int64_t bf16_rows;
   /* The chunked forward (backend.c, run_forward): retrieval on `side`,

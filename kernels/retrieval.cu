@@ -293,6 +293,7 @@ __global__ void keys16_kernel(const float *__restrict__ keys, int64_t rows, int6
     float nr[3];
     to_bf16_row(keys + r * m, k16 + r * m, m, lane, nr);
     if (lane == 0) {
+      PEER_K_COUNT(keys16_rows, 1);
       norms[r] = nr[1];            /* |c'| */
       norms[rows + r] = nr[2];     /* |dc| */
       norms[2 * rows + r] = nr[0]; /* |c| */
@@ -316,7 +317,11 @@ __global__ void query16_kernel(const float *__restrict__ q, int64_t rows, int64_
     const int64_t at = t * dq + h * dk + p * m;
     float nr[3];
     to_bf16_row(q + at, q16 + at, m, lane, nr);
-    if (lane == 0) peer_bf16_bound_coefs(nr[0], nr[1], nr[2], m, g, coef + r * 4);
+    if (lane == 0) {
+      float *c = coef + r * PEER_K_BF16_COEFS;
+      peer_bf16_bound_coefs(nr[0], nr[1], nr[2], m, g, c);
+      c[4] = peer_bf16_chain_coef(nr[0], g);
+    }
   }
 }
 
@@ -408,12 +413,13 @@ __global__ void subkey_topk_bf16_kernel(const float *__restrict__ S16, const flo
     const int64_t t = row / (2 * H), h = (row >> 1) % H, p = row & 1;
     const int64_t set = (shared_keys ? 0 : h) * 2 + p;
     const float *s = S16 + row * n, *C = keys_f32 + set * n * m;
-    const bf16_bound e = {coef[row * 4],     coef[row * 4 + 1],       coef[row * 4 + 2],
-                          coef[row * 4 + 3], norms + set * n,         norms + (sets + set) * n,
+    const float *cr = coef + row * PEER_K_BF16_COEFS;
+    const bf16_bound e = {cr[0], cr[1], cr[2], cr[3], norms + set * n, norms + (sets + set) * n,
                           norms + (2 * sets + set) * n};
+    const float chain = cr[4];
     for (int64_t i = lane; i < m; i += 32) qs[i] = q[t * dq + h * dk + p * m + i];
     /* pass 1: tau, the exact k'-th largest lower end (a non-finite bracket
-     * anywhere sends the row to the fallback) */
+     * or a chain that may overflow anywhere sends the row to the fallback) */
     int count = 0, odd = 0;
     uint64_t threshold = 0;
     for (int64_t base = 0; base < n; base += 32) {
@@ -421,7 +427,7 @@ __global__ void subkey_topk_bf16_kernel(const float *__restrict__ S16, const flo
       uint64_t key = 0;
       if (i < n) {
         const float w = e.at(i), lo = s[i] - w, hi = s[i] + w;
-        odd |= !isfinite(lo) || !isfinite(hi);
+        odd |= !isfinite(lo) || !isfinite(hi) || !isfinite(chain * e.nc[i]);
         key = peer_order_key(lo, i);
       }
       topk_offer(key, keys, count, threshold, kp, buffer, lane);

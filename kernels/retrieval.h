@@ -52,8 +52,10 @@ peer_status peer_k_subkey_topk(const float *S, int64_t rows, int64_t n, int64_t 
  * |x| < 2^-126 flushed) into k16 [rows, m], and norms [3][rows]: |c'|,
  * |c - c'|, |c| rounded up.  peer_k_query16: the same for every query half
  * of q [T, H*dk] (m = dk/2) into q16 (q's layout), and per row
- * (t*H + h)*2 + half the bound's coefficients coef [rows][4]
- * (peer_bf16_bound_coefs, g = peer_k_bf16_gamma(m)). */
+ * (t*H + h)*2 + half the bound's coefficients coef [rows][PEER_K_BF16_COEFS]
+ * (peer_bf16_bound_coefs, g = peer_k_bf16_gamma(m), then
+ * peer_bf16_chain_coef). */
+#define PEER_K_BF16_COEFS 5
 peer_status peer_k_keys16(const float *keys, int64_t rows, int64_t m, uint16_t *k16, float *norms,
                           cudaStream_t stream);
 peer_status peer_k_query16(const float *q, int64_t T, int64_t H, int64_t dk, int64_t m, float g,
@@ -67,8 +69,9 @@ size_t peer_k_topk_bf16_warp_smem(int64_t kp, int64_t m);
  * row the kp best exact scores (one FMA chain in component order per key,
  * the CPU f32 path's bits) of q [T, H*dk] against keys [G, 2, n, dk/2],
  * re-scoring only the keys whose bracket S16 -+ e (norms, coef as above)
- * can reach the kp-th largest lower end; a row whose bracket is not finite
- * or keeps more than 2kp + 64 keys re-scores all n and adds 1 to
+ * can reach the kp-th largest lower end; a row whose bracket is not finite,
+ * whose chain may overflow for some key (peer_bf16_chain_coef) or which
+ * keeps more than 2kp + 64 keys re-scores all n and adds 1 to
  * *fallbacks.  dk/2 % 4 == 0. */
 peer_status peer_k_subkey_topk_bf16(const float *S16, const float *q, const float *keys,
                                     const float *norms, const float *coef, int64_t T, int64_t H,

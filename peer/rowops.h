@@ -260,4 +260,15 @@ PEER_HD void peer_bf16_bound_coefs(float nq, float nq1, float ndq, int64_t m, fl
   coef[3] = (mf * 0x1p-124f + mf * 0x1p-126f * nq) * infl;
 }
 
+/* The f32 path's FMA chain over a query half of norm nq (rounded up) and a
+ * key of norm nc cannot overflow where fl(peer_bf16_chain_coef(nq, g) * nc)
+ * is finite: every partial sum is at most (1 + g) sum |q_i c_i| <=
+ * (1 + g) nq nc in magnitude (g as above), and the product is inflated by
+ * 2^-16 for its roundings.  A key whose chain may overflow can have a finite
+ * exact score and a finite, low bf16 bracket while the chain, which the
+ * f32 path reports, is not finite: such a row is re-scored in full. */
+PEER_HD float peer_bf16_chain_coef(float nq, float g) {
+  return nq * (1.0f + g) * (1.0f + 0x1p-16f);
+}
+
 #endif

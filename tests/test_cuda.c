@@ -476,6 +476,58 @@ Test(cuda_bf16, all_keys_tied_take_the_fallback) {
   peer_layer_free(G);
 }
 
+/* Key 0 of half 0 has a finite exact score (0) whose f32 FMA chain
+ * overflows on the way (partial sums past FLT_MAX), while its bf16 score is
+ * finite and its bracket lies far below the other keys' scores (2^118): the
+ * f32 path and brute force report PEER_ERR_NONFINITE, and so must the bf16
+ * path, which would otherwise never re-score the key.  Signs [+ + + + - - -
+ * -] (overflow at the 4th term) and [+ + + - - - + -] at 1.375 (at the 3rd
+ * term; pairwise, as a dot-product instruction adds, the sums stay small). */
+Test(cuda_bf16, an_overflowing_chain_is_nonfinite) {
+  static const char *const configs[] = {
+      "n_heads=1,d_key=16,n_subkeys=16,top_k=2,subkey_top_k=2",
+      "n_heads=1,d_key=16,n_subkeys=64,top_k=2,subkey_top_k=2",
+  };
+  static const float sign[2][8] = {{1, 1, 1, 1, -1, -1, -1, -1}, {1, 1, 1, -1, -1, -1, 1, -1}};
+  ref_rng rng = {ref_test_seed()};
+  for (int c = 0; c < 2; c++)
+    for (int pat = 0; pat < 2; pat++) {
+      peer_layer *C = identity_layer(configs[c], &rng);
+      const int64_t n = peer_layer_config(C)->n_subkeys, m = 8;
+      float *K = keys_of(C);
+      for (int64_t i = 0; i < m; i++) K[i] = sign[pat][i] * (pat ? 0x1.6p63f : 0x1p63f);
+      for (int64_t a = 1; a < n; a++)
+        for (int64_t i = 0; i < m; i++) K[a * m + i] = 0x1p52f * (1.0f + (float)a / 64.0f);
+      float x[16];
+      for (int i = 0; i < 8; i++) x[i] = 0x1p63f, x[8 + i] = 1.0f;
+      peer_layer *G = cuda_reloaded(C);
+      cr_assert(peer_cb_bf16_scores(G));
+      const peer_config *cf = peer_layer_config(C);
+      outs o = outs_new(1, cf);
+      const struct {
+        peer_layer *L;
+        bool brute;
+        const char *name;
+      } runs[] = {{C, false, "cpu"}, {C, true, "cpu brute"}, {G, true, "gpu brute"},
+                  {G, false, "gpu"}};
+      for (int r = 0; r < 4; r++) {
+        for (int64_t e = 0; e < cf->top_k; e++) o.ids[e] = -7;
+        const peer_status st = runs[r].brute
+                                   ? peer_retrieve_brute(runs[r].L, 1, x, o.ids, o.sc, o.g)
+                                   : peer_retrieve(runs[r].L, 1, x, o.ids, o.sc, o.g);
+        cr_assert_eq(st, PEER_ERR_NONFINITE, "%s, signs %d, %s: status %d, ids %lld %lld",
+                     configs[c], pat, runs[r].name, st, (long long)o.ids[0],
+                     (long long)o.ids[1]);
+        for (int64_t e = 0; e < cf->top_k; e++)
+          cr_assert(o.ids[e] >= 0 && o.ids[e] < n * n, "%s: id %lld", runs[r].name,
+                    (long long)o.ids[e]);
+      }
+      outs_free(&o);
+      peer_layer_free(C);
+      peer_layer_free(G);
+    }
+}
+
 /* The bf16 copy of the keys follows them: keys rewritten by a call that may
  * write them (peer_layer_init: keys_gen), and keys exposed and written in
  * place (remade for every call). */
@@ -2601,6 +2653,85 @@ Test(emu, steady_loop_never_syncs_or_allocates) {
   cudaStreamDestroy(st);
   dev_step_free(&s);
   free(x), free(dy);
+  free_pair(&p);
+}
+
+/* The bf16 copy of the keys (keys16) is made once per forward, not once
+ * per chunk, while the keys are exposed (remade for every call), and not at
+ * all while they are unchanged and not exposed.  Counted in key rows. */
+Test(emu, keys16_once_per_forward) {
+  pair p = make_pair(SMALL);
+  cr_assert_eq(peer_layer_init(p.gpu, 5), PEER_OK, "%s", peer_last_error());
+  cr_assert(peer_cb_bf16_scores(p.gpu));
+  const int64_t T = 37, d = p.cfg.d_model, rows = p.cfg.n_heads * 2 * p.cfg.n_subkeys;
+  ref_rng rng = {6};
+  float *x = ref_random_x(&rng, T, d), *y = malloc((size_t)(T * d) * 4);
+  const int chunks[] = {1, 3, 5};
+  for (int exposed = 0; exposed < 2; exposed++) {
+    if (exposed) {
+      peer_tensor k;
+      cr_assert_eq(peer_layer_param_by_name(p.gpu, "keys", &k), PEER_OK);
+    }
+    for (size_t c = 0; c < sizeof chunks / sizeof chunks[0]; c++) {
+      /* set_chunks may write the keys, as far as the layer knows */
+      cr_assert_eq(peer_cuda_set_chunks(p.gpu, chunks[c]), PEER_OK);
+      cr_assert_eq(peer_forward(p.gpu, T, x, y, NULL, NULL), PEER_OK, "%s", peer_last_error());
+      peer_emu_counts before, after;
+      peer_emu_get_counts(&before);
+      cr_assert_eq(peer_forward(p.gpu, T, x, y, NULL, NULL), PEER_OK, "%s", peer_last_error());
+      peer_emu_get_counts(&after);
+      cr_assert_eq(after.keys16_rows - before.keys16_rows, exposed ? rows : 0,
+                   "keys exposed %d, %d chunks: %llu key rows converted", exposed, chunks[c],
+                   after.keys16_rows - before.keys16_rows);
+    }
+  }
+  free(x), free(y);
+  free_pair(&p);
+}
+
+/* On a stream being captured into a CUDA graph the bf16 copy of the keys
+ * is queued for every forward (once, whatever the chunks), even where it
+ * is current: a launch of the graph may follow an optimizer step or a load.
+ * The emulator reports the capture (peer_emu_set_capturing); work still
+ * runs as queued. */
+Test(emu, capture_always_refreshes_keys16) {
+  pair p = make_pair(SMALL);
+  cr_assert_eq(peer_layer_init(p.gpu, 8), PEER_OK, "%s", peer_last_error());
+  const int64_t T = 21, d = p.cfg.d_model, rows = p.cfg.n_heads * 2 * p.cfg.n_subkeys;
+  ref_rng rng = {9};
+  float *x = ref_random_x(&rng, T, d);
+  float *d_x = dev_copy_of(x, (size_t)(T * d) * 4), *d_y = dev_alloc((size_t)(T * d) * 4);
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  enum cudaStreamCaptureStatus cs;
+  const int chunks[] = {1, 3};
+  for (size_t c = 0; c < 2; c++) {
+    cr_assert_eq(peer_cuda_set_chunks(p.gpu, chunks[c]), PEER_OK);
+    cr_assert_eq(peer_cuda_forward(p.gpu, T, d_x, d_y, NULL, NULL, st), PEER_OK, "%s",
+                 peer_last_error()); /* the copy current, the scratch sized */
+    for (int capture = 0; capture < 2; capture++) {
+      cr_assert_eq(peer_emu_set_capturing(st, capture), 0);
+      cr_assert_eq(cudaStreamIsCapturing(st, &cs), cudaSuccess);
+      cr_assert_eq(cs, capture ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone);
+      peer_emu_counts before, after;
+      peer_emu_get_counts(&before);
+      cr_assert_eq(peer_cuda_forward(p.gpu, T, d_x, d_y, NULL, NULL, st), PEER_OK, "%s",
+                   peer_last_error());
+      cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+      peer_emu_get_counts(&after);
+      cr_assert_eq(after.keys16_rows - before.keys16_rows, capture ? rows : 0,
+                   "capturing %d, %d chunks: %llu key rows converted", capture, chunks[c],
+                   after.keys16_rows - before.keys16_rows);
+    }
+    cr_assert_eq(peer_emu_set_capturing(st, 0), 0);
+  }
+  cr_assert_eq(peer_emu_set_capturing(NULL, 1), -1);
+  cr_assert_eq(cudaStreamIsCapturing(NULL, &cs), cudaSuccess);
+  cr_assert_eq(cs, cudaStreamCaptureStatusNone);
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_OK, "%s", peer_last_error());
+  cudaStreamDestroy(st);
+  cudaFree(d_x), cudaFree(d_y);
+  free(x);
   free_pair(&p);
 }
 

@@ -28,10 +28,12 @@ typedef struct peer_emu_counts {
    * scores the top-k' selection wrote into its candidate buffer (past its
    * threshold), and keys it passed through its warp sort (the sort's size,
    * a power of two, per sort); sub-key scores the bf16 path re-scored
-   * exactly (subkey_topk_bf16). */
+   * exactly (subkey_topk_bf16); key rows the bf16 copy of the keys
+   * converted (keys16). */
   unsigned long long topk_candidates;
   unsigned long long topk_sorted;
   unsigned long long topk_rescored;
+  unsigned long long keys16_rows;
 } peer_emu_counts;
 
 /* The counts since the process started. */
@@ -56,6 +58,12 @@ void peer_emu_fail_malloc(long n);
  * queued (the default).  What is queued runs before the mode changes.
  * PEER_EMU_LAZY_STREAMS=1 or 2 in the environment sets it from the start. */
 void peer_emu_lazy_streams(int on);
+
+/* Makes cudaStreamIsCapturing report the stream (a cudaStream_t the program
+ * created) as capturing (on = 1) or not (0), as between
+ * cudaStreamBeginCapture and cudaStreamEndCapture; its work still runs as
+ * queued (the emulator records no graphs).  -1 for another stream. */
+int peer_emu_set_capturing(void *stream, int on);
 
 /* The message of the last kernel error, "" if none yet. */
 const char *peer_emu_last_kernel_error(void);

@@ -49,6 +49,7 @@ struct CUstream_st {
   unsigned flags;
   std::deque<queued_op> ops; /* not yet run (lazy streams only) */
   unsigned long long queued, done;
+  bool capturing; /* what cudaStreamIsCapturing reports (peer_emu_set_capturing) */
 };
 struct CUevent_st {
   double ms; /* when it was recorded */
@@ -305,6 +306,14 @@ void peer_emu_get_counts(peer_emu_counts *out) {
   out->topk_candidates = __atomic_load_n(&work_counts.topk_candidates, __ATOMIC_RELAXED);
   out->topk_sorted = __atomic_load_n(&work_counts.topk_sorted, __ATOMIC_RELAXED);
   out->topk_rescored = __atomic_load_n(&work_counts.topk_rescored, __ATOMIC_RELAXED);
+  out->keys16_rows = __atomic_load_n(&work_counts.keys16_rows, __ATOMIC_RELAXED);
+}
+
+int peer_emu_set_capturing(void *stream, int on) {
+  CUstream_st *s = static_cast<CUstream_st *>(stream);
+  if (!stream_ok(s) || default_stream(s)) return -1;
+  s->capturing = on != 0;
+  return 0;
 }
 
 void peer_emu_lazy_streams(int on) {
@@ -628,7 +637,7 @@ cudaError_t cudaMemset(void *ptr, int value, size_t n) {
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
   if (!stream || flags > cudaStreamNonBlocking) return set_error(cudaErrorInvalidValue);
-  CUstream_st *s = new CUstream_st{flags, {}, 0, 0};
+  CUstream_st *s = new CUstream_st{flags, {}, 0, 0, false};
   std::lock_guard<std::mutex> hold(mem_lock);
   streams.insert(s);
   *stream = s;
@@ -668,6 +677,14 @@ cudaError_t cudaStreamQuery(cudaStream_t stream) {
   if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
   std::lock_guard<std::recursive_mutex> hold(stream_lock);
   return default_stream(stream) || stream->ops.empty() ? cudaSuccess : cudaErrorNotReady;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, enum cudaStreamCaptureStatus *status) {
+  if (!status) return set_error(cudaErrorInvalidValue);
+  if (!stream_ok(stream)) return set_error(cudaErrorInvalidResourceHandle);
+  *status = !default_stream(stream) && stream->capturing ? cudaStreamCaptureStatusActive
+                                                         : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
 }
 
 /* The wait covers the event's last record before this call (later records
