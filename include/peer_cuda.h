@@ -100,8 +100,11 @@ PEER_API int peer_cuda_device_count(void);
  * freed; the layer does not free it.  Registering waits for the whole
  * device when it gives back internal scratch; a buffer being replaced must
  * not be in use by queued work (the caller orders that, as for any buffer
- * it passes).  peer_layer_workspace_size (peer.h)
- * reports host scratch, which a CUDA layer does not use. */
+ * it passes).  Growing internal scratch is illegal while the stream is
+ * being captured into a CUDA graph (the call fails): size it first (a
+ * warm-up call at the largest T, or a registered buffer).
+ * peer_layer_workspace_size (peer.h) reports host scratch, which a CUDA
+ * layer does not use. */
 PEER_API peer_status peer_cuda_workspace_size(const peer_layer *layer, int64_t n_tokens,
                                               size_t *bytes);
 PEER_API peer_status peer_cuda_set_workspace(peer_layer *layer, void *d_buffer, size_t bytes);
@@ -274,7 +277,11 @@ PEER_API peer_status peer_cuda_optimizer_step(peer_optimizer *opt, const peer_gr
  * order, with the same n_tokens, replicated x (dy) and the same NULL-ness of
  * optional outputs, as peer.h's peer_shard_* calls; a rank refused before a
  * collective step (an argument error only it makes) leaves the others
- * waiting in the communicator. */
+ * waiting in the communicator.  So does a rank whose call fails to grow its
+ * device scratch (PEER_ERR_OUT_OF_MEMORY, or a device error in the wait
+ * before it) for a batch larger than it has seen: size the scratch first,
+ * with peer_cuda_shard_context_create(max_tokens) or one warm-up call at
+ * the largest batch, so that no collective call allocates. */
 typedef struct peer_cuda_comm {
   void *handle; /* the transport's own state, passed back to every call */
   int rank;     /* this process (or device), 0 <= rank < world */
