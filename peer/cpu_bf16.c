@@ -41,7 +41,10 @@
  * s32 >= tau, hence U_j = fl(s16_j + e_j) >= tau: keeping all keys with
  * U_j >= tau keeps the f32 top-k' (rounding to nearest is monotone, and the
  * f32 scores are floats).  A non-finite q', c', norm or bound sends the half
- * to the f32 path, which reports non-finite scores as it always has. */
+ * to the f32 path, which reports non-finite scores as it always has, and so
+ * does a query half whose f32 chain may overflow against the set's largest
+ * key (peer_bf16_chain_coef, rowops.h): an overflowing chain need not show
+ * in s16 (the dot-product instruction adds in another order). */
 #include "cpu.h"
 
 #ifdef __AVX512BF16__
@@ -198,8 +201,12 @@ size_t peer_cpu_bf16_scratch_bytes(const peer_dims *D) {
 /* ------------------------------------------------------------ first pass */
 
 /* The query half as bf16 pairs and the bound's coefficients (see the top):
- * e_j = A |c'_j| + B |dc_j| + C |c_j| + D.  0 if something is not finite. */
-static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4]) {
+ * e_j = A |c'_j| + B |dc_j| + C |c_j| + D.  0 if something is not finite,
+ * or if the f32 chain against a key of norm c_max (the set's largest) may
+ * overflow (peer_bf16_chain_coef: its result, which the f32 path reports
+ * as non-finite, can be so for a key whose bracket is far below the
+ * others'). */
+static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4], float c_max) {
   /* 16 components at a time: flush, round to nearest even (integer
    * arithmetic, as peer_f32_to_bf16 for finite values; a non-finite one
    * fails the check below whatever its rounding), and the three sums of
@@ -244,10 +251,11 @@ static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4]) {
   }
   const double u2m = 2.0 * (double)m * 0x1p-24;
   const float g = peer_round_up(u2m / (1.0 - u2m) * (1.0 + 0x1p-30)); /* gamma_2m */
-  peer_bf16_bound_coefs(peer_norm_up(s0), peer_norm_up(s1), peer_norm_up(s2), m, g, coef);
+  const float nq = peer_norm_up(s0);
+  peer_bf16_bound_coefs(nq, peer_norm_up(s1), peer_norm_up(s2), m, g, coef);
   for (int i = 0; i < 4; i++)
     ok &= isfinite(coef[i]) != 0;
-  return ok;
+  return ok && isfinite(peer_bf16_chain_coef(nq, g) * c_max);
 }
 
 /* bf16 scores of tokens 0..nt_-1 against the KT keys of one tile, and from
@@ -376,11 +384,18 @@ void peer_cpu_bf16_lists(const peer_layer *L, int64_t h, int64_t nt, const float
   const int64_t g = L->cfg.shared_keys ? 0 : h;
   bscratch b;
   carve(D, scratch, &b);
+  float c_max[2] = {0, 0}; /* each half's largest key norm |c| */
+  for (int p = 0; p < 2; p++) {
+    const float *nc = set_of(L, g, p).nc;
+    for (int64_t j = 0; j < n; j++)
+      c_max[p] = nc[j] > c_max[p] ? nc[j] : c_max[p];
+  }
   for (int64_t t = 0; t < nt; t++) {
     bad[t] = 0;
     for (int p = 0; p < 2; p++) {
       const float *qh = q + t * ldq + h * D->dk + p * m;
-      b.fall[t * 2 + p] = !prep_query(qh, m, b.qp + (t * 2 + p) * hp, b.coef + (t * 2 + p) * 4);
+      b.fall[t * 2 + p] =
+          !prep_query(qh, m, b.qp + (t * 2 + p) * hp, b.coef + (t * 2 + p) * 4, c_max[p]);
     }
   }
   for (int p = 0; p < 2; p++) {

@@ -134,6 +134,42 @@ Test(bf16_retrieval, traps_within_the_error_bound) {
   peer_layer_free(L);
 }
 
+/* Key 0 of half 0: signs [+ + + - - - + -] at 1.375 * 2^63 against a query
+ * half of 2^63: the f32 chain overflows at its 3rd term though the exact
+ * score is 0, and the dot-product instruction's pairwise sums stay finite,
+ * its bracket far below the other keys' (2^118).  The f32 path and brute
+ * force report PEER_ERR_NONFINITE, and so must the bf16 path (test_cuda's
+ * cuda_bf16 suite has the same input). */
+Test(bf16_retrieval, an_overflowing_chain_is_nonfinite) {
+  static const float sign[8] = {1, 1, 1, -1, -1, -1, 1, -1};
+  direct D = direct_layer("n_subkeys=64,subkey_top_k=2,top_k=2,d_key=16,d_model=16");
+  for (int i = 0; i < 8; i++)
+    D.keys[i] = sign[i] * 0x1.6p63f;
+  for (int64_t a = 1; a < D.n; a++)
+    for (int i = 0; i < 8; i++)
+      D.keys[a * 8 + i] = 0x1p52f * (1.0f + (float)a / 64.0f);
+  peer_layer *L = case_reloaded(D.A);
+  enum { T = 12 };
+  float x[T * 16];
+  for (int t = 0; t < T; t++)
+    for (int i = 0; i < 8; i++)
+      x[t * 16 + i] = 0x1p63f, x[t * 16 + 8 + i] = 1.0f;
+  int64_t ids[T * 2];
+  float sc[T * 2];
+  for (int brute = 0; brute < 2; brute++) {
+    const peer_status st = brute ? peer_retrieve_brute(L, T, x, ids, sc, NULL)
+                                 : peer_retrieve(L, T, x, ids, sc, NULL);
+    cr_assert_eq(st, PEER_ERR_NONFINITE, "brute %d: status %d, ids %lld %lld", brute, st,
+                 (long long)ids[0], (long long)ids[1]);
+    for (int i = 0; i < T * 2; i++)
+      cr_assert(ids[i] >= 0 && ids[i] < D.n * D.n);
+  }
+  if (bf16_variant())
+    cr_assert_eq(L->retrieval_stats.fallback, T, "half 0 of each token took the f32 path");
+  peer_layer_free(D.A);
+  peer_layer_free(L);
+}
+
 /* bf16_cases.h's near-ties, exact ties and extreme norms. */
 Test(bf16_retrieval, near_ties_exact_ties_and_extreme_norms) {
   ref_rng rng = {ref_test_seed()};
