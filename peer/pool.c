@@ -38,16 +38,19 @@ static _Thread_local int my_slot; /* inside an item: its slot; else 0 */
  * that wakes for a call waits here before it tries to join. */
 static pthread_mutex_t hold_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t hold_cv = PTHREAD_COND_INITIALIZER;
-static bool held;
+static _Atomic bool held;
 void peer_pool_hold_workers(bool hold) {
   pthread_mutex_lock(&hold_mu);
-  held = hold;
+  atomic_store(&held, hold);
   pthread_cond_broadcast(&hold_cv);
   pthread_mutex_unlock(&hold_mu);
 }
+/* Unheld (always, outside that test), no lock is taken: a fork() while a
+ * worker held hold_mu would leave the child's copy locked for good. */
 static void wait_if_held(void) {
+  if (!atomic_load(&held)) return;
   pthread_mutex_lock(&hold_mu);
-  while (held) pthread_cond_wait(&hold_cv, &hold_mu);
+  while (atomic_load(&held)) pthread_cond_wait(&hold_cv, &hold_mu);
   pthread_mutex_unlock(&hold_mu);
 }
 
@@ -143,6 +146,8 @@ static void *worker(void *arg) {
 static void before_fork(void) { pthread_mutex_lock(&pool.mu); }
 static void after_fork_parent(void) { pthread_mutex_unlock(&pool.mu); }
 static void after_fork_child(void) {
+  pthread_mutex_init(&hold_mu, NULL);
+  pthread_cond_init(&hold_cv, NULL);
   pthread_mutex_init(&pool.mu, NULL);
   pthread_mutex_init(&pool.busy, NULL);
   pthread_cond_init(&pool.wake, NULL);

@@ -158,6 +158,14 @@ Test(pool, concurrent_callers) {
 }
 
 Test(pool, works_after_fork) {
+#if defined(__SANITIZE_ADDRESS__)
+  /* The forked child's new worker can block for good inside ASan's
+   * allocator, on a lock one of the parent's other threads (Criterion's)
+   * held at fork() (seen under ctest: gdb shows the worker in
+   * SizeClassAllocator64::GetFromAllocator).  glibc's allocator is
+   * fork-safe; this test runs in the release build. */
+  cr_skip_test("ASan's allocator is not fork-safe for threads started in the child");
+#endif
   static tally t;
   run_and_check(&t, 2, 100); /* workers exist in the parent */
   pid_t pid = fork();
