@@ -2680,7 +2680,7 @@ Test(emu, keys16_once_per_forward) {
       peer_emu_get_counts(&before);
       cr_assert_eq(peer_forward(p.gpu, T, x, y, NULL, NULL), PEER_OK, "%s", peer_last_error());
       peer_emu_get_counts(&after);
-      cr_assert_eq(after.keys16_rows - before.keys16_rows, exposed ? rows : 0,
+      cr_assert_eq((int64_t)(after.keys16_rows - before.keys16_rows), (int64_t)(exposed ? rows : 0),
                    "keys exposed %d, %d chunks: %llu key rows converted", exposed, chunks[c],
                    after.keys16_rows - before.keys16_rows);
     }
@@ -2719,7 +2719,7 @@ Test(emu, capture_always_refreshes_keys16) {
                    peer_last_error());
       cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
       peer_emu_get_counts(&after);
-      cr_assert_eq(after.keys16_rows - before.keys16_rows, capture ? rows : 0,
+      cr_assert_eq((int64_t)(after.keys16_rows - before.keys16_rows), (int64_t)(capture ? rows : 0),
                    "capturing %d, %d chunks: %llu key rows converted", capture, chunks[c],
                    after.keys16_rows - before.keys16_rows);
     }
