@@ -12,7 +12,8 @@
  * step: streamed expert gradients").  Needs about 2 x 4.5 GiB with f32
  * tables.
  *   cc -O2 -Iinclude bench/train_ab.c -ldl -o train_ab
- *   OMP_WAIT_POLICY=passive ./train_ab OLD/libpeer.so NEW/libpeer.so THREADS f32|bf16 ITERS [BN] */
+ *   OMP_WAIT_POLICY=passive ./train_ab OLD/libpeer.so NEW/libpeer.so THREADS f32|bf16 ITERS [BN [fwd]]
+ * With `fwd`, the calls are peer_forward alone (hash of y and the ids). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <peer.h>
@@ -32,6 +33,7 @@ typedef struct api {
   peer_status (*ctx_create)(peer_context **, const peer_layer *, int64_t);
   peer_status (*fwd_train)(peer_layer *, peer_context *, int64_t, const float *, float *);
   peer_status (*bwd)(peer_layer *, peer_context *, const float *, float *, peer_grads *);
+  peer_status (*fwd)(peer_layer *, int64_t, const float *, float *, int64_t *, float *);
   const char *(*last_error)(void);
 } api;
 
@@ -47,6 +49,7 @@ static void load(const char *path, api *a) {
   S(ctx_create, "peer_context_create");
   S(fwd_train, "peer_forward_train");
   S(bwd, "peer_backward");
+  S(fwd, "peer_forward");
   S(last_error, "peer_last_error");
 }
 
@@ -81,20 +84,21 @@ typedef struct side {
   peer_context *ctx;
   peer_grads g;
   float *y, *dx, *gwq, *gk, *gd, *gu, *gnw, *gnb;
-  int64_t *rows;
+  int64_t *rows, *ids;
   double *tc, *pc, *wc;
   uint64_t h;
 } side;
 
 int main(int argc, char **argv) {
   if (argc < 6 || atoi(argv[5]) < 1 || atoi(argv[5]) > 4096) {
-    fprintf(stderr, "usage: train_ab LIB_A LIB_B THREADS f32|bf16 ITERS(1..4096) [BN 0|1]\n");
+    fprintf(stderr, "usage: train_ab LIB_A LIB_B THREADS f32|bf16 ITERS(1..4096) [BN 0|1 [fwd]]\n");
     return 2;
   }
   int P = atoi(argv[3]);
   int bf16 = strcmp(argv[4], "bf16") == 0;
   int iters = atoi(argv[5]);
   int bn = argc > 6 && atoi(argv[6]);
+  int fwd_only = argc > 7 && strcmp(argv[7], "fwd") == 0;
   const int64_t T = 512, nb = 8;
   side s[2];
   memset(s, 0, sizeof s);
@@ -119,7 +123,7 @@ int main(int argc, char **argv) {
     z->gwq = calloc(dq * d, 4), z->gk = calloc(nk, 4);
     z->gd = calloc(T * hk * d, 4), z->gu = calloc(T * hk * d, 4);
     z->gnw = calloc(dq, 4), z->gnb = calloc(dq, 4);
-    z->rows = calloc(T * hk, 8);
+    z->rows = calloc(T * hk, 8), z->ids = calloc(T * hk, 8);
     z->g.query_weight = z->gwq, z->g.keys = z->gk, z->g.expert_capacity = T * hk;
     z->g.expert_rows = z->rows, z->g.experts_down = z->gd, z->g.experts_up = z->gu;
     if (bn) z->g.norm_weight = z->gnw, z->g.norm_bias = z->gnb;
@@ -136,7 +140,9 @@ int main(int argc, char **argv) {
       int i = (it & 1) ? 1 - j : j; /* A B, B A, ... */
       side *z = &s[i];
       double t0 = tcpu(RUSAGE_THREAD), p0 = tcpu(RUSAGE_SELF), w0 = wall();
-      if (z->a.fwd_train(z->L, z->ctx, T, x, z->y) || z->a.bwd(z->L, z->ctx, dy, z->dx, &z->g)) {
+      if (fwd_only ? z->a.fwd(z->L, T, x, z->y, z->ids, NULL) != PEER_OK
+                   : z->a.fwd_train(z->L, z->ctx, T, x, z->y) ||
+                         z->a.bwd(z->L, z->ctx, dy, z->dx, &z->g)) {
         fprintf(stderr, "%s\n", z->a.last_error());
         return 1;
       }
@@ -145,6 +151,10 @@ int main(int argc, char **argv) {
       if (it < 3) {
         uint64_t h = z->h;
         h = h64(h, z->y, 4 * T * d);
+        if (fwd_only) {
+          z->h = h64(h, z->ids, 8 * T * hk);
+          continue;
+        }
         h = h64(h, z->dx, 4 * T * d);
         h = h64(h, z->gwq, 4 * dq * d);
         h = h64(h, z->gk, 4 * nk);
@@ -157,19 +167,23 @@ int main(int argc, char **argv) {
       }
     }
   }
-  double ratio_t[4096];
-  for (int it = 0; it < iters; it++) ratio_t[it] = s[0].tc[it] / s[1].tc[it];
+  double ratio_t[4096], ratio_w[4096];
+  for (int it = 0; it < iters; it++)
+    ratio_t[it] = s[0].tc[it] / s[1].tc[it], ratio_w[it] = s[0].wc[it] / s[1].wc[it];
   qsort(ratio_t, iters, 8, cmpd);
+  qsort(ratio_w, iters, 8, cmpd);
   for (int i = 0; i < 2; i++) {
     side *z = &s[i];
     qsort(z->tc, iters, 8, cmpd), qsort(z->pc, iters, 8, cmpd), qsort(z->wc, iters, 8, cmpd);
-    printf("%s threads=%d %s bn=%d n=%d hash=%016llx thread_cpu_ms med %.1f [%.1f-%.1f] "
+    printf("%s %s threads=%d %s bn=%d n=%d hash=%016llx thread_cpu_ms med %.1f [%.1f-%.1f] "
            "proc_cpu_ms med %.1f wall_ms med %.1f\n",
-           i ? "B" : "A", P, argv[4], bn, iters, (unsigned long long)z->h, z->tc[iters / 2] * 1e3,
+           i ? "B" : "A", fwd_only ? "forward" : "train_step", P, argv[4], bn, iters, (unsigned long long)z->h, z->tc[iters / 2] * 1e3,
            z->tc[iters / 4] * 1e3, z->tc[3 * iters / 4] * 1e3, z->pc[iters / 2] * 1e3,
            z->wc[iters / 2] * 1e3);
   }
   printf("A/B thread cpu, per iteration: median %.3f [q1 %.3f, q3 %.3f]\n", ratio_t[iters / 2],
          ratio_t[iters / 4], ratio_t[3 * iters / 4]);
+  printf("A/B wall, per iteration: median %.3f [q1 %.3f, q3 %.3f]\n", ratio_w[iters / 2],
+         ratio_w[iters / 4], ratio_w[3 * iters / 4]);
   return s[0].h != s[1].h;
 }
