@@ -254,7 +254,13 @@ PEER_API peer_status peer_cuda_check(peer_layer *layer, cudaStream_t stream);
  * PEER_ERR_NONFINITE naming the gradient and element (the call itself
  * cannot know: it does not wait).  The step count advances when the call
  * returns PEER_OK, a step refused on the device included (only SGD's update
- * does not depend on it).  peer_optimizer_step on a
+ * does not depend on it).  Captured into a CUDA graph, a step replays the
+ * rule of its capture: its learning rates and, for Adam and AdamW, the bias
+ * corrections of the step it was captured at (they are kernel arguments),
+ * and the count advances once, at the capture.  So SGD (with or without
+ * momentum) at a fixed learning rate replays exactly as direct calls would;
+ * with Adam, capture forward_train and backward and call this outside the
+ * graph.  peer_optimizer_step on a
  * CUDA layer takes host gradients (checked as on the CPU), waits for the
  * whole device, copies them into staging the optimizer keeps (grown when
  * they grow), steps on the layer's stream and waits for it. */

@@ -2465,6 +2465,130 @@ Test(cuda, sorted_runs_of_nothing_are_written) {
   cudaFree(d);
 }
 
+#ifndef PEER_CUDA_EMULATED
+/* ------------------------------------------------------- CUDA graphs */
+
+/* Every parameter of two layers (device memory) has the same bits. */
+static void expect_same_params(peer_layer *a, peer_layer *b, const char *what) {
+  for (int i = 0; i < peer_layer_n_params(a); i++) {
+    peer_tensor ta, tb;
+    cr_assert_eq(peer_layer_param(a, i, &ta), PEER_OK);
+    cr_assert_eq(peer_layer_param(b, i, &tb), PEER_OK);
+    cr_assert_eq(ta.nbytes, tb.nbytes);
+    void *ha = malloc(ta.nbytes), *hb = malloc(tb.nbytes);
+    to_host(ha, ta.data, ta.nbytes), to_host(hb, tb.data, tb.nbytes);
+    cr_expect(!memcmp(ha, hb, ta.nbytes), "%s: parameter %s differs", what, ta.name);
+    free(ha), free(hb);
+  }
+}
+
+/* The hot path captured into a CUDA graph (issue 13 item 7): after a warm-up
+ * step (scratch sized, momentum made), a training step (forward_train,
+ * backward, an SGD-with-momentum optimizer step) and a forward are captured
+ * on a stream of ours; each launch of the graphs gives the bits of the same
+ * calls made directly on a twin layer, step after step, and a forward graph
+ * reads the inputs its buffers hold at launch.  (A captured Adam step would
+ * replay its capture's bias corrections: peer_cuda.h.)  Real GPUs only: the
+ * emulator records no graphs; tools/gpu-check runs it. */
+Test(cuda_graph, captured_steps_replay_as_direct_calls) {
+  const char *cfg = SMALL ",query_norm=batchnorm,query_bias=1";
+  pair p = make_pair(cfg), q = make_pair(cfg);
+  cr_assert_eq(peer_layer_init(p.cpu, 31), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_layer_init(q.cpu, 31), PEER_OK, "%s", peer_last_error());
+  copy_params(&p), copy_params(&q);
+  const int64_t T = 24, d = p.cfg.d_model;
+  const size_t xb = (size_t)(T * d) * 4;
+  ref_rng rng = {32};
+  float *x = ref_random_x(&rng, T, d), *dy = ref_random_x(&rng, T, d);
+  float *x2 = ref_random_x(&rng, T, d);
+  dev_step sp = dev_step_new(p.gpu, T, x, dy), sq = dev_step_new(q.gpu, T, x, dy);
+  peer_optim_config c = optim_cfg(PEER_OPTIM_SGD, PEER_OPTIM_SGD, 0.9f, 0.0f);
+  peer_optimizer *op, *oq;
+  cr_assert_eq(peer_optimizer_create(&op, p.gpu, &c), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_optimizer_create(&oq, q.gpu, &c), PEER_OK, "%s", peer_last_error());
+  peer_context *cp, *cq;
+  cr_assert_eq(peer_context_create(&cp, p.gpu, T), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_context_create(&cq, q.gpu, T), PEER_OK, "%s", peer_last_error());
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  cr_assert_eq(peer_cuda_set_chunks(p.gpu, 2), PEER_OK); /* the forward's second stream too */
+  cr_assert_eq(peer_cuda_set_chunks(q.gpu, 2), PEER_OK);
+  cr_assert_eq(cudaDeviceSynchronize(), cudaSuccess);
+  struct {
+    peer_layer *L;
+    peer_context *ctx;
+    dev_step *s;
+    peer_optimizer *o;
+  } twin[2] = {{p.gpu, cp, &sp, op}, {q.gpu, cq, &sq, oq}};
+  for (int i = 0; i < 2; i++) { /* the warm-up, direct */
+    cr_assert_eq(peer_cuda_forward(twin[i].L, T, twin[i].s->x, twin[i].s->y, NULL, NULL, st),
+                 PEER_OK, "%s", peer_last_error());
+    cr_assert_eq(peer_cuda_forward_train(twin[i].L, twin[i].ctx, T, twin[i].s->x, twin[i].s->y, st),
+                 PEER_OK, "%s", peer_last_error());
+    cr_assert_eq(peer_cuda_backward(twin[i].L, twin[i].ctx, twin[i].s->dy, twin[i].s->dx,
+                                    &twin[i].s->g, twin[i].s->n_rows, st),
+                 PEER_OK, "%s", peer_last_error());
+    cr_assert_eq(peer_cuda_optimizer_step(twin[i].o, &twin[i].s->g, twin[i].s->n_rows, st),
+                 PEER_OK, "%s", peer_last_error());
+  }
+  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+
+  cudaGraph_t g_step, g_fwd;
+  cudaGraphExec_t e_step, e_fwd;
+  cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  peer_status s1 = peer_cuda_forward_train(p.gpu, cp, T, sp.x, sp.y, st);
+  peer_status s2 = peer_cuda_backward(p.gpu, cp, sp.dy, sp.dx, &sp.g, sp.n_rows, st);
+  peer_status s3 = peer_cuda_optimizer_step(op, &sp.g, sp.n_rows, st);
+  cudaError_t ce = cudaStreamEndCapture(st, &g_step);
+  cr_assert_eq(s1, PEER_OK, "forward_train under capture: %s", peer_last_error());
+  cr_assert_eq(s2, PEER_OK, "backward under capture: %s", peer_last_error());
+  cr_assert_eq(s3, PEER_OK, "optimizer step under capture: %s", peer_last_error());
+  cr_assert_eq(ce, cudaSuccess, "capture of the training step: %s", cudaGetErrorString(ce));
+  cr_assert_eq(cudaGraphInstantiate(&e_step, g_step, 0), cudaSuccess);
+  cr_assert_eq(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  s1 = peer_cuda_forward(p.gpu, T, sp.x, sp.y, NULL, NULL, st);
+  ce = cudaStreamEndCapture(st, &g_fwd);
+  cr_assert_eq(s1, PEER_OK, "forward under capture: %s", peer_last_error());
+  cr_assert_eq(ce, cudaSuccess, "capture of the forward: %s", cudaGetErrorString(ce));
+  cr_assert_eq(cudaGraphInstantiate(&e_fwd, g_fwd, 0), cudaSuccess);
+
+  float *yp = malloc(xb), *yq = malloc(xb), *dxp = malloc(xb), *dxq = malloc(xb);
+  for (int step = 0; step < 3; step++) {
+    cr_assert_eq(cudaGraphLaunch(e_step, st), cudaSuccess);
+    cr_assert_eq(peer_cuda_forward_train(q.gpu, cq, T, sq.x, sq.y, st), PEER_OK, "%s",
+                 peer_last_error());
+    cr_assert_eq(peer_cuda_backward(q.gpu, cq, sq.dy, sq.dx, &sq.g, sq.n_rows, st), PEER_OK, "%s",
+                 peer_last_error());
+    cr_assert_eq(peer_cuda_optimizer_step(oq, &sq.g, sq.n_rows, st), PEER_OK, "%s",
+                 peer_last_error());
+    cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+    to_host(yp, sp.y, xb), to_host(yq, sq.y, xb), to_host(dxp, sp.dx, xb), to_host(dxq, sq.dx, xb);
+    cr_expect(!memcmp(yp, yq, xb), "step %d: the graph's y differs from the direct call's", step);
+    cr_expect(!memcmp(dxp, dxq, xb), "step %d: the graph's dx differs", step);
+    expect_same_params(p.gpu, q.gpu, "after a replayed training step");
+  }
+  /* the forward graph on new inputs in the same buffers */
+  cr_assert_eq(cudaMemcpy(sp.x, x2, xb, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(cudaMemcpy(sq.x, x2, xb, cudaMemcpyHostToDevice), cudaSuccess);
+  cr_assert_eq(cudaGraphLaunch(e_fwd, st), cudaSuccess);
+  cr_assert_eq(peer_cuda_forward(q.gpu, T, sq.x, sq.y, NULL, NULL, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+  to_host(yp, sp.y, xb), to_host(yq, sq.y, xb);
+  cr_expect(!memcmp(yp, yq, xb), "the forward graph's y on new inputs differs");
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_check(q.gpu, st), PEER_OK, "%s", peer_last_error());
+  cudaGraphExecDestroy(e_step), cudaGraphExecDestroy(e_fwd);
+  cudaGraphDestroy(g_step), cudaGraphDestroy(g_fwd);
+  cudaStreamDestroy(st);
+  peer_context_free(cp), peer_context_free(cq);
+  peer_optimizer_free(op), peer_optimizer_free(oq);
+  dev_step_free(&sp), dev_step_free(&sq);
+  free(x), free(x2), free(dy), free(yp), free(yq), free(dxp), free(dxq);
+  free_pair(&p), free_pair(&q);
+}
+#endif
+
 #ifdef PEER_CUDA_EMULATED
 /* ------------------------------------------------- the emulator's own rules */
 
