@@ -2468,20 +2468,6 @@ Test(cuda, sorted_runs_of_nothing_are_written) {
 #ifndef PEER_CUDA_EMULATED
 /* ------------------------------------------------------- CUDA graphs */
 
-/* Every parameter of two layers (device memory) has the same bits. */
-static void expect_same_params(peer_layer *a, peer_layer *b, const char *what) {
-  for (int i = 0; i < peer_layer_n_params(a); i++) {
-    peer_tensor ta, tb;
-    cr_assert_eq(peer_layer_param(a, i, &ta), PEER_OK);
-    cr_assert_eq(peer_layer_param(b, i, &tb), PEER_OK);
-    cr_assert_eq(ta.nbytes, tb.nbytes);
-    void *ha = malloc(ta.nbytes), *hb = malloc(tb.nbytes);
-    to_host(ha, ta.data, ta.nbytes), to_host(hb, tb.data, tb.nbytes);
-    cr_expect(!memcmp(ha, hb, ta.nbytes), "%s: parameter %s differs", what, ta.name);
-    free(ha), free(hb);
-  }
-}
-
 /* The hot path captured into a CUDA graph (issue 13 item 7): after a warm-up
  * step (scratch sized, momentum made), a training step (forward_train,
  * backward, an SGD-with-momentum optimizer step) and a forward are captured
@@ -2565,7 +2551,7 @@ Test(cuda_graph, captured_steps_replay_as_direct_calls) {
     to_host(yp, sp.y, xb), to_host(yq, sq.y, xb), to_host(dxp, sp.dx, xb), to_host(dxq, sq.dx, xb);
     cr_expect(!memcmp(yp, yq, xb), "step %d: the graph's y differs from the direct call's", step);
     cr_expect(!memcmp(dxp, dxq, xb), "step %d: the graph's dx differs", step);
-    expect_same_params(p.gpu, q.gpu, "after a replayed training step");
+    same_params(p.gpu, 1, q.gpu, 1, "after a replayed training step");
   }
   /* the forward graph on new inputs in the same buffers */
   cr_assert_eq(cudaMemcpy(sp.x, x2, xb, cudaMemcpyHostToDevice), cudaSuccess);
