@@ -101,7 +101,8 @@ PEER_API int peer_cuda_device_count(void);
  * device when it gives back internal scratch; a buffer being replaced must
  * not be in use by queued work (the caller orders that, as for any buffer
  * it passes).  Growing internal scratch is illegal while the stream is
- * being captured into a CUDA graph (the call fails): size it first (a
+ * being captured into a CUDA graph: such a call fails with PEER_ERR_STATE
+ * before any wait or allocation (the capture stays valid); size it first (a
  * warm-up call at the largest T, or a registered buffer).
  * peer_layer_workspace_size (peer.h) reports host scratch, which a CUDA
  * layer does not use. */

@@ -70,7 +70,24 @@ static peer_status drop_own_scratch(cuda_state *st, const char *what) {
   return PEER_OK;
 }
 
-peer_status peer_cb_device_scratch(peer_layer *L, int64_t T, dev_ws *w) {
+peer_status peer_cb_growth_allowed(const cudaStream_t *stream, const char *what, int64_t T,
+                                   size_t need, size_t have) {
+  enum cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (stream) {
+    cudaError_t e = cudaStreamIsCapturing(*stream, &capture);
+    if (e != cudaSuccess) return peer_k_cuda_fail(e, what);
+  }
+  if (capture == cudaStreamCaptureStatusNone) return PEER_OK;
+  return peer_fail(PEER_ERR_STATE,
+                   "%s: %lld tokens need %zu bytes of scratch, the layer has %zu, and it cannot "
+                   "grow while the stream is being captured into a CUDA graph (growing waits for "
+                   "the device and allocates): make one call at the largest batch before "
+                   "capturing, or register a workspace (peer_cuda_set_workspace)",
+                   what, (long long)T, need, have);
+}
+
+peer_status peer_cb_device_scratch(peer_layer *L, int64_t T, dev_ws *w,
+                                   const cudaStream_t *stream) {
   cuda_state *st = state_of(L);
   size_t need = dev_layout(L, T, NULL, w);
   if (!(st->ws && need <= st->ws_bytes)) {
@@ -78,7 +95,9 @@ peer_status peer_cb_device_scratch(peer_layer *L, int64_t T, dev_ws *w) {
       return peer_fail(PEER_ERR_INVALID_ARGUMENT,
                        "cuda workspace: %lld tokens need %zu bytes, the registered buffer has %zu",
                        (long long)T, need, st->ws_bytes);
-    peer_status s = drop_own_scratch(st, "cuda workspace: giving back the smaller scratch");
+    peer_status s = peer_cb_growth_allowed(stream, "cuda workspace", T, need, st->ws_bytes);
+    if (s) return s;
+    s = drop_own_scratch(st, "cuda workspace: giving back the smaller scratch");
     if (s) return s;
     st->ws_owned = true;
     cudaError_t e = cudaMalloc(&st->ws, need);
@@ -280,7 +299,7 @@ static peer_status dev_retrieve(peer_layer *L, int64_t T, const float *d_x, int6
   peer_status s;
   if (brute && (s = peer_k_brute_supported(L->dims.n, L->dims.k))) return s;
   dev_ws w;
-  if ((s = peer_cb_device_scratch(L, T, &w))) return s;
+  if ((s = peer_cb_device_scratch(L, T, &w, &stream))) return s;
   return run_retrieval(L, T, d_x, ids, scores ? scores : w.scores, gates ? gates : w.gates, brute,
                        stream, &w);
 }
@@ -342,7 +361,7 @@ static peer_status run_chunks(peer_layer *L, int64_t T, int64_t C, const float *
 static peer_status run_forward(peer_layer *L, int64_t T, const float *d_x, float *d_y,
                                int64_t *d_indices, float *d_gates, cudaStream_t stream) {
   dev_ws w;
-  peer_status s = peer_cb_device_scratch(L, T, &w);
+  peer_status s = peer_cb_device_scratch(L, T, &w, &stream);
   if (s) return s;
   int64_t *ids = d_indices ? d_indices : w.ids;
   float *gates = d_gates ? d_gates : w.gates;

@@ -177,7 +177,16 @@ static inline void peer_cb_idle(const peer_layer *L) {
 peer_status peer_cb_check_stream(peer_layer *L, cudaStream_t stream);
 peer_status peer_cb_enter(const peer_layer *L, int64_t T, const void *d_x, const char *what);
 peer_status peer_cb_host_enter(const peer_layer *L, int64_t T, const void *x, const char *what);
-peer_status peer_cb_device_scratch(peer_layer *L, int64_t T, dev_ws *w);
+/* The layer's device scratch for T tokens into *w, grown when needed (a
+ * wait for the device and cudaMalloc); refused with PEER_ERR_STATE, nothing
+ * touched, when it must grow while *stream (NULL: no stream to check) is
+ * being captured into a CUDA graph. */
+peer_status peer_cb_device_scratch(peer_layer *L, int64_t T, dev_ws *w, const cudaStream_t *stream);
+/* PEER_OK unless *stream (NULL: none) is being captured into a CUDA graph,
+ * where scratch of `have` bytes cannot grow to `need`: PEER_ERR_STATE,
+ * naming `what`. */
+peer_status peer_cb_growth_allowed(const cudaStream_t *stream, const char *what, int64_t T,
+                                   size_t need, size_t have);
 peer_status peer_cb_project_query(peer_layer *L, int64_t T, const float *d_x, float *q,
                                   bool running, cudaStream_t stream);
 peer_status peer_cb_search(peer_layer *L, int64_t T, const float *q, int64_t *ids, float *scores,

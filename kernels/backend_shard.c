@@ -180,11 +180,13 @@ static size_t shard_layout(const peer_cuda_shard *S, int64_t T, char *base, shar
   return carve(parts, sizeof parts / sizeof parts[0], base);
 }
 
-static peer_status shard_scratch(peer_cuda_shard *S, int64_t T, shard_ws *w) {
+static peer_status shard_scratch(peer_cuda_shard *S, int64_t T, shard_ws *w,
+                                 const cudaStream_t *stream) {
   const size_t need = shard_layout(S, T, NULL, w);
   if (need > S->ws_bytes) {
     const char *what = "cuda_shard: device scratch";
-    peer_status st = S->ws ? device_idle(what) : PEER_OK;
+    peer_status st = peer_cb_growth_allowed(stream, what, T, need, S->ws_bytes);
+    if (!st && S->ws) st = device_idle(what);
     if (st) return st;
     if (S->ws) cudaFree(S->ws);
     S->ws = NULL;
@@ -244,7 +246,8 @@ static peer_status forward_call(peer_cuda_shard *S, int64_t T, const float *d_x,
   if (!d_y) return peer_fail(PEER_ERR_INVALID_ARGUMENT, "%s: y is NULL", what);
   dev_ws w;
   shard_ws sw;
-  if ((st = peer_cb_device_scratch(L, T, &w)) || (st = shard_scratch(S, T, &sw))) return st;
+  if ((st = peer_cb_device_scratch(L, T, &w, &stream)) || (st = shard_scratch(S, T, &sw, &stream)))
+    return st;
   int64_t *ids = d_indices ? d_indices : w.ids;
   float *gates = d_gates ? d_gates : w.gates;
   if ((st = peer_cb_project_query(L, T, d_x, w.q, true, stream)) ||
@@ -291,8 +294,8 @@ peer_status peer_cuda_shard_context_create(peer_context **out, peer_cuda_shard *
   /* the training calls then allocate nothing for T up to max_tokens */
   if (!(st = peer_cb_enter(S->L, 0, NULL, what)) &&
       !(st = peer_context_create(&c, S->L, max_tokens)) && max_tokens > 0 &&
-      !(st = peer_cb_device_scratch(S->L, max_tokens, &w)))
-    st = shard_scratch(S, max_tokens, &sw);
+      !(st = peer_cb_device_scratch(S->L, max_tokens, &w, NULL)))
+    st = shard_scratch(S, max_tokens, &sw, NULL);
   peer_cb_idle(S->L);
   if (st) {
     peer_context_free(c);
@@ -313,7 +316,7 @@ static peer_status forward_train_call(peer_cuda_shard *S, peer_context *ctx, int
   if (T > 0) {
     train_mem m;
     shard_ws sw;
-    if ((st = peer_cb_context_mem(L, ctx, &m)) || (st = shard_scratch(S, T, &sw)) ||
+    if ((st = peer_cb_context_mem(L, ctx, &m)) || (st = shard_scratch(S, T, &sw, &stream)) ||
         (st = peer_cb_train_queries(L, T, d_x, &m, stream)) ||
         (st = expert_forward(S, T, d_x, m.ids, m.gates, m.z, d_y, &sw, stream, what)) ||
         (st = peer_cb_train_finish(L, ctx, T, d_x, &m, stream)))
@@ -345,7 +348,7 @@ static peer_status dev_backward(peer_cuda_shard *S, peer_context *ctx, const flo
   train_mem m;
   shard_ws sw;
   peer_status st;
-  if ((st = peer_cb_context_mem(L, ctx, &m)) || (st = shard_scratch(S, T, &sw)) ||
+  if ((st = peer_cb_context_mem(L, ctx, &m)) || (st = shard_scratch(S, T, &sw, &stream)) ||
       (st = peer_k_first_nonfinite_row(d_dy, T, D->d, state_of(L)->d_bad + REC_DY, stream)) ||
       (st = peer_k_shard_dots(d_dy, D->d, S->col0, L->slot[PEER_P_EXPERTS_UP].data,
                               L->cfg.weight_dtype == PEER_BF16, S->cols, m.ids, T, hk, m.ds,

@@ -182,7 +182,7 @@ peer_status peer_cb_train_queries(peer_layer *L, int64_t T, const float *d_x, co
                                   cudaStream_t stream) {
   const peer_dims *D = &L->dims;
   dev_ws w;
-  peer_status s = peer_cb_device_scratch(L, T, &w);
+  peer_status s = peer_cb_device_scratch(L, T, &w, &stream);
   if (s) return s;
   cudaError_t e = cudaMemsetAsync(m->rec, 0xff, REC_BATCH * sizeof *m->rec, stream);
   if (e != cudaSuccess) return peer_k_cuda_fail(e, "forward_train: cudaMemsetAsync");

@@ -2766,6 +2766,57 @@ Test(emu, steady_loop_never_syncs_or_allocates) {
   free_pair(&p);
 }
 
+/* Scratch that would have to grow while the caller's stream is being
+ * captured into a CUDA graph is refused (PEER_ERR_STATE, naming the
+ * capture and the way out) before any wait or allocation, which would
+ * invalidate the caller's capture; calls that fit run; after the capture
+ * the same call grows the scratch and works. */
+Test(emu, scratch_does_not_grow_under_capture) {
+  pair p = make_pair(SMALL);
+  cr_assert_eq(peer_layer_init(p.gpu, 41), PEER_OK, "%s", peer_last_error());
+  const int64_t small = 8, big = 40, d = p.cfg.d_model;
+  ref_rng rng = {42};
+  float *x = ref_random_x(&rng, big, d);
+  float *d_x = dev_copy_of(x, (size_t)(big * d) * 4), *d_y = dev_alloc((size_t)(big * d) * 4);
+  cudaStream_t st;
+  cr_assert_eq(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  peer_context *ctx;
+  cr_assert_eq(peer_context_create(&ctx, p.gpu, big), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_forward(p.gpu, small, d_x, d_y, NULL, NULL, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(cudaStreamSynchronize(st), cudaSuccess);
+  cr_assert_eq(peer_emu_set_capturing(st, 1), 0);
+  peer_emu_counts before, after;
+  peer_emu_get_counts(&before);
+  cr_assert_eq(peer_cuda_forward(p.gpu, big, d_x, d_y, NULL, NULL, st), PEER_ERR_STATE, "%s",
+               peer_last_error());
+  cr_assert(strstr(peer_last_error(), "cuda workspace: 40 tokens need") &&
+                strstr(peer_last_error(), "captured into a CUDA graph") &&
+                strstr(peer_last_error(), "peer_cuda_set_workspace"),
+            "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, big, d_x, d_y, st), PEER_ERR_STATE, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_forward(p.gpu, small, d_x, d_y, NULL, NULL, st), PEER_OK, "%s",
+               peer_last_error()); /* fits: runs under the capture */
+  peer_emu_get_counts(&after);
+  cr_assert_eq(after.mallocs - before.mallocs, 0, "cudaMalloc calls under capture");
+  cr_assert_eq(after.frees - before.frees, 0, "cudaFree calls under capture");
+  cr_assert_eq(after.device_syncs - before.device_syncs, 0, "device waits under capture");
+  cr_assert_eq(peer_emu_set_capturing(st, 0), 0);
+  cr_assert_eq(peer_cuda_forward(p.gpu, big, d_x, d_y, NULL, NULL, st), PEER_OK, "%s",
+               peer_last_error());
+  peer_emu_get_counts(&after);
+  cr_assert_gt(after.mallocs - before.mallocs, 0, "the scratch grew after the capture");
+  cr_assert_eq(peer_cuda_forward_train(p.gpu, ctx, big, d_x, d_y, st), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_check(p.gpu, st), PEER_OK, "%s", peer_last_error());
+  peer_context_free(ctx);
+  cudaStreamDestroy(st);
+  cudaFree(d_x), cudaFree(d_y);
+  free(x);
+  free_pair(&p);
+}
+
 /* The bf16 copy of the keys (keys16) is made once per forward, not once
  * per chunk, while the keys are exposed (remade for every call), and not at
  * all while they are unchanged and not exposed.  Counted in key rows. */
