@@ -633,6 +633,55 @@ Test(cuda_shard, steady_training_loop_never_syncs_or_allocates) {
   cr_assert_gt(comm, 0, "the loop communicated");
   cr_assert_gt(after.launches - before.launches, 2 * 4 * 10, "the loop launched kernels");
 }
+
+/* A sharded forward whose scratch would have to grow while its stream is
+ * being captured into a CUDA graph is refused with PEER_ERR_STATE before any
+ * wait or allocation (the capture stays valid); after the capture it runs. */
+Test(cuda_shard, scratch_does_not_grow_under_capture) {
+  group g = {.world = 1};
+  pthread_barrier_init(&g.bar, NULL, 1);
+  member m = {&g, 0, 0};
+  peer_cuda_comm comm = {&m, 0, 1, sum, gather};
+  peer_config c;
+  peer_config_default(&c);
+  cr_assert_eq(peer_config_parse(&c, configs[0]), PEER_OK);
+  peer_options o;
+  peer_options_default(&o);
+  o.backend = PEER_BACKEND_CUDA;
+  peer_cuda_shard *S = NULL;
+  cr_assert_eq(peer_cuda_shard_create(&S, &c, &o, &comm), PEER_OK, "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_init(S, 5), PEER_OK);
+  const int64_t small = 4, big = 12, d = c.d_model;
+  float *x = malloc((size_t)(big * d) * 4);
+  uint64_t seed = 6;
+  ref_fill(x, big * d, 1.0f, &seed);
+  float *d_x = ref_dzalloc((size_t)(big * d) * 4), *d_y = ref_dzalloc((size_t)(big * d) * 4);
+  cudaMemcpy(d_x, x, (size_t)(big * d) * 4, cudaMemcpyHostToDevice);
+  cudaStream_t s;
+  cr_assert_eq(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  cr_assert_eq(peer_cuda_shard_forward(S, small, d_x, d_y, NULL, NULL, s), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(cudaStreamSynchronize(s), cudaSuccess);
+  cr_assert_eq(peer_emu_set_capturing(s, 1), 0);
+  peer_emu_counts before, after;
+  peer_emu_get_counts(&before);
+  cr_assert_eq(peer_cuda_shard_forward(S, big, d_x, d_y, NULL, NULL, s), PEER_ERR_STATE, "%s",
+               peer_last_error());
+  cr_assert(strstr(peer_last_error(), "captured into a CUDA graph"), "%s", peer_last_error());
+  cr_assert_eq(peer_cuda_shard_forward(S, small, d_x, d_y, NULL, NULL, s), PEER_OK, "%s",
+               peer_last_error());
+  peer_emu_get_counts(&after);
+  cr_assert_eq(after.mallocs - before.mallocs, 0, "cudaMalloc calls under capture");
+  cr_assert_eq(after.device_syncs - before.device_syncs, 0, "device waits under capture");
+  cr_assert_eq(peer_emu_set_capturing(s, 0), 0);
+  cr_assert_eq(peer_cuda_shard_forward(S, big, d_x, d_y, NULL, NULL, s), PEER_OK, "%s",
+               peer_last_error());
+  cr_assert_eq(peer_cuda_shard_check(S, s), PEER_OK, "%s", peer_last_error());
+  cudaStreamDestroy(s);
+  cudaFree(d_x), cudaFree(d_y), free(x);
+  peer_cuda_shard_free(S);
+  pthread_barrier_destroy(&g.bar);
+}
 #endif
 
 int main(int argc, char *argv[]) {
