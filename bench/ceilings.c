@@ -122,6 +122,7 @@ static rate measure(body_fn body, void *ctx, int nt) {
 // ---------------------------------------------------------------- arithmetic
 
 static volatile float sink_f = 0, in_a = 0.9999999f, in_b = 1e-7f;
+static volatile uint64_t sink_u;
 
 // Twelve independent accumulators: FMA latency (4 cycles) times two FMA ports
 // needs eight in flight; twelve leave a margin.  RUN_CHAINS(VEC, SET1, ADD,
@@ -167,6 +168,19 @@ __attribute__((target("avx512f,avx512bf16"))) static double dot_bf16(void *ctx, 
   return iters * 12 * 32 * 2; // 32 bf16 pairs multiplied and added per instruction
 }
 
+#define SET1_I32(v) _mm512_set1_epi32((int)(v))
+__attribute__((target("avx512f,avx512vnni"))) static double dot_int8(void *ctx, int tid, int nt,
+                                                                        double deadline) {
+  (void)ctx, (void)tid, (void)nt;
+  const __m512i a = _mm512_set1_epi32((int)(in_a * 3.0f)), b = _mm512_set1_epi32(0x01ff01ff);
+#define STEP(c) _mm512_dpbusd_epi32(c, a, b)
+  RUN_CHAINS(__m512i, SET1_I32, _mm512_add_epi32, STEP);
+#undef STEP
+  sink_u = (uint64_t)_mm512_reduce_add_epi32(s);
+  return iters * 12 * 64 * 2; // 64 u8 x s8 products added per instruction
+}
+#undef SET1_I32
+
 __attribute__((target("avx2,fma"))) static double fma_avx2(void *ctx, int tid, int nt,
                                                            double deadline) {
   (void)ctx, (void)tid, (void)nt;
@@ -193,7 +207,6 @@ static double mul_add_sse2(void *ctx, int tid, int nt, double deadline) {
 
 // ---------------------------------------------------------------- memory
 
-static volatile uint64_t sink_u;
 
 // Reads [p, p + bytes) (bytes a multiple of 64, p 64-byte aligned) and folds
 // it into a word so the loads cannot be dropped.
@@ -495,6 +508,18 @@ int main(int argc, char **argv) {
       printf("# bf16 dot product (AVX512_BF16), %d thread(s): best %.1f, median %.1f GFLOP/s\n",
              counts[c], r.best / 1e9, r.median / 1e9);
       put(r.best / 1e9, "dot_bf16_gflops_t%d", counts[c]);
+    }
+
+  // int8 dot products (vpdpbusd: u8 x s8 quads into int32), the first pass
+  // over the sub-keys in the avx512bf16 variant (peer/cpu_bf16.c).
+  const int have_vnni = have512 && __builtin_cpu_supports("avx512vnni");
+  put(have_vnni, "has_avx512_vnni");
+  if (have_vnni && strcmp(isa, "avx512") == 0)
+    for (int c = 0; c < n_counts; c++) {
+      rate r = measure(dot_int8, NULL, counts[c]);
+      printf("# int8 dot product (AVX512_VNNI), %d thread(s): best %.1f, median %.1f GOP/s\n",
+             counts[c], r.best / 1e9, r.median / 1e9);
+      put(r.best / 1e9, "dot_int8_gops_t%d", counts[c]);
     }
 
   // Streaming read bandwidth.

@@ -479,7 +479,7 @@ static void retrieve_item(void *job, int64_t item, int slot) {
 
   int64_t t0 = tb * TB, nt = T - t0 < TB ? T - t0 : TB;
   int64_t g = L->cfg.shared_keys ? 0 : h;
-  const bool bf16 = bf16_ok && nt <= PEER_CPU_BF16_MAX_NT;
+  const bool bf16 = bf16_ok && nt <= peer_cpu_first_pass_max_nt(L);
   const bool fused = !brute && !bf16 && kp <= FUSED_KP_MAX;
   float *lists_s = NULL;
   int64_t *lists_id = NULL;
@@ -542,7 +542,8 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
   const int64_t n_tb = (T + TB - 1) / TB, H = L->dims.H;
 #ifdef __AVX512BF16__
   const int64_t last_nt = T - (n_tb - 1) * TB; /* only the last block can be short */
-  const bool bf16_ok = !brute && last_nt <= PEER_CPU_BF16_MAX_NT && peer_cpu_keys16_ready(L, P);
+  const bool bf16_ok =
+      !brute && peer_cpu_keys16_ready(L, P) && last_nt <= peer_cpu_first_pass_max_nt(L);
 #else
   const bool bf16_ok = false;
 #endif
@@ -551,8 +552,7 @@ peer_status peer_cpu_retrieve_all(peer_layer *L, int64_t T, const float *q, int6
   int64_t n_bf16 = atomic_load(&j.n_bf16), n_fallback = atomic_load(&j.n_fallback);
   int64_t bad_token = atomic_load(&j.bad) / H;
   int bad_head = (int)(atomic_load(&j.bad) % H);
-  L->retrieval_stats.bf16 += n_bf16;
-  L->retrieval_stats.fallback += n_fallback;
+  peer_cpu_count_first_pass(L, n_bf16, n_fallback);
   if (bad_token < T) return peer_cpu_fail_nonfinite_score(bad_token, bad_head);
   return PEER_OK;
 }

@@ -260,16 +260,29 @@ void peer_cpu_apply_experts(const peer_layer *layer, int64_t T, const float *x, 
                             const int64_t *ids, const float *gates, float *z, const cpu_ws *w,
                             int P);
 
-/* bf16 sub-key scoring with exact re-ranking (cpu_bf16.c), in variants built
- * with AVX512-BF16 (__AVX512BF16__), for token blocks of at most
- * PEER_CPU_BF16_MAX_NT tokens: there the f32 product (tokens in vector lanes)
- * leaves lanes idle and streams twice the bytes, while for full blocks it is
- * as fast as vdpbf16ps on the host measured (bench/README.md, "bf16 scoring
- * with exact re-ranking").  peer_cpu_keys16_ready makes the layer's bf16 copy
- * of the keys current and says whether the path may run (config, keys
- * finite and not exposed to in-place writes, memory). */
+/* Sub-key scoring with a reduced-precision first pass and exact re-ranking
+ * (cpu_bf16.c), in variants built with AVX512-BF16 and AVX512-VNNI
+ * (__AVX512BF16__): the layer's copy of the keys is int8 (vpdpbusd) or bf16
+ * (vdpbf16ps; PEER_CPU_FIRST_PASS=bf16, or a sub-key half not a multiple of
+ * 4).  peer_cpu_keys16_ready makes that copy current and says whether the
+ * path may run (config, keys finite and not exposed to in-place writes,
+ * memory).  It takes token blocks of at most peer_cpu_first_pass_max_nt
+ * tokens: with bf16 only small ones (PEER_CPU_BF16_MAX_NT), since for full
+ * blocks the f32 product (tokens in vector lanes) is as fast as vdpbf16ps on
+ * the host measured (bench/README.md, "bf16 scoring with exact
+ * re-ranking"); with int8 every block. */
 #define PEER_CPU_BF16_MAX_NT 16
 bool peer_cpu_keys16_ready(peer_layer *layer, int P);
+static inline int64_t peer_cpu_first_pass_max_nt(const peer_layer *L) {
+  return L->keys16.format == PEER_KEYS16_INT8 ? TB : PEER_CPU_BF16_MAX_NT;
+}
+/* Adds a call's count of halves the first pass resolved to the layer's
+ * statistics, under the copy's format. */
+static inline void peer_cpu_count_first_pass(peer_layer *L, int64_t halves, int64_t fallback) {
+  if (L->keys16.format == PEER_KEYS16_INT8) L->retrieval_stats.int8 += halves;
+  else L->retrieval_stats.bf16 += halves;
+  L->retrieval_stats.fallback += fallback;
+}
 /* Per-thread scratch that peer_cpu_bf16_lists needs besides S. */
 size_t peer_cpu_bf16_scratch_bytes(const peer_dims *D);
 /* Both halves' top-k' lists of head h for the nt <= TB tokens whose queries
@@ -277,11 +290,11 @@ size_t peer_cpu_bf16_scratch_bytes(const peer_dims *D);
  * scores, peer_cpu_topk_scan): half p of token t at (*ls)[(2t + p) * kp] and
  * (*lid)[...], both in scratch; bad[t] set if that token's f32 scores hold a
  * non-finite value.  S (TB rows of 2n floats, ldS apart), scratch and pack
- * are the calling thread's.  Adds to *n_bf16 and *n_fallback
- * (peer_retrieval_stats). */
+ * are the calling thread's.  Adds to *n_first the halves the first pass
+ * resolved and to *n_fallback the others (peer_retrieval_stats). */
 void peer_cpu_bf16_lists(const peer_layer *layer, int64_t h, int64_t nt, const float *q,
                          int64_t ldq, float *S, int64_t ldS, char *scratch, float **ls,
-                         int64_t **lid, int *bad, float *pack, int64_t *n_bf16,
+                         int64_t **lid, int *bad, float *pack, int64_t *n_first,
                          int64_t *n_fallback);
 
 /* The forward of T <= PEER_CPU_DECODE_MAX_T tokens with one synchronisation

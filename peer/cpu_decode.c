@@ -283,8 +283,7 @@ peer_status peer_cpu_decode_forward(peer_layer *L, int64_t T, const float *x, fl
    * neither waits for a thread that lost its core before taking an item. */
   decode_job j = {L, T, x, y, out, w, none, 0, 0};
   peer_parallel(P, H, head_item, &j);
-  L->retrieval_stats.bf16 += atomic_load(&j.n_bf16);
-  L->retrieval_stats.fallback += atomic_load(&j.n_fallback);
+  peer_cpu_count_first_pass(L, atomic_load(&j.n_bf16), atomic_load(&j.n_fallback));
   const int64_t first = atomic_load(&j.bad);
   if (first < none) return peer_cpu_fail_nonfinite_score(first / H, (int)(first % H));
   peer_parallel(P, (D->d + YCOLS - 1) / YCOLS, y_item, &j);

@@ -28,7 +28,8 @@ static bool runs_avx512(void) {
 #ifdef PEER_CPU_HAVE_AVX512BF16
 extern const peer_cpu_impl peer_cpu_variant_avx512bf16;
 static bool runs_avx512bf16(void) {
-  return runs_avx512() && __builtin_cpu_supports("avx512bf16");
+  return runs_avx512() && __builtin_cpu_supports("avx512bf16") &&
+         __builtin_cpu_supports("avx512vnni");
 }
 #endif
 #ifdef PEER_CPU_HAVE_AVX2
@@ -59,7 +60,7 @@ static const variant variants[] = {
     {&peer_cpu_variant_native, "", runs_always},
 #endif
 #ifdef PEER_CPU_HAVE_AVX512BF16
-    {&peer_cpu_variant_avx512bf16, "avx512f, avx512dq, avx512bw, avx512vl, avx2, fma, avx512bf16",
+    {&peer_cpu_variant_avx512bf16, "avx512f, avx512dq, avx512bw, avx512vl, avx2, fma, avx512bf16, avx512vnni",
      runs_avx512bf16},
 #endif
 #ifdef PEER_CPU_HAVE_AVX512

@@ -64,21 +64,25 @@ typedef struct peer_dims {
 struct peer_backend_i;
 struct peer_optim_plan;
 
-/* The CPU backend's bf16 copy of the sub-keys and their norms (peer/cpu_bf16.c),
- * made from the keys as they were at keys_gen == gen. */
+/* The CPU backend's reduced-precision copy of the sub-keys and their norms
+ * (peer/cpu_bf16.c: bf16, or int8 with a scale per key), made from the keys
+ * as they were at keys_gen == gen. */
+enum { PEER_KEYS16_BF16 = 0, PEER_KEYS16_INT8 = 1 };
 typedef struct peer_keys16 {
   void *mem;
   size_t bytes;
   uint64_t gen;
   bool valid; /* mem holds a copy made at gen from finite keys */
+  int format; /* PEER_KEYS16_*: what mem holds */
 } peer_keys16;
 
 /* How the CPU retrieval selected each (token, head, half)'s top-k': by the
- * bf16 first pass and exact re-rank, or by the f32 scores after the first
- * pass left too many candidates or met a non-finite value (fallback).
- * Halves the f32 path took from the start are in neither. */
+ * bf16 (or, on the CPU, int8) first pass and exact re-rank, or by the f32
+ * scores after the first pass left too many candidates or met a non-finite
+ * value (fallback).  Halves the f32 path took from the start are in none.
+ * The CUDA backend counts bf16 and fallback only. */
 typedef struct peer_retrieval_stats {
-  int64_t bf16, fallback;
+  int64_t bf16, fallback, int8;
 } peer_retrieval_stats;
 
 struct peer_layer {

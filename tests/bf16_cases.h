@@ -58,6 +58,49 @@ static inline int bf16_traps(float *keys, float *x, int64_t sets, int64_t n, int
   return traps;
 }
 
+/* Traps for the int8 first pass (the CPU's, peer/cpu_bf16.c): component 0
+ * of every query half is 127, so its scale is 1; the others are 1.5 less a
+ * little on the even components P (they quantise to 1) and 1.5 plus a
+ * little on the odd ones Q (to 2).  The trap key is 1 on P (m/2 - 1 of
+ * them), the decoys 1 on m/2 - 1 - r of Q (r in 1..3), and component 0 of
+ * every key is 0.  In f32 the trap beats each decoy by about 1.5 r; in int8
+ * the decoy wins by m/2 - 1 - 2r, about two thirds of the sum of the two
+ * keys' error bounds
+ * (|dq| (|c_trap| + |c_decoy|), dq nearly parallel to both), so with k' = 1
+ * a bound two thirds as large loses the trap.  Random filler (0 at
+ * component 0) scores far below.  Returns the number of traps. */
+static inline int int8_traps(float *keys, float *x, int64_t sets, int64_t n, int64_t m, int64_t T,
+                             ref_rng *rng) {
+  const int64_t w = sets * m;
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t i = 0; i < w; i++) {
+      const double small = ref_uniform(rng, 0.001, 0.01);
+      x[t * w + i] = i % m == 0 ? 127.0f : (float)(i % 2 == 0 ? 1.5 - small : 1.5 + small);
+    }
+  int traps = 0;
+  for (int64_t p = 0; p < sets; p++) {
+    float *C = keys + p * n * m;
+    for (int64_t j = 0; j < n; j++) {
+      float *c = C + j * m;
+      const int kind = (int)(j % 32); /* 0: trap, 1..3: decoys, else filler */
+      const int64_t r = ref_int(rng, 1, 3);
+      for (int64_t i = 0; i < m; i++) {
+        if (kind == 0)
+          c[i] = i % 2 == 0 && i > 0 ? 1.0f : 0.0f;
+        else if (kind <= 3)
+          c[i] = i % 2 == 1 && i > 2 * r + 2 ? 1.0f : 0.0f;
+        else
+          c[i] = i == 0 ? 0.0f : (float)ref_uniform(rng, -0.5, 0.5);
+      }
+      if (kind == 0) { /* one trap per 32 keys, a little different: no ties */
+        c[2 + 2 * ref_int(rng, 0, m / 2 - 2)] += (float)(j / 32) * 0x1p-20f;
+        traps++;
+      }
+    }
+  }
+  return traps;
+}
+
 /* Keys all within the error bound of each other: exact ties (duplicated
  * rows), rows differing in their last bits, and a cluster just above random
  * filler, scaled by key_scale; queries along the keys' common direction with

@@ -62,13 +62,19 @@ static float *param(peer_layer *L, const char *name) {
   return t.data;
 }
 
-/* The bf16 path ran for some halves (on the variant that has it). */
+/* The first pass ran for some halves (on the variant that has it), in the
+ * format PEER_CPU_FIRST_PASS asks for (int8 by default). */
 static void check_took_bf16(const peer_layer *L, const char *what) {
+  const char *e = getenv("PEER_CPU_FIRST_PASS");
+  const bool want_bf16 = e && !strcmp(e, "bf16");
+  const peer_retrieval_stats *s = &L->retrieval_stats;
   if (bf16_variant())
-    cr_assert(L->retrieval_stats.bf16 > 0, "%s: the bf16 path never ran (%lld fallbacks)", what,
-              (long long)L->retrieval_stats.fallback);
+    cr_assert((want_bf16 ? s->bf16 : s->int8) > 0 && (want_bf16 ? s->int8 : s->bf16) == 0,
+              "%s: the %s first pass never ran (bf16 %lld, int8 %lld, %lld fallbacks)", what,
+              want_bf16 ? "bf16" : "int8", (long long)s->bf16, (long long)s->int8,
+              (long long)s->fallback);
   else
-    cr_assert_eq(L->retrieval_stats.bf16 + L->retrieval_stats.fallback, 0);
+    cr_assert_eq(s->bf16 + s->int8 + s->fallback, 0);
 }
 
 Test(bf16_retrieval, random_layers_match_the_f32_path) {
@@ -129,6 +135,23 @@ Test(bf16_retrieval, traps_within_the_error_bound) {
   peer_layer *L = case_reloaded(D.A);
   check_exact(L, T, x, "traps");
   check_took_bf16(L, "traps");
+  free(x);
+  peer_layer_free(D.A);
+  peer_layer_free(L);
+}
+
+/* bf16_cases.h's int8 traps: the f32 top-1 ranks below decoys in int8 by
+ * about two thirds of the two keys' bounds together. */
+Test(bf16_retrieval, int8_traps_within_the_error_bound) {
+  ref_rng rng = {ref_test_seed()};
+  direct D = direct_layer("n_subkeys=256,subkey_top_k=1,top_k=1,d_key=128,d_model=128");
+  const int64_t m = D.m, n = D.n, T = 64;
+  float *x = malloc((size_t)(T * 2 * m) * sizeof(float));
+  int traps = int8_traps(D.keys, x, 2, n, m, T, &rng);
+  cr_assert(traps > 0);
+  peer_layer *L = case_reloaded(D.A);
+  check_exact(L, T, x, "int8 traps");
+  check_took_bf16(L, "int8 traps");
   free(x);
   peer_layer_free(D.A);
   peer_layer_free(L);

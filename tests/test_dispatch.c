@@ -20,7 +20,9 @@ static const char *best_variant(void) {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return __builtin_cpu_supports("avx512bf16") ? "avx512bf16" : "avx512";
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni")
+               ? "avx512bf16"
+               : "avx512";
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
 #endif
   return "generic";
