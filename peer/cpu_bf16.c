@@ -338,11 +338,44 @@ static int prep_query(const float *qh, int64_t m, uint32_t *qp, float coef[4], f
   return ok && isfinite(peer_bf16_chain_coef(nq, g) * c_max);
 }
 
-/* bf16 scores of tokens 0..nt_-1 against the KT keys of one tile, and from
- * them each key's upper end U (stored at U + t*ldU) and the lower ends'
- * group maxima (the vector at lm + t*ldL: stored by the first tile of a
- * GROUP_SPAN, raised by the others).  fall[t*2] is set where a value is not
- * finite. */
+/* From the first pass's scores s of tokens 0..nt_-1 against the KT keys of
+ * one tile: each key's upper end U = s + e (stored at U + t*ldU) and the
+ * lower ends' group maxima (the vector at lm + t*ldL: stored by the first
+ * tile of a GROUP_SPAN, raised by the others).  fall[t*2] is set where a
+ * value is not finite. */
+static inline __attribute__((always_inline)) void
+brackets(int nt_, __m512 s[TT][4], const float *nc1, const float *ndc, const float *nc,
+         const float *coef, float *U, int64_t ldU, float *lm, int64_t ldL, bool first, int *fall) {
+  __m512 n1[4], nd[4], n0[4];
+  for (int v = 0; v < 4; v++) {
+    n1[v] = _mm512_loadu_ps(nc1 + 16 * v);
+    nd[v] = _mm512_loadu_ps(ndc + 16 * v);
+    n0[v] = _mm512_loadu_ps(nc + 16 * v);
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  for (int t = 0; t < nt_; t++) {
+    const float *c = coef + t * 8; /* [t][p][4] with p fixed by the caller */
+    const __m512 A = _mm512_set1_ps(c[0]), B = _mm512_set1_ps(c[1]), C = _mm512_set1_ps(c[2]),
+                 Dv = _mm512_set1_ps(c[3]);
+    __m512 lmax = _mm512_set1_ps(-INFINITY);
+    __mmask16 bad = 0;
+    for (int v = 0; v < 4; v++) {
+      __m512 e =
+          _mm512_fmadd_ps(A, n1[v], _mm512_fmadd_ps(B, nd[v], _mm512_fmadd_ps(C, n0[v], Dv)));
+      __m512 up = _mm512_add_ps(s[t][v], e), lo = _mm512_sub_ps(s[t][v], e);
+      _mm512_storeu_ps(U + t * ldU + 16 * v, up);
+      lmax = _mm512_max_ps(lmax, lo);
+      bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(up, up), zero, _CMP_NEQ_UQ) |
+             _mm512_cmp_ps_mask(_mm512_sub_ps(lo, lo), zero, _CMP_NEQ_UQ);
+    }
+    if (!first) lmax = _mm512_max_ps(lmax, _mm512_loadu_ps(lm + t * ldL));
+    _mm512_storeu_ps(lm + t * ldL, lmax);
+    fall[t * 2] |= bad != 0;
+  }
+}
+
+/* bf16 scores of tokens 0..nt_-1 against the KT keys of one tile, and their
+ * brackets. */
 static inline __attribute__((always_inline)) void
 tile(int nt_, int64_t hp, const uint32_t *qp, int64_t ldqp, const uint32_t *kb, const float *nc1,
      const float *ndc, const float *nc, const float *coef, float *U, int64_t ldU, float *lm,
@@ -361,32 +394,7 @@ tile(int nt_, int64_t hp, const uint32_t *qp, int64_t ldqp, const uint32_t *kb, 
         acc[t][v] = _mm512_dpbf16_ps(acc[t][v], (__m512bh)qb, (__m512bh)k[v]);
     }
   }
-  __m512 n1[4], nd[4], n0[4];
-  for (int v = 0; v < 4; v++) {
-    n1[v] = _mm512_loadu_ps(nc1 + 16 * v);
-    nd[v] = _mm512_loadu_ps(ndc + 16 * v);
-    n0[v] = _mm512_loadu_ps(nc + 16 * v);
-  }
-  const __m512 zero = _mm512_setzero_ps();
-  for (int t = 0; t < nt_; t++) {
-    const float *c = coef + t * 8; /* [t][p][4] with p fixed by the caller */
-    const __m512 A = _mm512_set1_ps(c[0]), B = _mm512_set1_ps(c[1]), C = _mm512_set1_ps(c[2]),
-                 Dv = _mm512_set1_ps(c[3]);
-    __m512 lmax = _mm512_set1_ps(-INFINITY);
-    __mmask16 bad = 0;
-    for (int v = 0; v < 4; v++) {
-      __m512 e =
-          _mm512_fmadd_ps(A, n1[v], _mm512_fmadd_ps(B, nd[v], _mm512_fmadd_ps(C, n0[v], Dv)));
-      __m512 up = _mm512_add_ps(acc[t][v], e), lo = _mm512_sub_ps(acc[t][v], e);
-      _mm512_storeu_ps(U + t * ldU + 16 * v, up);
-      lmax = _mm512_max_ps(lmax, lo);
-      bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(up, up), zero, _CMP_NEQ_UQ) |
-             _mm512_cmp_ps_mask(_mm512_sub_ps(lo, lo), zero, _CMP_NEQ_UQ);
-    }
-    if (!first) lmax = _mm512_max_ps(lmax, _mm512_loadu_ps(lm + t * ldL));
-    _mm512_storeu_ps(lm + t * ldL, lmax);
-    fall[t * 2] |= bad != 0;
-  }
+  brackets(nt_, acc, nc1, ndc, nc, coef, U, ldU, lm, ldL, first, fall);
 }
 
 #ifdef __AVX512VNNI__
@@ -476,36 +484,16 @@ tile8(int nt_, int64_t hq, const uint32_t *qw, int64_t ldqw, const float *sq, co
         acc[t][v] = _mm512_dpbusd_epi32(acc[t][v], k[v], qb);
     }
   }
-  __m512 n1[4], nd[4], n0[4], s_c[4];
+  __m512 s8[TT][4];
   for (int v = 0; v < 4; v++) {
-    n1[v] = _mm512_loadu_ps(nc1 + 16 * v);
-    nd[v] = _mm512_loadu_ps(ndc + 16 * v);
-    n0[v] = _mm512_loadu_ps(nc + 16 * v);
-    s_c[v] = _mm512_loadu_ps(sc + 16 * v);
+    const __m512 s_c = _mm512_loadu_ps(sc + 16 * v);
+    for (int t = 0; t < nt_; t++)
+      s8[t][v] = _mm512_mul_ps(
+          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t][v], _mm512_set1_epi32(corr[t * 2]))),
+                        s_c),
+          _mm512_set1_ps(sq[t * 2]));
   }
-  const __m512 zero = _mm512_setzero_ps();
-  for (int t = 0; t < nt_; t++) {
-    const float *c = coef + t * 8;
-    const __m512 A = _mm512_set1_ps(c[0]), B = _mm512_set1_ps(c[1]), C = _mm512_set1_ps(c[2]),
-                 Dv = _mm512_set1_ps(c[3]), s_q = _mm512_set1_ps(sq[t * 2]);
-    const __m512i cr = _mm512_set1_epi32(corr[t * 2]);
-    __m512 lmax = _mm512_set1_ps(-INFINITY);
-    __mmask16 bad = 0;
-    for (int v = 0; v < 4; v++) {
-      const __m512 s8 = _mm512_mul_ps(
-          _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t][v], cr)), s_c[v]), s_q);
-      __m512 e =
-          _mm512_fmadd_ps(A, n1[v], _mm512_fmadd_ps(B, nd[v], _mm512_fmadd_ps(C, n0[v], Dv)));
-      __m512 up = _mm512_add_ps(s8, e), lo = _mm512_sub_ps(s8, e);
-      _mm512_storeu_ps(U + t * ldU + 16 * v, up);
-      lmax = _mm512_max_ps(lmax, lo);
-      bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(up, up), zero, _CMP_NEQ_UQ) |
-             _mm512_cmp_ps_mask(_mm512_sub_ps(lo, lo), zero, _CMP_NEQ_UQ);
-    }
-    if (!first) lmax = _mm512_max_ps(lmax, _mm512_loadu_ps(lm + t * ldL));
-    _mm512_storeu_ps(lm + t * ldL, lmax);
-    fall[t * 2] |= bad != 0;
-  }
+  brackets(nt_, s8, nc1, ndc, nc, coef, U, ldU, lm, ldL, first, fall);
 }
 #endif
 
